@@ -6,6 +6,11 @@ bad value and what is allowed (DESIGN §8).
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the key, the value and what is allowed."""
@@ -15,3 +20,126 @@ def require(ok: bool, key: str, value: object, allowed: str) -> None:
     """Raise a ConfigError unless ``ok``: ``<key>=<value> is invalid: <allowed>.``"""
     if not ok:
         raise ConfigError(f"{key}={value!r} is invalid: {allowed}.")
+
+
+# --- the sections that belong to no other module ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Hydra key ``trainer``: the loop."""
+
+    iterations: int = 200
+    """Wall iterations to run (optimizer steps attempted; a rollback does not give them back)."""
+    micro_batches: int = 4
+    """M: micro-batches per iteration (gradient accumulation)."""
+    micro_batch_size: int = 8
+    """Sequences per micro-batch."""
+    lr: float = 3e-3
+    """Adam learning rate (constant, as the reference)."""
+    clip: float = 1.0
+    """Per-stage gradient-norm clip."""
+    eval_every: int = 25
+    """Validate on the held-out split every this many iterations (and at the end)."""
+    eval_batch_size: int = 16
+    target_loss: float | None = None
+    """Validation loss whose first crossing gives time_to_target_s in the summary."""
+    sim_time_budget_s: float | None = None
+    """Stop when the simulated clock passes this many seconds (compare strategies at equal wall-clock)."""
+    clock: str = "cost_model"
+    """'cost_model' (simulated time from checkfree.cost) or 'fixed' (failure.iteration_seconds per iteration)."""
+    clock_preset: str | None = None
+    """Price each iteration as this model preset would cost (e.g. llama_500m) instead of the trained model."""
+    clock_micro_batch_size: int | None = None
+    """Micro-batch size used when pricing with clock_preset (default: trainer.micro_batch_size)."""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    precision: str = "fp32"
+    """fp32 | bf16 (autocast on the stage bodies; head and loss stay fp32)."""
+    on_nonfinite: str = "error"
+    """A non-finite loss or weight: 'error' (stop, name iteration and stage) or 'recover' (treat as failed)."""
+    resume: str | None = None
+    """A run directory to continue from its last saved state."""
+    save_every: int = 0
+    """Save a resumable state into the run directory every this many iterations (0: never)."""
+    progress_bar: bool = True
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Hydra group ``engine``: where the stages run."""
+
+    name: str = "local"
+    """local (one process) | distributed (one process per stage on torch.distributed)"""
+    replicas: int = 1
+    """Data-parallel replicas per stage (distributed engine)."""
+    backend: str = "auto"
+    """auto (nccl on GPU, gloo on CPU) | gloo | nccl"""
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
+    """0 picks a free port."""
+    timeout_s: float = 60.0
+    """Bound on any collective or point-to-point wait; nothing hangs longer."""
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    mode: str = "offline"
+    """offline | online | disabled (never a login prompt)"""
+    project: str = "checkfree"
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def section(cls: type, key: str, values: dict[str, Any] | None) -> Any:
+    """Build dataclass ``cls`` from a config section, rejecting keys it does not have."""
+    values = dict(values or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"{key}.{unknown[0]} is not a known key of {key}; allowed keys: {', '.join(sorted(names))}."
+        )
+    hints = get_type_hints(cls)
+    for name, value in values.items():
+        if dataclasses.is_dataclass(hints[name]):
+            values[name] = section(hints[name], f"{key}.{name}", value)
+    return cls(**values)
+
+
+def validate_trainer(cfg: TrainerConfig) -> None:
+    positive_ints = ["iterations", "micro_batches", "micro_batch_size", "eval_every", "eval_batch_size"]
+    for key in positive_ints:
+        value = getattr(cfg, key)
+        require(isinstance(value, int) and value >= 1, f"trainer.{key}", value, "allowed is an integer >= 1")
+    require(cfg.lr > 0 and math.isfinite(cfg.lr), "trainer.lr", cfg.lr, "allowed is a positive number")
+    require(cfg.clip > 0, "trainer.clip", cfg.clip, "allowed is a positive number")
+    require(cfg.target_loss is None or cfg.target_loss > 0, "trainer.target_loss", cfg.target_loss,
+            "a cross-entropy can never reach a value <= 0, so allowed is null or a positive number")
+    require(cfg.sim_time_budget_s is None or cfg.sim_time_budget_s > 0, "trainer.sim_time_budget_s",
+            cfg.sim_time_budget_s, "allowed is null or a positive number of seconds")
+    require(cfg.clock in ("cost_model", "fixed"), "trainer.clock", cfg.clock, "allowed is cost_model or fixed")
+    require(cfg.device in ("auto", "cpu", "cuda"), "trainer.device", cfg.device, "allowed is auto, cpu or cuda")
+    require(cfg.precision in ("fp32", "bf16"), "trainer.precision", cfg.precision, "allowed is fp32 or bf16")
+    require(cfg.on_nonfinite in ("error", "recover"), "trainer.on_nonfinite", cfg.on_nonfinite,
+            "allowed is error or recover")
+    require(cfg.save_every >= 0, "trainer.save_every", cfg.save_every, "allowed is an integer >= 0")
+
+
+def validate_engine(cfg: EngineConfig) -> None:
+    require(cfg.name in ("local", "distributed"), "engine.name", cfg.name, "allowed is local or distributed")
+    require(cfg.replicas >= 1, "engine.replicas", cfg.replicas, "allowed is an integer >= 1")
+    require(cfg.backend in ("auto", "gloo", "nccl"), "engine.backend", cfg.backend,
+            "allowed is auto, gloo or nccl")
+    require(0 <= cfg.master_port < 65536, "engine.master_port", cfg.master_port, "allowed is 0..65535")
+    require(cfg.timeout_s > 0, "engine.timeout_s", cfg.timeout_s, "allowed is a positive number of seconds")
+
+
+def validate_logger(cfg: LoggerConfig) -> None:
+    require(cfg.wandb.mode in ("offline", "online", "disabled"), "logger.wandb.mode", cfg.wandb.mode,
+            "allowed is offline, online or disabled")

@@ -1,0 +1,119 @@
+"""The whole run's configuration: Hydra's DictConfig -> one validated ``RunConfig`` of dataclasses.
+
+``load_run_config`` checks everything before any work starts (no model is built, no data is read),
+so a bad value fails in a second with one sentence naming the key, the value and what is allowed.
+Config flows one way: ``train.py`` calls this once and passes the dataclasses down.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from checkfree.config import (
+    ConfigError,
+    EngineConfig,
+    LoggerConfig,
+    TrainerConfig,
+    require,
+    section,
+    validate_engine,
+    validate_logger,
+    validate_trainer,
+)
+from checkfree.cost import NetworkConfig, validate_network_config
+from checkfree.data import DataConfig, validate_data_config
+from checkfree.failures import FailureConfig, validate_failure_config
+from checkfree.model import PRESETS, ModelConfig
+from checkfree.recovery import StrategyConfig, validate_strategy_config
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    failure: FailureConfig = field(default_factory=FailureConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+SECTIONS = {
+    "model": ModelConfig, "data": DataConfig, "trainer": TrainerConfig, "strategy": StrategyConfig,
+    "failure": FailureConfig, "network": NetworkConfig, "engine": EngineConfig, "logger": LoggerConfig,
+}
+
+
+def validate_model(cfg: ModelConfig) -> None:
+    for key in ("n_stages", "layers_per_stage", "d_model", "n_heads", "mlp_ratio", "seq_len"):
+        value = getattr(cfg, key)
+        require(isinstance(value, int) and value >= 1, f"model.{key}", value, "allowed is an integer >= 1")
+    require(cfg.d_model % cfg.n_heads == 0, "model.d_model", cfg.d_model,
+            f"it must be divisible by model.n_heads={cfg.n_heads}")
+    require((cfg.d_model // cfg.n_heads) % 2 == 0, "model.d_model", cfg.d_model,
+            f"the head size d_model / n_heads = {cfg.d_model // cfg.n_heads} must be even for rotary embeddings")
+    require(cfg.vocab_size >= 0, "model.vocab_size", cfg.vocab_size, "allowed is 0 (from the tokenizer) or > 0")
+
+
+def load_run_config(cfg: DictConfig | dict) -> RunConfig:
+    """Resolve, convert and validate every section; raise ConfigError on the first bad value."""
+    if isinstance(cfg, DictConfig):
+        try:
+            raw: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        except MissingMandatoryValue as exc:
+            raise ConfigError(f"{exc.full_key} is required but was not set (it is '???' in the config).") from exc
+    else:
+        raw = dict(cfg)
+    raw.pop("hydra", None)
+    known = {"seed", *SECTIONS}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{unknown[0]} is not a known top-level key; allowed: {', '.join(sorted(known))}.")
+    seed = raw.get("seed", 0)
+    require(isinstance(seed, int) and seed >= 0, "seed", seed, "allowed is an integer >= 0")
+    model_raw = dict(raw.get("model") or {})
+    if model_raw.get("name") not in (None, "custom") and model_raw["name"] not in PRESETS:
+        raise ConfigError(f"model.name={model_raw['name']!r} is unknown; allowed presets: {', '.join(PRESETS)}.")
+    parts = {name: section(cls, name, raw.get(name)) for name, cls in SECTIONS.items()}
+    run = RunConfig(seed=seed, **parts)
+    validate_run_config(run)
+    return run
+
+
+def validate_run_config(run: RunConfig) -> None:
+    n = run.model.n_stages
+    validate_model(run.model)
+    validate_strategy_config(run.strategy, n)
+    validate_failure_config(run.failure, n)
+    validate_data_config(run.data)
+    validate_trainer(run.trainer)
+    validate_network_config(run.network, n)
+    validate_engine(run.engine)
+    validate_logger(run.logger)
+    if run.trainer.clock_preset is not None and run.trainer.clock_preset not in PRESETS:
+        raise ConfigError(f"trainer.clock_preset={run.trainer.clock_preset!r} is unknown; "
+                          f"allowed: null or one of {', '.join(PRESETS)}.")
+    if run.strategy.name == "none" and run.failure.name != "none":
+        raise ConfigError(f"strategy.name='none' recovers nothing, so failure.name={run.failure.name!r} would "
+                          "stop the run at the first failure; use failure=none with strategy=none.")
+    if run.logger.wandb.mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        raise ConfigError("logger.wandb.mode='online' needs WANDB_API_KEY in the environment (we never prompt "
+                          "for a login); set it, or use logger.wandb.mode=offline.")
+
+
+def with_overrides(run: RunConfig, **sections: dict[str, Any]) -> RunConfig:
+    """A copy of ``run`` with some fields of some sections replaced, re-validated (for tests and sweeps)."""
+    changed = {name: replace(getattr(run, name), **values) for name, values in sections.items() if name != "seed"}
+    out = replace(run, **changed, **({"seed": sections["seed"]} if "seed" in sections else {}))
+    validate_run_config(out)
+    return out

@@ -1,0 +1,107 @@
+"""Where a run's results go: ``metrics.jsonl``, ``summary.json``, the progress bar and wandb.
+
+Results must survive the run dying: every metrics line is written with one ``os.write`` on an
+``O_APPEND`` descriptor (a kill can lose a line, never leave half of one), and ``summary.json`` is
+replaced atomically, so a reader always sees a whole file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as strings so every line stays parseable by any reader."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(_clean(payload), f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Every parseable line of a metrics.jsonl (a torn last line is skipped)."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+class RunLog:
+    """Append-only metrics, an always-valid summary, and optional progress bar and wandb."""
+
+    def __init__(self, run_dir: Path, config: dict, wandb_cfg: Any, total: int, progress_bar: bool = True,
+                 resume: bool = False) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.summary_path = self.run_dir / "summary.json"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if resume else os.O_TRUNC)
+        self._fd = os.open(self.metrics_path, flags, 0o644)
+        self.bar = tqdm(total=total, dynamic_ncols=True, disable=not progress_bar, desc="train")
+        self.wandb = self._start_wandb(config, wandb_cfg)
+
+    def _start_wandb(self, config: dict, wandb_cfg: Any):
+        if wandb_cfg.mode == "disabled":
+            return None
+        try:
+            import wandb
+
+            return wandb.init(
+                project=wandb_cfg.project, entity=wandb_cfg.entity, tags=list(wandb_cfg.tags),
+                mode=wandb_cfg.mode, dir=str(self.run_dir), config=config, reinit="finish_previous",
+            )
+        except Exception as exc:  # wandb is a convenience: it never stops a training run
+            warnings.warn(f"wandb could not start ({exc}); continuing without it", stacklevel=2)
+            return None
+
+    def log(self, record: dict) -> None:
+        os.write(self._fd, (json.dumps(_clean(record)) + "\n").encode())
+        if self.wandb is not None:
+            flat = {k: v for k, v in record.items() if isinstance(v, int | float)}
+            for name in ("grad_norm", "lr"):
+                for i, v in enumerate(record.get(name) or []):
+                    flat[f"{name}/stage{i}"] = v
+            self.wandb.log(flat, step=record["iteration"])
+
+    def progress(self, record: dict, n_failures: int) -> None:
+        postfix = {"loss": f"{record['train_loss']:.3f}", "tok/s": f"{record.get('throughput_tok_s', 0):.0f}",
+                   "fail": n_failures}
+        if "val_loss" in record:
+            postfix["val"] = f"{record['val_loss']:.3f}"
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(1)
+
+    def summary(self, payload: dict) -> None:
+        write_json_atomic(self.summary_path, payload)
+
+    def close(self, exit_code: int = 0) -> None:
+        self.bar.close()
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=exit_code)
+            self.wandb = None
