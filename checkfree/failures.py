@@ -1,0 +1,351 @@
+"""Failure models: which pipeline stages are lost, and when (DESIGN §5, "Failure model").
+
+Once per iteration the trainer asks ``model.events(iteration, t_start, t_end)`` for the stages lost in that
+iteration's window of *simulated* time; the strategy then recovers all of them before the step (DESIGN §4).
+
+* ``none`` — nothing fails (the no-failure baseline).
+* ``poisson`` (default) — every eligible stage is an independent Poisson process in simulated time with
+  rate ``-ln(1 - h) / 3600`` per second, ``h`` = probability that a stage fails within one hour. Each stage
+  draws its arrival times lazily from its own RNG stream, so they do not depend on how the caller slices
+  time: a slow strategy (long iterations) and a fast one lose the same stages at the same simulated
+  times, only in different iterations.
+* ``bernoulli`` — the reference simulator's model: each eligible stage fails with probability ``p`` per
+  iteration (its table is ``BERNOULLI_PRESETS``, PAPER §4.1). The draw for an iteration depends only on
+  (seed, iteration), never on what was asked before.
+* ``trace`` — replay a JSON or CSV file of events, each by ``iteration`` or by ``time_s``.
+
+This fixes two flaws of the reference (PAPER §9 items 5, 14): failures happen at any simulated time, not
+only at iteration boundaries, and one failure model is shared by every strategy.
+
+A stage that "fails twice" within one call's window is lost once: its replacement only joins at the next
+iteration boundary, so there is nothing more to lose. Every model therefore returns at most one event per
+stage per call, sorted by (time_s, stage).
+
+Shipped traces: ``conf/failure/traces/example.json`` (stage 2 lost at iteration 5) and
+``conf/failure/traces/reference_33.json``, the reference throughput testbed's 33 %/h events (PAPER §4.2).
+The latter keeps the reference's stage ids 1..6, the body stages of its 7-stage layout whose stage 0 never
+fails, so it validates only with ``model.n_stages=7``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from numbers import Integral, Real
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from checkfree.config import ConfigError, require
+
+FAILURE_MODELS = ("none", "poisson", "bernoulli", "trace")
+
+# Per-stage per-iteration probabilities of the reference configs, keyed "<model>_<hourly %>" (PAPER §4.1).
+BERNOULLI_PRESETS: dict[str, float] = {
+    "500m_5": 0.0009, "500m_10": 0.002, "500m_16": 0.004, "500m_33": 0.01,
+    "124m_10": 0.0006, "124m_16": 0.001, "1_5b_10": 0.004, "1_5b_16": 0.008,
+}
+
+_TRACE_FIELDS = ("stage", "iteration", "time_s")
+# Tags in the RNG seed so the two random models never share a stream, even if a future run mixes them.
+_POISSON_STREAM, _BERNOULLI_STREAM = 0, 1
+
+
+@dataclass(frozen=True, order=True)
+class FailureEvent:
+    """Every replica of ``stage`` is lost (weights and optimizer state).
+
+    Trace records carry exactly one of ``iteration`` / ``time_s``. Events returned by ``events()`` carry
+    both: the iteration being processed, and the simulated time of the loss (the window start for the
+    per-iteration models).
+    """
+
+    stage: int
+    """Index of the lost stage, 0..S-1."""
+    iteration: int | None = None
+    """1-based iteration in which the stage is lost."""
+    time_s: float | None = None
+    """Simulated time of the loss, in seconds."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The set fields only, e.g. ``{"stage": 2, "iteration": 5}`` (a trace record)."""
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+
+@dataclass(frozen=True)
+class FailureConfig:
+    """Hydra group ``failure`` (``conf/failure/*.yaml``)."""
+
+    name: str = "poisson"
+    """Failure model: none | poisson | bernoulli | trace."""
+    hourly_rate: float = 0.10
+    """poisson: per-stage probability h of failing within one simulated hour; rate = -ln(1-h)/3600 per s."""
+    p: float = 0.0
+    """bernoulli: per-stage per-iteration failure probability."""
+    preset: str | None = None
+    """bernoulli: a key of BERNOULLI_PRESETS (the reference's table); overrides p."""
+    path: str | None = None
+    """trace: JSON or CSV file of events."""
+    stages: Any = "all"
+    """Stages that may fail: "all", "intermediate" (1..S-2) or a list of stage indices."""
+    iteration_seconds: float = 60.0
+    """Fixed simulated seconds per iteration, used only until a cost model sets the clock."""
+    seed_offset: int = 1000
+    """The failure RNG is seeded with run seed + seed_offset: its own stream, the same for every strategy."""
+
+
+class FailureModel(Protocol):
+    def events(self, iteration: int, t_start: float, t_end: float) -> list[FailureEvent]:
+        """Stages lost in 1-based ``iteration``, whose simulated time lies in ``[t_start, t_end)``.
+
+        At most one event per stage, sorted by (time_s, stage). Timed events are reported exactly once:
+        an arrival in a gap between two windows comes with the next window (with its true ``time_s``)
+        rather than being lost, and a window overlapping an earlier one reports only what is new.
+        """
+        ...
+
+
+def hourly_rate_to_rate(hourly_rate: float) -> float:
+    """Poisson rate per second under which a stage fails within one hour with probability ``hourly_rate``."""
+    return -math.log1p(-hourly_rate) / 3600.0
+
+
+def per_iteration_probability(hourly_rate: float, iteration_seconds: float) -> float:
+    """The same hazard per iteration of ``iteration_seconds``: ``1 - (1 - h) ** (T / 3600)`` (PAPER §11)."""
+    return 1.0 - (1.0 - hourly_rate) ** (iteration_seconds / 3600.0)
+
+
+class NoFailures:
+    def events(self, iteration: int, t_start: float, t_end: float) -> list[FailureEvent]:
+        return []
+
+
+class PoissonFailures:
+    """Independent Poisson processes in simulated time, one per eligible stage, drawn lazily."""
+
+    def __init__(self, stages: Sequence[int], rate_per_s: float, seed: int) -> None:
+        self.rate_per_s = rate_per_s
+        # One stream per stage index: which other stages are eligible never shifts a stage's arrivals.
+        self._rngs = {s: np.random.default_rng([seed, _POISSON_STREAM, s]) for s in stages}
+        self._next = {s: self._after(s, 0.0) for s in stages}
+
+    def _after(self, stage: int, t: float) -> float:
+        if self.rate_per_s == 0.0:
+            return math.inf
+        return t + float(self._rngs[stage].exponential(1.0 / self.rate_per_s))
+
+    def events(self, iteration: int, t_start: float, t_end: float) -> list[FailureEvent]:
+        _check_window(t_start, t_end)
+        out = []
+        for stage, t in self._next.items():
+            if t < t_end:
+                out.append(FailureEvent(stage, iteration, t))
+            while t < t_end:  # later arrivals in the same window hit a stage that is already lost
+                t = self._after(stage, t)
+            self._next[stage] = t
+        return sorted(out, key=_by_time)
+
+
+class BernoulliFailures:
+    """Each eligible stage fails with probability ``p`` in every iteration, independently."""
+
+    def __init__(self, stages: Sequence[int], n_stages: int, p: float, seed: int) -> None:
+        self.stages, self.n_stages, self.p, self.seed = sorted(stages), n_stages, p, seed
+
+    def events(self, iteration: int, t_start: float, t_end: float) -> list[FailureEvent]:
+        _check_window(t_start, t_end)
+        # Seeded by the iteration alone, so the events do not depend on which iterations were asked before.
+        rng = np.random.default_rng([self.seed, _BERNOULLI_STREAM, iteration])
+        draws = rng.random(self.n_stages)  # one draw per stage, eligible or not, so masks never shift draws
+        return [FailureEvent(s, iteration, float(t_start)) for s in self.stages if draws[s] < self.p]
+
+
+class TraceFailures:
+    """Replays trace events: by iteration when that iteration is processed, by time in their window."""
+
+    def __init__(self, events: Sequence[FailureEvent]) -> None:
+        self._by_iteration: dict[int, set[int]] = {}
+        for e in events:
+            if e.iteration is not None:
+                self._by_iteration.setdefault(e.iteration, set()).add(e.stage)
+        self._timed = sorted((e.time_s, e.stage) for e in events if e.time_s is not None)
+        self._next = 0  # the first timed event not reported yet
+
+    def events(self, iteration: int, t_start: float, t_end: float) -> list[FailureEvent]:
+        _check_window(t_start, t_end)
+        lost = {stage: float(t_start) for stage in self._by_iteration.get(iteration, ())}
+        while self._next < len(self._timed) and self._timed[self._next][0] < t_end:
+            t, stage = self._timed[self._next]
+            lost[stage] = min(lost.get(stage, math.inf), t)
+            self._next += 1
+        return sorted((FailureEvent(s, iteration, t) for s, t in lost.items()), key=_by_time)
+
+
+def _by_time(event: FailureEvent) -> tuple[float, int]:
+    return (event.time_s if event.time_s is not None else -math.inf, event.stage)
+
+
+def _check_window(t_start: float, t_end: float) -> None:
+    if not t_start <= t_end:
+        raise ValueError(f"failure window [{t_start}, {t_end}) is empty or reversed: t_end must be >= t_start.")
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, Integral) and not isinstance(x, bool)
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, Real) and not isinstance(x, bool)
+
+
+def _plain(value: Any) -> Any:
+    """Hydra hands lists over as ListConfig; show them as plain lists in messages."""
+    return list(value) if isinstance(value, Sequence) and not isinstance(value, str) else value
+
+
+def failing_stages(cfg: FailureConfig, n_stages: int) -> list[int]:
+    """The sorted stage indices that may fail: "all", "intermediate" (1..S-2) or an explicit list."""
+    stages = cfg.stages
+    allowed = f"allowed all, intermediate (stages 1..S-2) or a list of stage indices in [0, {n_stages - 1}]"
+    if isinstance(stages, str):
+        require(stages in ("all", "intermediate"), "failure.stages", stages, allowed)
+        return list(range(n_stages)) if stages == "all" else list(range(1, n_stages - 1))
+    ok = isinstance(stages, Sequence) and all(_is_int(s) and 0 <= s < n_stages for s in stages)
+    require(ok, "failure.stages", _plain(stages), allowed)
+    return sorted({int(s) for s in stages})
+
+
+def validate_failure_config(cfg: FailureConfig, n_stages: int) -> None:
+    """Check every field (and read a trace) before any work starts; raise a one-sentence ConfigError."""
+    require(cfg.name in FAILURE_MODELS, "failure.name", cfg.name, f"allowed {', '.join(FAILURE_MODELS)}")
+    require(_is_real(cfg.hourly_rate) and 0 <= cfg.hourly_rate < 1, "failure.hourly_rate", cfg.hourly_rate,
+            "it is a per-stage probability of failing within an hour, allowed [0, 1)")
+    require(_is_real(cfg.p) and 0 <= cfg.p < 1, "failure.p", cfg.p,
+            "it is a per-stage per-iteration probability, allowed [0, 1)")
+    require(cfg.preset is None or cfg.preset in BERNOULLI_PRESETS, "failure.preset", cfg.preset,
+            f"allowed null or one of {', '.join(BERNOULLI_PRESETS)}")
+    require(_is_real(cfg.iteration_seconds) and 0 < cfg.iteration_seconds < math.inf,
+            "failure.iteration_seconds", cfg.iteration_seconds, "allowed a finite number of seconds > 0")
+    require(_is_int(cfg.seed_offset), "failure.seed_offset", cfg.seed_offset, "allowed an integer")
+    eligible = failing_stages(cfg, n_stages)
+    if cfg.name != "trace":
+        return
+    require(isinstance(cfg.path, (str, Path)) and str(cfg.path) not in ("", "???"), "failure.path", cfg.path,
+            "the trace model needs a JSON or CSV file of events, e.g. conf/failure/traces/example.json")
+    for where, event in _read_trace_records(cfg.path):
+        if event.stage >= n_stages:
+            raise ConfigError(f"failure.path={cfg.path} {where} has stage {event.stage}, which is out of range: "
+                              f"allowed 0..{n_stages - 1} (model.n_stages={n_stages}).")
+        if event.stage not in eligible:
+            raise ConfigError(f"failure.path={cfg.path} {where} has stage {event.stage}, which may not fail under "
+                              f"failure.stages={_plain(cfg.stages)!r}: allowed {eligible}.")
+
+
+def build_failure_model(cfg: FailureConfig, n_stages: int, seed: int) -> FailureModel:
+    """Validate ``cfg`` and build its model; the RNG is seeded with ``seed + cfg.seed_offset``."""
+    validate_failure_config(cfg, n_stages)
+    require(_is_int(seed) and seed + cfg.seed_offset >= 0, "seed", seed,
+            f"the failure RNG is seeded with seed + failure.seed_offset ({cfg.seed_offset}), which must be >= 0")
+    stages, root = failing_stages(cfg, n_stages), int(seed) + int(cfg.seed_offset)
+    if cfg.name == "poisson":
+        return PoissonFailures(stages, hourly_rate_to_rate(cfg.hourly_rate), root)
+    if cfg.name == "bernoulli":
+        p = BERNOULLI_PRESETS[cfg.preset] if cfg.preset is not None else float(cfg.p)
+        return BernoulliFailures(stages, n_stages, p, root)
+    if cfg.name == "trace":
+        return TraceFailures(read_trace(cfg.path))
+    return NoFailures()
+
+
+def read_trace(path: str | Path) -> list[FailureEvent]:
+    """Read a trace file into events, in file order; a malformed file raises a ConfigError naming the record.
+
+    JSON: a list of objects, ``[{"iteration": 5, "stage": 2}, {"time_s": 30.5, "stage": 1}]``; records are
+    numbered from 0 as in the list. CSV: a header ``stage,iteration`` / ``stage,time_s`` / both, then one
+    event per line (empty cells allowed); lines are numbered from 1, the header being line 1. Each event
+    has a stage >= 0 and exactly one of an iteration >= 1 or a time_s >= 0.
+    """
+    return [event for _, event in _read_trace_records(path)]
+
+
+def _read_trace_records(path: str | Path) -> list[tuple[str, FailureEvent]]:
+    """(location in the file, event) pairs, so later checks can point at the offending record."""
+    path = Path(path)
+    where = f"failure.path={path}"
+    if not path.is_file():
+        raise ConfigError(f"{where} is invalid: no such file; point failure.path at a JSON or CSV trace.")
+    if path.suffix.lower() == ".json":
+        return _read_json(path, where)
+    if path.suffix.lower() == ".csv":
+        return _read_csv(path, where)
+    raise ConfigError(f"{where} is invalid: unknown extension {path.suffix!r}, allowed .json or .csv.")
+
+
+def _read_json(path: Path, where: str) -> list[tuple[str, FailureEvent]]:
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}.") from None
+    if not isinstance(records, list):
+        raise ConfigError(f'{where} must hold a JSON list of events such as [{{"iteration": 5, "stage": 2}}], '
+                          f"not a {type(records).__name__}.")
+    out = []
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ConfigError(f"{where} record {i} is {record!r}, not an object with 'stage' and 'iteration' or "
+                              "'time_s'.")
+        out.append((f"record {i}", _event(record, where, f"record {i}")))
+    return out
+
+
+def _read_csv(path: Path, where: str) -> list[tuple[str, FailureEvent]]:
+    out = []
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets often prepend a BOM
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader, [])]
+        if ("stage" not in header or not {"iteration", "time_s"} & set(header)
+                or not set(header) <= set(_TRACE_FIELDS) or len(set(header)) != len(header)):
+            raise ConfigError(f"{where} line 1 has header {','.join(header)!r}; allowed 'stage' plus 'iteration' "
+                              "and/or 'time_s', e.g. 'stage,iteration'.")
+        for row in reader:
+            loc = f"line {reader.line_num}"
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                raise ConfigError(f"{where} {loc} has {len(row)} fields but the header has {len(header)}.")
+            record: dict[str, Any] = {}
+            for key, cell in zip(header, (c.strip() for c in row)):
+                if not cell:
+                    continue  # an empty cell is an absent field
+                try:
+                    record[key] = float(cell) if key == "time_s" else int(cell)
+                except ValueError:
+                    kind = "a number" if key == "time_s" else "an integer"
+                    raise ConfigError(f"{where} {loc} has {key}={cell!r}, which is not {kind}.") from None
+            out.append((loc, _event(record, where, loc)))
+    return out
+
+
+def _event(record: dict[str, Any], where: str, loc: str) -> FailureEvent:
+    unknown = sorted(set(record) - set(_TRACE_FIELDS))
+    if unknown:
+        raise ConfigError(f"{where} {loc} has unknown field(s) {unknown}; allowed {list(_TRACE_FIELDS)}.")
+    stage, iteration, time_s = record.get("stage"), record.get("iteration"), record.get("time_s")
+    if stage is None:
+        raise ConfigError(f"{where} {loc} has no 'stage'; each event needs a stage and an iteration or time_s.")
+    if not _is_int(stage) or stage < 0:
+        raise ConfigError(f"{where} {loc} has stage={stage!r}; allowed a stage index >= 0.")
+    if iteration is not None and time_s is not None:
+        raise ConfigError(f"{where} {loc} has both 'iteration' and 'time_s'; allowed exactly one of them.")
+    if iteration is None and time_s is None:
+        raise ConfigError(f"{where} {loc} has neither 'iteration' nor 'time_s'; allowed exactly one of them.")
+    if iteration is not None and not (_is_int(iteration) and iteration >= 1):
+        raise ConfigError(f"{where} {loc} has iteration={iteration!r}; allowed an integer >= 1 (1-based).")
+    if time_s is not None and not (_is_real(time_s) and 0 <= time_s < math.inf):
+        raise ConfigError(f"{where} {loc} has time_s={time_s!r}; allowed finite simulated seconds >= 0.")
+    return FailureEvent(int(stage), None if iteration is None else int(iteration),
+                        None if time_s is None else float(time_s))
