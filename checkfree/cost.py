@@ -1,0 +1,441 @@
+"""Simulated wall-clock model of a pipeline-parallel run, and the network presets.
+
+A "second" here is a second of the *modelled* distributed run (S stages on S nodes, W data-parallel
+replicas per stage, links from a preset), not of this machine. The model replaces the reference's
+printed estimate (PAPER §6.1: 8 B/element, (2W-1) instead of the ring factor, one micro-batch of
+transfers, x2 and x2.5 fudge factors) with explicit, unit-tested pieces:
+
+* compute: ``6 * params * tokens`` FLOPs for forward+backward (``2 * P * T`` forward only) over an
+  effective device throughput (peak x MFU, or measured here);
+* a hop: ``latency + bytes / bandwidth`` with activation bytes ``micro_batch * seq * d_model * dtype``;
+* the pipeline: GPipe or 1F1B over ``M`` micro-batches, priced as a flow shop (see ``_pipeline``);
+* data parallelism: ring all-reduce ``2 (W-1)/W * bytes / bw + 2 (W-1) * latency`` per stage;
+* strategy overheads: checkpoint upload/download, weight transfer to a replacement node, replica
+  syncs, the redundant forward (Bamboo) and CheckFree+'s extra hops on odd micro-batches.
+
+Presets: ``single_cluster`` (one link for every pair) and ``geo_distributed`` (the reference's
+7-location latency/bandwidth table, stage ``k`` at location ``k mod 7``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from checkfree.config import require
+from checkfree.model import ModelConfig, stage_param_counts
+
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class Link:
+    """A point-to-point network link."""
+
+    latency_s: float
+    """One-way latency in seconds."""
+    bandwidth_Bps: float
+    """Bandwidth in bytes per second."""
+
+
+def p2p_seconds(n_bytes: float, link: Link) -> float:
+    """Time to send ``n_bytes`` over ``link``: latency + bytes / bandwidth."""
+    return link.latency_s + n_bytes / link.bandwidth_Bps
+
+
+def activation_bytes(micro_batch: int, seq_len: int, d_model: int, dtype_bytes: int) -> int:
+    """Bytes of one micro-batch's hidden states (and of its gradient on the way back)."""
+    return micro_batch * seq_len * d_model * dtype_bytes
+
+
+def compute_seconds(params: int, tokens: int, flops_per_s: float, backward: bool = True) -> float:
+    """Matmul time of ``params`` over ``tokens``: 6PT FLOPs forward+backward, 2PT forward only.
+
+    The usual dense-transformer estimate (Kaplan et al. 2020): attention-score FLOPs are left out.
+    """
+    return (6 if backward else 2) * params * tokens / flops_per_s
+
+
+# --- pipeline schedules ----------------------------------------------------------------------------
+# A route is one micro-batch's forward walk: a list of (resource, forward seconds, backward seconds).
+# Resources are ("stage", k) for a node's compute and ("link", a, b) for one direction of a full-duplex
+# link; a forward hop a->b busies ("link", a, b) and its gradient comes back on ("link", b, a).
+
+
+def _hop_ops(a: int, b: int, seconds: float) -> list[tuple]:
+    return [(("link", a, b), seconds, 0.0), (("link", b, a), 0.0, seconds)]
+
+
+def _pipeline(routes: list[list[tuple]], micro_batches: int, pipeline: str) -> float:
+    """Makespan of one iteration; micro-batch ``m`` takes ``routes[m % len(routes)]``.
+
+    Every micro-batch visits the resources in the same order and each resource serves them in order,
+    which is a permutation flow shop with identical jobs; its makespan is exactly
+    ``sum(t) + (M - 1) * max(t)`` (fill along one path, then one bottleneck slot per further job).
+    For uniform stages without hops this is the textbook ``(M + S - 1) * t``.
+
+    * GPipe (Huang et al. 2019): all forwards, flush, all backwards; each phase is its own flow shop:
+      ``path_f + (M-1) * max_r load_f[r] + path_b + (M-1) * max_r load_b[r]``.
+    * 1F1B (PipeDream-Flush, Narayanan et al. 2021): after warm-up each resource alternates one
+      forward and one backward, so the steady-state slot is ``max_r (load_f[r] + load_b[r])`` and
+      ``T = path_f + path_b + (M-1) * max_r (load_f + load_b)`` (exact for uniform stages, a
+      steady-state approximation otherwise). Same bubble as GPipe for uniform stages (Narayanan et
+      al.); lower when the forward and backward bottlenecks are different resources (e.g. the two
+      directions of a slow link), and only S micro-batches in flight instead of M.
+
+    With several route types (CheckFree+), path = mean path over the M micro-batches and load = mean
+    per-micro-batch busy time of each resource. Hops are modelled as resources busy for
+    latency + bytes / bw (slightly pessimistic: latency does not really occupy a link).
+    """
+    mbs = [routes[m % len(routes)] for m in range(micro_batches)]
+    path_f = sum(f for r in mbs for _, f, _ in r) / micro_batches
+    path_b = sum(b for r in mbs for _, _, b in r) / micro_batches
+    load_f: dict = defaultdict(float)
+    load_b: dict = defaultdict(float)
+    for route in mbs:
+        for res, f, b in route:
+            load_f[res] += f / micro_batches
+            load_b[res] += b / micro_batches
+    if pipeline == "gpipe":
+        return path_f + path_b + (micro_batches - 1) * (max(load_f.values()) + max(load_b.values()))
+    if pipeline == "1f1b":
+        return path_f + path_b + (micro_batches - 1) * max(load_f[r] + load_b[r] for r in load_f)
+    raise ValueError(f"pipeline={pipeline!r} is unknown; allowed: ['1f1b', 'gpipe'].")
+
+
+def _linear_route(fwd: list[float], bwd: list[float], hops: list[float]) -> list[tuple]:
+    if len(fwd) != len(bwd) or len(hops) != len(fwd) - 1:
+        raise ValueError(
+            f"need len(bwd) == len(fwd) and len(hops) == len(fwd) - 1, got {len(fwd)}, "
+            f"{len(bwd)}, {len(hops)}."
+        )
+    route = [(("stage", 0), fwd[0], bwd[0])]
+    for k in range(1, len(fwd)):
+        route += _hop_ops(k - 1, k, hops[k - 1]) + [(("stage", k), fwd[k], bwd[k])]
+    return route
+
+
+def gpipe_seconds(fwd: list[float], bwd: list[float], hops: list[float], micro_batches: int) -> float:
+    """GPipe iteration time: stage k takes fwd[k]/bwd[k] per micro-batch, hop k->k+1 takes hops[k]."""
+    return _pipeline([_linear_route(fwd, bwd, hops)], micro_batches, "gpipe")
+
+
+def one_f_one_b_seconds(fwd: list[float], bwd: list[float], hops: list[float], micro_batches: int) -> float:
+    """1F1B (PipeDream-Flush) iteration time, same inputs as ``gpipe_seconds``."""
+    return _pipeline([_linear_route(fwd, bwd, hops)], micro_batches, "1f1b")
+
+
+def ring_allreduce_seconds(n_bytes: float, replicas: int, link: Link) -> float:
+    """Ring all-reduce of ``n_bytes`` over W replicas: 2(W-1)/W * bytes/bw + 2(W-1) latencies."""
+    if replicas <= 1:
+        return 0.0
+    w = replicas
+    return 2 * (w - 1) / w * n_bytes / link.bandwidth_Bps + 2 * (w - 1) * link.latency_s
+
+
+# --- devices -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DevicePreset:
+    """A device's matmul throughput; effective FLOP/s = peak_flops * mfu."""
+
+    name: str
+    """Key in DEVICES."""
+    peak_flops: float
+    """Dense bf16 tensor-core peak (fp32 for the CPU), FLOP/s, from the vendor's data sheet."""
+    mfu: float
+    """Model FLOPs utilisation actually reached in training (~0.4 is typical for LLaMA-size models)."""
+
+    @property
+    def flops(self) -> float:
+        return self.peak_flops * self.mfu
+
+
+DEVICES: dict[str, DevicePreset] = {
+    "a100": DevicePreset("a100", 312e12, 0.4),
+    "h100": DevicePreset("h100", 989e12, 0.4),
+    "v100": DevicePreset("v100", 125e12, 0.4),
+    "t4": DevicePreset("t4", 65e12, 0.4),
+    "rtx3090": DevicePreset("rtx3090", 71e12, 0.4),
+    "rtx4090": DevicePreset("rtx4090", 165e12, 0.4),
+    # A 2-core AVX-512 VM like the dev box: measure_flops() reads ~3.3e11 fp32 FLOP/s on one matmul;
+    # small-model CPU training is overhead-bound, so the utilisation is a guess well below the GPUs'.
+    "cpu": DevicePreset("cpu", 3.3e11, 0.15),
+}
+
+
+def measure_flops(d_model: int = 256, repeats: int = 5) -> float:
+    """FLOP/s of a (4d x d) @ (d x d) fp32 matmul on this machine, median of ``repeats`` timings."""
+    import torch
+
+    a, b = torch.randn(4 * d_model, d_model), torch.randn(d_model, d_model)
+    a @ b  # warm-up: first call pays allocation and kernel selection
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        times.append((time.perf_counter() - t0) / 10)
+    return 2 * 4 * d_model**3 / max(statistics.median(times), 1e-12)
+
+
+# --- network presets -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Where the stages run and how fast they talk (Hydra group ``network``)."""
+
+    name: str = "single_cluster"
+    """Preset: single_cluster (one link for all pairs) or geo_distributed (stage k at location k % 7)."""
+    device: str = "a100"
+    """Key of DEVICES, or "measured" (the caller passes measure_flops() to CostModel)."""
+    dtype_bytes: int = 2
+    """Bytes per element of activations, activation gradients and weight gradients on the wire (bf16)."""
+    pipeline: str = "gpipe"
+    """Pipeline schedule: gpipe or 1f1b."""
+    dp_replicas: int = 1
+    """W data-parallel replicas per stage; only the gradient all-reduce cost depends on it."""
+    latency_s: float = 0.001
+    """Intra-site link latency: every link under single_cluster, same-location links under geo."""
+    bandwidth_Bps: float = 2 * GiB
+    """Intra-site link bandwidth, bytes/s (2 GiB/s, as the reference's communication_costs.delay_map)."""
+    storage_latency_s: float = 0.05
+    """Latency of the external (never failing) checkpoint storage."""
+    storage_bandwidth_Bps: float = 500e6 / 8
+    """Each node's bandwidth to storage, bytes/s: 500 Mb/s (Gensyn blog: a 70B checkpoint takes >20 min)."""
+    replacement_delay_s: float = 30.0
+    """Time to detect a failure and bring a replacement node up, charged on every recovery alike."""
+
+
+NETWORK_NAMES = ("single_cluster", "geo_distributed")
+PIPELINES = ("gpipe", "1f1b")
+SCHEDULES = ("in_order", "out_of_order")
+
+
+def validate_network_config(cfg: NetworkConfig, n_stages: int) -> None:
+    """Raise a ConfigError naming the key, the value and what is allowed."""
+    require(cfg.name in NETWORK_NAMES, "network.name", cfg.name, f"allowed: {list(NETWORK_NAMES)}")
+    devices = sorted(DEVICES) + ["measured"]
+    require(cfg.device in devices, "network.device", cfg.device, f"allowed: {devices}")
+    require(cfg.dtype_bytes in (1, 2, 4), "network.dtype_bytes", cfg.dtype_bytes, "allowed: 1, 2 or 4")
+    require(cfg.pipeline in PIPELINES, "network.pipeline", cfg.pipeline, f"allowed: {list(PIPELINES)}")
+    require(cfg.dp_replicas >= 1, "network.dp_replicas", cfg.dp_replicas, "must be an integer >= 1")
+    for key in ("bandwidth_Bps", "storage_bandwidth_Bps"):
+        value = getattr(cfg, key)
+        require(value > 0, f"network.{key}", value, "must be a positive number of bytes per second")
+    for key in ("latency_s", "storage_latency_s", "replacement_delay_s"):
+        value = getattr(cfg, key)
+        require(value >= 0, f"network.{key}", value, "must be >= 0 seconds")
+    require(n_stages >= 1, "model.n_stages", n_stages, "must be >= 1")
+
+
+GEO_LOCATIONS = ["Australia", "Belgium", "Canada", "Germany", "Iowa", "NL", "London"]
+
+
+def _pair(a: str, b: str) -> frozenset[str]:
+    return frozenset((a, b))
+
+
+# (latency ms, bandwidth GiB/s), verbatim from the reference's DELAY_BANDWIDTHS (PAPER §6.2).
+GEO_TABLE: dict[frozenset[str], tuple[float, float]] = {
+    _pair("Australia", "London"): (132, 0.0093994140625),
+    _pair("Australia", "NL"): (128, 0.009521484375),
+    _pair("Australia", "Belgium"): (129, 0.00982666015625),
+    _pair("Australia", "Germany"): (125.5, 0.01046142578125),
+    _pair("Australia", "Iowa"): (84, 0.01123046875),
+    _pair("Australia", "Canada"): (98, 0.01318359375),
+    _pair("Belgium", "Canada"): (41, 0.0198974609375),
+    _pair("Iowa", "London"): (48.1, 0.0218505859375),
+    _pair("NL", "London"): (4.8, 0.023681640625),
+    _pair("Canada", "NL"): (42, 0.0250244140625),
+    _pair("Germany", "Iowa"): (53.5, 0.026611328125),
+    _pair("Iowa", "NL"): (51, 0.02740478515625),
+    _pair("Belgium", "Iowa"): (49, 0.0283203125),
+    _pair("Canada", "Germany"): (44, 0.0318603515625),
+    _pair("Canada", "London"): (38.5, 0.036376953125),
+    _pair("Canada", "Iowa"): (14, 0.07568359375),
+    _pair("Germany", "London"): (6.6, 0.18875),
+    _pair("Belgium", "Germany"): (4, 0.2425),
+    _pair("Belgium", "NL"): (3, 0.2425),
+    _pair("Germany", "NL"): (3.5, 0.2425),
+    _pair("Belgium", "London"): (3.5, 0.2425),
+}
+
+
+def stage_link(cfg: NetworkConfig, a: int, b: int) -> Link:
+    """The link between the nodes of stages ``a`` and ``b`` (symmetric).
+
+    geo_distributed puts stage k at GEO_LOCATIONS[k % 7]; two stages at one location (and every pair
+    under single_cluster) use the intra-site link (latency_s, bandwidth_Bps), by default the
+    reference's same-cluster (1 ms, 2 GiB/s).
+    """
+    intra = Link(cfg.latency_s, cfg.bandwidth_Bps)
+    if cfg.name != "geo_distributed":
+        return intra
+    la, lb = GEO_LOCATIONS[a % len(GEO_LOCATIONS)], GEO_LOCATIONS[b % len(GEO_LOCATIONS)]
+    if la == lb:
+        return intra
+    ms, gib_s = GEO_TABLE[_pair(la, lb)]
+    return Link(ms / 1000, gib_s * GiB)
+
+
+# --- the cost model ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepOverhead:
+    """Time-costing work a strategy did after a step (strategies fill it, the cost model prices it)."""
+
+    storage_upload_bytes: int = 0
+    """Checkpoint upload: the largest stage's shard; stages upload their own shards in parallel."""
+    replica_sync_bytes: dict[tuple[int, int], int] = field(default_factory=dict)
+    """(src_stage, dst_stage) -> bytes: CheckFree+ (de)embedding replica refresh, redundant shadow sync."""
+
+
+FP32_BYTES = 4
+ADAM_STATES = 2  # exp_avg and exp_avg_sq, fp32 each
+
+
+class CostModel:
+    """Prices iterations, recoveries and strategy overheads of one modelled run in simulated seconds."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        micro_batches: int,
+        micro_batch_size: int,
+        network: NetworkConfig,
+        flops_per_s: float | None = None,
+    ) -> None:
+        validate_network_config(network, model.n_stages)
+        if flops_per_s is None:
+            if network.device == "measured":
+                raise ValueError("network.device='measured' needs flops_per_s=measure_flops().")
+            flops_per_s = DEVICES[network.device].flops
+        require(micro_batches >= 1, "trainer.micro_batches", micro_batches, "must be >= 1")
+        require(flops_per_s > 0, "flops_per_s", flops_per_s, "must be > 0")
+        self.model, self.network = model, network
+        self.micro_batches, self.micro_batch_size = micro_batches, micro_batch_size
+        self.flops_per_s = flops_per_s
+        self.params = stage_param_counts(model)
+        d, v = model.d_model, model.vocab_size
+        # Matmul parameters per stage: an embedding lookup is a gather, not FLOPs; the head is a matmul.
+        self.body_params = [
+            p - (v * d if k == 0 else 0) - (v * d + d if k == model.n_stages - 1 else 0)
+            for k, p in enumerate(self.params)
+        ]
+        self.head_params = v * d + d
+        self.tokens = micro_batch_size * model.seq_len
+        self.act_bytes = activation_bytes(micro_batch_size, model.seq_len, d, network.dtype_bytes)
+
+    # Per-micro-batch pieces.
+    def _fwd(self, params: int) -> float:
+        return compute_seconds(params, self.tokens, self.flops_per_s, backward=False)
+
+    def _bwd(self, params: int) -> float:
+        return compute_seconds(params, self.tokens, self.flops_per_s) - self._fwd(params)
+
+    def _hop(self, a: int, b: int) -> list[tuple]:
+        return _hop_ops(a, b, p2p_seconds(self.act_bytes, stage_link(self.network, a, b)))
+
+    def _routes(self, schedule: str, redundant: bool, hops: bool = True) -> list[list[tuple]]:
+        s = self.model.n_stages
+        require(schedule in SCHEDULES, "schedule", schedule, f"allowed: {list(SCHEDULES)}")
+        require(
+            schedule == "in_order" or s >= 4,
+            "model.n_stages",
+            s,
+            "out-of-order pipelining (CheckFree+) swaps 0<->1 and S-2<->S-1, so it needs >= 4 stages",
+        )
+        body = list(self.body_params)
+        body[-1] += self.head_params  # in order, the head runs right after stage S-1's body
+
+        def hop(a: int, b: int) -> list[tuple]:
+            return self._hop(a, b) if hops else []
+
+        def visit(k: int, params: int, shadow: bool = True) -> tuple:
+            # Bamboo: stage k also runs the forward of its shadow (k+1) mod S once per micro-batch,
+            # charged inside stage k's forward slot (an upper bound: Bamboo fills some into bubbles).
+            extra = self._fwd(body[(k + 1) % s]) if redundant and shadow else 0.0
+            return ("stage", k), self._fwd(params) + extra, self._bwd(params)
+
+        even = [visit(0, body[0])]
+        for k in range(1, s):
+            even += hop(k - 1, k) + [visit(k, body[k])]
+        if schedule == "in_order":
+            return [even]
+        # Odd micro-batches (schedule.swapped_order): embed on 0 -> body 1 -> body 0 -> 2 ... S-3
+        # -> body S-1 -> body S-2 -> head on S-1: two extra hops, and 0->2 / S-3->S-1 replace 1->2 / S-3->S-2.
+        order = [1, 0, *range(2, s - 2), s - 1, s - 2]
+        odd = [visit(0, 0, shadow=False)]  # the embedding lookup: a gather, no matmul FLOPs
+        prev = 0
+        for k in order:
+            odd += hop(prev, k) + [visit(k, self.body_params[k])]
+            prev = k
+        odd += hop(s - 2, s - 1) + [visit(s - 1, self.head_params, shadow=False)]
+        return [even, odd]
+
+    def _pipe(self, schedule: str, redundant: bool, hops: bool = True) -> float:
+        routes = self._routes(schedule, redundant, hops)
+        return _pipeline(routes, self.micro_batches, self.network.pipeline)
+
+    def allreduce_seconds(self) -> float:
+        """Gradient ring all-reduce over the W replicas of each stage; stages run theirs in parallel.
+
+        A stage's replicas share its site, so the ring runs over the intra-site link.
+        """
+        link = stage_link(self.network, 0, 0)
+        w = self.network.dp_replicas
+        return max(ring_allreduce_seconds(p * self.network.dtype_bytes, w, link) for p in self.params)
+
+    def breakdown(self, schedule: str = "in_order", redundant: bool = False) -> dict[str, float]:
+        """compute (pipeline time on a zero-cost network), p2p (what the hops add), allreduce, total."""
+        compute = self._pipe(schedule, redundant, hops=False)
+        p2p = self._pipe(schedule, redundant) - compute
+        allreduce = self.allreduce_seconds()
+        return {"compute": compute, "p2p": p2p, "allreduce": allreduce, "total": compute + p2p + allreduce}
+
+    def iteration_seconds(self, schedule: str = "in_order", redundant: bool = False) -> float:
+        """Simulated seconds of one iteration (M micro-batches + gradient all-reduce)."""
+        return self._pipe(schedule, redundant) + self.allreduce_seconds()
+
+    def stage_bytes(self, stage: int, with_optimizer: bool = False) -> int:
+        """Bytes of a stage's fp32 weights (4 B/param), + Adam's two fp32 moments (8 B/param)."""
+        per_param = FP32_BYTES * (1 + (ADAM_STATES if with_optimizer else 0))
+        return self.params[stage] * per_param
+
+    def storage_seconds(self, n_bytes: float) -> float:
+        """One transfer to or from the checkpoint storage; 0 for nothing to move."""
+        if n_bytes <= 0:
+            return 0.0
+        return p2p_seconds(n_bytes, Link(self.network.storage_latency_s, self.network.storage_bandwidth_Bps))
+
+    def recovery_seconds(
+        self, stage: int, sources: list[int], n_bytes: int, from_storage: bool = False
+    ) -> float:
+        """Replacement delay + bringing ``n_bytes`` to the replacement node of ``stage``.
+
+        from_storage: one download from storage (a rollback: every stage downloads its own shard in
+        parallel, so the caller passes the largest shard). Otherwise each source sends ``n_bytes``
+        (its full copy, e.g. both CheckFree neighbours) over its own link, in parallel: the slowest
+        link sets the time. No sources (re-initialisation) costs only the replacement delay.
+        """
+        delay = self.network.replacement_delay_s
+        if from_storage:
+            return delay + self.storage_seconds(n_bytes)
+        if not sources or n_bytes <= 0:
+            return delay
+        return delay + max(p2p_seconds(n_bytes, stage_link(self.network, src, stage)) for src in sources)
+
+    def overhead_seconds(self, overhead: StepOverhead) -> float:
+        """Checkpoint upload (largest shard, stages in parallel) + replica syncs (in parallel: max)."""
+        syncs = [
+            p2p_seconds(n, stage_link(self.network, a, b))
+            for (a, b), n in overhead.replica_sync_bytes.items()
+            if n > 0
+        ]
+        return self.storage_seconds(overhead.storage_upload_bytes) + max(syncs, default=0.0)

@@ -1,0 +1,238 @@
+"""Cost model: every formula against numbers worked out by hand in the comments."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from checkfree.config import ConfigError
+from checkfree.cost import (
+    DEVICES,
+    GEO_LOCATIONS,
+    GEO_TABLE,
+    CostModel,
+    Link,
+    NetworkConfig,
+    StepOverhead,
+    activation_bytes,
+    compute_seconds,
+    gpipe_seconds,
+    measure_flops,
+    one_f_one_b_seconds,
+    p2p_seconds,
+    ring_allreduce_seconds,
+    stage_link,
+    validate_network_config,
+)
+from checkfree.model import PRESETS, ModelConfig
+
+GiB = 1024**3
+CONF = Path(__file__).resolve().parents[1] / "conf" / "network"
+GEO = NetworkConfig(name="geo_distributed")
+# 4 stages x 1 layer, d=8, d_ff=32, vocab 16: a block has 4*64 + 3*8*32 + 2*8 = 1040 params,
+# the embedding 16*8 = 128, the final norm + head 8 + 128 = 136.
+TINY = ModelConfig("t", n_stages=4, layers_per_stage=1, d_model=8, n_heads=2, seq_len=4, vocab_size=16)
+
+
+def test_p2p_activation_and_compute():
+    assert p2p_seconds(1e6, Link(0.01, 1e8)) == pytest.approx(0.02)  # 10 ms + 1e6 / 1e8
+    assert activation_bytes(16, 1024, 1024, 2) == 32 * 1024**2  # 16*1024*1024*2 B = 32 MiB
+    assert compute_seconds(10**9, 1000, 1e12) == pytest.approx(6.0)  # 6 * 1e9 * 1e3 / 1e12
+    assert compute_seconds(10**9, 1000, 1e12, backward=False) == pytest.approx(2.0)
+
+
+def _flow_shop(times: list[float], m: int) -> float:
+    """Reference: the flow-shop recurrence C[j][k] = max(C[j-1][k], C[j][k-1]) + t_k."""
+    done = [0.0] * len(times)
+    for _ in range(m):
+        ready = 0.0
+        for k, t in enumerate(times):
+            ready = done[k] = max(done[k], ready) + t
+    return done[-1]
+
+
+def test_gpipe_s3_m4_by_hand():
+    # GPipe = forward flow shop + backward flow shop, each sum(t) + (M-1) * max(t), hops as resources.
+    # forward : 1 + .5 + 2 + .5 + 1 = 5, bottleneck 2 -> 5 + 3*2 = 11
+    # backward: 2 + .5 + 4 + .5 + 2 = 9, bottleneck 4 -> 9 + 3*4 = 21            total 32
+    assert gpipe_seconds([1, 2, 1], [2, 4, 2], [0.5, 0.5], 4) == pytest.approx(32.0)
+    assert _flow_shop([1, 0.5, 2, 0.5, 1], 4) + _flow_shop([2, 0.5, 4, 0.5, 2], 4) == pytest.approx(32.0)
+    # Uniform stages, free hops: the textbook (M + S - 1) * (f + b) = 6 * 3 = 18.
+    assert gpipe_seconds([1, 1, 1], [2, 2, 2], [0, 0], 4) == pytest.approx(18.0)
+    assert gpipe_seconds([1.0], [2.0], [], 1) == pytest.approx(3.0)
+
+
+def test_gpipe_matches_flow_shop_recurrence():
+    rng = random.Random(0)
+    for _ in range(20):
+        s, m = rng.randint(1, 6), rng.randint(1, 8)
+        f = [rng.uniform(0.1, 2) for _ in range(s)]
+        b = [rng.uniform(0.1, 4) for _ in range(s)]
+        h = [rng.uniform(0, 3) for _ in range(s - 1)]
+        inter_f = [x for k in range(s) for x in ([h[k - 1]] if k else []) + [f[k]]]
+        inter_b = [x for k in reversed(range(s)) for x in [b[k]] + ([h[k - 1]] if k else [])]
+        assert gpipe_seconds(f, b, h, m) == pytest.approx(_flow_shop(inter_f, m) + _flow_shop(inter_b, m))
+
+
+def test_one_f_one_b_by_hand():
+    # 1F1B = path_f + path_b + (M-1) * max over resources of (fwd + bwd busy time per micro-batch).
+    # Same inputs as the GPipe case: 5 + 9 + 3 * (2 + 4) = 32 (the slow stage is both bottlenecks).
+    assert one_f_one_b_seconds([1, 2, 1], [2, 4, 2], [0.5, 0.5], 4) == pytest.approx(32.0)
+    # Uniform stages: same bubble as GPipe (Narayanan et al. 2021): 3 + 6 + 3 * 3 = 18.
+    assert one_f_one_b_seconds([1, 1, 1], [2, 2, 2], [0, 0], 4) == pytest.approx(18.0)
+    # A slow link: its two directions work concurrently in 1F1B but in separate phases in GPipe.
+    # paths 1+3+1+1+1 = 7 each way; 1F1B: 14 + 3 * max(1+1, 3) = 23; GPipe: 7 + 3*3 + 7 + 3*3 = 32.
+    assert one_f_one_b_seconds([1, 1, 1], [1, 1, 1], [3, 1], 4) == pytest.approx(23.0)
+    assert gpipe_seconds([1, 1, 1], [1, 1, 1], [3, 1], 4) == pytest.approx(32.0)
+    with pytest.raises(ValueError, match="len"):
+        gpipe_seconds([1, 1], [1, 1], [1, 1], 2)
+
+
+def test_ring_allreduce():
+    assert ring_allreduce_seconds(1e9, 1, Link(0.001, 1e9)) == 0.0
+    # W=4: 2*3/4 * 1e9/1e9 = 1.5 s + 2*3 * 1 ms = 1.506 s
+    assert ring_allreduce_seconds(1e9, 4, Link(0.001, 1e9)) == pytest.approx(1.506)
+
+
+def test_devices_and_measured_flops():
+    assert DEVICES["a100"].flops == pytest.approx(312e12 * 0.4)
+    assert DEVICES["h100"].peak_flops == 989e12
+    assert measure_flops(d_model=32, repeats=1) > 0
+
+
+def test_geo_table_lookups():
+    assert len(GEO_TABLE) == 21  # every pair of the 7 locations
+    assert GEO_LOCATIONS[0] == "Australia" and GEO_LOCATIONS[1] == "Belgium"
+    # Australia -> Belgium: 129 ms, 0.00982666015625 GiB/s = 10551296 B/s; symmetric.
+    assert stage_link(GEO, 0, 1) == Link(0.129, 10551296.0)
+    assert stage_link(GEO, 1, 0) == stage_link(GEO, 0, 1)
+    assert stage_link(GEO, 7, 8) == stage_link(GEO, 0, 1)  # stage 7 is Australia again, 8 Belgium
+    assert stage_link(GEO, 1, 3) == Link(0.004, 0.2425 * GiB)  # Belgium-Germany
+    assert stage_link(GEO, 2, 4) == Link(0.014, 0.07568359375 * GiB)  # Canada-Iowa
+    assert stage_link(GEO, 0, 7) == Link(0.001, 2 * GiB)  # both in Australia: intra-site default
+    assert stage_link(NetworkConfig(), 0, 1) == Link(0.001, 2 * GiB)
+    # One 32 MiB hop Australia -> Belgium: 0.129 + 33554432 / 10551296 = 3.309 s (PAPER §6.2: ~3.31 s).
+    assert p2p_seconds(32 * 1024**2, stage_link(GEO, 0, 1)) == pytest.approx(0.129 + 33554432 / 10551296)
+
+
+def _unit_hops(**kw) -> CostModel:
+    # Activations 2 * 4 * 8 * 2 = 128 B over a 128 B/s zero-latency link: every hop takes 1 s, and
+    # compute is ~0 at 1e30 FLOP/s.
+    net = NetworkConfig(latency_s=0.0, bandwidth_Bps=128.0, **kw)
+    return CostModel(TINY, micro_batches=2, micro_batch_size=2, network=net, flops_per_s=1e30)
+
+
+def test_out_of_order_hops_by_hand():
+    # S=4, M=2. In order: 3 hops per micro-batch; GPipe per phase 3 + (2-1) * 1 = 4 -> 8 s.
+    assert _unit_hops().iteration_seconds("in_order") == pytest.approx(8.0)
+    # Odd micro-batch (positions 1,0,3,2): 0->1, 1->0, 0->3, 3->2, 2->3 = 5 hops. Mean path 4 per
+    # phase; the busiest directed link (0->1 forward, 1->0 backward) carries 1 s per micro-batch,
+    # so each phase is 4 + 1 = 5 -> 10 s.
+    assert _unit_hops().iteration_seconds("out_of_order") == pytest.approx(10.0)
+    # 1F1B: in order 3 + 3 + 1 * 1 = 7. Out of order: 4 + 4 + 1 * 1.5, because link 0->1 now also
+    # carries the gradient of the odd 1->0 hop (1 + 0.5 s per micro-batch).
+    assert _unit_hops(pipeline="1f1b").iteration_seconds("in_order") == pytest.approx(7.0)
+    assert _unit_hops(pipeline="1f1b").iteration_seconds("out_of_order") == pytest.approx(9.5)
+    one = CostModel(TINY, 1, 2, _unit_hops().network, flops_per_s=1e30)  # M=1: no odd micro-batch
+    assert one.iteration_seconds("out_of_order") == pytest.approx(one.iteration_seconds("in_order"))
+    with pytest.raises(ConfigError, match="n_stages"):
+        three = CostModel(dataclasses.replace(TINY, n_stages=3), 2, 2, NetworkConfig())
+        three.iteration_seconds("out_of_order")
+    with pytest.raises(ConfigError, match="schedule"):
+        _unit_hops().iteration_seconds("random")
+
+
+def test_redundant_compute_by_hand():
+    # tokens = 2 * 4 = 8 at 16 FLOP/s: a forward takes 2*P*8/16 = P s, a backward 2P s. The embedding
+    # is a lookup (0 FLOPs), so matmul params per stage are 1040, 1040, 1040, 1040 + 136 = 1176.
+    net = NetworkConfig(latency_s=0.0, bandwidth_Bps=1e30)
+    cm = CostModel(TINY, micro_batches=2, micro_batch_size=2, network=net, flops_per_s=16.0)
+    # GPipe M=2: fwd 4296 + 1176 = 5472, bwd 8592 + 2352 = 10944 -> 16416.
+    assert cm.iteration_seconds() == pytest.approx(16416.0)
+    # Redundant: stage k also runs stage (k+1) mod 4's forward: 1040+1040, 1040+1040, 1040+1176,
+    # 1176+1040 -> fwd path 8592 + bottleneck 2216 = 10808; bwd unchanged 10944 -> 21752.
+    assert cm.iteration_seconds(redundant=True) == pytest.approx(21752.0)
+    parts = cm.breakdown()
+    assert parts["compute"] == pytest.approx(16416.0) and parts["allreduce"] == 0.0
+    assert parts["total"] == pytest.approx(parts["compute"] + parts["p2p"] + parts["allreduce"])
+
+
+def test_allreduce_and_stage_bytes():
+    net = NetworkConfig(dp_replicas=4)
+    cm = CostModel(TINY, 2, 2, net, flops_per_s=1e12)
+    # Largest stage: 1040 + 136 = 1176 params * 2 B = 2352 B; ring over the 2 GiB/s, 1 ms link.
+    assert cm.breakdown()["allreduce"] == pytest.approx(1.5 * 2352 / (2 * GiB) + 6 * 0.001)
+    assert cm.stage_bytes(0) == (1040 + 128) * 4  # fp32 weights
+    assert cm.stage_bytes(0, with_optimizer=True) == (1040 + 128) * 12  # + Adam's two fp32 moments
+    assert cm.stage_bytes(1) == 1040 * 4
+
+
+def test_checkpoint_upload_and_recovery():
+    cm = CostModel(TINY, 2, 2, NetworkConfig(), flops_per_s=1e12)
+    # 625 MB at 500 Mb/s = 62.5 MB/s: 10 s + 50 ms storage latency.
+    assert cm.overhead_seconds(StepOverhead(storage_upload_bytes=625_000_000)) == pytest.approx(10.05)
+    # Gensyn's sanity number: a 70B bf16 checkpoint (140 GB) takes well over 20 min at 500 Mb/s.
+    assert cm.overhead_seconds(StepOverhead(storage_upload_bytes=140 * 10**9)) > 20 * 60
+    assert cm.overhead_seconds(StepOverhead()) == 0.0
+    # Recovery: 30 s replacement + transfer. From 2 neighbours over 2 GiB/s in parallel: 1 ms + 1 s.
+    assert cm.recovery_seconds(2, [1, 3], 2 * GiB) == pytest.approx(31.001)
+    assert cm.recovery_seconds(2, [1, 3], 62_500_000, from_storage=True) == pytest.approx(31.05)
+    assert cm.recovery_seconds(2, [], 2 * GiB) == pytest.approx(30.0)
+
+
+def test_geo_recovery_and_replica_sync():
+    cm = CostModel(TINY, 2, 2, GEO, flops_per_s=1e12)
+    n = 10551296  # 1 s on the Australia-Belgium link
+    # Stage 1 (Belgium) from 0 (Australia, 0.129 + 1 s) and 2 (Canada, 0.041 + n / 21364736 s).
+    assert cm.recovery_seconds(1, [0, 2], n) == pytest.approx(30 + 1.129)
+    assert cm.recovery_seconds(1, [2], n) == pytest.approx(30 + 0.041 + n / (0.0198974609375 * GiB))
+    syncs = StepOverhead(replica_sync_bytes={(0, 1): n, (2, 1): n})
+    assert cm.overhead_seconds(syncs) == pytest.approx(1.129)  # in parallel: the slower one
+
+
+def test_paper_preset_ordering_on_geo():
+    m = PRESETS["llama_500m"]
+    cm = CostModel(m, 4, 16, dataclasses.replace(GEO, dp_replicas=4))
+    base = cm.iteration_seconds()
+    assert cm.iteration_seconds("out_of_order") > base
+    assert cm.iteration_seconds(redundant=True) > base
+    assert cm.breakdown()["p2p"] > cm.breakdown()["compute"]  # WAN-bound, as in the paper's testbed
+    single = CostModel(m, 4, 16, NetworkConfig(dp_replicas=4))
+    assert single.iteration_seconds() < base
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("name", "mars", "network.name='mars' is invalid: allowed: ['single_cluster', 'geo_distributed']"),
+        ("device", "tpu", "network.device='tpu' is invalid: allowed: ["),
+        ("pipeline", "zb", "network.pipeline='zb' is invalid: allowed: ['gpipe', '1f1b']"),
+        ("dtype_bytes", 3, "network.dtype_bytes=3 is invalid: allowed: 1, 2 or 4"),
+        ("dp_replicas", 0, "network.dp_replicas=0 is invalid: must be an integer >= 1"),
+        ("bandwidth_Bps", 0.0, "network.bandwidth_Bps=0.0 is invalid: must be a positive"),
+        ("storage_bandwidth_Bps", -1.0, "network.storage_bandwidth_Bps=-1.0 is invalid"),
+        ("latency_s", -0.1, "network.latency_s=-0.1 is invalid: must be >= 0 seconds"),
+    ],
+)
+def test_validate_network_config_errors(field, value, message):
+    with pytest.raises(ConfigError) as err:
+        validate_network_config(dataclasses.replace(NetworkConfig(), **{field: value}), 4)
+    assert message in str(err.value)
+
+
+def test_measured_device_needs_flops():
+    with pytest.raises(ValueError, match="measured"):
+        CostModel(TINY, 2, 2, NetworkConfig(device="measured"))
+    assert CostModel(TINY, 2, 2, NetworkConfig(device="measured"), flops_per_s=1e9).flops_per_s == 1e9
+
+
+@pytest.mark.parametrize("preset", ["single_cluster", "geo_distributed"])
+def test_yaml_presets_are_valid_network_configs(preset):
+    cfg = NetworkConfig(**OmegaConf.to_container(OmegaConf.load(CONF / f"{preset}.yaml")))
+    assert cfg.name == preset
+    validate_network_config(cfg, 6)
+    assert cfg.storage_bandwidth_Bps == 500e6 / 8
