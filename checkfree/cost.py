@@ -293,7 +293,8 @@ class StepOverhead:
     storage_upload_bytes: int = 0
     """Checkpoint upload: the largest stage's shard; stages upload their own shards in parallel."""
     replica_sync_bytes: dict[tuple[int, int], int] = field(default_factory=dict)
-    """(src_stage, dst_stage) -> bytes: CheckFree+ (de)embedding replica refresh, redundant shadow sync."""
+    """(src_stage, dst_stage) -> bytes: CheckFree+ (de)embedding replica refresh (redundant computation
+    keeps its shadows identical by computing, so it sends nothing here)."""
 
 
 FP32_BYTES = 4

@@ -210,7 +210,10 @@ class Trainer:
         progress_before = self.ctx.progress
         reports = self.strategy.recover(set(failed), self.ctx)
         for report in reports:
-            n_bytes = int(report.bytes_moved * self.byte_scale[report.stage])
+            # A rollback downloads every stage's shard in parallel: the largest one bounds the time.
+            n_bytes = report.details.get("largest_shard_bytes", report.bytes_moved) if report.from_storage \
+                else report.bytes_moved
+            n_bytes = int(n_bytes * self.byte_scale[report.stage])
             report.sim_seconds = self.cost.recovery_seconds(report.stage, report.sources, n_bytes,
                                                             from_storage=report.from_storage)
             self.totals.recoveries.append({"iteration": self.ctx.iteration, "stage": report.stage,

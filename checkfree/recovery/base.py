@@ -40,7 +40,8 @@ class StrategyConfig:
     eps: float = 1e-4
     """Added to each neighbour's weight so that zero gradients still give a defined average."""
     unrecoverable: str = "error"
-    """What to do with a stage that has no survivor on one side: 'error' (stop, say why) or 'reinit'."""
+    """A lost stage the strategy cannot rebuild (no survivor on one side, both swap partners or a stage and
+    its shadow holder lost together): 'error' (stop, say why) or 'reinit' (fresh weights, logged)."""
     replica_sync_every: int = 10
     """CheckFree+: refresh the (de)embedding replicas on stages 1 and S-2 every this many iterations."""
     every: int = 50
