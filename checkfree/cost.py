@@ -209,6 +209,9 @@ class NetworkConfig:
     """Each node's bandwidth to storage, bytes/s: 500 Mb/s (Gensyn blog: a 70B checkpoint takes >20 min)."""
     replacement_delay_s: float = 30.0
     """Time to detect a failure and bring a replacement node up, charged on every recovery alike."""
+    redundant_backward: bool = True
+    """Redundant computation: the shadow also runs its backward (keeps weights and Adam state identical,
+    so restores are exact); false = forward-only shadows (Bamboo's lazy backward), an optimistic bound."""
 
 
 NETWORK_NAMES = ("single_cluster", "geo_distributed")
@@ -361,8 +364,17 @@ class CostModel:
         def visit(k: int, params: int, shadow: bool = True) -> tuple:
             # Bamboo: stage k also runs the forward of its shadow (k+1) mod S once per micro-batch,
             # charged inside stage k's forward slot (an upper bound: Bamboo fills some into bubbles).
-            extra = self._fwd(body[(k + 1) % s]) if redundant and shadow else 0.0
-            return ("stage", k), self._fwd(params) + extra, self._bwd(params)
+            # To keep the shadow's weights and optimizer state *identical* (what makes its restore exact),
+            # it must also run the shadow's backward, which needs the gradient of the shadow's output from
+            # stage k+2: one more hop per micro-batch (network.redundant_backward=false drops both).
+            extra_fwd = extra_bwd = 0.0
+            if redundant and shadow:
+                successor = (k + 1) % s
+                extra_fwd = self._fwd(body[successor])
+                if self.network.redundant_backward:
+                    grad_hop = p2p_seconds(self.act_bytes, stage_link(self.network, (k + 2) % s, k))
+                    extra_bwd = self._bwd(body[successor]) + grad_hop
+            return ("stage", k), self._fwd(params) + extra_fwd, self._bwd(params) + extra_bwd
 
         even = [visit(0, body[0])]
         for k in range(1, s):
@@ -421,16 +433,18 @@ class CostModel:
         """Replacement delay + bringing ``n_bytes`` to the replacement node of ``stage``.
 
         from_storage: one download from storage (a rollback: every stage downloads its own shard in
-        parallel, so the caller passes the largest shard). Otherwise each source sends ``n_bytes``
-        (its full copy, e.g. both CheckFree neighbours) over its own link, in parallel: the slowest
-        link sets the time. No sources (re-initialisation) costs only the replacement delay.
+        parallel, so the caller passes the largest shard). Otherwise ``n_bytes`` is the total the sources
+        send, in equal parts (e.g. each CheckFree neighbour sends its full stage), each over its own link,
+        in parallel: the slowest link sets the time. No sources (re-initialisation) costs only the
+        replacement delay.
         """
         delay = self.network.replacement_delay_s
         if from_storage:
             return delay + self.storage_seconds(n_bytes)
         if not sources or n_bytes <= 0:
             return delay
-        return delay + max(p2p_seconds(n_bytes, stage_link(self.network, src, stage)) for src in sources)
+        share = n_bytes / len(sources)
+        return delay + max(p2p_seconds(share, stage_link(self.network, src, stage)) for src in sources)
 
     def overhead_seconds(self, overhead: StepOverhead) -> float:
         """Checkpoint upload (largest shard, stages in parallel) + replica syncs (in parallel: max)."""

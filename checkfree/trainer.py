@@ -23,8 +23,7 @@ import torch
 from checkfree.cost import CostModel, StepOverhead, measure_flops
 from checkfree.data import Corpus, load_corpus
 from checkfree.failures import FailureEvent, build_failure_model, failing_stages
-from checkfree.model import preset, stage_param_counts
-from checkfree.model import build_stages as build_model_stages
+from checkfree.model import build_stages, preset, stage_param_counts
 from checkfree.pipeline import LocalPipeline, StepResult
 from checkfree.recovery import RecoveryContext, RecoveryReport, build_strategy
 from checkfree.recovery.base import UnrecoverableFailure
@@ -86,7 +85,7 @@ class Trainer:
         self.device = pick_device(cfg.trainer.device)
         self.corpus: Corpus = load_corpus(cfg.data, cfg.model.seq_len, batch_seed=cfg.seed)
         self.model_cfg = cfg.model.with_vocab(self.corpus.vocab_size)
-        stages = build_model_stages(self.model_cfg, cfg.seed, self.device)
+        stages = build_stages(self.model_cfg, cfg.seed, self.device)
         autocast = torch.bfloat16 if cfg.trainer.precision == "bf16" else None
         self.pipeline = LocalPipeline(stages, cfg.trainer.lr, cfg.trainer.clip, autocast_dtype=autocast)
         self.strategy = build_strategy(cfg.strategy, self.model_cfg.n_stages)

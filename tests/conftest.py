@@ -30,3 +30,41 @@ def tiny_stages(tiny_cfg):
 def random_batches(n: int, batch: int, seq_len: int, vocab: int, seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (batch, seq_len + 1), generator=g) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    """One tokenizer cache for the whole session: the BPE is trained once."""
+    return str(tmp_path_factory.mktemp("tokenizer-cache"))
+
+
+def small_run_dict(cache_dir: str, **sections) -> dict:
+    """A tiny but real run: 4-stage LLaMA, small synthetic corpus, no wandb, no progress bar."""
+    base = {
+        "seed": 0,
+        "model": {"name": "tiny", "n_stages": 4, "layers_per_stage": 1, "d_model": 32, "n_heads": 2, "seq_len": 32},
+        "data": {"n_documents": 600, "val_documents": 60, "val_sequences": 8, "vocab_size": 300,
+                 "cache_dir": cache_dir},
+        "trainer": {"iterations": 8, "eval_every": 4, "micro_batches": 2, "micro_batch_size": 4, "lr": 3e-3,
+                    "progress_bar": False, "clock_preset": "llama_500m", "clock_micro_batch_size": 16},
+        "strategy": {"name": "checkfree"},
+        "failure": {"name": "none"},
+        "network": {"name": "geo_distributed"},
+        "logger": {"wandb": {"mode": "disabled"}},
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            base[name] = {**base.get(name, {}), **values}
+        else:
+            base[name] = values
+    return base
+
+
+@pytest.fixture
+def small_run(data_cache):
+    from checkfree.runconfig import load_run_config
+
+    def make(**sections):
+        return load_run_config(small_run_dict(data_cache, **sections))
+
+    return make

@@ -149,13 +149,17 @@ def test_out_of_order_hops_by_hand():
 def test_redundant_compute_by_hand():
     # tokens = 2 * 4 = 8 at 16 FLOP/s: a forward takes 2*P*8/16 = P s, a backward 2P s. The embedding
     # is a lookup (0 FLOPs), so matmul params per stage are 1040, 1040, 1040, 1040 + 136 = 1176.
-    net = NetworkConfig(latency_s=0.0, bandwidth_Bps=1e30)
+    net = NetworkConfig(latency_s=0.0, bandwidth_Bps=1e30, redundant_backward=False)
     cm = CostModel(TINY, micro_batches=2, micro_batch_size=2, network=net, flops_per_s=16.0)
     # GPipe M=2: fwd 4296 + 1176 = 5472, bwd 8592 + 2352 = 10944 -> 16416.
     assert cm.iteration_seconds() == pytest.approx(16416.0)
     # Redundant: stage k also runs stage (k+1) mod 4's forward: 1040+1040, 1040+1040, 1040+1176,
     # 1176+1040 -> fwd path 8592 + bottleneck 2216 = 10808; bwd unchanged 10944 -> 21752.
     assert cm.iteration_seconds(redundant=True) == pytest.approx(21752.0)
+    # Shadows kept identical also run the successor's backward (2P): bwd slots 4160, 4160, 4432, 4432
+    # -> path 17184 + bottleneck 4432 = 21616; the gradient hop from k+2 is free on this network.
+    full = CostModel(TINY, 2, 2, dataclasses.replace(net, redundant_backward=True), flops_per_s=16.0)
+    assert full.iteration_seconds(redundant=True) == pytest.approx(10808.0 + 21616.0)
     parts = cm.breakdown()
     assert parts["compute"] == pytest.approx(16416.0) and parts["allreduce"] == 0.0
     assert parts["total"] == pytest.approx(parts["compute"] + parts["p2p"] + parts["allreduce"])
@@ -178,8 +182,9 @@ def test_checkpoint_upload_and_recovery():
     # Gensyn's sanity number: a 70B bf16 checkpoint (140 GB) takes well over 20 min at 500 Mb/s.
     assert cm.overhead_seconds(StepOverhead(storage_upload_bytes=140 * 10**9)) > 20 * 60
     assert cm.overhead_seconds(StepOverhead()) == 0.0
-    # Recovery: 30 s replacement + transfer. From 2 neighbours over 2 GiB/s in parallel: 1 ms + 1 s.
-    assert cm.recovery_seconds(2, [1, 3], 2 * GiB) == pytest.approx(31.001)
+    # Recovery: 30 s replacement + transfer. 2 GiB in total from 2 neighbours over 2 GiB/s links in
+    # parallel: 1 GiB each, 1 ms + 0.5 s.
+    assert cm.recovery_seconds(2, [1, 3], 2 * GiB) == pytest.approx(30.501)
     assert cm.recovery_seconds(2, [1, 3], 62_500_000, from_storage=True) == pytest.approx(31.05)
     assert cm.recovery_seconds(2, [], 2 * GiB) == pytest.approx(30.0)
 
@@ -188,7 +193,7 @@ def test_geo_recovery_and_replica_sync():
     cm = CostModel(TINY, 2, 2, GEO, flops_per_s=1e12)
     n = 10551296  # 1 s on the Australia-Belgium link
     # Stage 1 (Belgium) from 0 (Australia, 0.129 + 1 s) and 2 (Canada, 0.041 + n / 21364736 s).
-    assert cm.recovery_seconds(1, [0, 2], n) == pytest.approx(30 + 1.129)
+    assert cm.recovery_seconds(1, [0, 2], 2 * n) == pytest.approx(30 + 1.129)  # n from each neighbour
     assert cm.recovery_seconds(1, [2], n) == pytest.approx(30 + 0.041 + n / (0.0198974609375 * GiB))
     syncs = StepOverhead(replica_sync_bytes={(0, 1): n, (2, 1): n})
     assert cm.overhead_seconds(syncs) == pytest.approx(1.129)  # in parallel: the slower one
