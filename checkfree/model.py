@@ -96,6 +96,8 @@ class ModelConfig:
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig("tiny", n_stages=4, layers_per_stage=1, d_model=32, n_heads=2, seq_len=32),
     "cpu_small": ModelConfig("cpu_small", n_stages=6, layers_per_stage=1, d_model=96, n_heads=4, seq_len=64),
+    # The CPU-scale sweeps: many short runs, so a narrower model than the demo.
+    "cpu_sweep": ModelConfig("cpu_sweep", n_stages=6, layers_per_stage=1, d_model=64, n_heads=4, seq_len=64),
     "llama_124m": ModelConfig("llama_124m", 4, 3, 512, 8, seq_len=512, vocab_size=32000),
     "llama_500m": ModelConfig("llama_500m", 6, 4, 1024, 16, seq_len=1024, vocab_size=32000),
     "llama_1_5b": ModelConfig("llama_1_5b", 6, 4, 2048, 16, seq_len=4096, vocab_size=32000),
