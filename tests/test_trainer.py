@@ -77,7 +77,7 @@ def test_failure_times_are_the_same_for_every_strategy(small_run, tmp_path):
     first_time, first_iteration, iteration_s = {}, {}, {}
     for strategy in ("checkfree", "checkfree_plus", "redundant"):
         cfg = small_run(strategy={"name": strategy, "unrecoverable": "reinit"},
-                        failure={"name": "poisson", "hourly_rate": 0.99, "stages": "all"},
+                        failure={"name": "poisson", "hourly_rate": 0.999, "stages": "all"},
                         trainer={"iterations": 30, "eval_every": 30})
         summary = train(cfg, tmp_path / strategy)
         first_time[strategy], first_iteration[strategy] = {}, {}
