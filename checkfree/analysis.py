@@ -166,7 +166,9 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
         "run_dir": str(run_dir),
         "strategy": _first(summary.get("strategy"), _get(cfg, "strategy.name")) or "unknown",
         "failure": _first(summary.get("failure"), _get(cfg, "failure.name")),
-        "hourly_rate": _float(_first(summary.get("hourly_rate"), _get(cfg, "failure.hourly_rate"))),
+        # failure=none keeps its config's hourly_rate, but no failure is ever drawn: its rate is 0.
+        "hourly_rate": 0.0 if _first(summary.get("failure"), _get(cfg, "failure.name")) == "none"
+        else _float(_first(summary.get("hourly_rate"), _get(cfg, "failure.hourly_rate"))),
         "seed": _first(summary.get("seed"), _get(cfg, "seed")),
         "status": status,
         "missing": missing,
@@ -304,7 +306,9 @@ def _has_text(x: Any) -> bool:
 
 
 def _rate(rate: float) -> str:
-    return "?" if pd.isna(rate) else f"{rate * 100:g} %"
+    if pd.isna(rate):
+        return "?"
+    return "0 % (no failures)" if rate == 0 else f"{rate * 100:g} %"
 
 
 def to_markdown(table: pd.DataFrame) -> str:
