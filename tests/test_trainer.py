@@ -129,3 +129,16 @@ def test_checkfree_plus_logs_replica_traffic_and_memory(small_run, tmp_path):
     # Replicas: the embedding (V x d) and the head (V x d + d), fp32.
     v, d = 300, 32
     assert summary["memory_overhead_bytes"] == 4 * (v * d + v * d + d)
+
+
+def test_checkpoint_run_in_a_reused_directory_rolls_back_to_its_own_checkpoints(small_run, tmp_path):
+    """Old higher-numbered checkpoints from an earlier run must not shadow (or prune) the new run's."""
+    trace = write_trace(tmp_path / "t.json", [{"iteration": 7, "stage": 1}])
+    cfg = small_run(strategy={"name": "checkpoint", "every": 5, "keep": 1}, failure={"name": "trace", "path": trace})
+    old = tmp_path / "run" / "checkpoints"
+    old.mkdir(parents=True)
+    (old / "ckpt_0000900.pt").write_bytes(b"not a checkpoint of this run")
+    summary = train(cfg, tmp_path / "run")
+    assert summary["status"] == "completed"
+    assert summary["lost_iterations"] == 1  # progress 6 -> back to 5
+    assert sorted(p.name for p in old.glob("*.pt")) == ["ckpt_0000005.pt"]

@@ -52,6 +52,11 @@ class CheckpointRollback(RecoveryStrategy):
         self.directory.mkdir(parents=True, exist_ok=True)
         for stale in self.directory.glob("*.tmp"):  # left by a run killed mid-save: never a checkpoint
             stale.unlink()
+        # A fresh run in a reused directory starts from progress 0: older checkpoints with higher numbers
+        # would otherwise look newer and prune this run's own. (A resumed run restores its latest
+        # checkpoint from the resume state after setup.)
+        for old in self.directory.glob("ckpt_*.pt"):
+            old.unlink()
         self.save(ctx)
 
     def after_step(self, ctx: RecoveryContext) -> StepOverhead:
