@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 
 class ConfigError(ValueError):
@@ -109,7 +110,33 @@ def section(cls: type, key: str, values: dict[str, Any] | None) -> Any:
     for name, value in values.items():
         if dataclasses.is_dataclass(hints[name]):
             values[name] = section(hints[name], f"{key}.{name}", value)
+        else:
+            _check_type(f"{key}.{name}", value, hints[name])
     return cls(**values)
+
+
+_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _check_type(key: str, value: Any, hint: Any) -> None:
+    """Hydra passes a mistyped override through as it parsed it (``trainer.iterations=abc`` is the string
+    'abc'): catch it here, in one sentence, before a comparison deep inside a check fails with a TypeError."""
+    union = isinstance(hint, types.UnionType)
+    options = [a for a in get_args(hint) if a is not type(None)] if union else [hint]
+    optional = union and len(options) < len(get_args(hint))
+    if value is None and optional:
+        return
+    for option in options:
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return
+        if option in (str, bool) and isinstance(value, option):
+            return
+        if option not in _KINDS:  # Any, list[...]: checked by the section's own validation
+            return
+    allowed = " or ".join(_KINDS[o] for o in options) + (" or null" if optional else "")
+    require(False, key, value, f"allowed is {allowed}")
 
 
 def validate_trainer(cfg: TrainerConfig) -> None:

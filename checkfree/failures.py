@@ -108,6 +108,13 @@ class FailureModel(Protocol):
         """
         ...
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the model has drawn or replayed so far (plain values), for an exact ``trainer.resume``."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ...
+
 
 def hourly_rate_to_rate(hourly_rate: float) -> float:
     """Poisson rate per second under which a stage fails within one hour with probability ``hourly_rate``."""
@@ -119,7 +126,17 @@ def per_iteration_probability(hourly_rate: float, iteration_seconds: float) -> f
     return 1.0 - (1.0 - hourly_rate) ** (iteration_seconds / 3600.0)
 
 
-class NoFailures:
+class Stateless:
+    """A model whose events depend only on its arguments has nothing to save for a resume."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class NoFailures(Stateless):
     def events(self, iteration: int, t_start: float, t_end: float) -> list[FailureEvent]:
         return []
 
@@ -149,8 +166,22 @@ class PoissonFailures:
             self._next[stage] = t
         return sorted(out, key=_by_time)
 
+    def state_dict(self) -> dict[str, Any]:
+        # The lazily drawn arrivals live in the generators' states: without them a resumed run would redraw.
+        return {"next": dict(self._next),
+                "rngs": {stage: rng.bit_generator.state for stage, rng in self._rngs.items()}}
 
-class BernoulliFailures:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state["rngs"]) != set(self._rngs):
+            raise ValueError(f"cannot resume: the saved Poisson model drew for stages "
+                             f"{sorted(state['rngs'])}, this one for {sorted(self._rngs)} "
+                             "(other failure.stages)")
+        for stage, rng_state in state["rngs"].items():
+            self._rngs[stage].bit_generator.state = rng_state
+        self._next = {int(s): float(t) for s, t in state["next"].items()}
+
+
+class BernoulliFailures(Stateless):
     """Each eligible stage fails with probability ``p`` in every iteration, independently."""
 
     def __init__(self, stages: Sequence[int], n_stages: int, p: float, seed: int) -> None:
@@ -183,6 +214,12 @@ class TraceFailures:
             lost[stage] = min(lost.get(stage, math.inf), t)
             self._next += 1
         return sorted((FailureEvent(s, iteration, t) for s, t in lost.items()), key=_by_time)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next": self._next}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._next = int(state["next"])
 
 
 def _by_time(event: FailureEvent) -> tuple[float, int]:

@@ -32,6 +32,8 @@ class StepResult:
     grad_norm_post: list[float]
     """Per-stage gradient L2 norm after clipping (the reference's CheckFree weights)."""
     tokens: int
+    stepped: bool = True
+    """False when the step was skipped because the loss or a gradient was non-finite (see ``train_step``)."""
 
 
 def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -83,8 +85,14 @@ class LocalPipeline:
         # The head and the loss run outside autocast, in fp32, as in the reference.
         return self.stages[-1].head(hidden.float() if self.autocast_dtype else hidden)
 
-    def train_step(self, micro_batches: list[torch.Tensor], schedule: Schedule) -> StepResult:
-        """One optimizer step over ``micro_batches`` (each ``[B, seq_len + 1]`` token ids)."""
+    def train_step(self, micro_batches: list[torch.Tensor], schedule: Schedule,
+                   skip_nonfinite: bool = False) -> StepResult:
+        """One optimizer step over ``micro_batches`` (each ``[B, seq_len + 1]`` token ids).
+
+        With ``skip_nonfinite`` no stage steps when the loss or any stage's gradient norm is non-finite
+        (``StepResult.stepped`` is False): one bad stage's NaN would otherwise reach every other stage's
+        weights through the backward pass and Adam's moments.
+        """
         for stage in self.stages:
             stage.train()
         for opt in self.optimizers:
@@ -98,9 +106,12 @@ class LocalPipeline:
             total += loss.item()
             tokens += targets.numel()
         pre, post = self.clip_stage_gradients()
+        loss = total / len(micro_batches)
+        if skip_nonfinite and not (math.isfinite(loss) and all(math.isfinite(n) for n in pre)):
+            return StepResult(loss, pre, post, tokens, stepped=False)
         for opt in self.optimizers:
             opt.step()
-        return StepResult(total / len(micro_batches), pre, post, tokens)
+        return StepResult(loss, pre, post, tokens)
 
     def clip_stage_gradients(self) -> tuple[list[float], list[float]]:
         """Clip every stage to ``clip`` on its own; return pre- and post-clip norms."""
@@ -140,6 +151,22 @@ class LocalPipeline:
 
     def stage_lrs(self) -> list[float]:
         return [opt.param_groups[0]["lr"] for opt in self.optimizers]
+
+    @torch.no_grad()
+    def first_nonfinite_output(self, input_ids: torch.Tensor, order: tuple[int, ...]) -> int | None:
+        """The first stage, in ``order``, whose output is non-finite (embedding counted as stage 0, head
+        as the last stage); None when every output is finite. A diagnosis for a non-finite loss, not a hot
+        path."""
+        with self._autocast():
+            hidden = self.stages[0].embed(input_ids.to(self.device))
+            if not torch.isfinite(hidden).all():
+                return 0
+            for index in order:
+                hidden = self.stages[index].body(hidden)
+                if not torch.isfinite(hidden).all():
+                    return index
+        logits = self.stages[-1].head(hidden.float() if self.autocast_dtype else hidden)
+        return None if torch.isfinite(logits).all() else self.n_stages - 1
 
     def nonfinite_stages(self) -> list[int]:
         """Stages whose weights contain a non-finite value (empty when all are finite)."""

@@ -4,12 +4,22 @@ Config flows one way: Hydra composes ``conf/`` -> ``load_run_config`` validates 
 dataclasses before any work starts -> ``Trainer`` builds each part once and runs. The run directory is
 Hydra's output directory (``hydra.run.dir``); it receives ``metrics.jsonl`` and ``summary.json``.
 
-A bad config exits with status 2 and one sentence; a failing run still leaves its files and exits 1.
-In a multirun sweep a failing point is logged and the sweep goes on to the next point.
+Exit status: 0 done; 2 a bad config (one sentence on stderr, nothing written: Hydra's own composition
+errors are rephrased the same way); 1 a run that failed (its metrics.jsonl and summary.json stay);
+128 + signal number when SIGINT/SIGTERM stopped it (summary.json says "interrupted"; with
+``trainer.save_every`` the run can go on with ``trainer.resume=<run dir>``).
+
+Multirun (``-m``): a failing point is logged (``config_error.txt`` for a bad config, else its own
+summary.json) and the sweep goes on; the sweep exits 0 once every point has run, and
+``python -m checkfree.analysis`` lists the missing and incomplete points. A sweep with a point Hydra cannot
+even compose (``strategy=checkfree,magic``: there is no conf/strategy/magic.yaml) is refused before any
+point runs, with status 2.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import signal
 import sys
 from pathlib import Path
@@ -17,6 +27,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from checkfree.config import ConfigError
 from checkfree.runconfig import load_run_config
@@ -25,9 +36,9 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def _raise_interrupted(signum: int, frame: object) -> None:
-    from checkfree.trainer import Interrupted
+    from checkfree.trainer import interrupted
 
-    raise Interrupted(f"signal {signum}")
+    raise interrupted(signum)  # carries signum: the exit status says which signal stopped the run
 
 
 def run_job(cfg: DictConfig) -> dict | None:
@@ -40,11 +51,9 @@ def run_job(cfg: DictConfig) -> dict | None:
     try:
         run = load_run_config(cfg)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        if multirun:
-            (run_dir / "config_error.txt").write_text(f"{exc}\n")
-            return None
-        sys.exit(2)
+        return _config_error(exc, run_dir, multirun)
+    except OmegaConfBaseException as exc:  # e.g. model.n_stages=${oops}: an interpolation that cannot resolve
+        return _config_error(ConfigError(_first_line(exc)), run_dir, multirun)
 
     signal.signal(signal.SIGTERM, _raise_interrupted)
     if run.engine.name == "distributed":
@@ -53,18 +62,32 @@ def run_job(cfg: DictConfig) -> dict | None:
         runner = distributed_train
     else:
         from checkfree.trainer import train as runner
+    # A resumed run goes on in its own directory (checkfree.trainer); Hydra's keeps only Hydra's files.
+    results = Path(run.trainer.resume) if run.trainer.resume else run_dir
     try:
         summary = runner(run, run_dir)
+    except ConfigError as exc:
+        # Raised while setting up, before the first iteration and before any result file is written: a
+        # malformed data file, a trace event out of range, a trainer.resume without a saved state.
+        return _config_error(exc, run_dir, multirun)
     except KeyboardInterrupt:
-        print(f"interrupted; partial results in {run_dir}", file=sys.stderr)
+        print(f"interrupted; partial results in {results}", file=sys.stderr)
         raise
     except Exception as exc:
-        print(f"run failed: {type(exc).__name__}: {exc}\nresults so far in {run_dir}", file=sys.stderr)
+        print(f"run failed: {type(exc).__name__}: {exc}\nresults so far in {results}", file=sys.stderr)
         if multirun:
             return None  # one bad sweep point never stops the others
         sys.exit(1)
     _print_summary(summary)
     return summary
+
+
+def _config_error(exc: ConfigError, run_dir: Path, multirun: bool) -> None:
+    print(f"config error: {exc}", file=sys.stderr)
+    if multirun:
+        (run_dir / "config_error.txt").write_text(f"{exc}\n")
+        return None  # the other points of the sweep still run
+    sys.exit(2)
 
 
 def _print_summary(summary: dict) -> None:
@@ -82,8 +105,78 @@ def _print_summary(summary: dict) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     run_job(cfg)
+
+
+def main() -> None:
+    """``python -m checkfree.train``: Hydra's own errors (an unknown group option, a key that is not in the
+    config, a malformed override) read like ours — one sentence, exit 2 — instead of Hydra's multi-line
+    report and exit 1; an interrupted run exits 128 + signal number without a traceback (its results and
+    summary are already written). ``HYDRA_FULL_ERROR=1`` still shows Hydra's full traceback."""
+    from hydra.errors import HydraException
+
+    wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then re-raises its exceptions instead of printing them
+    try:
+        hydra_main()
+    except KeyboardInterrupt as exc:
+        sys.exit(128 + getattr(exc, "signum", signal.SIGINT))
+    except (HydraException, OmegaConfBaseException) as exc:
+        if wants_traceback:
+            raise
+        print(f"config error: {_one_sentence(exc)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _one_sentence(exc: Exception, overrides: list[str] | None = None) -> str:
+    """Hydra's or OmegaConf's error as one sentence naming the key (or override), the value and what is
+    allowed; ``overrides`` (default: the command line) locate a malformed one."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    from checkfree.runconfig import SECTIONS
+
+    cause = exc.__cause__
+    if isinstance(exc, MissingConfigException) and "/" in (exc.missing_cfg_file or ""):
+        group, option = exc.missing_cfg_file.rsplit("/", 1)
+        return (f"{group}={option} is unknown (there is no conf/{group}/{option}.yaml); allowed: "
+                f"{', '.join(exc.options or [])}.")
+    if isinstance(cause, ConfigAttributeError | ConfigKeyError) and cause.full_key:
+        parent = cause.full_key.rpartition(".")[0]
+        cls = SECTIONS.get(parent)
+        if cls is not None:
+            known = sorted(f.name for f in dataclasses.fields(cls))
+        else:
+            known = [] if parent else ["seed", *SECTIONS]
+        where = f" of {parent}" if parent else ""
+        allowed = f"; allowed keys: {', '.join(known)}" if known else ""
+        return f"{cause.full_key} is not a known key{where}{allowed} (a new key needs a leading +)."
+    if isinstance(exc, OverrideParseException):
+        args = sys.argv[1:] if overrides is None else overrides
+        bad = next((arg for arg in args if "=" in arg and not arg.startswith("-") and _unparsable(arg)), None)
+        detail = str(exc).splitlines()[0] if str(exc) else "syntax error"
+        return (f"the override {bad or ' '.join(args)!r} is malformed ({detail}); "
+                "see Hydra's override grammar.")
+    return _first_line(exc)
+
+
+def _first_line(exc: Exception) -> str:
+    """OmegaConf appends 'full_key: ...' and 'object_type=...' lines; the key leads our sentence instead."""
+    key = getattr(exc, "full_key", None)
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0].strip().rstrip(".")
+    return f"{key} is invalid: {text}." if key else f"{text}."
+
+
+def _unparsable(override: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        OverridesParser.create().parse_override(override)
+    except HydraException:
+        return True
+    return False
 
 
 if __name__ == "__main__":

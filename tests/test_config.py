@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -86,12 +87,96 @@ BAD_INPUTS = [
     (["engine.replicas=0"], r"engine.replicas=0 "),
     (["strategy=none"], r"strategy.name='none' recovers nothing.*failure=none"),
     (["seed=-1"], r"seed=-1 "),
+    # What a new user types: wrong types, which Hydra passes through as it parsed them.
+    (["trainer.iterations=abc"], r"trainer.iterations='abc' is invalid: allowed is an integer\."),
+    (["trainer.iterations=2.5"], r"trainer.iterations=2.5 is invalid: allowed is an integer\."),
+    (["trainer.lr=fast"], r"trainer.lr='fast' is invalid: allowed is a number\."),
+    (["trainer.target_loss=low"], r"trainer.target_loss='low' is invalid: allowed is a number or null\."),
+    (["trainer.progress_bar=maybe"], r"trainer.progress_bar='maybe' is invalid: allowed is true or false\."),
+    (["failure.hourly_rate=often"], r"failure.hourly_rate='often' is invalid: allowed is a number\."),
+    (["model.n_stages=[4]"], r"model.n_stages=\[4\] is invalid: allowed is an integer\."),
+    # More values out of range, and names that do not exist.
+    (["data.name=wikipedia"], r"data.name='wikipedia' .*allowed corpora are synthetic"),
+    (["engine.name=warp"], r"engine.name='warp' .*local or distributed"),
+    (["failure=bernoulli", "failure.p=1.5"], r"failure.p=1.5 .*\[0, 1\)"),
+    (["failure=bernoulli", "failure.preset=500m_99"], r"failure.preset='500m_99' .*500m_33"),
+    (["failure.stages=edges"], r"failure.stages='edges' .*all, intermediate"),
+    (["failure.stages=[0,9]"], r"failure.stages=\[0, 9\] .*\[0, 5\]"),
+    (["model.n_heads=0"], r"model.n_heads=0 .*>= 1"),
+    (["model.seq_len=0"], r"model.seq_len=0 .*>= 1"),
+    (["trainer.micro_batch_size=0"], r"trainer.micro_batch_size=0 .*>= 1"),
+    (["trainer.eval_every=0"], r"trainer.eval_every=0 .*>= 1"),
+    (["trainer.save_every=-1"], r"trainer.save_every=-1 .*>= 0"),
+    (["trainer.on_nonfinite=ignore"], r"trainer.on_nonfinite='ignore' .*error or recover"),
+    (["trainer.device=tpu"], r"trainer.device='tpu' .*auto, cpu or cuda"),
+    (["trainer.precision=fp8"], r"trainer.precision='fp8' .*fp32 or bf16"),
+    (["trainer.clock_preset=llama_7b"], r"trainer.clock_preset='llama_7b' is unknown"),
+    (["strategy=checkpoint", "strategy.every=0"], r"strategy.every=0 .*>= 1"),
+    (["strategy.unrecoverable=pray"], r"strategy.unrecoverable='pray' .*'error' or 'reinit'"),
+    (["data.vocab_size=10"], r"data.vocab_size=10 .*at least 256"),
+    # Malformed trace files (written by the test from TRACE_FILES): the message names the file and the line
+    # (CSV, JSON syntax) or record (JSON list).
+    (["failure=trace", "failure.path={dir}/syntax.json"], r"failure.path=.*syntax.json is not valid JSON: .*line 3"),
+    (["failure=trace", "failure.path={dir}/record.json"], r"failure.path=.*record.json record 1 has stage=-1"),
+    (["failure=trace", "failure.path={dir}/both.json"], r"both.json record 0 has both 'iteration' and 'time_s'"),
+    (["failure=trace", "failure.path={dir}/range.json"], r"range.json record 0 has stage 9, which is out of range"),
+    (["failure=trace", "failure.path={dir}/notalist.json"], r"notalist.json must hold a JSON list"),
+    (["failure=trace", "failure.path={dir}/line.csv"], r"line.csv line 3 has iteration='soon', which is not an integer"),
+    (["failure=trace", "failure.path={dir}/header.csv"], r"header.csv line 1 has header 'stage,when'"),
+    (["failure=trace", "failure.path={dir}/trace.txt"], r"trace.txt is invalid: unknown extension '.txt'"),
 ]
+
+TRACE_FILES = {
+    "syntax.json": '[\n  {"iteration": 2, "stage": 1},\n  {"iteration": 3 "stage": 2}\n]\n',
+    "record.json": '[{"iteration": 2, "stage": 1}, {"iteration": 3, "stage": -1}]',
+    "both.json": '[{"iteration": 2, "time_s": 5.0, "stage": 1}]',
+    "range.json": '[{"iteration": 2, "stage": 9}]',
+    "notalist.json": '{"iteration": 2, "stage": 1}',
+    "line.csv": "stage,iteration\n1,2\n2,soon\n",
+    "header.csv": "stage,when\n1,2\n",
+    "trace.txt": "stage 1 at 2\n",
+}
+
+
+@pytest.fixture(scope="module")
+def trace_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("traces")
+    for name, text in TRACE_FILES.items():
+        (d / name).write_text(text)
+    return d
 
 
 @pytest.mark.parametrize("overrides,message", BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
-def test_bad_input_gives_one_clear_sentence(overrides, message):
+def test_bad_input_gives_one_clear_sentence(overrides, message, trace_dir):
     with pytest.raises(ConfigError, match=message) as info:
-        load_run_config(composed(*overrides))
+        load_run_config(composed(*(o.replace("{dir}", str(trace_dir)) for o in overrides)))
     text = str(info.value)
+    assert text.endswith(".") and "\n" not in text
+
+
+# Errors Hydra raises itself, before our validation sees the config; `python -m checkfree.train` turns them
+# into one sentence (and exit status 2) with checkfree.train._one_sentence.
+HYDRA_BAD_INPUTS = [
+    (["strategy=magic"], r"^strategy=magic is unknown \(there is no conf/strategy/magic.yaml\); allowed: checkfree, "),
+    (["model=llama_7b"], r"^model=llama_7b is unknown .*allowed: cpu_small, "),
+    (["+experiment=nope"], r"^experiment=nope is unknown .*allowed: "),
+    (["trainer.iteratons=5"], r"^trainer.iteratons is not a known key of trainer; allowed keys: .*iterations.*leading \+"),
+    (["strategy.lr_scal=2"], r"^strategy.lr_scal is not a known key of strategy; allowed keys: .*lr_scale"),
+    (["seeed=1"], r"^seeed is not a known key; allowed keys: seed, model, "),
+    (["trainer.iterations=[1,"], r"^the override 'trainer.iterations=\[1,' is malformed \("),
+    (["model.n_stages=${oops}"], r"^model.n_stages is invalid: Interpolation key 'oops' not found\.$"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", HYDRA_BAD_INPUTS, ids=[" ".join(o) for o, _ in HYDRA_BAD_INPUTS])
+def test_hydra_errors_become_one_clear_sentence(overrides, message):
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from checkfree.train import _one_sentence
+
+    with pytest.raises((HydraException, OmegaConfBaseException)) as info:
+        load_run_config(composed(*overrides))  # an interpolation only fails when the config is resolved
+    text = _one_sentence(info.value, overrides)
+    assert re.search(message, text), text
     assert text.endswith(".") and "\n" not in text

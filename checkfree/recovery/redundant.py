@@ -142,3 +142,17 @@ class RedundantComputation(RecoveryStrategy):
     def memory_overhead_bytes(self) -> int:
         """All shadows (weights + optimizer state): about one more model + optimizer, i.e. 2x in total."""
         return sum(shadow.nbytes() for shadow in self.shadows)
+
+    def state_dict(self) -> dict:
+        # The shadows are this strategy's whole state (what a resumed run must restore from, bit for bit).
+        return {"shadows": [{"weights": s.weights, "optimizer": s.optimizer, "param_groups": s.param_groups}
+                            for s in self.shadows]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shadows = []
+        for saved in state["shadows"]:
+            shadow = Shadow()
+            shadow.weights = dict(saved["weights"])
+            shadow.optimizer = {int(i): dict(slots) for i, slots in saved["optimizer"].items()}
+            shadow.param_groups = copy.deepcopy(saved["param_groups"])
+            self.shadows.append(shadow)

@@ -1,0 +1,124 @@
+"""Resumable run state: what ``trainer.save_every`` writes and ``trainer.resume=DIR`` reads back.
+
+The state lives in ``<run_dir>/resume/state.pt`` (one ``torch.save`` of plain values and tensors, so it
+loads with ``weights_only=True``). It is written to a temporary file that is then renamed over the old
+one: a kill during a save leaves the previous state whole, never a torn one. The trainer saves only at
+iteration boundaries, where nothing is half-updated (see ``Trainer.save_state``).
+
+A resumed run continues in the *same* run directory: ``metrics.jsonl`` is cut back to the saved
+iteration (lines written after the save are dropped, and so is a torn last line) and then appended to, so
+the file ends up with exactly one record per iteration, as if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from checkfree.config import ConfigError
+
+STATE_DIR, STATE_FILE = "resume", "state.pt"
+FORMAT = 1
+"""Bumped whenever the layout of the state changes, so an old file is refused with a clear sentence."""
+
+# Keys that may differ between the interrupted run and its continuation: they decide how long to go on,
+# how to report and where to save, never what an iteration computes. Anything else must match, or the
+# continued run would silently be a different experiment.
+MAY_CHANGE = ("trainer.iterations", "trainer.resume", "trainer.save_every", "trainer.progress_bar",
+              "trainer.sim_time_budget_s", "trainer.on_nonfinite", "trainer.device", "data.cache_dir",
+              "logger.")
+
+
+def state_path(run_dir: Path | str) -> Path:
+    return Path(run_dir) / STATE_DIR / STATE_FILE
+
+
+def save_state(run_dir: Path | str, state: dict[str, Any]) -> Path:
+    """Write ``state`` atomically (tmp file, fsync, rename); return its path."""
+    path = state_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save({"format": FORMAT, **state}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_state(run_dir: Path | str) -> dict[str, Any]:
+    """The saved state of the run in ``run_dir``; a ConfigError naming ``trainer.resume`` if there is none."""
+    run_dir = Path(run_dir)
+    path = state_path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"trainer.resume={str(run_dir)!r} is invalid: no such directory; give the run "
+                          "directory of the run to continue.")
+    if not path.is_file():
+        raise ConfigError(f"trainer.resume={str(run_dir)!r} is invalid: it holds no "
+                          f"{STATE_DIR}/{STATE_FILE}, so the run saved no resumable state (start runs with "
+                          "trainer.save_every=N > 0).")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated by a full disk, or not ours: say which file, not a pickle traceback
+        raise ConfigError(f"trainer.resume={str(run_dir)!r} is invalid: {path} could not be read "
+                          f"({type(exc).__name__}: {exc}).") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else None
+        raise ConfigError(f"trainer.resume={str(run_dir)!r} is invalid: {path} has format {found!r}, "
+                          f"this version reads format {FORMAT}.")
+    return state
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def check_same_config(saved: dict[str, Any], current: dict[str, Any], run_dir: Path | str) -> None:
+    """Refuse to continue a run under a config that would compute something else (one sentence)."""
+    old, new = _flatten(saved), _flatten(current)
+    for key in sorted(set(old) | set(new)):
+        if key.startswith(MAY_CHANGE) or old.get(key) == new.get(key):
+            continue
+        hint = ""
+        overrides = Path(run_dir) / ".hydra" / "overrides.yaml"
+        if overrides.is_file():
+            hint = f" (its command-line overrides are in {overrides})"
+        raise ConfigError(
+            f"trainer.resume={str(run_dir)!r} is invalid with {key}={new.get(key)!r}: the saved run has "
+            f"{key}={old.get(key)!r}; resume with the run's own config{hint}, changing only "
+            f"{', '.join(k.rstrip('.') + ('*' if k.endswith('.') else '') for k in MAY_CHANGE)}."
+        )
+
+
+def truncate_metrics(path: Path, iteration: int) -> int:
+    """Keep the first record of each iteration ``<= iteration`` (dropping torn or later lines); return how
+    many records remain. Rewritten atomically, so a kill here leaves either the old or the new file."""
+    if not path.is_file():
+        return 0
+    kept, seen = [], set()
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a torn line from a kill: the resumed run rewrites that iteration
+        it = record.get("iteration") if isinstance(record, dict) else None
+        if isinstance(it, int) and it <= iteration and it not in seen:
+            seen.add(it)
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(kept)

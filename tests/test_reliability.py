@@ -1,0 +1,430 @@
+"""Reliability (issue 6): resume, numeric guards, signals, bad input on the real CLI, multirun, short soak.
+
+In-process runs use one torch thread: on a small shared machine two intra-op threads fighting for the
+cores make these tiny models an order of magnitude slower. Subprocesses get OMP_NUM_THREADS=1 likewise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkfree.config import ConfigError
+from checkfree.runconfig import load_run_config
+from checkfree.runlog import read_metrics
+from checkfree.trainer import NonFiniteError, Trainer
+
+from .conftest import small_run_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+NONDETERMINISTIC = {"wall_time_s", "throughput_tok_s"}
+NONDETERMINISTIC_SUMMARY = {"run_dir", "total_wall_time_s", "resume_state", "resumed_at_iterations", "config",
+                            "resumable_from_iteration"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def load_soak():
+    spec = importlib.util.spec_from_file_location("soak", ROOT / "benchmarks" / "soak.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def strip(records: list[dict]) -> list[dict]:
+    out = []
+    for r in records:
+        r = {k: v for k, v in r.items() if k not in NONDETERMINISTIC}
+        r["recoveries"] = [{k: v for k, v in x.items() if k != "wall_s"} for x in r.get("recoveries", [])]
+        out.append(r)
+    return out
+
+
+def strict_metrics(path: Path) -> list[dict]:
+    """Every line must parse: read_metrics would skip a torn one silently."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def weights(trainer: Trainer) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.clone() for k, v in stage.state_dict().items()} for stage in trainer.pipeline.stages]
+
+
+def same_weights(a: list[dict], b: list[dict]) -> bool:
+    return all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+
+
+class StopAt(Trainer):
+    """Raises KeyboardInterrupt (as Ctrl-C would) inside iteration ``stop_at``, just before its step."""
+
+    stop_at = 0
+
+    def before_step(self, iteration: int, batches: list[torch.Tensor]) -> None:
+        if iteration == self.stop_at:
+            raise KeyboardInterrupt
+
+
+class Poison(Trainer):
+    """Writes a NaN into one weight of stage ``stage`` just before the step of iteration ``at``."""
+
+    at, stage = 0, 0
+
+    def before_step(self, iteration: int, batches: list[torch.Tensor]) -> None:
+        if iteration == self.at:
+            with torch.no_grad():
+                next(self.pipeline.stages[self.stage].layers.parameters()).view(-1)[0] = float("nan")
+
+
+def trace(tmp_path: Path, events: list[dict]) -> str:
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(events))
+    return str(path)
+
+
+# --- resume ----------------------------------------------------------------------------------------------
+
+RESUME_CASES = {
+    # CheckFree+ with an edge loss before the stop (copy + stale replica) and a body loss after it.
+    "checkfree_plus-trace": dict(strategy={"name": "checkfree_plus", "replica_sync_every": 3},
+                                 failure=[{"iteration": 3, "stage": 0}, {"iteration": 9, "stage": 2}],
+                                 save_every=1, stop_at=8),
+    # Poisson failures drawn lazily from numpy generators: their state must travel with the resume.
+    "checkfree_plus-poisson": dict(strategy={"name": "checkfree_plus", "unrecoverable": "reinit"},
+                                   failure={"name": "poisson", "hourly_rate": 0.999}, save_every=1, stop_at=8),
+    # Rollback after the resume to a checkpoint that the interrupted run had already pruned (keep=1), and a
+    # state saved every 5 iterations: the metrics of iterations 6-9 are dropped and redone.
+    "checkpoint-trace": dict(strategy={"name": "checkpoint", "every": 3, "keep": 1},
+                             failure=[{"iteration": 4, "stage": 1}, {"iteration": 6, "stage": 2}],
+                             save_every=5, stop_at=10),
+    # Shadows (weights and Adam state) restored exactly after the resume.
+    "redundant-trace": dict(strategy={"name": "redundant"},
+                            failure=[{"iteration": 2, "stage": 1}, {"iteration": 9, "stage": 3}],
+                            save_every=1, stop_at=8),
+}
+
+
+def _resume_cfg(data_cache: str, tmp_path: Path, case: dict, **trainer) -> object:
+    failure = case["failure"]
+    if isinstance(failure, list):
+        failure = {"name": "trace", "path": trace(tmp_path, failure)}
+    return load_run_config(small_run_dict(data_cache, strategy=case["strategy"], failure=failure,
+                                          trainer={"iterations": 12, "save_every": case["save_every"], **trainer}))
+
+
+@pytest.mark.parametrize("name", list(RESUME_CASES))
+def test_resume_after_interruption_gives_the_uninterrupted_run(name, data_cache, tmp_path):
+    case = RESUME_CASES[name]
+    full = Trainer(_resume_cfg(data_cache, tmp_path, case), tmp_path / "full")
+    full.run()
+
+    stopped = type("Stop", (StopAt,), {"stop_at": case["stop_at"]})(_resume_cfg(data_cache, tmp_path, case),
+                                                                       tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        stopped.run()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    saved = (case["stop_at"] - 1) // case["save_every"] * case["save_every"]
+    assert summary["status"] == "interrupted" and summary["resumable_from_iteration"] == saved
+    assert [r["iteration"] for r in strict_metrics(tmp_path / "run" / "metrics.jsonl")] == list(range(case["stop_at"]))
+
+    # The Hydra dir of the resuming job is ignored: the run goes on in its own directory.
+    resumed = Trainer(_resume_cfg(data_cache, tmp_path, case, resume=str(tmp_path / "run")), tmp_path / "elsewhere")
+    after = resumed.run()
+    assert not (tmp_path / "elsewhere").exists()
+    a, b = strict_metrics(tmp_path / "full" / "metrics.jsonl"), strict_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["iteration"] for r in b] == list(range(13))  # one record per iteration, none twice
+    assert strip(a) == strip(b)
+    assert same_weights(weights(full), weights(resumed))
+    before = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert {k: v for k, v in before.items() if k not in NONDETERMINISTIC_SUMMARY} == \
+        {k: v for k, v in after.items() if k not in NONDETERMINISTIC_SUMMARY}
+    assert after["status"] == "completed" and after["resumed_at_iterations"] == [saved]
+    assert any(f["iteration"] > saved for f in before["failures"]), "the case must lose a stage after the resume"
+    if name.startswith("checkpoint"):
+        assert before["lost_iterations"] > 0
+
+
+def test_a_finished_run_trains_on_with_more_iterations(data_cache, tmp_path):
+    """`trainer.iterations=7`, then `trainer.iterations=12 trainer.resume=DIR` = 12 iterations in one go
+    (except that the short run validated at its last iteration, 7)."""
+    case = RESUME_CASES["checkfree_plus-trace"]
+    full = Trainer(_resume_cfg(data_cache, tmp_path, case), tmp_path / "full")
+    full.run()
+    Trainer(_resume_cfg(data_cache, tmp_path, case, iterations=7), tmp_path / "run").run()
+    more = Trainer(_resume_cfg(data_cache, tmp_path, case, resume=str(tmp_path / "run")), tmp_path / "x")
+    more.run()
+    a, b = strip(read_metrics(tmp_path / "full" / "metrics.jsonl")), strip(read_metrics(tmp_path / "run" / "metrics.jsonl"))
+    assert "val_loss" in b[7] and "val_loss" not in a[7]
+    del b[7]["val_loss"]
+    assert a == b and same_weights(weights(full), weights(more))
+
+
+def test_resume_refuses_a_missing_state_or_a_changed_config(data_cache, tmp_path):
+    from checkfree.trainer import train
+
+    with pytest.raises(ConfigError, match=r"trainer.resume='.*nowhere' is invalid: no such directory"):
+        train(load_run_config(small_run_dict(data_cache, trainer={"resume": str(tmp_path / "nowhere")})), tmp_path / "a")
+    train(load_run_config(small_run_dict(data_cache, trainer={"iterations": 2})), tmp_path / "nosave")
+    with pytest.raises(ConfigError, match=r"holds no resume/state.pt.*trainer.save_every"):
+        train(load_run_config(small_run_dict(data_cache, trainer={"resume": str(tmp_path / "nosave")})), tmp_path / "b")
+    train(load_run_config(small_run_dict(data_cache, trainer={"iterations": 2, "save_every": 1})), tmp_path / "saved")
+    metrics = (tmp_path / "saved" / "metrics.jsonl").read_bytes()
+    changed = small_run_dict(data_cache, trainer={"resume": str(tmp_path / "saved"), "lr": 1e-3})
+    with pytest.raises(ConfigError, match=r"trainer.lr=0.001: the saved run has trainer.lr=0.003"):
+        train(load_run_config(changed), tmp_path / "c")
+    fewer = small_run_dict(data_cache, trainer={"resume": str(tmp_path / "saved"), "iterations": 1})
+    with pytest.raises(ConfigError, match=r"trainer.iterations=1 .*already at iteration 2"):
+        train(load_run_config(fewer), tmp_path / "d")
+    # Refused before any work: the saved run's files are untouched, and no other directory was made.
+    assert (tmp_path / "saved" / "metrics.jsonl").read_bytes() == metrics
+    assert not any((tmp_path / d).exists() for d in "abcd")
+    # A fresh run reusing the directory drops the old state: it must never be resumed under new metrics.
+    train(load_run_config(small_run_dict(data_cache, trainer={"iterations": 1})), tmp_path / "saved")
+    with pytest.raises(ConfigError, match=r"holds no resume/state.pt"):
+        train(load_run_config(small_run_dict(data_cache, trainer={"resume": str(tmp_path / "saved")})), tmp_path / "e")
+
+
+def test_truncate_metrics_keeps_one_whole_record_per_saved_iteration(tmp_path):
+    from checkfree.resume import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"iteration": i}) for i in (0, 1, 2, 3, 2, 3, 4)] + ['{"iteration": 5, "tra']
+    path.write_text("\n".join(lines))
+    assert truncate_metrics(path, 3) == 4
+    assert [r["iteration"] for r in strict_metrics(path)] == [0, 1, 2, 3]
+
+
+# --- numeric guards --------------------------------------------------------------------------------------
+
+def test_a_nan_weight_stops_the_run_naming_iteration_and_stage(small_run, tmp_path):
+    trainer = type("P", (Poison,), {"at": 5, "stage": 2})(small_run(trainer={"iterations": 8}), tmp_path / "run")
+    with pytest.raises(NonFiniteError, match=r"iteration 5 .*stage\(s\) \[2\] \(non-finite weights\).*skipped"):
+        trainer.run()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "error" and "iteration 5" in summary["error"] and "[2]" in summary["error"]
+    assert [r["iteration"] for r in strict_metrics(tmp_path / "run" / "metrics.jsonl")] == [0, 1, 2, 3, 4]
+    # The step was skipped: the NaN stayed in stage 2 and reached no other stage.
+    assert trainer.pipeline.nonfinite_stages() == [2]
+
+
+def test_on_nonfinite_recover_rebuilds_the_stage_from_its_neighbours(small_run, tmp_path):
+    cfg = small_run(trainer={"iterations": 8, "on_nonfinite": "recover"})
+    trainer = type("P", (Poison,), {"at": 5, "stage": 2})(cfg, tmp_path / "run")
+    summary = trainer.run()
+    records = strict_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert records[5]["step_skipped"] is True and records[5]["nonfinite_stages"] == [2]
+    assert records[5]["progress"] == 4  # the skipped step is not progress
+    [rec] = records[6]["recoveries"]
+    assert records[6]["failed_stages"] == [2] and (rec["method"], rec["sources"]) == ("average", [1, 3])
+    assert summary["status"] == "completed" and summary["n_failures"] == summary["n_recoveries"] == 1
+    assert summary["failures"] == [{"iteration": 6, "stage": 2, "time_s": records[5]["sim_time_s"], "cause": "nonfinite"}]
+    assert all(math.isfinite(r["train_loss"]) for r in records[6:]) and math.isfinite(summary["final_val_loss"])
+    assert trainer.pipeline.nonfinite_stages() == []
+
+
+def test_a_nonfinite_loss_with_finite_weights_names_the_stage_it_came_from(small_run, tmp_path):
+    class Overflow(Trainer):
+        """Stage 1 outputs inf at iteration 3 (its weights stay finite): an activation overflow."""
+
+        def before_step(self, iteration, batches):
+            body = self.pipeline.stages[1].body
+            self.pipeline.stages[1].body = (lambda h: body(h) * float("inf")) if iteration == 3 else body
+
+    with pytest.raises(NonFiniteError, match=r"iteration 3 .*stage\(s\) \[1\] \(the first non-finite output"):
+        Overflow(small_run(), tmp_path / "run").run()
+
+
+def test_skip_nonfinite_leaves_every_stage_untouched(tiny_stages):
+    from checkfree.pipeline import LocalPipeline
+    from checkfree.schedule import InOrder
+
+    from .conftest import random_batches
+
+    pipeline = LocalPipeline(tiny_stages, lr=1e-2)
+    with torch.no_grad():
+        next(tiny_stages[1].layers.parameters()).view(-1)[0] = float("inf")
+    before = [{k: v.clone() for k, v in s.state_dict().items()} for s in tiny_stages]
+    result = pipeline.train_step(random_batches(2, 2, 32, 64, 0), InOrder(4), skip_nonfinite=True)
+    assert not result.stepped and not math.isfinite(result.loss)
+    after = [{k: v.clone() for k, v in s.state_dict().items()} for s in tiny_stages]
+    assert all(torch.equal(b[k], a[k]) for b, a in zip(before, after) for k in b)  # inf == inf: no NaN anywhere
+    assert all(not opt.state for opt in pipeline.optimizers)  # Adam never saw the NaN gradients
+
+
+# --- the real CLI: signals, bad input, multirun ------------------------------------------------------------
+
+def tiny_overrides(cache: str) -> list[str]:
+    """The conftest small run as Hydra overrides (the defaults: clock_preset=llama_500m, geo network)."""
+    return ["model=tiny", "data.n_documents=600", "data.val_documents=60", "data.val_sequences=8",
+            "data.vocab_size=300", f"data.cache_dir={cache}", "trainer.micro_batches=2", "trainer.micro_batch_size=4",
+            "trainer.eval_every=4", "trainer.progress_bar=false", "logger.wandb.mode=disabled", "strategy=checkfree",
+            "failure=none"]
+
+
+def cli(*args: str, sweep: bool = False) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    command = [sys.executable, "-m", "checkfree.train", *(["-m"] if sweep else []), *args]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]:
+    """Wait for ``proc``; a hang kills it and fails the test (no process outlives its test)."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"{proc.args} hung for {timeout} s")
+    return proc.returncode, out, err
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_bytes().splitlines()) if path.exists() else 0
+
+
+def test_sigint_and_sigterm_leave_whole_metrics_and_an_interrupted_summary(data_cache, tmp_path):
+    rng = random.Random(os.getpid())
+    # (signal, how many): a second signal stops at once instead of letting the iteration finish.
+    cases = [(signal.SIGINT, 1), (signal.SIGTERM, 1), (signal.SIGTERM, 2)]
+    procs = []
+    try:
+        for sig, n in cases:  # all at once: most of each run is the interpreter starting
+            run_dir = tmp_path / f"{sig.name}-{n}"
+            procs.append((cli(*tiny_overrides(data_cache), "trainer.iterations=100000", "trainer.save_every=1000",
+                              f"hydra.run.dir={run_dir}"), run_dir))
+        for (sig, n), (proc, run_dir) in zip(cases, procs):
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and _lines(run_dir / "metrics.jsonl") < 2:
+                assert time.monotonic() < deadline, "training never started"
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.5))  # anywhere: mid-step, mid-eval, mid-write
+            for _ in range(n):
+                proc.send_signal(sig)
+                time.sleep(0.01)
+        results = [finish(proc, timeout=60) for proc, _ in procs]
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    for (sig, n), (_, run_dir), (rc, _, err) in zip(cases, procs, results):
+        assert rc == 128 + sig, err[-2000:]
+        assert "Traceback" not in err
+        records = strict_metrics(run_dir / "metrics.jsonl")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "interrupted", summary["error"]
+        assert [r["iteration"] for r in records] == list(range(len(records)))
+        if n == 1:
+            # The signal let the iteration under way finish and saved there (save_every > 0): nothing lost.
+            assert summary["resumable_from_iteration"] == records[-1]["iteration"] >= 1
+
+    run_dir = procs[1][1]
+    last = json.loads((run_dir / "summary.json").read_text())["resumable_from_iteration"]
+    proc = cli(*tiny_overrides(data_cache), f"trainer.iterations={last + 2}", "trainer.save_every=1000",
+               f"trainer.resume={run_dir}", f"hydra.run.dir={tmp_path / 'hydra-of-the-resume'}")
+    rc, out, err = finish(proc)
+    assert rc == 0, err[-2000:]
+    assert [r["iteration"] for r in strict_metrics(run_dir / "metrics.jsonl")] == list(range(last + 3))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["resumed_at_iterations"] == [last]
+
+
+def _bad_corpus(tmp: Path) -> str:
+    path = tmp / "corpus.jsonl"
+    good = "\n".join(json.dumps({"text": f"story number {i} about a cat."}) for i in range(5))
+    path.write_text(good + '\n{"text": "a torn record\n')
+    return str(path)
+
+
+# (name, overrides, stderr pattern): one case per layer that can refuse a run — Hydra's composition, the
+# config validation, and the set-up (data is only read there). The whole table of messages is checked
+# in-process, much faster, in tests/test_config.py.
+CLI_BAD_INPUTS = [
+    ("unknown group option", lambda tmp: ["strategy=magic"],
+     r"strategy=magic is unknown .*allowed: checkfree, checkfree_plus"),
+    ("wrong type", lambda tmp: ["trainer.iterations=abc"], r"trainer.iterations='abc' is invalid: allowed is an integer"),
+    ("malformed data", lambda tmp: ["data=local_json", f"data.path={_bad_corpus(tmp)}", "data.n_documents=0",
+                                    "data.val_documents=1"],
+     r"data.path=.*corpus.jsonl:6 could not be read as json"),
+]
+
+
+def test_bad_input_on_the_command_line_exits_2_with_one_sentence_and_writes_nothing(data_cache, tmp_path):
+    procs = []
+    for i, (_, make, _) in enumerate(CLI_BAD_INPUTS):
+        case_dir = tmp_path / f"case{i}"
+        case_dir.mkdir()
+        args = [*tiny_overrides(data_cache), *make(case_dir), f"hydra.run.dir={case_dir / 'run'}"]
+        procs.append(cli(*args))  # all at once: most of each is the interpreter starting
+    for i, ((name, _, pattern), proc) in enumerate(zip(CLI_BAD_INPUTS, procs)):
+        rc, _, err = finish(proc)
+        assert rc == 2, f"{name}: exit {rc}: {err[-1500:]}"
+        lines = [line for line in err.splitlines() if line.strip()]
+        if name == "malformed data":
+            # `datasets` prints its own progress bar and parse error before ours: keep only our line.
+            lines = [line for line in lines if "config error" in line]
+        assert len(lines) == 1 and lines[0].startswith("config error: ") and lines[0].endswith("."), f"{name}: {err}"
+        assert re.search(pattern, lines[0]), f"{name}: {lines[0]}"
+        run_dir = tmp_path / f"case{i}" / "run"
+        assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "summary.json").exists(), name
+
+
+def test_a_failing_sweep_point_does_not_stop_the_others_and_analysis_reports_it(data_cache, tmp_path):
+    from checkfree import analysis
+
+    stage0 = trace(tmp_path, [{"iteration": 2, "stage": 0}])
+    sweep = tmp_path / "sweep"
+    # Point 0 completes (CheckFree+ copies stage 0 back), point 1 is not a strategy (config error: a missing
+    # point), point 2 fails mid-run (plain CheckFree cannot rebuild stage 0).
+    proc = cli(*tiny_overrides(data_cache), "trainer.iterations=4", "strategy=checkfree_plus", "failure=trace",
+               f"failure.path={stage0}", "strategy.name=checkfree_plus,magic,checkfree", f"hydra.sweep.dir={sweep}",
+               sweep=True)
+    rc, out, err = finish(proc, timeout=180)
+    assert rc == 0, err[-2000:]
+    assert json.loads((sweep / "0" / "summary.json").read_text())["status"] == "completed"
+    assert "strategy.name='magic' is unknown" in (sweep / "1" / "config_error.txt").read_text()
+    assert not (sweep / "1" / "metrics.jsonl").exists()
+    failed = json.loads((sweep / "2" / "summary.json").read_text())
+    assert failed["status"] == "error" and "stage 0" in failed["error"]
+    assert [r["iteration"] for r in strict_metrics(sweep / "2" / "metrics.jsonl")] == [0, 1]
+
+    assert analysis.main([str(sweep), "--out", str(tmp_path / "analysis")]) == 0
+    report = (tmp_path / "analysis" / "comparison.md").read_text()
+    assert "## Missing points (1)" in report and "magic" in report and str(sweep / "1") in report
+    assert "Incomplete runs" in report and str(sweep / "2") in report
+
+
+# --- short soak ------------------------------------------------------------------------------------------
+
+def test_short_soak_every_strategy_survives_a_brutal_failure_rate(data_cache, tmp_path):
+    """The soak of benchmarks/soak.py on the tiny model: 40 iterations at p=0.15 per stage per iteration
+    on every stage (edges included), so each strategy meets simultaneous and adjacent losses."""
+    from checkfree.trainer import train
+
+    soak = load_soak()
+    for strategy in soak.STRATEGIES:
+        cfg = load_run_config(small_run_dict(
+            data_cache, strategy={"name": strategy, **soak.STRATEGY_OVERRIDES[strategy], "every": 4},
+            failure={"name": "bernoulli", "p": 0.15, "stages": "all"},
+            trainer={"iterations": 40, "eval_every": 20}))
+        train(cfg, tmp_path / strategy)
+        figures = soak.check_run(tmp_path / strategy, 40)
+        assert figures["failures"] >= 15 and figures["simultaneous"] >= 2 and figures["adjacent"] >= 1, figures
+        assert min(figures["per_stage"].get(k, 0) for k in range(4)) >= 2, figures
