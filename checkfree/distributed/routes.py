@@ -1,0 +1,111 @@
+"""Which stage does what, in which order: micro-batch routes and per-stage programs.
+
+A micro-batch's *route* is the chain of ops the local engine runs in one process: the embedding (stage 0),
+every stage's body in the schedule's order, the head (stage S-1). Consecutive ops on the same stage form a
+*visit*: its input arrives from the previous visit's stage (or is the token ids), its output goes to the
+next visit's stage (or into the loss). In order, stage ``k`` has one visit per micro-batch; under
+CheckFree+'s swapped order (1, 0, 2, ..., S-1, S-2) stage 0 visits twice (embedding, then its body after
+stage 1) and so does stage S-1 (its body, then the head after stage S-2).
+
+A stage's *program* is its visits' forward and backward passes in execution order. Every program
+follows one global order of all passes (GPipe: forwards by (micro-batch, position), then backwards by
+(micro-batch, reverse position); 1F1B: the classic warm-up / one-forward-one-backward / cool-down), every
+pass needs only passes earlier in that order, and sends never block: so no schedule can deadlock.
+Backwards run in ascending micro-batch order, as the local engine accumulates them, which keeps the
+gradients bit-for-bit equal to the local engine's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from checkfree.schedule import Schedule
+
+
+@dataclass(frozen=True)
+class Visit:
+    """One stage's contiguous part of a micro-batch's route."""
+
+    stage: int
+    ops: tuple[str, ...]
+    """'embed' | 'body' | 'head', in order."""
+    position: int
+    """Index of this visit in the route."""
+    prev: int | None
+    """Stage whose output is this visit's input; None: the input is the token ids."""
+    next: int | None
+    """Stage that consumes this visit's output; None: the output is the logits and the loss is taken here."""
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One forward or backward pass of a visit for one micro-batch."""
+
+    backward: bool
+    micro_batch: int
+    visit: Visit
+
+
+def route(order: tuple[int, ...], n_stages: int) -> list[Visit]:
+    """The visits of a micro-batch whose bodies run in ``order`` (embedding first, head last)."""
+    hops = [(0, "embed"), *((k, "body") for k in order), (n_stages - 1, "head")]
+    groups: list[tuple[int, list[str]]] = []
+    for stage, op in hops:
+        if groups and groups[-1][0] == stage:
+            groups[-1][1].append(op)
+        else:
+            groups.append((stage, [op]))
+    return [
+        Visit(stage, tuple(ops), i, groups[i - 1][0] if i > 0 else None,
+              groups[i + 1][0] if i + 1 < len(groups) else None)
+        for i, (stage, ops) in enumerate(groups)
+    ]
+
+
+def replica_micro_batches(n_micro_batches: int, replicas: int, replica: int) -> list[int]:
+    """Data parallelism: replica ``r`` runs the micro-batches ``m`` with ``m % W == r`` (global indices, so
+    the schedule's odd/even swap and the loss scale 1/M are exactly the local engine's)."""
+    return [m for m in range(n_micro_batches) if m % replicas == replica]
+
+
+def gpipe_program(stage: int, schedule: Schedule, micro_batches: list[int]) -> list[Pass]:
+    """All forwards (micro-batch by micro-batch), then all backwards in the same micro-batch order."""
+    n = schedule.n_stages
+    forwards = [Pass(False, m, v) for m in micro_batches for v in route(schedule.order(m), n) if v.stage == stage]
+    backwards = [Pass(True, m, v) for m in micro_batches
+                 for v in reversed(route(schedule.order(m), n)) if v.stage == stage]
+    return forwards + backwards
+
+
+def one_f_one_b_program(stage: int, schedule: Schedule, micro_batches: list[int]) -> list[Pass]:
+    """1F1B: ``S - 1 - k`` warm-up forwards, then one forward / one backward, then the remaining backwards.
+
+    Needs one visit per stage and micro-batch, i.e. the in-order schedule.
+    """
+    n = schedule.n_stages
+    visits = {m: [v for v in route(schedule.order(m), n) if v.stage == stage] for m in micro_batches}
+    if any(len(v) != 1 for v in visits.values()):
+        raise ValueError("1F1B needs every stage to visit each micro-batch once (the in-order schedule); "
+                         "out-of-order pipelining runs GPipe.")
+    warmup = min(n - 1 - stage, len(micro_batches))
+    program = [Pass(False, m, visits[m][0]) for m in micro_batches[:warmup]]
+    pending = list(micro_batches[:warmup])
+    for m in micro_batches[warmup:]:
+        program.append(Pass(False, m, visits[m][0]))
+        pending.append(m)
+        oldest = pending.pop(0)
+        program.append(Pass(True, oldest, visits[oldest][0]))
+    program += [Pass(True, m, visits[m][0]) for m in pending]
+    return program
+
+
+def stage_program(stage: int, schedule: Schedule, micro_batches: list[int], pipeline: str) -> list[Pass]:
+    """The program for ``pipeline`` ('gpipe' or '1f1b'); out-of-order schedules always run GPipe."""
+    if pipeline == "1f1b" and schedule.name == "in_order":
+        return one_f_one_b_program(stage, schedule, micro_batches)
+    return gpipe_program(stage, schedule, micro_batches)
+
+
+def message_tag(micro_batch: int, position: int, backward: bool, n_stages: int) -> int:
+    """A tag unique to one activation or gradient message of an iteration (routes have <= S + 2 visits)."""
+    return (micro_batch * (n_stages + 2) + position) * 2 + int(backward)

@@ -1,0 +1,305 @@
+"""The distributed engine with real processes: gloo on 127.0.0.1, one process per stage.
+
+Every test that starts processes checks that none of them outlives it. Processes come from a forkserver
+that the first test starts once (it imports torch and transformers); the forkserver and multiprocessing's
+resource tracker are helpers of this pytest process, not workers, and are not counted as strays.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from checkfree.distributed.rendezvous import RendezvousError
+from checkfree.distributed.routes import gpipe_program, one_f_one_b_program, route, stage_program
+from checkfree.distributed.supervisor import DistributedTrainer
+from checkfree.recovery.base import UnrecoverableFailure
+from checkfree.runlog import read_metrics
+from checkfree.schedule import InOrder, OutOfOrder
+from checkfree.trainer import Trainer
+
+DIST = {"name": "distributed", "timeout_s": 20}
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+def stray_processes(run_dir: Path | None = None) -> list[int]:
+    """Live processes this test may have left: children of pytest other than multiprocessing's helpers,
+    and every worker PID the run ever listed in workers.json."""
+    helpers = ("multiprocessing.forkserver", "multiprocessing.resource_tracker")
+    me = psutil.Process()
+    strays = set()
+    for child in me.children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and not any(h in " ".join(child.cmdline()) for h in helpers):
+                strays.add(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    if run_dir is not None and (run_dir / "workers.json").exists():
+        for entry in json.loads((run_dir / "workers.json").read_text())["history"]:
+            try:
+                if psutil.Process(entry["pid"]).status() != psutil.STATUS_ZOMBIE:
+                    strays.add(entry["pid"])
+            except psutil.NoSuchProcess:
+                pass
+    return sorted(strays)
+
+
+def assert_no_strays(run_dir: Path | None = None) -> None:
+    deadline = time.monotonic() + 5  # a process that just got SIGKILL may take a moment to be reaped
+    while stray_processes(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert stray_processes(run_dir) == []
+    assert multiprocessing.active_children() == []
+
+
+def losses(run_dir: Path) -> list[tuple[int, float | None, float | None]]:
+    return [(r["iteration"], r.get("train_loss"), r.get("val_loss")) for r in read_metrics(run_dir / "metrics.jsonl")]
+
+
+def assert_same_losses(local: Path, distributed: Path, atol: float = 1e-4) -> None:
+    a, b = losses(local), losses(distributed)
+    assert [x[0] for x in a] == [x[0] for x in b]
+    for (it, train_a, val_a), (_, train_b, val_b) in zip(a, b):
+        for x, y in ((train_a, train_b), (val_a, val_b)):
+            assert (x is None) == (y is None), it
+            if x is not None:
+                assert abs(x - y) <= atol, (it, x, y)
+
+
+def write_trace(path: Path, events: list[dict]) -> str:
+    path.write_text(json.dumps(events))
+    return str(path)
+
+
+class CapturingLocal(Trainer):
+    """The local engine, keeping a copy of every recovered stage's weights."""
+
+    captured: dict[int, dict[str, torch.Tensor]]
+
+    def recover(self, failed):
+        reports = super().recover(failed)
+        self.captured = {k: {n: t.clone() for n, t in self.pipeline.stages[k].state_dict().items()} for k in failed}
+        return reports
+
+
+class CapturingDistributed(DistributedTrainer):
+    """The distributed engine, fetching every replacement's weights from its process after recovery."""
+
+    captured: dict[int, dict[str, torch.Tensor]]
+
+    def after_recovery(self, reports):
+        ranks = self.pool.stage_ranks([r.stage for r in reports])
+        replies = self.pool.broadcast("get_state", ranks=ranks)
+        self.captured = {self.pool.handles[rank].stage: {n: torch.from_numpy(a) for n, a in reply["state"].items()}
+                         for rank, reply in replies.items()}
+
+
+# --- routes: pure functions ---------------------------------------------------------------------------
+
+def test_routes_group_consecutive_ops_and_swap_edges():
+    in_order = route((0, 1, 2, 3), 4)
+    assert [(v.stage, v.ops, v.prev, v.next) for v in in_order] == [
+        (0, ("embed", "body"), None, 1), (1, ("body",), 0, 2), (2, ("body",), 1, 3), (3, ("body", "head"), 2, None)]
+    swapped = route(OutOfOrder(4).order(1), 4)
+    # The embedding still runs first on stage 0 and the head last on stage S-1.
+    assert [(v.stage, v.ops) for v in swapped] == [
+        (0, ("embed",)), (1, ("body",)), (0, ("body",)), (3, ("body",)), (2, ("body",)), (3, ("head",))]
+    assert [(v.prev, v.next) for v in swapped] == [(None, 1), (0, 0), (1, 3), (0, 2), (3, 3), (2, None)]
+
+
+def test_programs_gpipe_and_1f1b():
+    gpipe = gpipe_program(1, InOrder(4), [0, 1, 2])
+    assert [(p.backward, p.micro_batch) for p in gpipe] == [(False, 0), (False, 1), (False, 2),
+                                                            (True, 0), (True, 1), (True, 2)]
+    first = one_f_one_b_program(0, InOrder(4), [0, 1, 2, 3, 4])
+    assert [("B" if p.backward else "F") + str(p.micro_batch) for p in first] == \
+        ["F0", "F1", "F2", "F3", "B0", "F4", "B1", "B2", "B3", "B4"]
+    last = one_f_one_b_program(3, InOrder(4), [0, 1, 2])
+    assert [("B" if p.backward else "F") + str(p.micro_batch) for p in last] == ["F0", "B0", "F1", "B1", "F2", "B2"]
+    # Out-of-order routes visit stage 0 twice: GPipe it is, whatever was asked for.
+    assert stage_program(0, OutOfOrder(4), [0, 1], "1f1b") == gpipe_program(0, OutOfOrder(4), [0, 1])
+
+
+# --- the engine against the local engine --------------------------------------------------------------
+
+@pytest.mark.parametrize("strategy,extra", [
+    ("checkfree", {}),                                          # in-order, GPipe
+    ("checkfree_plus", {}),                                     # out-of-order
+    ("checkfree", {"network": {"pipeline": "1f1b"}}),           # in-order, 1F1B
+])
+def test_no_failures_same_losses_as_local(small_run, tmp_path, strategy, extra):
+    sections = {"strategy": {"name": strategy}, "trainer": {"iterations": 3, "eval_every": 3}, **extra}
+    local = Trainer(small_run(**sections), tmp_path / "local").run()
+    summary = DistributedTrainer(small_run(**sections, engine=DIST), tmp_path / "dist").run()
+    assert summary["status"] == "completed" and summary["iterations"] == 3
+    assert_same_losses(tmp_path / "local", tmp_path / "dist")
+    assert set(summary) == set(local)  # the same summary shape
+    assert summary["memory_overhead_bytes"] == local["memory_overhead_bytes"]
+    a, b = read_metrics(tmp_path / "local" / "metrics.jsonl"), read_metrics(tmp_path / "dist" / "metrics.jsonl")
+    assert [set(r) for r in a] == [set(r) for r in b]  # the same record fields
+    assert b[-1]["grad_norm"] == pytest.approx(a[-1]["grad_norm"], rel=1e-4)
+    assert_no_strays(tmp_path / "dist")
+
+
+def test_data_parallel_replicas_match_local(small_run, tmp_path):
+    sections = {"strategy": {"name": "checkfree_plus"}, "trainer": {"iterations": 2, "eval_every": 2}}
+    Trainer(small_run(**sections), tmp_path / "local").run()
+    summary = DistributedTrainer(small_run(**sections, engine={**DIST, "replicas": 2}), tmp_path / "dist").run()
+    assert summary["status"] == "completed"
+    assert_same_losses(tmp_path / "local", tmp_path / "dist")
+    assert len(json.loads((tmp_path / "dist" / "workers.json").read_text())["history"]) == 8
+    assert_no_strays(tmp_path / "dist")
+
+
+@pytest.fixture(scope="module")
+def stage2_at_5(tmp_path_factory, data_cache):
+    """The local engine with a trace event killing stage 2 at iteration 5: losses and recovered weights."""
+    from checkfree.runconfig import load_run_config
+    from tests.conftest import small_run_dict
+
+    root = tmp_path_factory.mktemp("stage2_at_5")
+    trace = write_trace(root / "trace.json", [{"iteration": 5, "stage": 2}])
+    sections = {"failure": {"name": "trace", "path": trace}, "trainer": {"iterations": 6, "eval_every": 3}}
+    local = CapturingLocal(load_run_config(small_run_dict(data_cache, **sections)), root / "local")
+    local.run()
+    return {"dir": root / "local", "state": local.captured[2], "sections": sections, "data_cache": data_cache}
+
+
+def test_trace_failure_replaces_the_process_and_recovers_like_local(stage2_at_5, tmp_path):
+    from checkfree.runconfig import load_run_config
+    from tests.conftest import small_run_dict
+
+    cfg = load_run_config(small_run_dict(stage2_at_5["data_cache"], **stage2_at_5["sections"], engine=DIST))
+    trainer = CapturingDistributed(cfg, tmp_path / "dist")
+    summary = trainer.run()
+    assert summary["status"] == "completed" and summary["iterations"] == 6
+
+    records = read_metrics(tmp_path / "dist" / "metrics.jsonl")
+    with_recovery = [r for r in records if r.get("recoveries")]
+    assert [r["iteration"] for r in with_recovery] == [5]
+    [rec] = with_recovery[0]["recoveries"]
+    assert (rec["stage"], rec["method"], rec["sources"]) == (2, "average", [1, 3])
+    details = rec["details"]
+    assert details["new_pid"] != details["old_pid"]
+    assert not psutil.pid_exists(details["old_pid"]) or psutil.Process(details["old_pid"]).status() == "zombie"
+    assert all(details[k] >= 0 for k in ("detect_s", "respawn_s", "rendezvous_s", "transfer_s"))
+    assert rec["bytes_moved"] > 0
+
+    # The replacement process holds exactly what the local engine's CheckFree computes for the same inputs.
+    for name, tensor in stage2_at_5["state"].items():
+        assert torch.allclose(trainer.captured[2][name], tensor, atol=1e-6), name
+    assert_same_losses(stage2_at_5["dir"], tmp_path / "dist")
+    assert summary["recoveries"] == [{"iteration": 5, "stage": 2, "method": "average", "sources": [1, 3]}]
+    assert_no_strays(tmp_path / "dist")
+
+
+def test_sigkill_mid_iteration_discards_and_redoes_it(stage2_at_5, tmp_path):
+    """Stage 1 pauses inside iteration 5 (a test hook); meanwhile the test SIGKILLs stage 2's process, which
+    is blocked receiving from stage 1. The iteration is discarded, stage 2 is rebuilt from the norms of
+    iteration 4 and the iteration redone: the result is the trace run's, where stage 2 died just before."""
+    from checkfree.runconfig import load_run_config
+    from tests.conftest import small_run_dict
+
+    sections = {"trainer": stage2_at_5["sections"]["trainer"], "engine": DIST}
+    cfg = load_run_config(small_run_dict(stage2_at_5["data_cache"], **sections))
+    run_dir = tmp_path / "dist"
+    trainer = DistributedTrainer(cfg, run_dir, pause=(5, 1, 1.5))
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(summary=trainer.run()), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not (run_dir / "paused-5").exists():
+        assert thread.is_alive() and time.monotonic() < deadline, "the run never reached iteration 5"
+        time.sleep(0.02)
+    workers = json.loads((run_dir / "workers.json").read_text())["workers"]
+    [victim] = [w["pid"] for w in workers if w["stage"] == 2]
+    os.kill(victim, signal.SIGKILL)
+    thread.join(120)
+    assert not thread.is_alive(), "the run hung after the kill"
+
+    summary = result["summary"]
+    assert summary["status"] == "completed" and summary["iterations"] == 6
+    assert [f["stage"] for f in summary["failures"]] == [2]
+    assert summary["failures"][0]["cause"] == "process exited during step"
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["iteration"] for r in records] == list(range(7))  # iteration 5 logged once: redone, not repeated
+    [rec] = records[5]["recoveries"]
+    assert (rec["stage"], rec["method"], rec["sources"]) == (2, "average", [1, 3])
+    assert rec["details"]["old_pid"] == victim and rec["details"]["new_pid"] != victim
+    assert records[5]["failed_stages"] == [2]
+    assert_same_losses(stage2_at_5["dir"], run_dir)
+    assert_no_strays(run_dir)
+
+
+@pytest.mark.parametrize("strategy", ["checkfree_plus", "checkpoint", "redundant"])
+def test_other_strategies_recover_like_local(small_run, tmp_path, strategy):
+    """Edge stage (CheckFree+ copy + replica), a rollback of every stage, a shadow restore; two at once."""
+    trace = write_trace(tmp_path / "trace.json", [{"iteration": 2, "stage": 0}, {"iteration": 4, "stage": 1},
+                                                  {"iteration": 4, "stage": 3}])
+    sections = {"strategy": {"name": strategy, "every": 2}, "failure": {"name": "trace", "path": trace},
+                "trainer": {"iterations": 5, "eval_every": 5}}
+    local = Trainer(small_run(**sections), tmp_path / "local").run()
+    summary = DistributedTrainer(small_run(**sections, engine=DIST), tmp_path / "dist").run()
+    assert summary["status"] == "completed"
+    assert summary["recoveries"] == local["recoveries"]
+    assert summary["lost_iterations"] == local["lost_iterations"]
+    assert summary["memory_overhead_bytes"] == local["memory_overhead_bytes"]
+    assert_same_losses(tmp_path / "local", tmp_path / "dist")
+    assert_no_strays(tmp_path / "dist")
+
+
+# --- faults of the engine itself ----------------------------------------------------------------------
+
+def test_unrecoverable_failure_stops_with_the_error_and_no_orphans(small_run, tmp_path):
+    trace = write_trace(tmp_path / "trace.json", [{"iteration": 2, "stage": 0}])
+    cfg = small_run(failure={"name": "trace", "path": trace}, trainer={"iterations": 3}, engine=DIST)
+    with pytest.raises(UnrecoverableFailure, match="stage 0 was lost at iteration 2"):
+        DistributedTrainer(cfg, tmp_path / "dist").run()
+    summary = json.loads((tmp_path / "dist" / "summary.json").read_text())
+    assert summary["status"] == "error" and "stage 0 was lost" in summary["error"]
+    assert [r["iteration"] for r in read_metrics(tmp_path / "dist" / "metrics.jsonl")] == [0, 1]
+    assert_no_strays(tmp_path / "dist")
+
+
+def test_port_in_use_is_a_clear_error(small_run, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = small_run(engine={**DIST, "master_port": port})
+        with pytest.raises(RendezvousError, match=f"127.0.0.1:{port}.*in use"):
+            DistributedTrainer(cfg, tmp_path / "dist").run()
+    assert_no_strays(tmp_path / "dist")
+
+
+def test_torchrun_launch_trains_like_local(small_run, data_cache, tmp_path):
+    """`torchrun -m checkfree.distributed.launch`: every rank a stage, rank 0 also the supervisor."""
+    import subprocess
+    import sys
+
+    overrides = ["model=tiny", "strategy=checkfree_plus", "failure=none", "network=geo_distributed",
+                 "trainer.iterations=3", "trainer.eval_every=3", "trainer.micro_batches=2",
+                 "trainer.micro_batch_size=4", "trainer.lr=3e-3", "trainer.clock_preset=llama_500m",
+                 "trainer.clock_micro_batch_size=16", "trainer.progress_bar=false", "data.n_documents=600",
+                 "data.val_documents=60", "data.val_sequences=8", "data.vocab_size=300",
+                 f"data.cache_dir={data_cache}", "logger.wandb.mode=disabled", "engine.timeout_s=20"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+               "-m", "checkfree.distributed.launch", "--run-dir", str(tmp_path / "torchrun"), *overrides]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    Trainer(small_run(strategy={"name": "checkfree_plus"}, trainer={"iterations": 3, "eval_every": 3}),
+            tmp_path / "local").run()
+    assert_same_losses(tmp_path / "local", tmp_path / "torchrun")
+    assert json.loads((tmp_path / "torchrun" / "summary.json").read_text())["status"] == "completed"
+    assert_no_strays()
