@@ -352,9 +352,14 @@ def plot_val_loss(df: pd.DataFrame, path: Path, target: float | None) -> Path:
     rates = sorted(live.loc[live["strategy"] != NO_FAILURE, "hourly_rate"].dropna().unique()) or sorted(
         live["hourly_rate"].dropna().unique()) or [math.nan]
     strategies = sorted(live["strategy"].unique(), key=_strategy_rank)
-    fig = Figure(figsize=(5.5 * len(rates), 4.2), layout="constrained")
+    ncols = min(3, len(rates))
+    nrows = math.ceil(len(rates) / ncols)
+    fig = Figure(figsize=(5.5 * ncols, 3.9 * nrows + 0.8), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(rates), squeeze=False, sharey=True)[0]
+    grid_axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
+    axes = list(grid_axes.flat)
+    for ax in axes[len(rates):]:
+        ax.set_visible(False)
     for ax, rate in zip(axes, rates):
         trans = blended_transform_factory(ax.transData, ax.transAxes)
         panel = live[(live["hourly_rate"] == rate) | (live["strategy"] == NO_FAILURE)]
@@ -367,21 +372,29 @@ def plot_val_loss(df: pd.DataFrame, path: Path, target: float | None) -> Path:
                 ax.plot([t / 3600 for t, _ in c], [v for _, v in c], lw=0.6, alpha=0.35, **style)
             grid, mean = _mean_curve(curves) if len(curves) > 1 else (
                 np.array([t for t, _ in curves[0]]), np.array([v for _, v in curves[0]]))
-            ax.plot(grid / 3600, mean, lw=2, label=f"{strategy} (n={len(curves)})", **style)
+            ax.plot(grid / 3600, mean, lw=2, label=strategy, **style)
             fails = runs["failure_times"].iloc[0]
             if fails:
                 ax.vlines(np.asarray(fails) / 3600, 0.01 + 0.025 * k, 0.03 + 0.025 * k, transform=trans,
                           color=_color(strategy), lw=0.8)
         if target is not None:
             ax.axhline(target, color="black", ls=":", lw=1.2, label=f"target {target:.4g}")
-        ax.set_title("no rate" if pd.isna(rate) else f"hourly failure rate {rate * 100:g} %")
+        ax.set_title("no rate" if pd.isna(rate) else f"hourly failure rate {_rate(rate)}")
         ax.set_xlabel("simulated wall-clock (h)")
-        ax.grid(alpha=0.3)
-    fig.suptitle("validation loss vs simulated wall-clock (thin: seeds, thick: mean; "
+        ax.set_yscale("log")  # the interesting part is close to the target, far below the initial loss
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle("validation loss vs simulated wall-clock (thin: seeds, thick: mean over seeds; "
                  "ticks at the bottom: failures seen by each strategy's first seed)", fontsize=10)
-    axes[0].set_ylabel("validation loss")
-    if axes[0].get_legend_handles_labels()[0]:
-        axes[0].legend(fontsize=8)
+    for row in grid_axes:
+        row[0].set_ylabel("validation loss (log)")
+    # One legend for the figure: each panel shows a subset of the strategies.
+    labels: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labels.setdefault(label, handle)
+    if labels:
+        fig.legend(list(labels.values()), list(labels), loc="outside lower center",
+                   ncols=min(len(labels), 6), fontsize=9)
     fig.savefig(path, dpi=110)
     return path
 
