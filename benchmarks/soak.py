@@ -46,7 +46,6 @@ STRATEGY_OVERRIDES: dict[str, dict[str, Any]] = {
     "checkpoint": {"every": 10, "keep": 2},
     **{name: {"unrecoverable": "reinit"} for name in STRATEGIES if name != "checkpoint"},
 }
-WALL_FIELDS = {"wall_time_s", "throughput_tok_s"}
 
 
 class SoakFailure(AssertionError):
@@ -132,16 +131,6 @@ def soak_one(cfg, run_dir: Path) -> dict[str, Any]:
     return {**check_run(run_dir, cfg.trainer.iterations), "wall_s": time.perf_counter() - start}
 
 
-def stripped(records: list[dict]) -> list[dict]:
-    """Records without the fields that measure this machine rather than the run."""
-    out = []
-    for r in records:
-        r = {k: v for k, v in r.items() if k not in WALL_FIELDS}
-        r["recoveries"] = [{k: v for k, v in x.items() if k != "wall_s"} for x in r.get("recoveries", [])]
-        out.append(r)
-    return out
-
-
 def kill_and_resume(args: list[str], run_dir: Path, iterations: int, kills: int, rng: random.Random,
                     timeout_s: float) -> list[str]:
     """Run the CLI into ``run_dir``, killing it ``kills`` times at random points and resuming each time.
@@ -211,6 +200,8 @@ def main() -> None:
 
     import torch
 
+    from checkfree.runlog import deterministic_view
+
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -230,8 +221,8 @@ def main() -> None:
             row["kills"] = kill_and_resume(run_args, killed_dir, args.iterations, args.kills, rng, args.timeout)
             total_kills += len(row["kills"])
             check_run(killed_dir, args.iterations)
-            a = stripped(parse_metrics(out / strategy / "metrics.jsonl"))
-            b = stripped(parse_metrics(killed_dir / "metrics.jsonl"))
+            a = deterministic_view(parse_metrics(out / strategy / "metrics.jsonl"))
+            b = deterministic_view(parse_metrics(killed_dir / "metrics.jsonl"))
             if a != b:
                 first = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y) if len(a) == len(b) else None
                 raise SoakFailure(f"{strategy}: the killed-and-resumed run differs from the uninterrupted one "

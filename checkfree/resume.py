@@ -13,12 +13,12 @@ the file ends up with exactly one record per iteration, as if the run had never 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from checkfree.atomic import torch_save_atomic, write_atomic
 from checkfree.config import ConfigError
 
 STATE_DIR, STATE_FILE = "resume", "state.pt"
@@ -41,13 +41,7 @@ def save_state(run_dir: Path | str, state: dict[str, Any]) -> Path:
     """Write ``state`` atomically (tmp file, fsync, rename); return its path."""
     path = state_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return torch_save_atomic({"format": FORMAT, **state}, path)
 
 
 def load_state(run_dir: Path | str) -> dict[str, Any]:
@@ -115,10 +109,5 @@ def truncate_metrics(path: Path, iteration: int) -> int:
         if isinstance(it, int) and it <= iteration and it not in seen:
             seen.add(it)
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write("".join(line + "\n" for line in kept))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
     return len(kept)

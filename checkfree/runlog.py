@@ -16,6 +16,11 @@ from typing import Any
 
 from tqdm import tqdm
 
+from checkfree.atomic import write_atomic
+
+WALL_CLOCK_FIELDS = {"wall_time_s", "throughput_tok_s"}
+"""Metrics fields that measure this machine, not the run: everything else is reproducible at a seed."""
+
 
 def _clean(value: Any) -> Any:
     """JSON has no NaN/inf: write them as strings so every line stays parseable by any reader."""
@@ -29,12 +34,7 @@ def _clean(value: Any) -> Any:
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(_clean(payload), f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: f.write(json.dumps(_clean(payload), indent=2).encode()))
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -46,6 +46,18 @@ def read_metrics(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+def deterministic_view(records: list[dict]) -> list[dict]:
+    """Metrics records without the wall-clock fields (also inside recoveries): two runs of the same
+    config and seed give equal views, whatever the machine did meanwhile."""
+    out = []
+    for record in records:
+        record = {k: v for k, v in record.items() if k not in WALL_CLOCK_FIELDS}
+        record["recoveries"] = [{k: v for k, v in r.items() if k != "wall_s"}
+                                for r in record.get("recoveries", [])]
+        out.append(record)
+    return out
 
 
 class RunLog:

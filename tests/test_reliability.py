@@ -23,13 +23,13 @@ import torch
 
 from checkfree.config import ConfigError
 from checkfree.runconfig import load_run_config
+from checkfree.runlog import deterministic_view as strip
 from checkfree.runlog import read_metrics
 from checkfree.trainer import NonFiniteError, Trainer
 
 from .conftest import small_run_dict
 
 ROOT = Path(__file__).resolve().parent.parent
-NONDETERMINISTIC = {"wall_time_s", "throughput_tok_s"}
 NONDETERMINISTIC_SUMMARY = {"run_dir", "total_wall_time_s", "resume_state", "resumed_at_iterations", "config",
                             "resumable_from_iteration"}
 
@@ -47,15 +47,6 @@ def load_soak():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def strip(records: list[dict]) -> list[dict]:
-    out = []
-    for r in records:
-        r = {k: v for k, v in r.items() if k not in NONDETERMINISTIC}
-        r["recoveries"] = [{k: v for k, v in x.items() if k != "wall_s"} for x in r.get("recoveries", [])]
-        out.append(r)
-    return out
 
 
 def strict_metrics(path: Path) -> list[dict]:

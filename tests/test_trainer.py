@@ -6,19 +6,9 @@ import json
 
 import pytest
 
+from checkfree.runlog import deterministic_view as strip
 from checkfree.runlog import read_metrics
 from checkfree.trainer import train
-
-NONDETERMINISTIC = {"wall_time_s", "throughput_tok_s"}
-
-
-def strip(records: list[dict]) -> list[dict]:
-    out = []
-    for r in records:
-        r = {k: v for k, v in r.items() if k not in NONDETERMINISTIC}
-        r["recoveries"] = [{k: v for k, v in x.items() if k != "wall_s"} for x in r.get("recoveries", [])]
-        out.append(r)
-    return out
 
 
 def write_trace(path, events):

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from checkfree.atomic import torch_save_atomic
 from checkfree.distributed.rendezvous import connect_store, is_loopback, join_generation
 from checkfree.distributed.routes import message_tag, replica_micro_batches, route, stage_program
 from checkfree.distributed.transfer import (
@@ -420,13 +421,7 @@ class StageWorker:
         nbytes += sum(v.numel() * v.element_size() for slots in shard["optimizer"]["state"].values()
                       for v in slots.values() if torch.is_tensor(v))
         if self.spec.replica == 0:
-            path = Path(directory) / f"stage{self.spec.stage}.pt"
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "wb") as f:
-                torch.save(shard, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            torch_save_atomic(shard, Path(directory) / f"stage{self.spec.stage}.pt")
         return {"shard_bytes": nbytes}
 
     def cmd_load(self, directory: str) -> dict:

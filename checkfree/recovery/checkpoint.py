@@ -13,13 +13,13 @@ which every node knows, so a loss before the first periodic save rolls back to t
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from checkfree.atomic import torch_save_atomic
 from checkfree.config import ConfigError
 from checkfree.cost import StepOverhead
 from checkfree.recovery.base import RecoveryContext, RecoveryReport, RecoveryStrategy, Stopwatch, state_bytes
@@ -77,14 +77,8 @@ class CheckpointRollback(RecoveryStrategy):
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
-        path = self.directory / f"ckpt_{ctx.progress:07d}.pt"
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        # A kill before this rename leaves the previous checkpoint intact and only a *.tmp behind.
-        os.replace(tmp, path)
+        # A kill mid-save leaves the previous checkpoint intact and only a *.tmp behind.
+        path = torch_save_atomic(payload, self.directory / f"ckpt_{ctx.progress:07d}.pt")
         self.latest, self.storage_bytes, self.saves = path, path.stat().st_size, self.saves + 1
         for old in sorted(self.directory.glob("ckpt_*.pt"))[: -self.cfg.keep]:
             old.unlink()
