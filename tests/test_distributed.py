@@ -303,3 +303,58 @@ def test_torchrun_launch_trains_like_local(small_run, data_cache, tmp_path):
     assert_same_losses(tmp_path / "local", tmp_path / "torchrun")
     assert json.loads((tmp_path / "torchrun" / "summary.json").read_text())["status"] == "completed"
     assert_no_strays()
+
+
+def test_repeated_kills_and_failures_leave_one_live_worker_per_stage(small_run, tmp_path):
+    """A short distributed soak: trace failures at boundaries (two at once included) plus three SIGKILLs
+    from outside at whatever point the run is in. Every loss is matched by one recovery, the run completes,
+    and it ends with exactly one live worker per stage."""
+    trace = write_trace(tmp_path / "trace.json", [{"iteration": 2, "stage": 1}, {"iteration": 4, "stage": 0},
+                                                  {"iteration": 4, "stage": 3}])
+    cfg = small_run(strategy={"name": "checkfree_plus"}, failure={"name": "trace", "path": trace},
+                    trainer={"iterations": 24, "eval_every": 12}, engine=DIST)
+    run_dir = tmp_path / "dist"
+
+    class SnapshotAtEnd(DistributedTrainer):
+        def train(self):
+            super().train()
+            # The processes alive when training ends (the supervisor stops them all right after).
+            self.final = [(h.stage, h.pid, h.process.is_alive()) for h in self.pool.handles.values()]
+
+    trainer = SnapshotAtEnd(cfg, run_dir)
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(summary=trainer.run()), daemon=True)
+    thread.start()
+
+    def live_workers() -> list[dict]:
+        try:
+            return json.loads((run_dir / "workers.json").read_text())["workers"]
+        except (FileNotFoundError, ValueError):
+            return []
+
+    killed = []
+    for after_lines, stage in ((7, 2), (12, 0), (17, 3)):
+        deadline = time.monotonic() + 120
+        while not (run_dir / "metrics.jsonl").exists() or len(read_metrics(run_dir / "metrics.jsonl")) < after_lines:
+            assert thread.is_alive() and time.monotonic() < deadline, "the run stopped before the kill"
+            time.sleep(0.01)
+        [victim] = [w["pid"] for w in live_workers() if w["stage"] == stage]
+        os.kill(victim, signal.SIGKILL)
+        killed.append(victim)
+        while victim in [w["pid"] for w in live_workers()]:  # wait for its replacement before the next kill
+            assert thread.is_alive() and time.monotonic() < deadline, "no replacement after the kill"
+            time.sleep(0.01)
+    thread.join(120)
+    assert not thread.is_alive(), "the run hung"
+
+    summary = result["summary"]
+    assert summary["status"] == "completed" and summary["iterations"] == 24
+    assert summary["n_failures"] == summary["n_recoveries"] == 3 + 3
+    assert sorted((f["iteration"], f["stage"]) for f in summary["failures"]) == \
+        sorted((r["iteration"], r["stage"]) for r in summary["recoveries"])
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["iteration"] for r in records] == list(range(25))
+    assert all(r["train_loss"] == r["train_loss"] for r in records[1:])  # finite (not NaN)
+    assert sorted(stage for stage, _, alive in trainer.final if alive) == [0, 1, 2, 3]
+    assert not set(killed) & {pid for _, pid, _ in trainer.final}
+    assert_no_strays(run_dir)
