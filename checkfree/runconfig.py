@@ -8,7 +8,7 @@ Config flows one way: ``train.py`` calls this once and passes the dataclasses do
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -110,10 +110,3 @@ def validate_run_config(run: RunConfig) -> None:
         raise ConfigError("logger.wandb.mode='online' needs WANDB_API_KEY in the environment (we never prompt "
                           "for a login); set it, or use logger.wandb.mode=offline.")
 
-
-def with_overrides(run: RunConfig, **sections: dict[str, Any]) -> RunConfig:
-    """A copy of ``run`` with some fields of some sections replaced, re-validated (for tests and sweeps)."""
-    changed = {name: replace(getattr(run, name), **values) for name, values in sections.items() if name != "seed"}
-    out = replace(run, **changed, **({"seed": sections["seed"]} if "seed" in sections else {}))
-    validate_run_config(out)
-    return out

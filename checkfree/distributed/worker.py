@@ -46,6 +46,7 @@ from checkfree.distributed.transfer import (
 from checkfree.model import ModelConfig, Stage
 from checkfree.pipeline import LocalPipeline, causal_lm_loss
 from checkfree.recovery.averaging import weighted_state
+from checkfree.recovery.base import optimizer_state_bytes, state_bytes
 from checkfree.schedule import build_schedule
 
 # Tags of whole-state transfers (activation tags come from routes.message_tag and never collide with
@@ -417,9 +418,7 @@ class StageWorker:
     def cmd_save(self, directory: str) -> dict:
         """Write this stage's shard (weights + Adam state) atomically; replica 0 writes for all replicas."""
         shard = {"stage": self.stage.state_dict(), "optimizer": self.optimizer.state_dict()}
-        nbytes = sum(t.numel() * t.element_size() for t in shard["stage"].values())
-        nbytes += sum(v.numel() * v.element_size() for slots in shard["optimizer"]["state"].values()
-                      for v in slots.values() if torch.is_tensor(v))
+        nbytes = state_bytes(shard["stage"]) + optimizer_state_bytes(shard["optimizer"])
         if self.spec.replica == 0:
             torch_save_atomic(shard, Path(directory) / f"stage{self.spec.stage}.pt")
         return {"shard_bytes": nbytes}

@@ -145,13 +145,10 @@ def state_bytes(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(
-        v.numel() * v.element_size()
-        for per_param in optimizer.state.values()
-        for v in per_param.values()
-        if torch.is_tensor(v)
-    )
+def optimizer_state_bytes(state: dict[str, Any]) -> int:
+    """Bytes of the tensors in an ``Optimizer.state_dict()`` (Adam: exp_avg, exp_avg_sq, step)."""
+    return sum(v.numel() * v.element_size() for per_param in state["state"].values()
+               for v in per_param.values() if torch.is_tensor(v))
 
 
 class Stopwatch:

@@ -22,13 +22,14 @@ import torch
 from checkfree.atomic import torch_save_atomic
 from checkfree.config import ConfigError
 from checkfree.cost import StepOverhead
-from checkfree.recovery.base import RecoveryContext, RecoveryReport, RecoveryStrategy, Stopwatch, state_bytes
-
-
-def optimizer_state_bytes(state: dict[str, Any]) -> int:
-    """Bytes of the tensors in an ``Optimizer.state_dict()`` (Adam: exp_avg, exp_avg_sq, step)."""
-    return sum(v.numel() * v.element_size() for per_param in state["state"].values()
-               for v in per_param.values() if torch.is_tensor(v))
+from checkfree.recovery.base import (
+    RecoveryContext,
+    RecoveryReport,
+    RecoveryStrategy,
+    Stopwatch,
+    optimizer_state_bytes,
+    state_bytes,
+)
 
 
 class CheckpointRollback(RecoveryStrategy):
