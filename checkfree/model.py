@@ -216,6 +216,20 @@ def hf_key_to_stage(key: str, cfg: ModelConfig) -> tuple[int, str]:
     raise KeyError(f"unexpected LlamaForCausalLM key {key!r}")
 
 
+def stage_to_hf_key(index: int, key: str, cfg: ModelConfig) -> str:
+    """The inverse of ``hf_key_to_stage``: stage ``index``'s state-dict ``key`` -> its ``LlamaForCausalLM`` key."""
+    if key == "embed_tokens.weight" and index == 0:
+        return "model.embed_tokens.weight"
+    if key in HEAD_KEYS and index == cfg.n_stages - 1:
+        return key if key == "lm_head.weight" else f"model.{key}"
+    if key.startswith(BODY_PREFIX):
+        local, rest = key[len(BODY_PREFIX):].split(".", 1)
+        if int(local) < cfg.layers_per_stage:
+            return f"model.layers.{index * cfg.layers_per_stage + int(local)}.{rest}"
+    raise KeyError(f"stage {index} key {key!r} is not a key of a stage {index} of {cfg.n_stages} with "
+                   f"{cfg.layers_per_stage} layer(s) per stage")
+
+
 @torch.no_grad()
 def load_causal_lm_weights(stages: list[Stage], state: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
     """Load an (unsplit) ``LlamaForCausalLM`` state dict into the stages, e.g. pretrained weights."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -10,10 +12,12 @@ from checkfree.model import (
     PRESETS,
     build_stages,
     forward_logits,
+    hf_key_to_stage,
     load_causal_lm_weights,
     param_count,
     preset,
     stage_param_counts,
+    stage_to_hf_key,
 )
 
 
@@ -26,6 +30,18 @@ def test_chained_stages_equal_unsplit_llama(tiny_cfg):
     with torch.no_grad():
         diff = (forward_logits(stages, tokens) - reference(tokens).logits).abs().max().item()
     assert diff <= 1e-5
+
+
+def test_stage_keys_map_back_to_llama_keys():
+    cfg = replace(preset("tiny"), n_stages=3, layers_per_stage=2, vocab_size=64)  # stage k's layer j is 2k+j
+    with torch.device("meta"):
+        keys = list(LlamaForCausalLM(cfg.hf_config()).state_dict())
+    assert all(stage_to_hf_key(*hf_key_to_stage(k, cfg), cfg) == k for k in keys)
+    assert stage_to_hf_key(2, "layers.1.mlp.up_proj.weight", cfg) == "model.layers.5.mlp.up_proj.weight"
+    with pytest.raises(KeyError, match="stage 1 key 'lm_head.weight'"):
+        stage_to_hf_key(1, "lm_head.weight", cfg)
+    with pytest.raises(KeyError, match="layers.2"):
+        stage_to_hf_key(0, "layers.2.mlp.up_proj.weight", cfg)
 
 
 def test_changing_a_later_token_never_changes_earlier_outputs(tiny_stages, tiny_cfg):
