@@ -9,7 +9,7 @@
    into detect (kill order -> supervisor sees the process gone), respawn (replacement process up, stage
    built), re-rendezvous (all processes re-form the group) and weight transfer (neighbours -> replacement,
    averaged) — medians of the supervisor's own measurements, which every recovery report carries in
-   ``details``. Replacements come from a warm forkserver (torch and transformers already imported);
+   ``process``. Replacements come from a warm forkserver (torch and transformers already imported);
    ``--cold`` adds a run where every process is a fresh interpreter (``CHECKFREE_START_METHOD=spawn``).
 
     python benchmarks/distributed.py [--stages 4] [--layers 2] [--d-model 128] [--seq-len 128]
@@ -32,12 +32,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from checkfree.distributed.supervisor import DistributedTrainer
 from checkfree.distributed.worker import seeded_stage
 from checkfree.model import ModelConfig
 from checkfree.pipeline import causal_lm_loss
 from checkfree.runconfig import load_run_config
 from checkfree.runlog import read_metrics
+from checkfree.train import train
 
 
 class WholeStage(nn.Module):
@@ -150,12 +150,12 @@ def recovery_latency(args: argparse.Namespace, cache: str, root: Path, label: st
     trace.write_text(json.dumps(failures))
     cfg = run_config(args, cache, failure={"name": "trace", "path": str(trace)},
                      trainer={"iterations": 3 + 2 * args.failures})
-    summary = DistributedTrainer(cfg, root / f"recovery-{label}").run()
+    summary = train(cfg, root / f"recovery-{label}")
     reports = [r for rec in read_metrics(root / f"recovery-{label}" / "metrics.jsonl") for r in rec.get("recoveries", [])]
     assert summary["status"] == "completed" and len(reports) == len(failures), summary["error"]
-    parts = {k: statistics.median(r["details"][k] for r in reports)
+    parts = {k: statistics.median(r["process"][k] for r in reports)
              for k in ("detect_s", "respawn_s", "rendezvous_s", "transfer_s")}
-    parts["total_s"] = statistics.median(r["wall_s"] + r["details"]["detect_s"] for r in reports)
+    parts["total_s"] = statistics.median(r["wall_s"] + r["process"]["detect_s"] for r in reports)
     parts["bytes"] = statistics.median(r["bytes_moved"] for r in reports)
     return parts
 
@@ -180,7 +180,7 @@ def main() -> None:
         root, cache = Path(tmp), str(Path(tmp) / "cache")
         cfg = run_config(args, cache)
         ours_dir = root / "ours"
-        summary = DistributedTrainer(cfg, ours_dir).run()
+        summary = train(cfg, ours_dir)
         assert summary["status"] == "completed", summary["error"]
         ours = step_seconds(ours_dir)[args.warmup:]
 

@@ -1,11 +1,13 @@
-"""Local pipeline engine vs a plain single-module training loop: same model, same batches, one run.
+"""Local engine vs a plain single-module training loop: same model, same batches, one run.
 
 The plain loop is what a user would write without pipeline stages: one ``ModuleList`` of the same stage
-modules, one Adam over all parameters, one global clip. The engine adds per-stage optimizers, per-stage
-clipping with pre/post norms and schedule dispatch. We alternate the two in rounds and compare median
-throughput, so machine noise hits both alike.
+modules, one Adam over all parameters, one global clip, one forward/backward per micro-batch. The engine
+adds per-stage optimizers, per-stage clipping with pre/post norms and route dispatch; ``fused`` is the engine
+with ``trainer.fuse_micro_batches`` (micro-batches that take the same route run as one batch: the same math
+up to float rounding). The contenders alternate in rounds and we compare median throughput, so machine
+noise hits all alike. Goals: engine / plain >= 0.95; fused / plain >= 1.3 on the tiny presets.
 
-    python benchmarks/engine_overhead.py [--preset cpu_small] [--rounds 7] [--steps 5]
+    python benchmarks/engine_overhead.py [--presets tiny,cpu_sweep,cpu_small] [--rounds 7] [--steps 5]
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 import torch
 
 from checkfree.model import build_stages, preset
-from checkfree.pipeline import LocalPipeline, causal_lm_loss
+from checkfree.pipeline import LocalEngine, causal_lm_loss
 from checkfree.schedule import InOrder
 
 
@@ -37,47 +39,58 @@ def plain_step(modules: torch.nn.ModuleList, opt: torch.optim.Optimizer, batches
     return total / len(batches)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="cpu_small")
-    parser.add_argument("--vocab", type=int, default=1024)
-    parser.add_argument("--micro-batches", type=int, default=4)
-    parser.add_argument("--micro-batch-size", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=5, help="steps per round and contender")
-    args = parser.parse_args()
-
-    cfg = preset(args.preset).with_vocab(args.vocab)
+def bench(name: str, args: argparse.Namespace) -> dict[str, float]:
+    cfg = preset(name).with_vocab(args.vocab)
     stages = build_stages(cfg, seed=0)
     plain = torch.nn.ModuleList(copy.deepcopy(stages))
-    engine = LocalPipeline(stages, lr=1e-3)
+    engines = {"engine": LocalEngine(stages, lr=1e-3),
+               "fused": LocalEngine(copy.deepcopy(stages), lr=1e-3, fuse=True)}
     opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
     schedule = InOrder(cfg.n_stages)
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, cfg.vocab_size, (args.micro_batch_size, cfg.seq_len + 1), generator=g)
                for _ in range(args.micro_batches)]
     tokens = args.micro_batches * args.micro_batch_size * cfg.seq_len
+    steps = {"plain": lambda: plain_step(plain, opt, batches),
+             **{k: (lambda e=e: e.train_step(batches, schedule)) for k, e in engines.items()}}
 
-    for _ in range(2):  # warm-up both (allocator, kernels)
-        engine.train_step(batches, schedule)
-        plain_step(plain, opt, batches)
-    rates: dict[str, list[float]] = {"engine": [], "plain": []}
+    for _ in range(2):  # warm-up every contender (allocator, kernels)
+        for run in steps.values():
+            run()
+    rates: dict[str, list[float]] = {k: [] for k in steps}
+    names = list(steps)
     for r in range(args.rounds):
-        order = ["engine", "plain"] if r % 2 == 0 else ["plain", "engine"]
-        for name in order:
+        for contender in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
             start = time.perf_counter()
             for _ in range(args.steps):
-                if name == "engine":
-                    engine.train_step(batches, schedule)
-                else:
-                    plain_step(plain, opt, batches)
-            rates[name].append(tokens * args.steps / (time.perf_counter() - start))
+                steps[contender]()
+            rates[contender].append(tokens * args.steps / (time.perf_counter() - start))
     med = {k: statistics.median(v) for k, v in rates.items()}
-    print(f"preset={cfg.name} stages={cfg.n_stages} tokens/step={tokens} threads={torch.get_num_threads()} "
-          f"rounds={args.rounds} steps/round={args.steps}")
-    for name in ("plain", "engine"):
-        print(f"  {name:>6}: median {med[name]:,.0f} tok/s  (min {min(rates[name]):,.0f}, max {max(rates[name]):,.0f})")
-    print(f"throughput ratio engine / plain = {med['engine'] / med['plain']:.3f}  (goal >= 0.95)")
+    print(f"preset={cfg.name} stages={cfg.n_stages} d={cfg.d_model} tokens/step={tokens} "
+          f"threads={torch.get_num_threads()} rounds={args.rounds} steps/round={args.steps}")
+    for contender in names:
+        print(f"  {contender:>6}: median {med[contender]:,.0f} tok/s  "
+              f"(min {min(rates[contender]):,.0f}, max {max(rates[contender]):,.0f})")
+    ratios = {"engine / plain": med["engine"] / med["plain"], "fused / plain": med["fused"] / med["plain"]}
+    print("  " + ", ".join(f"{k} = {v:.3f}" for k, v in ratios.items()))
+    return ratios
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", default="tiny,cpu_sweep,cpu_small")
+    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--micro-batches", type=int, default=4)
+    parser.add_argument("--micro-batch-size", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=5, help="steps per round and contender")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (sweeps run one thread per job)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = {name: bench(name, args) for name in args.presets.split(",")}
+    print("\n| preset | engine / plain (goal >= 0.95) | fused / plain (goal >= 1.3) |\n|---|---|---|")
+    for name, ratios in results.items():
+        print(f"| {name} | {ratios['engine / plain']:.3f} | {ratios['fused / plain']:.3f} |")
 
 
 if __name__ == "__main__":

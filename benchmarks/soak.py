@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import signal
@@ -39,17 +38,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from checkfree.audit import AuditFailure, check_run, parse_metrics
+from checkfree.recovery import STRATEGIES as REGISTERED
+
 ROOT = Path(__file__).resolve().parent.parent
-STRATEGIES = ["checkfree", "checkfree_plus", "checkpoint", "redundant", "copy", "uniform", "random", "zero"]
+STRATEGIES = [name for name in REGISTERED if name != "none"]
 # What each strategy needs to survive every kind of loss (see the module docstring).
 STRATEGY_OVERRIDES: dict[str, dict[str, Any]] = {
     "checkpoint": {"every": 10, "keep": 2},
     **{name: {"unrecoverable": "reinit"} for name in STRATEGIES if name != "checkpoint"},
 }
-
-
-class SoakFailure(AssertionError):
-    """A soak invariant did not hold; the message says which run and which record."""
 
 
 def overrides(strategy: str, iterations: int, p: float, seed: int = 0) -> list[str]:
@@ -71,60 +69,9 @@ def compose(args: list[str]):
         return load_run_config(hydra_compose(config_name="config", overrides=args))
 
 
-def parse_metrics(path: Path) -> list[dict]:
-    """Every line of metrics.jsonl, strictly: a line that does not parse is a lost result."""
-    records = []
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise SoakFailure(f"{path}:{lineno} does not parse ({exc}): {line[:80]!r}") from None
-    return records
-
-
-def check_run(run_dir: Path, iterations: int) -> dict[str, Any]:
-    """Assert the soak invariants on a finished run directory; return its figures."""
-    run_dir = Path(run_dir)
-    records = parse_metrics(run_dir / "metrics.jsonl")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    where = f"{run_dir}"
-    if summary["status"] != "completed":
-        raise SoakFailure(f"{where}: status {summary['status']!r} ({summary.get('error')})")
-    seen = [r["iteration"] for r in records]
-    if seen != list(range(iterations + 1)):
-        raise SoakFailure(f"{where}: metrics hold iterations {seen[:5]}...{seen[-5:]} (n={len(seen)}), "
-                          f"not exactly 0..{iterations} once each")
-    losses, simultaneous, adjacent, per_stage = [], 0, 0, {}
-    for r in records[1:]:
-        loss = r["train_loss"]
-        if not isinstance(loss, float) or not math.isfinite(loss):
-            raise SoakFailure(f"{where}: non-finite train_loss {loss!r} at iteration {r['iteration']}")
-        losses.append(loss)
-        failed = sorted(r["failed_stages"])
-        recovered = sorted(x["stage"] for x in r["recoveries"])
-        if failed != recovered:
-            raise SoakFailure(f"{where}: iteration {r['iteration']} lost stages {failed} but recovered {recovered}")
-        simultaneous += len(failed) >= 2
-        adjacent += any(b - a == 1 for a, b in zip(failed, failed[1:]))
-        for k in failed:
-            per_stage[k] = per_stage.get(k, 0) + 1
-    lost = sorted((f["iteration"], f["stage"]) for f in summary["failures"])
-    rebuilt = sorted((x["iteration"], x["stage"]) for x in summary["recoveries"])
-    if lost != rebuilt or summary["n_failures"] != summary["n_recoveries"]:
-        raise SoakFailure(f"{where}: summary has {summary['n_failures']} failures but {summary['n_recoveries']} "
-                          "recoveries, or they do not pair up by (iteration, stage)")
-    return {
-        "strategy": summary["strategy"], "iterations": summary["iterations"], "failures": summary["n_failures"],
-        "recoveries": summary["n_recoveries"], "by_method": summary["recoveries_by_method"],
-        "simultaneous": simultaneous, "adjacent": adjacent, "per_stage": dict(sorted(per_stage.items())),
-        "lost_iterations": summary["lost_iterations"], "min_loss": min(losses), "max_loss": max(losses),
-        "initial_val_loss": summary["initial_val_loss"], "final_val_loss": summary["final_val_loss"],
-    }
-
-
 def soak_one(cfg, run_dir: Path) -> dict[str, Any]:
     """Train ``cfg`` in this process into ``run_dir`` and check it."""
-    from checkfree.trainer import train
+    from checkfree.train import train
 
     start = time.perf_counter()
     train(cfg, run_dir)
@@ -134,7 +81,7 @@ def soak_one(cfg, run_dir: Path) -> dict[str, Any]:
 def kill_and_resume(args: list[str], run_dir: Path, iterations: int, kills: int, rng: random.Random,
                     timeout_s: float) -> list[str]:
     """Run the CLI into ``run_dir``, killing it ``kills`` times at random points and resuming each time.
-    Returns the signals sent. Raises SoakFailure on a hang, a torn metrics line or a wrong status."""
+    Returns the signals sent. Raises AuditFailure on a hang, a torn metrics line or a wrong status."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "WANDB_MODE": "disabled"}
     sent: list[str] = []
     command = [sys.executable, "-m", "checkfree.train", *args, "trainer.save_every=1", f"hydra.run.dir={run_dir}"]
@@ -152,7 +99,7 @@ def kill_and_resume(args: list[str], run_dir: Path, iterations: int, kills: int,
                 deadline = time.monotonic() + timeout_s
                 while _metrics_count(run_dir) < target and proc.poll() is None:
                     if time.monotonic() > deadline:
-                        raise SoakFailure(f"{run_dir}: no progress to iteration {target} in {timeout_s:.0f} s")
+                        raise AuditFailure(f"{run_dir}: no progress to iteration {target} in {timeout_s:.0f} s")
                     time.sleep(0.05)
                 time.sleep(rng.uniform(0.0, 0.3))  # somewhere inside the next iteration (or between two)
                 if proc.poll() is None:
@@ -161,7 +108,7 @@ def kill_and_resume(args: list[str], run_dir: Path, iterations: int, kills: int,
                     sent.append(signalled.name)
             _, stderr = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            raise SoakFailure(f"{run_dir}: the process hung (no exit within {timeout_s:.0f} s)") from None
+            raise AuditFailure(f"{run_dir}: the process hung (no exit within {timeout_s:.0f} s)") from None
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -170,15 +117,15 @@ def kill_and_resume(args: list[str], run_dir: Path, iterations: int, kills: int,
         status = json.loads((run_dir / "summary.json").read_text())["status"]
         if status == "completed":  # ran to the end (a signal may have come just after: nothing was lost)
             if signalled is None and proc.returncode != 0:
-                raise SoakFailure(f"{run_dir}: exit {proc.returncode} after a completed run: {stderr[-500:]}")
+                raise AuditFailure(f"{run_dir}: exit {proc.returncode} after a completed run: {stderr[-500:]}")
             return sent
         if signalled is None:
-            raise SoakFailure(f"{run_dir}: exit {proc.returncode} with status {status!r}: {stderr[-500:]}")
+            raise AuditFailure(f"{run_dir}: exit {proc.returncode} with status {status!r}: {stderr[-500:]}")
         expected = "running" if signalled == signal.SIGKILL else "interrupted"  # SIGKILL leaves no time to write
         if proc.returncode == 0 or status != expected:
-            raise SoakFailure(f"{run_dir}: after {signalled.name} exit {proc.returncode}, status {status!r} "
+            raise AuditFailure(f"{run_dir}: after {signalled.name} exit {proc.returncode}, status {status!r} "
                               f"(expected {expected!r}): {stderr[-500:]}")
-    raise SoakFailure(f"{run_dir}: not completed after {kills} resumes")
+    raise AuditFailure(f"{run_dir}: not completed after {kills} resumes")
 
 
 def _metrics_count(run_dir: Path) -> int:
@@ -225,7 +172,7 @@ def main() -> None:
             b = deterministic_view(parse_metrics(killed_dir / "metrics.jsonl"))
             if a != b:
                 first = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y) if len(a) == len(b) else None
-                raise SoakFailure(f"{strategy}: the killed-and-resumed run differs from the uninterrupted one "
+                raise AuditFailure(f"{strategy}: the killed-and-resumed run differs from the uninterrupted one "
                                   f"(first at record {first})")
         rows.append(row)
         print(f"  {strategy}: {row['failures']} failures, {row['recoveries']} recoveries, "

@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from checkfree.runlog import read_metrics
+
 # Table/plot order: the method under study first, then baselines, ablations, and the failure-free run.
 STRATEGY_ORDER = ["checkfree", "checkfree_plus", "checkpoint", "redundant", "copy", "uniform", "random",
                   "zero", "none"]
@@ -67,26 +69,6 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
                 found.append(Path(dirpath))
                 dirnames.clear()  # checkpoints/wandb dirs inside a run are not runs of their own
     return sorted(set(found), key=_natural_key)
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Parse ``metrics.jsonl``; lines that are not JSON objects (a killed writer) are skipped with a warning."""
-    records: list[dict[str, Any]] = []
-    if not path.is_file():
-        return records
-    for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            if not isinstance(rec, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as exc:
-            warnings.warn(f"{path}:{lineno}: skipping unparsable metrics line ({exc})", RuntimeWarning,
-                          stacklevel=2)
-            continue
-        records.append(rec)
-    return records
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:
@@ -137,7 +119,7 @@ def _float(x: Any) -> float:
 def load_run(run_dir: str | Path) -> dict[str, Any]:
     """One run as a flat dict (see ``load_runs`` for the keys)."""
     run_dir = Path(run_dir)
-    records = read_metrics(run_dir / "metrics.jsonl")
+    records = read_metrics(run_dir / "metrics.jsonl", bad="warn")
     summary = _read_mapping(run_dir / "summary.json")
     # The summary's own fields win, then its resolved config, then Hydra's copy of the config.
     cfg = summary.get("config")

@@ -17,6 +17,12 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the key, the value and what is allowed."""
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's text (C++ frames and OmegaConf's key/type lines cut off), or ''."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else ""
+
+
 def require(ok: bool, key: str, value: object, allowed: str) -> None:
     """Raise a ConfigError unless ``ok``: ``<key>=<value> is invalid: <allowed>.``"""
     if not ok:
@@ -36,6 +42,9 @@ class TrainerConfig:
     """M: micro-batches per iteration (gradient accumulation)."""
     micro_batch_size: int = 8
     """Sequences per micro-batch."""
+    fuse_micro_batches: bool = False
+    """Local engine: run the micro-batches that take the same route as one batch (the same math up to float
+    rounding, faster on small models); off keeps every step bit-for-bit equal to the process engine's."""
     lr: float = 3e-3
     """Adam learning rate (constant, as the reference)."""
     clip: float = 1.0
@@ -73,7 +82,8 @@ class EngineConfig:
     name: str = "local"
     """local (one process) | distributed (one process per stage on torch.distributed)"""
     replicas: int = 1
-    """Data-parallel replicas per stage (distributed engine)."""
+    """W data-parallel replicas per stage. The process engine runs them (gradients all-reduced within a stage);
+    the local engine runs one pipeline (the same math) and the clock prices the all-reduce over all W."""
     backend: str = "auto"
     """auto (nccl on GPU, gloo on CPU) | gloo | nccl"""
     master_addr: str = "127.0.0.1"

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 from checkfree.config import require
 from checkfree.model import ModelConfig, stage_param_counts
+from checkfree.routes import BODY, HEAD, route
+from checkfree.schedule import build_schedule
 
 GiB = 1024**3
 
@@ -94,8 +96,8 @@ def _pipeline(routes: list[list[tuple]], micro_batches: int, pipeline: str) -> f
     path_b = sum(b for r in mbs for _, _, b in r) / micro_batches
     load_f: dict = defaultdict(float)
     load_b: dict = defaultdict(float)
-    for route in mbs:
-        for res, f, b in route:
+    for path in mbs:
+        for res, f, b in path:
             load_f[res] += f / micro_batches
             load_b[res] += b / micro_batches
     if pipeline == "gpipe":
@@ -197,8 +199,6 @@ class NetworkConfig:
     """Bytes per element of activations, activation gradients and weight gradients on the wire (bf16)."""
     pipeline: str = "gpipe"
     """Pipeline schedule: gpipe or 1f1b."""
-    dp_replicas: int = 1
-    """W data-parallel replicas per stage; only the gradient all-reduce cost depends on it."""
     latency_s: float = 0.001
     """Intra-site link latency: every link under single_cluster, same-location links under geo."""
     bandwidth_Bps: float = 2 * GiB
@@ -226,7 +226,6 @@ def validate_network_config(cfg: NetworkConfig, n_stages: int) -> None:
     require(cfg.device in devices, "network.device", cfg.device, f"allowed: {devices}")
     require(cfg.dtype_bytes in (1, 2, 4), "network.dtype_bytes", cfg.dtype_bytes, "allowed: 1, 2 or 4")
     require(cfg.pipeline in PIPELINES, "network.pipeline", cfg.pipeline, f"allowed: {list(PIPELINES)}")
-    require(cfg.dp_replicas >= 1, "network.dp_replicas", cfg.dp_replicas, "must be an integer >= 1")
     for key in ("bandwidth_Bps", "storage_bandwidth_Bps"):
         value = getattr(cfg, key)
         require(value > 0, f"network.{key}", value, "must be a positive number of bytes per second")
@@ -314,6 +313,7 @@ class CostModel:
         micro_batch_size: int,
         network: NetworkConfig,
         flops_per_s: float | None = None,
+        replicas: int = 1,
     ) -> None:
         validate_network_config(network, model.n_stages)
         if flops_per_s is None:
@@ -324,6 +324,8 @@ class CostModel:
         require(flops_per_s > 0, "flops_per_s", flops_per_s, "must be > 0")
         self.model, self.network = model, network
         self.micro_batches, self.micro_batch_size = micro_batches, micro_batch_size
+        self.replicas = replicas
+        """W data-parallel replicas per stage (``engine.replicas``): only the gradient all-reduce depends on it."""
         self.flops_per_s = flops_per_s
         self.params = stage_param_counts(model)
         d, v = model.d_model, model.vocab_size
@@ -376,21 +378,20 @@ class CostModel:
                     extra_bwd = self._bwd(body[successor]) + grad_hop
             return ("stage", k), self._fwd(params) + extra_fwd, self._bwd(params) + extra_bwd
 
-        even = [visit(0, body[0])]
-        for k in range(1, s):
-            even += hop(k - 1, k) + [visit(k, body[k])]
-        if schedule == "in_order":
-            return [even]
-        # Odd micro-batches (schedule.swapped_order): embed on 0 -> body 1 -> body 0 -> 2 ... S-3
-        # -> body S-1 -> body S-2 -> head on S-1: two extra hops, and 0->2 / S-3->S-1 replace 1->2 / S-3->S-2.
-        order = [1, 0, *range(2, s - 2), s - 1, s - 2]
-        odd = [visit(0, 0, shadow=False)]  # the embedding lookup: a gather, no matmul FLOPs
-        prev = 0
-        for k in order:
-            odd += hop(prev, k) + [visit(k, self.body_params[k])]
-            prev = k
-        odd += hop(s - 2, s - 1) + [visit(s - 1, self.head_params, shadow=False)]
-        return [even, odd]
+        # One priced route per distinct micro-batch path (checkfree.routes): each visit's compute (the embedding
+        # is a gather, no matmul FLOPs), a hop between consecutive visits, and Bamboo's shadow work on visits
+        # that run a stage body.
+        orders = dict.fromkeys(build_schedule(schedule, s).order(m) for m in range(2))
+        priced = []
+        for order in orders:
+            ops: list[tuple] = []
+            for v in route(order, s):
+                if v.prev is not None:
+                    ops += hop(v.prev, v.stage)
+                params = (self.body_params[v.stage] if BODY in v.ops else 0) + (self.head_params if HEAD in v.ops else 0)
+                ops.append(visit(v.stage, params, shadow=BODY in v.ops))
+            priced.append(ops)
+        return priced
 
     def _pipe(self, schedule: str, redundant: bool, hops: bool = True) -> float:
         routes = self._routes(schedule, redundant, hops)
@@ -402,7 +403,7 @@ class CostModel:
         A stage's replicas share its site, so the ring runs over the intra-site link.
         """
         link = stage_link(self.network, 0, 0)
-        w = self.network.dp_replicas
+        w = self.replicas
         return max(ring_allreduce_seconds(p * self.network.dtype_bytes, w, link) for p in self.params)
 
     def breakdown(self, schedule: str = "in_order", redundant: bool = False) -> dict[str, float]:

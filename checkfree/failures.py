@@ -386,3 +386,37 @@ def _event(record: dict[str, Any], where: str, loc: str) -> FailureEvent:
         raise ConfigError(f"{where} {loc} has time_s={time_s!r}; allowed finite simulated seconds >= 0.")
     return FailureEvent(int(stage), None if iteration is None else int(iteration),
                         None if time_s is None else float(time_s))
+
+
+class FailureDraws:
+    """The failures of one run, drawn iteration by iteration over simulated time.
+
+    Each call covers ``[horizon, t_end)``: every simulated second is covered exactly once, including time
+    spent recovering, so a slower strategy meets more failures (as in reality). Stages the numeric guard
+    marked (``trainer.on_nonfinite=recover``) fail at the next draw, with cause "nonfinite"."""
+
+    def __init__(self, cfg: FailureConfig, n_stages: int, seed: int) -> None:
+        self.model = build_failure_model(cfg, n_stages, seed)
+        self.may_fail = set(failing_stages(cfg, n_stages))
+        self.horizon = 0.0
+        self.pending: set[int] = set()
+
+    def draw(self, iteration: int, t0: float, t_end: float) -> tuple[list[int], list[FailureEvent], list[dict]]:
+        """(lost stages, the model's events, their failure records) for ``iteration``, whose window ends at
+        ``t_end``; a stage is lost once, however often it was hit."""
+        events = [e for e in self.model.events(iteration, self.horizon, t_end) if e.stage in self.may_fail]
+        self.horizon = t_end
+        records = [{"iteration": iteration, "stage": e.stage, "time_s": e.time_s} for e in events]
+        records += [{"iteration": iteration, "stage": stage, "time_s": t0, "cause": "nonfinite"}
+                    for stage in sorted(self.pending - {e.stage for e in events})]
+        lost = sorted({e.stage for e in events} | self.pending)
+        self.pending = set()
+        return lost, events, records
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "horizon": self.horizon, "pending": sorted(self.pending)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.horizon, self.pending = state["horizon"], set(state["pending"])
+

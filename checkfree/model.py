@@ -103,8 +103,6 @@ PRESETS: dict[str, ModelConfig] = {
     "llama_1_5b": ModelConfig("llama_1_5b", 6, 4, 2048, 16, seq_len=4096, vocab_size=32000),
 }
 
-# Paper hyper-parameters that go with each preset (lr, lr_scale), applied by conf/model/*.yaml.
-PAPER_HPARAMS = {"llama_124m": (6e-4, 1.1), "llama_500m": (3e-4, 1.2), "llama_1_5b": (3e-4, 1.1)}
 
 
 def preset(name: str) -> ModelConfig:

@@ -1,89 +1,71 @@
-"""The local pipeline engine: every stage in one process, one optimizer per stage.
+"""The local engine: every stage in one process, one optimizer per stage, and the local plan executor.
 
-One iteration runs ``M`` micro-batches, each in the forward order its schedule gives (embedding first,
-stage bodies in schedule order, head last), accumulates ``loss / M`` gradients, records each stage's
-gradient L2 norm before and after clipping, clips each stage on its own (as a real pipeline must: no
-stage sees another's gradients) and steps every stage's optimizer.
+One iteration runs ``M`` micro-batches, each along its route (``checkfree.routes``: embedding first, stage
+bodies in the schedule's order, head last), accumulates ``loss / M`` gradients, records each stage's
+gradient norm before and after clipping, clips each stage on its own and steps every stage's optimizer.
+With ``fuse`` the micro-batches that take the same route run as one batch (same math up to float rounding,
+one forward and backward instead of several: the fast path of long CPU experiments).
 
-The engine knows nothing about failures or strategies: recovery code edits ``stages`` and
-``optimizers`` through the small methods at the bottom (``reset_optimizer``, ``set_lr``).
+Recovery: ``execute`` applies a ``RecoveryPlan`` to the modules in process (the sources' tensors are read
+directly), ``upkeep`` refreshes held copies and writes checkpoints. The rules themselves — how a visit
+computes, how a stage is rebuilt — are ``checkfree.compute.StageCompute``'s, shared with the stage processes.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import time
+from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from checkfree.checkpoints import CheckpointStore
+from checkfree.compute import StageCompute, StepResult, causal_lm_loss, nbytes, refresh_into
+from checkfree.engine import Outcome
 from checkfree.model import Stage
+from checkfree.plan import REPLICA, Held, RecoveryPlan, Traffic, Upkeep, rebuild_report, rollback_reports
+from checkfree.routes import EMBED, HEAD, route
 from checkfree.schedule import Schedule
 
 
-@dataclass
-class StepResult:
-    """What one optimizer step did, per stage where it makes sense."""
-
-    loss: float
-    """Mean training cross-entropy over the micro-batches."""
-    grad_norm: list[float]
-    """Per-stage gradient L2 norm before clipping."""
-    grad_norm_post: list[float]
-    """Per-stage gradient L2 norm after clipping (the reference's CheckFree weights)."""
-    tokens: int
-    stepped: bool = True
-    """False when the step was skipped because the loss or a gradient was non-finite (see ``train_step``)."""
-
-
-def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
-
-
-class LocalPipeline:
+class LocalEngine:
     """Stages + per-stage Adam, trained over micro-batches in one process."""
 
-    def __init__(
-        self,
-        stages: list[Stage],
-        lr: float,
-        clip: float = 1.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        weight_decay: float = 0.0,
-        autocast_dtype: torch.dtype | None = None,
-    ) -> None:
-        self.stages = stages
+    def __init__(self, stages: list[Stage], lr: float, clip: float = 1.0, autocast_dtype: torch.dtype | None = None,
+                 fuse: bool = False) -> None:
+        self.computes = [StageCompute(stage, lr, clip, autocast_dtype=autocast_dtype) for stage in stages]
         self.lr = lr
-        self.clip = clip
-        self.betas = betas
-        self.weight_decay = weight_decay
-        self.autocast_dtype = autocast_dtype
-        self.optimizers = [self._new_optimizer(stage, lr) for stage in stages]
+        self.fuse = fuse
+        self.held: dict[Held, dict[str, Any]] = {}
+        """Held copies (replicas, shadows) by what they are; in a real system each lives on its holder."""
+        self.store: CheckpointStore | None = None
+        self.lost: set[int] = set()
 
     @property
     def n_stages(self) -> int:
-        return len(self.stages)
+        return len(self.computes)
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [c.stage for c in self.computes]
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [c.optimizer for c in self.computes]
 
     @property
     def device(self) -> torch.device:
-        return next(self.stages[0].parameters()).device
+        return self.computes[0].device
 
-    def _new_optimizer(self, stage: Stage, lr: float) -> torch.optim.Adam:
-        return torch.optim.Adam(stage.parameters(), lr=lr, betas=self.betas, weight_decay=self.weight_decay)
+    def start(self, run_dir: Path | str, fresh: bool = True) -> None:
+        self.store = CheckpointStore(Path(run_dir) / "checkpoints")
+        if fresh:
+            self.store.clear()
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+    def close(self) -> None:
+        pass
 
-    def forward(self, input_ids: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
-        """Logits for ``input_ids`` with the stage bodies run in ``order``."""
-        with self._autocast():
-            hidden = self.stages[0].embed(input_ids)
-            for index in order:
-                hidden = self.stages[index].body(hidden)
-        # The head and the loss run outside autocast, in fp32, as in the reference.
-        return self.stages[-1].head(hidden.float() if self.autocast_dtype else hidden)
+    # --- training ------------------------------------------------------------------------------------
 
     def train_step(self, micro_batches: list[torch.Tensor], schedule: Schedule,
                    skip_nonfinite: bool = False) -> StepResult:
@@ -93,84 +75,167 @@ class LocalPipeline:
         (``StepResult.stepped`` is False): one bad stage's NaN would otherwise reach every other stage's
         weights through the backward pass and Adam's moments.
         """
-        for stage in self.stages:
-            stage.train()
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
-        total, tokens = 0.0, 0
-        for m, batch in enumerate(micro_batches):
-            batch = batch.to(self.device, non_blocking=True)
+        for compute in self.computes:
+            compute.train()
+        total, tokens, n = 0.0, 0, len(micro_batches)
+        for order, group in self._groups(micro_batches, schedule):
+            batch = (group[0] if len(group) == 1 else torch.cat(group)).to(self.device, non_blocking=True)
             inputs, targets = batch[:, :-1], batch[:, 1:]
-            loss = causal_lm_loss(self.forward(inputs, schedule.order(m)), targets)
-            (loss / len(micro_batches)).backward()
-            total += loss.item()
+            loss = causal_lm_loss(self._forward(inputs, order), targets)
+            StageCompute.backward_loss(loss, n, fused=len(group))
+            total += loss.item() * len(group)
             tokens += targets.numel()
-        pre, post = self.clip_stage_gradients()
-        loss = total / len(micro_batches)
-        if skip_nonfinite and not (math.isfinite(loss) and all(math.isfinite(n) for n in pre)):
-            return StepResult(loss, pre, post, tokens, stepped=False)
-        for opt in self.optimizers:
-            opt.step()
-        return StepResult(loss, pre, post, tokens)
+        norms = [compute.clip() for compute in self.computes]
+        result = StepResult(total / n, [pre for pre, _ in norms], [post for _, post in norms], tokens)
+        if skip_nonfinite and not result.finite:
+            result.stepped = False
+            return result
+        for compute in self.computes:
+            compute.step()
+        return result
 
-    def clip_stage_gradients(self) -> tuple[list[float], list[float]]:
-        """Clip every stage to ``clip`` on its own; return pre- and post-clip norms."""
-        pre, post = [], []
-        for stage in self.stages:
-            params = [p for p in stage.parameters() if p.grad is not None]
-            norm = float(torch.nn.utils.clip_grad_norm_(params, self.clip, foreach=True)) if params else 0.0
-            pre.append(norm)
-            # clip_grad_norm_ scales by clip / (norm + 1e-6) when that is below 1: the post-clip norm is exact
-            # up to float rounding, so we compute it rather than taking another pass over every gradient.
-            post.append(norm * min(1.0, self.clip / (norm + 1e-6)) if math.isfinite(norm) else norm)
-        return pre, post
+    def _groups(self, micro_batches: list[torch.Tensor], schedule: Schedule) -> list[tuple[tuple[int, ...], list]]:
+        """(order, micro-batches): one each, or with ``fuse`` one group per distinct route, in first-seen order."""
+        if not self.fuse:
+            return [(schedule.order(m), [batch]) for m, batch in enumerate(micro_batches)]
+        groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        for m, batch in enumerate(micro_batches):
+            groups.setdefault(schedule.order(m), []).append(batch)
+        return list(groups.items())
+
+    def _forward(self, input_ids: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+        """Logits for ``input_ids``: the route's visits chained in this process."""
+        h = input_ids
+        for visit in route(order, self.n_stages):
+            h = self.computes[visit.stage].forward(visit.ops, h)
+        return h
 
     @torch.no_grad()
     def evaluate(self, sequences: torch.Tensor, batch_size: int) -> float:
-        """Mean token cross-entropy over ``sequences`` (``[N, seq_len + 1]``), in-order, no grad."""
-        for stage in self.stages:
-            stage.eval()
+        """Mean token cross-entropy over ``sequences`` (``[N, seq_len + 1]``), in order, no grad."""
+        for compute in self.computes:
+            compute.stage.eval()
         order = tuple(range(self.n_stages))
         total, count = 0.0, 0
         for start in range(0, sequences.shape[0], batch_size):
-            batch = sequences[start : start + batch_size].to(self.device)
-            logits = self.forward(batch[:, :-1], order)
-            total += causal_lm_loss(logits, batch[:, 1:]).item() * batch.shape[0]
+            batch = sequences[start: start + batch_size].to(self.device)
+            total += causal_lm_loss(self._forward(batch[:, :-1], order), batch[:, 1:]).item() * batch.shape[0]
             count += batch.shape[0]
         return total / count
 
-    # --- used by recovery strategies -------------------------------------------------------------
-
-    def reset_optimizer(self, stage: int, lr: float) -> None:
-        """A replacement node starts with an empty optimizer state (Adam moments, step count)."""
-        self.optimizers[stage] = self._new_optimizer(self.stages[stage], lr)
-
-    def set_lr(self, stage: int, lr: float) -> None:
-        for group in self.optimizers[stage].param_groups:
-            group["lr"] = lr
+    # --- what the trainer reads ----------------------------------------------------------------------
 
     def stage_lrs(self) -> list[float]:
-        return [opt.param_groups[0]["lr"] for opt in self.optimizers]
-
-    @torch.no_grad()
-    def first_nonfinite_output(self, input_ids: torch.Tensor, order: tuple[int, ...]) -> int | None:
-        """The first stage, in ``order``, whose output is non-finite (embedding counted as stage 0, head
-        as the last stage); None when every output is finite. A diagnosis for a non-finite loss, not a hot
-        path."""
-        with self._autocast():
-            hidden = self.stages[0].embed(input_ids.to(self.device))
-            if not torch.isfinite(hidden).all():
-                return 0
-            for index in order:
-                hidden = self.stages[index].body(hidden)
-                if not torch.isfinite(hidden).all():
-                    return index
-        logits = self.stages[-1].head(hidden.float() if self.autocast_dtype else hidden)
-        return None if torch.isfinite(logits).all() else self.n_stages - 1
+        return [compute.lr for compute in self.computes]
 
     def nonfinite_stages(self) -> list[int]:
         """Stages whose weights contain a non-finite value (empty when all are finite)."""
-        return [
-            i for i, stage in enumerate(self.stages)
-            if not all(torch.isfinite(p).all() for p in stage.parameters())
-        ]
+        return [k for k, compute in enumerate(self.computes) if not compute.finite()]
+
+    @torch.no_grad()
+    def first_nonfinite_output(self, input_ids: torch.Tensor, order: tuple[int, ...]) -> int | None:
+        """The first stage, along ``order``'s route, whose output is non-finite (the embedding counts as
+        stage 0, the head as stage S-1); None when every output is finite. A diagnosis, not a hot path."""
+        h = input_ids.to(self.device)
+        for visit in route(order, self.n_stages):
+            h, outputs = self.computes[visit.stage].probe(visit.ops, h)
+            for op, finite in outputs:
+                if not finite:
+                    return blame(op, visit.stage, self.n_stages)
+        return None
+
+    def held_bytes(self) -> int:
+        """Extra bytes the held copies (shadows, replicas) keep resident on the nodes."""
+        return sum(nbytes(copy) for copy in self.held.values())
+
+    def stage_states(self) -> list[dict[str, torch.Tensor]]:
+        return [compute.stage.state_dict() for compute in self.computes]
+
+    # --- recovery: the local executor ----------------------------------------------------------------
+
+    def lose(self, stages: list[int]) -> None:
+        """The stages' nodes are gone, and the copies they held with them (a plan can never read those)."""
+        self.lost |= set(stages)
+        self.held = {h: copy for h, copy in self.held.items() if h.holder not in self.lost}
+
+    def execute(self, plan: RecoveryPlan, progress: int) -> Outcome:
+        if plan.rollback:
+            start = time.perf_counter()
+            restored = self.store.restore(self._load_checkpoint)
+            reports = rollback_reports(plan, progress, restored)
+            for report in reports:
+                report.wall_s = time.perf_counter() - start
+            self.lost = set()
+            return Outcome(reports, restored)
+        missing = self.lost - {r.stage for r in plan.rebuilds}
+        if missing:
+            raise RuntimeError(f"the {plan.strategy} plan leaves lost stage(s) {sorted(missing)} unrebuilt")
+        reports = []
+        for rebuild in plan.rebuilds:
+            start = time.perf_counter()
+            bodies = [self.computes[s].stage.body_state() for s, _ in rebuild.sources]
+            restored = self.held[rebuild.restore] if rebuild.restore is not None else None
+            self.computes[rebuild.stage].apply(rebuild, bodies, restored)
+            n_bytes = sum(nbytes(b) for b in bodies) + (nbytes(restored) if restored is not None else 0)
+            report = rebuild_report(plan, rebuild, n_bytes)
+            report.wall_s = time.perf_counter() - start
+            reports.append(report)
+        self.lost = set()
+        # Copies re-made after every rebuild, so none copies a stage that was still to be rebuilt.
+        for rebuild, report in zip(plan.rebuilds, reports):
+            report.bytes_moved += sum(self._refresh(held) for held in rebuild.fetch)
+        for held in plan.refresh:
+            self._refresh(held)
+        return Outcome(reports)
+
+    def upkeep(self, upkeep: Upkeep, meta: dict[str, Any]) -> Traffic:
+        traffic = Traffic()
+        for held in upkeep.refresh:
+            n_bytes = self._refresh(held)
+            if held.kind == REPLICA:
+                traffic.sent[(held.owner, held.holder)] = n_bytes
+        if upkeep.checkpoint:
+            traffic.shard_bytes = self._save_checkpoint(meta, upkeep.keep)
+        return traffic
+
+    def _refresh(self, held: Held) -> int:
+        """Make the holder's copy of the owner anew (in place when it exists); returns its bytes."""
+        self.held[held] = refresh_into(self.held.get(held), self.computes[held.owner].held_copy(held.kind))
+        return nbytes(self.held[held])
+
+    def _save_checkpoint(self, meta: dict[str, Any], keep: int) -> list[int]:
+        tmp = self.store.begin(meta["progress"])
+        written = [self.store.write_shard(tmp, k, compute.state()) for k, compute in enumerate(self.computes)]
+        shards = [n for n, _ in written]
+        digests = {f"stage{k}.pt": digest for k, (_, digest) in enumerate(written)}
+        self.store.commit(tmp, {**meta, "shard_bytes": shards, "digests": digests}, keep)
+        return shards
+
+    def _load_checkpoint(self, checkpoint: Path, meta: dict[str, Any]) -> None:
+        # Every shard is read (and verified) before any is applied: a damaged one leaves the stages as they
+        # were, and the store falls back to the older checkpoint.
+        shards = [self.store.read_shard(checkpoint, k, meta) for k in range(self.n_stages)]
+        for compute, shard in zip(self.computes, shards):
+            compute.load_state(shard)
+
+    # --- resume --------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stages": self.stage_states(), "optimizers": [c.optimizer.state_dict() for c in self.computes],
+                "held": [((h.kind, h.owner, h.holder), copy) for h, copy in self.held.items()],
+                "checkpoints": self.store.state_dict() if self.store is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for compute, weights, optimizer in zip(self.computes, state["stages"], state["optimizers"], strict=True):
+            compute.load_state({"weights": weights, "optimizer": optimizer})
+        self.held = {Held(*key): copy for key, copy in state["held"]}
+        if state["checkpoints"] is not None:
+            self.store.load_state_dict(state["checkpoints"])
+
+
+def blame(op: str, stage: int, n_stages: int) -> int:
+    """The stage an op's output is charged to: the embedding is stage 0's, the head stage S-1's."""
+    return 0 if op == EMBED else n_stages - 1 if op == HEAD else stage
+
+
+__all__ = ["LocalEngine", "StepResult", "causal_lm_loss", "blame"]

@@ -22,7 +22,7 @@ from checkfree.atomic import torch_save_atomic, write_atomic
 from checkfree.config import ConfigError
 
 STATE_DIR, STATE_FILE = "resume", "state.pt"
-FORMAT = 1
+FORMAT = 2
 """Bumped whenever the layout of the state changes, so an old file is refused with a clear sentence."""
 
 # Keys that may differ between the interrupted run and its continuation: they decide how long to go on,
@@ -30,7 +30,7 @@ FORMAT = 1
 # continued run would silently be a different experiment.
 MAY_CHANGE = ("trainer.iterations", "trainer.resume", "trainer.save_every", "trainer.progress_bar",
               "trainer.sim_time_budget_s", "trainer.on_nonfinite", "trainer.device", "data.cache_dir",
-              "logger.")
+              "logger.", "engine.")
 
 
 def state_path(run_dir: Path | str) -> Path:
@@ -64,6 +64,17 @@ def load_state(run_dir: Path | str) -> dict[str, Any]:
         found = state.get("format") if isinstance(state, dict) else None
         raise ConfigError(f"trainer.resume={str(run_dir)!r} is invalid: {path} has format {found!r}, "
                           f"this version reads format {FORMAT}.")
+    return state
+
+
+def check_resume(cfg: Any, run_dir: Path) -> dict[str, Any]:
+    """The saved state of ``trainer.resume=run_dir``, after checking that ``cfg`` may continue it."""
+    state = load_state(run_dir)
+    check_same_config(state["config"], cfg.to_dict(), run_dir)
+    done = state["iteration"]
+    if cfg.trainer.iterations < done:
+        raise ConfigError(f"trainer.iterations={cfg.trainer.iterations} is invalid with trainer.resume="
+                          f"{str(run_dir)!r}: the saved run is already at iteration {done}; allowed >= {done}.")
     return state
 
 

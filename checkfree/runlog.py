@@ -37,24 +37,40 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     write_atomic(path, lambda f: f.write(json.dumps(_clean(payload), indent=2).encode()))
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """Every parseable line of a metrics.jsonl (a torn last line is skipped)."""
+def read_metrics(path: Path, bad: str = "skip") -> list[dict]:
+    """The records of a metrics.jsonl ([] if there is none). A line that is not a JSON object (a torn last line
+    of a killed writer) is skipped (``bad="skip"``), skipped with a warning (``"warn"``), or is an error naming
+    the file and line (``"raise"``: a lost result, where a run must not have any)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
     records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+    for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
             continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            if bad == "raise":
+                raise ValueError(f"{path}:{lineno} does not parse ({exc}): {line[:80]!r}") from None
+            if bad == "warn":
+                warnings.warn(f"{path}:{lineno}: skipping unparsable metrics line ({exc})", RuntimeWarning,
+                              stacklevel=2)
+            continue
+        records.append(record)
     return records
 
 
 def deterministic_view(records: list[dict]) -> list[dict]:
-    """Metrics records without the wall-clock fields (also inside recoveries): two runs of the same
-    config and seed give equal views, whatever the machine did meanwhile."""
+    """Metrics records without the wall-clock fields (also inside recoveries, and the process engine's PIDs
+    and phases): two runs of the same config and seed give equal views, whatever the machine did meanwhile,
+    and so do the local and the process engine."""
     out = []
     for record in records:
         record = {k: v for k, v in record.items() if k not in WALL_CLOCK_FIELDS}
-        record["recoveries"] = [{k: v for k, v in r.items() if k != "wall_s"}
+        record["recoveries"] = [{k: v for k, v in r.items() if k not in ("wall_s", "process")}
                                 for r in record.get("recoveries", [])]
         out.append(record)
     return out

@@ -23,22 +23,100 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from checkfree.config import ConfigError
-from checkfree.runconfig import load_run_config
+from checkfree.config import ConfigError, first_line
+from checkfree.runconfig import RunConfig, load_run_config
+
+if TYPE_CHECKING:
+    from checkfree.lifecycle import Run
+    from checkfree.model import ModelConfig
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def _raise_interrupted(signum: int, frame: object) -> None:
-    from checkfree.trainer import interrupted
+    from checkfree.lifecycle import interrupted
 
     raise interrupted(signum)  # carries signum: the exit status says which signal stopped the run
+
+
+# --- building a run: config -> corpus, engine, trainer ------------------------------------------------------
+# Heavy imports (torch, transformers, datasets) happen here, inside the functions: validating a config
+# (``load_run_config``) imports none of them.
+
+
+def train(cfg: RunConfig, run_dir: Path | str) -> dict:
+    """Run one training job into ``run_dir`` (with ``trainer.resume=DIR``: on in DIR); returns the summary."""
+    return build_run(cfg, Path(run_dir)).run()
+
+
+def build_run(cfg: RunConfig, run_dir: Path) -> Run:
+    """Everything a run needs, built once: the corpus, the engine (local or processes) and the trainer."""
+    import torch
+
+    from checkfree.data import load_corpus
+    from checkfree.lifecycle import Run
+    from checkfree.resume import check_resume
+    from checkfree.trainer import Trainer
+
+    resume_state = None
+    if cfg.trainer.resume:
+        # Before any work: a missing state or a changed config fails in a second, writing nothing. A resumed
+        # run continues in the interrupted run's own directory.
+        run_dir = Path(cfg.trainer.resume)
+        resume_state = check_resume(cfg, run_dir)
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.trainer.device)
+    corpus = load_corpus(cfg.data, cfg.model.seq_len, batch_seed=cfg.seed)
+    model = cfg.model.with_vocab(corpus.vocab_size)
+    engine = build_engine(cfg, model, device)
+    return Run(Trainer(cfg, engine, corpus, model, run_dir), resume_state)
+
+
+def build_engine(cfg: RunConfig, model: ModelConfig, device):
+    """``engine=local``: every stage in this process; otherwise one process per stage x replica."""
+    import torch
+
+    autocast = torch.bfloat16 if cfg.trainer.precision == "bf16" else None
+    if cfg.engine.name == "local":
+        from checkfree.model import build_stages
+        from checkfree.pipeline import LocalEngine
+
+        stages = build_stages(model, cfg.seed, device)
+        return LocalEngine(stages, cfg.trainer.lr, cfg.trainer.clip, autocast_dtype=autocast,
+                           fuse=cfg.trainer.fuse_micro_batches)
+    from checkfree.distributed.engine import ProcessEngine
+    from checkfree.distributed.rendezvous import pick_backend
+    from checkfree.distributed.worker import WorkerSpec
+    from checkfree.recovery import strategy_class
+
+    world = model.n_stages * cfg.engine.replicas
+    spec = WorkerSpec(
+        stage=0, replica=0, model=model, seed=cfg.seed, lr=cfg.trainer.lr, clip=cfg.trainer.clip,
+        precision=cfg.trainer.precision, device=device.type, schedule=strategy_class(cfg.strategy.name).schedule_name,
+        pipeline=cfg.network.pipeline, micro_batches=cfg.trainer.micro_batches,
+        micro_batch_size=cfg.trainer.micro_batch_size, replicas=cfg.engine.replicas,
+        backend=pick_backend(cfg.engine, device), store_addr=cfg.engine.master_addr,
+        store_port=cfg.engine.master_port, timeout_s=cfg.engine.timeout_s,
+        threads=max(1, (os.cpu_count() or 1) // world),
+    )
+    return ProcessEngine(spec, cfg.engine)
+
+
+def pick_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device='cuda' is invalid: torch sees no CUDA device; allowed here: cpu or auto.")
+    return torch.device(name)
 
 
 def run_job(cfg: DictConfig) -> dict | None:
@@ -53,15 +131,10 @@ def run_job(cfg: DictConfig) -> dict | None:
     except ConfigError as exc:
         return _config_error(exc, run_dir, multirun)
     except OmegaConfBaseException as exc:  # e.g. model.n_stages=${oops}: an interpolation that cannot resolve
-        return _config_error(ConfigError(_first_line(exc)), run_dir, multirun)
+        return _config_error(ConfigError(_key_sentence(exc)), run_dir, multirun)
 
     signal.signal(signal.SIGTERM, _raise_interrupted)
-    if run.engine.name == "distributed":
-        from checkfree.distributed import train as distributed_train
-
-        runner = distributed_train
-    else:
-        from checkfree.trainer import train as runner
+    runner = train
     # A resumed run goes on in its own directory (checkfree.trainer); Hydra's keeps only Hydra's files.
     results = Path(run.trainer.resume) if run.trainer.resume else run_dir
     try:
@@ -158,13 +231,13 @@ def _one_sentence(exc: Exception, overrides: list[str] | None = None) -> str:
         detail = str(exc).splitlines()[0] if str(exc) else "syntax error"
         return (f"the override {bad or ' '.join(args)!r} is malformed ({detail}); "
                 "see Hydra's override grammar.")
-    return _first_line(exc)
+    return _key_sentence(exc)
 
 
-def _first_line(exc: Exception) -> str:
+def _key_sentence(exc: Exception) -> str:
     """OmegaConf appends 'full_key: ...' and 'object_type=...' lines; the key leads our sentence instead."""
     key = getattr(exc, "full_key", None)
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0].strip().rstrip(".")
+    text = (first_line(exc, limit=1000) or type(exc).__name__).strip().rstrip(".")
     return f"{key} is invalid: {text}." if key else f"{text}."
 
 

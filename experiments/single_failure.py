@@ -7,9 +7,9 @@ failure=none``. Validation runs every ``--eval-every`` iterations (default 1, so
 always evaluated). Until F every run is the same computation as the no-failure run (same seed, data and
 init), so the "before" column is one number and the differences after it come from the recovery alone.
 
-"Right after recovery" is measured, not approximated: the runs use the real ``Trainer`` with one extra
-validation hooked in after its ``recover`` (before iteration F's optimizer step); it reads no RNG and
-changes nothing, so the trajectory is the same as ``checkfree.trainer.train``'s. The iteration-F column
+"Right after recovery" is measured, not approximated: the runs are the real run (``checkfree.train.build_run``)
+with one extra validation right after the engine executes each recovery plan (before iteration F's optimizer
+step); it reads no RNG and changes nothing, so the trajectory is the same as ``checkfree.train.train``'s. The iteration-F column
 is the trainer's own record (recovery + one step).
 
     python experiments/single_failure.py [--seeds 1] [--fail-at 100] [--stage 3] \
@@ -30,28 +30,31 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from checkfree.recovery import RecoveryReport
-from checkfree.runconfig import RunConfig, load_run_config
+from checkfree.engine import Outcome
+from checkfree.runconfig import load_run_config
 from checkfree.runlog import read_metrics
-from checkfree.trainer import Trainer
+from checkfree.train import build_run
 
 REPO = Path(__file__).resolve().parent.parent
 STRATEGIES = ("checkfree", "copy", "uniform", "random", "zero")
 NO_FAILURE = "no failure"
 
 
-class ProbedTrainer(Trainer):
-    """The trainer, plus one validation right after each recovery (before that iteration's step)."""
+class Probed:
+    """A run's engine, plus one validation right after it executes each recovery plan."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
-        super().__init__(cfg, run_dir)
+    def __init__(self, engine, val: torch.Tensor, batch_size: int, iteration) -> None:
+        self.engine, self.val, self.batch_size, self.iteration = engine, val, batch_size, iteration
         self.post_recovery: list[dict] = []
 
-    def recover(self, failed: list[int]) -> list[RecoveryReport]:
-        reports = super().recover(failed)
-        probe = {"iteration": self.ctx.iteration, "stages": failed, "val_loss": self.evaluate()}
-        self.post_recovery.append(probe)
-        return reports
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def execute(self, plan, progress: int) -> Outcome:
+        outcome = self.engine.execute(plan, progress)
+        loss = self.engine.evaluate(self.val, self.batch_size)
+        self.post_recovery.append({"iteration": self.iteration(), "stages": list(plan.lost), "val_loss": loss})
+        return outcome
 
 
 def hydra_overrides(strategy: str, seed: int, trace: Path, args: argparse.Namespace) -> list[str]:
@@ -67,9 +70,11 @@ def run_one(strategy: str, seed: int, trace: Path, args: argparse.Namespace) -> 
     """One training run; returns its val-loss curve {iteration: loss} and the post-recovery probe."""
     cfg = compose(config_name="config", overrides=hydra_overrides(strategy, seed, trace, args))
     run_dir = args.out / "runs" / f"{strategy.replace(' ', '_')}_seed{seed}"
-    trainer = ProbedTrainer(load_run_config(cfg), run_dir)
-    summary = trainer.run()
-    probes = trainer.post_recovery
+    run = build_run(load_run_config(cfg), run_dir)
+    t = run.trainer
+    t.engine = probed = Probed(t.engine, t.corpus.val, t.cfg.trainer.eval_batch_size, lambda: t.iteration_no)
+    summary = run.run()
+    probes = probed.post_recovery
     if probes:
         (run_dir / "post_recovery.json").write_text(json.dumps(probes, indent=2) + "\n")
     records = read_metrics(run_dir / "metrics.jsonl")

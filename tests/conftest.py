@@ -70,3 +70,93 @@ def small_run(data_cache):
         return load_run_config(small_run_dict(data_cache, **sections))
 
     return make
+
+
+class Driver:
+    """A strategy over a local engine, driven the way the trainer drives them (progress, last gradient norms,
+    the age of held copies), so a test can fail stages at exact points and inspect every tensor."""
+
+    def __init__(self, engine, strategy, lr: float, run_dir, data=None, seed: int = 0, schedule=None) -> None:
+        from checkfree.schedule import build_schedule
+
+        self.engine, self.strategy, self.lr, self.data, self.seed = engine, strategy, lr, data, seed
+        self.schedule = schedule or build_schedule(strategy.schedule_name, engine.n_stages)
+        self.iteration, self.progress = 0, 0
+        self.grad_norm = self.grad_norm_post = None
+        self.held_since: dict = {}
+        engine.start(run_dir, fresh=True)
+        self.upkeep(strategy.setup(self.view()))
+
+    def view(self):
+        from checkfree.plan import RunView
+
+        def frozen(xs):
+            return tuple(xs) if xs is not None else None
+
+        return RunView(self.engine.n_stages, self.iteration, self.progress, self.seed, self.lr,
+                       tuple(self.engine.stage_lrs()), frozen(self.grad_norm), frozen(self.grad_norm_post),
+                       dict(self.held_since))
+
+    def upkeep(self, upkeep):
+        meta = {"progress": self.progress, "data": self.data.state_dict() if self.data is not None else None,
+                "rng": torch.get_rng_state()}
+        traffic = self.engine.upkeep(upkeep, meta)
+        for held in upkeep.refresh:
+            self.held_since[held] = self.progress
+        return traffic
+
+    def step(self, batches, upkeep: bool = True):
+        """One iteration as the trainer runs it: train, count the step, then the strategy's upkeep."""
+        self.iteration += 1
+        result = self.engine.train_step(batches, self.schedule)
+        self.progress += 1
+        self.grad_norm, self.grad_norm_post = result.grad_norm, result.grad_norm_post
+        traffic = self.upkeep(self.strategy.after_step(self.view())) if upkeep else None
+        return result.loss, traffic
+
+    def plan(self, lost):
+        return self.strategy.plan(frozenset(lost), self.view())
+
+    def recover(self, lost):
+        """The stages in ``lost`` are lost; the strategy plans and the engine executes (as Trainer.recover)."""
+        self.engine.lose(sorted(lost))
+        plan = self.plan(lost)
+        outcome = self.engine.execute(plan, self.progress)
+        if outcome.restored is not None:
+            if self.data is not None:
+                self.data.load_state_dict(outcome.restored["data"])
+            torch.set_rng_state(outcome.restored["rng"])
+            self.progress = outcome.restored["progress"]
+        for held in (*plan.refresh, *(h for r in plan.rebuilds for h in r.fetch)):
+            self.held_since[held] = self.progress
+        return outcome.reports
+
+
+class Hooked:
+    """A run's engine with test hooks: ``hooks[name](n, engine)`` runs right before the n-th call (1-based) of
+    the engine's method ``name``. A test puts a fault (a poisoned weight, an interruption, a SIGKILL) at an
+    exact point of the loop through the public engine interface; production code has no test hooks."""
+
+    def __init__(self, engine, **hooks) -> None:
+        self.engine, self.hooks, self.calls = engine, hooks, {}
+
+    def __getattr__(self, name):
+        method = getattr(self.engine, name)
+        if name not in self.hooks:
+            return method
+
+        def hooked(*args, **kwargs):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            self.hooks[name](self.calls[name], self.engine)
+            return method(*args, **kwargs)
+
+        return hooked
+
+
+def hooked_run(cfg, run_dir, **hooks):
+    """``checkfree.train.build_run`` with the engine wrapped in ``Hooked``."""
+    from checkfree.train import build_run
+
+    run = build_run(cfg, run_dir)
+    run.trainer.engine = Hooked(run.trainer.engine, **hooks)
+    return run

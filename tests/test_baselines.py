@@ -15,12 +15,13 @@ import torch
 from omegaconf import OmegaConf
 
 from checkfree.model import build_stages, preset, stage_param_counts
-from checkfree.pipeline import LocalPipeline
+from checkfree.pipeline import LocalEngine
+from checkfree.plan import SHADOW, Held
 from checkfree.recovery import StrategyConfig, build_strategy
-from checkfree.recovery.base import RecoveryContext, UnrecoverableFailure
+from checkfree.recovery.base import UnrecoverableFailure
 from checkfree.recovery.checkpoint import CheckpointRollback
 from checkfree.recovery.redundant import RedundantComputation
-from checkfree.schedule import InOrder
+from tests.conftest import Driver
 
 VOCAB, SEQ, LR = 64, 16, 1e-3
 CFG = preset("tiny").with_vocab(VOCAB)
@@ -46,29 +47,25 @@ class Batches:
         self.position = state["position"]
 
 
-def make_ctx(tmp_path: Path, seed: int = 0) -> RecoveryContext:
-    pipeline = LocalPipeline(build_stages(CFG, seed), lr=LR)
-    return RecoveryContext(pipeline=pipeline, base_lr=LR, run_dir=tmp_path, data=Batches(seed))
+def make_ctx(tmp_path: Path, seed: int = 0, strategy: StrategyConfig | None = None) -> Driver:
+    """A tiny local engine driven under ``strategy`` (default: none) over a seeded data stream."""
+    engine = LocalEngine(build_stages(CFG, seed), lr=LR)
+    return Driver(engine, build_strategy(strategy or StrategyConfig(name="none"), S), LR, tmp_path, data=Batches(seed))
 
 
-def step(ctx: RecoveryContext, strategy=None):
-    """One iteration as the trainer runs it: train, count the step, then the strategy's after-step hook."""
-    ctx.iteration += 1
-    result = ctx.pipeline.train_step([ctx.data.next_batch(2) for _ in range(2)], InOrder(S))
-    ctx.progress += 1
-    ctx.grad_norm, ctx.grad_norm_post = result.grad_norm, result.grad_norm_post
-    overhead = strategy.after_step(ctx) if strategy is not None else None
-    return result.loss, overhead
+def step(ctx: Driver):
+    """One iteration as the trainer runs it: train, count the step, then the strategy's upkeep."""
+    return ctx.step([ctx.data.next_batch(2) for _ in range(2)])
 
 
-def snapshot(ctx: RecoveryContext) -> dict:
-    p = ctx.pipeline
+def snapshot(ctx: Driver) -> dict:
+    p = ctx.engine
     return copy.deepcopy({"stages": [s.state_dict() for s in p.stages],
                           "optimizers": [o.state_dict() for o in p.optimizers],
                           "data": ctx.data.state_dict()})
 
 
-def assert_equal_state(ctx: RecoveryContext, saved: dict, stages: range | list[int] = range(S)) -> None:
+def assert_equal_state(ctx: Driver, saved: dict, stages: range | list[int] = range(S)) -> None:
     now = snapshot(ctx)
     assert now["data"] == saved["data"]
     for k in stages:
@@ -83,85 +80,78 @@ def assert_equal_state(ctx: RecoveryContext, saved: dict, stages: range | list[i
                 assert torch.equal(new["state"][index][name], tensor), (k, index, name)
 
 
-def n_tensors(ctx: RecoveryContext, k: int) -> int:
-    return len(list(ctx.pipeline.stages[k].parameters()))
+def n_tensors(ctx: Driver, k: int) -> int:
+    return len(list(ctx.engine.stages[k].parameters()))
 
 
-def shard_bytes(ctx: RecoveryContext, k: int, adam: bool = True) -> int:
+def shard_bytes(ctx: Driver, k: int, adam: bool = True) -> int:
     """By hand: fp32 weights (+ exp_avg + exp_avg_sq, + one fp32 step scalar per tensor once Adam stepped)."""
     params = stage_param_counts(CFG)[k]
     return 4 * params + (2 * 4 * params + 4 * n_tensors(ctx, k) if adam else 0)
 
 
-def strategy_for(cls, ctx: RecoveryContext, **cfg):
-    strategy = cls(StrategyConfig(name=cls.name, **cfg))
-    strategy.setup(ctx)
-    return strategy
+def strategy_for(cls, tmp_path: Path, seed: int = 0, **cfg) -> Driver:
+    return make_ctx(tmp_path, seed, StrategyConfig(name=cls.name, **cfg))
 
 
 # --- checkpoint rollback ---------------------------------------------------------------------------
 
 
 def test_checkpoint_rollback_is_exact_and_replays_the_same_losses(tmp_path):
-    ctx = make_ctx(tmp_path)
-    ctx.pipeline.set_lr(2, 0.5 * LR)  # a stage at another lr (e.g. recovered earlier) keeps it on rollback
-    strategy = strategy_for(CheckpointRollback, ctx, every=3, keep=2)
+    ctx = strategy_for(CheckpointRollback, tmp_path, every=3, keep=2)
+    ctx.engine.computes[2].set_lr(0.5 * LR)  # a stage at another lr (e.g. recovered earlier) keeps it on rollback
     for _ in range(3):
-        step(ctx, strategy)
+        step(ctx)
     saved = snapshot(ctx)
-    after_save = [step(ctx, strategy)[0] for _ in range(2)]  # progress 4, 5: lost by the failure below
-    ctx.pipeline.stages[1].reset_parameters()  # the lost stage's node is gone
-    ctx.pipeline.reset_optimizer(1, 7.0)
+    after_save = [step(ctx)[0] for _ in range(2)]  # progress 4, 5: lost by the failure below
 
-    (report,) = strategy.recover({1}, ctx)
+    (report,) = ctx.recover({1})
 
     assert ctx.progress == 3
     assert_equal_state(ctx, saved)
-    assert ctx.pipeline.stage_lrs() == [LR, LR, 0.5 * LR, LR]
+    assert ctx.engine.stage_lrs() == [LR, LR, 0.5 * LR, LR]
     assert (report.stage, report.strategy, report.method) == (1, "checkpoint", "rollback")
     assert (report.sources, report.coefficients, report.from_storage) == ([], [], True)
     assert report.bytes_moved == shard_bytes(ctx, 1)
     assert report.lost_iterations == 2
     assert report.details == {"rolled_back_to": 3, "all_stages": True, "largest_shard_bytes": shard_bytes(ctx, 3)}
     assert report.wall_s > 0
-    assert [step(ctx, strategy)[0] for _ in range(2)] == after_save  # bit-for-bit the same training
+    assert [step(ctx)[0] for _ in range(2)] == after_save  # bit-for-bit the same training
 
 
 def test_checkpoint_files_rotation_and_upload_bytes(tmp_path):
-    ctx = make_ctx(tmp_path)
-    strategy = strategy_for(CheckpointRollback, ctx, every=2, keep=2)
-    overheads = [step(ctx, strategy)[1] for _ in range(7)]
+    ctx = strategy_for(CheckpointRollback, tmp_path, every=2, keep=2)
+    overheads = [step(ctx)[1] for _ in range(7)]
 
-    files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert files == ["ckpt_0000004.pt", "ckpt_0000006.pt"]  # 0 (setup) and 2 were deleted
-    assert strategy.storage_bytes == (tmp_path / "checkpoints" / "ckpt_0000006.pt").stat().st_size
-    assert strategy.saves == 4
-    assert [o.storage_upload_bytes for o in overheads] == [0, shard_bytes(ctx, S - 1)] * 3 + [0]
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["ckpt_0000004", "ckpt_0000006"]  # 0 and 2 deleted
+    assert sorted(p.name for p in (checkpoints / "ckpt_0000006").iterdir()) == \
+        ["meta.pt"] + [f"stage{k}.pt" for k in range(S)]  # one shard per stage: the process engine's format
+    assert ctx.engine.store.saves == 4
+    assert [max(o.shard_bytes, default=0) for o in overheads] == [0, shard_bytes(ctx, S - 1)] * 3 + [0]
     assert max(range(S), key=lambda k: shard_bytes(ctx, k)) == S - 1  # the head stage bounds the upload
-    assert strategy.memory_overhead_bytes() == 0
+    assert ctx.engine.held_bytes() == 0
 
 
 def test_loss_before_the_first_save_rolls_back_to_the_initial_weights(tmp_path):
-    ctx = make_ctx(tmp_path)
+    ctx = strategy_for(CheckpointRollback, tmp_path, every=50)
     initial = snapshot(ctx)
-    strategy = strategy_for(CheckpointRollback, ctx, every=50)
-    step(ctx, strategy)
-    step(ctx, strategy)
+    step(ctx)
+    step(ctx)
 
-    reports = strategy.recover({0, 2}, ctx)
+    reports = ctx.recover({0, 2})
 
     assert ctx.progress == 0 and ctx.data.position == 0
     assert_equal_state(ctx, initial)
-    assert all(not opt.state for opt in ctx.pipeline.optimizers)  # Adam starts from scratch, as at step 0
+    assert all(not opt.state for opt in ctx.engine.optimizers)  # Adam starts from scratch, as at step 0
     assert [(r.stage, r.lost_iterations, r.bytes_moved) for r in reports] == [
         (0, 2, shard_bytes(ctx, 0, adam=False)), (2, 2, shard_bytes(ctx, 2, adam=False))]
     assert all(r.details["rolled_back_to"] == 0 for r in reports)
 
 
 def test_a_kill_mid_save_leaves_the_latest_checkpoint_usable(tmp_path, monkeypatch):
-    ctx = make_ctx(tmp_path)
-    strategy = strategy_for(CheckpointRollback, ctx, every=1)
-    step(ctx, strategy)
+    ctx = strategy_for(CheckpointRollback, tmp_path, every=1)
+    step(ctx)
     saved = snapshot(ctx)
 
     def killed(*args: object) -> None:
@@ -169,92 +159,124 @@ def test_a_kill_mid_save_leaves_the_latest_checkpoint_usable(tmp_path, monkeypat
 
     monkeypatch.setattr(os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
-        step(ctx, strategy)
+        step(ctx)
     monkeypatch.undo()
-    (report,) = strategy.recover({3}, ctx)
+    assert list((tmp_path / "checkpoints").glob("*.tmp"))  # the torn save, never published
+    (report,) = ctx.recover({3})
     assert report.details["rolled_back_to"] == 1 and ctx.progress == 1
     assert_equal_state(ctx, saved)
-    strategy_for(CheckpointRollback, ctx)  # a restart clears the half-written file
+    strategy_for(CheckpointRollback, tmp_path)  # a restart clears the half-written file
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_a_damaged_latest_checkpoint_rolls_back_to_the_older_one(tmp_path, damage):
+    """The latest checkpoint cannot be read (torn, a flipped byte, a missing shard): the rollback falls back to
+    the older one that keep retained, says so in the record and names the damaged file; with none readable it
+    fails with one sentence."""
+    from checkfree.checkpoints import NoReadableCheckpoint
+
+    ctx = strategy_for(CheckpointRollback, tmp_path, every=2, keep=2)
+    step(ctx)
+    step(ctx)
+    older = snapshot(ctx)
+    step(ctx)
+    step(ctx)  # checkpoints at progress 2 and 4
+    shard = tmp_path / "checkpoints" / "ckpt_0000004" / "stage2.pt"
+    data = shard.read_bytes()
+    if damage == "truncate":
+        shard.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        shard.write_bytes(data[:-100] + bytes([data[-100] ^ 0xFF]) + data[-99:])
+    else:
+        shard.unlink()
+    step(ctx)
+
+    (report,) = ctx.recover({1})
+
+    assert report.details["rolled_back_to"] == 2 and ctx.progress == 2 and report.lost_iterations == 3
+    [damaged] = report.details["damaged"]
+    assert damaged.startswith(str(shard))
+    assert_equal_state(ctx, older)
+    for checkpoint in (tmp_path / "checkpoints").iterdir():
+        (checkpoint / "meta.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(NoReadableCheckpoint, match=r"no checkpoint in .* is readable.*ckpt_0000004.*ckpt_0000002"):
+        ctx.recover({1})
 
 
 # --- redundant computation ---------------------------------------------------------------------------
 
 
-def test_redundant_restores_a_lost_stage_exactly_and_training_goes_on_unchanged(tmp_path):
-    reference, ctx = make_ctx(tmp_path), make_ctx(tmp_path)
-    strategy = strategy_for(RedundantComputation, ctx)
-    reference_losses = [step(reference)[0] for _ in range(5)]
-    losses = [step(ctx, strategy)[0] for _ in range(3)]
-    before = snapshot(ctx)
-    for k in (0, 2):  # not adjacent (stage 0's shadow is on stage 3): both come back from shadows
-        ctx.pipeline.stages[k].reset_parameters()
-        ctx.pipeline.reset_optimizer(k, 7.0)
+def shadow(ctx: Driver, k: int) -> dict:
+    return ctx.engine.held[Held(SHADOW, k, (k - 1) % S)]
 
-    reports = strategy.recover({0, 2}, ctx)
+
+def test_redundant_restores_a_lost_stage_exactly_and_training_goes_on_unchanged(tmp_path):
+    reference, ctx = make_ctx(tmp_path / "reference"), strategy_for(RedundantComputation, tmp_path)
+    reference_losses = [step(reference)[0] for _ in range(5)]
+    losses = [step(ctx)[0] for _ in range(3)]
+    before = snapshot(ctx)
+
+    reports = ctx.recover({0, 2})  # not adjacent (stage 0's shadow is on stage 3): both come back from shadows
 
     assert_equal_state(ctx, before)
     assert [(r.stage, r.method, r.sources, r.coefficients) for r in reports] == [
         (0, "shadow", [3], [1.0]), (2, "shadow", [1], [1.0])]
     assert [r.bytes_moved for r in reports] == [shard_bytes(ctx, 0), shard_bytes(ctx, 2)]
     assert all(r.lost_iterations == 0 and not r.from_storage and r.strategy == "redundant" for r in reports)
-    shadow = strategy.shadows[2].optimizer[0]["exp_avg"].clone()
-    losses += [step(ctx)[0]]  # no after_step: the restored optimizer must not write into the shadow
-    assert torch.equal(strategy.shadows[2].optimizer[0]["exp_avg"], shadow)
-    strategy.after_step(ctx)
-    losses += [step(ctx, strategy)[0]]
+    held = shadow(ctx, 2)["optimizer"]["state"][0]["exp_avg"].clone()
+    losses += [ctx.step([ctx.data.next_batch(2) for _ in range(2)], upkeep=False)[0]]
+    # No upkeep ran: the restored optimizer must not have written into the shadow it came from.
+    assert torch.equal(shadow(ctx, 2)["optimizer"]["state"][0]["exp_avg"], held)
+    ctx.upkeep(ctx.strategy.after_step(ctx.view()))
+    losses += [step(ctx)[0]]
     assert losses == reference_losses
     assert_equal_state(ctx, snapshot(reference))
 
 
 def test_redundant_rebuilds_the_shadow_the_lost_stage_held(tmp_path):
-    ctx = make_ctx(tmp_path)
-    strategy = strategy_for(RedundantComputation, ctx)
-    step(ctx, strategy)
-    strategy.recover({1}, ctx)  # stage 1's node held stage 2's shadow: it is rebuilt from live stage 2
-    step(ctx, strategy)
+    ctx = strategy_for(RedundantComputation, tmp_path)
+    step(ctx)
+    ctx.recover({1})  # stage 1's node held stage 2's shadow: it is rebuilt from live stage 2
+    step(ctx)
     before = snapshot(ctx)
-    ctx.pipeline.stages[2].reset_parameters()
-    ctx.pipeline.reset_optimizer(2, 7.0)
-    strategy.recover({2}, ctx)
+    ctx.recover({2})
     assert_equal_state(ctx, before)
 
 
 @pytest.mark.parametrize(("failed", "orphan", "holder"), [({1, 2}, 2, 1), ({0, 3}, 0, 3)])
 def test_adjacent_losses_are_unrecoverable_by_default(tmp_path, failed, orphan, holder):
-    ctx = make_ctx(tmp_path)
-    strategy = strategy_for(RedundantComputation, ctx)
-    step(ctx, strategy)
+    ctx = strategy_for(RedundantComputation, tmp_path)
+    step(ctx)
+    ctx.iteration += 1
     with pytest.raises(UnrecoverableFailure) as error:
-        strategy.recover(failed, ctx)
+        ctx.plan(failed)
     message = str(error.value)
-    assert f"stages {sorted(failed)} were lost at iteration 1" in message
+    assert f"stages {sorted(failed)} were lost at iteration 2" in message
     assert f"stage {orphan}'s only copy was its shadow on stage {holder}, lost too" in message
     assert "strategy.unrecoverable=reinit" in message
 
 
 def test_adjacent_losses_reinit_when_asked(tmp_path):
-    ctx = make_ctx(tmp_path)
-    strategy = strategy_for(RedundantComputation, ctx, unrecoverable="reinit")
-    step(ctx, strategy)
+    ctx = strategy_for(RedundantComputation, tmp_path, unrecoverable="reinit")
+    step(ctx)
     before = snapshot(ctx)
-    reports = strategy.recover({1, 2}, ctx)
+    reports = ctx.recover({1, 2})
     assert [(r.stage, r.method, r.sources) for r in reports] == [(1, "shadow", [0]), (2, "reinit", [])]
     assert_equal_state(ctx, before, stages=[0, 1, 3])
-    assert not ctx.pipeline.optimizers[2].state and ctx.pipeline.stage_lrs()[2] == LR
-    live = ctx.pipeline.stages[2].state_dict()  # stage 2's new shadow (on the new stage 1) is the new stage 2
-    assert all(torch.equal(strategy.shadows[2].weights[n], t) for n, t in live.items())
+    assert not ctx.engine.optimizers[2].state and ctx.engine.stage_lrs()[2] == LR
+    live = ctx.engine.stages[2].state_dict()  # stage 2's new shadow (on the new stage 1) is the new stage 2
+    assert all(torch.equal(shadow(ctx, 2)["weights"][n], t) for n, t in live.items())
 
 
 def test_redundant_memory_is_one_more_model_and_optimizer(tmp_path):
-    ctx = make_ctx(tmp_path)
-    strategy = strategy_for(RedundantComputation, ctx)
-    assert strategy.memory_overhead_bytes() == sum(shard_bytes(ctx, k, adam=False) for k in range(S))
-    overhead = step(ctx, strategy)[1]
-    assert overhead.storage_upload_bytes == 0 and overhead.replica_sync_bytes == {}
+    ctx = strategy_for(RedundantComputation, tmp_path)
+    assert ctx.engine.held_bytes() == sum(shard_bytes(ctx, k, adam=False) for k in range(S))
+    traffic = step(ctx)[1]
+    assert traffic.shard_bytes == [] and traffic.sent == {}  # shadows are kept by computing, not sending
     model = sum(stage_param_counts(CFG))
     steps = sum(n_tensors(ctx, k) for k in range(S))
-    assert strategy.memory_overhead_bytes() == 3 * 4 * model + 4 * steps
+    assert ctx.engine.held_bytes() == 3 * 4 * model + 4 * steps
 
 
 # --- registry and YAML -------------------------------------------------------------------------------

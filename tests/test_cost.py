@@ -166,8 +166,7 @@ def test_redundant_compute_by_hand():
 
 
 def test_allreduce_and_stage_bytes():
-    net = NetworkConfig(dp_replicas=4)
-    cm = CostModel(TINY, 2, 2, net, flops_per_s=1e12)
+    cm = CostModel(TINY, 2, 2, NetworkConfig(), flops_per_s=1e12, replicas=4)
     # Largest stage: 1040 + 136 = 1176 params * 2 B = 2352 B; ring over the 2 GiB/s, 1 ms link.
     assert cm.breakdown()["allreduce"] == pytest.approx(1.5 * 2352 / (2 * GiB) + 6 * 0.001)
     assert cm.stage_bytes(0) == (1040 + 128) * 4  # fp32 weights
@@ -201,12 +200,12 @@ def test_geo_recovery_and_replica_sync():
 
 def test_paper_preset_ordering_on_geo():
     m = PRESETS["llama_500m"]
-    cm = CostModel(m, 4, 16, dataclasses.replace(GEO, dp_replicas=4))
+    cm = CostModel(m, 4, 16, GEO, replicas=4)
     base = cm.iteration_seconds()
     assert cm.iteration_seconds("out_of_order") > base
     assert cm.iteration_seconds(redundant=True) > base
     assert cm.breakdown()["p2p"] > cm.breakdown()["compute"]  # WAN-bound, as in the paper's testbed
-    single = CostModel(m, 4, 16, NetworkConfig(dp_replicas=4))
+    single = CostModel(m, 4, 16, NetworkConfig(), replicas=4)
     assert single.iteration_seconds() < base
 
 
@@ -217,7 +216,6 @@ def test_paper_preset_ordering_on_geo():
         ("device", "tpu", "network.device='tpu' is invalid: allowed: ["),
         ("pipeline", "zb", "network.pipeline='zb' is invalid: allowed: ['gpipe', '1f1b']"),
         ("dtype_bytes", 3, "network.dtype_bytes=3 is invalid: allowed: 1, 2 or 4"),
-        ("dp_replicas", 0, "network.dp_replicas=0 is invalid: must be an integer >= 1"),
         ("bandwidth_Bps", 0.0, "network.bandwidth_Bps=0.0 is invalid: must be a positive"),
         ("storage_bandwidth_Bps", -1.0, "network.storage_bandwidth_Bps=-1.0 is invalid"),
         ("latency_s", -0.1, "network.latency_s=-0.1 is invalid: must be >= 0 seconds"),

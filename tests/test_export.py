@@ -24,7 +24,7 @@ from checkfree.export import (
     to_causal_lm_state,
 )
 from checkfree.model import build_stages, forward_logits, load_causal_lm_weights, preset
-from checkfree.pipeline import LocalPipeline
+from checkfree.pipeline import LocalEngine
 from checkfree.schedule import OutOfOrder, swapped_order
 from tests.conftest import small_run_dict
 
@@ -42,7 +42,7 @@ def trained(corpus):
     """A tiny model after a few real CheckFree+ (out-of-order) steps on the corpus: (cfg, stages)."""
     cfg = preset("tiny").with_vocab(corpus.vocab_size)
     stages = build_stages(cfg, seed=0)
-    pipeline = LocalPipeline(stages, lr=3e-3)
+    pipeline = LocalEngine(stages, lr=3e-3)
     schedule = OutOfOrder(cfg.n_stages)
     for _ in range(4):
         pipeline.train_step([corpus.train.next_batch(4), corpus.train.next_batch(4)], schedule)
@@ -121,7 +121,7 @@ def test_sample_is_reproducible_at_a_seed(exported):
 
 def test_held_out_loss_equals_the_pipelines_validation_loss(exported, trained, corpus):
     _, stages = trained
-    expected = LocalPipeline(stages, lr=0.0).evaluate(corpus.val, batch_size=4)
+    expected = LocalEngine(stages, lr=0.0).evaluate(corpus.val, batch_size=4)
     got = held_out_loss(exported, corpus.val, batch_size=3)  # batching does not change a mean over tokens
     print(f"held-out loss {got:.6f}, pipeline {expected:.6f}, diff {abs(got - expected):.3g}")
     assert abs(got - expected) <= 1e-5
@@ -159,7 +159,7 @@ def test_export_replaces_an_earlier_export_and_nothing_else(trained, corpus, tmp
 def run_dir(data_cache, tmp_path_factory):
     """A real tiny run that saved its resume state (trainer.save_every=1)."""
     from checkfree.runconfig import load_run_config
-    from checkfree.trainer import train
+    from checkfree.train import train
 
     run = tmp_path_factory.mktemp("runs") / "run"
     cfg = load_run_config(small_run_dict(data_cache, trainer={"iterations": 3, "save_every": 1}))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from checkfree.model import build_stages
-from checkfree.pipeline import LocalPipeline, causal_lm_loss
+from checkfree.pipeline import LocalEngine, causal_lm_loss
 from checkfree.schedule import InOrder, OutOfOrder, build_schedule, swapped_order
 from tests.conftest import random_batches
 
@@ -28,7 +28,7 @@ def test_out_of_order_step_equals_hand_composed_swapped_model(tiny_cfg):
     """Odd micro-batches: embed -> body1 -> body0 -> body3 -> body2 -> head; gradients follow autograd."""
     stages = build_stages(tiny_cfg, seed=0)
     hand = copy.deepcopy(stages)
-    pipe = LocalPipeline(stages, lr=1e-3, clip=1e9)
+    pipe = LocalEngine(stages, lr=1e-3, clip=1e9)
     batches = random_batches(2, 3, tiny_cfg.seq_len, tiny_cfg.vocab_size, seed=1)
     result = pipe.train_step(batches, OutOfOrder(4))
 
@@ -55,7 +55,7 @@ def test_out_of_order_step_equals_hand_composed_swapped_model(tiny_cfg):
 def test_in_order_step_matches_single_module_loop(tiny_cfg):
     stages = build_stages(tiny_cfg, seed=0)
     plain = torch.nn.ModuleList(copy.deepcopy(stages))
-    pipe = LocalPipeline(stages, lr=1e-3, clip=1e9)
+    pipe = LocalEngine(stages, lr=1e-3, clip=1e9)
     opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
     for step in range(3):
         batches = random_batches(4, 2, tiny_cfg.seq_len, tiny_cfg.vocab_size, seed=step)
@@ -76,7 +76,7 @@ def test_in_order_step_matches_single_module_loop(tiny_cfg):
 
 
 def test_per_stage_clipping_and_norms(tiny_cfg):
-    pipe = LocalPipeline(build_stages(tiny_cfg, seed=0), lr=1e-3, clip=0.05)
+    pipe = LocalEngine(build_stages(tiny_cfg, seed=0), lr=1e-3, clip=0.05)
     result = pipe.train_step(random_batches(2, 2, tiny_cfg.seq_len, tiny_cfg.vocab_size, seed=0), InOrder(4))
     for i, stage in enumerate(pipe.stages):
         after = torch.sqrt(sum((p.grad**2).sum() for p in stage.parameters())).item()
@@ -86,11 +86,27 @@ def test_per_stage_clipping_and_norms(tiny_cfg):
 
 
 def test_reset_optimizer_and_lr(tiny_cfg):
-    pipe = LocalPipeline(build_stages(tiny_cfg, seed=0), lr=1e-3)
+    pipe = LocalEngine(build_stages(tiny_cfg, seed=0), lr=1e-3)
     pipe.train_step(random_batches(1, 2, tiny_cfg.seq_len, tiny_cfg.vocab_size, seed=0), InOrder(4))
-    pipe.reset_optimizer(1, 2e-3)
+    pipe.computes[1].reset_optimizer(2e-3)
     assert pipe.optimizers[1].state == {} and pipe.stage_lrs() == [1e-3, 2e-3, 1e-3, 1e-3]
     assert pipe.nonfinite_stages() == []
     with torch.no_grad():
         pipe.stages[2].layers[0].mlp.up_proj.weight[0, 0] = float("nan")
     assert pipe.nonfinite_stages() == [2]
+
+
+@pytest.mark.parametrize("schedule", [InOrder(4), OutOfOrder(4)])
+def test_fused_micro_batches_are_the_same_math(tiny_cfg, schedule):
+    """With fuse, micro-batches that take the same route run as one batch: equal loss, gradients and steps
+    up to float rounding (CheckFree+'s odd micro-batches form their own group)."""
+    plain = LocalEngine(build_stages(tiny_cfg, seed=0), lr=1e-3)
+    fused = LocalEngine(build_stages(tiny_cfg, seed=0), lr=1e-3, fuse=True)
+    assert len(fused._groups([torch.zeros(1)] * 4, schedule)) == (1 if schedule.name == "in_order" else 2)
+    for step in range(3):
+        batches = random_batches(4, 3, tiny_cfg.seq_len, tiny_cfg.vocab_size, seed=step)
+        a, b = plain.train_step(batches, schedule), fused.train_step(batches, schedule)
+        assert b.loss == pytest.approx(a.loss, rel=1e-5) and b.tokens == a.tokens
+        assert b.grad_norm == pytest.approx(a.grad_norm, rel=1e-4)
+    for p, q in zip((p for s in plain.stages for p in s.parameters()), (q for s in fused.stages for q in s.parameters())):
+        assert torch.allclose(p, q, atol=1e-5)

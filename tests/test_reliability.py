@@ -6,7 +6,6 @@ cores make these tiny models an order of magnitude slower. Subprocesses get OMP_
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -22,15 +21,16 @@ import pytest
 import torch
 
 from checkfree.config import ConfigError
+from checkfree.guard import NonFiniteError
 from checkfree.runconfig import load_run_config
 from checkfree.runlog import deterministic_view as strip
 from checkfree.runlog import read_metrics
-from checkfree.trainer import NonFiniteError, Trainer
+from checkfree.train import build_run, train
 
-from .conftest import small_run_dict
+from .conftest import hooked_run, small_run_dict
 
 ROOT = Path(__file__).resolve().parent.parent
-NONDETERMINISTIC_SUMMARY = {"run_dir", "total_wall_time_s", "resume_state", "resumed_at_iterations", "config",
+NONDETERMINISTIC_SUMMARY = {"run_dir", "model_dir", "total_wall_time_s", "resume_state", "resumed_at_iterations", "config",
                             "resumable_from_iteration"}
 
 
@@ -42,45 +42,34 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def load_soak():
-    spec = importlib.util.spec_from_file_location("soak", ROOT / "benchmarks" / "soak.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def strict_metrics(path: Path) -> list[dict]:
     """Every line must parse: read_metrics would skip a torn one silently."""
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
-def weights(trainer: Trainer) -> list[dict[str, torch.Tensor]]:
-    return [{k: v.clone() for k, v in stage.state_dict().items()} for stage in trainer.pipeline.stages]
+def weights(run) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.clone() for k, v in state.items()} for state in run.trainer.engine.stage_states()]
 
 
 def same_weights(a: list[dict], b: list[dict]) -> bool:
     return all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
 
 
-class StopAt(Trainer):
-    """Raises KeyboardInterrupt (as Ctrl-C would) inside iteration ``stop_at``, just before its step."""
-
-    stop_at = 0
-
-    def before_step(self, iteration: int, batches: list[torch.Tensor]) -> None:
-        if iteration == self.stop_at:
+def stop_at(iteration: int):
+    """Ctrl-C inside iteration ``iteration``, just before its step."""
+    def hook(n, engine):
+        if n == iteration:
             raise KeyboardInterrupt
+    return hook
 
 
-class Poison(Trainer):
-    """Writes a NaN into one weight of stage ``stage`` just before the step of iteration ``at``."""
-
-    at, stage = 0, 0
-
-    def before_step(self, iteration: int, batches: list[torch.Tensor]) -> None:
-        if iteration == self.at:
+def poison(at: int, stage: int):
+    """A NaN in one weight of ``stage`` just before the step of iteration ``at``."""
+    def hook(n, engine):
+        if n == at:
             with torch.no_grad():
-                next(self.pipeline.stages[self.stage].layers.parameters()).view(-1)[0] = float("nan")
+                next(engine.stages[stage].layers.parameters()).view(-1)[0] = float("nan")
+    return hook
 
 
 def trace(tmp_path: Path, events: list[dict]) -> str:
@@ -122,11 +111,10 @@ def _resume_cfg(data_cache: str, tmp_path: Path, case: dict, **trainer) -> objec
 @pytest.mark.parametrize("name", list(RESUME_CASES))
 def test_resume_after_interruption_gives_the_uninterrupted_run(name, data_cache, tmp_path):
     case = RESUME_CASES[name]
-    full = Trainer(_resume_cfg(data_cache, tmp_path, case), tmp_path / "full")
+    full = build_run(_resume_cfg(data_cache, tmp_path, case), tmp_path / "full")
     full.run()
 
-    stopped = type("Stop", (StopAt,), {"stop_at": case["stop_at"]})(_resume_cfg(data_cache, tmp_path, case),
-                                                                       tmp_path / "run")
+    stopped = hooked_run(_resume_cfg(data_cache, tmp_path, case), tmp_path / "run", train_step=stop_at(case["stop_at"]))
     with pytest.raises(KeyboardInterrupt):
         stopped.run()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -135,7 +123,7 @@ def test_resume_after_interruption_gives_the_uninterrupted_run(name, data_cache,
     assert [r["iteration"] for r in strict_metrics(tmp_path / "run" / "metrics.jsonl")] == list(range(case["stop_at"]))
 
     # The Hydra dir of the resuming job is ignored: the run goes on in its own directory.
-    resumed = Trainer(_resume_cfg(data_cache, tmp_path, case, resume=str(tmp_path / "run")), tmp_path / "elsewhere")
+    resumed = build_run(_resume_cfg(data_cache, tmp_path, case, resume=str(tmp_path / "run")), tmp_path / "elsewhere")
     after = resumed.run()
     assert not (tmp_path / "elsewhere").exists()
     a, b = strict_metrics(tmp_path / "full" / "metrics.jsonl"), strict_metrics(tmp_path / "run" / "metrics.jsonl")
@@ -155,10 +143,10 @@ def test_a_finished_run_trains_on_with_more_iterations(data_cache, tmp_path):
     """`trainer.iterations=7`, then `trainer.iterations=12 trainer.resume=DIR` = 12 iterations in one go
     (except that the short run validated at its last iteration, 7)."""
     case = RESUME_CASES["checkfree_plus-trace"]
-    full = Trainer(_resume_cfg(data_cache, tmp_path, case), tmp_path / "full")
+    full = build_run(_resume_cfg(data_cache, tmp_path, case), tmp_path / "full")
     full.run()
-    Trainer(_resume_cfg(data_cache, tmp_path, case, iterations=7), tmp_path / "run").run()
-    more = Trainer(_resume_cfg(data_cache, tmp_path, case, resume=str(tmp_path / "run")), tmp_path / "x")
+    train(_resume_cfg(data_cache, tmp_path, case, iterations=7), tmp_path / "run")
+    more = build_run(_resume_cfg(data_cache, tmp_path, case, resume=str(tmp_path / "run")), tmp_path / "x")
     more.run()
     a, b = strip(read_metrics(tmp_path / "full" / "metrics.jsonl")), strip(read_metrics(tmp_path / "run" / "metrics.jsonl"))
     assert "val_loss" in b[7] and "val_loss" not in a[7]
@@ -167,7 +155,6 @@ def test_a_finished_run_trains_on_with_more_iterations(data_cache, tmp_path):
 
 
 def test_resume_refuses_a_missing_state_or_a_changed_config(data_cache, tmp_path):
-    from checkfree.trainer import train
 
     with pytest.raises(ConfigError, match=r"trainer.resume='.*nowhere' is invalid: no such directory"):
         train(load_run_config(small_run_dict(data_cache, trainer={"resume": str(tmp_path / "nowhere")})), tmp_path / "a")
@@ -204,19 +191,19 @@ def test_truncate_metrics_keeps_one_whole_record_per_saved_iteration(tmp_path):
 # --- numeric guards --------------------------------------------------------------------------------------
 
 def test_a_nan_weight_stops_the_run_naming_iteration_and_stage(small_run, tmp_path):
-    trainer = type("P", (Poison,), {"at": 5, "stage": 2})(small_run(trainer={"iterations": 8}), tmp_path / "run")
+    trainer = hooked_run(small_run(trainer={"iterations": 8}), tmp_path / "run", train_step=poison(5, 2))
     with pytest.raises(NonFiniteError, match=r"iteration 5 .*stage\(s\) \[2\] \(non-finite weights\).*skipped"):
         trainer.run()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "error" and "iteration 5" in summary["error"] and "[2]" in summary["error"]
     assert [r["iteration"] for r in strict_metrics(tmp_path / "run" / "metrics.jsonl")] == [0, 1, 2, 3, 4]
     # The step was skipped: the NaN stayed in stage 2 and reached no other stage.
-    assert trainer.pipeline.nonfinite_stages() == [2]
+    assert trainer.trainer.engine.nonfinite_stages() == [2]
 
 
 def test_on_nonfinite_recover_rebuilds_the_stage_from_its_neighbours(small_run, tmp_path):
     cfg = small_run(trainer={"iterations": 8, "on_nonfinite": "recover"})
-    trainer = type("P", (Poison,), {"at": 5, "stage": 2})(cfg, tmp_path / "run")
+    trainer = hooked_run(cfg, tmp_path / "run", train_step=poison(5, 2))
     summary = trainer.run()
     records = strict_metrics(tmp_path / "run" / "metrics.jsonl")
     assert records[5]["step_skipped"] is True and records[5]["nonfinite_stages"] == [2]
@@ -226,28 +213,27 @@ def test_on_nonfinite_recover_rebuilds_the_stage_from_its_neighbours(small_run, 
     assert summary["status"] == "completed" and summary["n_failures"] == summary["n_recoveries"] == 1
     assert summary["failures"] == [{"iteration": 6, "stage": 2, "time_s": records[5]["sim_time_s"], "cause": "nonfinite"}]
     assert all(math.isfinite(r["train_loss"]) for r in records[6:]) and math.isfinite(summary["final_val_loss"])
-    assert trainer.pipeline.nonfinite_stages() == []
+    assert trainer.trainer.engine.nonfinite_stages() == []
 
 
 def test_a_nonfinite_loss_with_finite_weights_names_the_stage_it_came_from(small_run, tmp_path):
-    class Overflow(Trainer):
+    def overflow(n, engine):
         """Stage 1 outputs inf at iteration 3 (its weights stay finite): an activation overflow."""
-
-        def before_step(self, iteration, batches):
-            body = self.pipeline.stages[1].body
-            self.pipeline.stages[1].body = (lambda h: body(h) * float("inf")) if iteration == 3 else body
+        if n == 3:
+            body = engine.stages[1].body
+            engine.stages[1].body = lambda h: body(h) * float("inf")
 
     with pytest.raises(NonFiniteError, match=r"iteration 3 .*stage\(s\) \[1\] \(the first non-finite output"):
-        Overflow(small_run(), tmp_path / "run").run()
+        hooked_run(small_run(), tmp_path / "run", train_step=overflow).run()
 
 
 def test_skip_nonfinite_leaves_every_stage_untouched(tiny_stages):
-    from checkfree.pipeline import LocalPipeline
+    from checkfree.pipeline import LocalEngine
     from checkfree.schedule import InOrder
 
     from .conftest import random_batches
 
-    pipeline = LocalPipeline(tiny_stages, lr=1e-2)
+    pipeline = LocalEngine(tiny_stages, lr=1e-2)
     with torch.no_grad():
         next(tiny_stages[1].layers.parameters()).view(-1)[0] = float("inf")
     before = [{k: v.clone() for k, v in s.state_dict().items()} for s in tiny_stages]
@@ -405,17 +391,18 @@ def test_a_failing_sweep_point_does_not_stop_the_others_and_analysis_reports_it(
 # --- short soak ------------------------------------------------------------------------------------------
 
 def test_short_soak_every_strategy_survives_a_brutal_failure_rate(data_cache, tmp_path):
-    """The soak of benchmarks/soak.py on the tiny model: 40 iterations at p=0.15 per stage per iteration
+    """The soak of benchmarks/soak.py (its invariants are checkfree.audit's) on the tiny model: 40 iterations at p=0.15 per stage per iteration
     on every stage (edges included), so each strategy meets simultaneous and adjacent losses."""
-    from checkfree.trainer import train
+    from checkfree.audit import check_run
+    from checkfree.recovery import STRATEGIES
 
-    soak = load_soak()
-    for strategy in soak.STRATEGIES:
+    for strategy in (name for name in STRATEGIES if name != "none"):  # every registered strategy
+        # What each needs to survive every kind of loss: fresh weights where it cannot rebuild.
         cfg = load_run_config(small_run_dict(
-            data_cache, strategy={"name": strategy, **soak.STRATEGY_OVERRIDES[strategy], "every": 4},
+            data_cache, strategy={"name": strategy, "unrecoverable": "reinit", "every": 4},
             failure={"name": "bernoulli", "p": 0.15, "stages": "all"},
             trainer={"iterations": 40, "eval_every": 20}))
         train(cfg, tmp_path / strategy)
-        figures = soak.check_run(tmp_path / strategy, 40)
+        figures = check_run(tmp_path / strategy, 40)
         assert figures["failures"] >= 15 and figures["simultaneous"] >= 2 and figures["adjacent"] >= 1, figures
         assert min(figures["per_stage"].get(k, 0) for k in range(4)) >= 2, figures

@@ -8,7 +8,7 @@ import pytest
 
 from checkfree.runlog import deterministic_view as strip
 from checkfree.runlog import read_metrics
-from checkfree.trainer import train
+from checkfree.train import train
 
 
 def write_trace(path, events):
@@ -126,9 +126,10 @@ def test_checkpoint_run_in_a_reused_directory_rolls_back_to_its_own_checkpoints(
     trace = write_trace(tmp_path / "t.json", [{"iteration": 7, "stage": 1}])
     cfg = small_run(strategy={"name": "checkpoint", "every": 5, "keep": 1}, failure={"name": "trace", "path": trace})
     old = tmp_path / "run" / "checkpoints"
-    old.mkdir(parents=True)
-    (old / "ckpt_0000900.pt").write_bytes(b"not a checkpoint of this run")
+    (old / "ckpt_0000900").mkdir(parents=True)
+    (old / "ckpt_0000900" / "meta.pt").write_bytes(b"not a checkpoint of this run")
+    (old / "ckpt_0000800.pt").write_bytes(b"nor this (an older format)")
     summary = train(cfg, tmp_path / "run")
     assert summary["status"] == "completed"
     assert summary["lost_iterations"] == 1  # progress 6 -> back to 5
-    assert sorted(p.name for p in old.glob("*.pt")) == ["ckpt_0000005.pt"]
+    assert sorted(p.name for p in old.glob("ckpt_*")) == ["ckpt_0000005"]

@@ -105,10 +105,14 @@ class WorkerPool:
                              "started": handle.started})
         return handle
 
-    def _await_hello(self, ranks: list[int]) -> None:
+    def _await_hello(self, ranks: list[int], replacing: bool = False) -> None:
+        """Wait for the new processes' hello. A replacement that dies while starting is a stage lost during the
+        recovery (``StageLost``: the supervisor adds it to the recovery); at the first start it is an error."""
         try:
             replies = self.request({r: None for r in ranks}, "start", deadline=time.perf_counter() + START_TIMEOUT_S)
         except StageLost as lost:
+            if replacing:
+                raise
             codes = {self.handles[r].stage: self.handles[r].process.exitcode for r in ranks}
             raise WorkerError(f"stage process(es) {sorted(lost.stages)} exited while starting (exit codes {codes}); "
                               "see the messages above.") from lost
@@ -158,15 +162,20 @@ class WorkerPool:
             handle.process.kill()
             handle.process.join(5)
 
+    def alive(self, rank: int) -> bool:
+        return self.handles[rank].process.exitcode is None
+
     def respawn(self, stages: list[int]) -> float:
-        """Start replacement processes (new PIDs) for every replica of ``stages``; returns the seconds."""
+        """Start replacement processes (new PIDs) for every replica of ``stages`` whose process is gone (the
+        caller kills the others first); returns the seconds."""
         start = time.perf_counter()
-        for rank in self.stage_ranks(stages):
+        ranks = [rank for rank in self.stage_ranks(stages) if not self.alive(rank)]
+        for rank in ranks:
             old = self.handles[rank]
             old.conn.close()
             old.process.join(0)
             self._spawn(old.stage, old.replica, fresh=True)
-        self._await_hello(self.stage_ranks(stages))
+        self._await_hello(ranks, replacing=True)
         return time.perf_counter() - start
 
     def shutdown(self) -> None:
@@ -199,6 +208,10 @@ class WorkerPool:
             "generation": self.generation, "supervisor_pid": os.getpid(), "workers": live,
             "history": self.history,
         })
+
+    def describe(self, stage: int, replica: int = 0) -> dict[str, Any]:
+        """What a recovery record says about the process hosting a stage (its PID; launchers add more)."""
+        return {"pid": self.pid(stage, replica)}
 
     def pid(self, stage: int, replica: int = 0) -> int:
         return self.handles[rank_of(stage, replica, self.n_stages)].pid
@@ -266,6 +279,13 @@ class WorkerPool:
         """The same command to ``ranks`` (default: all); worker errors become ``WorkerError``."""
         ranks = list(self.handles) if ranks is None else ranks
         replies = self.request({r: {"cmd": command, **kwargs} for r in ranks}, command)
+        raise_errors(replies, self.handles, command)
+        return replies
+
+
+    def broadcast_each(self, messages: dict[int, dict], command: str) -> dict[int, dict]:
+        """A message of its own to each rank; worker errors become ``WorkerError``."""
+        replies = self.request(messages, command)
         raise_errors(replies, self.handles, command)
         return replies
 

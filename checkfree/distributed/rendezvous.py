@@ -15,7 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from checkfree.config import EngineConfig
+from checkfree.config import EngineConfig, first_line
 
 
 class RendezvousError(RuntimeError):
@@ -45,7 +45,7 @@ def open_store(addr: str, port: int, timeout_s: float) -> dist.TCPStore:
         return dist.TCPStore(addr, port, is_master=True, wait_for_workers=False,
                              timeout=timedelta(seconds=timeout_s))
     except Exception as exc:
-        cause = _first_line(exc) or type(exc).__name__
+        cause = first_line(exc) or type(exc).__name__
         hint = ("the port is already in use: pick another engine.master_port or 0 for a free one"
                 if "in use" in cause.lower() else
                 "engine.master_addr must be an address of this machine (127.0.0.1 for a single machine)")
@@ -58,7 +58,7 @@ def connect_store(addr: str, port: int, timeout_s: float, who: str) -> dist.TCPS
         return dist.TCPStore(addr, port, is_master=False, timeout=timedelta(seconds=timeout_s))
     except Exception as exc:
         raise RendezvousError(f"{who} could not reach the rendezvous store at {addr}:{port} "
-                              f"({type(exc).__name__}: {_first_line(exc)}).") from exc
+                              f"({type(exc).__name__}: {first_line(exc)}).") from exc
 
 
 def join_generation(store: dist.Store, generation: int, backend: str, rank: int, world_size: int,
@@ -69,9 +69,4 @@ def join_generation(store: dist.Store, generation: int, backend: str, rank: int,
                                 rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
     except Exception as exc:
         raise RendezvousError(f"rank {rank} could not join generation {generation} of the {backend} process group "
-                              f"({type(exc).__name__}: {_first_line(exc)}).") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:300] if lines else ""
+                              f"({type(exc).__name__}: {first_line(exc)}).") from exc

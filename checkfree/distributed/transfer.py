@@ -1,9 +1,10 @@
-"""Moving tensors and whole state dicts between stage processes, point to point.
+"""Moving tensors and whole (nested) states between stage processes, point to point.
 
-A state dict travels as three messages: the byte length of a pickled header (names, shapes, dtypes), the
-header, then one flat buffer per dtype. The receiver needs to know nothing in advance, so the same two
-functions carry neighbours' weights (CheckFree), a partner's weights and an embedding replica
-(CheckFree+) and a stage's weights + Adam state (the redundant baseline's shadows).
+A state travels as three kinds of message: the byte length of a pickled header, the header (the state's
+structure, with every tensor replaced by its name, shape and dtype, and its plain values kept), then one
+flat buffer per dtype. The receiver needs to know nothing in advance, so the same two functions carry a
+neighbour's block weights (CheckFree), a replica of the embedding (CheckFree+), a shadow with its optimizer
+state (redundant computation) — every held copy in the one nested format of ``checkfree.plan``.
 
 Sends are ``isend``: a sender never waits for its receiver, so any set of transfers that every receiver
 takes in a fixed order completes (the caller keeps the returned ``Pending`` until ``wait``).
@@ -13,11 +14,12 @@ from __future__ import annotations
 
 import pickle
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-State = dict[str, torch.Tensor]
+_TENSOR = "__tensor__"
 
 
 @dataclass
@@ -44,59 +46,75 @@ class Pending:
         self.works, self.buffers = [], []
 
 
+def flatten(state: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+    """(skeleton, tensors): the structure with each tensor replaced by a placeholder, and the tensors by name."""
+    if torch.is_tensor(state):
+        return (_TENSOR, prefix), {prefix: state}
+    tensors: dict[str, torch.Tensor] = {}
+    if isinstance(state, dict):
+        skeleton = {}
+        for key, value in state.items():
+            skeleton[key], inner = flatten(value, f"{prefix}/{key!r}")
+            tensors.update(inner)
+        return skeleton, tensors
+    if isinstance(state, list | tuple):
+        items = []
+        for i, value in enumerate(state):
+            item, inner = flatten(value, f"{prefix}/{i}")
+            items.append(item)
+            tensors.update(inner)
+        return type(state)(items), tensors
+    return state, tensors
+
+
+def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(skeleton, tuple) and len(skeleton) == 2 and skeleton[0] == _TENSOR:
+        return tensors[skeleton[1]]
+    if isinstance(skeleton, dict):
+        return {k: unflatten(v, tensors) for k, v in skeleton.items()}
+    if isinstance(skeleton, list | tuple):
+        return type(skeleton)(unflatten(v, tensors) for v in skeleton)
+    return skeleton
+
+
 def _sub_tag(tag: int, i: int) -> int:
     return tag * 8 + i
 
 
-def isend_state(state: State, dst: int, tag: int, device: torch.device) -> Pending:
-    """Send ``state`` to rank ``dst`` without waiting; the header says how to unpack it."""
-    names = list(state)
-    dtypes = list(dict.fromkeys(state[n].dtype for n in names))
-    header = [(n, tuple(state[n].shape), str(state[n].dtype).removeprefix("torch.")) for n in names]
+def isend_state(state: Any, dst: int, tag: int, device: torch.device) -> Pending:
+    """Send a (nested) state to rank ``dst`` without waiting; the header says how to unpack it."""
+    skeleton, tensors = flatten(state)
+    names = list(tensors)
+    dtypes = list(dict.fromkeys(tensors[n].dtype for n in names))
+    header = (skeleton, [(n, tuple(tensors[n].shape), str(tensors[n].dtype).removeprefix("torch."),
+                          tensors[n].device.type) for n in names])
     payload = torch.frombuffer(bytearray(pickle.dumps(header)), dtype=torch.uint8).to(device)
     pending = Pending()
     pending.add(torch.tensor([payload.numel()], dtype=torch.int64, device=device), dst, _sub_tag(tag, 0))
     pending.add(payload, dst, _sub_tag(tag, 1))
     for i, dtype in enumerate(dtypes):
-        flat = torch.cat([state[n].detach().reshape(-1) for n in names if state[n].dtype == dtype])
-        pending.add(flat.to(device), dst, _sub_tag(tag, 2 + i))
+        flat = torch.cat([tensors[n].detach().reshape(-1).to(device) for n in names if tensors[n].dtype == dtype])
+        pending.add(flat, dst, _sub_tag(tag, 2 + i))
     return pending
 
 
-def recv_state(src: int, tag: int, device: torch.device) -> tuple[State, int]:
-    """Receive a state sent by ``isend_state`` from rank ``src``; returns it and the bytes received."""
+def recv_state(src: int, tag: int, device: torch.device) -> tuple[Any, int]:
+    """Receive a state sent by ``isend_state`` from rank ``src``; returns it and the tensor bytes received.
+    Tensors that lived on the CPU at the sender (e.g. Adam's step counts) are put back on the CPU."""
     size = torch.zeros(1, dtype=torch.int64, device=device)
     dist.recv(size, src=src, tag=_sub_tag(tag, 0))
     payload = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
     dist.recv(payload, src=src, tag=_sub_tag(tag, 1))
-    header = pickle.loads(payload.cpu().numpy().tobytes())
-    dtypes = list(dict.fromkeys(dtype for _, _, dtype in header))
-    state: State = {}
+    skeleton, entries = pickle.loads(payload.cpu().numpy().tobytes())
+    dtypes = list(dict.fromkeys(dtype for _, _, dtype, _ in entries))
+    tensors: dict[str, torch.Tensor] = {}
     nbytes = 0
     for i, dtype_name in enumerate(dtypes):
-        dtype = getattr(torch, dtype_name)
-        entries = [(n, shape) for n, shape, d in header if d == dtype_name]
-        numels = [int(torch.Size(shape).numel()) for _, shape in entries]
-        flat = torch.empty(sum(numels), dtype=dtype, device=device)
+        mine = [(n, shape, where) for n, shape, d, where in entries if d == dtype_name]
+        numels = [int(torch.Size(shape).numel()) for _, shape, _ in mine]
+        flat = torch.empty(sum(numels), dtype=getattr(torch, dtype_name), device=device)
         dist.recv(flat, src=src, tag=_sub_tag(tag, 2 + i))
         nbytes += flat.numel() * flat.element_size()
-        for (name, shape), piece in zip(entries, torch.split(flat, numels)):
-            state[name] = piece.view(shape)
-    return state, nbytes
-
-
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[State, dict]:
-    """An optimizer's state dict split into named tensors (``state.<param>.<slot>``) and the rest."""
-    sd = optimizer.state_dict()
-    tensors = {f"state.{i}.{slot}": v for i, slots in sd["state"].items() for slot, v in slots.items()
-               if torch.is_tensor(v)}
-    return tensors, {"param_groups": sd["param_groups"]}
-
-
-def optimizer_state_from(tensors: State, rest: dict) -> dict:
-    """The inverse of ``optimizer_tensors``: a dict for ``Optimizer.load_state_dict``."""
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        _, index, slot = name.split(".", 2)
-        state.setdefault(int(index), {})[slot] = value.clone()
-    return {"state": state, "param_groups": rest["param_groups"]}
+        for (name, shape, where), piece in zip(mine, torch.split(flat, numels)):
+            tensors[name] = piece.view(shape).cpu() if where == "cpu" else piece.view(shape)
+    return unflatten(skeleton, tensors), nbytes

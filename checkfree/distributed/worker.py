@@ -1,25 +1,28 @@
-"""A stage worker: the OS process that hosts one replica of one pipeline stage.
+"""A stage worker: the OS process (or Ray actor) that hosts one replica of one pipeline stage.
 
-It builds its stage exactly as the local engine does (same seeded init, so losses match), keeps its own
-Adam (a one-stage ``LocalPipeline``, which also gives the local engine's per-stage clipping), and obeys
-the supervisor's commands on its control pipe. Activations, gradients and weights go to the other
-stages point to point over ``torch.distributed``; the pipe carries only commands, token ids and small
-replies.
+It builds its stage exactly as the local engine does (same seeded init, so losses match), keeps it in a
+``StageCompute`` (the per-stage compute every engine shares: precision rule, 1/M scaling, clipping,
+stepping, rebuilding from a plan) and obeys the supervisor's commands, one dict in, one dict out.
+Activations, gradients and weights go to the other stages point to point over ``torch.distributed``; the
+control channel carries only commands, token ids, plans and small replies.
 
 An iteration is two-phase so that a failure can discard it everywhere: ``step`` runs the stage's program
-(forwards and backwards of its visits, see ``routes``), all-reduces gradients over the stage's data-parallel
-replicas and clips, then replies *ready* with its gradient norms; only ``commit`` steps the optimizer.
-When a peer dies mid-iteration every blocked receive fails (gloo closes the dead peer's connections) or
-times out after ``engine.timeout_s``; the worker drops its gradients, replies *aborted* and waits for the
-supervisor to re-form the group.
+(forwards and backwards of its visits, see ``programs``), all-reduces gradients over the stage's
+data-parallel replicas and clips, then replies *ready* with its gradient norms; only ``commit`` steps the
+optimizer. When a peer dies mid-iteration every blocked receive fails (gloo closes the dead peer's
+connections) or times out after ``engine.timeout_s``; the worker drops its gradients, replies *aborted*
+and waits for the supervisor to re-form the group.
 
-The worker dies with its supervisor: the kernel sends it SIGKILL when its parent goes (Linux), and it
-exits when the control pipe closes. Ctrl-C is left to the supervisor, which stops workers in order.
+Recovery: ``recover`` carries out the worker's part of a ``RecoveryPlan`` — a survivor sends what the plan
+reads from it (its blocks, a held copy), a replacement receives and applies ``StageCompute.apply``, then
+owners send the held copies the plan re-makes. Survivors only send and replacements only receive, in a
+fixed order, so a recovery cannot deadlock.
 """
 
 from __future__ import annotations
 
 import ctypes
+import io
 import os
 import signal
 import sys
@@ -33,25 +36,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkfree.atomic import torch_save_atomic
+from checkfree.checkpoints import CheckpointStore, DamagedCheckpoint
+from checkfree.compute import StageCompute, causal_lm_loss, nbytes
+from checkfree.config import first_line
+from checkfree.distributed.programs import message_tag, replica_micro_batches, stage_program
 from checkfree.distributed.rendezvous import connect_store, is_loopback, join_generation
-from checkfree.distributed.routes import message_tag, replica_micro_batches, route, stage_program
-from checkfree.distributed.transfer import (
-    Pending,
-    isend_state,
-    optimizer_state_from,
-    optimizer_tensors,
-    recv_state,
-)
+from checkfree.distributed.transfer import Pending, isend_state, recv_state
 from checkfree.model import ModelConfig, Stage
-from checkfree.pipeline import LocalPipeline, causal_lm_loss
-from checkfree.recovery.averaging import weighted_state
-from checkfree.recovery.base import optimizer_state_bytes, state_bytes
+from checkfree.pipeline import blame
+from checkfree.plan import Held, RecoveryPlan
+from checkfree.routes import in_order, route
 from checkfree.schedule import build_schedule
 
-# Tags of whole-state transfers (activation tags come from routes.message_tag and never collide with
+# Tags of whole-state transfers (activation tags come from programs.message_tag and never collide with
 # these: each kind of traffic runs in its own command).
-TAG_BODY, TAG_EDGE, TAG_SHADOW, TAG_REFRESH = 1, 2, 3, 4
+TAG_BODY, TAG_RESTORE, TAG_REFRESH = 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,7 @@ class WorkerSpec:
     clip: float
     precision: str
     device: str
-    """'cpu' or 'cuda' (the worker takes cuda:<rank % device_count>)."""
+    """'cpu' or 'cuda' (the worker takes cuda:<local rank % device_count>)."""
     schedule: str
     pipeline: str
     """'gpipe' or '1f1b' (in-order schedules only)."""
@@ -78,15 +77,11 @@ class WorkerSpec:
     store_addr: str
     store_port: int
     timeout_s: float
-    run_dir: str
     fresh: bool = False
     """A replacement process: its weights come from recovery, not from the seeded initialisation."""
     threads: int = 1
     local_rank: int | None = None
-    """The process's index on its machine (torchrun's LOCAL_RANK) for picking a GPU; None: rank % GPUs."""
-    pause: tuple[int, int, float] | None = None
-    """Test hook (iteration, stage, seconds): that stage sleeps inside that iteration's first attempt, so a
-    test can kill a process mid-iteration; a marker file ``paused-<iteration>`` says the pause began."""
+    """The process's index on its machine, for picking a GPU; None: rank % GPUs."""
 
     @property
     def n_stages(self) -> int:
@@ -117,8 +112,19 @@ def seeded_stage(cfg: ModelConfig, seed: int, index: int) -> Stage:
     return stage
 
 
+def to_bytes(obj: Any) -> bytes:
+    """A state for the control channel (resume, export): torch.save bytes, whatever the launcher."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def from_bytes(data: bytes) -> Any:
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
 class StageWorker:
-    """One replica of one stage: its module, its optimizer, and the commands it serves."""
+    """One replica of one stage: its compute, the copies it holds, and the commands it serves."""
 
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
@@ -131,23 +137,13 @@ class StageWorker:
             self.device = torch.device("cpu")
         stage = Stage(spec.model, spec.stage) if spec.fresh else seeded_stage(spec.model, spec.seed, spec.stage)
         autocast = torch.bfloat16 if spec.precision == "bf16" else None
-        self.local = LocalPipeline([stage.to(self.device)], spec.lr, spec.clip, autocast_dtype=autocast)
+        self.compute = StageCompute(stage.to(self.device), spec.lr, spec.clip, autocast_dtype=autocast)
         self.schedule = build_schedule(spec.schedule, self.n)
         self.store: dist.TCPStore | None = None
         self.stage_group = None
         self.generation = -1
-        self.replica_edge: dict[str, torch.Tensor] = {}
-        """CheckFree+: the (de)embedding replica this stage holds (stage 1: embedding, S-2: head)."""
-        self.shadow: dict[str, torch.Tensor] = {}
-        """Redundant baseline: weights + Adam state + lr of the successor stage (k + 1) mod S."""
-
-    @property
-    def stage(self) -> Stage:
-        return self.local.stages[0]
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        return self.local.optimizers[0]
+        self.held: dict[Held, dict[str, Any]] = {}
+        """Copies of other stages this node keeps (a replica of the embedding / head, a shadow)."""
 
     def rank(self, stage: int) -> int:
         return rank_of(stage, self.spec.replica, self.n)
@@ -172,38 +168,26 @@ class StageWorker:
 
     # --- one iteration ---------------------------------------------------------------------------
 
-    def cmd_step(self, iteration: int, inputs: dict[int, np.ndarray], targets: dict[int, np.ndarray]) -> dict:
-        self._maybe_pause(iteration)
-        self.stage.train()
-        self.optimizer.zero_grad(set_to_none=True)
+    def cmd_step(self, inputs: dict[int, np.ndarray], targets: dict[int, np.ndarray]) -> dict:
+        self.compute.train()
         try:
             loss_sum, tokens = self._run_program(inputs, targets)
             self._allreduce_gradients()
         except Exception as exc:  # a lost peer (connection closed) or a timeout: discard the iteration
-            self.optimizer.zero_grad(set_to_none=True)
+            self.compute.drop_gradients()
             self.leave_group()
-            return {"aborted": True, "error": f"{type(exc).__name__}: {_first_line(exc)}"}
-        pre, post = self.local.clip_stage_gradients()
-        return {"ready": True, "loss_sum": loss_sum, "tokens": tokens, "grad_norm": pre[0],
-                "grad_norm_post": post[0]}
+            return {"aborted": True, "error": f"{type(exc).__name__}: {first_line(exc)}"}
+        pre, post = self.compute.clip()
+        return {"ready": True, "loss_sum": loss_sum, "tokens": tokens, "grad_norm": pre, "grad_norm_post": post}
 
     def cmd_commit(self) -> dict:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"lr": self.local.stage_lrs()[0], "finite": not self.local.nonfinite_stages()}
+        self.compute.step()
+        self.compute.drop_gradients()  # a stage process holds nothing between iterations it need not
+        return {"lr": self.compute.lr, "finite": self.compute.finite()}
 
     def cmd_abort(self) -> dict:
-        self.optimizer.zero_grad(set_to_none=True)
+        self.compute.drop_gradients()
         return {}
-
-    def _maybe_pause(self, iteration: int) -> None:
-        pause = self.spec.pause
-        if pause is None or pause[0] != iteration or pause[1] != self.spec.stage:
-            return
-        marker = Path(self.spec.run_dir) / f"paused-{iteration}"
-        if not marker.exists():  # only the first attempt: a redone iteration runs straight through
-            marker.write_text(str(os.getpid()))
-            time.sleep(pause[2])
 
     def _run_program(self, inputs: dict[int, np.ndarray], targets: dict[int, np.ndarray]) -> tuple[float, int]:
         spec = self.spec
@@ -222,7 +206,7 @@ class StageWorker:
                     x = torch.empty(shape, device=self.device)
                     dist.recv(x, src=self.rank(v.prev), tag=message_tag(m, v.position - 1, False, self.n))
                     leaf = x.requires_grad_(True)
-                out = self._forward(v.ops, x)
+                out = self.compute.forward(v.ops, x)
                 if v.next is None:
                     target = torch.as_tensor(targets[m]).to(self.device)
                     out = causal_lm_loss(out, target)
@@ -234,7 +218,7 @@ class StageWorker:
             else:
                 leaf, out = saved.pop((m, v.position))
                 if v.next is None:
-                    (out / spec.micro_batches).backward()
+                    StageCompute.backward_loss(out, spec.micro_batches)
                 else:
                     grad = torch.empty_like(out)
                     dist.recv(grad, src=self.rank(v.next), tag=message_tag(m, v.position + 1, True, self.n))
@@ -244,24 +228,11 @@ class StageWorker:
         pending.wait()
         return loss_sum, tokens
 
-    def _forward(self, ops: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
-        """The visit's ops, with the local engine's precision rules (head and loss outside autocast)."""
-        stage, h = self.stage, x
-        with self.local._autocast():
-            for op in ops:
-                if op == "embed":
-                    h = stage.embed(h)
-                elif op == "body":
-                    h = stage.body(h)
-        if "head" in ops:
-            h = stage.head(h.float() if self.local.autocast_dtype else h)
-        return h
-
     def _allreduce_gradients(self) -> None:
         """Sum the replicas' gradients (each already scaled by 1/M, so the sum is the local engine's)."""
         if self.stage_group is None:
             return
-        params = list(self.stage.parameters())
+        params = list(self.compute.stage.parameters())
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.stage_group)
@@ -273,8 +244,8 @@ class StageWorker:
     @torch.no_grad()
     def cmd_eval(self, inputs: np.ndarray | None, targets: np.ndarray | None, n: int, batch_size: int) -> dict:
         """In-order forward of the held-out sequences (replica 0 of every stage takes part)."""
-        self.stage.eval()
-        [visit] = [v for v in route(tuple(range(self.n)), self.n) if v.stage == self.spec.stage]
+        self.compute.stage.eval()
+        [visit] = [v for v in in_order(self.n) if v.stage == self.spec.stage]
         total, count = 0.0, 0
         pending = Pending()
         for b, start in enumerate(range(0, n, batch_size)):
@@ -284,7 +255,7 @@ class StageWorker:
             else:
                 x = torch.empty((size, self.spec.model.seq_len, self.spec.model.d_model), device=self.device)
                 dist.recv(x, src=self.rank(visit.prev), tag=message_tag(b, visit.position - 1, False, self.n))
-            out = self._forward(visit.ops, x)
+            out = self.compute.forward(visit.ops, x)
             if visit.next is None:
                 target = torch.as_tensor(targets[start:start + size]).to(self.device)
                 total += causal_lm_loss(out, target).item() * size
@@ -308,10 +279,9 @@ class StageWorker:
             else:
                 h = torch.empty((size, self.spec.model.seq_len, self.spec.model.d_model), device=self.device)
                 dist.recv(h, src=self.rank(v.prev), tag=message_tag(0, v.position - 1, False, self.n))
-            for op in v.ops:
-                h = self._forward((op,), h)
-                blame = 0 if op == "embed" else self.n - 1 if op == "head" else v.stage
-                outputs.append((index, blame, bool(torch.isfinite(h).all())))
+            h, finite = self.compute.probe(v.ops, h)
+            for op, ok in finite:
+                outputs.append((index, blame(op, v.stage, self.n), ok))
                 index += 1
             if v.next is not None:
                 pending.add(h, self.rank(v.next), message_tag(0, v.position, False, self.n))
@@ -320,125 +290,90 @@ class StageWorker:
 
     # --- recovery --------------------------------------------------------------------------------
 
-    def cmd_recover(self, rebuild: dict[int, dict], refresh: dict) -> dict:
-        """Rebuild the stages in ``rebuild`` from survivors' tensors; survivors only send, replacements only
-        receive (in a fixed order), so the transfer cannot deadlock. Then refresh replicas / shadows that
-        lived on the replaced stages."""
-        start = time.perf_counter()
-        me = self.spec.stage
-        pending = Pending()
-        for k in sorted(rebuild):
-            plan = rebuild[k]
-            for src, _ in plan["body"]:
-                if src == me:
-                    pending.extend(isend_state(self.stage.body_state(), self.rank(k), TAG_BODY, self.device))
-            if plan["edge"] == me:
-                pending.extend(isend_state(self.replica_edge, self.rank(k), TAG_EDGE, self.device))
-            if plan["shadow"] == me:
-                pending.extend(isend_state(self.shadow, self.rank(k), TAG_SHADOW, self.device))
-        received = self._rebuild(rebuild[me]) if me in rebuild else 0
+    def cmd_recover(self, plan: RecoveryPlan) -> dict:
+        """This stage's part of ``plan``: send what it is a source of, rebuild itself if it is lost, then
+        take part in re-making held copies. Replies the bytes this stage received for its rebuild."""
+        me, pending = self.spec.stage, Pending()
+        for rebuild in plan.rebuilds:
+            if any(src == me for src, _ in rebuild.sources):
+                pending.extend(isend_state(self.compute.stage.body_state(), self.rank(rebuild.stage), TAG_BODY,
+                                           self.device))
+            if rebuild.restore is not None and rebuild.restore.holder == me:
+                pending.extend(isend_state(self.held[rebuild.restore], self.rank(rebuild.stage), TAG_RESTORE,
+                                           self.device))
+        received = 0
+        for rebuild in plan.rebuilds:
+            if rebuild.stage != me:
+                continue
+            bodies = []
+            for src, _ in rebuild.sources:
+                body, n_bytes = recv_state(self.rank(src), TAG_BODY, self.device)
+                bodies.append(body)
+                received += n_bytes
+            restored = None
+            if rebuild.restore is not None:
+                restored, n_bytes = recv_state(self.rank(rebuild.restore.holder), TAG_RESTORE, self.device)
+                received += n_bytes
+            self.compute.apply(rebuild, bodies, restored)
+            self.held = {}  # a new node holds nothing until the plan's fetch / refresh
         pending.wait()
-        received += self._refresh(**refresh)["received"]
-        return {"received_bytes": received, "sent_bytes": pending.nbytes, "transfer_s": time.perf_counter() - start,
-                "lr": self.local.stage_lrs()[0], "held_bytes": self.held_bytes()}
+        fetched = [h for r in plan.rebuilds for h in r.fetch]
+        got = self._refresh([*fetched, *plan.refresh])
+        received += sum(n for held, n in got.items() if held in fetched)
+        return {"received_bytes": received, "lr": self.compute.lr, "held_bytes": self.held_bytes()}
 
-    def _rebuild(self, plan: dict) -> int:
-        stage, received = self.stage, 0
-        # A new node: whatever the process holds is replaced; the recovery's seed makes "fresh" reproducible.
-        stage.reset_parameters(torch.Generator().manual_seed(plan["seed"]))
-        states, coefficients = [], []
-        for src, coefficient in plan["body"]:
-            state, nbytes = recv_state(self.rank(src), TAG_BODY, self.device)
-            states.append(state)
-            coefficients.append(coefficient)
-            received += nbytes
-        if states:
-            stage.load_state_dict(weighted_state(states, coefficients), strict=False)
-        if plan["edge"] is not None:
-            edge, nbytes = recv_state(self.rank(plan["edge"]), TAG_EDGE, self.device)
-            stage.load_state_dict(edge, strict=False)
-            received += nbytes
-        if plan["zero_mlp"]:
-            with torch.no_grad():
-                for layer in stage.layers:
-                    layer.mlp.down_proj.weight.zero_()
-        if plan["shadow"] is not None:
-            shadow, nbytes = recv_state(self.rank(plan["shadow"]), TAG_SHADOW, self.device)
-            self._load_full_state(shadow, plan["lr"])
-            received += nbytes
-        else:
-            self.local.reset_optimizer(0, plan["lr"])
+    def cmd_upkeep(self, refresh: list[Held], checkpoint: str | None) -> dict:
+        """Re-make held copies; write this stage's checkpoint shard into ``checkpoint`` (replica 0 writes)."""
+        got = self._refresh(refresh)
+        reply = {"received": [((h.kind, h.owner, h.holder), n) for h, n in got.items()],
+                 "held_bytes": self.held_bytes()}
+        if checkpoint is not None and self.spec.replica == 0:
+            reply["shard_bytes"], reply["digest"] = CheckpointStore.write_shard(Path(checkpoint), self.spec.stage,
+                                                                                self.compute.state())
+        return reply
+
+    def _refresh(self, copies: list[Held]) -> dict[Held, int]:
+        """Owners send, holders receive (every send is posted before any receive, so a ring of shadows cannot
+        deadlock). Returns the bytes this stage received, per copy it holds."""
+        me, pending, received = self.spec.stage, Pending(), {}
+        for held in copies:
+            if held.owner == me:
+                pending.extend(isend_state(self.compute.held_copy(held.kind), self.rank(held.holder), TAG_REFRESH,
+                                           self.device))
+        for held in copies:
+            if held.holder == me:
+                copy, received[held] = recv_state(self.rank(held.owner), TAG_REFRESH, self.device)
+                self.held[held] = copy
+        pending.wait()
         return received
 
-    def cmd_refresh(self, replicas: list[tuple[int, int]], shadows: list[tuple[int, int]]) -> dict:
-        return self._refresh(replicas, shadows)
-
-    def _refresh(self, replicas: list[tuple[int, int]], shadows: list[tuple[int, int]]) -> dict:
-        """Owners send their edge (CheckFree+) or full state (redundant) to the holders; all sends are posted
-        before any receive, so a ring of shadows cannot deadlock."""
-        me, pending, received = self.spec.stage, Pending(), 0
-        for owner, holder in replicas:
-            if owner == me:
-                pending.extend(isend_state(self.stage.edge_state(), self.rank(holder), TAG_REFRESH, self.device))
-        for owner, holder in shadows:
-            if owner == me:
-                pending.extend(isend_state(self._full_state(), self.rank(holder), TAG_REFRESH + 1, self.device))
-        for owner, holder in replicas:
-            if holder == me:
-                self.replica_edge, nbytes = recv_state(self.rank(owner), TAG_REFRESH, self.device)
-                received += nbytes
-        for owner, holder in shadows:
-            if holder == me:
-                self.shadow, nbytes = recv_state(self.rank(owner), TAG_REFRESH + 1, self.device)
-                received += nbytes
-        pending.wait()
-        return {"received": received, "sent_bytes": pending.nbytes, "held_bytes": self.held_bytes()}
-
     def held_bytes(self) -> int:
-        held = list(self.replica_edge.values()) + list(self.shadow.values())
-        return sum(t.numel() * t.element_size() for t in held)
+        return sum(nbytes(copy) for copy in self.held.values())
 
-    def _full_state(self) -> dict[str, torch.Tensor]:
-        """Weights and Adam state in one flat dict (what a redundant shadow holds; the lr travels with the plan)."""
-        tensors, _ = optimizer_tensors(self.optimizer)
-        state = {f"w.{k}": v for k, v in self.stage.state_dict().items()}
-        state.update({f"opt.{k}": v for k, v in tensors.items()})
-        return state
+    def cmd_load(self, checkpoint: str, meta_digests: dict[str, str]) -> dict:
+        """Roll back to this stage's shard of ``checkpoint`` (a replacement downloads it the same way)."""
+        try:
+            shard = CheckpointStore.read_shard(Path(checkpoint), self.spec.stage, {"digests": meta_digests},
+                                               map_location=self.device)
+        except DamagedCheckpoint as exc:
+            return {"damaged": str(exc.path), "cause": exc.cause}
+        self.compute.load_state(shard)
+        return {"lr": self.compute.lr}
 
-    def _load_full_state(self, state: dict[str, torch.Tensor], lr: float) -> None:
-        weights = {k[2:]: v for k, v in state.items() if k.startswith("w.")}
-        self.stage.load_state_dict(weights)
-        self.local.reset_optimizer(0, lr)
-        rest = {"param_groups": self.optimizer.state_dict()["param_groups"]}
-        tensors = {k[4:]: v.cpu() if k.endswith(".step") else v for k, v in state.items() if k.startswith("opt.")}
-        self.optimizer.load_state_dict(optimizer_state_from(tensors, rest))
-
-    # --- checkpoints (the checkpointing baseline) ----------------------------------------------------
-
-    def cmd_save(self, directory: str) -> dict:
-        """Write this stage's shard (weights + Adam state) atomically; replica 0 writes for all replicas."""
-        shard = {"stage": self.stage.state_dict(), "optimizer": self.optimizer.state_dict()}
-        nbytes = state_bytes(shard["stage"]) + optimizer_state_bytes(shard["optimizer"])
-        if self.spec.replica == 0:
-            torch_save_atomic(shard, Path(directory) / f"stage{self.spec.stage}.pt")
-        return {"shard_bytes": nbytes}
-
-    def cmd_load(self, directory: str) -> dict:
-        """Roll back to the shard in ``directory`` (a replacement downloads it from storage the same way)."""
-        shard = torch.load(Path(directory) / f"stage{self.spec.stage}.pt", map_location=self.device,
-                           weights_only=True)
-        self.stage.load_state_dict(shard["stage"])
-        lr = shard["optimizer"]["param_groups"][0]["lr"]
-        self.local.reset_optimizer(0, lr)  # the rolled-back lr is kept, as the local engine does
-        self.optimizer.load_state_dict(shard["optimizer"])
-        return {"lr": lr}
-
-    # --- inspection and lifecycle ----------------------------------------------------------------
+    # --- whole state: resume and export ----------------------------------------------------------
 
     def cmd_get_state(self) -> dict:
-        return {"state": {k: v.detach().cpu().numpy() for k, v in self.stage.state_dict().items()},
-                "lr": self.local.stage_lrs()[0], "replica_edge": sorted(self.replica_edge),
+        held = [((h.kind, h.owner, h.holder), copy) for h, copy in self.held.items()]
+        return {"state": to_bytes({**self.compute.state(), "held": held}), "lr": self.compute.lr,
                 "generation": self.generation}
+
+    def cmd_set_state(self, state: bytes) -> dict:
+        loaded = from_bytes(state)
+        self.compute.load_state(loaded)
+        self.held = {Held(*key): copy for key, copy in loaded["held"]}
+        return {"lr": self.compute.lr, "held_bytes": self.held_bytes()}
+
+    # --- lifecycle -------------------------------------------------------------------------------
 
     def cmd_die(self, code: int = 70) -> dict:
         os._exit(code)  # a real, abrupt exit: no cleanup, no reply, connections closed by the kernel
@@ -457,10 +392,14 @@ class StageWorker:
     def close(self) -> None:
         self.leave_group()
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:500] if text else ""
+    def handle(self, message: dict) -> dict:
+        """One command: its reply, or the error it raised (after leaving the group, so no peer waits on us)."""
+        command = message.pop("cmd")
+        try:
+            return getattr(self, f"cmd_{command}")(**message)
+        except Exception as exc:
+            self.leave_group()
+            return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=8)}
 
 
 def _die_with_parent() -> None:
@@ -472,13 +411,18 @@ def _die_with_parent() -> None:
             pass
 
 
-def main(conn: Any, spec: WorkerSpec) -> None:
-    """Process entry point: build the stage, say hello, then serve commands until ``stop``."""
-    _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the supervisor, which stops us in order
+def prepare_process(spec: WorkerSpec) -> None:
+    """Process-wide settings of a stage process: threads, loopback gloo, Ctrl-C left to the supervisor."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor stops workers in order
     if is_loopback(spec.store_addr):  # gloo would otherwise pick the interface of the machine's hostname
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(spec.threads)
+
+
+def main(conn: Any, spec: WorkerSpec) -> None:
+    """Process entry point: build the stage, say hello, then serve commands until ``stop``."""
+    _die_with_parent()
+    prepare_process(spec)
     start = time.perf_counter()
     try:
         worker = StageWorker(spec)
@@ -498,16 +442,11 @@ def serve(conn: Any, worker: StageWorker) -> None:
             message = conn.recv()
         except (EOFError, OSError):  # the supervisor is gone
             return
-        command = message.pop("cmd")
-        if command == "stop":
+        if message.get("cmd") == "stop":
             worker.close()  # leave the group before saying so: the supervisor may exit right after
             conn.send({})
             return
-        try:
-            reply = getattr(worker, f"cmd_{command}")(**message)
-        except Exception as exc:
-            worker.leave_group()  # whatever failed, peers must not wait on us (see leave_group)
-            reply = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=8)}
+        reply = worker.handle(message)
         try:
             conn.send(reply)
         except (BrokenPipeError, OSError):

@@ -1,40 +1,53 @@
 """Recovery strategies: one small protocol (``base.RecoveryStrategy``), a registry, one YAML each.
 
-Adding a strategy = one class here + ``conf/strategy/<name>.yaml`` + tests; nothing else changes.
+Adding a strategy = one module here (a class whose ``plan`` returns a ``checkfree.plan.RecoveryPlan``), one
+line in ``STRATEGIES`` below, ``conf/strategy/<name>.yaml`` and its test. The engines execute plans, so
+nothing else changes: the local engine and the process engine both run it as they run every other.
+
+Nothing here imports torch: a config is validated without loading any tensor library. The tensor math of
+CheckFree (``neighbour_average``, ``interpolate``, ``weighted_state``) is re-exported lazily from
+``checkfree.averaging``.
 """
 
 from __future__ import annotations
 
-from checkfree.config import ConfigError
-from checkfree.recovery.ablations import Copy, Random, Uniform, Zero
-from checkfree.recovery.averaging import interpolate, interpolation_weights, neighbour_average, weighted_state
-from checkfree.recovery.base import (
-    RecoveryContext,
-    RecoveryReport,
-    RecoveryStrategy,
-    StrategyConfig,
-    UnrecoverableFailure,
-)
-from checkfree.recovery.checkfree import CheckFree, CheckFreePlus
-from checkfree.recovery.checkpoint import CheckpointRollback
-from checkfree.recovery.redundant import RedundantComputation
+import importlib
+from typing import Any
 
-STRATEGIES: dict[str, type[RecoveryStrategy]] = {
-    cls.name: cls
-    for cls in (RecoveryStrategy, CheckFree, CheckFreePlus, CheckpointRollback, RedundantComputation,
-                Copy, Uniform, Random, Zero)
+from checkfree.config import ConfigError
+from checkfree.recovery.base import RecoveryStrategy, StrategyConfig, UnrecoverableFailure
+from checkfree.recovery.rules import interpolation_weights, nearest_survivors, norm_weight
+
+STRATEGIES: dict[str, str] = {
+    "none": "checkfree.recovery.base:RecoveryStrategy",
+    "checkfree": "checkfree.recovery.checkfree:CheckFree",
+    "checkfree_plus": "checkfree.recovery.checkfree:CheckFreePlus",
+    "checkpoint": "checkfree.recovery.checkpoint:CheckpointRollback",
+    "redundant": "checkfree.recovery.redundant:RedundantComputation",
+    "copy": "checkfree.recovery.ablations:Copy",
+    "uniform": "checkfree.recovery.ablations:Uniform",
+    "random": "checkfree.recovery.ablations:Random",
+    "zero": "checkfree.recovery.ablations:Zero",
 }
+"""Strategy name -> "module:Class" (imported when a run asks for it)."""
+
+
+def strategy_class(name: str) -> type[RecoveryStrategy]:
+    if name not in STRATEGIES:
+        raise ConfigError(f"strategy.name={name!r} is unknown; allowed: {', '.join(sorted(STRATEGIES))}.")
+    module, cls = STRATEGIES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def validate_strategy_config(cfg: StrategyConfig, n_stages: int) -> None:
-    if cfg.name not in STRATEGIES:
-        raise ConfigError(f"strategy.name={cfg.name!r} is unknown; allowed: {', '.join(sorted(STRATEGIES))}.")
+    strategy_class(cfg.name)
     checks = [
-        (cfg.lr_scale > 0, "lr_scale", "a positive factor"),
+        (_finite(cfg.lr_scale) and cfg.lr_scale > 0, "lr_scale", "a finite positive factor"),
         (cfg.norm_source in ("pre", "post"), "norm_source", "'pre' or 'post'"),
-        (cfg.norm_power >= 0, "norm_power", "a non-negative exponent"),
-        (cfg.eps > 0, "eps", "a positive number"),
+        (_finite(cfg.norm_power) and cfg.norm_power >= 0, "norm_power", "a finite non-negative exponent"),
+        (_finite(cfg.eps) and cfg.eps > 0, "eps", "a finite positive number"),
         (cfg.unrecoverable in ("error", "reinit"), "unrecoverable", "'error' or 'reinit'"),
+        (cfg.edge_rule in ("none", "copy"), "edge_rule", "'none' or 'copy'"),
         (cfg.replica_sync_every >= 1, "replica_sync_every", "an integer >= 1"),
         (cfg.every >= 1, "every", "an integer >= 1"),
         (cfg.keep >= 1, "keep", "an integer >= 1"),
@@ -42,16 +55,27 @@ def validate_strategy_config(cfg: StrategyConfig, n_stages: int) -> None:
     for ok, key, allowed in checks:
         if not ok:
             raise ConfigError(f"strategy.{key}={getattr(cfg, key)!r} is invalid: allowed is {allowed}.")
-    STRATEGIES[cfg.name](cfg).validate(n_stages)
+    strategy_class(cfg.name)(cfg).validate(n_stages)
+
+
+def _finite(x: float) -> bool:
+    return x == x and x not in (float("inf"), float("-inf"))
 
 
 def build_strategy(cfg: StrategyConfig, n_stages: int) -> RecoveryStrategy:
     validate_strategy_config(cfg, n_stages)
-    return STRATEGIES[cfg.name](cfg)
+    return strategy_class(cfg.name)(cfg)
+
+
+def __getattr__(name: str) -> Any:
+    """The tensor functions, imported (with torch) only by code that asks for them."""
+    if name in ("neighbour_average", "interpolate", "weighted_state"):
+        return getattr(importlib.import_module("checkfree.averaging"), name)
+    raise AttributeError(f"module 'checkfree.recovery' has no attribute {name!r}")
 
 
 __all__ = [
-    "STRATEGIES", "StrategyConfig", "RecoveryContext", "RecoveryReport", "RecoveryStrategy",
-    "UnrecoverableFailure", "build_strategy", "validate_strategy_config", "neighbour_average", "interpolate",
-    "interpolation_weights", "weighted_state",
+    "STRATEGIES", "StrategyConfig", "RecoveryStrategy", "UnrecoverableFailure", "build_strategy",
+    "strategy_class", "validate_strategy_config", "neighbour_average", "interpolate", "interpolation_weights",
+    "weighted_state", "norm_weight", "nearest_survivors",
 ]

@@ -5,50 +5,40 @@
 * ``zero`` — copy, then zero every MLP ``down_proj`` so the stage starts close to the identity.
 * ``random`` — fresh random weights.
 
-They share CheckFree's edge rules (an edge stage has no neighbour on one side: ``unrecoverable``) and
-its restart (fresh optimizer, ``lr_scale * lr``), so only the rebuild differs. Unlike the reference,
-there is no hidden distillation loop or all-reduce that could zero the stage (PAPER §9.6).
+They share CheckFree's edge rules and its restart (fresh optimizer, ``lr_scale * lr``), so only the rebuild
+of an intermediate stage differs. Unlike the reference, there is no hidden distillation loop or all-reduce
+that could zero the stage (PAPER §9.6).
 """
 
 from __future__ import annotations
 
-import torch
-
-from checkfree.recovery.base import RecoveryContext, RecoveryReport, state_bytes
+from checkfree.plan import ZERO_DOWN_PROJ, Rebuild, RunView
 from checkfree.recovery.checkfree import NeighbourRecovery
 
 
 class Uniform(NeighbourRecovery):
     name = "uniform"
 
-    def neighbour_weights(self, left: int, right: int, ctx: RecoveryContext) -> tuple[float, float]:
+    def neighbour_weights(self, left: int, right: int, view: RunView) -> tuple[float, float]:
         return 1.0, 1.0
 
 
 class Copy(NeighbourRecovery):
     name = "copy"
+    transforms: tuple[str, ...] = ()
 
-    def combine(self, k: int, left: int, right: int, ctx: RecoveryContext) -> RecoveryReport:
+    def combine(self, k: int, left: int, right: int, view: RunView) -> Rebuild:
         source = left if k - left <= right - k else right
-        body = ctx.pipeline.stages[source].body_state()
-        ctx.pipeline.stages[k].load_state_dict(body, strict=False)
-        return self._report(k, self.name, [source], [1.0], state_bytes(body))
+        return self.make(k, view, self.name, sources=((source, 1.0),), transforms=self.transforms)
 
 
 class Zero(Copy):
     name = "zero"
-
-    def combine(self, k: int, left: int, right: int, ctx: RecoveryContext) -> RecoveryReport:
-        report = super().combine(k, left, right, ctx)
-        with torch.no_grad():
-            for layer in ctx.pipeline.stages[k].layers:
-                layer.mlp.down_proj.weight.zero_()
-        return report
+    transforms = (ZERO_DOWN_PROJ,)
 
 
 class Random(NeighbourRecovery):
     name = "random"
 
-    def combine(self, k: int, left: int, right: int, ctx: RecoveryContext) -> RecoveryReport:
-        # recover() has already given the stage fresh random weights: keep them.
-        return self._report(k, self.name, [], [], 0)
+    def combine(self, k: int, left: int, right: int, view: RunView) -> Rebuild:
+        return self.make(k, view, self.name)  # the new node's fresh weights are the recovery

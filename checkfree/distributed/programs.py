@@ -1,14 +1,7 @@
-"""Which stage does what, in which order: micro-batch routes and per-stage programs.
+"""Which stage process does what, in which order: per-stage programs built from the routes.
 
-A micro-batch's *route* is the chain of ops the local engine runs in one process: the embedding (stage 0),
-every stage's body in the schedule's order, the head (stage S-1). Consecutive ops on the same stage form a
-*visit*: its input arrives from the previous visit's stage (or is the token ids), its output goes to the
-next visit's stage (or into the loss). In order, stage ``k`` has one visit per micro-batch; under
-CheckFree+'s swapped order (1, 0, 2, ..., S-1, S-2) stage 0 visits twice (embedding, then its body after
-stage 1) and so does stage S-1 (its body, then the head after stage S-2).
-
-A stage's *program* is its visits' forward and backward passes in execution order. Every program
-follows one global order of all passes (GPipe: forwards by (micro-batch, position), then backwards by
+A micro-batch's route (``checkfree.routes``) says which stages visit it and in which order. A stage's
+*program* is its visits' forward and backward passes in execution order. Every program follows one global order of all passes (GPipe: forwards by (micro-batch, position), then backwards by
 (micro-batch, reverse position); 1F1B: the classic warm-up / one-forward-one-backward / cool-down), every
 pass needs only passes earlier in that order, and sends never block: so no schedule can deadlock.
 Backwards run in ascending micro-batch order, as the local engine accumulates them, which keeps the
@@ -19,22 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from checkfree.routes import Visit, route
 from checkfree.schedule import Schedule
-
-
-@dataclass(frozen=True)
-class Visit:
-    """One stage's contiguous part of a micro-batch's route."""
-
-    stage: int
-    ops: tuple[str, ...]
-    """'embed' | 'body' | 'head', in order."""
-    position: int
-    """Index of this visit in the route."""
-    prev: int | None
-    """Stage whose output is this visit's input; None: the input is the token ids."""
-    next: int | None
-    """Stage that consumes this visit's output; None: the output is the logits and the loss is taken here."""
 
 
 @dataclass(frozen=True)
@@ -44,22 +23,6 @@ class Pass:
     backward: bool
     micro_batch: int
     visit: Visit
-
-
-def route(order: tuple[int, ...], n_stages: int) -> list[Visit]:
-    """The visits of a micro-batch whose bodies run in ``order`` (embedding first, head last)."""
-    hops = [(0, "embed"), *((k, "body") for k in order), (n_stages - 1, "head")]
-    groups: list[tuple[int, list[str]]] = []
-    for stage, op in hops:
-        if groups and groups[-1][0] == stage:
-            groups[-1][1].append(op)
-        else:
-            groups.append((stage, [op]))
-    return [
-        Visit(stage, tuple(ops), i, groups[i - 1][0] if i > 0 else None,
-              groups[i + 1][0] if i + 1 < len(groups) else None)
-        for i, (stage, ops) in enumerate(groups)
-    ]
 
 
 def replica_micro_batches(n_micro_batches: int, replicas: int, replica: int) -> list[int]:

@@ -1,11 +1,14 @@
-"""The pure math of CheckFree: weighted averages of neighbouring stages' tensors.
+"""The tensor math of CheckFree: weighted averages of neighbouring stages' weights.
 
-Everything here is a function of tensors and floats, so it can be checked against hand-computed values.
+Functions of tensors and floats only, checked against hand-computed values in the tests. The scalar rules
+that decide the coefficients (``checkfree.recovery.rules``) live apart, so strategies stay free of tensors.
 """
 
 from __future__ import annotations
 
 import torch
+
+from checkfree.recovery.rules import interpolation_weights, norm_weight
 
 State = dict[str, torch.Tensor]
 
@@ -29,11 +32,6 @@ def weighted_state(states: list[State], weights: list[float]) -> State:
     return out
 
 
-def norm_weight(norm: float, power: float = 1.0, eps: float = 1e-4) -> float:
-    """A neighbour's weight: |g|^power + eps."""
-    return float(norm) ** power + eps
-
-
 def neighbour_average(
     prev_state: State, next_state: State, prev_norm: float, next_norm: float, eps: float = 1e-4
 ) -> State:
@@ -44,30 +42,11 @@ def neighbour_average(
     return weighted_state([prev_state, next_state], [prev_norm + eps, next_norm + eps])
 
 
-def interpolation_weights(left: int, right: int, k: int, left_weight: float, right_weight: float) -> tuple[float, float]:
-    """Coefficients of W_L and W_R for a lost stage L < k < R (DESIGN §5), normalised to sum to 1.
-
-    W_k = ((R-k) b W_L + (k-L) a W_R) / ((R-k) b + (k-L) a), with b, a the left and right weights.
-    For R - L = 2 this is the neighbour average.
-    """
-    if not left < k < right:
-        raise ValueError(f"stage {k} is not strictly between survivors {left} and {right}")
-    wl, wr = (right - k) * left_weight, (k - left) * right_weight
-    return wl / (wl + wr), wr / (wl + wr)
-
-
 def interpolate(
     left_state: State, right_state: State, left: int, right: int, k: int,
     left_norm: float, right_norm: float, power: float = 1.0, eps: float = 1e-4,
 ) -> State:
-    """Fill lost stage ``k`` between surviving stages ``left`` and ``right``."""
+    """Fill lost stage ``k`` between surviving stages ``left`` and ``right`` (DESIGN §5)."""
     cl, cr = interpolation_weights(left, right, k, norm_weight(left_norm, power, eps),
                                    norm_weight(right_norm, power, eps))
     return weighted_state([left_state, right_state], [cl, cr])
-
-
-def nearest_survivors(k: int, failed: set[int], n_stages: int) -> tuple[int | None, int | None]:
-    """The closest surviving stage on each side of ``k`` (None where there is none)."""
-    left = next((j for j in range(k - 1, -1, -1) if j not in failed), None)
-    right = next((j for j in range(k + 1, n_stages) if j not in failed), None)
-    return left, right

@@ -1,0 +1,214 @@
+"""One stage's compute and state: its module, its Adam, the precision rule — shared by every engine.
+
+The local engine holds S of these and chains their visits in one process; a stage process holds one and
+sends its outputs to the next stage. Either way the same code runs a visit's ops (embedding and bodies
+under autocast, the head and the loss outside it in fp32, as the reference), scales a micro-batch's loss
+by 1/M, clips the stage's gradient on its own (no stage sees another's gradients), steps, probes for
+non-finite outputs and applies a recovery plan's ``Rebuild``. That is what keeps the engines bit-for-bit
+equal: there is only one copy of each of these rules.
+
+State travels in one nested format (see ``checkfree.plan``): ``{"weights": state_dict}`` for a (de)embedding
+replica, ``{"weights": ..., "optimizer": ...}`` for a shadow or a checkpoint shard.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from checkfree.averaging import weighted_state
+from checkfree.model import Stage
+from checkfree.plan import REPLICA, ZERO_DOWN_PROJ, Rebuild
+from checkfree.routes import BODY, EMBED, HEAD
+
+State = dict[str, Any]
+"""A nested dict whose leaves are tensors or plain values (a held copy, a checkpoint shard)."""
+
+
+def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did, per stage where it makes sense."""
+
+    loss: float
+    """Mean training cross-entropy over the micro-batches."""
+    grad_norm: list[float]
+    """Per-stage gradient L2 norm before clipping."""
+    grad_norm_post: list[float]
+    """Per-stage gradient L2 norm after clipping (the reference's CheckFree weights)."""
+    tokens: int
+    stepped: bool = True
+    """False when the step was skipped because the loss or a gradient was non-finite."""
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss) and all(math.isfinite(n) for n in self.grad_norm)
+
+
+def nbytes(state: State) -> int:
+    """Bytes of every tensor in a (nested) state."""
+    if torch.is_tensor(state):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(nbytes(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(nbytes(v) for v in state)
+    return 0
+
+
+@torch.no_grad()
+def refresh_into(held: State | None, live: State) -> State:
+    """A copy of ``live`` that reuses ``held``'s tensors where shapes match (one memcpy each, no allocation:
+    a shadow is refreshed after every step). Plain values are deep-copied."""
+    if torch.is_tensor(live):
+        if torch.is_tensor(held) and held.shape == live.shape and held.dtype == live.dtype \
+                and held.device == live.device:
+            return held.copy_(live)
+        return live.detach().clone()
+    if isinstance(live, dict):
+        old = held if isinstance(held, dict) else {}
+        return {k: refresh_into(old.get(k), v) for k, v in live.items()}
+    return copy.deepcopy(live)
+
+
+def clone_state(state: State) -> State:
+    return refresh_into(None, state)
+
+
+class StageCompute:
+    """One stage: its module, its optimizer (Adam, constant lr) and the rules every engine shares."""
+
+    def __init__(self, stage: Stage, lr: float, clip: float = 1.0, betas: tuple[float, float] = (0.9, 0.999),
+                 weight_decay: float = 0.0, autocast_dtype: torch.dtype | None = None) -> None:
+        self.stage = stage
+        self.clip_norm = clip
+        self.betas, self.weight_decay = betas, weight_decay
+        self.autocast_dtype = autocast_dtype
+        self.optimizer = self._adam(lr)
+
+    @property
+    def index(self) -> int:
+        return self.stage.index
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.stage.parameters()).device
+
+    def _adam(self, lr: float) -> torch.optim.Adam:
+        return torch.optim.Adam(self.stage.parameters(), lr=lr, betas=self.betas, weight_decay=self.weight_decay)
+
+    # --- compute -------------------------------------------------------------------------------------
+
+    def forward(self, ops: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
+        """A visit's ops on ``x``: embedding and bodies under autocast; the head outside it, in fp32."""
+        h = x
+        with self._autocast():
+            for op in ops:
+                if op == EMBED:
+                    h = self.stage.embed(h)
+                elif op == BODY:
+                    h = self.stage.body(h)
+        if HEAD in ops:
+            h = self.stage.head(h.float() if self.autocast_dtype else h)
+        return h
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @staticmethod
+    def backward_loss(loss: torch.Tensor, micro_batches: int, fused: int = 1) -> None:
+        """Accumulate one micro-batch's share of the iteration's mean loss: ``loss / M``; a fused group of
+        ``n`` equal micro-batches (its loss is their mean) counts ``n / M``."""
+        (loss / micro_batches if fused == 1 else loss * (fused / micro_batches)).backward()
+
+    def train(self) -> None:
+        self.stage.train()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def clip(self) -> tuple[float, float]:
+        """Clip this stage's gradient to ``clip_norm`` on its own; return its pre- and post-clip norms."""
+        params = [p for p in self.stage.parameters() if p.grad is not None]
+        norm = float(torch.nn.utils.clip_grad_norm_(params, self.clip_norm, foreach=True)) if params else 0.0
+        # clip_grad_norm_ scales by clip / (norm + 1e-6) when that is below 1: the post-clip norm is exact up
+        # to float rounding, so it is computed rather than taken in another pass over every gradient.
+        post = norm * min(1.0, self.clip_norm / (norm + 1e-6)) if math.isfinite(norm) else norm
+        return norm, post
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def drop_gradients(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def finite(self) -> bool:
+        return all(torch.isfinite(p).all() for p in self.stage.parameters())
+
+    @torch.no_grad()
+    def probe(self, ops: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[str, bool]]]:
+        """Run ``ops`` one at a time; say for each whether its output is finite (a non-finite loss's origin)."""
+        outputs = []
+        for op in ops:
+            x = self.forward((op,), x)
+            outputs.append((op, bool(torch.isfinite(x).all())))
+        return x, outputs
+
+    # --- optimizer and state ---------------------------------------------------------------------------
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def reset_optimizer(self, lr: float) -> None:
+        """A new node starts with an empty optimizer state (Adam moments, step count)."""
+        self.optimizer = self._adam(lr)
+
+    def state(self) -> State:
+        """Weights and optimizer state (a shadow, a checkpoint shard, a resume)."""
+        return {"weights": self.stage.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state(self, state: State) -> None:
+        """Restore weights and optimizer exactly (the optimizer's lr included). The tensors are copied in,
+        so the optimizer never writes into a held copy it was restored from."""
+        device = self.device
+        self.stage.load_state_dict({k: v.to(device) for k, v in state["weights"].items()})
+        self.optimizer = self._adam(self.lr)
+        self.optimizer.load_state_dict(clone_state(state["optimizer"]))
+
+    def held_copy(self, kind: str) -> State:
+        """What a holder keeps of this stage: its (de)embedding (a replica), or everything (a shadow)."""
+        return {"weights": self.stage.edge_state()} if kind == REPLICA else self.state()
+
+    @torch.no_grad()
+    def apply(self, rebuild: Rebuild, bodies: list[dict[str, torch.Tensor]], restored: State | None) -> None:
+        """Rebuild this stage as ``rebuild`` says (see ``checkfree.plan.Rebuild`` for the order), from the
+        sources' block weights ``bodies`` (in ``rebuild.sources`` order) and the restored held copy."""
+        self.stage.reset_parameters(torch.Generator().manual_seed(rebuild.fresh_seed))
+        if bodies:
+            coefficients = [c for _, c in rebuild.sources]
+            device = self.device
+            self.stage.load_state_dict({k: v.to(device) for k, v in weighted_state(bodies, coefficients).items()},
+                                       strict=False)
+        if restored is not None and "optimizer" in restored:
+            self.load_state(restored)  # a shadow: weights, Adam moments, step count and lr, exactly
+        elif restored is not None:
+            self.stage.load_state_dict({k: v.to(self.device) for k, v in restored["weights"].items()}, strict=False)
+        for transform in rebuild.transforms:
+            if transform == ZERO_DOWN_PROJ:
+                for layer in self.stage.layers:
+                    layer.mlp.down_proj.weight.zero_()
+        if rebuild.lr is not None:
+            self.reset_optimizer(rebuild.lr)

@@ -1,0 +1,273 @@
+"""The process engine: the trainer's engine, with every stage (x replica) in its own OS process.
+
+It answers the trainer exactly as the local engine does (``checkfree.engine.Engine``) and executes the same
+plans, but over processes: a ``WorkerPool`` starts, commands, watches, replaces and stops them (local
+processes, or Ray actors on many machines: ``engine.launcher``), and the tensors a plan moves travel between
+the processes over a new generation of the process group.
+
+* One iteration is two-phase: every worker runs its program and replies *ready* (loss, gradient norms), and
+  only then does ``commit`` step every optimizer. A stage lost before the commit discards the iteration
+  everywhere (``StagesLost``: the trainer recovers and redoes it with the same micro-batches); a stage lost
+  during the commit has missed only its own step, so the survivors' step stands.
+* ``lose`` makes a stage's processes exit for real (the failure model's loss); ``execute`` starts
+  replacements, re-forms the group and has the survivors send what the plan says. A stage lost while that
+  is under way raises ``StagesLost`` too, and the trainer re-plans with it (a cascade).
+
+Each report's ``process`` holds the recovery's wall-clock anatomy (``detect_s``, ``respawn_s``,
+``rendezvous_s``, ``transfer_s``), the old and new PIDs and, on Ray, the nodes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from checkfree.checkpoints import CheckpointStore, DamagedCheckpoint
+from checkfree.compute import StepResult
+from checkfree.config import EngineConfig
+from checkfree.distributed.cluster import StageLost, WorkerError, WorkerPool, raise_errors
+from checkfree.distributed.launchers import make_pool
+from checkfree.distributed.programs import replica_micro_batches
+from checkfree.distributed.worker import WorkerSpec, from_bytes, rank_of, to_bytes
+from checkfree.engine import Outcome, StagesLost
+from checkfree.plan import REPLICA, Held, RecoveryPlan, Traffic, Upkeep, rebuild_report, rollback_reports
+from checkfree.schedule import Schedule
+
+
+class ProcessEngine:
+    def __init__(self, spec: WorkerSpec, engine: EngineConfig) -> None:
+        self.spec, self.engine = spec, engine
+        self.n_stages, self.replicas = spec.n_stages, spec.replicas
+        self.lrs = [spec.lr] * self.n_stages
+        self.finite = [True] * self.n_stages
+        self.held = [0] * self.n_stages
+        """Bytes of the copies each stage holds (replica 0 of each pipeline)."""
+        self.pool: WorkerPool | None = None
+        self.store: CheckpointStore | None = None
+        self.detect_s = 0.0
+
+    def start(self, run_dir: Path | str, fresh: bool = True) -> None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)  # workers.json lists the processes from the start
+        self.store = CheckpointStore(Path(run_dir) / "checkpoints")
+        if fresh:
+            self.store.clear()
+        self.pool = make_pool(self.spec, self.engine, Path(run_dir))
+        self.pool.start()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()  # success, error or Ctrl-C: every worker is stopped and joined
+
+    def first_ranks(self) -> list[int]:
+        """Replica 0 of every stage: the pipeline that validates, reports and saves."""
+        return [rank_of(k, 0, self.n_stages) for k in range(self.n_stages)]
+
+    def lost(self, exc: StageLost, result: StepResult | None = None) -> StagesLost:
+        """The pool's news for the trainer; its detection time goes into the recovery that follows."""
+        self.detect_s = exc.detect_s
+        return StagesLost(exc.stages, exc.command, exc.detect_s, result)
+
+    # --- training ------------------------------------------------------------------------------------
+
+    def train_step(self, batches: list[torch.Tensor], schedule: Schedule, skip_nonfinite: bool = True) -> StepResult:
+        """As ``LocalEngine.train_step``; with ``skip_nonfinite`` a non-finite loss or gradient norm turns the
+        commit into an abort everywhere."""
+        last, pool = self.n_stages - 1, self.pool
+        messages = {}
+        for rank, handle in pool.handles.items():
+            mbs = replica_micro_batches(len(batches), self.replicas, handle.replica)
+            messages[rank] = {
+                "cmd": "step",
+                "inputs": {m: batches[m][:, :-1].numpy() for m in mbs} if handle.stage == 0 else {},
+                "targets": {m: batches[m][:, 1:].numpy() for m in mbs} if handle.stage == last else {},
+            }
+        try:
+            ready = pool.request(messages, "step")
+        except StageLost as exc:
+            self._abort(exc.replies)
+            raise self.lost(exc) from None
+        if any("ready" not in reply for reply in ready.values()):
+            # Aborted with every process alive (a timeout): not a failure that a replacement can cure.
+            self._abort(ready)
+            raise_errors(ready, pool.handles, "step")
+            reasons = sorted({r["error"] for r in ready.values() if r.get("aborted")})
+            raise WorkerError(f"an iteration was aborted with every stage alive: {reasons}; raise engine.timeout_s "
+                              "if the stages are just slow.")
+        first = [ready[rank] for rank in self.first_ranks()]
+        losses = [ready[rank_of(last, r, self.n_stages)] for r in range(self.replicas)]
+        result = StepResult(loss=sum(r["loss_sum"] for r in losses) / len(batches),
+                            grad_norm=[r["grad_norm"] for r in first],
+                            grad_norm_post=[r["grad_norm_post"] for r in first],
+                            tokens=sum(r["tokens"] for r in losses))
+        if skip_nonfinite and not result.finite:
+            self._abort(ready)
+            result.stepped = False
+            return result
+        try:
+            committed = pool.request({rank: {"cmd": "commit"} for rank in ready}, "commit")
+        except StageLost as exc:  # the survivors stepped: their step stands, the lost stage is rebuilt now
+            self._note_commit(exc.replies)
+            raise self.lost(exc, result) from None
+        raise_errors(committed, pool.handles, "commit")
+        self._note_commit(committed)
+        return result
+
+    def _note_commit(self, replies: dict[int, dict]) -> None:
+        self.finite = [True] * self.n_stages
+        for rank, reply in replies.items():
+            stage = self.pool.handles[rank].stage
+            self.lrs[stage] = reply["lr"]
+            self.finite[stage] = self.finite[stage] and reply["finite"]
+
+    def _abort(self, replies: dict[int, dict]) -> None:
+        """Survivors that computed their gradients drop them (none of them stepped)."""
+        holding = [rank for rank, reply in replies.items()
+                   if reply.get("ready") and rank in self.pool.handles and self.pool.alive(rank)]
+        if holding:
+            try:
+                self.pool.request({rank: {"cmd": "abort"} for rank in holding}, "abort")
+            except StageLost:
+                pass  # recovery follows anyway; whoever died here is replaced with the others
+
+    # --- validation ----------------------------------------------------------------------------------
+
+    def evaluate(self, sequences: torch.Tensor, batch_size: int) -> float:
+        last = self.n_stages - 1
+        messages = {rank_of(k, 0, self.n_stages): {
+            "cmd": "eval", "n": sequences.shape[0], "batch_size": batch_size,
+            "inputs": sequences[:, :-1].numpy() if k == 0 else None,
+            "targets": sequences[:, 1:].numpy() if k == last else None} for k in range(self.n_stages)}
+        try:
+            replies = self.pool.request(messages, "eval")
+        except StageLost as exc:
+            raise self.lost(exc) from None
+        raise_errors(replies, self.pool.handles, "eval")
+        reply = replies[rank_of(last, 0, self.n_stages)]
+        return reply["loss_sum"] / reply["count"]
+
+    def first_nonfinite_output(self, input_ids: torch.Tensor, order: tuple[int, ...]) -> int | None:
+        """As ``LocalEngine.first_nonfinite_output``, from a forward probe on the workers."""
+        messages = {rank_of(k, 0, self.n_stages): {"cmd": "probe", "order": tuple(order),
+                                                   "inputs": input_ids.numpy() if k == 0 else None,
+                                                   "size": input_ids.shape[0]} for k in range(self.n_stages)}
+        replies = self.pool.broadcast_each(messages, "probe")
+        outputs = sorted(entry for reply in replies.values() for entry in reply["outputs"])
+        return next((stage for _, stage, finite in outputs if not finite), None)
+
+    # --- what the trainer reads ----------------------------------------------------------------------
+
+    def stage_lrs(self) -> list[float]:
+        return list(self.lrs)
+
+    def nonfinite_stages(self) -> list[int]:
+        return [k for k, ok in enumerate(self.finite) if not ok]
+
+    def held_bytes(self) -> int:
+        return sum(self.held)
+
+    def _gather(self) -> list[dict[str, Any]]:
+        replies = self.pool.broadcast("get_state", ranks=self.first_ranks())
+        return [from_bytes(replies[rank]["state"]) for rank in self.first_ranks()]
+
+    def stage_states(self) -> list[dict[str, torch.Tensor]]:
+        return [state["weights"] for state in self._gather()]
+
+    # --- recovery: the plan executor over processes ---------------------------------------------------
+
+    def lose(self, stages: list[int]) -> None:
+        """The stages' processes exit for real (every replica); the seconds until the supervisor saw them all
+        gone are the next recovery's detection time."""
+        self.detect_s = self.pool.kill(stages) or 0.0
+
+    def execute(self, plan: RecoveryPlan, progress: int) -> Outcome:
+        """Replace the lost stages' processes, re-form the group, then move what the plan says."""
+        pool, start = self.pool, time.perf_counter()
+        old = {k: pool.describe(k) for k in plan.lost}
+        try:
+            pool.kill(list(plan.lost))  # replicas of a lost stage that still run are lost with it
+            respawn_s = pool.respawn(list(plan.lost))
+            rendezvous_s = pool.rendezvous()
+            t = time.perf_counter()
+            if plan.rollback:
+                restored = self.store.restore(self._load_checkpoint)
+                reports = rollback_reports(plan, progress, restored)
+            else:
+                restored = None
+                replies = pool.broadcast("recover", plan=plan)
+                self._note_held(replies)
+                for rank, reply in replies.items():
+                    self.lrs[pool.handles[rank].stage] = reply["lr"]
+                reports = [rebuild_report(plan, r, replies[rank_of(r.stage, 0, self.n_stages)]["received_bytes"])
+                           for r in plan.rebuilds]
+        except StageLost as exc:
+            raise self.lost(exc) from None
+        transfer_s = time.perf_counter() - t
+        wall = time.perf_counter() - start
+        for report in reports:
+            report.wall_s = wall
+            report.process = {"detect_s": self.detect_s, "respawn_s": respawn_s, "rendezvous_s": rendezvous_s,
+                              "transfer_s": transfer_s, "generation": pool.generation,
+                              **{f"old_{k}": v for k, v in old[report.stage].items()},
+                              **{f"new_{k}": v for k, v in pool.describe(report.stage).items()}}
+        self.detect_s = 0.0
+        return Outcome(reports, restored)
+
+    def _load_checkpoint(self, checkpoint: Path, meta: dict[str, Any]) -> None:
+        replies = self.pool.broadcast("load", checkpoint=str(checkpoint), meta_digests=meta["digests"])
+        damaged = [reply for reply in replies.values() if "damaged" in reply]
+        if damaged:  # every stage falls back together: the next candidate is loaded by all of them
+            raise DamagedCheckpoint(Path(damaged[0]["damaged"]), damaged[0]["cause"])
+        for rank, reply in replies.items():
+            self.lrs[self.pool.handles[rank].stage] = reply["lr"]
+
+    def upkeep(self, upkeep: Upkeep, meta: dict[str, Any]) -> Traffic:
+        traffic = Traffic()
+        if not upkeep:
+            return traffic
+        directory = self.store.begin(meta["progress"]) if upkeep.checkpoint else None
+        try:
+            replies = self.pool.broadcast("upkeep", refresh=list(upkeep.refresh),
+                                          checkpoint=str(directory) if directory is not None else None)
+        except StageLost as exc:
+            raise self.lost(exc) from None
+        self._note_held(replies)
+        for rank in self.first_ranks():
+            for key, n_bytes in replies[rank]["received"]:
+                if key[0] == REPLICA:
+                    traffic.sent[(key[1], key[2])] = n_bytes
+        if directory is not None:
+            firsts = [replies[rank] for rank in self.first_ranks()]
+            traffic.shard_bytes = [r["shard_bytes"] for r in firsts]
+            digests = {f"stage{k}.pt": r["digest"] for k, r in enumerate(firsts)}
+            self.store.commit(directory, {**meta, "shard_bytes": traffic.shard_bytes, "digests": digests},
+                              upkeep.keep)
+        return traffic
+
+    def _note_held(self, replies: dict[int, dict]) -> None:
+        for rank in self.first_ranks():
+            if rank in replies:
+                self.held[self.pool.handles[rank].stage] = replies[rank]["held_bytes"]
+
+    # --- resume --------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        states = self._gather()
+        held = [item for state in states for item in state["held"]]
+        return {"stages": [s["weights"] for s in states], "optimizers": [s["optimizer"] for s in states],
+                "held": held, "checkpoints": self.store.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        messages = {}
+        for rank, handle in self.pool.handles.items():
+            k = handle.stage
+            held = [(key, copy) for key, copy in state["held"] if Held(*key).holder == k]
+            messages[rank] = {"cmd": "set_state", "state": to_bytes(
+                {"weights": state["stages"][k], "optimizer": state["optimizers"][k], "held": held})}
+        replies = self.pool.broadcast_each(messages, "set_state")
+        for rank, reply in replies.items():
+            self.lrs[self.pool.handles[rank].stage] = reply["lr"]
+        self._note_held(replies)
+        self.store.load_state_dict(state["checkpoints"])

@@ -1,0 +1,298 @@
+"""How a run starts, goes on and ends: the loop over iterations, the result files, resume and signals.
+
+``run(trainer)`` trains for ``trainer.iterations``, evaluating every ``eval_every``, and guarantees what a
+run leaves behind, however it ends: ``metrics.jsonl`` (one line per iteration, never a torn one),
+``summary.json`` (written at the start and again at the end, with ``status`` completed | error |
+interrupted), the model it trained (``model/``, a Hugging Face directory, when the run ends between two
+iterations) and, with ``trainer.save_every=N``, a resumable state.
+
+Resume: the whole run state (engine weights, optimizers and held copies, checkpoints, failure model, data
+position, RNG, totals) goes to ``<run_dir>/resume/state.pt`` every N iterations, at the end, and when the
+run is interrupted or fails *between* iterations (a state caught mid-iteration is never saved).
+``trainer.resume=DIR`` continues the run in ``DIR`` itself: ``metrics.jsonl`` is cut back to the saved
+iteration and appended to, ``summary.json`` is rewritten, checkpoints stay where they are. The result is
+the same, record for record and weight for weight, as a run that never stopped.
+
+Signals: with ``save_every`` > 0, a SIGINT/SIGTERM arriving mid-iteration lets that iteration finish, so
+the state saved on the way out is the one at the signal; a second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from checkfree.plan import Held
+from checkfree.resume import save_state, state_path, truncate_metrics
+from checkfree.runlog import RunLog
+from checkfree.trainer import Totals, Trainer
+
+DIVERGED_FACTOR = 1.1
+"""A run whose final validation loss ends above this factor times its initial one has diverged."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or SIGINT) arrived: stop, and say so in summary.json."""
+
+    signum: int = signal.SIGINT
+    """The signal that stopped the run (the CLI exits with 128 + signum)."""
+
+
+def interrupted(signum: int) -> Interrupted:
+    exc = Interrupted(f"signal {signum}")
+    exc.signum = signum
+    return exc
+
+
+class Run:
+    """One run of a trainer into its run directory."""
+
+    def __init__(self, trainer: Trainer, resume_state: dict | None = None) -> None:
+        self.trainer, self.resume_state = trainer, resume_state
+        self.cfg, self.run_dir = trainer.cfg, trainer.run_dir
+        self.status, self.error = "running", None
+        self.warnings: list[str] = []
+        self.resumed_at: list[int] = []
+        """Iterations after which this run was resumed (in order)."""
+        self.consistent_at: int | None = None
+        """The iteration whose end the run state is at, or None while an iteration is under way."""
+        self.saved_at: int | None = None
+        """The iteration of the resumable state on disk (None: none saved)."""
+        self.stop_signal: int | None = None
+        """A signal that arrived mid-iteration and waits for the iteration to end."""
+        self.model_dir: Path | None = None
+
+    def run(self) -> dict:
+        """Train; whatever happens, leave metrics.jsonl and a summary.json that says how it ended."""
+        exit_code, t = 1, self.trainer
+        try:
+            t.engine.start(self.run_dir, fresh=self.resume_state is None)
+            if self.resume_state is not None:
+                self.load_state_dict(self.resume_state)
+                truncate_metrics(self.run_dir / "metrics.jsonl", self.resume_state["iteration"])
+            else:
+                # A fresh run in a reused directory: a state left by an earlier run there must never be
+                # resumed under this run's metrics.
+                state_path(self.run_dir).unlink(missing_ok=True)
+                t.upkeep(t.strategy.setup(t.view()))
+            t.log = RunLog(self.run_dir, self.cfg.to_dict(), self.cfg.logger.wandb, self.cfg.trainer.iterations,
+                           self.cfg.trainer.progress_bar, resume=self.resume_state is not None)
+            self.write_summary()
+            with self._stop_between_iterations():
+                self.train()
+            self.status, exit_code = "completed", 0
+            self.check_divergence()
+        except KeyboardInterrupt:
+            self.status, self.error = "interrupted", "interrupted by signal"
+            raise
+        except BaseException as exc:
+            self.status, self.error = "error", f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            # A second Ctrl-C (or SIGTERM) must not cut the last state, model or summary short.
+            with _signals_deferred():
+                self._save_on_exit()
+                self._export()
+                self.write_summary()
+            if t.log is not None:
+                t.log.close(exit_code)
+            t.engine.close()
+        return self.summary()
+
+    def train(self) -> None:
+        t, cfg = self.trainer, self.cfg.trainer
+        if self.resume_state is None:
+            record = {"iteration": 0, "progress": 0, "sim_time_s": 0.0, "wall_time_s": 0.0, "failed_stages": [],
+                      "recoveries": [], "recovery_sim_s": 0.0, "lr": t.engine.stage_lrs()}
+            t.totals.initial_val_loss = record["val_loss"] = t.evaluate(record)
+            t.log.log(record)
+            first = 1
+        else:
+            first = self.resume_state["iteration"] + 1
+            self.resume_state = None  # the tensors are in the live objects now; free the copies
+            t.log.bar.update(first - 1)
+        self.consistent_at = first - 1
+        for iteration in range(first, cfg.iterations + 1):
+            self._stop_if_asked()
+            if cfg.sim_time_budget_s is not None and t.totals.sim_time_s >= cfg.sim_time_budget_s:
+                break  # only a resumed run gets here: a fresh one stops right after the iteration that crossed
+            self.consistent_at = None  # from here until its record is logged, the run is mid-iteration
+            record = t.iteration(iteration)
+            over_budget = cfg.sim_time_budget_s is not None and t.totals.sim_time_s >= cfg.sim_time_budget_s
+            if iteration % cfg.eval_every == 0 or iteration == cfg.iterations or over_budget:
+                record["val_loss"] = t.evaluate(record)
+            t.log.log(record)
+            self.consistent_at = iteration
+            t.log.progress(record, len(t.totals.failures))
+            if cfg.save_every and iteration % cfg.save_every == 0:
+                self.save_state()
+            if over_budget:
+                break
+        if cfg.save_every:
+            self.save_state()  # the final state: `trainer.iterations=<more> trainer.resume=DIR` trains on
+
+    def check_divergence(self) -> None:
+        t = self.trainer.totals
+        if t.initial_val_loss is None or t.final_val_loss is None:
+            return
+        if not math.isfinite(t.final_val_loss) or t.final_val_loss > DIVERGED_FACTOR * t.initial_val_loss:
+            text = (f"the run diverged: its validation loss ended at {t.final_val_loss:.4g}, above the "
+                    f"{t.initial_val_loss:.4g} it started from; lower trainer.lr (now {self.cfg.trainer.lr:g}).")
+            self.warnings.append(text)
+            print(f"warning: {text}", file=sys.stderr)
+
+    # --- resume ----------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything the next iteration depends on, at an iteration boundary (see ``save_state``)."""
+        t = self.trainer
+        return {
+            **t.engine.state_dict(), "iteration": self.consistent_at, "config": self.cfg.to_dict(),
+            "wall_time_s": t.wall_time(), "failures": t.failures.state_dict(), "data": t.corpus.train.state_dict(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "totals": dataclasses.asdict(t.totals), "progress": t.progress, "grad_norm": t.grad_norm,
+            "grad_norm_post": t.grad_norm_post, "iteration_s": t.clock.iteration_s,
+            "held_since": [((h.kind, h.owner, h.holder), p) for h, p in t.held_since.items()],
+            "resumed_at": list(self.resumed_at),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        t = self.trainer
+        t.engine.load_state_dict(state)
+        t.failures.load_state_dict(state["failures"])
+        t.corpus.train.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        t.totals = Totals(**state["totals"])
+        t.iteration_no, t.progress = state["iteration"], state["progress"]
+        t.grad_norm, t.grad_norm_post = state["grad_norm"], state["grad_norm_post"]
+        t.held_since = {Held(*key): p for key, p in state["held_since"]}
+        # Kept, not recomputed: a measured device throughput would give another clock on another machine.
+        t.clock.iteration_s = state["iteration_s"]
+        # Wall time goes on from where the interrupted run stopped, so wall_time_s stays monotone.
+        t.start = time.perf_counter() - state["wall_time_s"]
+        self.resumed_at = [*state["resumed_at"], state["iteration"]]
+        self.saved_at = state["iteration"]
+
+    def save_state(self) -> None:
+        """Write the resumable state, if the run is at an iteration boundary (never a mid-iteration one)."""
+        if self.consistent_at is None or self.consistent_at == self.saved_at:
+            return
+        save_state(self.run_dir, self.state_dict())
+        self.saved_at = self.consistent_at
+
+    def _save_on_exit(self) -> None:
+        """Interrupted or failed between two iterations: keep that state too, so a resume loses nothing."""
+        if not self.cfg.trainer.save_every or self.trainer.log is None or self.status == "completed":
+            return
+        try:
+            self.save_state()
+        except Exception as exc:  # the original error is what the user must see; say this one in the summary
+            self.error = f"{self.error}; the resumable state could not be saved ({type(exc).__name__}: {exc})"
+
+    def _export(self) -> None:
+        """The model the run trained, as a Hugging Face directory (when its state is whole and finite)."""
+        t = self.trainer
+        if t.log is None or self.consistent_at is None or self.status == "error" or t.engine.nonfinite_stages():
+            return
+        from checkfree.export import export_model
+
+        try:
+            self.model_dir = export_model(t.engine.stage_states(), t.model, t.corpus.tokenizer, self.run_dir / "model")
+        except Exception as exc:  # never hide how the run itself ended; say this in the summary
+            self.warnings.append(f"the model could not be exported ({type(exc).__name__}: {exc})")
+
+    # --- signals -----------------------------------------------------------------------------------------
+
+    def _stop_if_asked(self) -> None:
+        if self.stop_signal is not None:
+            self.save_state()
+            raise interrupted(self.stop_signal)
+
+    @contextlib.contextmanager
+    def _stop_between_iterations(self) -> Iterator[None]:
+        """With ``save_every`` > 0, SIGINT/SIGTERM arriving mid-iteration let that iteration finish, so the
+        state saved on the way out is the one at the signal rather than at the last periodic save; a second
+        signal, or one between iterations, stops at once. (Without saving there is nothing to wait for.)"""
+        if not self.cfg.trainer.save_every or threading.current_thread() is not threading.main_thread():
+            yield  # handlers can only be set from the main thread
+            return
+
+        def handler(signum: int, frame: object) -> None:
+            if self.consistent_at is None and self.stop_signal is None:
+                self.stop_signal = signum
+                print(f"signal {signum}: finishing iteration {self.trainer.iteration_no}, saving, then stopping "
+                      "(send it again to stop at once)", file=sys.stderr, flush=True)
+                return
+            raise interrupted(signum)
+
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in previous:
+            signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    # --- the summary -------------------------------------------------------------------------------------
+
+    def summary(self) -> dict:
+        t, cfg = self.trainer.totals, self.cfg
+        by_method: dict[str, int] = {}
+        for r in t.recoveries:
+            by_method[r["method"]] = by_method.get(r["method"], 0) + 1
+        diverged = any(w.startswith("the run diverged") for w in self.warnings)
+        return {
+            "status": self.status, "error": self.error, "diverged": diverged, "warnings": list(self.warnings),
+            "run_dir": str(self.run_dir), "strategy": cfg.strategy.name, "failure": cfg.failure.name,
+            "hourly_rate": cfg.failure.hourly_rate, "seed": cfg.seed, "model": cfg.model.name,
+            "engine": cfg.engine.name, "iterations": t.iterations, "tokens": t.tokens,
+            "total_sim_time_s": t.sim_time_s, "iteration_sim_s": self.trainer.clock.iteration_s,
+            "recovery_sim_s": t.recovery_sim_s, "overhead_sim_s": t.overhead_sim_s,
+            "total_wall_time_s": self.trainer.wall_time(),
+            "n_failures": len(t.failures), "n_recoveries": len(t.recoveries), "recoveries_by_method": by_method,
+            "lost_iterations": t.lost_iterations, "failures": t.failures, "recoveries": t.recoveries,
+            "memory_overhead_bytes": self.trainer.engine.held_bytes(),
+            "initial_val_loss": t.initial_val_loss, "final_val_loss": t.final_val_loss,
+            "best_val_loss": t.best_val_loss, "target_loss": cfg.trainer.target_loss,
+            "time_to_target_s": t.time_to_target_s, "iterations_to_target": t.iterations_to_target,
+            # Where to continue from: `trainer.resume=<run_dir>` restarts after this iteration.
+            "resumable_from_iteration": self.saved_at,
+            "resume_state": str(state_path(self.run_dir)) if self.saved_at is not None else None,
+            "resumed_at_iterations": self.resumed_at,
+            "model_dir": str(self.model_dir) if self.model_dir is not None else None,
+            "config": cfg.to_dict(),
+        }
+
+    def write_summary(self) -> None:
+        if self.trainer.log is not None:
+            self.trainer.log.summary(self.summary())
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT/SIGTERM arriving inside the block are noted and dropped: the run is already on its way out
+    (writing its last state and summary), and a second signal must not leave them half-written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be changed from the main thread; other threads never receive them
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,201 @@
+"""Recovery plans: what a strategy decides, as plain data that every engine executes the same way.
+
+A strategy never touches tensors, modules, optimizers or processes (DESIGN §10). Given the lost stages and
+a read-only ``RunView`` it returns a ``RecoveryPlan``; after each optimizer step it returns an ``Upkeep``
+(copies to refresh, a checkpoint to save). The local engine applies plans to its modules in process; the
+process engine sends them to its stage processes, which move the tensors between themselves. Both read
+the same plan, so they decide identically by construction.
+
+Held copies have one format for both engines: a nested dict of tensors, ``{"weights": state_dict}`` for a
+replica and ``{"weights": state_dict, "optimizer": optimizer_state_dict}`` for a shadow or a checkpoint
+shard (see ``checkfree.compute``).
+
+Everything here is frozen and picklable, and imports nothing heavier than the standard library.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+REPLICA, SHADOW = "replica", "shadow"
+"""Kinds of held copy. A *replica* is the owner's (de)embedding weights (CheckFree+); it is sent over the
+network, so its refresh is priced as traffic. A *shadow* is the owner's whole state, weights and optimizer
+(Bamboo-style redundant computation); the holder keeps it identical by computing the owner's step itself,
+so its after-step refresh moves no bytes (its cost is the redundant compute, priced by the cost model)."""
+
+ZERO_DOWN_PROJ = "zero_down_proj"
+"""Transform: zero every MLP ``down_proj`` weight, so each block starts as (almost) the identity."""
+TRANSFORMS = (ZERO_DOWN_PROJ,)
+
+
+@dataclass(frozen=True)
+class Held:
+    """A copy of stage ``owner``'s state that stage ``holder``'s node keeps."""
+
+    kind: str
+    """REPLICA or SHADOW."""
+    owner: int
+    holder: int
+
+
+@dataclass(frozen=True)
+class Rebuild:
+    """How one lost stage comes back, on a new node, in this order:
+
+    1. fresh random weights from ``fresh_seed`` (nothing of the lost stage survives by accident);
+    2. its decoder blocks := ``sum(c * W_src)`` over ``sources`` (survivors' block weights), if any;
+    3. the held copy ``restore`` loaded over it (a replica: the embedding or head; a shadow: everything,
+       optimizer included), if any;
+    4. the ``transforms``, in order;
+    5. a fresh optimizer at ``lr`` — unless ``lr`` is None, when the restored shadow's optimizer (and its
+       lr) is kept;
+    6. the held copies in ``fetch`` are made anew on this stage (it held them; they were lost with it).
+    """
+
+    stage: int
+    method: str
+    """average | interpolate | copy | copy+replica | zero | random | reinit | shadow | ... (for the records)."""
+    fresh_seed: int
+    sources: tuple[tuple[int, float], ...] = ()
+    """(surviving stage, coefficient); coefficients sum to 1."""
+    restore: Held | None = None
+    transforms: tuple[str, ...] = ()
+    lr: float | None = None
+    fetch: tuple[Held, ...] = ()
+    """Copies this stage holds, re-made as part of its rebuild: their bytes count towards its recovery."""
+    details: dict[str, Any] = field(default_factory=dict)
+    """What the strategy wants recorded (neighbour weights, replica staleness, the new lr, ...)."""
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.transforms if t not in TRANSFORMS]
+        if unknown:
+            raise ValueError(f"unknown transform(s) {unknown}; allowed: {list(TRANSFORMS)}")
+        if self.lr is None and (self.restore is None or self.restore.kind != SHADOW):
+            raise ValueError(f"stage {self.stage}: lr=None keeps a restored optimizer, which needs a shadow")
+
+    @property
+    def record_sources(self) -> list[int]:
+        """The stages a report names as sources: the averaged survivors, else the holder of the copy."""
+        if self.sources:
+            return [s for s, _ in self.sources]
+        return [self.restore.holder] if self.restore is not None else []
+
+    @property
+    def record_coefficients(self) -> list[float]:
+        if self.sources:
+            return [c for _, c in self.sources]
+        return [1.0] if self.restore is not None else []
+
+
+@dataclass(frozen=True)
+class RecoveryPlan:
+    """What to do about the stages lost at one point of the run (all of them at once)."""
+
+    strategy: str
+    lost: tuple[int, ...]
+    rebuilds: tuple[Rebuild, ...] = ()
+    """One per lost stage, unless the plan rolls back (then the checkpoint restores every stage)."""
+    refresh: tuple[Held, ...] = ()
+    """Copies re-made after every rebuild (bookkeeping of the replaced nodes, not counted in any report)."""
+    rollback: bool = False
+    """Roll every stage (and the data position and RNG) back to the latest readable checkpoint."""
+
+    @property
+    def sources(self) -> set[int]:
+        """Stages whose state the plan reads: never a lost one (a failed stage is never a source)."""
+        used = {s for r in self.rebuilds for s, _ in r.sources}
+        used |= {r.restore.holder for r in self.rebuilds if r.restore is not None}
+        return used
+
+
+@dataclass(frozen=True)
+class Upkeep:
+    """Work after an optimizer step (or at the start of a run): refresh held copies, save a checkpoint."""
+
+    refresh: tuple[Held, ...] = ()
+    checkpoint: bool = False
+    keep: int = 2
+    """With ``checkpoint``: how many checkpoints storage keeps (older ones are deleted)."""
+
+    def __bool__(self) -> bool:
+        return bool(self.refresh) or self.checkpoint
+
+
+@dataclass(frozen=True)
+class RunView:
+    """What a strategy may read about the run (a snapshot; changing it changes nothing)."""
+
+    n_stages: int
+    iteration: int
+    """The wall iteration about to run (1-based), or just run (in ``after_step``)."""
+    progress: int
+    """Optimizer steps the model has kept (a rollback lowers it)."""
+    seed: int
+    base_lr: float
+    lrs: tuple[float, ...]
+    grad_norm: tuple[float, ...] | None = None
+    """Per-stage pre-clip gradient norms of the last step (None before the first step)."""
+    grad_norm_post: tuple[float, ...] | None = None
+    held_since: dict[Held, int] = field(default_factory=dict)
+    """Progress at which each held copy was last refreshed."""
+
+
+@dataclass
+class RecoveryReport:
+    """One recovered stage, as it goes to metrics.jsonl."""
+
+    stage: int
+    strategy: str
+    method: str
+    sources: list[int]
+    coefficients: list[float]
+    bytes_moved: int
+    """Bytes a real system moves to the replacement node (weights, copies, optimizer state)."""
+    wall_s: float = 0.0
+    """Seconds the recovery took on this machine."""
+    sim_seconds: float = 0.0
+    """Simulated seconds charged by the clock."""
+    lost_iterations: int = 0
+    from_storage: bool = False
+    details: dict[str, Any] = field(default_factory=dict)
+    process: dict[str, Any] = field(default_factory=dict)
+    """Process engine only: pids, nodes and the recovery's phases (detect, respawn, rendezvous, transfer)."""
+
+    def to_dict(self) -> dict:
+        record = asdict(self)
+        if not self.process:
+            del record["process"]
+        return record
+
+
+def rebuild_report(plan: RecoveryPlan, rebuild: Rebuild, n_bytes: int) -> RecoveryReport:
+    """The record of one rebuild, as both engines write it."""
+    return RecoveryReport(rebuild.stage, plan.strategy, rebuild.method, rebuild.record_sources,
+                          rebuild.record_coefficients, n_bytes, details=dict(rebuild.details))
+
+
+def rollback_reports(plan: RecoveryPlan, progress_before: int, restored: dict[str, Any]) -> list[RecoveryReport]:
+    """The records of a rollback: one per lost stage; every stage downloads its own shard in parallel.
+
+    ``restored`` is what the checkpoint store read: its ``progress``, each stage's ``shard_bytes`` and the
+    ``damaged`` checkpoints it skipped to get there."""
+    shards = restored["shard_bytes"]
+    details: dict[str, Any] = {"rolled_back_to": restored["progress"], "all_stages": True,
+                               "largest_shard_bytes": max(shards)}
+    if restored.get("damaged"):
+        details["damaged"] = list(restored["damaged"])
+    return [RecoveryReport(k, plan.strategy, "rollback", [], [], shards[k],
+                           lost_iterations=progress_before - restored["progress"], from_storage=True,
+                           details=dict(details))
+            for k in plan.lost]
+
+
+@dataclass
+class Traffic:
+    """What an ``Upkeep`` moved, for the clock to price."""
+
+    sent: dict[tuple[int, int], int] = field(default_factory=dict)
+    """(owner, holder) -> bytes of each refreshed replica (shadows move nothing: see SHADOW)."""
+    shard_bytes: list[int] = field(default_factory=list)
+    """Each stage's checkpoint shard, when a checkpoint was saved (stages upload in parallel)."""
