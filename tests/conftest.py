@@ -160,3 +160,24 @@ def hooked_run(cfg, run_dir, **hooks):
     run = build_run(cfg, run_dir)
     run.trainer.engine = Hooked(run.trainer.engine, **hooks)
     return run
+
+
+class Capture(Hooked):
+    """An engine that keeps a copy of every rebuilt stage's weights right after each recovery."""
+
+    captured: dict[int, dict[str, torch.Tensor]]
+
+    def execute(self, plan, progress):
+        outcome = self.engine.execute(plan, progress)
+        states = self.engine.stage_states()
+        self.captured = {r.stage: {n: t.clone() for n, t in states[r.stage].items()} for r in outcome.reports}
+        return outcome
+
+
+def captured_run(cfg, run_dir):
+    """``checkfree.train.build_run`` with the engine wrapped in ``Capture``."""
+    from checkfree.train import build_run
+
+    run = build_run(cfg, run_dir)
+    run.trainer.engine = Capture(run.trainer.engine)
+    return run

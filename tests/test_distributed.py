@@ -26,8 +26,8 @@ from checkfree.recovery.base import UnrecoverableFailure
 from checkfree.routes import route
 from checkfree.runlog import read_metrics
 from checkfree.schedule import InOrder, OutOfOrder
-from checkfree.train import build_run, train
-from tests.conftest import Hooked, hooked_run
+from checkfree.train import train
+from tests.conftest import captured_run, hooked_run
 
 DIST = {"name": "distributed", "timeout_s": 20}
 
@@ -83,24 +83,6 @@ def workers(run_dir: Path) -> list[dict]:
         return json.loads((run_dir / "workers.json").read_text())["workers"]
     except (FileNotFoundError, ValueError):
         return []
-
-
-class Capture(Hooked):
-    """An engine that keeps a copy of every rebuilt stage's weights right after each recovery."""
-
-    captured: dict[int, dict[str, torch.Tensor]]
-
-    def execute(self, plan, progress):
-        outcome = self.engine.execute(plan, progress)
-        states = self.engine.stage_states()
-        self.captured = {r.stage: {n: t.clone() for n, t in states[r.stage].items()} for r in outcome.reports}
-        return outcome
-
-
-def captured_run(cfg, run_dir: Path):
-    run = build_run(cfg, run_dir)
-    run.trainer.engine = Capture(run.trainer.engine)
-    return run
 
 
 # --- programs: pure functions ---------------------------------------------------------------------------
