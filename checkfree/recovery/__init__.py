@@ -28,6 +28,7 @@ STRATEGIES: dict[str, str] = {
     "uniform": "checkfree.recovery.ablations:Uniform",
     "random": "checkfree.recovery.ablations:Random",
     "zero": "checkfree.recovery.ablations:Zero",
+    "copy_next": "checkfree.recovery.copy_next:CopyNext",
 }
 """Strategy name -> "module:Class" (imported when a run asks for it)."""
 
