@@ -86,7 +86,7 @@ def signals_held() -> Iterator[None]:
 def write_atomic(path: Path | str, write: Callable[[BinaryIO], None], reuse: Path | None = None) -> Path:
     """Publish what ``write`` writes into the open binary file at ``path``, atomically.
 
-    ``reuse`` names a file whose blocks are already allocated (see ``checkfree.runlog.Reserve``): it
+    ``reuse`` names a file whose blocks are already allocated (see ``checkfree.runlog.hold_reserve``): it
     becomes the temporary file and is overwritten in place, so the write needs no free space as long as
     it is no longer than that file. On any failure the temporary file is removed (a full disk must not
     stay full of our half-files), and an I/O error is raised again as a WriteError naming ``path``.

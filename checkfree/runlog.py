@@ -5,9 +5,9 @@ Results must survive the run dying: every metrics line is written with one ``os.
 replaced atomically, so a reader always sees a whole file.
 
 They must survive a full disk too. A metrics line is all or nothing (``append_whole``: a short write is
-completed or rolled back), and the last summary still gets written, with status "error" and the
-sentence of the failed write, because a ``summary.reserve`` file holds room for it from the start of the
-run (see ``RunLog.summary``).
+completed, which takes a second ``os.write``, or rolled back), and the last summary still gets written,
+with status "error" and the sentence of the failed write, because a ``summary.reserve`` file holds room
+for it from the start of the run (see ``RunLog.summary``).
 """
 
 from __future__ import annotations
@@ -99,7 +99,11 @@ def hold_reserve(path: Path, size: int = RESERVE_BYTES) -> None:
         append_whole(fd, os.urandom(size), path)
         os.fsync(fd)
     except OSError as exc:
-        raise write_error(exc, path) from exc
+        path.unlink(missing_ok=True)  # a part of it is no use, and the disk is full
+        error = write_error(exc, path)
+        if error is exc:
+            raise
+        raise error from exc
     finally:
         os.close(fd)
 

@@ -134,6 +134,15 @@ def test_on_a_real_full_disk_lines_stay_whole_and_the_summary_still_fits(tmpfs):
     assert sorted(p.name for p in disk.iterdir()) == ["filler", "metrics.jsonl", "summary.json"]
 
 
+def test_a_disk_too_full_for_the_reserve_stops_the_run_before_it_writes_anything(tmpfs):
+    disk = tmpfs("32k")  # less than the reserve
+    (disk / "metrics.jsonl").write_text('{"iteration": 0}\n')  # an earlier run's, which must stay
+    with pytest.raises(WriteError, match=rf"^{NO_SPACE} writing {disk / RESERVE_FILE}$"):
+        RunLog(disk, {}, NO_WANDB, total=3, progress_bar=False)
+    assert sorted(p.name for p in disk.iterdir()) == ["metrics.jsonl"]
+    assert strict_metrics(disk / "metrics.jsonl") == [{"iteration": 0}]
+
+
 # --- a whole run -----------------------------------------------------------------------------------------
 
 def test_a_run_whose_disk_fills_ends_with_whole_metrics_and_an_error_summary(small_run, tmp_path, monkeypatch):
