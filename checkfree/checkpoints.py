@@ -15,17 +15,18 @@ checkpoint that ``keep`` retained, naming the damaged file; only when none is re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from checkfree.atomic import signals_held
+from checkfree.atomic import signals_held, write_error
 
 META = "meta.pt"
 
@@ -109,10 +110,31 @@ class CheckpointStore:
         tmp.mkdir(parents=True)
         return tmp
 
+    @contextlib.contextmanager
+    def writing(self, progress: int) -> Iterator[Path]:
+        """``begin``, for a save that fails or is interrupted: the half-written checkpoint is removed (nothing
+        half-written stays behind) and an I/O error says which checkpoint and why (e.g. no space left)."""
+        tmp = self.begin(progress)
+        try:
+            yield tmp
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = write_error(exc, self.path(progress)) if isinstance(exc, Exception) else None
+            if error is not None:
+                raise error from exc
+            raise
+
     @staticmethod
     def write_shard(directory: Path, stage: int, shard: dict[str, Any]) -> tuple[int, str]:
         """Write one stage's shard; returns (its tensor bytes, its digest) for the meta."""
-        return shard_bytes(shard), save_file(shard, Path(directory) / shard_name(stage))
+        path = Path(directory) / shard_name(stage)
+        try:
+            return shard_bytes(shard), save_file(shard, path)
+        except Exception as exc:
+            error = write_error(exc, path)
+            if error is None:
+                raise
+            raise error from exc
 
     def commit(self, tmp: Path, meta: dict[str, Any], keep: int) -> Path:
         """Write the meta and publish the checkpoint (one rename); keep only the last ``keep``."""

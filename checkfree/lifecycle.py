@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import math
 import signal
 import sys
@@ -31,8 +32,10 @@ from pathlib import Path
 
 import torch
 
+from checkfree.atomic import os_error_behind
 from checkfree.plan import Held
 from checkfree.resume import save_state, state_path, truncate_metrics
+from checkfree.rundir import owned
 from checkfree.runlog import RunLog
 from checkfree.trainer import Totals, Trainer
 
@@ -70,8 +73,14 @@ class Run:
         self.stop_signal: int | None = None
         """A signal that arrived mid-iteration and waits for the iteration to end."""
         self.model_dir: Path | None = None
+        self.failure: BaseException | None = None
 
     def run(self) -> dict:
+        """Own the run directory (one run at a time: ``checkfree.rundir``), then train."""
+        with owned(self.run_dir, resume=self.resume_state is not None):
+            return self._run()
+
+    def _run(self) -> dict:
         """Train; whatever happens, leave metrics.jsonl and a summary.json that says how it ended."""
         exit_code, t = 1, self.trainer
         try:
@@ -80,9 +89,6 @@ class Run:
                 self.load_state_dict(self.resume_state)
                 truncate_metrics(self.run_dir / "metrics.jsonl", self.resume_state["iteration"])
             else:
-                # A fresh run in a reused directory: a state left by an earlier run there must never be
-                # resumed under this run's metrics.
-                state_path(self.run_dir).unlink(missing_ok=True)
                 t.upkeep(t.strategy.setup(t.view()))
             t.log = RunLog(self.run_dir, self.cfg.to_dict(), self.cfg.logger.wandb, self.cfg.trainer.iterations,
                            self.cfg.trainer.progress_bar, resume=self.resume_state is not None)
@@ -95,7 +101,7 @@ class Run:
             self.status, self.error = "interrupted", "interrupted by signal"
             raise
         except BaseException as exc:
-            self.status, self.error = "error", f"{type(exc).__name__}: {exc}"
+            self.status, self.error, self.failure = "error", f"{type(exc).__name__}: {exc}", exc
             raise
         finally:
             # A second Ctrl-C (or SIGTERM) must not cut the last state, model or summary short.
@@ -196,6 +202,8 @@ class Run:
         """Interrupted or failed between two iterations: keep that state too, so a resume loses nothing."""
         if not self.cfg.trainer.save_every or self.trainer.log is None or self.status == "completed":
             return
+        if getattr(os_error_behind(self.failure), "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            return  # the disk is full: a second attempt would only fail the same way
         try:
             self.save_state()
         except Exception as exc:  # the original error is what the user must see; say this one in the summary

@@ -204,11 +204,11 @@ class LocalEngine:
         return nbytes(self.held[held])
 
     def _save_checkpoint(self, meta: dict[str, Any], keep: int) -> list[int]:
-        tmp = self.store.begin(meta["progress"])
-        written = [self.store.write_shard(tmp, k, compute.state()) for k, compute in enumerate(self.computes)]
-        shards = [n for n, _ in written]
-        digests = {f"stage{k}.pt": digest for k, (_, digest) in enumerate(written)}
-        self.store.commit(tmp, {**meta, "shard_bytes": shards, "digests": digests}, keep)
+        with self.store.writing(meta["progress"]) as tmp:
+            written = [self.store.write_shard(tmp, k, compute.state()) for k, compute in enumerate(self.computes)]
+            shards = [n for n, _ in written]
+            digests = {f"stage{k}.pt": digest for k, (_, digest) in enumerate(written)}
+            self.store.commit(tmp, {**meta, "shard_bytes": shards, "digests": digests}, keep)
         return shards
 
     def _load_checkpoint(self, checkpoint: Path, meta: dict[str, Any]) -> None:

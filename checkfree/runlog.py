@@ -3,10 +3,17 @@
 Results must survive the run dying: every metrics line is written with one ``os.write`` on an
 ``O_APPEND`` descriptor (a kill can lose a line, never leave half of one), and ``summary.json`` is
 replaced atomically, so a reader always sees a whole file.
+
+They must survive a full disk too. A metrics line is all or nothing (``append_whole``: a short write is
+completed, which takes a second ``os.write``, or rolled back), and the last summary still gets written,
+with status "error" and the sentence of the failed write, because a ``summary.reserve`` file holds room
+for it from the start of the run (see ``RunLog.summary``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
@@ -16,7 +23,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from checkfree.atomic import write_atomic
+from checkfree.atomic import NO_SPACE, WriteError, write_atomic, write_error
 
 WALL_CLOCK_FIELDS = {"wall_time_s", "throughput_tok_s"}
 """Metrics fields that measure this machine, not the run: everything else is reproducible at a seed."""
@@ -33,8 +40,72 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    write_atomic(path, lambda f: f.write(json.dumps(_clean(payload), indent=2).encode()))
+RESERVE_FILE = "summary.reserve"
+RESERVE_BYTES = 64 * 1024
+"""Room held for the last summary.json. A summary is ~3 KB plus ~0.2 KB per failure and recovery; a
+larger one is written without its per-event lists when it has to fit (``compact``)."""
+PER_EVENT = ("failures", "recoveries")
+"""Summary lists that metrics.jsonl holds as well (``failed_stages``, ``recoveries`` of each record)."""
+
+
+def _json(payload: dict) -> bytes:
+    return json.dumps(_clean(payload), indent=2).encode()
+
+
+def write_json_atomic(path: Path, payload: dict, reuse: Path | None = None) -> None:
+    data = _json(payload)
+    write_atomic(path, lambda f: f.write(data), reuse=reuse)
+
+
+def compact(payload: dict) -> dict:
+    """The summary without its per-event lists (their counts stay; metrics.jsonl has every event)."""
+    out = {k: v for k, v in payload.items() if k not in PER_EVENT}
+    out["omitted_for_space"] = [k for k in PER_EVENT if k in payload]
+    return out
+
+
+def append_whole(fd: int, data: bytes, path: Path) -> None:
+    """Append ``data`` to the ``O_APPEND`` descriptor ``fd`` all or nothing.
+
+    A full disk can take part of a write: the rest is written (the next call may find room), or, when the
+    disk refuses it, the file is cut back to where this line began, so it never ends in half a line. Then
+    a WriteError names ``path`` and the cause. (Nothing else appends here: the run owns its directory.)
+    """
+    start = os.lseek(fd, 0, os.SEEK_END)
+    written = 0
+    try:
+        while written < len(data):
+            n = os.write(fd, data[written:])
+            if n == 0:  # no progress and no error: treat it as the full disk it almost surely is
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            written += n
+    except OSError as exc:
+        if written:
+            # Freeing blocks needs no free space. Should it fail anyway, the torn line is the last one, which
+            # read_metrics skips and a resume (truncate_metrics) drops.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+        raise write_error(exc, path) from exc
+
+
+def hold_reserve(path: Path, size: int = RESERVE_BYTES) -> None:
+    """Write ``size`` bytes at ``path`` that the last summary can later be written into (``RunLog.summary``).
+
+    Real bytes, fsynced: a sparse or fallocated file may hold no blocks on a compressing or copy-on-write
+    file system, and random ones because zeros would be compressed away.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        append_whole(fd, os.urandom(size), path)
+        os.fsync(fd)
+    except OSError as exc:
+        path.unlink(missing_ok=True)  # a part of it is no use, and the disk is full
+        error = write_error(exc, path)
+        if error is exc:
+            raise
+        raise error from exc
+    finally:
+        os.close(fd)
 
 
 def read_metrics(path: Path, bad: str = "skip") -> list[dict]:
@@ -85,6 +156,9 @@ class RunLog:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.summary_path = self.run_dir / "summary.json"
+        self.reserve_path = self.run_dir / RESERVE_FILE
+        # First: on a disk already too full for it the run stops here, before writing anything else.
+        hold_reserve(self.reserve_path)
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if resume else os.O_TRUNC)
         self._fd = os.open(self.metrics_path, flags, 0o644)
         self.bar = tqdm(total=total, dynamic_ncols=True, disable=not progress_bar, desc="train")
@@ -105,7 +179,7 @@ class RunLog:
             return None
 
     def log(self, record: dict) -> None:
-        os.write(self._fd, (json.dumps(_clean(record)) + "\n").encode())
+        append_whole(self._fd, (json.dumps(_clean(record)) + "\n").encode(), self.metrics_path)
         if self.wandb is not None:
             flat = {k: v for k, v in record.items() if isinstance(v, int | float)}
             for name in ("grad_norm", "lr"):
@@ -122,14 +196,43 @@ class RunLog:
         self.bar.update(1)
 
     def summary(self, payload: dict) -> None:
-        write_json_atomic(self.summary_path, payload)
+        """Replace summary.json atomically; on a full disk, write it into the blocks of the reserve.
+
+        Writing into blocks already allocated needs no free space, and nobody else can take them first,
+        as anyone could take the space a deleted reserve gives back. On a copy-on-write file system an
+        overwrite needs new blocks as well; the reserve's are free by then, so one plain write follows.
+        """
+        try:
+            write_json_atomic(self.summary_path, payload)
+            return
+        except WriteError as exc:
+            if exc.errno not in NO_SPACE or not self.reserve_path.is_file():
+                raise
+        if len(_json(payload)) > self.reserve_path.stat().st_size:
+            payload = compact(payload)
+        try:
+            write_json_atomic(self.summary_path, payload, reuse=self.reserve_path)
+        except WriteError as exc:
+            if exc.errno not in NO_SPACE:
+                raise
+            write_json_atomic(self.summary_path, payload)
 
     def close(self, exit_code: int = 0) -> None:
+        """Close everything, whatever fails first; then raise a failed fsync of metrics.jsonl."""
         self.bar.close()
+        error = None
         if self._fd is not None:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:  # e.g. a network file system reporting a full disk only now
+                error = write_error(exc, self.metrics_path)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+        with contextlib.suppress(OSError):
+            self.reserve_path.unlink()  # the run is over: no summary left to keep room for
         if self.wandb is not None:
             self.wandb.finish(exit_code=exit_code)
             self.wandb = None
+        if error is not None:
+            raise error

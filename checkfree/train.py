@@ -5,9 +5,10 @@ dataclasses before any work starts -> ``Trainer`` builds each part once and runs
 Hydra's output directory (``hydra.run.dir``); it receives ``metrics.jsonl`` and ``summary.json``.
 
 Exit status: 0 done; 2 a bad config (one sentence on stderr, nothing written: Hydra's own composition
-errors are rephrased the same way); 1 a run that failed (its metrics.jsonl and summary.json stay);
-128 + signal number when SIGINT/SIGTERM stopped it (summary.json says "interrupted"; with
-``trainer.save_every`` the run can go on with ``trainer.resume=<run dir>``).
+errors are rephrased the same way), also for a run directory that another run holds, that holds a
+state to resume, or that cannot be written (``checkfree.rundir``); 1 a run that failed (its
+metrics.jsonl and summary.json stay); 128 + signal number when SIGINT/SIGTERM stopped it (summary.json
+says "interrupted"; with ``trainer.save_every`` the run can go on with ``trainer.resume=<run dir>``).
 
 Multirun (``-m``): a failing point is logged (``config_error.txt`` for a bad config, else its own
 summary.json) and the sweep goes on; the sweep exits 0 once every point has run, and
@@ -30,14 +31,19 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from checkfree.atomic import os_error_behind
 from checkfree.config import ConfigError, first_line
 from checkfree.runconfig import RunConfig, load_run_config
+from checkfree.rundir import unusable
 
 if TYPE_CHECKING:
     from checkfree.lifecycle import Run
     from checkfree.model import ModelConfig
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+_job_started = False
+"""Set once Hydra hands over to ``run_job``: an OSError before that is Hydra's, writing the run directory."""
 
 
 def _raise_interrupted(signum: int, frame: object) -> None:
@@ -123,6 +129,8 @@ def run_job(cfg: DictConfig) -> dict | None:
     """One Hydra job. Returns the summary, or None when the job failed inside a multirun."""
     from hydra.types import RunMode
 
+    global _job_started
+    _job_started = True
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -134,14 +142,14 @@ def run_job(cfg: DictConfig) -> dict | None:
         return _config_error(ConfigError(_key_sentence(exc)), run_dir, multirun)
 
     signal.signal(signal.SIGTERM, _raise_interrupted)
-    runner = train
-    # A resumed run goes on in its own directory (checkfree.trainer); Hydra's keeps only Hydra's files.
+    # A resumed run goes on in its own directory (checkfree.lifecycle); Hydra's keeps only Hydra's files.
     results = Path(run.trainer.resume) if run.trainer.resume else run_dir
     try:
-        summary = runner(run, run_dir)
+        summary = train(run, run_dir)
     except ConfigError as exc:
         # Raised while setting up, before the first iteration and before any result file is written: a
-        # malformed data file, a trace event out of range, a trainer.resume without a saved state.
+        # malformed data file, a trace event out of range, a trainer.resume without a saved state, a run
+        # directory that is in use, holds a state to resume, or cannot be written.
         return _config_error(exc, run_dir, multirun)
     except KeyboardInterrupt:
         print(f"interrupted; partial results in {results}", file=sys.stderr)
@@ -200,6 +208,14 @@ def main() -> None:
             raise
         print(f"config error: {_one_sentence(exc)}", file=sys.stderr)
         sys.exit(2)
+    except Exception as exc:
+        # Hydra creates the run directory and writes .hydra/ and its log there before our job starts: a
+        # path that is a file or cannot be written fails in there.
+        cause = os_error_behind(exc)
+        if wants_traceback or _job_started or cause is None or cause.filename is None:
+            raise
+        print(f"config error: {_run_dir_sentence(cause)}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _one_sentence(exc: Exception, overrides: list[str] | None = None) -> str:
@@ -232,6 +248,14 @@ def _one_sentence(exc: Exception, overrides: list[str] | None = None) -> str:
         return (f"the override {bad or ' '.join(args)!r} is malformed ({detail}); "
                 "see Hydra's override grammar.")
     return _key_sentence(exc)
+
+
+def _run_dir_sentence(exc: OSError) -> str:
+    """``exc``, raised by Hydra creating or writing the run (or sweep) directory, as our sentence."""
+    args = sys.argv[1:]
+    key = "hydra.sweep.dir" if {"-m", "--multirun"} & set(args) else "hydra.run.dir"
+    value = next((arg.split("=", 1)[1] for arg in args if arg.startswith(f"{key}=")), exc.filename)
+    return str(unusable(value, exc, key))
 
 
 def _key_sentence(exc: Exception) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,3 +183,30 @@ def captured_run(cfg, run_dir):
     run = build_run(cfg, run_dir)
     run.trainer.engine = Capture(run.trainer.engine)
     return run
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``mount(size, name, read_only)``: a small real file system (one that fills up, or refuses writes even
+    to root), mounted under ``tmp_path`` and unmounted when the test ends. Skips the test where mounting is
+    not allowed (not root, no CAP_SYS_ADMIN, no ``mount``)."""
+    mounted: list[Path] = []
+
+    def mount(size: str, name: str = "fs", read_only: bool = False) -> Path:
+        where = tmp_path / name
+        where.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        try:
+            done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+                                  capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            pytest.skip(f"cannot run mount here ({exc})")
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or f'exit {done.returncode}'}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in reversed(mounted):
+        if subprocess.run(["umount", str(where)], capture_output=True, timeout=30).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(where)], capture_output=True, timeout=30)  # a file still open

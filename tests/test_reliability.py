@@ -172,10 +172,10 @@ def test_resume_refuses_a_missing_state_or_a_changed_config(data_cache, tmp_path
     # Refused before any work: the saved run's files are untouched, and no other directory was made.
     assert (tmp_path / "saved" / "metrics.jsonl").read_bytes() == metrics
     assert not any((tmp_path / d).exists() for d in "abcd")
-    # A fresh run reusing the directory drops the old state: it must never be resumed under new metrics.
-    train(load_run_config(small_run_dict(data_cache, trainer={"iterations": 1})), tmp_path / "saved")
-    with pytest.raises(ConfigError, match=r"holds no resume/state.pt"):
-        train(load_run_config(small_run_dict(data_cache, trainer={"resume": str(tmp_path / "saved")})), tmp_path / "e")
+    # A fresh run over the directory is refused (it would throw the saved state away), and says how to resume.
+    with pytest.raises(ConfigError, match=r"holds the resumable state of an earlier run .*trainer.resume="):
+        train(load_run_config(small_run_dict(data_cache, trainer={"iterations": 1})), tmp_path / "saved")
+    assert (tmp_path / "saved" / "metrics.jsonl").read_bytes() == metrics
 
 
 def test_truncate_metrics_keeps_one_whole_record_per_saved_iteration(tmp_path):

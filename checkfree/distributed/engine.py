@@ -19,6 +19,7 @@ Each report's ``process`` holds the recovery's wall-clock anatomy (``detect_s``,
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -227,23 +228,24 @@ class ProcessEngine:
         traffic = Traffic()
         if not upkeep:
             return traffic
-        directory = self.store.begin(meta["progress"]) if upkeep.checkpoint else None
-        try:
-            replies = self.pool.broadcast("upkeep", refresh=list(upkeep.refresh),
-                                          checkpoint=str(directory) if directory is not None else None)
-        except StageLost as exc:
-            raise self.lost(exc) from None
-        self._note_held(replies)
-        for rank in self.first_ranks():
-            for key, n_bytes in replies[rank]["received"]:
-                if key[0] == REPLICA:
-                    traffic.sent[(key[1], key[2])] = n_bytes
-        if directory is not None:
-            firsts = [replies[rank] for rank in self.first_ranks()]
-            traffic.shard_bytes = [r["shard_bytes"] for r in firsts]
-            digests = {f"stage{k}.pt": r["digest"] for k, r in enumerate(firsts)}
-            self.store.commit(directory, {**meta, "shard_bytes": traffic.shard_bytes, "digests": digests},
-                              upkeep.keep)
+        saving = self.store.writing(meta["progress"]) if upkeep.checkpoint else contextlib.nullcontext()
+        with saving as directory:
+            try:
+                replies = self.pool.broadcast("upkeep", refresh=list(upkeep.refresh),
+                                              checkpoint=str(directory) if directory is not None else None)
+            except StageLost as exc:
+                raise self.lost(exc) from None
+            self._note_held(replies)
+            for rank in self.first_ranks():
+                for key, n_bytes in replies[rank]["received"]:
+                    if key[0] == REPLICA:
+                        traffic.sent[(key[1], key[2])] = n_bytes
+            if directory is not None:
+                firsts = [replies[rank] for rank in self.first_ranks()]
+                traffic.shard_bytes = [r["shard_bytes"] for r in firsts]
+                digests = {f"stage{k}.pt": r["digest"] for k, r in enumerate(firsts)}
+                self.store.commit(directory, {**meta, "shard_bytes": traffic.shard_bytes, "digests": digests},
+                                  upkeep.keep)
         return traffic
 
     def _note_held(self, replies: dict[int, dict]) -> None:

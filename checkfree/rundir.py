@@ -1,0 +1,100 @@
+"""One run per run directory: ``owned(run_dir, resume)`` holds it for the whole run, or refuses at once.
+
+Two runs writing one directory would interleave their metrics lines and overwrite each other's summary,
+checkpoints and resume state, and neither would notice. So a run holds an exclusive ``flock`` on
+``<run_dir>/run.lock`` from before it writes anything until it ends. The kernel drops a flock when the
+last descriptor of it closes, which includes the process dying by SIGKILL or a power cut of the
+machine: a crashed run never leaves a stale lock that someone must find and delete (a pid file would).
+The lock file itself stays: deleting it would let the next two runs lock two different files.
+
+A new run is also refused over a directory that holds the resumable state of an earlier one (a fresh run
+would drop it, and with it the only way to continue that run), and a path that is a file or cannot be
+written is refused as a bad ``hydra.run.dir``, not reported as a traceback. Every refusal is a
+ConfigError of one sentence, raised before anything is written or deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+from checkfree.config import ConfigError
+from checkfree.resume import state_path
+
+LOCK_FILE = "run.lock"
+ALLOWED = "allowed is a directory this user can write, or a path where one can be created"
+
+
+@contextlib.contextmanager
+def owned(run_dir: Path | str, resume: bool, key: str | None = None) -> Iterator[Path]:
+    """Hold ``run_dir`` for the run inside the block (creating it); refuse it with a ConfigError if it is
+    unusable, in use by another run, or (``resume=False``) holds a resumable state. ``key`` is the setting
+    that chose the directory, named in the refusals (default: trainer.resume or hydra.run.dir)."""
+    run_dir = Path(run_dir)
+    key = key or ("trainer.resume" if resume else "hydra.run.dir")
+    if resume and not run_dir.is_dir():
+        # Nothing to continue: the trainer refuses it with its own sentence. Creating the directory here
+        # would turn "no such directory" into the vaguer "no saved state".
+        yield run_dir
+        return
+    fd = _open_lock(run_dir, key)
+    try:
+        _lock(fd, run_dir, key)
+        if not resume:
+            refuse_saved_state(run_dir, key)
+        _record_owner(fd)
+        yield run_dir
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def refuse_saved_state(run_dir: Path, key: str = "hydra.run.dir") -> None:
+    """A ConfigError if ``run_dir`` holds a resumable state: a new run there would throw it away."""
+    state = state_path(run_dir)
+    if state.exists():
+        raise ConfigError(
+            f"{key}={str(run_dir)!r} is invalid for a new run: it holds the resumable state of an earlier run "
+            f"({state}); continue that run with trainer.resume={run_dir} hydra.run.dir={run_dir}, or set "
+            f"{key} to another directory (or delete {state} to start over there).")
+
+
+def unusable(path: Path | str, exc: OSError, key: str = "hydra.run.dir") -> ConfigError:
+    """``exc`` (raised creating or writing ``path``) as the one sentence of a bad run directory setting."""
+    path = Path(path)
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        why = f"{blocker} is a file, not a directory"
+    else:
+        why = f"{exc.filename or path} cannot be written ({exc.strerror or exc})"
+    return ConfigError(f"{key}={str(path)!r} is invalid: {why}; {ALLOWED}.")
+
+
+def _open_lock(run_dir: Path, key: str) -> int:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # O_CLOEXEC: a worker process started from this one must not keep the lock alive after the run.
+        return os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise unusable(run_dir, exc, key) from None
+
+
+def _lock(fd: int, run_dir: Path, key: str) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "pid unknown"
+        raise ConfigError(
+            f"{key}={str(run_dir)!r} is in use by another run ({owner}); wait for it to end, or set "
+            f"{key} to another directory.") from None
+
+
+def _record_owner(fd: int) -> None:
+    """Write who holds the lock, for the refusal of the next run. Only a hint: a full disk may refuse even
+    these few bytes, and the lock holds all the same."""
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
