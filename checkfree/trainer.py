@@ -85,7 +85,7 @@ class Trainer:
         if lost:
             self.engine.lose(lost)
             reports = self.recover(set(lost))
-            self.note(record, lost, reports, max(r.sim_seconds for r in reports))  # replacements work in parallel
+            self.note(record, reports, max(r.sim_seconds for r in reports))  # replacements work in parallel
 
         batches = self.next_batches()
         wall = time.perf_counter()
@@ -171,7 +171,7 @@ class Trainer:
                 reports = self.recover(set(lost.stages))
                 if record is not None:
                     spent = 0.0 if lost.result is not None else attempt_s
-                    self.note(record, sorted(lost.stages), reports, max(r.sim_seconds for r in reports) + spent)
+                    self.note(record, reports, max(r.sim_seconds for r in reports) + spent)
                     record["lr"] = self.engine.stage_lrs()
                 if lost.result is not None:
                     return lost.result
@@ -185,9 +185,10 @@ class Trainer:
             self.totals.failures.append({"iteration": self.iteration_no, "stage": k, "time_s": self.totals.sim_time_s,
                                          "cause": f"process exited during {lost.command}"})
 
-    def note(self, record: dict, stages: list[int], reports: list[RecoveryReport], seconds: float) -> None:
-        """Add recoveries that took ``seconds`` of simulated time to an iteration's record and the clock."""
-        record["failed_stages"] = sorted(set(record["failed_stages"]) | set(stages))
+    def note(self, record: dict, reports: list[RecoveryReport], seconds: float) -> None:
+        """Add recoveries (one per lost stage, cascades included) that took ``seconds`` of simulated time to an
+        iteration's record and the clock."""
+        record["failed_stages"] = sorted(set(record["failed_stages"]) | {r.stage for r in reports})
         record["recoveries"] += [r.to_dict() for r in reports]
         record["recovery_sim_s"] += seconds
         self.totals.sim_time_s += seconds

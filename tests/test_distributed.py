@@ -24,9 +24,9 @@ from checkfree.distributed.programs import gpipe_program, one_f_one_b_program, s
 from checkfree.distributed.rendezvous import RendezvousError
 from checkfree.recovery.base import UnrecoverableFailure
 from checkfree.routes import route
-from checkfree.runlog import read_metrics
+from checkfree.runlog import deterministic_view, read_metrics
 from checkfree.schedule import InOrder, OutOfOrder
-from checkfree.train import train
+from checkfree.train import build_run, train
 from tests.conftest import captured_run, hooked_run
 
 DIST = {"name": "distributed", "timeout_s": 20}
@@ -310,3 +310,67 @@ def test_repeated_kills_and_failures_leave_one_live_worker_per_stage(small_run, 
     assert sorted(stage for stage, _, alive in final if alive) == [0, 1, 2, 3]
     assert not set(killed) & {pid for _, pid, _ in final}
     assert_no_strays(run_dir)
+
+
+def test_a_second_stage_lost_during_a_recovery_joins_it(small_run, tmp_path):
+    """Stage 2 fails (trace) at iteration 4; while its recovery is under way (its replacement starting), stage
+    1's process is SIGKILLed from outside. The rendezvous finds it gone, the recovery is re-planned for both
+    (interpolated between stages 0 and 3) and the run goes on — exactly as a run that lost both at once."""
+    both = write_trace(tmp_path / "both.json", [{"iteration": 4, "stage": 1}, {"iteration": 4, "stage": 2}])
+    one = write_trace(tmp_path / "one.json", [{"iteration": 4, "stage": 2}])
+    sections = {"trainer": {"iterations": 6, "eval_every": 3}}
+    train(small_run(**sections, failure={"name": "trace", "path": both}), tmp_path / "local")
+    run_dir = tmp_path / "dist"
+    killed: list[int] = []
+
+    def kill_stage_1(n, engine):
+        if n == 1:
+            [pid] = [w["pid"] for w in workers(run_dir) if w["stage"] == 1]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    cfg = small_run(**sections, failure={"name": "trace", "path": one}, engine=DIST)
+    summary = hooked_run(cfg, run_dir, execute=kill_stage_1).run()
+
+    assert summary["status"] == "completed"
+    assert [(f["stage"], f.get("cause")) for f in summary["failures"]] == [
+        (2, None), (1, "process exited during rendezvous")]
+    assert summary["recoveries"] == [{"iteration": 4, "stage": 1, "method": "interpolate", "sources": [0, 3]},
+                                     {"iteration": 4, "stage": 2, "method": "interpolate", "sources": [0, 3]}]
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert records[4]["failed_stages"] == [1, 2]
+    assert killed == [records[4]["recoveries"][0]["process"]["old_pid"]]
+    assert_same_losses(tmp_path / "local", run_dir)
+    assert_no_strays(run_dir)
+
+
+def test_resume_on_processes_gives_the_uninterrupted_local_run(small_run, tmp_path):
+    """trainer.save_every / trainer.resume with the process engine: a run on stage processes interrupted at
+    iteration 6 and resumed (on new processes) ends with exactly the metrics and weights of an uninterrupted
+    run on the local engine (the engines are bit-for-bit equal, so the engine may even change on resume)."""
+    import torch
+
+    trace = write_trace(tmp_path / "trace.json", [{"iteration": 3, "stage": 0}, {"iteration": 8, "stage": 2}])
+    sections = {"strategy": {"name": "checkfree_plus", "replica_sync_every": 3},
+                "failure": {"name": "trace", "path": trace}, "trainer": {"iterations": 10, "save_every": 2}}
+    full = build_run(small_run(**sections), tmp_path / "full")
+    full.run()
+
+    def interrupt(n, engine):
+        if n == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        hooked_run(small_run(**sections, engine=DIST), tmp_path / "run", train_step=interrupt).run()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["resumable_from_iteration"] == 4
+    resumed_cfg = small_run(**{**sections, "trainer": {**sections["trainer"], "resume": str(tmp_path / "run")}},
+                            engine=DIST)
+    assert train(resumed_cfg, tmp_path / "elsewhere")["resumed_at_iterations"] == [4]
+    a, b = (deterministic_view(read_metrics(tmp_path / d / "metrics.jsonl")) for d in ("full", "run"))
+    assert a == b
+    # The weights: each run leaves its model (read back from the stage processes at the end).
+    from safetensors.torch import load_file
+
+    x, y = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("full", "run"))
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert_no_strays(tmp_path / "run")
