@@ -47,7 +47,7 @@ class StrategyConfig:
     """CheckFree+ (and edge_rule=copy): refresh the (de)embedding replicas on stages 1 and S-2 every this
     many iterations."""
     every: int = 50
-    """checkpoint: save all stages + optimizers + data position + RNG every this many iterations."""
+    """checkpoint: save all stages + optimizers + data position + RNG every this many (wall) iterations."""
     keep: int = 2
     """checkpoint: how many checkpoints to keep in storage."""
 
