@@ -34,6 +34,12 @@ def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
 
+def per_sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``[B]``: each sequence's mean token cross-entropy."""
+    tokens = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
+    return tokens.view(targets.shape).mean(dim=1)
+
+
 @dataclass
 class StepResult:
     """What one optimizer step did, per stage where it makes sense."""

@@ -57,7 +57,13 @@ class TrainerConfig:
     sim_time_budget_s: float | None = None
     """Stop when the simulated clock passes this many seconds (compare strategies at equal wall-clock)."""
     clock: str = "cost_model"
-    """'cost_model' (simulated time from checkfree.cost) or 'fixed' (failure.iteration_seconds per iteration)."""
+    """'cost_model' (simulated time from checkfree.cost), 'fixed' (failure.iteration_seconds per iteration) or
+    'paper_table2' (the paper's measured iteration times, each iteration standing for 10,000 / paper_T paper
+    iterations, so simulated hours are paper hours: see checkfree.clock)."""
+    paper_T: int | None = None
+    """clock=paper_table2: T, the no-failure run's iterations to target_loss, measured by a calibration run."""
+    stop_at_target: bool = False
+    """Stop at the first validation that reaches target_loss (time to target is what a sweep compares)."""
     clock_preset: str | None = None
     """Price each iteration as this model preset would cost (e.g. llama_500m) instead of the trained model."""
     clock_micro_batch_size: int | None = None
@@ -160,7 +166,12 @@ def validate_trainer(cfg: TrainerConfig) -> None:
             "a cross-entropy can never reach a value <= 0, so allowed is null or a positive number")
     require(cfg.sim_time_budget_s is None or cfg.sim_time_budget_s > 0, "trainer.sim_time_budget_s",
             cfg.sim_time_budget_s, "allowed is null or a positive number of seconds")
-    require(cfg.clock in ("cost_model", "fixed"), "trainer.clock", cfg.clock, "allowed is cost_model or fixed")
+    require(cfg.clock in ("cost_model", "fixed", "paper_table2"), "trainer.clock", cfg.clock,
+            "allowed is cost_model, fixed or paper_table2")
+    require(cfg.clock != "paper_table2" or (isinstance(cfg.paper_T, int) and cfg.paper_T >= 1), "trainer.paper_T",
+            cfg.paper_T, "trainer.clock=paper_table2 needs T, the calibrated iterations to target: an integer >= 1")
+    require(not cfg.stop_at_target or cfg.target_loss is not None, "trainer.stop_at_target", cfg.stop_at_target,
+            "it needs a trainer.target_loss to stop at")
     require(cfg.device in ("auto", "cpu", "cuda"), "trainer.device", cfg.device, "allowed is auto, cpu or cuda")
     require(cfg.precision in ("fp32", "bf16"), "trainer.precision", cfg.precision, "allowed is fp32 or bf16")
     require(cfg.on_nonfinite in ("error", "recover"), "trainer.on_nonfinite", cfg.on_nonfinite,

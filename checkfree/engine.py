@@ -61,6 +61,9 @@ class Engine(Protocol):
     def evaluate(self, sequences: torch.Tensor, batch_size: int) -> float:
         """Mean token cross-entropy, in order, no gradients; may raise ``StagesLost``."""
 
+    def sequence_losses(self, sequences: torch.Tensor, batch_size: int) -> list[float]:
+        """Each sequence's mean token cross-entropy, in order (the validation loss's standard error)."""
+
     def lose(self, stages: list[int]) -> float | None:
         """The failure model lost ``stages``: their state is gone (processes exit). Returns detection seconds."""
 

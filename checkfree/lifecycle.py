@@ -141,10 +141,11 @@ class Run:
             t.log.progress(record, len(t.totals.failures))
             if cfg.save_every and iteration % cfg.save_every == 0:
                 self.save_state()
-            if over_budget:
+            if over_budget or (cfg.stop_at_target and t.totals.time_to_target_s is not None):
                 break
         if cfg.save_every:
             self.save_state()  # the final state: `trainer.iterations=<more> trainer.resume=DIR` trains on
+        t.totals.final_val_loss_se = t.validation_se()
 
     def check_divergence(self) -> None:
         t = self.trainer.totals
@@ -276,6 +277,9 @@ class Run:
             "initial_val_loss": t.initial_val_loss, "final_val_loss": t.final_val_loss,
             "best_val_loss": t.best_val_loss, "target_loss": cfg.trainer.target_loss,
             "time_to_target_s": t.time_to_target_s, "iterations_to_target": t.iterations_to_target,
+            "time_to_target_interp_s": t.time_to_target_interp_s,
+            "iterations_to_target_interp": t.iterations_to_target_interp, "final_val_loss_se": t.final_val_loss_se,
+            "val_sequences": int(self.trainer.corpus.val.shape[0]),
             # Where to continue from: `trainer.resume=<run_dir>` restarts after this iteration.
             "resumable_from_iteration": self.saved_at,
             "resume_state": str(state_path(self.run_dir)) if self.saved_at is not None else None,

@@ -20,7 +20,14 @@ from typing import Any
 import torch
 
 from checkfree.checkpoints import CheckpointStore
-from checkfree.compute import StageCompute, StepResult, causal_lm_loss, nbytes, refresh_into
+from checkfree.compute import (
+    StageCompute,
+    StepResult,
+    causal_lm_loss,
+    nbytes,
+    per_sequence_loss,
+    refresh_into,
+)
 from checkfree.engine import Outcome
 from checkfree.model import Stage
 from checkfree.plan import REPLICA, Held, RecoveryPlan, Traffic, Upkeep, rebuild_report, rollback_reports
@@ -122,6 +129,17 @@ class LocalEngine:
             total += causal_lm_loss(self._forward(batch[:, :-1], order), batch[:, 1:]).item() * batch.shape[0]
             count += batch.shape[0]
         return total / count
+
+    @torch.no_grad()
+    def sequence_losses(self, sequences: torch.Tensor, batch_size: int) -> list[float]:
+        """Each validation sequence's mean token cross-entropy (for the standard error of the validation loss)."""
+        for compute in self.computes:
+            compute.stage.eval()
+        order, out = tuple(range(self.n_stages)), []
+        for start in range(0, sequences.shape[0], batch_size):
+            batch = sequences[start: start + batch_size].to(self.device)
+            out += per_sequence_loss(self._forward(batch[:, :-1], order), batch[:, 1:]).tolist()
+        return out
 
     # --- what the trainer reads ----------------------------------------------------------------------
 

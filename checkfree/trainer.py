@@ -52,7 +52,15 @@ class Totals:
     final_val_loss: float | None = None
     best_val_loss: float | None = None
     time_to_target_s: float | None = None
+    """Simulated seconds at the first validation that reached trainer.target_loss."""
     iterations_to_target: int | None = None
+    time_to_target_interp_s: float | None = None
+    """The crossing, interpolated linearly between that validation and the one before (as the paper's plots)."""
+    iterations_to_target_interp: float | None = None
+    last_eval: list[float] | None = None
+    """[sim seconds, iterations, val loss] of the latest validation."""
+    final_val_loss_se: float | None = None
+    """Standard error of the final validation loss over the validation sequences."""
     tokens: int = 0
     recovery_sim_s: float = 0.0
     overhead_sim_s: float = 0.0
@@ -65,7 +73,7 @@ class Trainer:
         self.strategy = build_strategy(cfg.strategy, n)
         self.schedule = build_schedule(self.strategy.schedule_name, n)
         self.failures = FailureDraws(cfg.failure, n, cfg.seed)
-        self.clock = Clock(cfg, model, self.schedule.name, self.strategy.redundant_compute)
+        self.clock = Clock(cfg, model, self.strategy)
         self.totals = Totals()
         self.iteration_no, self.progress = 0, 0
         self.grad_norm: list[float] | None = None
@@ -229,4 +237,16 @@ class Trainer:
         target = self.cfg.trainer.target_loss
         if target is not None and t.time_to_target_s is None and loss <= target and t.iterations > 0:
             t.time_to_target_s, t.iterations_to_target = t.sim_time_s, t.iterations
+            s0, i0, l0 = t.last_eval
+            share = (l0 - target) / (l0 - loss) if l0 > loss else 1.0
+            t.time_to_target_interp_s = s0 + share * (t.sim_time_s - s0)
+            t.iterations_to_target_interp = i0 + share * (t.iterations - i0)
+        t.last_eval = [t.sim_time_s, t.iterations, loss]
         return loss
+
+    def validation_se(self) -> float:
+        """Standard error of the validation loss, from the per-sequence losses of the current model."""
+        losses = self.engine.sequence_losses(self.corpus.val, self.cfg.trainer.eval_batch_size)
+        mean = sum(losses) / len(losses)
+        return (sum((x - mean) ** 2 for x in losses) / (len(losses) - 1) / len(losses)) ** 0.5 if len(losses) > 1 \
+            else float("nan")

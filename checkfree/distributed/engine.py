@@ -136,9 +136,16 @@ class ProcessEngine:
     # --- validation ----------------------------------------------------------------------------------
 
     def evaluate(self, sequences: torch.Tensor, batch_size: int) -> float:
+        reply = self._eval(sequences, batch_size, per_sequence=False)
+        return reply["loss_sum"] / reply["count"]
+
+    def sequence_losses(self, sequences: torch.Tensor, batch_size: int) -> list[float]:
+        return self._eval(sequences, batch_size, per_sequence=True)["sequences"]
+
+    def _eval(self, sequences: torch.Tensor, batch_size: int, per_sequence: bool) -> dict:
         last = self.n_stages - 1
         messages = {rank_of(k, 0, self.n_stages): {
-            "cmd": "eval", "n": sequences.shape[0], "batch_size": batch_size,
+            "cmd": "eval", "n": sequences.shape[0], "batch_size": batch_size, "per_sequence": per_sequence,
             "inputs": sequences[:, :-1].numpy() if k == 0 else None,
             "targets": sequences[:, 1:].numpy() if k == last else None} for k in range(self.n_stages)}
         try:
@@ -146,8 +153,7 @@ class ProcessEngine:
         except StageLost as exc:
             raise self.lost(exc) from None
         raise_errors(replies, self.pool.handles, "eval")
-        reply = replies[rank_of(last, 0, self.n_stages)]
-        return reply["loss_sum"] / reply["count"]
+        return replies[rank_of(last, 0, self.n_stages)]
 
     def first_nonfinite_output(self, input_ids: torch.Tensor, order: tuple[int, ...]) -> int | None:
         """As ``LocalEngine.first_nonfinite_output``, from a forward probe on the workers."""

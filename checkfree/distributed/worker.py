@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from checkfree.checkpoints import CheckpointStore, DamagedCheckpoint
-from checkfree.compute import StageCompute, causal_lm_loss, nbytes
+from checkfree.compute import StageCompute, causal_lm_loss, nbytes, per_sequence_loss
 from checkfree.config import first_line
 from checkfree.distributed.programs import message_tag, replica_micro_batches, stage_program
 from checkfree.distributed.rendezvous import connect_store, is_loopback, join_generation
@@ -242,11 +242,13 @@ class StageWorker:
     # --- validation ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def cmd_eval(self, inputs: np.ndarray | None, targets: np.ndarray | None, n: int, batch_size: int) -> dict:
-        """In-order forward of the held-out sequences (replica 0 of every stage takes part)."""
+    def cmd_eval(self, inputs: np.ndarray | None, targets: np.ndarray | None, n: int, batch_size: int,
+                 per_sequence: bool = False) -> dict:
+        """In-order forward of the held-out sequences (replica 0 of every stage takes part); the last stage
+        also reports each sequence's loss when ``per_sequence``."""
         self.compute.stage.eval()
         [visit] = [v for v in in_order(self.n) if v.stage == self.spec.stage]
-        total, count = 0.0, 0
+        total, count, sequences = 0.0, 0, []
         pending = Pending()
         for b, start in enumerate(range(0, n, batch_size)):
             size = min(batch_size, n - start)
@@ -258,12 +260,15 @@ class StageWorker:
             out = self.compute.forward(visit.ops, x)
             if visit.next is None:
                 target = torch.as_tensor(targets[start:start + size]).to(self.device)
-                total += causal_lm_loss(out, target).item() * size
+                if per_sequence:
+                    sequences += per_sequence_loss(out, target).tolist()
+                else:
+                    total += causal_lm_loss(out, target).item() * size
                 count += size
             else:
                 pending.add(out, self.rank(visit.next), message_tag(b, visit.position, False, self.n))
         pending.wait()
-        return {"loss_sum": total, "count": count}
+        return {"loss_sum": total, "count": count, "sequences": sequences}
 
     @torch.no_grad()
     def cmd_probe(self, order: tuple[int, ...], inputs: np.ndarray | None, size: int) -> dict:

@@ -68,6 +68,9 @@ class RecoveryStrategy:
     min_stages = 1
     redundant_compute = False
     """True when every stage also computes its successor's step (its time is priced by the cost model)."""
+    table2_column = "checkfree"
+    """Which of the paper's measured iteration times (its Table 2) this strategy pays under
+    trainer.clock=paper_table2: checkfree | checkpointing | redundant."""
 
     def __init__(self, cfg: StrategyConfig) -> None:
         self.cfg = cfg

@@ -19,6 +19,7 @@ class RedundantComputation(RecoveryStrategy):
     name = "redundant"
     min_stages = 2  # with one stage there is no other node to hold the shadow
     redundant_compute = True
+    table2_column = "redundant"
 
     @staticmethod
     def shadow(k: int, n_stages: int) -> Held:
