@@ -56,6 +56,8 @@ class Clock:
         self.cost = CostModel(priced, cfg.trainer.micro_batches, micro_batch_size, cfg.network, flops_per_s=flops,
                               replicas=cfg.engine.replicas)
         self.paper = cfg.trainer.clock == "paper_table2"
+        self.incident_s = PAPER_RECOVERY_S if self.paper else cfg.network.replacement_delay_s
+        """Losses closer together than this (a recovery's time) strike the pipeline together."""
         if self.paper:
             scale = PAPER_T / cfg.trainer.paper_T
             self.iteration_s = scale * table2_iteration_seconds(strategy.table2_column, cfg.failure.hourly_rate)

@@ -393,7 +393,14 @@ class FailureDraws:
 
     Each call covers ``[horizon, t_end)``: every simulated second is covered exactly once, including time
     spent recovering, so a slower strategy meets more failures (as in reality). Stages the numeric guard
-    marked (``trainer.on_nonfinite=recover``) fail at the next draw, with cause "nonfinite"."""
+    marked (``trainer.on_nonfinite=recover``) fail at the next draw, with cause "nonfinite".
+
+    The losses of one window come as *incidents*: losses less than ``window_s`` apart (the time a recovery
+    takes) strike together and are recovered together; later ones strike a pipeline that has already
+    recovered from the earlier ones. Without this, every loss of an iteration's window would be simultaneous:
+    when one iteration stands for many real ones (a CPU run priced in paper hours) pairs of losses that are
+    minutes apart in reality — a stage and its shadow holder, both swap partners — would look simultaneous
+    and unrecoverable far more often than they are."""
 
     def __init__(self, cfg: FailureConfig, n_stages: int, seed: int) -> None:
         self.model = build_failure_model(cfg, n_stages, seed)
@@ -401,17 +408,27 @@ class FailureDraws:
         self.horizon = 0.0
         self.pending: set[int] = set()
 
-    def draw(self, iteration: int, t0: float, t_end: float) -> tuple[list[int], list[FailureEvent], list[dict]]:
-        """(lost stages, the model's events, their failure records) for ``iteration``, whose window ends at
-        ``t_end``; a stage is lost once, however often it was hit."""
+    def draw(self, iteration: int, t0: float, t_end: float,
+             window_s: float = 0.0) -> tuple[list[list[int]], list[FailureEvent], list[dict]]:
+        """(incidents, the model's events, their failure records) for ``iteration``, whose window ends at
+        ``t_end``: each incident is the sorted stages lost together, in order of time; a stage is lost once
+        per window, however often it was hit."""
         events = [e for e in self.model.events(iteration, self.horizon, t_end) if e.stage in self.may_fail]
         self.horizon = t_end
         records = [{"iteration": iteration, "stage": e.stage, "time_s": e.time_s} for e in events]
+        nonfinite = sorted(self.pending - {e.stage for e in events})
         records += [{"iteration": iteration, "stage": stage, "time_s": t0, "cause": "nonfinite"}
-                    for stage in sorted(self.pending - {e.stage for e in events})]
-        lost = sorted({e.stage for e in events} | self.pending)
+                    for stage in nonfinite]
         self.pending = set()
-        return lost, events, records
+        incidents: list[list[int]] = [nonfinite] if nonfinite else []
+        last = t0 if nonfinite else -math.inf
+        for e in sorted(events, key=_by_time):
+            if incidents and e.time_s - last <= window_s:
+                incidents[-1].append(e.stage)
+            else:
+                incidents.append([e.stage])
+            last = e.time_s
+        return [sorted(i) for i in incidents], events, records
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "horizon": self.horizon, "pending": sorted(self.pending)}

@@ -88,12 +88,13 @@ class Trainer:
         """Failures -> recovery -> step -> guard -> upkeep -> clock. Returns the iteration's metrics record."""
         self.iteration_no, t0 = iteration, self.totals.sim_time_s
         record = {"iteration": iteration, "failed_stages": [], "recoveries": [], "recovery_sim_s": 0.0}
-        lost, events, failures = self.failures.draw(iteration, t0, t0 + self.clock.iteration_s)
+        incidents, events, failures = self.failures.draw(iteration, t0, t0 + self.clock.iteration_s,
+                                                         self.clock.incident_s)
         self.totals.failures += failures
-        if lost:
+        for lost in incidents:  # one after another; the stages of one incident are replaced in parallel
             self.engine.lose(lost)
             reports = self.recover(set(lost))
-            self.note(record, reports, max(r.sim_seconds for r in reports))  # replacements work in parallel
+            self.note(record, reports, max(r.sim_seconds for r in reports))
 
         batches = self.next_batches()
         wall = time.perf_counter()

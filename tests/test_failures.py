@@ -225,3 +225,21 @@ def test_build_rejects_a_negative_failure_seed():
     with pytest.raises(ConfigError, match="seed=-1001"):
         build_failure_model(FailureConfig(), S, seed=-1001)
     assert build_failure_model(FailureConfig(name="none"), S, seed=0).events(1, 0.0, 1e9) == []
+
+
+def test_losses_far_apart_within_one_iteration_are_separate_incidents(tmp_path):
+    """Losses less than a recovery's time apart strike together; later ones strike a recovered pipeline."""
+    from checkfree.failures import FailureConfig, FailureDraws
+
+    trace = tmp_path / "t.json"
+    trace.write_text(json.dumps([{"time_s": 50.0, "stage": 1}, {"time_s": 75.0, "stage": 2},
+                                 {"time_s": 150.0, "stage": 3}, {"time_s": 170.0, "stage": 1}]))
+    draws = FailureDraws(FailureConfig(name="trace", path=str(trace)), 6, seed=0)
+    draws.pending = {4}  # the numeric guard's stage: first, at the window's start
+    incidents, events, records = draws.draw(1, 0.0, 200.0, window_s=30.0)
+    assert incidents == [[4], [1, 2], [3]]  # stage 1 is lost once in a window (its second hit merges)
+    assert [r["stage"] for r in records] == [1, 2, 3, 4] and records[-1]["cause"] == "nonfinite"
+    assert draws.draw(2, 200.0, 400.0, window_s=30.0)[0] == []
+    # A window of 0 s: every loss at a distinct time is its own incident; equal times stay together.
+    draws = FailureDraws(FailureConfig(name="trace", path=str(trace)), 6, seed=0)
+    assert draws.draw(1, 0.0, 200.0, window_s=0.0)[0] == [[1], [2], [3]]

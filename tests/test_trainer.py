@@ -134,3 +134,22 @@ def test_checkpoint_run_in_a_reused_directory_rolls_back_to_its_own_checkpoints(
     assert summary["status"] == "completed"
     assert summary["lost_iterations"] == 1  # progress 6 -> back to 5
     assert sorted(p.name for p in old.glob("ckpt_*")) == ["ckpt_0000005"]
+
+
+def test_losses_minutes_apart_are_recovered_one_after_the_other(small_run, tmp_path):
+    """Stage 2, then 200 s later its shadow holder (stage 1), within one 600 s iteration: the first recovery
+    is long done when the second loss strikes, so both come back from shadows. Only losses closer than a
+    recovery's time (network.replacement_delay_s) strike together, and then stage 2's only copy is gone."""
+    from checkfree.recovery import UnrecoverableFailure
+
+    trace = write_trace(tmp_path / "t.json", [{"time_s": 100.0, "stage": 2}, {"time_s": 300.0, "stage": 1}])
+    sections = {"strategy": {"name": "redundant"}, "trainer": {"clock": "fixed", "iterations": 2}}
+    summary = train(small_run(**sections, failure={"name": "trace", "path": trace, "iteration_seconds": 600.0}),
+                    tmp_path / "apart")
+    assert [(r["stage"], r["method"], r["sources"]) for r in summary["recoveries"]] == [
+        (2, "shadow", [1]), (1, "shadow", [0])]
+    records = read_metrics(tmp_path / "apart" / "metrics.jsonl")
+    assert records[1]["failed_stages"] == [1, 2] and len(records[1]["recoveries"]) == 2
+    with pytest.raises(UnrecoverableFailure, match="stage 2's only copy was its shadow on stage 1"):
+        train(small_run(**sections, failure={"name": "trace", "path": trace, "iteration_seconds": 600.0},
+                        network={"replacement_delay_s": 250.0}), tmp_path / "together")
