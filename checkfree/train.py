@@ -183,6 +183,15 @@ def _print_summary(summary: dict) -> None:
     if summary.get("time_to_target_s") is not None:
         print(f"target {summary['target_loss']} reached at {summary['time_to_target_s'] / 3600:.2f} simulated h")
     print(f"run directory: {summary['run_dir']}")
+    if summary.get("model_dir"):
+        from transformers.utils import logging as hf_logging
+
+        from checkfree.export import sample
+
+        hf_logging.disable_progress_bar()  # one summary, no load bars
+        # What the model learned, in its own words: sampled from the exported Hugging Face model (fixed seed).
+        print(f"model: {summary['model_dir']} (AutoModelForCausalLM.from_pretrained loads it); a sample:")
+        print("  " + sample(summary["model_dir"], seed=0).strip().replace("\n", "\n  "))
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
