@@ -1,0 +1,164 @@
+"""The paper's Table 2 (and its Fig. 2 ablation) at CPU scale, in the paper's own units, with one command.
+
+``main`` (the default):
+
+1. **Calibration** — the sweep's setup (``conf/sweep/table2.yaml``) with ``strategy=none failure=none``,
+   ``--seeds`` seeds, each trained until it reaches the target: ``T`` = the mean of their iterations to the
+   target (interpolated between validations). ``T`` fixes the regime, before any failure is drawn: every CPU
+   iteration stands for 10,000 / T paper iterations (``trainer.clock=paper_table2``), so Poisson failures at
+   the paper's hourly rates strike as often per ``T`` as in the paper, and checkpoints are taken every
+   ``T / 100`` iterations, as the paper's every 100 of its 10,000.
+2. **The grid** — checkpointing, redundant computation, CheckFree and CheckFree+ at 5 / 10 / 16 %/h, each
+   seed, each run stopped at the target or after ``--cap`` x T iterations.
+3. **The table** — ``checkfree.table2`` writes ``comparison.csv``, ``comparison.md`` and the loss-vs-hours
+   plot into ``--out``.
+
+``ablations``: the same regime at 16 %/h for the rebuild rules (checkfree, uniform, copy, random, zero), at
+each of ``--widths`` (d_model; same depth, heads of 16 dimensions), each width calibrated on its own T and
+trained to 1.5 T; ``ablations.md`` gives the validation loss at T and at the end, and the time to target.
+
+Points run as separate processes (one torch thread each), ``--jobs`` at a time; a finished point is not run
+again, so an interrupted sweep resumes where it stopped.
+
+    python experiments/table2.py [--out results/table2] [--seeds 3] [--jobs 2]
+    python experiments/table2.py ablations [--widths 64,128] [--out results/table2_ablations]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sweep import ROOT, grid, run_point  # noqa: E402  (the sibling script: one way of running a point)
+
+from checkfree.table2 import ci95, write_report  # noqa: E402
+
+CAP = 4.0
+"""A run that has not reached the target after CAP x T iterations stops (and counts as not reached)."""
+ABLATION_LENGTH = 1.5
+"""Ablation runs train to 1.5 T: the validation loss is compared at T (as the paper's Fig. 2) and at the end."""
+
+
+def run_all(points: list[tuple[str, int, list[str]]], out: Path, extra: list[str], jobs: int) -> list[dict]:
+    """Run every (sweep, index, overrides) point; returns each run's summary (or its failure)."""
+    results = []
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(run_point, name, i, overrides, out, extra) for name, i, overrides in points]
+        for done, future in enumerate(futures, 1):
+            run_dir, code, seconds = future.result()
+            print(f"[{done}/{len(points)}] {Path(run_dir).name}: {'ok' if code == 0 else f'FAILED (exit {code})'} "
+                  f"in {seconds:.0f} s", flush=True)
+            summary = Path(run_dir) / "summary.json"
+            results.append(json.loads(summary.read_text()) if summary.exists() else {"run_dir": run_dir})
+    return results
+
+
+def calibrate(out: Path, seeds: int, jobs: int, extra: list[str]) -> dict:
+    """T: the mean iterations to target of ``seeds`` no-failure runs of the table2 setup."""
+    points = [("table2", i, ["strategy=none", "failure.name=none", "failure.hourly_rate=0.0", f"seed={s}"])
+              for i, s in enumerate(range(seeds))]
+    # A generous cap: the calibration finds T, it must not be cut short by a guess of it.
+    runs = run_all(points, out / "calibration", ["trainer.clock=fixed", "trainer.iterations=5000", *extra], jobs)
+    iterations = [r.get("iterations_to_target_interp") for r in runs]
+    if any(i is None for i in iterations):
+        raise SystemExit(f"a calibration run did not reach the target: {iterations}; see {out / 'calibration'}")
+    target = runs[0]["target_loss"]
+    T = round(statistics.fmean(iterations))
+    calibration = {"T": T, "target": target, "iterations": iterations, "ci95": ci95(iterations),
+                   "val_loss_se": [r.get("final_val_loss_se") for r in runs], "seeds": seeds}
+    (out / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
+    print(f"calibration: T = {T} iterations to {target} (per seed {[round(i) for i in iterations]})", flush=True)
+    return calibration
+
+
+def regime(T: int, length: float) -> list[str]:
+    """The overrides that put a run in the paper's regime for calibrated T."""
+    return [f"trainer.paper_T={T}", f"++strategy.every={max(1, round(T / 100))}",
+            f"trainer.iterations={math.ceil(length * T)}"]
+
+
+def main_table(args: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    calibration = calibrate(args.out, args.seeds, args.jobs, args.set)
+    points = [("table2", i, o) for i, o in enumerate(grid("table2")) if int(o[-1].split("=")[1]) < args.seeds]
+    run_all(points, args.out / "runs", [*regime(calibration["T"], CAP), *args.set], args.jobs)
+    table = write_report([args.out / "runs"], args.out, calibration)
+    minutes = (time.perf_counter() - start) / 60
+    print((args.out / "comparison.md").read_text())
+    print(f"{len(table)} rows; sweep wall time {minutes:.1f} min (calibration included)")
+    (args.out / "wall_time.txt").write_text(f"{minutes:.1f} min on {args.jobs} jobs, calibration included\n")
+
+
+def ablations(args: argparse.Namespace) -> None:
+    start, lines = time.perf_counter(), []
+    for width in [int(w) for w in args.widths.split(",")]:
+        shape = [f"model.d_model={width}", f"model.n_heads={max(1, width // 16)}"]
+        out = args.out / f"d{width}"
+        calibration = calibrate(out, args.seeds, args.jobs, [*shape, *args.set])
+        points = [("table2_ablations", i, o) for i, o in enumerate(grid("table2_ablations"))
+                  if int(o[-1].split("=")[1]) < args.seeds]
+        runs = run_all(points, out / "runs", [*regime(calibration["T"], ABLATION_LENGTH), *shape, *args.set],
+                       args.jobs)
+        lines += ablation_rows(width, calibration, runs)
+    table = ["| d_model | T | rule | val loss at T | val loss at 1.5 T | reached target | iterations to target / T |",
+             "|---|---|---|---|---|---|---|", *lines]
+    text = "\n".join(table) + f"\n\nMean ± 95 % CI over seeds; 16 %/h in paper units; wall time " \
+        f"{(time.perf_counter() - start) / 60:.1f} min.\n"
+    (args.out / "ablations.md").write_text(text)
+    print(text)
+
+
+def ablation_rows(width: int, calibration: dict, runs: list[dict]) -> list[str]:
+    from checkfree.runlog import read_metrics
+
+    T, rows = calibration["T"], []
+    for rule in ("checkfree", "uniform", "copy", "random", "zero"):
+        mine = [r for r in runs if r.get("strategy") == rule]
+        at_T, at_end, its = [], [], []
+        for r in mine:
+            curve = [(m["iteration"], m["val_loss"]) for m in read_metrics(Path(r["run_dir"]) / "metrics.jsonl")
+                     if "val_loss" in m]
+            at_T.append(interpolate(curve, T))
+            at_end.append(curve[-1][1])
+            if r.get("iterations_to_target_interp") is not None:
+                its.append(r["iterations_to_target_interp"] / T)
+        rows.append(f"| {width} | {T} | {rule} | {fmt(at_T)} | {fmt(at_end)} | {len(its)}/{len(mine)} | "
+                    f"{fmt(its, '.2f') if its else '—'} |")
+    return rows
+
+
+def interpolate(curve: list[tuple[int, float]], x: float) -> float:
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if x0 <= x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return curve[-1][1]
+
+
+def fmt(values: list[float], spec: str = ".4f") -> str:
+    half = ci95(values)
+    return f"{statistics.fmean(values):{spec}}" + (f" ± {half:{spec}}" if math.isfinite(half) else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", nargs="?", default="main", choices=("main", "ablations"))
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--widths", default="64,128", help="ablations: comma-separated d_model values")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
+    args = parser.parse_args(argv)
+    args.out = (args.out or ROOT / "results" / ("table2" if args.what == "main" else "table2_ablations")).resolve()
+    (main_table if args.what == "main" else ablations)(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
