@@ -24,6 +24,7 @@ import torch
 from checkfree.config import ConfigError
 from checkfree.data import load_corpus
 from checkfree.distributed.cluster import StageLost, WorkerPool
+from checkfree.distributed.launchers import make_pool
 from checkfree.distributed.process_pipeline import ProcessPipeline
 from checkfree.distributed.rendezvous import pick_backend
 from checkfree.distributed.strategies import RemoteRecovery
@@ -85,7 +86,7 @@ class DistributedTrainer(Trainer):
 
     def make_pool(self) -> WorkerPool:
         """The stage processes: started here, one per stage x replica (``launch`` overrides: torchrun's)."""
-        return WorkerPool(self.worker_spec(), self.cfg.engine.timeout_s, self.run_dir)
+        return make_pool(self.worker_spec(), self.cfg.engine, self.run_dir)
 
     def worker_spec(self) -> WorkerSpec:
         cfg, engine = self.cfg, self.cfg.engine
