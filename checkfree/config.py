@@ -86,7 +86,7 @@ class RayConfig:
     start_timeout_s: float = 300.0
     """Bound on placing and starting actors (all of them at start, a replacement after a loss)."""
     standby: bool = True
-    """Keep a warm spare actor on each stage's node (torch imported, nothing reserved) for fast replacements."""
+    """Keep a warm spare actor (torch imported, nothing reserved) on each stage's node; CPU stages only."""
 
 
 @dataclass(frozen=True)

@@ -242,8 +242,11 @@ class RayPool(WorkerPool):
             time.sleep(0.1)
 
     def _replenish_standbys(self) -> None:
-        """A warm spare on every node that hosts a stage and has none (it imports while training goes on)."""
-        if not self.cfg.standby:
+        """A warm spare on every node that hosts a stage and has none (it imports while training goes on).
+
+        CPU stages only: Ray makes GPUs visible to an actor when it creates it, with what it reserved, so a
+        spare that reserves no GPU could never drive one."""
+        if not self.cfg.standby or self.cfg.gpus_per_stage > 0:
             return
         for node in sorted({h.node.id for h in self.handles.values() if h.node is not None}):
             spare = self.standbys.get(node)
