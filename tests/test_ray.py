@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ ray = pytest.importorskip("ray", reason="the Ray launcher needs Ray: pip install
 import checkfree.distributed  # noqa: E402
 from checkfree.config import RayConfig  # noqa: E402
 from checkfree.distributed.cluster import StageLost  # noqa: E402
-from checkfree.distributed.ray_pool import RayPool  # noqa: E402
+from checkfree.distributed.ray_pool import RayLaunchError, RayPool  # noqa: E402
 from checkfree.distributed.worker import WorkerSpec  # noqa: E402
 from checkfree.model import preset  # noqa: E402
 from checkfree.runlog import read_metrics  # noqa: E402
@@ -109,6 +110,17 @@ def assert_our_placement_groups_removed() -> None:
 
 
 # --- a Ray of the pool's own --------------------------------------------------------------------------
+
+def test_an_address_with_no_cluster_is_one_clear_error_at_once(tmp_path):
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    pool = RayPool(tiny_spec(tmp_path), 5.0, tmp_path, RayConfig(address=f"127.0.0.1:{port}"))
+    with pytest.raises(RayLaunchError, match=f"engine.ray.address='127.0.0.1:{port}'.*ray start --head"):
+        pool.start()
+    pool.shutdown()
+    assert not ray.is_initialized()
+
 
 def pid_of(run_dir: Path, stage: int) -> int:
     [pid] = [w["pid"] for w in workers(run_dir)["workers"] if w["stage"] == stage]

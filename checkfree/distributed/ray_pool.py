@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,8 @@ from checkfree.runlog import write_json_atomic
 BUNDLE_WAIT_S = 10.0
 """After a node is lost: how long a replacement waits for Ray to move its bundle to a live node before it
 is scheduled outside the placement group."""
+CONNECT_S = 5.0
+"""How long the head's address (engine.ray.address=HOST:PORT) may take to accept a connection."""
 STOP_S = 5.0
 """How long ``shutdown`` lets the actors leave their process group before they are killed."""
 
@@ -167,19 +170,21 @@ class RayPool(WorkerPool):
         if ray.is_initialized():
             return
         address = self.cfg.address
-        try:
-            if address is None:
-                world = self.n_stages * self.replicas
-                ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(world * self.cfg.cpus_per_stage)),
-                         resources={k: v * world for k, v in self.cfg.resources.items()} or None,
-                         runtime_env={"env_vars": {"PYTHONPATH": _our_pythonpath()}},
-                         include_dashboard=False, log_to_driver=False, namespace="checkfree")
-            else:
+        if address is None:  # sized for every stage, whatever this machine's core count
+            world = self.n_stages * self.replicas
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(world * self.cfg.cpus_per_stage)),
+                     resources={k: v * world for k, v in self.cfg.resources.items()} or None,
+                     runtime_env={"env_vars": {"PYTHONPATH": _our_pythonpath()}},
+                     include_dashboard=False, log_to_driver=False, namespace="checkfree")
+        else:
+            try:
+                if address != "auto":  # Ray itself retries an unreachable address for minutes
+                    socket.create_connection(address.rsplit(":", 1), timeout=CONNECT_S).close()
                 ray.init(address=address, log_to_driver=False, namespace="checkfree")
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise RayLaunchError(f"cannot join the Ray cluster at engine.ray.address={address!r} "
-                                 f"({_first_line(exc)}); start it with `ray start --head` on this machine, or use "
-                                 "engine.ray.address=null for a Ray of our own.") from exc
+            except (OSError, RuntimeError, ValueError) as exc:
+                raise RayLaunchError(f"cannot join the Ray cluster at engine.ray.address={address!r} "
+                                     f"({_first_line(exc)}); start it with `ray start --head` (README: Many machines), "
+                                     "or use engine.ray.address=null for a Ray of our own.") from exc
         self.owns_ray = True
 
     def actor_resources(self) -> dict[str, float]:
