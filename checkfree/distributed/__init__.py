@@ -12,6 +12,8 @@ Modules, one idea each:
 * ``worker`` — the stage process
 * ``rendezvous`` — the store and its generations
 * ``cluster`` — starting, commanding, watching, replacing and stopping the processes
+* ``launchers`` — which pool starts the workers: local processes or Ray actors (``engine.launcher``)
+* ``ray_pool``, ``ray_actor`` — the same pool with one Ray actor per stage, on one machine or a cluster
 * ``process_pipeline`` — the pipeline interface the trainer drives
 * ``strategies`` — recovery strategies executed with real transfers
 * ``supervisor`` — the trainer over all of it (``train``)
