@@ -1,19 +1,24 @@
 """The distributed engine, measured side by side in one run.
 
-1. Iteration time: our engine (one process per stage, ``engine=distributed``, GPipe) against PyTorch's own
-   ``torch.distributed.pipelining.ScheduleGPipe`` on the same stages (each rank wraps its ``Stage`` as a
-   module that runs embedding / body / head as that stage owns them), the same micro-batches, the same
-   process count and backend, per-stage clipping and Adam in both. Median seconds per iteration after a
-   warm-up; ratio = torch's / ours (> 1: ours is faster).
+1. Iteration time: our engine (one worker per stage, ``engine=distributed``) with its two launchers, local
+   processes and Ray actors (``engine=ray``, one local Ray), against PyTorch's own
+   ``torch.distributed.pipelining`` schedules ``ScheduleGPipe`` and ``Schedule1F1B`` on the same stages
+   (each rank wraps its ``Stage`` as a module that runs embedding / body / head as that stage owns them),
+   the same micro-batches, the same process count and backend, per-stage clipping and Adam everywhere.
+   Ours runs GPipe and 1F1B (``network.pipeline``). Median seconds per iteration after a warm-up; ratios
+   ray / processes (goal <= 1.10) and torch / ours (> 1: ours is faster; goal >= 1.0).
 2. Recovery latency of CheckFree failures (a trace kills an intermediate stage several times), broken
-   into detect (kill order -> supervisor sees the process gone), respawn (replacement process up, stage
-   built), re-rendezvous (all processes re-form the group) and weight transfer (neighbours -> replacement,
+   into detect (kill order -> supervisor sees the worker gone), replace (replacement up, stage built),
+   re-rendezvous (all workers re-form the group) and weight transfer (neighbours -> replacement,
    averaged) — medians of the supervisor's own measurements, which every recovery report carries in
-   ``process``. Replacements come from a warm forkserver (torch and transformers already imported);
-   ``--cold`` adds a run where every process is a fresh interpreter (``CHECKFREE_START_METHOD=spawn``).
+   ``process``. Warm: local processes come from a forkserver that has imported torch and transformers,
+   Ray replacements take over a standby actor that has (``engine.ray.standby``). Cold: a fresh interpreter
+   for every replacement (``CHECKFREE_START_METHOD=spawn``; ``engine.ray.standby=false``). Ray is measured
+   warm and cold always, local processes cold with ``--cold``.
 
     python benchmarks/distributed.py [--stages 4] [--layers 2] [--d-model 128] [--seq-len 128]
-        [--micro-batches 8] [--micro-batch-size 4] [--iterations 12] [--device cpu|cuda] [--cold]
+        [--micro-batches 8] [--micro-batch-size 4] [--iterations 12] [--rounds 1] [--device cpu|cuda] [--cold]
+        [--no-ray]
 """
 
 from __future__ import annotations
@@ -54,10 +59,10 @@ class WholeStage(nn.Module):
         return self.stage.head(x) if self.stage.has_head else x
 
 
-def torch_gpipe_rank(rank: int, model: ModelConfig, batches: list[torch.Tensor], args: dict, port: int,
-                     results: dict) -> None:
-    """One rank of the ``ScheduleGPipe`` baseline; rank 0 reports per-iteration times."""
-    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+def torch_pipeline_rank(rank: int, model: ModelConfig, batches: list[torch.Tensor], args: dict, port: int,
+                        results: dict) -> None:
+    """One rank of the ``ScheduleGPipe`` / ``Schedule1F1B`` baseline; rank 0 reports per-iteration times."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // model.n_stages))
@@ -71,7 +76,8 @@ def torch_gpipe_rank(rank: int, model: ModelConfig, batches: list[torch.Tensor],
     stage = seeded_stage(model, 0, rank).to(device)
     module = WholeStage(stage)
     pipe = PipelineStage(module, rank, model.n_stages, device)
-    schedule = ScheduleGPipe(pipe, n_microbatches=args["micro_batches"], loss_fn=causal_lm_loss)
+    kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[args["schedule"]]
+    schedule = kind(pipe, n_microbatches=args["micro_batches"], loss_fn=causal_lm_loss)
     optimizer = torch.optim.Adam(stage.parameters(), lr=3e-3)
     times = []
     for it in range(args["iterations"]):
@@ -94,12 +100,12 @@ def torch_gpipe_rank(rank: int, model: ModelConfig, batches: list[torch.Tensor],
     dist.destroy_process_group()
 
 
-def run_torch_gpipe(model: ModelConfig, batches: list[torch.Tensor], args: dict) -> list[float]:
+def run_torch_pipeline(model: ModelConfig, batches: list[torch.Tensor], args: dict) -> list[float]:
     ctx = mp.get_context("spawn")
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
     manager = ctx.Manager()
     results = manager.dict()
-    procs = [ctx.Process(target=torch_gpipe_rank, args=(r, model, batches, args, store.port, results))
+    procs = [ctx.Process(target=torch_pipeline_rank, args=(r, model, batches, args, store.port, results))
              for r in range(model.n_stages)]
     for p in procs:
         p.start()
@@ -144,12 +150,21 @@ def step_seconds(run_dir: Path) -> list[float]:
             if r.get("throughput_tok_s")]
 
 
-def recovery_latency(args: argparse.Namespace, cache: str, root: Path, label: str) -> dict[str, float]:
-    failures = [{"iteration": i, "stage": 1 + i % (args.stages - 2)} for i in range(3, 3 + 2 * args.failures, 2)]
+def iteration_times(args: argparse.Namespace, cache: str, root: Path, label: str, **sections: dict) -> list[float]:
+    summary = train(run_config(args, cache, **sections), root / label)
+    assert summary["status"] == "completed", summary["error"]
+    return step_seconds(root / label)[args.warmup:]
+
+
+def recovery_latency(args: argparse.Namespace, cache: str, root: Path, label: str, **sections: dict) -> dict[str, float]:
+    """A failure every ``--failure-every`` iterations, the first after as many (so that a Ray standby, started
+    behind the initial actors and behind each replacement, has imported torch by the next failure)."""
+    every = args.failure_every
+    failures = [{"iteration": every * (j + 1), "stage": 1 + j % (args.stages - 2)} for j in range(args.failures)]
     trace = root / f"trace-{label}.json"
     trace.write_text(json.dumps(failures))
     cfg = run_config(args, cache, failure={"name": "trace", "path": str(trace)},
-                     trainer={"iterations": 3 + 2 * args.failures})
+                     trainer={"iterations": every * args.failures + 1}, **sections)
     summary = train(cfg, root / f"recovery-{label}")
     reports = [r for rec in read_metrics(root / f"recovery-{label}" / "metrics.jsonl") for r in rec.get("recoveries", [])]
     assert summary["status"] == "completed" and len(reports) == len(failures), summary["error"]
@@ -158,6 +173,9 @@ def recovery_latency(args: argparse.Namespace, cache: str, root: Path, label: st
     parts["total_s"] = statistics.median(r["wall_s"] + r["process"]["detect_s"] for r in reports)
     parts["bytes"] = statistics.median(r["bytes_moved"] for r in reports)
     return parts
+
+
+RAY = {"name": "distributed", "launcher": "ray", "timeout_s": 60}
 
 
 def main() -> None:
@@ -171,44 +189,76 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--iterations", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1, help="measure every engine this many times, round robin")
     parser.add_argument("--failures", type=int, default=3)
+    parser.add_argument("--failure-every", type=int, default=8,
+                        help="iterations before the first failure and between two (a standby warms up meanwhile)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--cold", action="store_true", help="also measure recovery with spawn (cold) processes")
+    parser.add_argument("--cold", action="store_true", help="also measure local processes started cold (spawn)")
+    parser.add_argument("--no-ray", action="store_true", help="skip the Ray launcher (Ray not installed)")
     args = parser.parse_args()
+    ray_engine = {**RAY, "ray": {"gpus_per_stage": 1.0 if args.device == "cuda" else 0.0}}
 
     with tempfile.TemporaryDirectory(prefix="checkfree-bench-") as tmp:
         root, cache = Path(tmp), str(Path(tmp) / "cache")
         cfg = run_config(args, cache)
-        ours_dir = root / "ours"
-        summary = train(cfg, ours_dir)
-        assert summary["status"] == "completed", summary["error"]
-        ours = step_seconds(ours_dir)[args.warmup:]
-
-        # The same micro-batches, from the same stream, for the baseline.
+        # The same micro-batches, from the same stream, for the baselines.
         from checkfree.data import load_corpus
 
         corpus = load_corpus(cfg.data, cfg.model.seq_len, batch_seed=cfg.seed)
         model = cfg.model.with_vocab(corpus.vocab_size)
         batches = [corpus.train.next_batch(args.micro_batches * args.micro_batch_size) for _ in range(args.iterations)]
-        theirs = run_torch_gpipe(model, batches, {"device": args.device, "micro_batches": args.micro_batches,
-                                                  "iterations": args.iterations})[args.warmup:]
-        latencies = {"forkserver (warm)": recovery_latency(args, cache, root, "warm")}
+        # Without a standby: it would import torch beside the timed iterations (it idles afterwards).
+        ray_cold = {**ray_engine, "ray": {**ray_engine["ray"], "standby": False}}
+        runs = {
+            "processes, GPipe": lambda r: iteration_times(args, cache, root, f"gpipe-{r}"),
+            "processes, 1F1B": lambda r: iteration_times(args, cache, root, f"1f1b-{r}", network={"pipeline": "1f1b"}),
+            "Ray actors, GPipe": lambda r: iteration_times(args, cache, root, f"ray-gpipe-{r}", engine=ray_cold),
+            "torch gpipe": lambda r: run_torch_pipeline(model, batches, {**torch_args, "schedule": "gpipe"})[args.warmup:],
+            "torch 1f1b": lambda r: run_torch_pipeline(model, batches, {**torch_args, "schedule": "1f1b"})[args.warmup:],
+        }
+        torch_args = {"device": args.device, "micro_batches": args.micro_batches, "iterations": args.iterations}
+        if args.no_ray:
+            del runs["Ray actors, GPipe"]
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for r in range(args.rounds):  # round robin, so that a change of the machine's load hits every engine
+            for name, run in runs.items():
+                times[name] += run(r)
+        theirs = {name.split()[1]: times.pop(name) for name in ("torch gpipe", "torch 1f1b")}
+        ours = times
+
+        latencies = {"local processes, forkserver (warm)": recovery_latency(args, cache, root, "warm")}
         if args.cold:
             os.environ["CHECKFREE_START_METHOD"] = "spawn"
-            latencies["spawn (cold)"] = recovery_latency(args, cache, root, "cold")
+            latencies["local processes, spawn (cold)"] = recovery_latency(args, cache, root, "cold")
             del os.environ["CHECKFREE_START_METHOD"]
+        if not args.no_ray:
+            latencies["Ray actors, standby (warm)"] = recovery_latency(args, cache, root, "ray-warm", engine=ray_engine)
+            latencies["Ray actors, fresh actor (cold)"] = recovery_latency(
+                args, cache, root, "ray-cold", engine={**ray_engine, "ray": {**ray_engine["ray"], "standby": False}})
 
-    ours_med, theirs_med = statistics.median(ours), statistics.median(theirs)
+    med = {name: statistics.median(times) for name, times in ours.items()}
+    med_torch = {name: statistics.median(times) for name, times in theirs.items()}
     print(f"\nmodel: {args.stages} stages x {args.layers} layers, d_model {args.d_model}, seq {args.seq_len}, "
           f"vocab {model.vocab_size}; M={args.micro_batches} x {args.micro_batch_size} sequences; "
-          f"{args.stages} processes, {'nccl' if args.device == 'cuda' else 'gloo'}, {os.cpu_count()} CPU cores")
+          f"{args.stages} workers, {'nccl' if args.device == 'cuda' else 'gloo'}, {os.cpu_count()} CPU cores")
     print("\n| engine | median s / iteration | iterations timed |")
     print("|---|---|---|")
-    print(f"| checkfree distributed (GPipe) | {ours_med:.4f} | {len(ours)} |")
-    print(f"| torch.distributed.pipelining ScheduleGPipe | {theirs_med:.4f} | {len(theirs)} |")
-    print(f"\nratio (torch / ours): {theirs_med / ours_med:.2f}  (goal >= 1.0)")
+    for name, times in ours.items():
+        print(f"| checkfree, {name} | {med[name]:.4f} | {len(times)} |")
+    for name, times in theirs.items():
+        label = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}[name]
+        print(f"| torch.distributed.pipelining {label} | {med_torch[name]:.4f} | {len(times)} |")
+    print()
+    if "Ray actors, GPipe" in med:
+        print(f"ratio Ray / local processes (GPipe): {med['Ray actors, GPipe'] / med['processes, GPipe']:.2f}"
+              "  (goal <= 1.10)")
+    print(f"ratio torch / ours, GPipe: {med_torch['gpipe'] / med['processes, GPipe']:.2f}  (goal >= 1.0)")
+    print(f"ratio torch / ours, 1F1B: {med_torch['1f1b'] / med['processes, 1F1B']:.2f}  (goal >= 1.0)")
+    if "Ray actors, GPipe" in med:
+        print(f"ratio torch / ours on Ray, GPipe: {med_torch['gpipe'] / med['Ray actors, GPipe']:.2f}  (goal >= 1.0)")
     print(f"\nrecovery latency of one CheckFree failure (median of {args.failures}):")
-    print("| processes from | detect s | respawn s | re-rendezvous s | weight transfer s | total s | bytes |")
+    print("| workers from | detect s | replace s | re-rendezvous s | weight transfer s | total s | bytes |")
     print("|---|---|---|---|---|---|---|")
     for label, p in latencies.items():
         print(f"| {label} | {p['detect_s']:.3f} | {p['respawn_s']:.3f} | {p['rendezvous_s']:.3f} | "

@@ -81,12 +81,37 @@ class TrainerConfig:
     progress_bar: bool = True
 
 
+RAY_PLACEMENTS = ("SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Hydra key ``engine.ray``: the Ray launcher of the process engine (``engine.launcher=ray``)."""
+
+    address: str | None = None
+    """null: start Ray on this machine (loopback) and stop it at the end | auto | HOST:PORT: join that cluster."""
+    placement: str = "SPREAD"
+    """Placement-group strategy for the stage actors: SPREAD | PACK | STRICT_SPREAD | STRICT_PACK."""
+    cpus_per_stage: float = 1.0
+    """CPUs each stage actor reserves; also its torch thread count (at least 1)."""
+    gpus_per_stage: float = 0.0
+    """GPUs each stage actor reserves (needed for trainer.device=cuda; a fraction shares a GPU)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each stage actor reserves, e.g. {spot: 1} for nodes started with --resources."""
+    start_timeout_s: float = 300.0
+    """Bound on placing and starting actors (all of them at start, a replacement after a loss)."""
+    standby: bool = True
+    """Keep a warm spare actor (torch imported, nothing reserved) on each stage's node; CPU stages only."""
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Hydra group ``engine``: where the stages run."""
 
     name: str = "local"
     """local (one process) | distributed (one process per stage on torch.distributed)"""
+    launcher: str = "processes"
+    """How the distributed engine starts its stage workers: processes (this machine) | ray (Ray actors)."""
     replicas: int = 1
     """W data-parallel replicas per stage. The process engine runs them (gradients all-reduced within a stage);
     the local engine runs one pipeline (the same math) and the clock prices the all-reduce over all W."""
@@ -97,6 +122,8 @@ class EngineConfig:
     """0 picks a free port."""
     timeout_s: float = 60.0
     """Bound on any collective or point-to-point wait; nothing hangs longer."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """The Ray launcher's settings (engine=ray)."""
 
 
 @dataclass(frozen=True)
@@ -186,6 +213,35 @@ def validate_engine(cfg: EngineConfig) -> None:
             "allowed is auto, gloo or nccl")
     require(0 <= cfg.master_port < 65536, "engine.master_port", cfg.master_port, "allowed is 0..65535")
     require(cfg.timeout_s > 0, "engine.timeout_s", cfg.timeout_s, "allowed is a positive number of seconds")
+    require(cfg.launcher in ("processes", "ray"), "engine.launcher", cfg.launcher, "allowed is processes or ray")
+    require(cfg.launcher == "processes" or cfg.name == "distributed", "engine.launcher", cfg.launcher,
+            f"it launches the process engine, not engine.name={cfg.name!r}; use engine=ray (engine.name=distributed)")
+    validate_ray(cfg.ray)
+
+
+def validate_ray(cfg: RayConfig) -> None:
+    address = cfg.address
+    require(address is None or not address.startswith("ray://"), "engine.ray.address", address,
+            "Ray Client (ray://) is not supported because the supervisor hosts the rendezvous store, so run it "
+            "on a node of the cluster with address auto or HOST:PORT")
+    require(address is None or address == "auto" or _host_port(address), "engine.ray.address", address,
+            "allowed is null (a local Ray), auto (the cluster running here) or HOST:PORT of the head node")
+    require(cfg.placement in RAY_PLACEMENTS, "engine.ray.placement", cfg.placement,
+            f"allowed is {', '.join(RAY_PLACEMENTS)}")
+    require(cfg.cpus_per_stage > 0, "engine.ray.cpus_per_stage", cfg.cpus_per_stage, "allowed is a number > 0")
+    require(cfg.gpus_per_stage >= 0, "engine.ray.gpus_per_stage", cfg.gpus_per_stage, "allowed is a number >= 0")
+    require(isinstance(cfg.resources, dict), "engine.ray.resources", cfg.resources,
+            "allowed is a mapping of resource name to amount, e.g. {spot: 1}")
+    for name, amount in cfg.resources.items():
+        ok = isinstance(amount, int | float) and not isinstance(amount, bool) and amount > 0
+        require(ok, f"engine.ray.resources.{name}", amount, "allowed is a number > 0")
+    require(cfg.start_timeout_s > 0, "engine.ray.start_timeout_s", cfg.start_timeout_s,
+            "allowed is a positive number of seconds")
+
+
+def _host_port(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
 
 
 def validate_logger(cfg: LoggerConfig) -> None:

@@ -103,6 +103,9 @@ def validate_run_config(run: RunConfig) -> None:
     if run.trainer.clock_preset is not None and run.trainer.clock_preset not in PRESETS:
         raise ConfigError(f"trainer.clock_preset={run.trainer.clock_preset!r} is unknown; "
                           f"allowed: null or one of {', '.join(PRESETS)}.")
+    if run.engine.launcher == "ray" and run.trainer.device == "cuda" and run.engine.ray.gpus_per_stage == 0:
+        raise ConfigError("trainer.device='cuda' with engine.launcher=ray needs engine.ray.gpus_per_stage > 0: Ray "
+                          "hides the GPUs from actors that reserve none; set engine.ray.gpus_per_stage=1 (or a fraction).")
     if run.strategy.name == "none" and run.failure.name != "none":
         raise ConfigError(f"strategy.name='none' recovers nothing, so failure.name={run.failure.name!r} would "
                           "stop the run at the first failure; use failure=none with strategy=none.")

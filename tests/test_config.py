@@ -98,6 +98,11 @@ BAD_INPUTS = [
     # More values out of range, and names that do not exist.
     (["data.name=wikipedia"], r"data.name='wikipedia' .*allowed corpora are synthetic"),
     (["engine.name=warp"], r"engine.name='warp' .*local or distributed"),
+    (["engine=distributed", "engine.launcher=k8s"], r"engine.launcher='k8s' .*processes or ray"),
+    (["engine=ray", "engine.ray.placement=RANDOM"], r"engine.ray.placement='RANDOM' .*STRICT_SPREAD"),
+    (["engine=ray", "engine.ray.address=ray://head:10001"], r"engine.ray.address='ray://head:10001' .*Ray Client"),
+    (["engine=ray", "engine.ray.address=head"], r"engine.ray.address='head' .*HOST:PORT"),
+    (["engine=ray", "trainer.device=cuda"], r"trainer.device='cuda' .*engine.ray.gpus_per_stage > 0"),
     (["failure=bernoulli", "failure.p=1.5"], r"failure.p=1.5 .*\[0, 1\)"),
     (["failure=bernoulli", "failure.preset=500m_99"], r"failure.preset='500m_99' .*500m_33"),
     (["failure.stages=edges"], r"failure.stages='edges' .*all, intermediate"),

@@ -12,6 +12,7 @@ Modules, one idea each:
 * ``worker`` — the stage process and the commands it serves
 * ``rendezvous`` — the store and its generations
 * ``cluster`` — starting, commanding, watching, replacing and stopping the processes
-* ``launchers`` — local processes or Ray actors
+* ``launchers`` — which pool starts the workers: local processes or Ray actors (``engine.launcher``)
+* ``ray_pool``, ``ray_actor`` — the same pool with one Ray actor per stage, on one machine or a cluster
 * ``engine`` — the engine the trainer drives: steps, validation, the plan executor
 """

@@ -68,5 +68,10 @@ def join_generation(store: dist.Store, generation: int, backend: str, rank: int,
         dist.init_process_group(backend, store=dist.PrefixStore(f"checkfree/generation{generation}", store),
                                 rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
     except Exception as exc:
+        if not dist.is_initialized():
+            # The failed attempt used up a process-group name (torch numbers them per process) and left no group
+            # whose destruction would reset the count: reset it here, or this process's next generation would
+            # look for its peers under a different name than a fresh replacement process does, and time out.
+            dist.distributed_c10d._world.group_count = 0
         raise RendezvousError(f"rank {rank} could not join generation {generation} of the {backend} process group "
                               f"({type(exc).__name__}: {first_line(exc)}).") from exc
