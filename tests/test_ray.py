@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from safetensors.torch import load_file
 
 # Before Ray is imported: a Ray started here takes 127.0.0.1 as its node address (DESIGN §12).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -175,8 +176,7 @@ def test_traced_cascading_and_sigkilled_failures_recover_like_local(small_run, t
     assert process["old_pid"] == killed["step"] != process["new_pid"]
     assert process["old_node_ip"] == process["new_node_ip"] == "127.0.0.1"
     assert_same_losses(local_dir, run_dir)
-    from safetensors.torch import load_file  # the weights each run leaves (read back from the actors at the end)
-
+    # The weights each run leaves (read back from the actors at the end).
     x, y = (load_file(d / "model" / "model.safetensors") for d in (local_dir, run_dir))
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
