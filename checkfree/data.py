@@ -28,6 +28,15 @@ import torch
 
 from checkfree import stories
 from checkfree.config import ConfigError, require
+from checkfree.corpora import (  # torch-free, so a config is validated without torch; re-exported here
+    CORPORA,
+    FILE_SUFFIXES,
+    HUB_IDS,
+    SUFFIX_BUILDERS,
+    DataConfig,
+    data_files,
+    validate_data_config,
+)
 from checkfree.stories import generate_stories
 
 if TYPE_CHECKING:  # transformers is imported where it is used: validating a config must stay cheap
@@ -36,61 +45,8 @@ if TYPE_CHECKING:  # transformers is imported where it is used: validating a con
 __all__ = ["DataConfig", "validate_data_config", "TokenBatches", "Corpus", "load_corpus", "generate_stories",
            "load_documents", "split_documents", "load_tokenizer", "pack_documents", "CORPORA", "EOS", "PAD"]
 
-CORPORA = ("synthetic", "tinystories", "openwebtext", "text", "json", "parquet")
-HUB_IDS = {"tinystories": "roneneldan/TinyStories", "openwebtext": "Skylion007/openwebtext"}
-FILE_SUFFIXES = {"text": (".txt",), "json": (".json", ".jsonl"), "parquet": (".parquet",)}
-SUFFIX_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 _TOKENIZE_CHUNK = 2048  # documents per tokenizer call: keeps the intermediate Python id lists small
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    name: str = "synthetic"
-    """Corpus: synthetic | tinystories | openwebtext | text | json | parquet."""
-    path: str | None = None
-    """Local file or directory (required for text/json/parquet; a local copy for tinystories/openwebtext)."""
-    text_field: str = "text"
-    """Column holding the document text (json, parquet and HF datasets)."""
-    tokenizer: str = "bpe"
-    """"bpe" = train a byte-level BPE on the training documents (cached); else an HF tokenizer name or path."""
-    vocab_size: int = 1024
-    """BPE vocabulary size, special tokens included (only for tokenizer="bpe")."""
-    n_documents: int = 20000
-    """Synthetic corpus size; for other corpora the first n documents are taken (0 = all)."""
-    val_documents: int = 500
-    """Documents held out for validation; never seen in training, nor by the BPE trainer."""
-    val_sequences: int = 32
-    """Fixed validation sequences, packed from the held-out documents only."""
-    streaming: bool | None = None
-    """Stream the dataset instead of downloading it whole; None = auto (True for openwebtext only)."""
-    cache_dir: str = "~/.cache/checkfree"
-    """Where trained tokenizers, packed token ids and datasets' arrow caches of local files are kept."""
-    seed: int = 1234
-    """Corpus seed (synthetic generation, document shuffle, split); independent of the run seed."""
-
-
-def validate_data_config(cfg: DataConfig) -> None:
-    """Cheap checks only (no loading): raise ConfigError naming the key, the value and what is allowed."""
-    require(cfg.name in CORPORA, "data.name", cfg.name, f"allowed corpora are {', '.join(CORPORA)}")
-    if cfg.name in FILE_SUFFIXES:
-        require(cfg.path is not None, "data.path", cfg.path, f"data.name={cfg.name} needs a local file or directory")
-    if cfg.path is not None:
-        require(Path(cfg.path).expanduser().exists(), "data.path", cfg.path, "no such file or directory")
-        if cfg.name in FILE_SUFFIXES:
-            require(bool(_data_files(cfg)), "data.path", cfg.path,
-                    f"the directory holds no {'/'.join(FILE_SUFFIXES[cfg.name])} files for data.name={cfg.name}")
-    require(bool(cfg.text_field), "data.text_field", cfg.text_field, "give the name of the text column")
-    require(bool(cfg.tokenizer), "data.tokenizer", cfg.tokenizer, '"bpe" or an HF tokenizer name or path')
-    if cfg.tokenizer == "bpe":
-        require(cfg.vocab_size >= 256, "data.vocab_size", cfg.vocab_size, "a byte-level BPE needs at least 256")
-    require(cfg.val_documents >= 1, "data.val_documents", cfg.val_documents, "at least 1 held-out document")
-    require(cfg.val_sequences >= 1, "data.val_sequences", cfg.val_sequences, "at least 1 validation sequence")
-    require(cfg.n_documents >= 0, "data.n_documents", cfg.n_documents, "0 (= all) or a positive count")
-    if cfg.name == "synthetic" or cfg.n_documents > 0:
-        require(cfg.n_documents > cfg.val_documents, "data.n_documents", cfg.n_documents,
-                f"it must exceed data.val_documents={cfg.val_documents} to leave training documents"
-                + ("" if cfg.name == "synthetic" else " (or be 0 = all)"))
 
 
 # ----------------------------------------------------------------------------------------------- documents
@@ -110,17 +66,6 @@ def load_documents(cfg: DataConfig) -> list[str]:
     return list(dict.fromkeys(text for text in (d.strip() for d in docs) if text))
 
 
-def _data_files(cfg: DataConfig) -> list[Path]:
-    """The files behind ``cfg.path``: the file itself, or the directory's files of the corpus's type."""
-    path = Path(cfg.path or "").expanduser()
-    if path.is_file():
-        return [path]
-    suffixes = FILE_SUFFIXES.get(cfg.name, tuple(SUFFIX_BUILDERS))
-    # Sorted, so that the document order (and hence the split) does not depend on the file system.
-    return sorted(p for p in path.rglob("*") if p.suffix in suffixes and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(path).parts))
-
-
 def _streaming(cfg: DataConfig) -> bool:
     return cfg.streaming if cfg.streaming is not None else cfg.name == "openwebtext"
 
@@ -129,7 +74,7 @@ def _file_documents(cfg: DataConfig) -> Iterable[str]:
     """text/json/parquet files read through ``datasets`` (one document per record, paragraph or file)."""
     import datasets  # deferred: importing it costs about a second that the synthetic corpus never needs
 
-    files = _data_files(cfg)
+    files = data_files(cfg)
     kwargs: dict[str, Any] = {}
     if cfg.name == "text":
         # A single .txt file holds many documents separated by blank lines; a directory holds one per file.

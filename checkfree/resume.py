@@ -16,8 +16,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from checkfree.atomic import torch_save_atomic, write_atomic
 from checkfree.config import ConfigError
 
@@ -55,6 +53,8 @@ def load_state(run_dir: Path | str) -> dict[str, Any]:
         raise ConfigError(f"trainer.resume={str(run_dir)!r} is invalid: it holds no "
                           f"{STATE_DIR}/{STATE_FILE}, so the run saved no resumable state (start runs with "
                           "trainer.save_every=N > 0).")
+    import torch  # here: the CLI imports this module (via checkfree.rundir) before it knows it needs torch
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated by a full disk, or not ours: say which file, not a pickle traceback

@@ -25,10 +25,10 @@ from checkfree.config import (
     validate_logger,
     validate_trainer,
 )
+from checkfree.corpora import DataConfig, validate_data_config
 from checkfree.cost import NetworkConfig, validate_network_config
-from checkfree.data import DataConfig, validate_data_config
 from checkfree.failures import FailureConfig, validate_failure_config
-from checkfree.model import PRESETS, ModelConfig
+from checkfree.presets import PRESETS, ModelConfig, validate_model_config
 from checkfree.recovery import StrategyConfig, validate_strategy_config
 
 
@@ -52,17 +52,6 @@ SECTIONS = {
     "model": ModelConfig, "data": DataConfig, "trainer": TrainerConfig, "strategy": StrategyConfig,
     "failure": FailureConfig, "network": NetworkConfig, "engine": EngineConfig, "logger": LoggerConfig,
 }
-
-
-def validate_model(cfg: ModelConfig) -> None:
-    for key in ("n_stages", "layers_per_stage", "d_model", "n_heads", "mlp_ratio", "seq_len"):
-        value = getattr(cfg, key)
-        require(isinstance(value, int) and value >= 1, f"model.{key}", value, "allowed is an integer >= 1")
-    require(cfg.d_model % cfg.n_heads == 0, "model.d_model", cfg.d_model,
-            f"it must be divisible by model.n_heads={cfg.n_heads}")
-    require((cfg.d_model // cfg.n_heads) % 2 == 0, "model.d_model", cfg.d_model,
-            f"the head size d_model / n_heads = {cfg.d_model // cfg.n_heads} must be even for rotary embeddings")
-    require(cfg.vocab_size >= 0, "model.vocab_size", cfg.vocab_size, "allowed is 0 (from the tokenizer) or > 0")
 
 
 def load_run_config(cfg: DictConfig | dict) -> RunConfig:
@@ -92,7 +81,7 @@ def load_run_config(cfg: DictConfig | dict) -> RunConfig:
 
 def validate_run_config(run: RunConfig) -> None:
     n = run.model.n_stages
-    validate_model(run.model)
+    validate_model_config(run.model)
     validate_strategy_config(run.strategy, n)
     validate_failure_config(run.failure, n)
     validate_data_config(run.data)

@@ -180,3 +180,20 @@ def test_hydra_errors_become_one_clear_sentence(overrides, message):
     text = _one_sentence(info.value, overrides)
     assert re.search(message, text), text
     assert text.endswith(".") and "\n" not in text
+
+
+def test_validating_a_config_imports_no_tensor_library():
+    """The CLI refuses a bad value in about a second because nothing before the run needs torch (seconds to
+    import), transformers or datasets: checkfree.train imports them inside the functions that build a run."""
+    import subprocess
+    import sys
+
+    code = ("import sys, checkfree.train\n"
+            "from hydra import compose, initialize_config_dir\n"
+            "from checkfree.runconfig import load_run_config\n"
+            f"with initialize_config_dir(config_dir={str(CONF)!r}, version_base='1.3'):\n"
+            "    load_run_config(compose(config_name='config'))\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=CONF.parent).stdout
+    assert out.strip() == "[]"
