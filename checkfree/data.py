@@ -14,12 +14,13 @@ token tensor instead of an ever-growing ``itertools.cycle`` cache.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -32,9 +33,11 @@ from checkfree.corpora import (  # torch-free, so a config is validated without 
     CORPORA,
     FILE_SUFFIXES,
     HUB_IDS,
+    SAVED_DATASET_FILES,
     SUFFIX_BUILDERS,
     DataConfig,
     data_files,
+    find_bad_json,
     validate_data_config,
 )
 from checkfree.stories import generate_stories
@@ -80,14 +83,15 @@ def _file_documents(cfg: DataConfig) -> Iterable[str]:
         # A single .txt file holds many documents separated by blank lines; a directory holds one per file.
         kwargs["sample_by"] = "paragraph" if Path(cfg.path or "").expanduser().is_file() else "document"
     try:
-        ds = datasets.load_dataset(cfg.name, data_files=[str(f) for f in files], split="train",
-                                   streaming=_streaming(cfg), cache_dir=_hf_cache(cfg), **kwargs)
-        # The text builder always names its column "text", whatever data.text_field says.
-        return _column(ds, replace(cfg, text_field="text") if cfg.name == "text" else cfg, f"data.path={cfg.path}")
+        with _quiet_datasets():
+            ds = datasets.load_dataset(cfg.name, data_files=[str(f) for f in files], split="train",
+                                       streaming=_streaming(cfg), cache_dir=_hf_cache(cfg), **kwargs)
+            # The text builder always names its column "text", whatever data.text_field says.
+            return _column(ds, replace(cfg, text_field="text") if cfg.name == "text" else cfg, f"data.path={cfg.path}")
     except ConfigError:
         raise
     except Exception as exc:
-        where = _find_bad_json(files) if cfg.name == "json" else None
+        where = find_bad_json(files) if cfg.name == "json" else None
         raise ConfigError(f"data.path={where or cfg.path} could not be read as {cfg.name} "
                           f"({_root_cause(exc)}).") from exc
 
@@ -98,21 +102,42 @@ def _local_copy_documents(cfg: DataConfig) -> Iterable[str]:
 
     path = Path(cfg.path or "").expanduser()
     try:
-        if path.is_dir() and any((path / f).exists() for f in ("dataset_dict.json", "state.json")):
-            ds = datasets.load_from_disk(str(path))
-            ds = ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
-        elif path.is_file():
-            builder = SUFFIX_BUILDERS.get(path.suffix, "text")
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train",
-                                       streaming=_streaming(cfg), cache_dir=_hf_cache(cfg))
-        else:
-            ds = datasets.load_dataset(str(path), split="train", streaming=_streaming(cfg), cache_dir=_hf_cache(cfg))
-        return _column(ds, cfg, source=f"data.path={cfg.path}")
+        with _quiet_datasets():
+            if path.is_dir() and any((path / f).exists() for f in SAVED_DATASET_FILES):
+                ds = datasets.load_from_disk(str(path))
+                ds = ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
+            elif path.is_file():
+                builder = SUFFIX_BUILDERS.get(path.suffix, "text")
+                ds = datasets.load_dataset(builder, data_files=str(path), split="train",
+                                           streaming=_streaming(cfg), cache_dir=_hf_cache(cfg))
+            else:
+                ds = datasets.load_dataset(str(path), split="train", streaming=_streaming(cfg),
+                                           cache_dir=_hf_cache(cfg))
+            return _column(ds, cfg, source=f"data.path={cfg.path}")
     except ConfigError:
         raise
     except Exception as exc:
         raise ConfigError(f"data.path={cfg.path} could not be loaded as a copy of {HUB_IDS[cfg.name]} "
                           f"({_root_cause(exc)}).") from exc
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Local files are read with datasets' progress bars and log off: on a malformed file it logs the parse
+    error and leaves a bar on stderr before raising, and our ConfigError already says it in one sentence.
+    (A hub download keeps its bars: it may take minutes.)"""
+    import datasets
+    from datasets.utils import logging as datasets_logging
+
+    bars_were_off, level = datasets.utils.are_progress_bars_disabled(), datasets_logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets_logging.set_verbosity(datasets_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets_logging.set_verbosity(level)
+        if not bars_were_off:
+            datasets.enable_progress_bars()
 
 
 def _hub_documents(cfg: DataConfig) -> Iterable[str]:
@@ -155,25 +180,6 @@ def _column(ds: Any, cfg: DataConfig, source: str) -> list[str]:
                               "values, not text.")
         docs.append(text)
     return docs
-
-
-def _find_bad_json(files: list[Path]) -> str | None:
-    """``file`` or ``file:line`` of the first malformed JSON file: datasets' errors do not name it."""
-    for path in files:
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if text.lstrip().startswith("["):  # one JSON array
-            try:
-                json.loads(text)
-            except json.JSONDecodeError as exc:
-                return f"{path}:{exc.lineno}"
-            continue
-        for lineno, line in enumerate(text.splitlines(), 1):  # JSON Lines
-            try:
-                if line.strip():
-                    json.loads(line)
-            except json.JSONDecodeError:
-                return f"{path}:{lineno}"
-    return str(files[0]) if len(files) == 1 else None
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -33,7 +33,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from checkfree.atomic import os_error_behind
 from checkfree.config import ConfigError, first_line
-from checkfree.runconfig import RunConfig, load_run_config
+from checkfree.runconfig import RunConfig, check_vocab, load_run_config
 from checkfree.rundir import unusable
 
 if TYPE_CHECKING:
@@ -80,6 +80,7 @@ def build_run(cfg: RunConfig, run_dir: Path) -> Run:
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.trainer.device)
     corpus = load_corpus(cfg.data, cfg.model.seq_len, batch_seed=cfg.seed)
+    check_vocab(cfg.model, cfg.data, tokenizer_size=corpus.vocab_size)  # a pretrained tokenizer: known only now
     model = cfg.model.with_vocab(corpus.vocab_size)
     engine = build_engine(cfg, model, device)
     return Run(Trainer(cfg, engine, corpus, model, run_dir), resume_state)

@@ -79,6 +79,7 @@ BAD_INPUTS = [
     (["data=local_json", "data.path=/nonexistent/corpus.jsonl"], r"data.path=.*/nonexistent/corpus.jsonl"),
     (["trainer.target_loss=0"], r"trainer.target_loss=0 .*never"),
     (["trainer.target_loss=-1.5"], r"trainer.target_loss=-1.5"),
+    (["trainer.target_loss=inf"], r"^trainer.target_loss=inf is invalid: allowed is a finite number or null\.$"),
     (["+trainer.iterationz=5"], r"trainer.iterationz is not a known key of trainer; allowed keys: .*iterations"),
     (["logger.wandb.mode=loud"], r"logger.wandb.mode='loud' .*offline, online or disabled"),
     (["strategy.lr_scale=0"], r"strategy.lr_scale=0 "),
@@ -90,10 +91,10 @@ BAD_INPUTS = [
     # What a new user types: wrong types, which Hydra passes through as it parsed them.
     (["trainer.iterations=abc"], r"trainer.iterations='abc' is invalid: allowed is an integer\."),
     (["trainer.iterations=2.5"], r"trainer.iterations=2.5 is invalid: allowed is an integer\."),
-    (["trainer.lr=fast"], r"trainer.lr='fast' is invalid: allowed is a number\."),
-    (["trainer.target_loss=low"], r"trainer.target_loss='low' is invalid: allowed is a number or null\."),
+    (["trainer.lr=fast"], r"trainer.lr='fast' is invalid: allowed is a finite number\."),
+    (["trainer.target_loss=low"], r"trainer.target_loss='low' is invalid: allowed is a finite number or null\."),
     (["trainer.progress_bar=maybe"], r"trainer.progress_bar='maybe' is invalid: allowed is true or false\."),
-    (["failure.hourly_rate=often"], r"failure.hourly_rate='often' is invalid: allowed is a number\."),
+    (["failure.hourly_rate=often"], r"failure.hourly_rate='often' is invalid: allowed is a finite number\."),
     (["model.n_stages=[4]"], r"model.n_stages=\[4\] is invalid: allowed is an integer\."),
     # More values out of range, and names that do not exist.
     (["data.name=wikipedia"], r"data.name='wikipedia' .*allowed corpora are synthetic"),
