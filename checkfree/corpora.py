@@ -149,13 +149,13 @@ def _bad_json(text: str) -> tuple[int, str] | None:
             return None
         except json.JSONDecodeError as exc:
             if stripped.startswith("["):
-                return exc.lineno, f"{exc.msg} at column {exc.colno}"
+                return exc.lineno, f"{exc.msg}: column {exc.colno}"
     for lineno, line in enumerate(text.splitlines(), 1):  # JSON Lines
         try:
             if line.strip():
                 json.loads(line)
         except json.JSONDecodeError as exc:
-            return lineno, f"{exc.msg} at column {exc.colno}"
+            return lineno, f"{exc.msg}: column {exc.colno}"
     return None
 
 
