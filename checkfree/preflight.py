@@ -10,8 +10,9 @@ transformers or datasets, so a refusal costs about a second, and nothing is crea
 no ``.hydra/``, no log.
 
 A sweep (``-m``) is refused up front only when none of its points can run: the points are checked in
-order until one passes (at most ``SWEEP_POINTS_CHECKED`` of them). A bad point among good ones is
-refused by its own job, which writes ``config_error.txt`` and lets the sweep go on, as before.
+order until one passes, for a sweep of at most ``SWEEP_POINTS_CHECKED`` points (a longer one has its first
+point checked and is never refused up front). A bad point among good ones is refused by its own job, which
+writes ``config_error.txt`` and lets the sweep go on, as before.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from checkfree.runconfig import RunConfig, load_run_config
 from checkfree.rundir import check_creatable, check_free, refuse_saved_state
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-SWEEP_POINTS_CHECKED = 64
-"""A longer sweep whose first points all fail is left to its jobs (each compose costs ~0.1 s)."""
+SWEEP_POINTS_CHECKED = 16
+"""A sweep of more points is never refused up front (each point costs a compose, ~0.1 s): its jobs refuse
+their own bad points."""
 
 
 @dataclass(frozen=True)
@@ -123,14 +125,16 @@ def _check_sweep(overrides: list[str]) -> None:
     params = [f"{key}={value}" for key, value in (base.hydra.sweeper.get("params") or {}).items()]
     # The points as Hydra's basic sweeper will run them: hydra.sweeper.params, then the command line.
     points = BasicSweeper.split_arguments(parser.parse_overrides(params + overrides), None)[0]
+    # A longer sweep cannot be decided in a second or two: its first point is checked, for the common case.
+    checked = points if len(points) <= SWEEP_POINTS_CHECKED else points[:1]
     first: Exception | None = None
-    for point in points[:SWEEP_POINTS_CHECKED]:
+    for point in checked:
         try:
             _validate(_compose(point))
             return
         except (ConfigError, OmegaConfBaseException) as exc:  # the latter: an interpolation that cannot resolve
             first = first or exc
-    if first is not None and len(points) <= SWEEP_POINTS_CHECKED:
+    if first is not None and checked is points:
         raise first  # no point can run: the first one's sentence says why
 
 

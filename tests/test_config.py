@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from checkfree.config import ConfigError
-from checkfree.preflight import check_command_line
+from checkfree.preflight import SWEEP_POINTS_CHECKED, check_command_line
 from checkfree.runconfig import load_run_config
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -284,6 +284,9 @@ def test_a_sweep_is_refused_up_front_only_when_no_point_can_run(tmp_path):
     # strategy=none is valid with failure=none only: one point can run, so the sweep starts (the other
     # point writes its config_error.txt); a base config without the sweep would have been refused.
     assert check_command_line(["-m", *sweep, "strategy=none", "failure=poisson,none"]) is not None
+    # A sweep too long to check point by point in a second or two is left to its jobs (config_error.txt each).
+    many = ",".join(str(seed) for seed in range(SWEEP_POINTS_CHECKED + 1))
+    assert check_command_line(["-m", *sweep, f"seed={many}", "model.init_std=-1"]) is not None
     with pytest.raises(ConfigError, match=r"^hydra.sweep.dir=.* is invalid: .* is a file"):
         (tmp_path / "a_file").write_text("x")
         check_command_line(["-m", f"hydra.sweep.dir={tmp_path / 'a_file'}", "seed=0,1"])
