@@ -52,6 +52,9 @@ def validate_data_config(cfg: DataConfig) -> None:
     require(cfg.name in CORPORA, "data.name", cfg.name, f"allowed corpora are {', '.join(CORPORA)}")
     if cfg.name in FILE_SUFFIXES:
         require(cfg.path is not None, "data.path", cfg.path, f"data.name={cfg.name} needs a local file or directory")
+    require(cfg.path is None or cfg.name != "synthetic", "data.path", cfg.path,
+            "data.name=synthetic generates its stories and reads no file; allowed is null, or a file corpus "
+            "such as data=local_text")
     if cfg.path is not None:
         path = Path(cfg.path).expanduser()
         require(path.exists(), "data.path", cfg.path, "no such file or directory")

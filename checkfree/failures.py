@@ -330,8 +330,11 @@ def _read_trace_records(path: str | Path) -> list[tuple[str, FailureEvent]]:
     where = f"failure.path={path}"
     if path.is_dir():
         raise ConfigError(f"{where} is invalid: it is a directory; point failure.path at a JSON or CSV trace file.")
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"{where} is invalid: no such file; point failure.path at a JSON or CSV trace.")
+    if not path.is_file():  # a device or a FIFO: reading it would never end
+        raise ConfigError(f"{where} is invalid: it is not a regular file; point failure.path at a JSON or CSV "
+                          "trace file.")
     if path.suffix.lower() == ".json":
         return _read_json(_read_text(path, where, "utf-8"), where)
     if path.suffix.lower() == ".csv":

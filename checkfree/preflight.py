@@ -68,6 +68,7 @@ def check_command_line(args: list[str]) -> Checked | None:
             return None  # Hydra's other flags print something and exit, or change the config source
         else:
             overrides.append(arg)
+    _check_keys(overrides)
     multirun = multirun or "hydra.mode=MULTIRUN" in overrides  # the config's way of saying -m
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="train"):
         if multirun:
@@ -78,6 +79,17 @@ def check_command_line(args: list[str]) -> Checked | None:
         run_dir = check_run_dir(str(cfg.hydra.run.dir), run)
     created = [p for p in (run_dir.absolute(), *run_dir.absolute().parents) if not p.exists()]
     return Checked(run_dir, tuple(reversed(created)))
+
+
+def _check_keys(overrides: list[str]) -> None:
+    """``=5`` parses, with an empty key, and then fails deep in Hydra with a ValueError: refuse it here."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        if override.lstrip("+~").startswith(("=", "@")) and parser.parse_override(override).key_or_group == "":
+            raise ConfigError(f"the override {override!r} names no key; allowed is key=value (see Hydra's "
+                              "override grammar).")
 
 
 def check_run_dir(value: str, run: RunConfig) -> Path:
@@ -212,8 +224,8 @@ STR_BYTES = 57
 
 def check_memory(run: RunConfig) -> None:
     """Refuse what cannot fit in this machine's memory, by lower bounds only (so never a run that could fit):
-    the model's weights and Adam state when it trains on the CPU, and the synthetic corpus, which is held in
-    memory whole. A GPU's memory is not known without torch: a model on a GPU is not checked here."""
+    the model's weights and Adam state and one batch's logits when it trains on the CPU, and the synthetic
+    corpus, which is held in memory whole. A GPU's memory is not known without torch: a model on a GPU is not checked here."""
     total = memory_bytes()
     if total is None:
         return
@@ -227,6 +239,17 @@ def check_memory(run: RunConfig) -> None:
                 f"training its {need // ADAM_BYTES_PER_PARAM:,} parameters on the CPU needs at least "
                 f"{ADAM_BYTES_PER_PARAM} bytes each ({need / gib:,.0f} GiB), more than this machine's "
                 f"{total / gib:,.0f} GiB; allowed is a smaller model, or a GPU")
+        # One batch's logits (batch x seq_len x vocab, fp32) exist at once, whatever else is freed. Validation
+        # batches hold at most data.val_sequences sequences.
+        batches = {"micro_batch_size": run.trainer.micro_batch_size,
+                   "eval_batch_size": min(run.trainer.eval_batch_size, run.data.val_sequences)}
+        key = max(batches, key=batches.get)
+        need = 4 * batches[key] * model.seq_len * vocab
+        if need > total:
+            raise ConfigError(
+                f"trainer.{key}={getattr(run.trainer, key)} with model.seq_len={model.seq_len} is invalid: one batch "
+                f"of logits ({batches[key]} x {model.seq_len} x {vocab} tokens, fp32) needs {need / gib:,.0f} GiB, "
+                f"more than this machine's {total / gib:,.0f} GiB; allowed is a smaller batch or sequence.")
     if run.data.name == "synthetic":
         need = STR_BYTES * run.data.n_documents
         require(need <= total, "data.n_documents", run.data.n_documents,

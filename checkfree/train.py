@@ -295,6 +295,13 @@ def _one_sentence(exc: Exception, overrides: list[str] | None = None) -> str:
             known = sorted(f.name for f in dataclasses.fields(cls))
         else:
             known = [] if parent else ["seed", *SECTIONS]
+        leaf = cause.full_key.rpartition(".")[2]
+        args = sys.argv[1:] if overrides is None else overrides
+        given = next((a for a in args if a.split("=", 1)[0] == cause.full_key), None)
+        if cls is not None and leaf in known and given is not None:
+            # A real field that the chosen conf/<group>/*.yaml leaves out: Hydra only adds keys with a +.
+            return (f"{cause.full_key} is a key of {parent} that the chosen conf/{parent}/*.yaml does not set, so "
+                    f"Hydra needs it added with a leading +: '+{given}'.")
         where = f" of {parent}" if parent else ""
         allowed = f"; allowed keys: {', '.join(known)}" if known else ""
         return f"{cause.full_key} is not a known key{where}{allowed} (a new key needs a leading +)."

@@ -191,6 +191,13 @@ BAD_INPUTS = [
     (["trainer.device=cpu", "model.d_model=1000000", "model.n_heads=2"],
      r"^model='n_stages=6 layers_per_stage=1 d_model=1000000 mlp_ratio=4' is invalid: training its "
      r"96,002,061,000,000 parameters on the CPU needs at least 16 bytes each"),
+    (["trainer.device=cpu", "trainer.micro_batch_size=1000000"],
+     r"^trainer.micro_batch_size=1000000 with model.seq_len=64 is invalid: one batch of logits \(1000000 x 64 x "
+     r"1024 tokens, fp32\) needs 244 GiB, more than this machine's"),
+    (["data.path={dir}/torn.jsonl"], r"^data.path=.* is invalid: data.name=synthetic generates its stories and reads "
+                                     r"no file"),
+    (["failure=trace", "failure.path=/dev/null"], r"^failure.path=/dev/null is invalid: it is not a regular file"),
+    (["=5"], r"^the override '=5' names no key; allowed is key=value"),
     (["engine=distributed", "engine.master_addr=192.0.2.1"], r"^engine.master_addr='192.0.2.1' is invalid: it is not "
                                                              r"an address of this machine"),
     (["engine=distributed", "engine.master_addr=nohost.invalid"], r"^engine.master_addr='nohost.invalid' is invalid: "
@@ -310,6 +317,8 @@ HYDRA_BAD_INPUTS = [
     (["trainer.iteratons=5"], r"^trainer.iteratons is not a known key of trainer; allowed keys: .*iterations.*leading \+"),
     (["strategy.lr_scal=2"], r"^strategy.lr_scal is not a known key of strategy; allowed keys: .*lr_scale"),
     (["seeed=1"], r"^seeed is not a known key; allowed keys: seed, model, "),
+    (["strategy.every=5"], r"^strategy.every is a key of strategy that the chosen conf/strategy/\*.yaml does not "
+                           r"set, so Hydra needs it added with a leading \+: '\+strategy.every=5'\.$"),
     (["trainer.iterations=[1,"], r"^the override 'trainer.iterations=\[1,' is malformed \("),
     (["model.n_stages=${oops}"], r"^model.n_stages is invalid: Interpolation key 'oops' not found\.$"),
 ]
