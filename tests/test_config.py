@@ -353,3 +353,19 @@ def test_validating_a_config_imports_no_tensor_library():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=CONF.parent).stdout
     assert out.strip() == "[]"
+
+
+def test_a_pretrained_tokenizers_size_is_checked_once_it_is_loaded():
+    """Before loading, only a BPE's size is known (data.vocab_size, special tokens included); a pretrained
+    tokenizer's is checked by build_run right after loading it (a ConfigError: exit 2, files taken back)."""
+    from checkfree.runconfig import check_vocab
+
+    run = load_run_config(composed("data.tokenizer=gpt2", "model.vocab_size=32000"))
+    with pytest.raises(ConfigError, match=r"^model.vocab_size=32000 is invalid: the vocabulary comes from the "
+                                          r"tokenizer, here data.tokenizer='gpt2', which has 50257 tokens; set "
+                                          r"model.vocab_size=0 \(from the tokenizer\)\.$"):
+        check_vocab(run.model, run.data, tokenizer_size=50257)
+    check_vocab(run.model, run.data, tokenizer_size=32000)
+    bpe = load_run_config(composed("data.vocab_size=300", "model.vocab_size=300"))
+    with pytest.raises(ConfigError, match=r"here the BPE trained for data.vocab_size=300, which has 280 tokens"):
+        check_vocab(bpe.model, bpe.data, tokenizer_size=280)  # a corpus too small for 300 tokens
