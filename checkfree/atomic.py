@@ -20,8 +20,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import torch
-
 HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 """The errors of a full disk (or a full quota): freeing space, or writing into space already held, helps."""
@@ -118,4 +116,6 @@ def write_atomic(path: Path | str, write: Callable[[BinaryIO], None], reuse: Pat
 
 def torch_save_atomic(obj: Any, path: Path | str) -> Path:
     """``torch.save`` that never leaves a partial file at ``path``."""
+    import torch  # here: the CLI imports this module before it knows whether a run needs torch
+
     return write_atomic(path, lambda f: torch.save(obj, f))

@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, get_args, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 
 class ConfigError(ValueError):
@@ -21,6 +22,14 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first line of an exception's text (C++ frames and OmegaConf's key/type lines cut off), or ''."""
     lines = str(exc).strip().splitlines()
     return lines[0][:limit] if lines else ""
+
+
+def finite(value: float) -> bool:
+    """Whether ``value`` is a finite number (an int too large for a float is not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def require(ok: bool, key: str, value: object, allowed: str) -> None:
@@ -141,7 +150,11 @@ class LoggerConfig:
 
 
 def section(cls: type, key: str, values: dict[str, Any] | None) -> Any:
-    """Build dataclass ``cls`` from a config section, rejecting keys it does not have."""
+    """Build dataclass ``cls`` from a config section, rejecting keys it does not have and values of the wrong
+    type (``_check_type``). ``values`` None (the section is absent) gives the defaults."""
+    if values is not None and not isinstance(values, Mapping):
+        # trainer=5 on the command line replaces the whole section: name it rather than fail on dict(5).
+        require(False, key, values, f"allowed is a mapping of {key}'s keys, e.g. {key}.<key>=<value>")
     values = dict(values or {})
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
@@ -152,18 +165,24 @@ def section(cls: type, key: str, values: dict[str, Any] | None) -> Any:
     hints = get_type_hints(cls)
     for name, value in values.items():
         if dataclasses.is_dataclass(hints[name]):
+            require(value is not None, f"{key}.{name}", value, f"allowed is a mapping of {key}.{name}'s keys")
             values[name] = section(hints[name], f"{key}.{name}", value)
         else:
             _check_type(f"{key}.{name}", value, hints[name])
     return cls(**values)
 
 
-_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+_KINDS = {int: "an integer", float: "a finite number", str: "a non-empty string", bool: "true or false"}
 
 
 def _check_type(key: str, value: Any, hint: Any) -> None:
     """Hydra passes a mistyped override through as it parsed it (``trainer.iterations=abc`` is the string
-    'abc'): catch it here, in one sentence, before a comparison deep inside a check fails with a TypeError."""
+    'abc'): catch it here, in one sentence, before a comparison deep inside a check fails with a TypeError.
+
+    Two rules hold for every field, so that no section has to repeat them: a number is finite (``inf`` and
+    ``nan`` parse as floats, and no setting means anything at infinity: "no limit" is null where a field
+    allows it), and a string is not empty (an empty path is the current directory, an empty name no name).
+    """
     union = isinstance(hint, types.UnionType)
     options = [a for a in get_args(hint) if a is not type(None)] if union else [hint]
     optional = union and len(options) < len(get_args(hint))
@@ -172,11 +191,17 @@ def _check_type(key: str, value: Any, hint: Any) -> None:
     for option in options:
         if option is int and isinstance(value, int) and not isinstance(value, bool):
             return
-        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
+        if option is float and isinstance(value, int | float) and not isinstance(value, bool) and finite(value):
             return
-        if option in (str, bool) and isinstance(value, option):
+        if option is str and isinstance(value, str) and value != "":
             return
-        if option not in _KINDS:  # Any, list[...]: checked by the section's own validation
+        if option is bool and isinstance(value, bool):
+            return
+        if get_origin(option) is list and get_args(option) == (str,):
+            if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+                return
+            require(False, key, value, "allowed is a list of strings, e.g. [a, b]")
+        if option not in _KINDS and get_origin(option) is not list:  # Any: checked by the section's own validation
             return
     allowed = " or ".join(_KINDS[o] for o in options) + (" or null" if optional else "")
     require(False, key, value, f"allowed is {allowed}")
@@ -201,6 +226,10 @@ def validate_trainer(cfg: TrainerConfig) -> None:
             "it needs a trainer.target_loss to stop at")
     require(cfg.device in ("auto", "cpu", "cuda"), "trainer.device", cfg.device, "allowed is auto, cpu or cuda")
     require(cfg.precision in ("fp32", "bf16"), "trainer.precision", cfg.precision, "allowed is fp32 or bf16")
+    # None prices with trainer.micro_batch_size; 0 would do the same silently and a negative size makes the
+    # simulated clock run backwards.
+    require(cfg.clock_micro_batch_size is None or cfg.clock_micro_batch_size >= 1, "trainer.clock_micro_batch_size",
+            cfg.clock_micro_batch_size, "allowed is null (price with trainer.micro_batch_size) or an integer >= 1")
     require(cfg.on_nonfinite in ("error", "recover"), "trainer.on_nonfinite", cfg.on_nonfinite,
             "allowed is error or recover")
     require(cfg.save_every >= 0, "trainer.save_every", cfg.save_every, "allowed is an integer >= 0")
@@ -212,7 +241,9 @@ def validate_engine(cfg: EngineConfig) -> None:
     require(cfg.backend in ("auto", "gloo", "nccl"), "engine.backend", cfg.backend,
             "allowed is auto, gloo or nccl")
     require(0 <= cfg.master_port < 65536, "engine.master_port", cfg.master_port, "allowed is 0..65535")
-    require(cfg.timeout_s > 0, "engine.timeout_s", cfg.timeout_s, "allowed is a positive number of seconds")
+    # It bounds every single wait of the process engine: a wait of more than a day hides a hang.
+    require(0 < cfg.timeout_s <= 86400, "engine.timeout_s", cfg.timeout_s,
+            "allowed is a number of seconds > 0 and at most 86400 (a day)")
     require(cfg.launcher in ("processes", "ray"), "engine.launcher", cfg.launcher, "allowed is processes or ray")
     require(cfg.launcher == "processes" or cfg.name == "distributed", "engine.launcher", cfg.launcher,
             f"it launches the process engine, not engine.name={cfg.name!r}; use engine=ray (engine.name=distributed)")

@@ -25,7 +25,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from checkfree.config import require
-from checkfree.model import ModelConfig, stage_param_counts
+from checkfree.presets import ModelConfig, stage_param_counts
 from checkfree.routes import BODY, HEAD, route
 from checkfree.schedule import build_schedule
 

@@ -14,12 +14,13 @@ token tensor instead of an ever-growing ``itertools.cycle`` cache.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -28,6 +29,17 @@ import torch
 
 from checkfree import stories
 from checkfree.config import ConfigError, require
+from checkfree.corpora import (  # torch-free, so a config is validated without torch; re-exported here
+    CORPORA,
+    FILE_SUFFIXES,
+    HUB_IDS,
+    SAVED_DATASET_FILES,
+    SUFFIX_BUILDERS,
+    DataConfig,
+    data_files,
+    find_bad_json,
+    validate_data_config,
+)
 from checkfree.stories import generate_stories
 
 if TYPE_CHECKING:  # transformers is imported where it is used: validating a config must stay cheap
@@ -36,61 +48,8 @@ if TYPE_CHECKING:  # transformers is imported where it is used: validating a con
 __all__ = ["DataConfig", "validate_data_config", "TokenBatches", "Corpus", "load_corpus", "generate_stories",
            "load_documents", "split_documents", "load_tokenizer", "pack_documents", "CORPORA", "EOS", "PAD"]
 
-CORPORA = ("synthetic", "tinystories", "openwebtext", "text", "json", "parquet")
-HUB_IDS = {"tinystories": "roneneldan/TinyStories", "openwebtext": "Skylion007/openwebtext"}
-FILE_SUFFIXES = {"text": (".txt",), "json": (".json", ".jsonl"), "parquet": (".parquet",)}
-SUFFIX_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 _TOKENIZE_CHUNK = 2048  # documents per tokenizer call: keeps the intermediate Python id lists small
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    name: str = "synthetic"
-    """Corpus: synthetic | tinystories | openwebtext | text | json | parquet."""
-    path: str | None = None
-    """Local file or directory (required for text/json/parquet; a local copy for tinystories/openwebtext)."""
-    text_field: str = "text"
-    """Column holding the document text (json, parquet and HF datasets)."""
-    tokenizer: str = "bpe"
-    """"bpe" = train a byte-level BPE on the training documents (cached); else an HF tokenizer name or path."""
-    vocab_size: int = 1024
-    """BPE vocabulary size, special tokens included (only for tokenizer="bpe")."""
-    n_documents: int = 20000
-    """Synthetic corpus size; for other corpora the first n documents are taken (0 = all)."""
-    val_documents: int = 500
-    """Documents held out for validation; never seen in training, nor by the BPE trainer."""
-    val_sequences: int = 32
-    """Fixed validation sequences, packed from the held-out documents only."""
-    streaming: bool | None = None
-    """Stream the dataset instead of downloading it whole; None = auto (True for openwebtext only)."""
-    cache_dir: str = "~/.cache/checkfree"
-    """Where trained tokenizers, packed token ids and datasets' arrow caches of local files are kept."""
-    seed: int = 1234
-    """Corpus seed (synthetic generation, document shuffle, split); independent of the run seed."""
-
-
-def validate_data_config(cfg: DataConfig) -> None:
-    """Cheap checks only (no loading): raise ConfigError naming the key, the value and what is allowed."""
-    require(cfg.name in CORPORA, "data.name", cfg.name, f"allowed corpora are {', '.join(CORPORA)}")
-    if cfg.name in FILE_SUFFIXES:
-        require(cfg.path is not None, "data.path", cfg.path, f"data.name={cfg.name} needs a local file or directory")
-    if cfg.path is not None:
-        require(Path(cfg.path).expanduser().exists(), "data.path", cfg.path, "no such file or directory")
-        if cfg.name in FILE_SUFFIXES:
-            require(bool(_data_files(cfg)), "data.path", cfg.path,
-                    f"the directory holds no {'/'.join(FILE_SUFFIXES[cfg.name])} files for data.name={cfg.name}")
-    require(bool(cfg.text_field), "data.text_field", cfg.text_field, "give the name of the text column")
-    require(bool(cfg.tokenizer), "data.tokenizer", cfg.tokenizer, '"bpe" or an HF tokenizer name or path')
-    if cfg.tokenizer == "bpe":
-        require(cfg.vocab_size >= 256, "data.vocab_size", cfg.vocab_size, "a byte-level BPE needs at least 256")
-    require(cfg.val_documents >= 1, "data.val_documents", cfg.val_documents, "at least 1 held-out document")
-    require(cfg.val_sequences >= 1, "data.val_sequences", cfg.val_sequences, "at least 1 validation sequence")
-    require(cfg.n_documents >= 0, "data.n_documents", cfg.n_documents, "0 (= all) or a positive count")
-    if cfg.name == "synthetic" or cfg.n_documents > 0:
-        require(cfg.n_documents > cfg.val_documents, "data.n_documents", cfg.n_documents,
-                f"it must exceed data.val_documents={cfg.val_documents} to leave training documents"
-                + ("" if cfg.name == "synthetic" else " (or be 0 = all)"))
 
 
 # ----------------------------------------------------------------------------------------------- documents
@@ -110,17 +69,6 @@ def load_documents(cfg: DataConfig) -> list[str]:
     return list(dict.fromkeys(text for text in (d.strip() for d in docs) if text))
 
 
-def _data_files(cfg: DataConfig) -> list[Path]:
-    """The files behind ``cfg.path``: the file itself, or the directory's files of the corpus's type."""
-    path = Path(cfg.path or "").expanduser()
-    if path.is_file():
-        return [path]
-    suffixes = FILE_SUFFIXES.get(cfg.name, tuple(SUFFIX_BUILDERS))
-    # Sorted, so that the document order (and hence the split) does not depend on the file system.
-    return sorted(p for p in path.rglob("*") if p.suffix in suffixes and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(path).parts))
-
-
 def _streaming(cfg: DataConfig) -> bool:
     return cfg.streaming if cfg.streaming is not None else cfg.name == "openwebtext"
 
@@ -129,20 +77,21 @@ def _file_documents(cfg: DataConfig) -> Iterable[str]:
     """text/json/parquet files read through ``datasets`` (one document per record, paragraph or file)."""
     import datasets  # deferred: importing it costs about a second that the synthetic corpus never needs
 
-    files = _data_files(cfg)
+    files = data_files(cfg)
     kwargs: dict[str, Any] = {}
     if cfg.name == "text":
         # A single .txt file holds many documents separated by blank lines; a directory holds one per file.
         kwargs["sample_by"] = "paragraph" if Path(cfg.path or "").expanduser().is_file() else "document"
     try:
-        ds = datasets.load_dataset(cfg.name, data_files=[str(f) for f in files], split="train",
-                                   streaming=_streaming(cfg), cache_dir=_hf_cache(cfg), **kwargs)
-        # The text builder always names its column "text", whatever data.text_field says.
-        return _column(ds, replace(cfg, text_field="text") if cfg.name == "text" else cfg, f"data.path={cfg.path}")
+        with _quiet_datasets():
+            ds = datasets.load_dataset(cfg.name, data_files=[str(f) for f in files], split="train",
+                                       streaming=_streaming(cfg), cache_dir=_hf_cache(cfg), **kwargs)
+            # The text builder always names its column "text", whatever data.text_field says.
+            return _column(ds, replace(cfg, text_field="text") if cfg.name == "text" else cfg, f"data.path={cfg.path}")
     except ConfigError:
         raise
     except Exception as exc:
-        where = _find_bad_json(files) if cfg.name == "json" else None
+        where = find_bad_json(files) if cfg.name == "json" else None
         raise ConfigError(f"data.path={where or cfg.path} could not be read as {cfg.name} "
                           f"({_root_cause(exc)}).") from exc
 
@@ -153,21 +102,42 @@ def _local_copy_documents(cfg: DataConfig) -> Iterable[str]:
 
     path = Path(cfg.path or "").expanduser()
     try:
-        if path.is_dir() and any((path / f).exists() for f in ("dataset_dict.json", "state.json")):
-            ds = datasets.load_from_disk(str(path))
-            ds = ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
-        elif path.is_file():
-            builder = SUFFIX_BUILDERS.get(path.suffix, "text")
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train",
-                                       streaming=_streaming(cfg), cache_dir=_hf_cache(cfg))
-        else:
-            ds = datasets.load_dataset(str(path), split="train", streaming=_streaming(cfg), cache_dir=_hf_cache(cfg))
-        return _column(ds, cfg, source=f"data.path={cfg.path}")
+        with _quiet_datasets():
+            if path.is_dir() and any((path / f).exists() for f in SAVED_DATASET_FILES):
+                ds = datasets.load_from_disk(str(path))
+                ds = ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
+            elif path.is_file():
+                builder = SUFFIX_BUILDERS.get(path.suffix, "text")
+                ds = datasets.load_dataset(builder, data_files=str(path), split="train",
+                                           streaming=_streaming(cfg), cache_dir=_hf_cache(cfg))
+            else:
+                ds = datasets.load_dataset(str(path), split="train", streaming=_streaming(cfg),
+                                           cache_dir=_hf_cache(cfg))
+            return _column(ds, cfg, source=f"data.path={cfg.path}")
     except ConfigError:
         raise
     except Exception as exc:
         raise ConfigError(f"data.path={cfg.path} could not be loaded as a copy of {HUB_IDS[cfg.name]} "
                           f"({_root_cause(exc)}).") from exc
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Local files are read with datasets' progress bars and log off: on a malformed file it logs the parse
+    error and leaves a bar on stderr before raising, and our ConfigError already says it in one sentence.
+    (A hub download keeps its bars: it may take minutes.)"""
+    import datasets
+    from datasets.utils import logging as datasets_logging
+
+    bars_were_off, level = datasets.utils.are_progress_bars_disabled(), datasets_logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets_logging.set_verbosity(datasets_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets_logging.set_verbosity(level)
+        if not bars_were_off:
+            datasets.enable_progress_bars()
 
 
 def _hub_documents(cfg: DataConfig) -> Iterable[str]:
@@ -210,25 +180,6 @@ def _column(ds: Any, cfg: DataConfig, source: str) -> list[str]:
                               "values, not text.")
         docs.append(text)
     return docs
-
-
-def _find_bad_json(files: list[Path]) -> str | None:
-    """``file`` or ``file:line`` of the first malformed JSON file: datasets' errors do not name it."""
-    for path in files:
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if text.lstrip().startswith("["):  # one JSON array
-            try:
-                json.loads(text)
-            except json.JSONDecodeError as exc:
-                return f"{path}:{exc.lineno}"
-            continue
-        for lineno, line in enumerate(text.splitlines(), 1):  # JSON Lines
-            try:
-                if line.strip():
-                    json.loads(line)
-            except json.JSONDecodeError:
-                return f"{path}:{lineno}"
-    return str(files[0]) if len(files) == 1 else None
 
 
 def _root_cause(exc: BaseException) -> str:

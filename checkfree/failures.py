@@ -30,6 +30,7 @@ fails, so it validates only with ``model.n_stages=7``.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Sequence
@@ -51,6 +52,7 @@ BERNOULLI_PRESETS: dict[str, float] = {
 }
 
 _TRACE_FIELDS = ("stage", "iteration", "time_s")
+MAX_ITERATION_SECONDS = 1e6
 # Tags in the RNG seed so the two random models never share a stream, even if a future run mixes them.
 _POISSON_STREAM, _BERNOULLI_STREAM = 0, 1
 
@@ -253,7 +255,11 @@ def failing_stages(cfg: FailureConfig, n_stages: int) -> list[int]:
         return list(range(n_stages)) if stages == "all" else list(range(1, n_stages - 1))
     ok = isinstance(stages, Sequence) and all(_is_int(s) and 0 <= s < n_stages for s in stages)
     require(ok, "failure.stages", _plain(stages), allowed)
-    return sorted({int(s) for s in stages})
+    # An empty list or a repeated stage is a typo more often than a wish: say so rather than guess.
+    require(len(stages) > 0, "failure.stages", _plain(stages),
+            "an empty list lets no stage fail; allowed is a non-empty list (or failure=none for no failures)")
+    require(len(set(stages)) == len(stages), "failure.stages", _plain(stages), "allowed is each stage at most once")
+    return sorted(int(s) for s in stages)
 
 
 def validate_failure_config(cfg: FailureConfig, n_stages: int) -> None:
@@ -265,9 +271,18 @@ def validate_failure_config(cfg: FailureConfig, n_stages: int) -> None:
             "it is a per-stage per-iteration probability, allowed [0, 1)")
     require(cfg.preset is None or cfg.preset in BERNOULLI_PRESETS, "failure.preset", cfg.preset,
             f"allowed null or one of {', '.join(BERNOULLI_PRESETS)}")
-    require(_is_real(cfg.iteration_seconds) and 0 < cfg.iteration_seconds < math.inf,
-            "failure.iteration_seconds", cfg.iteration_seconds, "allowed a finite number of seconds > 0")
+    # The Poisson model draws every arrival inside an iteration's window: an absurd window is a hang.
+    require(_is_real(cfg.iteration_seconds) and 0 < cfg.iteration_seconds <= MAX_ITERATION_SECONDS,
+            "failure.iteration_seconds", cfg.iteration_seconds,
+            f"allowed a number of seconds > 0 and at most {MAX_ITERATION_SECONDS:.0e} (11.6 days)")
     require(_is_int(cfg.seed_offset), "failure.seed_offset", cfg.seed_offset, "allowed an integer")
+    # Settings of one model given to another are silently ignored: a trace path under failure=poisson
+    # would run Poisson failures while the user believes the trace is replayed.
+    for key, model, unset in (("path", "trace", None), ("preset", "bernoulli", None), ("p", "bernoulli", 0.0)):
+        value = getattr(cfg, key)
+        require(cfg.name == model or value == unset, f"failure.{key}", value,
+                f"only failure={model} reads it, and this run has failure={cfg.name}; use failure={model} or "
+                f"set failure.{key}={'null' if unset is None else unset}")
     eligible = failing_stages(cfg, n_stages)
     if cfg.name != "trace":
         return
@@ -313,18 +328,40 @@ def _read_trace_records(path: str | Path) -> list[tuple[str, FailureEvent]]:
     """(location in the file, event) pairs, so later checks can point at the offending record."""
     path = Path(path)
     where = f"failure.path={path}"
-    if not path.is_file():
+    if path.is_dir():
+        raise ConfigError(f"{where} is invalid: it is a directory; point failure.path at a JSON or CSV trace file.")
+    if not path.exists():
         raise ConfigError(f"{where} is invalid: no such file; point failure.path at a JSON or CSV trace.")
+    if not path.is_file():  # a device or a FIFO: reading it would never end
+        raise ConfigError(f"{where} is invalid: it is not a regular file; point failure.path at a JSON or CSV "
+                          "trace file.")
     if path.suffix.lower() == ".json":
-        return _read_json(path, where)
+        return _read_json(_read_text(path, where, "utf-8"), where)
     if path.suffix.lower() == ".csv":
-        return _read_csv(path, where)
+        return _read_csv(_read_text(path, where, "utf-8-sig"), where)  # -sig: spreadsheets often prepend a BOM
     raise ConfigError(f"{where} is invalid: unknown extension {path.suffix!r}, allowed .json or .csv.")
 
 
-def _read_json(path: Path, where: str) -> list[tuple[str, FailureEvent]]:
+def _read_text(path: Path, where: str, encoding: str) -> str:
+    """The file as text, or a ConfigError saying why it is not a text trace (unreadable, binary, not UTF-8)."""
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{where} is invalid: it cannot be read ({e.strerror or e}).") from None
+    nul = data.find(b"\0")
+    if nul >= 0:  # UTF-8 text never holds a NUL byte; a binary file (or UTF-16 text) does
+        raise ConfigError(f"{where} is invalid: it is a binary file (byte {nul} is NUL); allowed is a JSON or CSV "
+                          "text file of events.")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where} is invalid: it is not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x}); "
+                          "allowed is a JSON or CSV file of events in UTF-8.") from None
+
+
+def _read_json(text: str, where: str) -> list[tuple[str, FailureEvent]]:
+    try:
+        records = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{where} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}.") from None
     if not isinstance(records, list):
@@ -333,21 +370,21 @@ def _read_json(path: Path, where: str) -> list[tuple[str, FailureEvent]]:
     out = []
     for i, record in enumerate(records):
         if not isinstance(record, dict):
-            raise ConfigError(f"{where} record {i} is {record!r}, not an object with 'stage' and 'iteration' or "
-                              "'time_s'.")
+            raise ConfigError(f"{where} record {i} is {_short(record)}, not an object with 'stage' and 'iteration' "
+                              "or 'time_s'.")
         out.append((f"record {i}", _event(record, where, f"record {i}")))
     return out
 
 
-def _read_csv(path: Path, where: str) -> list[tuple[str, FailureEvent]]:
+def _read_csv(text: str, where: str) -> list[tuple[str, FailureEvent]]:
     out = []
-    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets often prepend a BOM
-        reader = csv.reader(f)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
         header = [h.strip() for h in next(reader, [])]
         if ("stage" not in header or not {"iteration", "time_s"} & set(header)
                 or not set(header) <= set(_TRACE_FIELDS) or len(set(header)) != len(header)):
-            raise ConfigError(f"{where} line 1 has header {','.join(header)!r}; allowed 'stage' plus 'iteration' "
-                              "and/or 'time_s', e.g. 'stage,iteration'.")
+            raise ConfigError(f"{where} line 1 has header {_short(','.join(header))}; allowed 'stage' plus "
+                              "'iteration' and/or 'time_s', e.g. 'stage,iteration'.")
         for row in reader:
             loc = f"line {reader.line_num}"
             if not any(cell.strip() for cell in row):
@@ -362,28 +399,36 @@ def _read_csv(path: Path, where: str) -> list[tuple[str, FailureEvent]]:
                     record[key] = float(cell) if key == "time_s" else int(cell)
                 except ValueError:
                     kind = "a number" if key == "time_s" else "an integer"
-                    raise ConfigError(f"{where} {loc} has {key}={cell!r}, which is not {kind}.") from None
+                    raise ConfigError(f"{where} {loc} has {key}={_short(cell)}, which is not {kind}.") from None
             out.append((loc, _event(record, where, loc)))
+    except csv.Error as e:  # e.g. a field over the csv module's size limit
+        raise ConfigError(f"{where} line {reader.line_num} is not valid CSV ({e}).") from None
     return out
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a message quotes a record, never a whole file."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _event(record: dict[str, Any], where: str, loc: str) -> FailureEvent:
     unknown = sorted(set(record) - set(_TRACE_FIELDS))
     if unknown:
-        raise ConfigError(f"{where} {loc} has unknown field(s) {unknown}; allowed {list(_TRACE_FIELDS)}.")
+        raise ConfigError(f"{where} {loc} has unknown field(s) {_short(unknown)}; allowed {list(_TRACE_FIELDS)}.")
     stage, iteration, time_s = record.get("stage"), record.get("iteration"), record.get("time_s")
     if stage is None:
         raise ConfigError(f"{where} {loc} has no 'stage'; each event needs a stage and an iteration or time_s.")
     if not _is_int(stage) or stage < 0:
-        raise ConfigError(f"{where} {loc} has stage={stage!r}; allowed a stage index >= 0.")
+        raise ConfigError(f"{where} {loc} has stage={_short(stage)}; allowed a stage index >= 0.")
     if iteration is not None and time_s is not None:
         raise ConfigError(f"{where} {loc} has both 'iteration' and 'time_s'; allowed exactly one of them.")
     if iteration is None and time_s is None:
         raise ConfigError(f"{where} {loc} has neither 'iteration' nor 'time_s'; allowed exactly one of them.")
     if iteration is not None and not (_is_int(iteration) and iteration >= 1):
-        raise ConfigError(f"{where} {loc} has iteration={iteration!r}; allowed an integer >= 1 (1-based).")
+        raise ConfigError(f"{where} {loc} has iteration={_short(iteration)}; allowed an integer >= 1 (1-based).")
     if time_s is not None and not (_is_real(time_s) and 0 <= time_s < math.inf):
-        raise ConfigError(f"{where} {loc} has time_s={time_s!r}; allowed finite simulated seconds >= 0.")
+        raise ConfigError(f"{where} {loc} has time_s={_short(time_s)}; allowed finite simulated seconds >= 0.")
     return FailureEvent(int(stage), None if iteration is None else int(iteration),
                         None if time_s is None else float(time_s))
 

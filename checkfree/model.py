@@ -1,4 +1,5 @@
-"""LLaMA presets and pipeline stages built from Hugging Face ``transformers`` Llama blocks.
+"""LLaMA pipeline stages built from Hugging Face ``transformers`` Llama blocks (shapes and presets:
+``checkfree.presets``).
 
 A model of ``n_stages * layers_per_stage`` decoder blocks is cut into contiguous stages. Stage 0 also
 owns the token embedding, stage S-1 the final RMSNorm and the LM head ("de-embedding"). Chained in
@@ -12,120 +13,24 @@ embedding still runs first and the head last: ``embed`` (stage 0), ``body`` (eve
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
-
 import torch
 from torch import nn
-from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import (
     LlamaDecoderLayer,
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
 )
 
+# The shape and the presets live in a torch-free module (a config is validated without torch); re-exported
+# here, where code has always imported them from.
+from checkfree.presets import PRESETS, ModelConfig, param_count, preset, stage_param_counts
+
+__all__ = ["ModelConfig", "PRESETS", "preset", "param_count", "stage_param_counts", "Stage", "build_stages",
+           "hf_key_to_stage", "stage_to_hf_key", "load_causal_lm_weights", "forward_logits"]
+
 BODY_PREFIX = "layers."
 EMBED_KEYS = ("embed_tokens.weight",)
 HEAD_KEYS = ("norm.weight", "lm_head.weight")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Shape of a LLaMA model and how it is cut into stages."""
-
-    name: str = "custom"
-    """Preset name, for logs."""
-    n_stages: int = 4
-    """Number of pipeline stages S."""
-    layers_per_stage: int = 1
-    """Decoder blocks per stage."""
-    d_model: int = 64
-    """Hidden size."""
-    n_heads: int = 4
-    """Attention heads (no grouped-query attention: kv heads = heads, as in the reference)."""
-    mlp_ratio: int = 4
-    """MLP hidden size = mlp_ratio * d_model (the reference uses 4d, not LLaMA's 8/3 d)."""
-    seq_len: int = 64
-    """Training sequence length."""
-    vocab_size: int = 0
-    """Vocabulary size; 0 means "take it from the tokenizer"."""
-    init_std: float = 0.02
-    """Standard deviation of the N(0, std) init of every Linear and Embedding weight."""
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-
-    @property
-    def n_layers(self) -> int:
-        return self.n_stages * self.layers_per_stage
-
-    @property
-    def d_ff(self) -> int:
-        return self.mlp_ratio * self.d_model
-
-    def with_vocab(self, vocab_size: int) -> ModelConfig:
-        return self if self.vocab_size == vocab_size else replace(self, vocab_size=vocab_size)
-
-    def hf_config(self) -> LlamaConfig:
-        if self.vocab_size <= 0:
-            raise ValueError("model.vocab_size is 0: call with_vocab(tokenizer vocab size) before building stages.")
-        cfg = LlamaConfig(
-            vocab_size=self.vocab_size,
-            hidden_size=self.d_model,
-            intermediate_size=self.d_ff,
-            num_hidden_layers=self.n_layers,
-            num_attention_heads=self.n_heads,
-            num_key_value_heads=self.n_heads,
-            max_position_embeddings=self.seq_len,
-            rms_norm_eps=self.rms_norm_eps,
-            rope_theta=self.rope_theta,
-            hidden_act="silu",
-            initializer_range=self.init_std,
-            tie_word_embeddings=False,
-            attention_bias=False,
-            mlp_bias=False,
-            attention_dropout=0.0,
-            use_cache=False,
-        )
-        cfg._attn_implementation = "sdpa"
-        return cfg
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-# Paper presets (DESIGN §5, PAPER §7.1) and small CPU presets for the default run and the tests.
-PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig("tiny", n_stages=4, layers_per_stage=1, d_model=32, n_heads=2, seq_len=32),
-    "cpu_small": ModelConfig("cpu_small", n_stages=6, layers_per_stage=1, d_model=96, n_heads=4, seq_len=64),
-    # The CPU-scale sweeps: many short runs, so a narrower model than the demo.
-    "cpu_sweep": ModelConfig("cpu_sweep", n_stages=6, layers_per_stage=1, d_model=64, n_heads=4, seq_len=64),
-    "llama_124m": ModelConfig("llama_124m", 4, 3, 512, 8, seq_len=512, vocab_size=32000),
-    "llama_500m": ModelConfig("llama_500m", 6, 4, 1024, 16, seq_len=1024, vocab_size=32000),
-    "llama_1_5b": ModelConfig("llama_1_5b", 6, 4, 2048, 16, seq_len=4096, vocab_size=32000),
-}
-
-
-
-def preset(name: str) -> ModelConfig:
-    if name not in PRESETS:
-        raise ValueError(f"model.name={name!r} is not a preset; allowed: {sorted(PRESETS)}.")
-    return PRESETS[name]
-
-
-def param_count(cfg: ModelConfig) -> int:
-    """Closed-form parameter count: untied embedding + head, final norm, and per block
-    4 d^2 (q, k, v, o) + 3 d d_ff (gate, up, down) + 2 d (two RMSNorms)."""
-    d, v = cfg.d_model, cfg.vocab_size
-    per_layer = 4 * d * d + 3 * d * cfg.d_ff + 2 * d
-    return 2 * v * d + d + cfg.n_layers * per_layer
-
-
-def stage_param_counts(cfg: ModelConfig) -> list[int]:
-    d, v = cfg.d_model, cfg.vocab_size
-    body = cfg.layers_per_stage * (4 * d * d + 3 * d * cfg.d_ff + 2 * d)
-    counts = [body] * cfg.n_stages
-    counts[0] += v * d
-    counts[-1] += v * d + d
-    return counts
 
 
 class Stage(nn.Module):

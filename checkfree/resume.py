@@ -16,8 +16,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from checkfree.atomic import torch_save_atomic, write_atomic
 from checkfree.config import ConfigError
 
@@ -44,10 +42,13 @@ def save_state(run_dir: Path | str, state: dict[str, Any]) -> Path:
     return torch_save_atomic({"format": FORMAT, **state}, path)
 
 
-def load_state(run_dir: Path | str) -> dict[str, Any]:
-    """The saved state of the run in ``run_dir``; a ConfigError naming ``trainer.resume`` if there is none."""
+def check_saved_state(run_dir: Path | str) -> Path:
+    """The path of the state saved in ``run_dir`` (not read), or a ConfigError naming ``trainer.resume``."""
     run_dir = Path(run_dir)
     path = state_path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"trainer.resume={str(run_dir)!r} is invalid: it is a file, not a directory; give the "
+                          "run directory of the run to continue.")
     if not run_dir.is_dir():
         raise ConfigError(f"trainer.resume={str(run_dir)!r} is invalid: no such directory; give the run "
                           "directory of the run to continue.")
@@ -55,6 +56,15 @@ def load_state(run_dir: Path | str) -> dict[str, Any]:
         raise ConfigError(f"trainer.resume={str(run_dir)!r} is invalid: it holds no "
                           f"{STATE_DIR}/{STATE_FILE}, so the run saved no resumable state (start runs with "
                           "trainer.save_every=N > 0).")
+    return path
+
+
+def load_state(run_dir: Path | str) -> dict[str, Any]:
+    """The saved state of the run in ``run_dir``; a ConfigError naming ``trainer.resume`` if there is none."""
+    run_dir = Path(run_dir)
+    path = check_saved_state(run_dir)
+    import torch  # here: the CLI imports this module (via checkfree.rundir) before it knows it needs torch
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated by a full disk, or not ours: say which file, not a pickle traceback

@@ -25,10 +25,10 @@ from checkfree.config import (
     validate_logger,
     validate_trainer,
 )
+from checkfree.corpora import DataConfig, validate_data_config
 from checkfree.cost import NetworkConfig, validate_network_config
-from checkfree.data import DataConfig, validate_data_config
 from checkfree.failures import FailureConfig, validate_failure_config
-from checkfree.model import PRESETS, ModelConfig
+from checkfree.presets import PRESETS, ModelConfig, validate_model_config
 from checkfree.recovery import StrategyConfig, validate_strategy_config
 
 
@@ -54,15 +54,26 @@ SECTIONS = {
 }
 
 
-def validate_model(cfg: ModelConfig) -> None:
-    for key in ("n_stages", "layers_per_stage", "d_model", "n_heads", "mlp_ratio", "seq_len"):
-        value = getattr(cfg, key)
-        require(isinstance(value, int) and value >= 1, f"model.{key}", value, "allowed is an integer >= 1")
-    require(cfg.d_model % cfg.n_heads == 0, "model.d_model", cfg.d_model,
-            f"it must be divisible by model.n_heads={cfg.n_heads}")
-    require((cfg.d_model // cfg.n_heads) % 2 == 0, "model.d_model", cfg.d_model,
-            f"the head size d_model / n_heads = {cfg.d_model // cfg.n_heads} must be even for rotary embeddings")
-    require(cfg.vocab_size >= 0, "model.vocab_size", cfg.vocab_size, "allowed is 0 (from the tokenizer) or > 0")
+MAX_SEED = 2**32 - 1
+
+
+def check_vocab(model: ModelConfig, data: DataConfig, tokenizer_size: int | None = None) -> None:
+    """A run's vocabulary always comes from its tokenizer; a non-zero ``model.vocab_size`` must agree with it,
+    or it would be silently ignored. Without ``tokenizer_size`` (before the tokenizer is loaded) only a BPE's
+    size is known: ``data.vocab_size``, special tokens included."""
+    if model.vocab_size == 0:
+        return
+    if tokenizer_size is None and data.tokenizer != "bpe":
+        return  # a pretrained tokenizer's size is known once it is loaded (checkfree.train.build_run)
+    if tokenizer_size is None:
+        size, source = data.vocab_size, f"a BPE of data.vocab_size={data.vocab_size} tokens (special tokens included)"
+    else:
+        size = tokenizer_size
+        source = (f"the BPE trained for data.vocab_size={data.vocab_size}" if data.tokenizer == "bpe"
+                  else f"data.tokenizer={data.tokenizer!r}") + f", which has {size} tokens"
+    require(model.vocab_size == size, "model.vocab_size", model.vocab_size,
+            f"the vocabulary comes from the tokenizer, here {source}; set model.vocab_size=0 (from the tokenizer)"
+            + (" or data.vocab_size" if data.tokenizer == "bpe" and tokenizer_size is None else ""))
 
 
 def load_run_config(cfg: DictConfig | dict) -> RunConfig:
@@ -80,7 +91,11 @@ def load_run_config(cfg: DictConfig | dict) -> RunConfig:
     if unknown:
         raise ConfigError(f"{unknown[0]} is not a known top-level key; allowed: {', '.join(sorted(known))}.")
     seed = raw.get("seed", 0)
-    require(isinstance(seed, int) and seed >= 0, "seed", seed, "allowed is an integer >= 0")
+    require(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED, "seed", seed,
+            f"it seeds numpy's and torch's generators, so allowed is an integer in 0..{MAX_SEED} (2**32 - 1)")
+    for name in SECTIONS:
+        # An explicit null (trainer=null) would silently mean "all defaults"; an absent section does.
+        require(raw.get(name, {}) is not None, name, None, f"allowed is a mapping of {name}'s keys")
     model_raw = dict(raw.get("model") or {})
     if model_raw.get("name") not in (None, "custom") and model_raw["name"] not in PRESETS:
         raise ConfigError(f"model.name={model_raw['name']!r} is unknown; allowed presets: {', '.join(PRESETS)}.")
@@ -92,7 +107,7 @@ def load_run_config(cfg: DictConfig | dict) -> RunConfig:
 
 def validate_run_config(run: RunConfig) -> None:
     n = run.model.n_stages
-    validate_model(run.model)
+    validate_model_config(run.model)
     validate_strategy_config(run.strategy, n)
     validate_failure_config(run.failure, n)
     validate_data_config(run.data)
@@ -109,6 +124,13 @@ def validate_run_config(run: RunConfig) -> None:
     if run.strategy.name == "none" and run.failure.name != "none":
         raise ConfigError(f"strategy.name='none' recovers nothing, so failure.name={run.failure.name!r} would "
                           "stop the run at the first failure; use failure=none with strategy=none.")
+    require(run.seed + run.failure.seed_offset >= 0, "failure.seed_offset", run.failure.seed_offset,
+            f"the failure RNG is seeded with seed + failure.seed_offset, so with seed={run.seed} allowed is an "
+            f"integer >= {-run.seed}")
+    check_vocab(run.model, run.data)
+    if run.engine.backend == "nccl":
+        require(run.trainer.device != "cpu", "engine.backend", "nccl",
+                "NCCL runs on CUDA devices only and trainer.device='cpu'; allowed here: gloo or auto")
     if run.logger.wandb.mode == "online" and not os.environ.get("WANDB_API_KEY"):
         raise ConfigError("logger.wandb.mode='online' needs WANDB_API_KEY in the environment (we never prompt "
                           "for a login); set it, or use logger.wandb.mode=offline.")

@@ -16,6 +16,7 @@ ConfigError of one sentence, raised before anything is written or deleted.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import socket
@@ -73,6 +74,48 @@ def unusable(path: Path | str, exc: OSError, key: str = "hydra.run.dir") -> Conf
     return ConfigError(f"{key}={str(path)!r} is invalid: {why}; {ALLOWED}.")
 
 
+def check_creatable(path: Path | str, key: str, expand_user: bool = True) -> Path:
+    """Refuse ``path`` unless it is a directory this user can write, or can be created as one; creates nothing.
+
+    The command line checks the run directory (and data.cache_dir) with this before Hydra writes anything:
+    the nearest existing ancestor must be a writable directory, and the path itself, if it exists, one too.
+    ``expand_user``: ``~`` is the home directory (as for data.cache_dir; Hydra takes it literally).
+    """
+    text = str(path)
+    if not text.strip():
+        # An empty path is the current directory for Path and for Hydra: never what was meant.
+        raise ConfigError(f"{key}={text!r} is invalid: it is empty; {ALLOWED}.")
+    path = Path(text).expanduser() if expand_user else Path(text)
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={text!r} is invalid: {existing} is a file, not a directory; {ALLOWED}.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        # os.access answers for a read-only mount too (EROFS), where even root cannot write.
+        why = os.strerror(errno.EROFS if _read_only(existing) else errno.EACCES)
+        raise ConfigError(f"{key}={text!r} is invalid: {existing} cannot be written ({why}); {ALLOWED}.")
+    return path
+
+
+def check_free(run_dir: Path | str, key: str = "hydra.run.dir") -> None:
+    """Refuse ``run_dir`` if a live run holds it (``owned``); takes and drops the lock only for a moment."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # no lock file (or none we may read): nobody holds it, or owned() says why later
+    try:
+        _lock(fd, Path(run_dir), key, fcntl.LOCK_SH)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def _open_lock(run_dir: Path, key: str) -> int:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -82,9 +125,9 @@ def _open_lock(run_dir: Path, key: str) -> int:
         raise unusable(run_dir, exc, key) from None
 
 
-def _lock(fd: int, run_dir: Path, key: str) -> None:
+def _lock(fd: int, run_dir: Path, key: str, mode: int = fcntl.LOCK_EX) -> None:
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
     except BlockingIOError:
         owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "pid unknown"
         raise ConfigError(

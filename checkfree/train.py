@@ -4,6 +4,11 @@ Config flows one way: Hydra composes ``conf/`` -> ``load_run_config`` validates 
 dataclasses before any work starts -> ``Trainer`` builds each part once and runs. The run directory is
 Hydra's output directory (``hydra.run.dir``); it receives ``metrics.jsonl`` and ``summary.json``.
 
+Before Hydra starts, ``checkfree.preflight`` composes the same config, validates it and checks the machine
+and the run directory, without importing torch: a bad value is refused in about a second and nothing is
+written. A config error found later, while setting up (a tokenizer that cannot be loaded), takes Hydra's
+files back out of a run directory Hydra created for it.
+
 Exit status: 0 done; 2 a bad config (one sentence on stderr, nothing written: Hydra's own composition
 errors are rephrased the same way), also for a run directory that another run holds, that holds a
 state to resume, or that cannot be written (``checkfree.rundir``); 1 a run that failed (its
@@ -13,8 +18,8 @@ says "interrupted"; with ``trainer.save_every`` the run can go on with ``trainer
 Multirun (``-m``): a failing point is logged (``config_error.txt`` for a bad config, else its own
 summary.json) and the sweep goes on; the sweep exits 0 once every point has run, and
 ``python -m checkfree.analysis`` lists the missing and incomplete points. A sweep with a point Hydra cannot
-even compose (``strategy=checkfree,magic``: there is no conf/strategy/magic.yaml) is refused before any
-point runs, with status 2.
+even compose (``strategy=checkfree,magic``: there is no conf/strategy/magic.yaml), or none of whose points
+can run, is refused before any point runs, with status 2.
 """
 
 from __future__ import annotations
@@ -33,15 +38,16 @@ from omegaconf.errors import OmegaConfBaseException
 
 from checkfree.atomic import os_error_behind
 from checkfree.config import ConfigError, first_line
-from checkfree.runconfig import RunConfig, load_run_config
+from checkfree.preflight import CONF_DIR, Checked, check_command_line, check_machine
+from checkfree.runconfig import RunConfig, check_vocab, load_run_config
 from checkfree.rundir import unusable
 
 if TYPE_CHECKING:
     from checkfree.lifecycle import Run
     from checkfree.model import ModelConfig
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
+_checked: Checked | None = None
+"""What ``main`` checked before Hydra started: the run directory and the directories Hydra creates for it."""
 _job_started = False
 """Set once Hydra hands over to ``run_job``: an OSError before that is Hydra's, writing the run directory."""
 
@@ -80,6 +86,7 @@ def build_run(cfg: RunConfig, run_dir: Path) -> Run:
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.trainer.device)
     corpus = load_corpus(cfg.data, cfg.model.seq_len, batch_seed=cfg.seed)
+    check_vocab(cfg.model, cfg.data, tokenizer_size=corpus.vocab_size)  # a pretrained tokenizer: known only now
     model = cfg.model.with_vocab(corpus.vocab_size)
     engine = build_engine(cfg, model, device)
     return Run(Trainer(cfg, engine, corpus, model, run_dir), resume_state)
@@ -136,6 +143,7 @@ def run_job(cfg: DictConfig) -> dict | None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         run = load_run_config(cfg)
+        check_machine(run)  # done before Hydra started for a single run; a sweep's points meet it here
     except ConfigError as exc:
         return _config_error(exc, run_dir, multirun)
     except OmegaConfBaseException as exc:  # e.g. model.n_stages=${oops}: an interpolation that cannot resolve
@@ -168,7 +176,33 @@ def _config_error(exc: ConfigError, run_dir: Path, multirun: bool) -> None:
     if multirun:
         (run_dir / "config_error.txt").write_text(f"{exc}\n")
         return None  # the other points of the sweep still run
+    _take_back(run_dir)
     sys.exit(2)
+
+
+def _take_back(run_dir: Path) -> None:
+    """A run refused once Hydra has started (a malformed data file, a tokenizer that cannot be loaded) leaves
+    nothing either: Hydra's ``.hydra/`` and log go, and so do the directories Hydra created for the run, as
+    long as they hold nothing else. A directory that existed before is never touched."""
+    created = _checked.created if _checked is not None else ()
+    if not created or run_dir.absolute() != created[-1]:
+        return
+    log = f"{HydraConfig.get().job.name}.log"
+    hydra_files = {"config.yaml", "hydra.yaml", "overrides.yaml"}
+    dot_hydra = run_dir / ".hydra"
+    if not ({p.name for p in run_dir.iterdir()} <= {".hydra", log}
+            and (not dot_hydra.is_dir() or {p.name for p in dot_hydra.iterdir()} <= hydra_files)):
+        return  # something else was written there: leave it all as it is
+    try:
+        for name in hydra_files:
+            (dot_hydra / name).unlink(missing_ok=True)
+        if dot_hydra.exists():
+            dot_hydra.rmdir()
+        (run_dir / log).unlink(missing_ok=True)
+        for directory in reversed(created):
+            directory.rmdir()  # fails (and stops) at the first one that holds something else
+    except OSError:
+        pass
 
 
 def _print_summary(summary: dict) -> None:
@@ -206,12 +240,21 @@ def main() -> None:
     summary are already written). ``HYDRA_FULL_ERROR=1`` still shows Hydra's full traceback."""
     from hydra.errors import HydraException
 
+    global _checked
     wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then re-raises its exceptions instead of printing them
     try:
+        # The whole config and the machine, before Hydra creates the run directory and writes into it: a
+        # bad value costs a second and leaves nothing behind.
+        _checked = check_command_line(sys.argv[1:])
+        if _checked is not None and _checked.run_dir is not None:
+            _pin_run_dir(_checked.run_dir)
         hydra_main()
     except KeyboardInterrupt as exc:
         sys.exit(128 + getattr(exc, "signum", signal.SIGINT))
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        sys.exit(2)
     except (HydraException, OmegaConfBaseException) as exc:
         if wants_traceback:
             raise
@@ -225,6 +268,20 @@ def main() -> None:
             raise
         print(f"config error: {_run_dir_sentence(cause)}", file=sys.stderr)
         sys.exit(2)
+
+
+def _pin_run_dir(run_dir: Path) -> None:
+    """Hand Hydra the run directory that was checked: resolving ``hydra.run.dir`` again, it would read the
+    clock again for ``${now:...}``, a second later perhaps. Skipped for a path the override grammar cannot
+    carry as it is (a backslash, an interpolation); the last hydra.run.dir override wins."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    value = str(run_dir)
+    if "\\" in value or "${" in value:
+        return
+    override = "hydra.run.dir='" + value.replace("'", "\\'") + "'"
+    if OverridesParser.create().parse_override(override).value() == value:
+        sys.argv.append(override)
 
 
 def _one_sentence(exc: Exception, overrides: list[str] | None = None) -> str:
@@ -247,6 +304,13 @@ def _one_sentence(exc: Exception, overrides: list[str] | None = None) -> str:
             known = sorted(f.name for f in dataclasses.fields(cls))
         else:
             known = [] if parent else ["seed", *SECTIONS]
+        leaf = cause.full_key.rpartition(".")[2]
+        args = sys.argv[1:] if overrides is None else overrides
+        given = next((a for a in args if a.split("=", 1)[0] == cause.full_key), None)
+        if cls is not None and leaf in known and given is not None:
+            # A real field that the chosen conf/<group>/*.yaml leaves out: Hydra only adds keys with a +.
+            return (f"{cause.full_key} is a key of {parent} that the chosen conf/{parent}/*.yaml does not set, so "
+                    f"Hydra needs it added with a leading +: '+{given}'.")
         where = f" of {parent}" if parent else ""
         allowed = f"; allowed keys: {', '.join(known)}" if known else ""
         return f"{cause.full_key} is not a known key{where}{allowed} (a new key needs a leading +)."

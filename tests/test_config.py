@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
 from checkfree.config import ConfigError
+from checkfree.preflight import SWEEP_POINTS_CHECKED, check_command_line
 from checkfree.runconfig import load_run_config
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -90,10 +92,10 @@ BAD_INPUTS = [
     # What a new user types: wrong types, which Hydra passes through as it parsed them.
     (["trainer.iterations=abc"], r"trainer.iterations='abc' is invalid: allowed is an integer\."),
     (["trainer.iterations=2.5"], r"trainer.iterations=2.5 is invalid: allowed is an integer\."),
-    (["trainer.lr=fast"], r"trainer.lr='fast' is invalid: allowed is a number\."),
-    (["trainer.target_loss=low"], r"trainer.target_loss='low' is invalid: allowed is a number or null\."),
+    (["trainer.lr=fast"], r"trainer.lr='fast' is invalid: allowed is a finite number\."),
+    (["trainer.target_loss=low"], r"trainer.target_loss='low' is invalid: allowed is a finite number or null\."),
     (["trainer.progress_bar=maybe"], r"trainer.progress_bar='maybe' is invalid: allowed is true or false\."),
-    (["failure.hourly_rate=often"], r"failure.hourly_rate='often' is invalid: allowed is a number\."),
+    (["failure.hourly_rate=often"], r"failure.hourly_rate='often' is invalid: allowed is a finite number\."),
     (["model.n_stages=[4]"], r"model.n_stages=\[4\] is invalid: allowed is an integer\."),
     # More values out of range, and names that do not exist.
     (["data.name=wikipedia"], r"data.name='wikipedia' .*allowed corpora are synthetic"),
@@ -129,6 +131,86 @@ BAD_INPUTS = [
     (["failure=trace", "failure.path={dir}/line.csv"], r"line.csv line 3 has iteration='soon', which is not an integer"),
     (["failure=trace", "failure.path={dir}/header.csv"], r"header.csv line 1 has header 'stage,when'"),
     (["failure=trace", "failure.path={dir}/trace.txt"], r"trace.txt is invalid: unknown extension '.txt'"),
+    (["failure=trace", "failure.path={dir}/binary.json"], r"binary.json is invalid: it is a binary file \(byte 2 is NUL\)"),
+    (["failure=trace", "failure.path={dir}/latin1.csv"], r"latin1.csv is invalid: it is not UTF-8 text \(byte 23 is 0xe9\)"),
+    (["failure=trace", "failure.path={dir}"], r"failure.path=.* is invalid: it is a directory"),
+    # Numbers a model cannot have; a number must be finite everywhere (inf and nan parse as floats).
+    (["model.init_std=-1"], r"^model.init_std=-1 is invalid: it is a standard deviation, allowed is a number > 0\.$"),
+    (["model.rms_norm_eps=0"], r"^model.rms_norm_eps=0 is invalid: .*allowed is a number > 0\.$"),
+    (["model.rope_theta=-10000"], r"^model.rope_theta=-10000 is invalid: it is the RoPE base, allowed is a number > 0"),
+    (["model.init_std=wide"], r"^model.init_std='wide' is invalid: allowed is a finite number\.$"),
+    (["model.rope_theta=inf"], r"^model.rope_theta=inf is invalid: allowed is a finite number\.$"),
+    (["engine.timeout_s=inf"], r"^engine.timeout_s=inf is invalid: allowed is a finite number\.$"),
+    (["engine.timeout_s=1e9"], r"^engine.timeout_s=1000000000.0 is invalid: .*at most 86400 \(a day\)"),
+    (["strategy.lr_scale=inf"], r"^strategy.lr_scale=inf is invalid: allowed is a finite number\.$"),
+    (["network.latency_s=inf"], r"^network.latency_s=inf is invalid: allowed is a finite number\.$"),
+    (["network.bandwidth_Bps=nan"], r"^network.bandwidth_Bps=nan is invalid: allowed is a finite number\.$"),
+    (["network.replacement_delay_s=-inf"], r"^network.replacement_delay_s=-inf is invalid: allowed is a finite number"),
+    (["trainer.lr=inf"], r"^trainer.lr=inf is invalid: allowed is a finite number\.$"),
+    (["trainer.clip=nan"], r"^trainer.clip=nan is invalid"),
+    (["trainer.sim_time_budget_s=inf"], r"^trainer.sim_time_budget_s=inf is invalid: allowed is a finite number or null"),
+    (["trainer.target_loss=inf"], r"^trainer.target_loss=inf is invalid: allowed is a finite number or null"),
+    (["trainer.target_loss=nan"], r"^trainer.target_loss=nan is invalid"),
+    (["failure.iteration_seconds=inf"], r"^failure.iteration_seconds=inf is invalid: allowed is a finite number"),
+    (["failure.iteration_seconds=1e12"], r"^failure.iteration_seconds=1000000000000.0 is invalid: .*at most 1e\+06"),
+    (["trainer.lr=1" + "0" * 400], r"^trainer.lr=10{20}.* is invalid: allowed is a finite number\.$"),
+    (["trainer.clock_micro_batch_size=0"], r"trainer.clock_micro_batch_size=0 is invalid: allowed is null .* >= 1"),
+    (["trainer.clock_micro_batch_size=-4"], r"trainer.clock_micro_batch_size=-4 is invalid: allowed is null .* >= 1"),
+    (["seed=4294967296"], r"^seed=4294967296 is invalid: it seeds numpy's and torch's generators, .*0..4294967295"),
+    (["seed=true"], r"^seed=True is invalid: .*an integer in 0..4294967295"),
+    (["failure.seed_offset=-5"], r"^failure.seed_offset=-5 is invalid: .*with seed=0 allowed is an integer >= 0"),
+    # A value that would be silently ignored.
+    (["model.vocab_size=32000"], r"^model.vocab_size=32000 is invalid: the vocabulary comes from the tokenizer, "
+                                 r"here a BPE of data.vocab_size=1024 tokens .*set model.vocab_size=0"),
+    (["failure.path={dir}/example.json"], r"^failure.path=.* is invalid: only failure=trace reads it, and this run "
+                                          r"has failure=poisson"),
+    (["failure.preset=500m_33"], r"^failure.preset='500m_33' is invalid: only failure=bernoulli reads it"),
+    (["failure=poisson", "failure.p=0.1"], r"^failure.p=0.1 is invalid: only failure=bernoulli reads it"),
+    # Empty strings, whole sections replaced, lists that are no lists.
+    (["data.path=''"], r"^data.path='' is invalid: allowed is a non-empty string or null\.$"),
+    (["data.cache_dir=''"], r"^data.cache_dir='' is invalid: allowed is a non-empty string\.$"),
+    (["trainer.resume=''"], r"^trainer.resume='' is invalid: allowed is a non-empty string or null\.$"),
+    (["engine.master_addr=''"], r"^engine.master_addr='' is invalid: allowed is a non-empty string\.$"),
+    (["trainer=5"], r"^trainer=5 is invalid: allowed is a mapping of trainer's keys"),
+    (["trainer=null"], r"^trainer=None is invalid: allowed is a mapping of trainer's keys"),
+    (["logger.wandb=5"], r"^logger.wandb=5 is invalid: allowed is a mapping of logger.wandb's keys"),
+    (["logger.wandb.tags=fast"], r"^logger.wandb.tags='fast' is invalid: allowed is a list of strings"),
+    (["failure.stages=[1,1]"], r"^failure.stages=\[1, 1\] is invalid: allowed is each stage at most once\.$"),
+    (["failure.stages=[]"], r"^failure.stages=\[\] is invalid: an empty list lets no stage fail"),
+    (["engine.backend=nccl", "trainer.device=cpu"], r"^engine.backend='nccl' is invalid: NCCL runs on CUDA"),
+    # What the values point at on this machine (checkfree.preflight): paths, files, addresses, memory.
+    (["hydra.run.dir=''"], r"^hydra.run.dir='' is invalid: it is empty; allowed is a directory"),
+    (["hydra.run.dir={dir}/example.json/run"], r"^hydra.run.dir=.* is invalid: .*example.json is a file, not a dir"),
+    (["data.cache_dir={dir}/example.json"], r"^data.cache_dir=.* is invalid: .*example.json is a file, not a dir"),
+    (["trainer.resume={dir}/example.json"], r"^trainer.resume=.* is invalid: it is a file, not a directory"),
+    (["trainer.resume={dir}"], r"^trainer.resume=.* is invalid: it holds no resume/state.pt"),
+    (["data=local_json", "data.path={dir}/torn.jsonl", "data.n_documents=0", "data.val_documents=1"],
+     r"^data.path=.*torn.jsonl:3 could not be read as json \(Unterminated string starting at: column 10\)\.$"),
+    (["data=local_text", "data.path={dir}/latin1.txt"], r"^data.path=.*latin1.txt could not be read as text \(byte 3 "
+                                                          r"is not UTF-8\); allowed is UTF-8 text\.$"),
+    (["data=local_parquet", "data.path={dir}/fake.parquet"], r"fake.parquet could not be read as parquet"),
+    (["data=tinystories", "data.path={dir}/empty"], r"^data.path=.*empty' is invalid: the directory holds no files"),
+    (["data.tokenizer=./no/such/tokenizer"], r"^data.tokenizer='./no/such/tokenizer' is invalid: no such directory"),
+    (["data.n_documents=10000000000000"], r"^data.n_documents=10000000000000 is invalid: the synthetic corpus is "
+                                          r"held in memory"),
+    (["trainer.device=cpu", "model.d_model=1000000", "model.n_heads=2"],
+     r"^model='n_stages=6 layers_per_stage=1 d_model=1000000 mlp_ratio=4' is invalid: training its "
+     r"96,002,061,000,000 parameters on the CPU needs at least 16 bytes each"),
+    (["trainer.device=cpu", "trainer.micro_batch_size=1000000"],
+     r"^trainer.micro_batch_size=1000000 with model.seq_len=64 is invalid: one batch of logits \(1000000 x 64 x "
+     r"1024 tokens, fp32\) needs 244 GiB, more than this machine's"),
+    (["data.path={dir}/torn.jsonl"], r"^data.path=.* is invalid: data.name=synthetic generates its stories and reads "
+                                     r"no file"),
+    (["failure=trace", "failure.path=/dev/null"], r"^failure.path=/dev/null is invalid: it is not a regular file"),
+    (["=5"], r"^the override '=5' names no key; allowed is key=value"),
+    (["engine=distributed", "engine.master_addr=192.0.2.1"], r"^engine.master_addr='192.0.2.1' is invalid: it is not "
+                                                             r"an address of this machine"),
+    (["engine=distributed", "engine.master_addr=nohost.invalid"], r"^engine.master_addr='nohost.invalid' is invalid: "
+                                                                  r"it (does not resolve|did not resolve within)"),
+    (["engine=distributed", "engine.master_port={port}"], r"^engine.master_port=\d+ is invalid: it cannot be bound on "
+                                                           r"127.0.0.1 \(Address already in use\)"),
+    (["trainer.device=cuda", "+env=CUDA_VISIBLE_DEVICES="], r"^trainer.device='cuda' is invalid: torch will see no "
+                                                            r"CUDA device, as CUDA_VISIBLE_DEVICES='' hides every GPU"),
 ]
 
 TRACE_FILES = {
@@ -140,6 +222,14 @@ TRACE_FILES = {
     "line.csv": "stage,iteration\n1,2\n2,soon\n",
     "header.csv": "stage,when\n1,2\n",
     "trace.txt": "stage 1 at 2\n",
+    "example.json": '[{"iteration": 5, "stage": 2}]',
+    "torn.jsonl": '{"text": "one"}\n{"text": "two"}\n{"text": "a torn record\n',
+}
+BINARY_FILES = {
+    "binary.json": b'[{\x00\x01"stage": 1}]',
+    "latin1.csv": "stage,iteration\n1,2 caf\u00e9\n".encode("latin-1"),
+    "latin1.txt": "caf\u00e9 story one.\n\nanother story.\n".encode("latin-1"),
+    "fake.parquet": b"this is not parquet",
 }
 
 
@@ -148,15 +238,79 @@ def trace_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("traces")
     for name, text in TRACE_FILES.items():
         (d / name).write_text(text)
+    for name, data in BINARY_FILES.items():
+        (d / name).write_bytes(data)
+    (d / "empty").mkdir()
     return d
 
 
+@pytest.fixture(scope="module")
+def busy_port():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        yield busy.getsockname()[1]
+
+
 @pytest.mark.parametrize("overrides,message", BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
-def test_bad_input_gives_one_clear_sentence(overrides, message, trace_dir):
+def test_bad_input_gives_one_clear_sentence(overrides, message, trace_dir, busy_port, tmp_path, monkeypatch):
+    """Each row through what ``python -m checkfree.train`` runs before Hydra starts: compose, validate, check
+    the machine and the run directory. Nothing is created."""
+    args = [f"hydra.run.dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}"]
+    for override in overrides:
+        if override.startswith("+env="):
+            monkeypatch.setenv(*override.removeprefix("+env=").split("=", 1))
+        else:
+            args.append(override.replace("{dir}", str(trace_dir)).replace("{port}", str(busy_port)))
     with pytest.raises(ConfigError, match=message) as info:
-        load_run_config(composed(*(o.replace("{dir}", str(trace_dir)) for o in overrides)))
+        check_command_line(args)
     text = str(info.value)
     assert text.endswith(".") and "\n" not in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the run directory nor the cache
+
+
+def test_cuda_without_a_driver_is_refused_without_torch(monkeypatch):
+    """On a machine without a GPU driver (this one, in CI) trainer.device=cuda is refused up front."""
+    from checkfree.preflight import no_cuda_reason
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    if no_cuda_reason() is None:
+        pytest.skip("this machine has a GPU driver: torch decides, when the run starts")
+    with pytest.raises(ConfigError, match=r"^trainer.device='cuda' is invalid: torch will see no CUDA device, as "
+                                          r"this machine has no GPU driver"):
+        load_run_config_and_machine("trainer.device=cuda")
+
+
+def load_run_config_and_machine(*overrides: str):
+    from checkfree.preflight import check_machine
+
+    run = load_run_config(composed(*overrides))
+    check_machine(run)
+    return run
+
+
+def test_a_sweep_is_refused_up_front_only_when_no_point_can_run(tmp_path):
+    sweep = [f"hydra.sweep.dir={tmp_path / 'sweep'}", f"data.cache_dir={tmp_path / 'cache'}"]
+    with pytest.raises(ConfigError, match=r"^model.init_std=-1 is invalid"):
+        check_command_line(["-m", *sweep, "seed=0,1", "model.init_std=-1"])
+    # strategy=none is valid with failure=none only: one point can run, so the sweep starts (the other
+    # point writes its config_error.txt); a base config without the sweep would have been refused.
+    assert check_command_line(["-m", *sweep, "strategy=none", "failure=poisson,none"]) is not None
+    # A sweep too long to check point by point in a second or two is left to its jobs (config_error.txt each).
+    many = ",".join(str(seed) for seed in range(SWEEP_POINTS_CHECKED + 1))
+    assert check_command_line(["-m", *sweep, f"seed={many}", "model.init_std=-1"]) is not None
+    with pytest.raises(ConfigError, match=r"^hydra.sweep.dir=.* is invalid: .* is a file"):
+        (tmp_path / "a_file").write_text("x")
+        check_command_line(["-m", f"hydra.sweep.dir={tmp_path / 'a_file'}", "seed=0,1"])
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_run_dir_with_a_clock_is_checked_and_pinned(tmp_path, monkeypatch):
+    """``${now:...}`` resolves once: the directory checked is the one Hydra is handed (checkfree.train pins it)."""
+    monkeypatch.chdir(tmp_path)
+    checked = check_command_line([f"data.cache_dir={tmp_path / 'cache'}"])
+    assert checked.run_dir.parts[0] == "outputs" and checked.created[0] == tmp_path / "outputs"
+    assert checked.created[-1] == tmp_path / checked.run_dir and not (tmp_path / "outputs").exists()
 
 
 # Errors Hydra raises itself, before our validation sees the config; `python -m checkfree.train` turns them
@@ -168,6 +322,8 @@ HYDRA_BAD_INPUTS = [
     (["trainer.iteratons=5"], r"^trainer.iteratons is not a known key of trainer; allowed keys: .*iterations.*leading \+"),
     (["strategy.lr_scal=2"], r"^strategy.lr_scal is not a known key of strategy; allowed keys: .*lr_scale"),
     (["seeed=1"], r"^seeed is not a known key; allowed keys: seed, model, "),
+    (["strategy.every=5"], r"^strategy.every is a key of strategy that the chosen conf/strategy/\*.yaml does not "
+                           r"set, so Hydra needs it added with a leading \+: '\+strategy.every=5'\.$"),
     (["trainer.iterations=[1,"], r"^the override 'trainer.iterations=\[1,' is malformed \("),
     (["model.n_stages=${oops}"], r"^model.n_stages is invalid: Interpolation key 'oops' not found\.$"),
 ]
@@ -185,3 +341,36 @@ def test_hydra_errors_become_one_clear_sentence(overrides, message):
     text = _one_sentence(info.value, overrides)
     assert re.search(message, text), text
     assert text.endswith(".") and "\n" not in text
+
+
+def test_validating_a_config_imports_no_tensor_library():
+    """The CLI refuses a bad value in about a second because nothing before the run needs torch (seconds to
+    import), transformers or datasets: checkfree.train imports them inside the functions that build a run."""
+    import subprocess
+    import sys
+
+    code = ("import sys, checkfree.train\n"
+            "from hydra import compose, initialize_config_dir\n"
+            "from checkfree.runconfig import load_run_config\n"
+            f"with initialize_config_dir(config_dir={str(CONF)!r}, version_base='1.3'):\n"
+            "    load_run_config(compose(config_name='config'))\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=CONF.parent).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_pretrained_tokenizers_size_is_checked_once_it_is_loaded():
+    """Before loading, only a BPE's size is known (data.vocab_size, special tokens included); a pretrained
+    tokenizer's is checked by build_run right after loading it (a ConfigError: exit 2, files taken back)."""
+    from checkfree.runconfig import check_vocab
+
+    run = load_run_config(composed("data.tokenizer=gpt2", "model.vocab_size=32000"))
+    with pytest.raises(ConfigError, match=r"^model.vocab_size=32000 is invalid: the vocabulary comes from the "
+                                          r"tokenizer, here data.tokenizer='gpt2', which has 50257 tokens; set "
+                                          r"model.vocab_size=0 \(from the tokenizer\)\.$"):
+        check_vocab(run.model, run.data, tokenizer_size=50257)
+    check_vocab(run.model, run.data, tokenizer_size=32000)
+    bpe = load_run_config(composed("data.vocab_size=300", "model.vocab_size=300"))
+    with pytest.raises(ConfigError, match=r"here the BPE trained for data.vocab_size=300, which has 280 tokens"):
+        check_vocab(bpe.model, bpe.data, tokenizer_size=280)  # a corpus too small for 300 tokens

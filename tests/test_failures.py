@@ -114,7 +114,7 @@ def test_bernoulli_empirical_rate_presets_and_masks():
 def test_failing_stages_resolves_all_intermediate_and_lists():
     assert failing_stages(FailureConfig(stages="all"), 4) == [0, 1, 2, 3]
     assert failing_stages(FailureConfig(stages="intermediate"), 4) == [1, 2]
-    assert failing_stages(FailureConfig(stages=ListConfig([3, 1, 3])), 4) == [1, 3]
+    assert failing_stages(FailureConfig(stages=ListConfig([3, 1])), 4) == [1, 3]  # a repeat is refused: test_config
 
 
 def trace_model(path: Path, n_stages: int = S):

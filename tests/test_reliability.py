@@ -254,8 +254,8 @@ def tiny_overrides(cache: str) -> list[str]:
             "failure=none"]
 
 
-def cli(*args: str, sweep: bool = False) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+def cli(*args: str, sweep: bool = False, env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", **(env or {})}
     env.pop("HYDRA_FULL_ERROR", None)
     command = [sys.executable, "-m", "checkfree.train", *(["-m"] if sweep else []), *args]
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -330,37 +330,48 @@ def _bad_corpus(tmp: Path) -> str:
     return str(path)
 
 
-# (name, overrides, stderr pattern): one case per layer that can refuse a run — Hydra's composition, the
-# config validation, and the set-up (data is only read there). The whole table of messages is checked
-# in-process, much faster, in tests/test_config.py.
+# (name, overrides, stderr pattern, environment): one case per layer that can refuse a run — Hydra's
+# composition, the value checks and the machine checks before Hydra starts (nothing imports torch there), a
+# sweep none of whose points can run, and the set-up (a tokenizer is only loaded there, after Hydra wrote its
+# files: they are taken back). The whole table of messages is checked in-process, much faster, in
+# tests/test_config.py.
 CLI_BAD_INPUTS = [
     ("unknown group option", lambda tmp: ["strategy=magic"],
-     r"strategy=magic is unknown .*allowed: checkfree, checkfree_plus"),
-    ("wrong type", lambda tmp: ["trainer.iterations=abc"], r"trainer.iterations='abc' is invalid: allowed is an integer"),
+     r"strategy=magic is unknown .*allowed: checkfree, checkfree_plus", None),
+    ("wrong type", lambda tmp: ["trainer.iterations=abc"], r"trainer.iterations='abc' is invalid: allowed is an integer",
+     None),
+    ("out of range", lambda tmp: ["model.init_std=-1"], r"^config error: model.init_std=-1 is invalid: .* > 0\.$", None),
     ("malformed data", lambda tmp: ["data=local_json", f"data.path={_bad_corpus(tmp)}", "data.n_documents=0",
                                     "data.val_documents=1"],
-     r"data.path=.*corpus.jsonl:6 could not be read as json"),
+     r"data.path=.*corpus.jsonl:6 could not be read as json", None),
+    ("no GPU", lambda tmp: ["trainer.device=cuda"], r"trainer.device='cuda' is invalid: torch will see no CUDA device",
+     {"CUDA_VISIBLE_DEVICES": ""}),
+    ("not this machine", lambda tmp: ["engine=distributed", "engine.master_addr=192.0.2.1"],
+     r"engine.master_addr='192.0.2.1' is invalid: it is not an address of this machine", None),
+    ("sweep", lambda tmp: ["-m", "seed=0,1", "model.rope_theta=0", f"hydra.sweep.dir={tmp / 'run'}"],
+     r"model.rope_theta=0 is invalid", None),
+    ("set-up", lambda tmp: ["data.tokenizer=checkfree-test/no-such-tokenizer"],
+     r"data.tokenizer='checkfree-test/no-such-tokenizer' could not be loaded", None),
 ]
 
 
 def test_bad_input_on_the_command_line_exits_2_with_one_sentence_and_writes_nothing(data_cache, tmp_path):
     procs = []
-    for i, (_, make, _) in enumerate(CLI_BAD_INPUTS):
+    for i, (_, make, _, env) in enumerate(CLI_BAD_INPUTS):
         case_dir = tmp_path / f"case{i}"
         case_dir.mkdir()
-        args = [*tiny_overrides(data_cache), *make(case_dir), f"hydra.run.dir={case_dir / 'run'}"]
-        procs.append(cli(*args))  # all at once: most of each is the interpreter starting
-    for i, ((name, _, pattern), proc) in enumerate(zip(CLI_BAD_INPUTS, procs)):
-        rc, _, err = finish(proc)
+        args = [*tiny_overrides(data_cache), f"hydra.run.dir={case_dir / 'run' / 'deeper'}", *make(case_dir)]
+        procs.append((cli(*args, env=env), time.monotonic()))  # all at once: most of each is the interpreter starting
+    for i, ((name, _, pattern, _), (proc, start)) in enumerate(zip(CLI_BAD_INPUTS, procs)):
+        rc, out, err = finish(proc)
+        print(f"{name}: exit {rc} after {time.monotonic() - start:.1f} s (all {len(procs)} in parallel)")
         assert rc == 2, f"{name}: exit {rc}: {err[-1500:]}"
         lines = [line for line in err.splitlines() if line.strip()]
-        if name == "malformed data":
-            # `datasets` prints its own progress bar and parse error before ours: keep only our line.
-            lines = [line for line in lines if "config error" in line]
         assert len(lines) == 1 and lines[0].startswith("config error: ") and lines[0].endswith("."), f"{name}: {err}"
         assert re.search(pattern, lines[0]), f"{name}: {lines[0]}"
-        run_dir = tmp_path / f"case{i}" / "run"
-        assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "summary.json").exists(), name
+        assert out == "", f"{name}: {out}"
+        # Nothing written: no run directory (no .hydra/, no train.log), not even the parent Hydra would create.
+        assert not (tmp_path / f"case{i}" / "run").exists(), f"{name}: {list((tmp_path / f'case{i}').rglob('*'))}"
 
 
 def test_a_failing_sweep_point_does_not_stop_the_others_and_analysis_reports_it(data_cache, tmp_path):

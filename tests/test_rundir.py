@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from checkfree.config import ConfigError
-from checkfree.rundir import LOCK_FILE, owned
+from checkfree.rundir import LOCK_FILE, check_creatable, check_free, owned
 
 from .test_reliability import cli, finish, tiny_overrides
 
@@ -101,6 +101,27 @@ def test_a_file_or_an_unwritable_place_is_a_config_error_not_a_traceback(tmp_pat
             pass
 
 
+def test_the_command_line_checks_a_run_directory_without_creating_or_holding_it(tmp_path, tmpfs):
+    """What ``python -m checkfree.train`` checks before Hydra writes anything (checkfree.preflight)."""
+    target = tmp_path / "a" / "b"
+    assert check_creatable(target, "hydra.run.dir") == target and not (tmp_path / "a").exists()
+    with pytest.raises(ConfigError, match=r"^data.cache_dir='' is invalid: it is empty; allowed is a directory"):
+        check_creatable("", "data.cache_dir")
+    read_only = tmpfs("64k", read_only=True)
+    with pytest.raises(ConfigError) as refused:
+        check_creatable(read_only / "run", "hydra.run.dir")
+    assert str(refused.value) == (f"hydra.run.dir='{read_only / 'run'}' is invalid: {read_only} cannot be written "
+                                  "(Read-only file system); allowed is a directory this user can write, or a path "
+                                  "where one can be created.")
+    held = tmp_path / "held"
+    with owned(held, resume=False):
+        with pytest.raises(ConfigError, match=rf"^trainer.resume='{held}' is in use by another run \(pid {os.getpid()}"):
+            check_free(held, "trainer.resume")
+    check_free(held)  # the run ended: free again, and checking it did not take it
+    with owned(held, resume=False):
+        pass
+
+
 def test_resuming_a_missing_directory_creates_nothing(tmp_path):
     with owned(tmp_path / "nowhere", resume=True):  # the trainer refuses it, naming trainer.resume
         pass
@@ -154,9 +175,12 @@ def test_the_cli_exits_2_with_one_sentence_for_a_held_saved_or_unusable_run_dir(
                                             "one can be created.")
     assert results["read-only"].startswith(f"hydra.run.dir='{read_only}' is invalid: {read_only}")
     assert "cannot be written (Read-only file system)" in results["read-only"]
-    # Nothing written, nothing deleted: no results in the held or saved directory, the state still there.
+    # Nothing written, nothing deleted: no results in the held or saved directory, the state still there. The
+    # single runs are refused before Hydra starts, so not even Hydra's files are written over the held run's.
     for run_dir in (held, saved, sweep / "0", sweep / "1"):
         assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "summary.json").exists()
+    for run_dir in (held, saved):
+        assert not (run_dir / ".hydra").exists() and not (run_dir / "train.log").exists()
     assert (saved / "resume" / "state.pt").read_bytes() == b"state" == (sweep / "1" / "resume" / "state.pt").read_bytes()
     assert a_file.read_text() == "x"
 
