@@ -1,0 +1,96 @@
+"""Table 2 in the paper's units: the paper clock's prices, and the comparison's statistics on hand-made runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from checkfree import table2
+from checkfree.clock import PAPER_RECOVERY_S, table2_iteration_seconds
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_paper_clock_prices_each_strategy_as_the_paper_measured(small_run, tmp_path):
+    """Each CPU iteration stands for 10,000 / T paper iterations at the strategy's Table 2 price; a recovery
+    costs the paper's 30 s; checkpoint saves and replica refreshes are inside the iteration time."""
+    from checkfree.train import train
+
+    trace = tmp_path / "t.json"
+    trace.write_text(json.dumps([{"iteration": 2, "stage": 1}]))
+    seconds = {}
+    for name in ("checkfree", "checkpoint", "redundant"):
+        summary = train(small_run(strategy={"name": name, "every": 2}, failure={"name": "trace", "path": str(trace)},
+                                  trainer={"iterations": 3, "clock": "paper_table2", "paper_T": 200}), tmp_path / name)
+        seconds[name] = summary["iteration_sim_s"]
+        assert summary["recovery_sim_s"] == PAPER_RECOVERY_S and summary["overhead_sim_s"] == 0.0
+        assert summary["total_sim_time_s"] == pytest.approx(3 * seconds[name] + PAPER_RECOVERY_S)
+    # small_run's failure.hourly_rate is 0.10: the 10 % column.
+    assert seconds == pytest.approx({"checkfree": 50 * 91.32, "checkpoint": 50 * 91.35, "redundant": 50 * 151.04})
+    assert table2_iteration_seconds("checkfree", 0.16) == 92.12 and table2_iteration_seconds("checkfree", 0.0) == 91.32
+
+
+def fake_run(root: Path, strategy: str, rate: float, seed: int, hours: float | None, iterations: int,
+             failure_hours: list[float], T: int = 100, n_stages: int = 6) -> None:
+    run = root / f"{strategy}_{rate}_{seed}"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text(json.dumps({"iteration": 0, "sim_time_s": 0.0, "val_loss": 5.0}) + "\n")
+    ttt = hours * 3600 if hours is not None else None
+    (run / "summary.json").write_text(json.dumps({
+        "status": "completed", "strategy": strategy, "seed": seed, "failure": "poisson", "hourly_rate": rate,
+        "iterations": iterations, "time_to_target_interp_s": ttt,
+        "iterations_to_target_interp": iterations if hours is not None else None,
+        "total_sim_time_s": 999 * 3600.0, "n_recoveries": len(failure_hours),
+        "failures": [{"stage": 1, "time_s": h * 3600} for h in failure_hours],
+        "final_val_loss_se": 0.004, "val_sequences": 512, "target_loss": 0.78,
+        "config": {"trainer": {"paper_T": T}, "model": {"n_stages": n_stages}}}))
+
+
+def test_comparison_means_cis_paired_speedups_and_failure_counts(tmp_path):
+    # Three seeds per strategy at 16 %; checkpointing 300/330/270 h, CheckFree 200/220/190 h.
+    for seed, (ckpt, cf) in enumerate([(300.0, 200.0), (330.0, 220.0), (270.0, 190.0)]):
+        fake_run(tmp_path, "checkpoint", 0.16, seed, ckpt, 250, [10.0, 280.0, 400.0])
+        fake_run(tmp_path, "checkfree", 0.16, seed, cf, 150, [10.0, 180.0, 250.0])
+    fake_run(tmp_path, "redundant", 0.16, 0, None, 400, [1.0] * 24)  # never reached the target
+    runs = table2.load([tmp_path])
+    table = table2.comparison(runs).set_index("strategy")
+
+    cf = table.loc["checkfree"]
+    assert cf["hours_to_target"] == pytest.approx(610 / 3)
+    t = 4.303  # Student t, 2 degrees of freedom
+    sd = math.sqrt(sum((x - 610 / 3) ** 2 for x in (200, 220, 190)) / 2)
+    assert cf["hours_ci95"] == pytest.approx(t * sd / math.sqrt(3))
+    assert cf["iterations_to_target_over_T"] == pytest.approx(1.5)
+    assert cf["failures_before_target"] == pytest.approx(2.0)  # 10 h and 180 h are before 190..220 h
+    assert cf["failures_per_stage_per_T"] == pytest.approx(3 / 6 / 1.5)
+    ratios = [300 / 200, 330 / 220, 270 / 190]
+    assert cf["speedup_vs_checkpoint"] == pytest.approx(sum(ratios) / 3)
+    assert cf["speedup_vs_checkpoint_ci95"] == pytest.approx(table2.ci95(ratios))
+    assert (cf["paper_hours_to_target"], cf["paper_speedup_vs_checkpoint"]) == (562.96, 1.13)
+    assert table.loc["checkpoint", "failures_before_target"] == pytest.approx(2.0)
+
+    red = table.loc["redundant"]
+    assert (red["seeds"], red["reached"]) == (1, 0) and math.isnan(red["hours_to_target"])
+    assert red["failures_per_stage_per_T"] == pytest.approx(24 / 6 / 4)
+    assert math.isnan(cf["speedup_vs_redundant"])  # no redundant run reached the target to pair with
+
+    out = tmp_path / "report"
+    table2.write_report([tmp_path], out, {"T": 100, "target": 0.78, "iterations": [95, 105], "seeds": 2})
+    csv = (out / "comparison.csv").read_text().splitlines()
+    assert csv[0].startswith("strategy,hourly_rate,seeds,reached,hours_to_target,hours_ci95,iterations_to_target_over_T")
+    assert "| checkfree | 16% | 3/3 | 203 ± " in (out / "comparison.md").read_text()
+    assert (out / "val_loss_vs_hours.png").stat().st_size > 0
+
+
+def test_gpu_throughput_benchmark_smoke_mode_runs_on_the_cpu():
+    done = subprocess.run([sys.executable, "benchmarks/gpu_throughput.py", "--smoke"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| in_order") or line.startswith("| out_")]
+    assert len(rows) == 4
+    assert all(float(row.split("|")[4].replace(",", "")) > 0 for row in rows)  # tokens / s
