@@ -73,6 +73,9 @@ class TrainerConfig:
     """clock=paper_table2: T, the no-failure run's iterations to target_loss, measured by a calibration run."""
     stop_at_target: bool = False
     """Stop at the first validation that reaches target_loss (time to target is what a sweep compares)."""
+    export: bool = True
+    """Write the trained model to run_dir/model (a Hugging Face directory) when the run ends; sweeps that only
+    compare metrics turn it off."""
     clock_preset: str | None = None
     """Price each iteration as this model preset would cost (e.g. llama_500m) instead of the trained model."""
     clock_micro_batch_size: int | None = None

@@ -213,7 +213,8 @@ class Run:
     def _export(self) -> None:
         """The model the run trained, as a Hugging Face directory (when its state is whole and finite)."""
         t = self.trainer
-        if t.log is None or self.consistent_at is None or self.status == "error" or t.engine.nonfinite_stages():
+        if not self.cfg.trainer.export or t.log is None or self.consistent_at is None or self.status == "error" \
+                or t.engine.nonfinite_stages():
             return
         from checkfree.export import export_model
 

@@ -34,7 +34,7 @@ from checkfree.distributed.cluster import StageLost  # noqa: E402
 from checkfree.distributed.ray_pool import RayLaunchError, RayPool  # noqa: E402
 from checkfree.distributed.worker import WorkerSpec  # noqa: E402
 from checkfree.model import preset  # noqa: E402
-from checkfree.runlog import read_metrics  # noqa: E402
+from checkfree.runlog import deterministic_view, read_metrics  # noqa: E402
 from checkfree.train import train  # noqa: E402
 from tests.conftest import hooked_run  # noqa: E402
 
@@ -129,14 +129,17 @@ def test_traced_cascading_and_sigkilled_failures_recover_like_local(small_run, t
     that recovery is under way stage 3's actor is SIGKILLed from outside: it joins the recovery (a cascade).
     Then, as iteration 5's step goes out, stage 1's actor is stopped (SIGSTOP), stage 2's actor, blocked
     receiving from it, is SIGKILLed, and stage 1 goes on: that iteration is discarded everywhere, stage 2
-    rebuilt on a warm standby and the iteration redone. The result is exactly the local run where a trace
-    kills stages 0 and 3 at iteration 2 and stage 2 at iteration 5. Afterwards no Ray process is left."""
+    rebuilt on a warm standby and the iteration redone. The run saves its state at the end; resumed on new
+    actors it trains two more iterations. The result is exactly the local run where a trace kills stages 0
+    and 3 at iteration 2 and stage 2 at iteration 5, losses and weights. Afterwards no Ray process is left."""
     assert not ray.is_initialized()
-    sections = {"strategy": {"name": "checkfree_plus"}, "trainer": {"iterations": 6, "eval_every": 3}}
+    sections = {"strategy": {"name": "checkfree_plus"},
+                "trainer": {"iterations": 6, "eval_every": 3, "save_every": 3}}
     local_dir, run_dir = tmp_path / "local", tmp_path / "ray"
     all_three = trace(tmp_path / "local.json", [{"iteration": 2, "stage": 0}, {"iteration": 2, "stage": 3},
                                                 {"iteration": 5, "stage": 2}])
-    local = train(small_run(**sections, failure=all_three), local_dir)
+    longer = {**sections, "trainer": {**sections["trainer"], "iterations": 8}}
+    local = train(small_run(**longer, failure=all_three), local_dir)
     killed: dict[str, int] = {}
 
     def cascade(n, engine):  # the first recovery (stage 0's): stage 3 dies meanwhile
@@ -163,13 +166,17 @@ def test_traced_cascading_and_sigkilled_failures_recover_like_local(small_run, t
                          train_step=mid_step).run()
 
     assert summary["status"] == "completed" and summary["iterations"] == 6
-    assert summary["recoveries"] == local["recoveries"]
+    listed = workers(run_dir)  # before the resumed run rewrites it
+    resumed = train(small_run(**{**longer, "trainer": {**longer["trainer"], "resume": str(run_dir)}},
+                              failure=first, engine=RAY), tmp_path / "elsewhere")
+    assert resumed["resumed_at_iterations"] == [6] and resumed["iterations"] == 8
+    assert summary["recoveries"] == local["recoveries"] == resumed["recoveries"]
     assert [(r["stage"], r["method"]) for r in summary["recoveries"]] == [
         (0, "copy+replica"), (3, "copy+replica"), (2, "copy")]
     assert [(f["stage"], f.get("cause")) for f in summary["failures"]] == [
         (0, None), (3, "process exited during respawn"), (2, "process exited during step")]  # seen at once
     records = read_metrics(run_dir / "metrics.jsonl")
-    assert [r["iteration"] for r in records] == list(range(7))  # iteration 5 logged once: redone
+    assert [r["iteration"] for r in records] == list(range(9))  # iteration 5 logged once: redone
     assert records[2]["failed_stages"] == [0, 3]
     [rec] = records[5]["recoveries"]
     process = rec["process"]
@@ -180,7 +187,6 @@ def test_traced_cascading_and_sigkilled_failures_recover_like_local(small_run, t
     x, y = (load_file(d / "model" / "model.safetensors") for d in (local_dir, run_dir))
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
-    listed = workers(run_dir)
     assert listed["launcher"] == "ray" and listed["workers"] == []  # written at shutdown: nobody left
     assert {e["node_ip"] for e in listed["history"]} == {"127.0.0.1"}
     [replacement] = [e for e in listed["history"] if e["pid"] == process["new_pid"]]
@@ -281,13 +287,18 @@ def test_pool_raises_stage_lost_when_an_actor_dies_in_rendezvous_or_respawn(thre
 
 
 def test_lost_node_its_stage_moves_to_another_node(three_nodes, small_run, tmp_path):
-    """The run joins the cluster by address; the 1-CPU node, holding one stage, is removed mid-run. The
-    stage is replaced on another node (its placement-group bundle moved there) and the run completes; the
-    cluster, not ours, keeps running with nothing of ours on it."""
+    """Plain CheckFree (edges copied from their one neighbour). The run joins the cluster by address; a trace
+    loses stage 2 at iteration 2, rebuilt from its neighbours exactly as on the local engine; then the 1-CPU
+    node, holding one stage, is removed. That stage is replaced on another node (its placement-group bundle
+    moved there) and the run completes; the cluster, not ours, keeps running with nothing of ours on it."""
     cluster, small = three_nodes
     run_dir = tmp_path / "ray"
     engine = {**RAY, "ray": {"address": cluster.address, "standby": False}}
-    cfg = small_run(strategy={"name": "checkfree_plus"}, trainer={"iterations": 8, "eval_every": 4}, engine=engine)
+    sections = {"strategy": {"name": "checkfree", "edge_rule": "copy"},
+                "failure": trace(tmp_path / "trace.json", [{"iteration": 2, "stage": 2}]),
+                "trainer": {"iterations": 8, "eval_every": 2}}
+    train(small_run(**sections), tmp_path / "local")
+    cfg = small_run(**sections, engine=engine)
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(summary=train(cfg, run_dir)))
     thread.start()
@@ -302,8 +313,12 @@ def test_lost_node_its_stage_moves_to_another_node(three_nodes, small_run, tmp_p
 
     summary = result["summary"]
     assert summary["status"] == "completed" and summary["iterations"] == 8
-    assert [f["stage"] for f in summary["failures"]] == [lost_stage]
-    assert [r["stage"] for r in summary["recoveries"]] == [lost_stage]
+    assert [f["stage"] for f in summary["failures"]] == [2, lost_stage]
+    assert [(r["stage"], r["method"]) for r in summary["recoveries"]][0] == (2, "average")
+    assert summary["recoveries"][1]["stage"] == lost_stage
+    # Up to the node loss (after iteration 2's record), bit for bit the local engine's run.
+    assert deterministic_view(read_metrics(run_dir / "metrics.jsonl"))[:3] == \
+        deterministic_view(read_metrics(tmp_path / "local" / "metrics.jsonl"))[:3]
     listed = workers(run_dir)
     assert {e["node_ip"] for e in listed["history"]} == {"127.0.0.1"}  # loopback, three nodes
     assert len({e["node_id"] for e in listed["history"]}) == 3

@@ -153,3 +153,29 @@ def test_losses_minutes_apart_are_recovered_one_after_the_other(small_run, tmp_p
     with pytest.raises(UnrecoverableFailure, match="stage 2's only copy was its shadow on stage 1"):
         train(small_run(**sections, failure={"name": "trace", "path": trace, "iteration_seconds": 600.0},
                         network={"replacement_delay_s": 250.0}), tmp_path / "together")
+
+
+def test_a_diverging_run_says_so_and_best_counts_the_initial_evaluation(small_run, tmp_path, capsys):
+    summary = train(small_run(trainer={"lr": 10.0, "iterations": 6, "eval_every": 3}), tmp_path / "run")
+    assert summary["status"] == "completed" and summary["diverged"] is True
+    assert summary["final_val_loss"] > 1.1 * summary["initial_val_loss"]
+    [warning] = summary["warnings"]
+    assert warning.startswith("the run diverged") and "trainer.lr" in warning
+    assert "warning: the run diverged" in capsys.readouterr().err
+    assert summary["best_val_loss"] == summary["initial_val_loss"]  # nothing later was better
+    healthy = train(small_run(), tmp_path / "healthy")
+    assert healthy["diverged"] is False and healthy["warnings"] == []
+    assert healthy["best_val_loss"] == min(r["val_loss"] for r in read_metrics(tmp_path / "healthy" / "metrics.jsonl")
+                                           if "val_loss" in r)
+
+
+def test_the_exported_model_has_the_runs_final_validation_loss(small_run, data_cache, tmp_path):
+    """AutoModelForCausalLM.from_pretrained(run_dir / "model") computes what the pipeline computed."""
+    from checkfree.data import load_corpus
+    from checkfree.export import held_out_loss
+
+    cfg = small_run(strategy={"name": "checkfree_plus"})
+    summary = train(cfg, tmp_path / "run")
+    assert summary["model_dir"] == str(tmp_path / "run" / "model")
+    val = load_corpus(cfg.data, cfg.model.seq_len).val
+    assert held_out_loss(tmp_path / "run" / "model", val) == pytest.approx(summary["final_val_loss"], abs=1e-5)
