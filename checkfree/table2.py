@@ -9,7 +9,7 @@ so simulated hours are paper hours) and writes, into ``--out``:
   ratios: every strategy meets the same failure times at a seed), the same hours priced by our own cost
   model, and the paper's published numbers beside ours;
 * ``comparison.md`` — the same as a Markdown table with the paper's values, and the validation loss's
-  standard error;
+  standard error; ``runs.csv`` — every run's own figures (hours, iterations and failures to target);
 * ``val_loss_vs_hours.png`` — validation loss against paper hours, one panel per rate.
 
 Times to target are interpolated between the two validations around the crossing (as the paper's plots
@@ -191,6 +191,9 @@ def write_report(paths: Sequence[str | Path], out: str | Path, calibration: dict
     runs = load(paths)
     table = comparison(runs[runs.strategy != "none"])
     table.to_csv(out / "comparison.csv", index=False, float_format="%.6g")
+    # Every run's own figures, so the table can be checked (and re-derived) without the run directories.
+    runs.drop(columns=["recoveries_by_method"]).sort_values(["strategy", "hourly_rate", "seed"]).to_csv(
+        out / "runs.csv", index=False, float_format="%.6g")
     (out / "comparison.md").write_text(markdown(table, runs, calibration))
     df = load_runs(paths)
     target = calibration["target"] if calibration else None
