@@ -19,7 +19,7 @@ replica where that has one OS process.
   within ``engine.ray.start_timeout_s``. With ``engine.ray.standby`` each node that hosts a stage keeps one
   spare actor process that has imported torch and transformers (it reserves nothing); a replacement on that
   node takes it over and skips the seconds of a fresh interpreter, and a new spare warms up behind it.
-  Each handle records its node and the node its stage ran on before; ``workers.json`` lists both (``moves``).
+  ``workers.json`` lists every actor started (``history``) and every stage that changed node (``moves``).
 * Ray itself: ``engine.ray.address`` null starts Ray on this machine and stops it at the end; auto or
   HOST:PORT joins a running cluster, and at the end only our actors and placement group are removed. A Ray
   already initialised in this process (a test's, a notebook's) is used as it is and left running.
@@ -310,7 +310,8 @@ class RayPool(WorkerPool):
         self.history.append({"stage": handle.stage, "replica": handle.replica, "rank": handle.rank,
                              "pid": handle.pid, "node_id": handle.node.id, "node_ip": handle.node.ip,
                              "placement": handle.placement, "started": handle.started})
-        if handle.previous_node is not None:
+        if handle.previous_node is not None and handle.previous_node.id != handle.node.id:  # a replacement in
+            # place (its bundle's node alive) is in ``history``; ``moves`` lists the stages that changed node
             self.moves.append({"stage": handle.stage, "replica": handle.replica, "generation": self.generation + 1,
                                "from": dataclasses.asdict(handle.previous_node),
                                "to": dataclasses.asdict(handle.node)})
