@@ -223,7 +223,10 @@ def validate_trainer(cfg: TrainerConfig) -> None:
             cfg.sim_time_budget_s, "allowed is null or a positive number of seconds")
     require(cfg.clock in ("cost_model", "fixed", "paper_table2"), "trainer.clock", cfg.clock,
             "allowed is cost_model, fixed or paper_table2")
-    require(cfg.clock != "paper_table2" or (isinstance(cfg.paper_T, int) and cfg.paper_T >= 1), "trainer.paper_T",
+    require(cfg.paper_T is None or (isinstance(cfg.paper_T, int) and not isinstance(cfg.paper_T, bool)
+                                    and cfg.paper_T >= 1), "trainer.paper_T", cfg.paper_T,
+            "it is T, the calibrated iterations to target: allowed is null or an integer >= 1")
+    require(cfg.clock != "paper_table2" or cfg.paper_T is not None, "trainer.paper_T",
             cfg.paper_T, "trainer.clock=paper_table2 needs T, the calibrated iterations to target: an integer >= 1")
     require(not cfg.stop_at_target or cfg.target_loss is not None, "trainer.stop_at_target", cfg.stop_at_target,
             "it needs a trainer.target_loss to stop at")

@@ -156,6 +156,9 @@ BAD_INPUTS = [
     (["trainer.lr=1" + "0" * 400], r"^trainer.lr=10{20}.* is invalid: allowed is a finite number\.$"),
     (["trainer.clock_micro_batch_size=0"], r"trainer.clock_micro_batch_size=0 is invalid: allowed is null .* >= 1"),
     (["trainer.clock_micro_batch_size=-4"], r"trainer.clock_micro_batch_size=-4 is invalid: allowed is null .* >= 1"),
+    # T is checked even where the clock does not read it: a wrong value must not wait for a later override.
+    (["trainer.paper_T=-1"], r"trainer.paper_T=-1 is invalid: it is T, .* allowed is null or an integer >= 1"),
+    (["trainer.clock=paper_table2"], r"trainer.paper_T=None is invalid: trainer.clock=paper_table2 needs T"),
     (["seed=4294967296"], r"^seed=4294967296 is invalid: it seeds numpy's and torch's generators, .*0..4294967295"),
     (["seed=true"], r"^seed=True is invalid: .*an integer in 0..4294967295"),
     (["failure.seed_offset=-5"], r"^failure.seed_offset=-5 is invalid: .*with seed=0 allowed is an integer >= 0"),
