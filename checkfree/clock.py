@@ -64,7 +64,7 @@ class Clock:
         elif cfg.trainer.clock == "fixed":
             self.iteration_s = cfg.failure.iteration_seconds
         else:
-            self.iteration_s = self.cost.iteration_seconds(strategy.schedule_name, redundant=strategy.redundant_compute)
+            self.iteration_s = self.cost.iteration_seconds(strategy.schedule_name, shadows=strategy.redundant_compute)
 
     def recovery_seconds(self, report: RecoveryReport) -> float:
         """Replacement delay + the bytes the replacement receives. A rollback downloads every stage's shard in

@@ -348,7 +348,7 @@ class CostModel:
     def _hop(self, a: int, b: int) -> list[tuple]:
         return _hop_ops(a, b, p2p_seconds(self.act_bytes, stage_link(self.network, a, b)))
 
-    def _routes(self, schedule: str, redundant: bool, hops: bool = True) -> list[list[tuple]]:
+    def _routes(self, schedule: str, shadows: bool, hops: bool = True) -> list[list[tuple]]:
         s = self.model.n_stages
         require(schedule in SCHEDULES, "schedule", schedule, f"allowed: {list(SCHEDULES)}")
         require(
@@ -370,7 +370,7 @@ class CostModel:
             # it must also run the shadow's backward, which needs the gradient of the shadow's output from
             # stage k+2: one more hop per micro-batch (network.redundant_backward=false drops both).
             extra_fwd = extra_bwd = 0.0
-            if redundant and shadow:
+            if shadows and shadow:
                 successor = (k + 1) % s
                 extra_fwd = self._fwd(body[successor])
                 if self.network.redundant_backward:
@@ -393,8 +393,8 @@ class CostModel:
             priced.append(ops)
         return priced
 
-    def _pipe(self, schedule: str, redundant: bool, hops: bool = True) -> float:
-        routes = self._routes(schedule, redundant, hops)
+    def _pipe(self, schedule: str, shadows: bool, hops: bool = True) -> float:
+        routes = self._routes(schedule, shadows, hops)
         return _pipeline(routes, self.micro_batches, self.network.pipeline)
 
     def allreduce_seconds(self) -> float:
@@ -406,16 +406,17 @@ class CostModel:
         w = self.replicas
         return max(ring_allreduce_seconds(p * self.network.dtype_bytes, w, link) for p in self.params)
 
-    def breakdown(self, schedule: str = "in_order", redundant: bool = False) -> dict[str, float]:
+    def breakdown(self, schedule: str = "in_order", shadows: bool = False) -> dict[str, float]:
         """compute (pipeline time on a zero-cost network), p2p (what the hops add), allreduce, total."""
-        compute = self._pipe(schedule, redundant, hops=False)
-        p2p = self._pipe(schedule, redundant) - compute
+        compute = self._pipe(schedule, shadows, hops=False)
+        p2p = self._pipe(schedule, shadows) - compute
         allreduce = self.allreduce_seconds()
         return {"compute": compute, "p2p": p2p, "allreduce": allreduce, "total": compute + p2p + allreduce}
 
-    def iteration_seconds(self, schedule: str = "in_order", redundant: bool = False) -> float:
-        """Simulated seconds of one iteration (M micro-batches + gradient all-reduce)."""
-        return self._pipe(schedule, redundant) + self.allreduce_seconds()
+    def iteration_seconds(self, schedule: str = "in_order", shadows: bool = False) -> float:
+        """Simulated seconds of one iteration (M micro-batches + gradient all-reduce); ``shadows``: every stage
+        also computes a shadow of its successor (what redundant computation keeps up)."""
+        return self._pipe(schedule, shadows) + self.allreduce_seconds()
 
     def stage_bytes(self, stage: int, with_optimizer: bool = False) -> int:
         """Bytes of a stage's fp32 weights (4 B/param), + Adam's two fp32 moments (8 B/param)."""

@@ -101,7 +101,7 @@ def cost_model_seconds(strategy: str) -> float:
     network = NetworkConfig(name="geo_distributed")
     cost = CostModel(preset("llama_500m"), 4, 16, network, replicas=4)
     return cost.iteration_seconds("out_of_order" if strategy == "checkfree_plus" else "in_order",
-                                  redundant=strategy == "redundant")
+                                  shadows=strategy == "redundant")
 
 
 def paired_speedups(runs: pd.DataFrame, base: str, strategy: str, rate: float) -> list[float]:

@@ -155,11 +155,11 @@ def test_redundant_compute_by_hand():
     assert cm.iteration_seconds() == pytest.approx(16416.0)
     # Redundant: stage k also runs stage (k+1) mod 4's forward: 1040+1040, 1040+1040, 1040+1176,
     # 1176+1040 -> fwd path 8592 + bottleneck 2216 = 10808; bwd unchanged 10944 -> 21752.
-    assert cm.iteration_seconds(redundant=True) == pytest.approx(21752.0)
+    assert cm.iteration_seconds(shadows=True) == pytest.approx(21752.0)
     # Shadows kept identical also run the successor's backward (2P): bwd slots 4160, 4160, 4432, 4432
     # -> path 17184 + bottleneck 4432 = 21616; the gradient hop from k+2 is free on this network.
     full = CostModel(TINY, 2, 2, dataclasses.replace(net, redundant_backward=True), flops_per_s=16.0)
-    assert full.iteration_seconds(redundant=True) == pytest.approx(10808.0 + 21616.0)
+    assert full.iteration_seconds(shadows=True) == pytest.approx(10808.0 + 21616.0)
     parts = cm.breakdown()
     assert parts["compute"] == pytest.approx(16416.0) and parts["allreduce"] == 0.0
     assert parts["total"] == pytest.approx(parts["compute"] + parts["p2p"] + parts["allreduce"])
@@ -203,7 +203,7 @@ def test_paper_preset_ordering_on_geo():
     cm = CostModel(m, 4, 16, GEO, replicas=4)
     base = cm.iteration_seconds()
     assert cm.iteration_seconds("out_of_order") > base
-    assert cm.iteration_seconds(redundant=True) > base
+    assert cm.iteration_seconds(shadows=True) > base
     assert cm.breakdown()["p2p"] > cm.breakdown()["compute"]  # WAN-bound, as in the paper's testbed
     single = CostModel(m, 4, 16, NetworkConfig(), replicas=4)
     assert single.iteration_seconds() < base
