@@ -129,17 +129,16 @@ def test_traced_cascading_and_sigkilled_failures_recover_like_local(small_run, t
     that recovery is under way stage 3's actor is SIGKILLed from outside: it joins the recovery (a cascade).
     Then, as iteration 5's step goes out, stage 1's actor is stopped (SIGSTOP), stage 2's actor, blocked
     receiving from it, is SIGKILLed, and stage 1 goes on: that iteration is discarded everywhere, stage 2
-    rebuilt on a warm standby and the iteration redone. The run saves its state at the end; resumed on new
-    actors it trains two more iterations. The result is exactly the local run where a trace kills stages 0
-    and 3 at iteration 2 and stage 2 at iteration 5, losses and weights. Afterwards no Ray process is left."""
+    rebuilt on a warm standby and the iteration redone. The result is exactly the local run where a trace
+    kills stages 0 and 3 at iteration 2 and stage 2 at iteration 5, losses and weights. Afterwards no Ray
+    process is left. (Resume is the supervisor's, whatever the launcher: tests/test_distributed.py.)"""
     assert not ray.is_initialized()
     sections = {"strategy": {"name": "checkfree_plus"},
-                "trainer": {"iterations": 6, "eval_every": 3, "save_every": 3}}
+                "trainer": {"iterations": 6, "eval_every": 3}}
     local_dir, run_dir = tmp_path / "local", tmp_path / "ray"
     all_three = trace(tmp_path / "local.json", [{"iteration": 2, "stage": 0}, {"iteration": 2, "stage": 3},
                                                 {"iteration": 5, "stage": 2}])
-    longer = {**sections, "trainer": {**sections["trainer"], "iterations": 8}}
-    local = train(small_run(**longer, failure=all_three), local_dir)
+    local = train(small_run(**sections, failure=all_three), local_dir)
     killed: dict[str, int] = {}
 
     def cascade(n, engine):  # the first recovery (stage 0's): stage 3 dies meanwhile
@@ -166,17 +165,14 @@ def test_traced_cascading_and_sigkilled_failures_recover_like_local(small_run, t
                          train_step=mid_step).run()
 
     assert summary["status"] == "completed" and summary["iterations"] == 6
-    listed = workers(run_dir)  # before the resumed run rewrites it
-    resumed = train(small_run(**{**longer, "trainer": {**longer["trainer"], "resume": str(run_dir)}},
-                              failure=first, engine=RAY), tmp_path / "elsewhere")
-    assert resumed["resumed_at_iterations"] == [6] and resumed["iterations"] == 8
-    assert summary["recoveries"] == local["recoveries"] == resumed["recoveries"]
+    listed = workers(run_dir)
+    assert summary["recoveries"] == local["recoveries"]
     assert [(r["stage"], r["method"]) for r in summary["recoveries"]] == [
         (0, "copy+replica"), (3, "copy+replica"), (2, "copy")]
     assert [(f["stage"], f.get("cause")) for f in summary["failures"]] == [
         (0, None), (3, "process exited during respawn"), (2, "process exited during step")]  # seen at once
     records = read_metrics(run_dir / "metrics.jsonl")
-    assert [r["iteration"] for r in records] == list(range(9))  # iteration 5 logged once: redone
+    assert [r["iteration"] for r in records] == list(range(7))  # iteration 5 logged once: redone
     assert records[2]["failed_stages"] == [0, 3]
     [rec] = records[5]["recoveries"]
     process = rec["process"]
