@@ -74,7 +74,7 @@ def calibrate(out: Path, seeds: int, jobs: int, extra: list[str]) -> dict:
     T = round(statistics.fmean(iterations))
     calibration = {"T": T, "target": target, "iterations": iterations, "ci95": ci95(iterations),
                    "val_loss_se": [r.get("final_val_loss_se") for r in runs], "seeds": seeds,
-                   "run_seconds": sum(r.get("total_wall_time_s") or 0.0 for r in runs)}
+                   "run_seconds": run_seconds(runs)}
     (out / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
     print(f"calibration: T = {T} iterations to {target} (per seed {[round(i) for i in iterations]})", flush=True)
     return calibration
@@ -99,7 +99,7 @@ def main_table(args: argparse.Namespace) -> None:
 
 
 def ablations(args: argparse.Namespace) -> None:
-    start, lines, records, run_seconds = time.perf_counter(), [], [], 0.0
+    start, lines, records, seconds = time.perf_counter(), [], [], 0.0
     for width in [int(w) for w in args.widths.split(",")]:
         shape = [f"model.d_model={width}", f"model.n_heads={max(1, width // 16)}"]
         out = args.out / f"d{width}"
@@ -108,15 +108,16 @@ def ablations(args: argparse.Namespace) -> None:
                   if int(o[-1].split("=")[1]) < args.seeds]
         runs = run_all(points, out / "runs", [*regime(calibration["T"], ABLATION_LENGTH), *shape, *args.set],
                        args.jobs)
-        lines += ablation_rows(width, calibration, runs, records)
-        run_seconds += calibration["run_seconds"] + sum(r.get("total_wall_time_s") or 0.0 for r in runs)
+        rows, per_run = ablation_rows(width, calibration, runs)
+        lines, records = lines + rows, records + per_run
+        seconds += calibration["run_seconds"] + run_seconds(runs)
     table = ["| d_model | T | rule | failures | val loss at T | val loss at 1.25 T | minus CheckFree's at 1.25 T "
              "(paired) | reached target | iterations to target / T |",
              "|---|---|---|---|---|---|---|---|---|", *lines]
     # A resumed sweep skips finished points: the runs' own wall times are the measure that survives that.
     text = "\n".join(table) + (
         f"\n\nMean ± 95 % CI over seeds (a seed draws the same failures for every rule, so the difference to "
-        f"CheckFree is paired by seed); 16 %/h in paper units. Compute: {run_seconds / 60:.1f} run-minutes "
+        f"CheckFree is paired by seed); 16 %/h in paper units. Compute: {seconds / 60:.1f} run-minutes "
         f"(calibration included, {args.jobs} at a time); this invocation {(time.perf_counter() - start) / 60:.1f} "
         "min of wall time.\n")
     (args.out / "ablations.md").write_text(text)
@@ -125,10 +126,16 @@ def ablations(args: argparse.Namespace) -> None:
     print(text)
 
 
-def ablation_rows(width: int, calibration: dict, runs: list[dict], records: list[dict]) -> list[str]:
+def run_seconds(runs: list[dict]) -> float:
+    """The runs' own wall times, summed (a run that failed to start counts 0)."""
+    return sum(r.get("total_wall_time_s") or 0.0 for r in runs)
+
+
+def ablation_rows(width: int, calibration: dict, runs: list[dict]) -> tuple[list[str], list[dict]]:
+    """The table's rows for one width, and every run's own figures (for runs.csv)."""
     from checkfree.runlog import read_metrics
 
-    T, rows, finals = calibration["T"], [], {}
+    T, rows, records, finals = calibration["T"], [], [], {}
     for rule in ("checkfree", "uniform", "copy", "random", "zero"):
         mine = sorted((r for r in runs if r.get("strategy") == rule), key=lambda r: r["seed"])
         at_T, at_end, its = [], [], []
@@ -150,7 +157,7 @@ def ablation_rows(width: int, calibration: dict, runs: list[dict], records: list
         rows.append(f"| {width} | {T} | {rule} | {fmt([r['n_failures'] for r in mine], '.0f')} | {fmt(at_T)} | "
                     f"{fmt(at_end)} | {fmt(paired, '+.4f') if rule != 'checkfree' else '—'} | "
                     f"{len(its)}/{len(mine)} | {fmt(its, '.2f') if its else '—'} |")
-    return rows
+    return rows, records
 
 
 def interpolate(curve: list[tuple[int, float]], x: float) -> float:

@@ -310,8 +310,9 @@ class RayPool(WorkerPool):
         self.history.append({"stage": handle.stage, "replica": handle.replica, "rank": handle.rank,
                              "pid": handle.pid, "node_id": handle.node.id, "node_ip": handle.node.ip,
                              "placement": handle.placement, "started": handle.started})
-        if handle.previous_node is not None and handle.previous_node.id != handle.node.id:  # a replacement in
-            # place (its bundle's node alive) is in ``history``; ``moves`` lists the stages that changed node
+        # A replacement in place (its bundle's node alive) is only in ``history``; ``moves`` lists the stages
+        # that changed node.
+        if handle.previous_node is not None and handle.previous_node.id != handle.node.id:
             self.moves.append({"stage": handle.stage, "replica": handle.replica, "generation": self.generation + 1,
                                "from": dataclasses.asdict(handle.previous_node),
                                "to": dataclasses.asdict(handle.node)})
