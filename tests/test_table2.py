@@ -100,3 +100,41 @@ def test_gpu_throughput_benchmark_smoke_mode_runs_on_the_cpu(capsys):
     assert all(r["tokens_per_s"] > 0 and r["step_s"] > 0 and r["mfu"] is None for r in rows)  # no peak for a CPU
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| in_order", "| out_"))]
     assert len(table) == 4
+
+
+def test_ablation_rows_pair_each_rule_with_checkfree_by_seed(tmp_path):
+    """The ablation table on hand-made runs: loss at T interpolated between validations, the last loss, the
+    difference to CheckFree's last loss at the same seed, and every run's own figures."""
+    import importlib
+
+    experiments = str(ROOT / "experiments")
+    sys.path.insert(0, experiments)
+    try:
+        script = importlib.import_module("table2")  # experiments/table2.py (it puts its folder on the path too)
+    finally:
+        sys.path[:] = [p for p in sys.path if p != experiments]
+    # val loss at iterations 0 / 100 / 125 per (rule, seed); T = 100 -> "at T" is the 100 record.
+    finals = {("checkfree", 0): 0.80, ("checkfree", 1): 0.90, ("copy", 0): 0.85, ("copy", 1): 0.99,
+              **{(rule, seed): 1.5 for rule in ("uniform", "random", "zero") for seed in (0, 1)}}
+    runs = []
+    for (rule, seed), last in finals.items():
+        run = tmp_path / f"{rule}_{seed}"
+        run.mkdir()
+        curve = [(0, 5.0), (50, 2.0), (150, last)]  # at T=100: halfway, (2.0 + last) / 2
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"iteration": i, "val_loss": v}) + "\n"
+                                                   for i, v in curve))
+        runs.append({"run_dir": str(run), "strategy": rule, "seed": seed, "n_failures": 10 + seed,
+                     "n_recoveries": 10 + seed, "iterations": 150, "total_wall_time_s": 60.0,
+                     "iterations_to_target_interp": 120.0 if rule == "checkfree" else None})
+    rows, records = script.ablation_rows(64, {"T": 100}, runs)
+    cf = next(r for r in rows if "| checkfree |" in r)
+    copy = next(r for r in rows if "| copy |" in r)
+    cells = [c.strip() for c in copy.split("|")[1:-1]]
+    assert cells[:3] == ["64", "100", "copy"]
+    assert cells[4].startswith(f"{((2.0 + 0.85) / 2 + (2.0 + 0.99) / 2) / 2:.4f} ± ")
+    assert cells[6].startswith(f"+{((0.85 - 0.80) + (0.99 - 0.90)) / 2:.4f} ± ")  # paired: +0.05, +0.09
+    assert cells[7:] == ["0/2", "—"]
+    assert [c.strip() for c in cf.split("|")[1:-1]][6:] == ["—", "2/2", "1.20 ± 0.00"]
+    assert [(r["rule"], r["seed"], r["val_loss_at_end"]) for r in records if r["rule"] in ("checkfree", "copy")] \
+        == [("checkfree", 0, 0.80), ("checkfree", 1, 0.90), ("copy", 0, 0.85), ("copy", 1, 0.99)]
+    assert len(records) == 10 and script.run_seconds(runs) == 600.0
