@@ -16,6 +16,7 @@ Everything here is frozen and picklable, and imports nothing heavier than the st
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 REPLICA, SHADOW = "replica", "shadow"
@@ -181,8 +182,9 @@ def rollback_reports(plan: RecoveryPlan, progress_before: int, restored: dict[st
     ``restored`` is what the checkpoint store read: its ``progress``, each stage's ``shard_bytes`` and the
     ``damaged`` checkpoints it skipped to get there."""
     shards = restored["shard_bytes"]
-    details: dict[str, Any] = {"rolled_back_to": restored["progress"], "all_stages": True,
-                               "largest_shard_bytes": max(shards)}
+    # The checkpoint by its directory name (not its path: the records of two engines' runs must be equal).
+    details: dict[str, Any] = {"rolled_back_to": restored["progress"], "checkpoint": Path(restored["path"]).name,
+                               "all_stages": True, "largest_shard_bytes": max(shards)}
     if restored.get("damaged"):
         details["damaged"] = list(restored["damaged"])
     return [RecoveryReport(k, plan.strategy, "rollback", [], [], shards[k],

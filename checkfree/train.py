@@ -205,6 +205,13 @@ def _take_back(run_dir: Path) -> None:
         pass
 
 
+def _recovered_from(recovery: dict) -> str:
+    """"rollback to checkpoint ckpt-…" / "checkfree from [1, 3]" / "reinit from scratch"."""
+    if recovery.get("checkpoint"):
+        return f"{recovery['method']} to checkpoint {recovery['checkpoint']}"
+    return f"{recovery['method']} from {recovery['sources'] or 'scratch'}"
+
+
 def _print_summary(summary: dict) -> None:
     print(f"\n{summary['strategy']} | {summary['iterations']} iterations | "
           f"val loss {summary['initial_val_loss']:.3f} -> {summary['final_val_loss']:.3f} | "
@@ -212,8 +219,7 @@ def _print_summary(summary: dict) -> None:
     print(f"failures: {summary['n_failures']}, recoveries: {summary['n_recoveries']} "
           f"{summary['recoveries_by_method']}, lost iterations: {summary['lost_iterations']}")
     for failure, recovery in zip(summary["failures"], summary["recoveries"]):
-        print(f"  iteration {failure['iteration']:>4}: stage {failure['stage']} lost -> "
-              f"{recovery['method']} from {recovery['sources'] or 'nothing'}")
+        print(f"  iteration {failure['iteration']:>4}: stage {failure['stage']} lost -> {_recovered_from(recovery)}")
     if summary.get("time_to_target_s") is not None:
         print(f"target {summary['target_loss']} reached at {summary['time_to_target_s'] / 3600:.2f} simulated h")
     print(f"run directory: {summary['run_dir']}")
