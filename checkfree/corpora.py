@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from checkfree.config import ConfigError, require
+from checkfree.debian_corpora import DEBIAN_CORPORA
 
-CORPORA = ("synthetic", "tinystories", "openwebtext", "text", "json", "parquet")
+CORPORA = ("synthetic", "tinystories", "openwebtext", "text", "json", "parquet", *DEBIAN_CORPORA)
 HUB_IDS = {"tinystories": "roneneldan/TinyStories", "openwebtext": "Skylion007/openwebtext"}
 FILE_SUFFIXES = {"text": (".txt",), "json": (".json", ".jsonl"), "parquet": (".parquet",)}
 SUFFIX_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -24,9 +25,10 @@ SAVED_DATASET_FILES = ("dataset_dict.json", "state.json")
 @dataclass(frozen=True)
 class DataConfig:
     name: str = "synthetic"
-    """Corpus: synthetic | tinystories | openwebtext | text | json | parquet."""
+    """Corpus: synthetic | tinystories | openwebtext | text | json | parquet | fortunes | pydocs."""
     path: str | None = None
-    """Local file or directory (required for text/json/parquet; a local copy for tinystories/openwebtext)."""
+    """Local file or directory (required for text/json/parquet and the Debian corpora fortunes/pydocs; a local
+    copy for tinystories/openwebtext)."""
     text_field: str = "text"
     """Column holding the document text (json, parquet and HF datasets)."""
     tokenizer: str = "bpe"
@@ -52,17 +54,25 @@ def validate_data_config(cfg: DataConfig) -> None:
     require(cfg.name in CORPORA, "data.name", cfg.name, f"allowed corpora are {', '.join(CORPORA)}")
     if cfg.name in FILE_SUFFIXES:
         require(cfg.path is not None, "data.path", cfg.path, f"data.name={cfg.name} needs a local file or directory")
+    if cfg.name in DEBIAN_CORPORA:
+        require(cfg.path is not None, "data.path", cfg.path, _debian_hint(cfg.name))
     require(cfg.path is None or cfg.name != "synthetic", "data.path", cfg.path,
             "data.name=synthetic generates its stories and reads no file; allowed is null, or a file corpus "
             "such as data=local_text")
     if cfg.path is not None:
         path = Path(cfg.path).expanduser()
+        if cfg.name in DEBIAN_CORPORA and not path.exists():
+            raise ConfigError(f"data.path={cfg.path} does not exist: {_debian_hint(cfg.name)}.")
         require(path.exists(), "data.path", cfg.path, "no such file or directory")
         require(os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)), "data.path", cfg.path,
                 "this user may not read it")
         if cfg.name in FILE_SUFFIXES:
             require(bool(data_files(cfg)), "data.path", cfg.path,
                     f"the directory holds no {'/'.join(FILE_SUFFIXES[cfg.name])} files for data.name={cfg.name}")
+        elif cfg.name in DEBIAN_CORPORA:
+            if not DEBIAN_CORPORA[cfg.name].files(path):
+                raise ConfigError(f"data.path={cfg.path} holds no {DEBIAN_CORPORA[cfg.name].what}: "
+                                  f"{_debian_hint(cfg.name)}.")
         elif path.is_dir():  # a local copy of a hub corpus: a save_to_disk folder or a snapshot of its files
             require(any(p.is_file() and not p.name.startswith(".") for p in path.rglob("*")), "data.path",
                     cfg.path, f"the directory holds no files; allowed is a local copy of {HUB_IDS[cfg.name]} "
@@ -81,6 +91,13 @@ def validate_data_config(cfg: DataConfig) -> None:
         require(cfg.n_documents > cfg.val_documents, "data.n_documents", cfg.n_documents,
                 f"it must exceed data.val_documents={cfg.val_documents} to leave training documents"
                 + ("" if cfg.name == "synthetic" else " (or be 0 = all)"))
+
+
+def _debian_hint(name: str) -> str:
+    """What a Debian corpus reads and the apt line that installs it: most machines lack the package."""
+    source = DEBIAN_CORPORA[name]
+    return (f"data={name} reads the Debian package's {source.what}; install them with "
+            f'"apt-get install {source.package}" (or point data.path at a copy)')
 
 
 def data_files(cfg: DataConfig) -> list[Path]:
@@ -106,7 +123,7 @@ def check_data_files(cfg: DataConfig) -> None:
     """Refuse local data files that cannot be read as ``data.name``, before a run imports datasets (seconds):
     a parquet file without parquet's magic bytes, and (up to CHECKED_BYTES) text that is not UTF-8 or JSON
     that does not parse. Only errors datasets would also raise are refused here."""
-    if cfg.path is None:
+    if cfg.path is None or cfg.name in DEBIAN_CORPORA:  # their readers decode leniently: nothing to refuse here
         return
     path = Path(cfg.path).expanduser()
     files = data_files(cfg) if cfg.name in FILE_SUFFIXES else [path] if path.is_file() else []

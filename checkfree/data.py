@@ -1,11 +1,12 @@
 """Training data: corpora, tokenizer, packing into fixed-length sequences, and a held-out validation split.
 
 ``load_corpus`` runs the whole path: documents (the embedded synthetic stories, a Hugging Face hub corpus,
-or local text/json/parquet files) -> exact duplicates dropped, shuffled with the corpus seed and split
-into validation and training documents -> a tokenizer (our own byte-level BPE trained on the training
-documents and cached, or a pretrained HF tokenizer) -> every document tokenized with EOS appended,
-concatenated and cut into sequences of ``seq_len + 1`` tokens -> ``TokenBatches`` serves the training
-sequences in a seeded order per epoch and resumes exactly from its ``state_dict``.
+local text/json/parquet files, or a Debian package's text: ``checkfree.debian_corpora``) -> exact
+duplicates dropped, shuffled with the corpus seed and split into validation and training documents -> a
+tokenizer (our own byte-level BPE trained on the training documents and cached, or a pretrained HF
+tokenizer) -> every document tokenized with EOS appended, concatenated and cut into sequences of
+``seq_len + 1`` tokens -> ``TokenBatches`` serves the training sequences in a seeded order per epoch and
+resumes exactly from its ``state_dict``.
 
 It avoids the reference code's data bugs (PAPER §9 items 9-11): validation documents are never trained
 on (not even by the tokenizer), documents are separated by EOS, and batches are drawn by index from one
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 
-from checkfree import stories
+from checkfree import debian_corpora, stories
 from checkfree.config import ConfigError, require
 from checkfree.corpora import (  # torch-free, so a config is validated without torch; re-exported here
     CORPORA,
@@ -40,6 +41,7 @@ from checkfree.corpora import (  # torch-free, so a config is validated without 
     find_bad_json,
     validate_data_config,
 )
+from checkfree.debian_corpora import DEBIAN_CORPORA
 from checkfree.stories import generate_stories
 
 if TYPE_CHECKING:  # transformers is imported where it is used: validating a config must stay cheap
@@ -60,6 +62,9 @@ def load_documents(cfg: DataConfig) -> list[str]:
         docs: Iterable[str] = generate_stories(cfg.n_documents, cfg.seed)
     elif cfg.name in FILE_SUFFIXES:
         docs = _file_documents(cfg)
+    elif cfg.name in DEBIAN_CORPORA:
+        read = DEBIAN_CORPORA[cfg.name].read(Path(cfg.path or "").expanduser())
+        docs = read[: cfg.n_documents] if cfg.n_documents > 0 else read
     elif cfg.path is not None:
         docs = _local_copy_documents(cfg)
     else:
@@ -245,12 +250,16 @@ def _source_fingerprint(cfg: DataConfig) -> Any:
         return hashlib.sha256(Path(stories.__file__).read_bytes()).hexdigest()
     if cfg.path is None:
         return HUB_IDS[cfg.name]
+    # A Debian corpus's documents are cut by our reader: an edit to its rules invalidates the caches by itself.
+    reader = hashlib.sha256(Path(debian_corpora.__file__).read_bytes()).hexdigest() if cfg.name in DEBIAN_CORPORA \
+        else None
     # Every file's size and modification time (a save_to_disk folder included): an edited corpus gets
     # a new tokenizer and new tokens instead of stale ones.
     root = Path(cfg.path).expanduser().resolve()
     files = [root] if root.is_file() else sorted(
         p for p in root.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts))
-    return [str(root)] + [[str(f.relative_to(root.parent)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    return [str(root), *([reader] if reader else [])] + [
+        [str(f.relative_to(root.parent)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
 def _write_once(path: Path, write: Callable[[BinaryIO], None], overwrite: bool = False) -> None:
