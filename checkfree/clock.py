@@ -18,6 +18,8 @@ The trainer asks the clock and never prices anything itself.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from checkfree.cost import CostModel, StepOverhead, measure_flops
 from checkfree.model import ModelConfig, preset, stage_param_counts
 from checkfree.plan import RecoveryReport, Traffic
@@ -43,13 +45,22 @@ def table2_iteration_seconds(column: str, hourly_rate: float) -> float:
     return TABLE2_ITERATION_S[column][nearest]
 
 
+def priced_as(paper: ModelConfig, n_stages: int) -> ModelConfig:
+    """The paper-scale model ``paper`` cut into the trained model's ``n_stages`` stages, so that every stage of
+    the run has a priced counterpart: its layers spread evenly (llama_500m's 24 as 8 x 3 or 12 x 2, the
+    reference's 12-stage layout), rounded to whole layers per stage when S does not divide them."""
+    if n_stages == paper.n_stages:
+        return paper
+    return replace(paper, n_stages=n_stages, layers_per_stage=max(1, round(paper.n_layers / n_stages)))
+
+
 class Clock:
     def __init__(self, cfg: RunConfig, model: ModelConfig, strategy: RecoveryStrategy) -> None:
         priced, micro_batch_size = model, cfg.trainer.micro_batch_size
         if cfg.trainer.clock_preset is not None:
             # Price every iteration as the paper-scale model would cost, so that failure rates per hour
             # mean at CPU scale what they mean in the paper's setting (README "The simulated clock").
-            priced = preset(cfg.trainer.clock_preset)
+            priced = priced_as(preset(cfg.trainer.clock_preset), model.n_stages)
             micro_batch_size = cfg.trainer.clock_micro_batch_size or micro_batch_size
         flops = measure_flops() if cfg.network.device == "measured" else None
         self.byte_scale = [p / a for p, a in zip(stage_param_counts(priced), stage_param_counts(model))]
@@ -59,12 +70,16 @@ class Clock:
         self.incident_s = PAPER_RECOVERY_S if self.paper else cfg.network.replacement_delay_s
         """Losses closer together than this (a recovery's time) strike the pipeline together."""
         if self.paper:
-            scale = PAPER_T / cfg.trainer.paper_T
-            self.iteration_s = scale * table2_iteration_seconds(strategy.table2_column, cfg.failure.hourly_rate)
+            self.sub_iteration_s = table2_iteration_seconds(strategy.table2_column, cfg.failure.hourly_rate)
+            self.iteration_s = PAPER_T / cfg.trainer.paper_T * self.sub_iteration_s
         elif cfg.trainer.clock == "fixed":
-            self.iteration_s = cfg.failure.iteration_seconds
+            self.iteration_s = self.sub_iteration_s = cfg.failure.iteration_seconds
         else:
             self.iteration_s = self.cost.iteration_seconds(strategy.schedule_name, shadows=strategy.redundant_compute)
+            self.sub_iteration_s = self.iteration_s
+        """``iteration_s``: simulated seconds of one CPU iteration's work. ``sub_iteration_s``: of the iterations
+        it stands for (a paper iteration on ``paper_table2``; the iteration itself otherwise): a loss throws
+        away the unfinished one of them (README "The simulated clock")."""
 
     def recovery_seconds(self, report: RecoveryReport) -> float:
         """Replacement delay + the bytes the replacement receives. A rollback downloads every stage's shard in

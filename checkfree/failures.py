@@ -17,9 +17,9 @@ iteration's window of *simulated* time; the strategy then recovers all of them b
 This fixes two flaws of the reference (PAPER §9 items 5, 14): failures happen at any simulated time, not
 only at iteration boundaries, and one failure model is shared by every strategy.
 
-A stage that "fails twice" within one call's window is lost once: its replacement only joins at the next
-iteration boundary, so there is nothing more to lose. Every model therefore returns at most one event per
-stage per call, sorted by (time_s, stage).
+Every arrival counts: a stage hit twice in one window (one CPU iteration can stand for many paper
+iterations) is lost twice, and the second loss strikes its replacement. Models return every event of a
+window, sorted by (time_s, stage); ``FailureDraws`` turns them into incidents, one after another.
 
 Shipped traces: ``conf/failure/traces/example.json`` (stage 2 lost at iteration 5) and
 ``conf/failure/traces/reference_33.json``, the reference throughput testbed's 33 %/h events (PAPER §4.2).
@@ -104,9 +104,11 @@ class FailureModel(Protocol):
     def events(self, iteration: int, t_start: float, t_end: float) -> list[FailureEvent]:
         """Stages lost in 1-based ``iteration``, whose simulated time lies in ``[t_start, t_end)``.
 
-        At most one event per stage, sorted by (time_s, stage). Timed events are reported exactly once:
-        an arrival in a gap between two windows comes with the next window (with its true ``time_s``)
-        rather than being lost, and a window overlapping an earlier one reports only what is new.
+        Every event, sorted by (time_s, stage); a stage may appear more than once. Timed events are reported
+        exactly once: an arrival in a gap between two windows comes with the next window (with its true
+        ``time_s``) rather than being lost, and a window overlapping an earlier one reports only what is new.
+        One iteration may be asked for several windows (one per stretch of work between incidents): its
+        per-iteration events (bernoulli, a trace's ``iteration`` records) come with the first of them only.
         """
         ...
 
@@ -161,9 +163,8 @@ class PoissonFailures:
         _check_window(t_start, t_end)
         out = []
         for stage, t in self._next.items():
-            if t < t_end:
+            while t < t_end:  # every arrival: a second one hits the stage's replacement
                 out.append(FailureEvent(stage, iteration, t))
-            while t < t_end:  # later arrivals in the same window hit a stage that is already lost
                 t = self._after(stage, t)
             self._next[stage] = t
         return sorted(out, key=_by_time)
@@ -184,13 +185,20 @@ class PoissonFailures:
 
 
 class BernoulliFailures(Stateless):
-    """Each eligible stage fails with probability ``p`` in every iteration, independently."""
+    """Each eligible stage fails with probability ``p`` in every iteration, independently.
+
+    Stateless for a resume (which happens between iterations): it only remembers the iteration it last
+    answered, so that a second window of that iteration draws nothing new."""
 
     def __init__(self, stages: Sequence[int], n_stages: int, p: float, seed: int) -> None:
         self.stages, self.n_stages, self.p, self.seed = sorted(stages), n_stages, p, seed
+        self._answered = 0
 
     def events(self, iteration: int, t_start: float, t_end: float) -> list[FailureEvent]:
         _check_window(t_start, t_end)
+        if iteration == self._answered:
+            return []
+        self._answered = iteration
         # Seeded by the iteration alone, so the events do not depend on which iterations were asked before.
         rng = np.random.default_rng([self.seed, _BERNOULLI_STREAM, iteration])
         draws = rng.random(self.n_stages)  # one draw per stage, eligible or not, so masks never shift draws
@@ -207,21 +215,24 @@ class TraceFailures:
                 self._by_iteration.setdefault(e.iteration, set()).add(e.stage)
         self._timed = sorted((e.time_s, e.stage) for e in events if e.time_s is not None)
         self._next = 0  # the first timed event not reported yet
+        self._answered = 0  # the last iteration whose by-iteration events were reported
 
     def events(self, iteration: int, t_start: float, t_end: float) -> list[FailureEvent]:
         _check_window(t_start, t_end)
-        lost = {stage: float(t_start) for stage in self._by_iteration.get(iteration, ())}
+        lost = []
+        if iteration != self._answered:
+            lost = [(float(t_start), stage) for stage in self._by_iteration.get(iteration, ())]
+            self._answered = iteration
         while self._next < len(self._timed) and self._timed[self._next][0] < t_end:
-            t, stage = self._timed[self._next]
-            lost[stage] = min(lost.get(stage, math.inf), t)
+            lost.append(self._timed[self._next])
             self._next += 1
-        return sorted((FailureEvent(s, iteration, t) for s, t in lost.items()), key=_by_time)
+        return sorted((FailureEvent(s, iteration, t) for t, s in lost), key=_by_time)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"next": self._next}
+        return {"next": self._next, "answered": self._answered}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._next = int(state["next"])
+        self._next, self._answered = int(state["next"]), int(state.get("answered", 0))
 
 
 def _by_time(event: FailureEvent) -> tuple[float, int]:
@@ -433,52 +444,83 @@ def _event(record: dict[str, Any], where: str, loc: str) -> FailureEvent:
                         None if time_s is None else float(time_s))
 
 
+@dataclass
+class Incident:
+    """Stages lost together at ``time_s``: the losses of one incident are recovered in parallel."""
+
+    time_s: float
+    stages: list[int]
+    """Sorted, each once."""
+    events: list[FailureEvent]
+    """The failure model's events behind it (none for a numeric-guard loss)."""
+    records: list[dict]
+    """The failure records that go to the summary, one per loss."""
+
+
 class FailureDraws:
-    """The failures of one run, drawn iteration by iteration over simulated time.
+    """The failures of one run, met one incident at a time as the run's simulated time goes on.
 
-    Each call covers ``[horizon, t_end)``: every simulated second is covered exactly once, including time
-    spent recovering, so a slower strategy meets more failures (as in reality). Stages the numeric guard
-    marked (``trainer.on_nonfinite=recover``) fail at the next draw, with cause "nonfinite".
+    The trainer asks ``next_incident(iteration, t, t_end)`` for the first incident in ``[t, t_end)``, the
+    stretch of work it has still to do; after recovering from it, it asks again from the end of that
+    recovery. Every simulated second is drawn exactly once, including time spent recovering, so a slower
+    strategy meets more failures (as in reality) and every strategy meets the same events: an arrival during
+    a recovery strikes when that recovery ends, if it did not join the incident. Stages the numeric guard
+    marked (``trainer.on_nonfinite=recover``) fail at the next call, with cause "nonfinite".
 
-    The losses of one window come as *incidents*: losses less than ``window_s`` apart (the time a recovery
-    takes) strike together and are recovered together; later ones strike a pipeline that has already
-    recovered from the earlier ones. Without this, every loss of an iteration's window would be simultaneous:
-    when one iteration stands for many real ones (a CPU run priced in paper hours) pairs of losses that are
-    minutes apart in reality — a stage and its shadow holder, both swap partners — would look simultaneous
-    and unrecoverable far more often than they are."""
+    An incident gathers losses less than ``window_s`` apart (the time a recovery takes), chained: they
+    strike together and are recovered together. A stage hit again within an incident ends it, and the second
+    hit is an incident of its own (it strikes the stage's replacement). Without this grouping, when one
+    iteration stands for many real ones (a CPU run priced in paper hours) pairs of losses that are minutes
+    apart in reality — a stage and its shadow holder, both swap partners — would look simultaneous and
+    unrecoverable far more often than they are; without the chaining, every loss would be its own incident."""
 
     def __init__(self, cfg: FailureConfig, n_stages: int, seed: int) -> None:
         self.model = build_failure_model(cfg, n_stages, seed)
         self.may_fail = set(failing_stages(cfg, n_stages))
         self.horizon = 0.0
+        """Simulated time up to which the model has been drawn."""
+        self.queued: list[FailureEvent] = []
+        """Drawn but not yet struck, in order of time."""
         self.pending: set[int] = set()
+        self._iteration = 0
 
-    def draw(self, iteration: int, t0: float, t_end: float,
-             window_s: float = 0.0) -> tuple[list[list[int]], list[FailureEvent], list[dict]]:
-        """(incidents, the model's events, their failure records) for ``iteration``, whose window ends at
-        ``t_end``: each incident is the sorted stages lost together, in order of time; a stage is lost once
-        per window, however often it was hit."""
-        events = [e for e in self.model.events(iteration, self.horizon, t_end) if e.stage in self.may_fail]
-        self.horizon = t_end
-        records = [{"iteration": iteration, "stage": e.stage, "time_s": e.time_s} for e in events]
-        nonfinite = sorted(self.pending - {e.stage for e in events})
-        records += [{"iteration": iteration, "stage": stage, "time_s": t0, "cause": "nonfinite"}
-                    for stage in nonfinite]
+    def _draw_until(self, iteration: int, t_end: float) -> None:
+        # A new iteration is always asked once, even for an empty window: its per-iteration events come then.
+        if t_end > self.horizon or iteration != self._iteration:
+            end = max(t_end, self.horizon)
+            new = [e for e in self.model.events(iteration, self.horizon, end) if e.stage in self.may_fail]
+            self.queued = sorted(self.queued + new, key=_by_time)
+            self.horizon, self._iteration = end, iteration
+
+    def next_incident(self, iteration: int, t: float, t_end: float, window_s: float = 0.0) -> Incident | None:
+        """The first incident of ``iteration`` that strikes in ``[t, t_end)`` (an arrival before ``t``, during
+        a recovery, strikes at ``t``), or None when the stretch of work ends before any loss."""
+        self._draw_until(iteration, t_end)
+        nonfinite = sorted(self.pending)
         self.pending = set()
-        incidents: list[list[int]] = [nonfinite] if nonfinite else []
-        last = t0 if nonfinite else -math.inf
-        for e in sorted(events, key=_by_time):
-            if incidents and e.time_s - last <= window_s:
-                incidents[-1].append(e.stage)
-            else:
-                incidents.append([e.stage])
-            last = e.time_s
-        return [sorted(i) for i in incidents], events, records
+        if not nonfinite and not (self.queued and self.queued[0].time_s < t_end):
+            return None
+        events: list[FailureEvent] = []
+        stages = set(nonfinite)
+        last = t if nonfinite else self.queued[0].time_s
+        while True:
+            self._draw_until(iteration, math.nextafter(last + window_s, math.inf))
+            if not self.queued or self.queued[0].time_s - last > window_s or self.queued[0].stage in stages:
+                break
+            event = self.queued.pop(0)
+            events.append(event)
+            stages.add(event.stage)
+            last = event.time_s
+        at = max(t, events[0].time_s if not nonfinite else t)
+        records = [{"iteration": iteration, "stage": e.stage, "time_s": e.time_s} for e in events]
+        records += [{"iteration": iteration, "stage": k, "time_s": t, "cause": "nonfinite"} for k in nonfinite]
+        return Incident(at, sorted(stages), events, records)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "horizon": self.horizon, "pending": sorted(self.pending)}
+        return {"model": self.model.state_dict(), "horizon": self.horizon, "pending": sorted(self.pending),
+                "queued": [e.to_dict() for e in self.queued]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.horizon, self.pending = state["horizon"], set(state["pending"])
-
+        self.queued = [FailureEvent(**e) for e in state.get("queued", [])]

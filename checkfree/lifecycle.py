@@ -118,7 +118,8 @@ class Run:
         t, cfg = self.trainer, self.cfg.trainer
         if self.resume_state is None:
             record = {"iteration": 0, "progress": 0, "sim_time_s": 0.0, "wall_time_s": 0.0, "failed_stages": [],
-                      "recoveries": [], "recovery_sim_s": 0.0, "lr": t.engine.stage_lrs()}
+                      "recoveries": [], "recovery_sim_s": 0.0, "lost_work_sim_s": 0.0, "failure_times_s": [],
+                      "lr": t.engine.stage_lrs()}
             t.totals.initial_val_loss = record["val_loss"] = t.evaluate(record)
             t.log.log(record)
             first = 1
@@ -271,6 +272,7 @@ class Run:
             "engine": cfg.engine.name, "iterations": t.iterations, "tokens": t.tokens,
             "total_sim_time_s": t.sim_time_s, "iteration_sim_s": self.trainer.clock.iteration_s,
             "recovery_sim_s": t.recovery_sim_s, "overhead_sim_s": t.overhead_sim_s,
+            "lost_work_sim_s": t.lost_work_sim_s,
             "total_wall_time_s": self.trainer.wall_time(),
             "n_failures": len(t.failures), "n_recoveries": len(t.recoveries), "recoveries_by_method": by_method,
             "lost_iterations": t.lost_iterations, "failures": t.failures, "recoveries": t.recoveries,

@@ -17,6 +17,7 @@ asks which one either is. How a run starts and ends — result files, resume, si
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,8 @@ from checkfree.runlog import RunLog
 from checkfree.schedule import build_schedule
 
 MAX_ATTEMPTS = 5
+MAX_INCIDENTS = 1000
+"""An iteration whose work is interrupted this often never finishes: the run stops and says why."""
 """A step (or validation) interrupted by stage losses more often than this in a row stops the run."""
 
 
@@ -64,6 +67,8 @@ class Totals:
     tokens: int = 0
     recovery_sim_s: float = 0.0
     overhead_sim_s: float = 0.0
+    lost_work_sim_s: float = 0.0
+    """Simulated seconds of work that losses threw away (unfinished iterations, rolled-back work within one)."""
 
 
 class Trainer:
@@ -86,15 +91,10 @@ class Trainer:
 
     def iteration(self, iteration: int) -> dict:
         """Failures -> recovery -> step -> guard -> upkeep -> clock. Returns the iteration's metrics record."""
-        self.iteration_no, t0 = iteration, self.totals.sim_time_s
-        record = {"iteration": iteration, "failed_stages": [], "recoveries": [], "recovery_sim_s": 0.0}
-        incidents, events, failures = self.failures.draw(iteration, t0, t0 + self.clock.iteration_s,
-                                                         self.clock.incident_s)
-        self.totals.failures += failures
-        for lost in incidents:  # one after another; the stages of one incident are replaced in parallel
-            self.engine.lose(lost)
-            reports = self.recover(set(lost))
-            self.note(record, reports, max(r.sim_seconds for r in reports))
+        self.iteration_no = iteration
+        record = {"iteration": iteration, "failed_stages": [], "recoveries": [], "recovery_sim_s": 0.0,
+                  "lost_work_sim_s": 0.0, "failure_times_s": []}
+        self.strike(iteration, record)
 
         batches = self.next_batches()
         wall = time.perf_counter()
@@ -117,7 +117,7 @@ class Trainer:
         self.totals.overhead_sim_s += overhead_s
         record.update({
             "progress": self.progress, "sim_time_s": self.totals.sim_time_s, "wall_time_s": self.wall_time(),
-            "train_loss": result.loss, "failure_times_s": [e.time_s for e in events], "lr": self.engine.stage_lrs(),
+            "train_loss": result.loss, "lr": self.engine.stage_lrs(),
             "grad_norm": result.grad_norm, "grad_norm_post": result.grad_norm_post, "tokens": result.tokens,
             "throughput_tok_s": result.tokens / step_wall if step_wall > 0 else 0.0,
             "iteration_sim_s": self.clock.iteration_s, "overhead_sim_s": overhead_s,
@@ -125,6 +125,40 @@ class Trainer:
         if nonfinite or not result.stepped:
             record.update(step_skipped=not result.stepped, nonfinite_stages=nonfinite)
         return record
+
+    def strike(self, iteration: int, record: dict) -> None:
+        """The iteration's work meets the failures of its simulated time, one incident after another.
+
+        The work (``clock.iteration_s``) starts at the current simulated time; an incident interrupts it at
+        its time, the lost stages are recovered (the recovery's seconds pass), and the work goes on. What an
+        interruption throws away is charged as lost time: the unfinished sub-iteration (``clock.sub_iteration_s``:
+        a paper iteration when a CPU iteration stands for many) — or, when the recovery rolled back, all of this
+        iteration's work so far, which the rollback discards with the rest since the checkpoint. So every
+        loss counts, at the granularity of the iterations the clock stands for. (The weights follow at CPU
+        granularity: the step itself runs after the iteration's last recovery.)"""
+        work_s, sub_s = self.clock.iteration_s, self.clock.sub_iteration_s
+        t, done = self.totals.sim_time_s, 0.0  # where the work (re)starts, and how much of it is kept so far
+        for _ in range(MAX_INCIDENTS):
+            incident = self.failures.next_incident(iteration, t, t + work_s - done, self.clock.incident_s)
+            if incident is None:
+                return
+            ran = done + (incident.time_s - t)
+            self.totals.failures += incident.records
+            record["failure_times_s"] += [e.time_s for e in incident.events]
+            self.engine.lose(incident.stages)
+            reports = self.recover(set(incident.stages))
+            rolled_back = any("rolled_back_to" in r.details for r in reports)
+            done = 0.0 if rolled_back else math.floor(ran / sub_s + 1e-9) * sub_s
+            lost = ran - done
+            self.totals.sim_time_s += lost
+            self.totals.lost_work_sim_s += lost
+            record["lost_work_sim_s"] += lost
+            recovery_s = max(r.sim_seconds for r in reports)
+            self.note(record, reports, recovery_s)
+            t = incident.time_s + recovery_s
+        raise RuntimeError(f"iteration {iteration} was interrupted by {MAX_INCIDENTS} incidents and never finished: "
+                           "at this failure rate no stretch of work of one iteration outlasts the time between "
+                           "failures; lower failure.hourly_rate or the simulated iteration time.")
 
     def recover(self, lost: set[int]) -> list[RecoveryReport]:
         """The strategy plans, the engine executes; a stage lost while that is under way joins the recovery."""
@@ -147,7 +181,9 @@ class Trainer:
         for report in outcome.reports:
             report.sim_seconds = self.clock.recovery_seconds(report)
             self.totals.recoveries.append({"iteration": self.iteration_no, "stage": report.stage,
-                                           "method": report.method, "sources": report.sources})
+                                           "method": report.method, "sources": report.sources,
+                                           **({"checkpoint": report.details["checkpoint"]}
+                                              if "checkpoint" in report.details else {})})
         self.totals.lost_iterations += progress - self.progress
         return outcome.reports
 

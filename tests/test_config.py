@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from checkfree.config import ConfigError
 from checkfree.preflight import SWEEP_POINTS_CHECKED, check_command_line
@@ -38,6 +39,8 @@ def fixups(group: str, option: str) -> list[str]:
     if group == "data" and option.startswith("local_"):
         kind = option.split("_", 1)[1]
         extra.append(f"data.path={Path(__file__).parent / 'data' / ('sample.' + {'text': 'txt', 'json': 'jsonl', 'parquet': 'parquet'}[kind])}")
+    if group == "data" and option in ("fortunes", "pydocs"):  # CI has no Debian packages: a tiny copy
+        extra.append(f"data.path={Path(__file__).parent / 'data' / option}")
     if group == "strategy" and option in ("none",):
         extra.append("failure=none")
     if group == "failure" and option == "trace":
@@ -52,10 +55,43 @@ def test_every_yaml_composes_and_validates(group, option):
     assert getattr(run, group).name == cfg[group]["name"]
 
 
+def _leaves(node, prefix=""):
+    """(dotted key, value) of every leaf of a mapping, e.g. ("trainer.lr", 0.0003)."""
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 @pytest.mark.parametrize("experiment", group_options("experiment"))
-def test_every_experiment_composes_and_validates(experiment):
-    run = load_run_config(composed(f"experiment={experiment}"))
-    assert run.trainer.iterations >= 1
+def test_every_experiment_applies_every_setting_it_lists(experiment):
+    """A preset's values win over conf/config.yaml's (it once listed ``experiment`` before ``_self_``, so
+    experiment=paper_500m silently trained at the demo's lr, length, batch and precision)."""
+    import yaml
+
+    listed = yaml.safe_load((CONF / "experiment" / f"{experiment}.yaml").read_text())
+    cfg = composed(f"experiment={experiment}")
+    for group_override in listed.pop("defaults", []):
+        (key, option), = group_override.items()
+        assert cfg[key.removeprefix("override /")]["name"] == yaml.safe_load(
+            (CONF / key.removeprefix("override /") / f"{option}.yaml").read_text())["name"]
+    leaves = dict(_leaves(listed))
+    assert leaves, experiment
+    for key, value in leaves.items():
+        assert OmegaConf.select(cfg, key) == value, (experiment, key)
+    load_run_config(cfg)  # and the whole preset validates
+
+
+def test_paper_500m_preset_values():
+    run = load_run_config(composed("experiment=paper_500m"))
+    t = run.trainer
+    assert (t.lr, t.iterations, t.micro_batches, t.micro_batch_size) == (3.0e-4, 20000, 4, 16)
+    assert (t.precision, t.device, t.clock_preset, t.eval_every) == ("bf16", "cuda", None, 500)
+    assert (run.model.name, run.model.d_model, run.model.n_stages) == ("llama_500m", 1024, 6)
+    assert run.strategy.lr_scale == 1.2 and run.engine.replicas == 4
+    # An override on the command line still wins over the preset.
+    assert load_run_config(composed("experiment=paper_500m", "trainer.lr=1e-4")).trainer.lr == 1e-4
 
 
 def test_default_config_values():

@@ -1,0 +1,127 @@
+"""The simulated clock at the granularity it stands for: every loss counts, an interrupted iteration charges the
+work it threw away, a rollback discards this iteration's work too, and every strategy meets the same events."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from checkfree.clock import TABLE2_ITERATION_S, Clock, priced_as
+from checkfree.presets import preset, stage_param_counts
+from checkfree.runlog import read_metrics
+from checkfree.train import train
+
+RECOVERY_S = 30.0  # the paper clock's recovery
+
+
+def trace(tmp_path, events) -> str:
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(events))
+    return str(path)
+
+
+def paper_run(small_run, tmp_path, events, strategy="checkfree", iterations=2, **strategy_keys):
+    """A paper-clock run where one CPU iteration stands for 10,000 / 500 = 20 paper iterations."""
+    return small_run(strategy={"name": strategy, **strategy_keys},
+                     failure={"name": "trace", "path": trace(tmp_path, events), "hourly_rate": 0.10},
+                     trainer={"clock": "paper_table2", "paper_T": 500, "iterations": iterations,
+                              "eval_every": iterations})
+
+
+def test_one_stage_lost_twice_ten_paper_minutes_apart_inside_one_cpu_iteration(small_run, tmp_path):
+    p = TABLE2_ITERATION_S["checkfree"][1]  # 91.32 s: a paper iteration of CheckFree at 10 %/h
+    work = 20 * p
+    cfg = paper_run(small_run, tmp_path, [{"time_s": 100.0, "stage": 2}, {"time_s": 700.0, "stage": 2}])
+    summary = train(cfg, tmp_path / "run")
+    [first, _] = read_metrics(tmp_path / "run" / "metrics.jsonl")[1:]
+    # Lost at 100 s: one paper iteration (91.32 s) is done and kept, the next is 8.68 s in and thrown away.
+    # The work resumes at 130 s (after a 30 s recovery) with 91.32 s done; lost again at 700 s, 91.32 + 570
+    # = 661.32 s of work: 7 paper iterations kept (639.24 s), 22.08 s thrown away.
+    lost = (100.0 - p) + (p + 570.0 - 7 * p)
+    assert lost == pytest.approx(8.68 + 22.08)
+    assert [r["stage"] for r in first["recoveries"]] == [2, 2]
+    assert first["failure_times_s"] == [100.0, 700.0]
+    assert first["lost_work_sim_s"] == pytest.approx(lost, abs=1e-9)
+    assert first["recovery_sim_s"] == 2 * RECOVERY_S
+    assert first["sim_time_s"] == pytest.approx(work + lost + 2 * RECOVERY_S, abs=1e-9)
+    assert summary["n_failures"] == summary["n_recoveries"] == 2
+    assert summary["lost_work_sim_s"] == pytest.approx(lost, abs=1e-9)
+    assert summary["total_sim_time_s"] == pytest.approx(2 * work + lost + 2 * RECOVERY_S, abs=1e-9)
+
+
+def test_where_a_loss_falls_inside_an_iteration_is_charged(small_run, tmp_path):
+    """0.5 s and 23 s into a 60 s iteration (an iteration stands for itself): the same recovery and the same
+    losses, 0.5 s against 23 s of thrown-away work on the clock."""
+    runs = {}
+    for at in (0.5, 23.0):
+        cfg = small_run(failure={"name": "trace", "path": trace(tmp_path, [{"time_s": 60.0 + at, "stage": 1}]),
+                                 "iteration_seconds": 60.0},
+                        trainer={"clock": "fixed", "iterations": 3, "eval_every": 3})
+        runs[at] = train(cfg, tmp_path / f"at{at}")
+        records = read_metrics(tmp_path / f"at{at}" / "metrics.jsonl")
+        assert records[2]["lost_work_sim_s"] == at and records[1]["lost_work_sim_s"] == 0.0
+        runs[at]["losses"] = [r["train_loss"] for r in records[1:]]
+    assert runs[0.5]["losses"] == runs[23.0]["losses"]
+    assert runs[23.0]["total_sim_time_s"] - runs[0.5]["total_sim_time_s"] == pytest.approx(22.5, abs=1e-9)
+    recovery = runs[0.5]["recovery_sim_s"]
+    assert runs[0.5]["total_sim_time_s"] == pytest.approx(3 * 60.0 + 0.5 + recovery, abs=1e-9)
+
+
+def test_a_rollback_throws_away_the_iterations_work_before_the_loss(small_run, tmp_path):
+    """Checkpointing every 2 CPU iterations (40 paper iterations): lost 500 s into iteration 3, everything
+    this iteration did goes with the rollback (500 s, not the 500 - 5 x 91.35 s of one unfinished paper
+    iteration), and a second loss 300 s after the restart throws away those 300 s again."""
+    p = TABLE2_ITERATION_S["checkpointing"][1]
+    work = 20 * p
+    events = [{"time_s": 2 * work + 500.0, "stage": 1}, {"time_s": 2 * work + 500.0 + 30.0 + 300.0, "stage": 3}]
+    summary = train(paper_run(small_run, tmp_path, events, strategy="checkpoint", iterations=3, every=2),
+                    tmp_path / "run")
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    third = records[3]
+    assert [r["method"] for r in third["recoveries"]] == ["rollback", "rollback"]
+    assert [r["details"]["checkpoint"] for r in third["recoveries"]] == ["ckpt_0000002"] * 2
+    assert third["lost_work_sim_s"] == pytest.approx(500.0 + 300.0, abs=1e-9)
+    assert third["sim_time_s"] == pytest.approx(3 * work + 800.0 + 2 * RECOVERY_S, abs=1e-9)
+    assert summary["lost_iterations"] == 0  # the checkpoint was taken at the end of iteration 2
+    assert summary["recoveries"][0]["checkpoint"] == "ckpt_0000002"
+
+
+def test_every_strategy_meets_the_same_poisson_events(small_run, tmp_path):
+    """At one seed, checkpointing and redundant computation (iterations of 91 vs 151 paper seconds) meet the
+    same losses at the same simulated times, however their iterations slice the time."""
+    events = {}
+    for strategy in ("checkpoint", "redundant"):
+        cfg = small_run(strategy={"name": strategy, "unrecoverable": "reinit", "every": 2},
+                        failure={"name": "poisson", "hourly_rate": 0.16, "stages": "all"},
+                        trainer={"clock": "paper_table2", "paper_T": 100, "iterations": 12, "eval_every": 12})
+        summary = train(cfg, tmp_path / strategy)
+        events[strategy] = ([(f["time_s"], f["stage"]) for f in summary["failures"]], summary["total_sim_time_s"])
+    horizon = min(end for _, end in events.values())
+    common = {s: [e for e in ev if e[0] < horizon] for s, (ev, _) in events.items()}
+    assert len(common["checkpoint"]) >= 5
+    assert common["checkpoint"] == common["redundant"]
+
+
+@pytest.mark.parametrize("n_stages,layers", [(6, 4), (8, 3), (12, 2)])
+def test_the_clock_preset_is_priced_with_the_runs_number_of_stages(n_stages, layers):
+    priced = priced_as(preset("llama_500m"), n_stages)
+    assert (priced.n_stages, priced.layers_per_stage, priced.d_model) == (n_stages, layers, 1024)
+    assert len(stage_param_counts(priced)) == n_stages
+
+
+def test_a_twelve_stage_run_with_failures_completes(small_run, tmp_path):
+    """The reference now runs its 500M and 1.5B models as 12 stages x 2 layers; a loss of stage >= 6 once
+    crashed the default clock (priced with llama_500m's 6 stages)."""
+    model = {"name": "tiny", "n_stages": 12, "layers_per_stage": 1, "d_model": 32, "n_heads": 2, "seq_len": 32}
+    events = [{"iteration": 2, "stage": 7}, {"iteration": 3, "stage": 11}, {"iteration": 4, "stage": 0}]
+    summary = train(small_run(model=model, strategy={"name": "checkfree_plus"},
+                              failure={"name": "trace", "path": trace(tmp_path, events)},
+                              trainer={"iterations": 5, "eval_every": 5}), tmp_path / "run")
+    assert summary["status"] == "completed"
+    assert [r["stage"] for r in summary["recoveries"]] == [7, 11, 0]
+    clock_cfg = small_run(model=model)
+    from checkfree.recovery import build_strategy
+
+    clock = Clock(clock_cfg, clock_cfg.model.with_vocab(300), build_strategy(clock_cfg.strategy, 12))
+    assert len(clock.byte_scale) == 12
