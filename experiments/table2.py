@@ -80,6 +80,51 @@ def calibrate(out: Path, seeds: int, jobs: int, extra: list[str]) -> dict:
     return calibration
 
 
+PROBE_ITERATIONS = 2000
+"""The probe (one no-failure run) trains this long: its curve fixes the targets of a new corpus."""
+GRANULARITY = (20, 10, 5)
+"""Paper iterations per CPU iteration in the granularity study: targets the probe reaches after 10,000 / K."""
+
+
+def probe_dir(args: argparse.Namespace) -> Path:
+    """One probe per corpus (and overrides), shared by the table, the ablations and the granularity study."""
+    label = "_".join([args.data or "synthetic", *(o.replace("=", "-") for o in args.set)])
+    return ROOT / "results" / "probes" / label
+
+
+def probe(out: Path, extra: list[str]) -> list[tuple[int, float]]:
+    """The validation curve [(iteration, loss)] of one no-failure run (seed 0) of PROBE_ITERATIONS.
+
+    A new corpus has no target yet: the probe fixes it from a no-failure run alone, before any failure is
+    drawn — the loss it reaches after 500 iterations puts the corpus in the same regime as the synthetic one
+    (T ~ 500, 20 paper iterations per CPU iteration), and the losses after 1,000 and 2,000 give the
+    granularity study its finer clocks (K = 10, 5)."""
+    from checkfree.runlog import read_metrics
+
+    point = [("table2", 0, ["strategy=none", "failure.name=none", "failure.hourly_rate=0.0", "seed=0"])]
+    [run] = run_all(point, out, ["trainer.clock=fixed", f"trainer.iterations={PROBE_ITERATIONS}",
+                                            "trainer.target_loss=null", "trainer.stop_at_target=false", *extra], 1)
+    return [(m["iteration"], m["val_loss"]) for m in read_metrics(Path(run["run_dir"]) / "metrics.jsonl")
+            if "val_loss" in m]
+
+
+def target_at(curve: list[tuple[int, float]], iterations: float) -> float:
+    """The probe's validation loss after ``iterations``, rounded to 3 decimals (a target one can write down)."""
+    return round(interpolate(curve, iterations), 3)
+
+
+def corpus_overrides(args: argparse.Namespace) -> list[str]:
+    """``data=<corpus>`` and its target: given (--target), or fixed by the probe (--target auto)."""
+    extra = [f"data={args.data}"] if args.data else []
+    if args.target == "auto":
+        target = target_at(probe(probe_dir(args), [*extra, *args.set]), 10_000 / GRANULARITY[0])
+        print(f"target {target}: the probe's validation loss after {10_000 // GRANULARITY[0]} iterations", flush=True)
+        extra.append(f"trainer.target_loss={target}")
+    elif args.target is not None:
+        extra.append(f"trainer.target_loss={float(args.target)}")
+    return [*extra, *args.set]
+
+
 def regime(T: int, length: float) -> list[str]:
     """The overrides that put a run in the paper's regime for calibrated T."""
     return [f"trainer.paper_T={T}", f"++strategy.every={max(1, round(T / 100))}",
@@ -88,9 +133,13 @@ def regime(T: int, length: float) -> list[str]:
 
 def main_table(args: argparse.Namespace) -> None:
     start = time.perf_counter()
-    calibration = calibrate(args.out, args.seeds, args.jobs, args.set)
-    points = [("table2", i, o) for i, o in enumerate(grid("table2")) if int(o[-1].split("=")[1]) < args.seeds]
-    run_all(points, args.out / "runs", [*regime(calibration["T"], CAP), *args.set], args.jobs)
+    extra = corpus_overrides(args)
+    calibration = calibrate(args.out, args.seeds, args.jobs, extra)
+    points = [("table2", i, o) for i, o in enumerate(grid("table2")) if int(o[-1].split("=")[1]) < args.seeds
+              and o[1].split("=")[1] in args.rates.split(",")]
+    run_all(points, args.out / "runs", [*regime(calibration["T"], CAP), *extra], args.jobs)
+    if "0.16" in args.rates.split(","):
+        edge_protocols(args, calibration, extra)
     table = write_report([args.out / "runs"], args.out, calibration)
     minutes = (time.perf_counter() - start) / 60
     print((args.out / "comparison.md").read_text())
@@ -98,15 +147,43 @@ def main_table(args: argparse.Namespace) -> None:
     (args.out / "wall_time.txt").write_text(f"{minutes:.1f} min on {args.jobs} jobs, calibration included\n")
 
 
+def edge_protocols(args: argparse.Namespace, calibration: dict, extra: list[str]) -> None:
+    """Plain CheckFree under the paper's own protocol too: at 16 %/h, failures on intermediate stages only (its
+    Fig. 2: the (de)embedding holders never fail), beside the table's protocol (every stage fails, a lost edge
+    is copied from its neighbour, ``strategy.edge_rule=copy``) and CheckFree+ (which exists because plain
+    CheckFree cannot rebuild an edge). Written to ``protocols.md``."""
+    points = [("table2", i, ["strategy=checkfree", "failure.hourly_rate=0.16", f"seed={seed}"])
+              for i, seed in enumerate(range(args.seeds))]
+    intermediate = run_all(points, args.out / "runs_intermediate",
+                           [*regime(calibration["T"], CAP), "failure.stages=intermediate", *extra], args.jobs)
+    T, table = calibration["T"], []
+    main_runs = [json.loads(p.read_text()) for p in sorted((args.out / "runs").glob("*/*/summary.json"))]
+    for label, runs in (("CheckFree, every stage fails, edges copied (the table's row)",
+                         [r for r in main_runs if r.get("strategy") == "checkfree" and r.get("hourly_rate") == 0.16]),
+                        ("CheckFree, intermediate stages fail only (the paper's Fig. 2 protocol)", intermediate),
+                        ("CheckFree+, every stage fails (the table's row)",
+                         [r for r in main_runs if r.get("strategy") == "checkfree_plus" and r.get("hourly_rate") == 0.16])):
+        its = [r["iterations_to_target_interp"] / T for r in runs if r.get("iterations_to_target_interp") is not None]
+        hours = [r["time_to_target_interp_s"] / 3600 for r in runs if r.get("time_to_target_interp_s") is not None]
+        failures = [r["n_failures"] for r in runs if "n_failures" in r]
+        table.append(f"| {label} | {fmt(its, '.2f') if its else '—'} | {fmt(hours, '.0f') if hours else '—'} | "
+                     f"{fmt(failures, '.0f') if failures else '—'} | {len(its)}/{len(runs)} |")
+    text = "\n".join(["| protocol at 16 %/h | iterations to target / T | hours to target | failures | reached |",
+                      "|---|---|---|---|---|", *table]) + "\n"
+    (args.out / "protocols.md").write_text(text)
+    print(text)
+
+
 def ablations(args: argparse.Namespace) -> None:
     start, lines, records, seconds = time.perf_counter(), [], [], 0.0
+    extra = corpus_overrides(args)  # one target for every width, as the paper's one target for its rules
     for width in [int(w) for w in args.widths.split(",")]:
         shape = [f"model.d_model={width}", f"model.n_heads={max(1, width // 16)}"]
         out = args.out / f"d{width}"
-        calibration = calibrate(out, args.seeds, args.jobs, [*shape, *args.set])
+        calibration = calibrate(out, args.seeds, args.jobs, [*shape, *extra])
         points = [("table2_ablations", i, o) for i, o in enumerate(grid("table2_ablations"))
                   if int(o[-1].split("=")[1]) < args.seeds]
-        runs = run_all(points, out / "runs", [*regime(calibration["T"], ABLATION_LENGTH), *shape, *args.set],
+        runs = run_all(points, out / "runs", [*regime(calibration["T"], ABLATION_LENGTH), *shape, *extra],
                        args.jobs)
         rows, per_run = ablation_rows(width, calibration, runs)
         lines, records = lines + rows, records + per_run
@@ -124,6 +201,87 @@ def ablations(args: argparse.Namespace) -> None:
     # Per run, what the table averages (the run directories themselves are not kept in git).
     pd.DataFrame(records).to_csv(args.out / "runs.csv", index=False)
     print(text)
+
+
+def granularity(args: argparse.Namespace) -> None:
+    """The same strategies at 16 %/h with one CPU iteration standing for K = 20, 10 and 5 paper iterations:
+    each K has its own target (the probe's loss after 10,000 / K iterations) and its own T (the probe's
+    iterations to it), so a finer clock is a longer run towards a lower loss. Iterations to target / T should
+    not depend on K if the clock is honest at the coarsest one."""
+    start = time.perf_counter()
+    extra = [f"data={args.data}"] if args.data else []
+    curve = probe(probe_dir(args), [*extra, *args.set])
+    rows, records = [], []
+    for K in GRANULARITY:
+        T = 10_000 // K
+        target = target_at(curve, T)
+        T = round(first_crossing(curve, target))  # the probe's own (interpolated) iterations to that target
+        strategies = args.strategies.split(",")
+        points = [("table2", i, [f"strategy={name}", "failure.hourly_rate=0.16", f"seed={seed}"])
+                  for i, (name, seed) in enumerate((n, s) for n in strategies for s in range(args.seeds))]
+        runs = run_all(points, args.out / f"K{K}", [f"trainer.target_loss={target}", *regime(T, CAP), *extra,
+                                                     *args.set], args.jobs)
+        for r in runs:
+            reached = r.get("iterations_to_target_interp")
+            records.append({"K": K, "paper_iterations_per_cpu_iteration": 10_000 / T, "T": T, "target": target,
+                            "strategy": r.get("strategy"), "seed": r.get("seed"), "failures": r.get("n_failures"),
+                            "iterations_to_target_over_T": reached / T if reached is not None else None,
+                            "hours_to_target": (r["time_to_target_interp_s"] / 3600
+                                                if r.get("time_to_target_interp_s") is not None else None),
+                            "lost_work_h": (r.get("lost_work_sim_s") or 0.0) / 3600,
+                            "wall_s": r.get("total_wall_time_s")})
+    frame = pd.DataFrame(records)
+    frame.to_csv(args.out / "granularity.csv", index=False)
+    for name in args.strategies.split(","):
+        cells = []
+        for K in GRANULARITY:
+            mine = frame[(frame.strategy == name) & (frame.K == K)]
+            values = [v for v in mine.iterations_to_target_over_T if v is not None and v == v]
+            cells.append(f"{fmt(values, '.2f')} ({len(values)}/{len(mine)})" if values else f"— (0/{len(mine)})")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    Ts = sorted(set(frame["T"]), reverse=True)
+    text = "\n".join([
+        "| strategy | " + " | ".join(f"K = {10_000 / T:.1f} (T = {T})" for T in sorted(Ts)) + " |",
+        "|---|" + "---|" * len(Ts), *rows]) + (
+        f"\n\nIterations to target / T at 16 %/h (mean ± 95 % CI over {args.seeds} seed(s); in brackets the runs that "
+        f"reached the target within {CAP:g} T). K: paper iterations per CPU iteration. This invocation "
+        f"{(time.perf_counter() - start) / 60:.1f} min of wall time; {run_seconds(records_as_runs(records)) / 60:.1f} "
+        "run-minutes.\n")
+    (args.out / "granularity.md").write_text(text)
+    plot_granularity(frame, args.out / "granularity.png")
+    print(text)
+
+
+def records_as_runs(records: list[dict]) -> list[dict]:
+    return [{"total_wall_time_s": r["wall_s"]} for r in records]
+
+
+def first_crossing(curve: list[tuple[int, float]], target: float) -> float:
+    """The first (interpolated) iteration at which the curve is at or below ``target``."""
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if y1 <= target < y0:
+            return x0 + (y0 - target) / (y0 - y1) * (x1 - x0)
+    raise SystemExit(f"the probe never reaches {target}")
+
+
+def plot_granularity(frame: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, rows in frame.groupby("strategy"):
+        means = rows.groupby("K")["iterations_to_target_over_T"].mean().sort_index(ascending=False)
+        ax.plot(means.index, means.values, marker="o", label=name)
+    ax.set_xlabel("paper iterations per CPU iteration (K)")
+    ax.set_ylabel("iterations to target / T")
+    ax.invert_xaxis()
+    ax.set_title("16 %/h: convergence as the CPU clock gets finer")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def run_seconds(runs: list[dict]) -> float:
@@ -174,15 +332,23 @@ def fmt(values: list[float], spec: str = ".4f") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", nargs="?", default="main", choices=("main", "ablations"))
+    parser.add_argument("what", nargs="?", default="main", choices=("main", "ablations", "granularity"))
+    parser.add_argument("--data", default=None, help="corpus (a conf/data option, e.g. pydocs); default: the "
+                        "sweep's own (the embedded synthetic stories)")
+    parser.add_argument("--target", default=None, help="main: 'auto' (fixed by a no-failure probe run) or a "
+                        "validation loss; default: the sweep's own (0.82, for the synthetic stories)")
+    parser.add_argument("--rates", default="0.05,0.10,0.16", help="main: the hourly rates of the grid")
+    parser.add_argument("--strategies", default="checkpoint,redundant,checkfree,checkfree_plus",
+                        help="granularity: the strategies compared")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--widths", default="64,128", help="ablations: comma-separated d_model values")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     args = parser.parse_args(argv)
-    args.out = (args.out or ROOT / "results" / ("table2" if args.what == "main" else "table2_ablations")).resolve()
-    (main_table if args.what == "main" else ablations)(args)
+    default = {"main": "table2", "ablations": "table2_ablations", "granularity": "granularity"}[args.what]
+    args.out = (args.out or ROOT / "results" / default).resolve()
+    {"main": main_table, "ablations": ablations, "granularity": granularity}[args.what](args)
     return 0
 
 
