@@ -84,6 +84,9 @@ PROBE_ITERATIONS = 2000
 """The probe (one no-failure run) trains this long: its curve fixes the targets of a new corpus."""
 GRANULARITY = (20, 10, 5)
 """Paper iterations per CPU iteration in the granularity study: targets the probe reaches after 10,000 / K."""
+GRANULARITY_CAP = 3.5
+"""The granularity study's runs stop after 3.5 T (the paper's slowest, checkpointing at 16 %, needed 2.84 T at
+its own granularity): at K = 5 a run of 4 T would be 8,000 iterations."""
 
 
 def probe_dir(args: argparse.Namespace) -> Path:
@@ -92,7 +95,7 @@ def probe_dir(args: argparse.Namespace) -> Path:
     return ROOT / "results" / "probes" / label
 
 
-def probe(out: Path, extra: list[str]) -> list[tuple[int, float]]:
+def probe(out: Path, extra: list[str], iterations: int = PROBE_ITERATIONS) -> list[tuple[int, float]]:
     """The validation curve [(iteration, loss)] of one no-failure run (seed 0) of PROBE_ITERATIONS.
 
     A new corpus has no target yet: the probe fixes it from a no-failure run alone, before any failure is
@@ -101,11 +104,19 @@ def probe(out: Path, extra: list[str]) -> list[tuple[int, float]]:
     granularity study its finer clocks (K = 10, 5)."""
     from checkfree.runlog import read_metrics
 
+    longer = [int(p.name.removeprefix("probe")) for p in out.glob("probe*") if p.name[5:].isdigit()
+              and int(p.name[5:]) >= iterations and (p / "table2").is_dir()]
+    if longer:  # a longer probe of the same corpus has the same curve (seed 0, no failures) as far as it goes
+        out, iterations = out / f"probe{min(longer)}", min(longer)
+    else:
+        out = out / f"probe{iterations}"
     point = [("table2", 0, ["strategy=none", "failure.name=none", "failure.hourly_rate=0.0", "seed=0"])]
-    [run] = run_all(point, out, ["trainer.clock=fixed", f"trainer.iterations={PROBE_ITERATIONS}",
-                                            "trainer.target_loss=null", "trainer.stop_at_target=false", *extra], 1)
-    return [(m["iteration"], m["val_loss"]) for m in read_metrics(Path(run["run_dir"]) / "metrics.jsonl")
-            if "val_loss" in m]
+    [run] = run_all(point, out, ["trainer.clock=fixed", f"trainer.iterations={iterations}",
+                                 "trainer.target_loss=null", "trainer.stop_at_target=false", *extra], 1)
+    if run.get("status") != "completed":
+        raise SystemExit(f"the probe run did not complete; see {out}")
+    [metrics] = out.glob("table2/*/metrics.jsonl")  # where run_point put it (the summary's run_dir may be stale)
+    return [(m["iteration"], m["val_loss"]) for m in read_metrics(metrics) if "val_loss" in m]
 
 
 def target_at(curve: list[tuple[int, float]], iterations: float) -> float:
@@ -117,7 +128,8 @@ def corpus_overrides(args: argparse.Namespace) -> list[str]:
     """``data=<corpus>`` and its target: given (--target), or fixed by the probe (--target auto)."""
     extra = [f"data={args.data}"] if args.data else []
     if args.target == "auto":
-        target = target_at(probe(probe_dir(args), [*extra, *args.set]), 10_000 / GRANULARITY[0])
+        # 1.2 x 500 iterations: enough to read the loss at 500 (the validations come every 50).
+        target = target_at(probe(probe_dir(args), [*extra, *args.set], 600), 10_000 / GRANULARITY[0])
         print(f"target {target}: the probe's validation loss after {10_000 // GRANULARITY[0]} iterations", flush=True)
         extra.append(f"trainer.target_loss={target}")
     elif args.target is not None:
@@ -219,7 +231,7 @@ def granularity(args: argparse.Namespace) -> None:
         strategies = args.strategies.split(",")
         points = [("table2", i, [f"strategy={name}", "failure.hourly_rate=0.16", f"seed={seed}"])
                   for i, (name, seed) in enumerate((n, s) for n in strategies for s in range(args.seeds))]
-        runs = run_all(points, args.out / f"K{K}", [f"trainer.target_loss={target}", *regime(T, CAP), *extra,
+        runs = run_all(points, args.out / f"K{K}", [f"trainer.target_loss={target}", *regime(T, GRANULARITY_CAP), *extra,
                                                      *args.set], args.jobs)
         for r in runs:
             reached = r.get("iterations_to_target_interp")
@@ -244,7 +256,7 @@ def granularity(args: argparse.Namespace) -> None:
         "| strategy | " + " | ".join(f"K = {10_000 / T:.1f} (T = {T})" for T in sorted(Ts)) + " |",
         "|---|" + "---|" * len(Ts), *rows]) + (
         f"\n\nIterations to target / T at 16 %/h (mean ± 95 % CI over {args.seeds} seed(s); in brackets the runs that "
-        f"reached the target within {CAP:g} T). K: paper iterations per CPU iteration. This invocation "
+        f"reached the target within {GRANULARITY_CAP:g} T). K: paper iterations per CPU iteration. This invocation "
         f"{(time.perf_counter() - start) / 60:.1f} min of wall time; {run_seconds(records_as_runs(records)) / 60:.1f} "
         "run-minutes.\n")
     (args.out / "granularity.md").write_text(text)
