@@ -138,3 +138,24 @@ def test_ablation_rows_pair_each_rule_with_checkfree_by_seed(tmp_path):
     assert [(r["rule"], r["seed"], r["val_loss_at_end"]) for r in records if r["rule"] in ("checkfree", "copy")] \
         == [("checkfree", 0, 0.80), ("checkfree", 1, 0.90), ("copy", 0, 0.85), ("copy", 1, 0.99)]
     assert len(records) == 10 and script.run_seconds(runs) == 600.0
+
+
+def test_a_new_corpus_target_and_its_T_come_from_the_no_failure_probe():
+    """--target auto: the probe's loss after 500 iterations (rounded to 3 decimals) is the target; the
+    granularity study's T is the probe's own (interpolated) first crossing of each target."""
+    import importlib
+
+    experiments = str(ROOT / "experiments")
+    sys.path.insert(0, experiments)
+    try:
+        script = importlib.import_module("table2")
+    finally:
+        sys.path[:] = [p for p in sys.path if p != experiments]
+    curve = [(0, 5.0), (450, 2.0), (550, 1.8), (1000, 1.5), (2000, 1.2345)]
+    assert script.target_at(curve, 500) == 1.9  # halfway between 2.0 and 1.8
+    assert script.target_at(curve, 2000) == 1.234
+    assert script.first_crossing(curve, 1.9) == pytest.approx(500.0)
+    assert script.first_crossing(curve, 1.65) == pytest.approx(550 + 0.15 / 0.3 * 450)
+    with pytest.raises(SystemExit, match="never reaches 1.1"):
+        script.first_crossing(curve, 1.1)
+    assert [10_000 // k for k in script.GRANULARITY] == [500, 1000, 2000]
