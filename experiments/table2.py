@@ -249,7 +249,8 @@ def granularity(args: argparse.Namespace) -> None:
         for K in GRANULARITY:
             mine = frame[(frame.strategy == name) & (frame.K == K)]
             values = [v for v in mine.iterations_to_target_over_T if v is not None and v == v]
-            cells.append(f"{fmt(values, '.2f')} ({len(values)}/{len(mine)})" if values else f"— (0/{len(mine)})")
+            cells.append(f"{fmt(values, '.2f')} ({len(values)}/{len(mine)})" if values
+                         else f"> {GRANULARITY_CAP:g} (0/{len(mine)})")
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     Ts = sorted(set(frame["T"]), reverse=True)
     text = "\n".join([
