@@ -13,7 +13,7 @@ and ``time_to_target.png`` into ``OUT`` (default: ``<first dir>/analysis``). Fro
 
     df = load_runs(["multirun"]); table = comparison_table(df); write_report(df, "out")
 
-A run directory holds ``metrics.jsonl`` and ``summary.json`` (both written by the trainer, see DESIGN §6)
+A run directory holds the trainer's ``metrics.jsonl`` and ``summary.json`` (docs/design.md, 'What a run leaves')
 and Hydra's ``.hydra/config.yaml``. Any of them may be missing or cut short: a killed run is analysed from
 what is left, and a run without a single metrics record is reported as a *missing point*.
 """

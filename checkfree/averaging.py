@@ -46,7 +46,7 @@ def interpolate(
     left_state: State, right_state: State, left: int, right: int, k: int,
     left_norm: float, right_norm: float, power: float = 1.0, eps: float = 1e-4,
 ) -> State:
-    """Fill lost stage ``k`` between surviving stages ``left`` and ``right`` (DESIGN §5)."""
+    """Fill lost stage ``k`` between ``left`` and ``right`` (docs/design.md, 'Several lost stages at once')."""
     cl, cr = interpolation_weights(left, right, k, norm_weight(left_norm, power, eps),
                                    norm_weight(right_norm, power, eps))
     return weighted_state([left_state, right_state], [cl, cr])

@@ -6,12 +6,12 @@
   overheads. With ``trainer.clock_preset`` (e.g. ``llama_500m``) every iteration is priced as that model
   would cost, and bytes scale from the trained model's stages to the preset's.
 * ``fixed`` — ``failure.iteration_seconds`` per iteration (recoveries and upkeep still from the cost model).
-* ``paper_table2`` — the paper's own measured prices (PAPER §12.1, its Table 2): seconds per iteration of
+* ``paper_table2`` — the paper's own measured prices (its Table 2, arXiv 2506.15461v2): seconds per iteration of
   its 500M model for each strategy at 5 / 10 / 16 %/h, a recovery of about 30 s, checkpoint saves and
   replica refreshes included in the iteration time. Each CPU iteration stands for ``10,000 / T`` paper
   iterations (``T = trainer.paper_T``, the calibrated no-failure iterations to target; the paper's is
   10,000), so simulated hours are paper hours and Poisson failures at the paper's hourly rates strike as
-  often per ``T`` as in the paper (DESIGN §11).
+  often per ``T`` as in the paper (docs/design.md, "Experiments in the paper's units").
 
 The trainer asks the clock and never prices anything itself.
 """
@@ -36,7 +36,7 @@ TABLE2_ITERATION_S = {
 PAPER_T = 10_000
 """Iterations the paper's no-failure 500M run needs to reach its target (validation loss 2.85)."""
 PAPER_RECOVERY_S = 30.0
-"""A stage recovery on the paper's testbed: about 30 s (PAPER §12.2)."""
+"""A stage recovery on the paper's testbed: about 30 s (the paper, v2)."""
 
 
 def table2_iteration_seconds(column: str, hourly_rate: float) -> float:

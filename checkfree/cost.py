@@ -1,9 +1,9 @@
 """Simulated wall-clock model of a pipeline-parallel run, and the network presets.
 
 A "second" here is a second of the *modelled* distributed run (S stages on S nodes, W data-parallel
-replicas per stage, links from a preset), not of this machine. The model replaces the reference's
-printed estimate (PAPER §6.1: 8 B/element, (2W-1) instead of the ring factor, one micro-batch of
-transfers, x2 and x2.5 fudge factors) with explicit, unit-tested pieces:
+replicas per stage, links from a preset), not of this machine. It replaces the reference's printed
+estimate (docs/paper.md, 'Reference-code bugs we avoid' item 13: 8 B/element, (2W-1) instead of the ring
+factor, one micro-batch of transfers, x2 and x2.5 fudge factors) with explicit, unit-tested pieces:
 
 * compute: ``6 * params * tokens`` FLOPs for forward+backward (``2 * P * T`` forward only) over an
   effective device throughput (peak x MFU, or measured here);
@@ -242,7 +242,7 @@ def _pair(a: str, b: str) -> frozenset[str]:
     return frozenset((a, b))
 
 
-# (latency ms, bandwidth GiB/s), verbatim from the reference's DELAY_BANDWIDTHS (PAPER §6.2).
+# (latency ms, GiB/s), verbatim: DELAY_BANDWIDTHS of gensyn-ai/CheckFree communication/communication_costs.py.
 GEO_TABLE: dict[frozenset[str], tuple[float, float]] = {
     _pair("Australia", "London"): (132, 0.0093994140625),
     _pair("Australia", "NL"): (128, 0.009521484375),

@@ -8,9 +8,9 @@ tokenizer) -> every document tokenized with EOS appended, concatenated and cut i
 ``seq_len + 1`` tokens -> ``TokenBatches`` serves the training sequences in a seeded order per epoch and
 resumes exactly from its ``state_dict``.
 
-It avoids the reference code's data bugs (PAPER §9 items 9-11): validation documents are never trained
-on (not even by the tokenizer), documents are separated by EOS, and batches are drawn by index from one
-token tensor instead of an ever-growing ``itertools.cycle`` cache.
+It avoids the reference code's data bugs (docs/paper.md, 'Reference-code bugs we avoid' items 9-11):
+validation documents are never trained on (not even by the tokenizer), documents are separated by EOS,
+and batches are drawn by index from one token tensor instead of an ever-growing ``itertools.cycle`` cache.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What the trainer asks of an engine, whichever runs the stages (DESIGN §12).
+"""What the trainer asks of an engine, whichever runs the stages (docs/design.md, 'Engines and launchers').
 
 * ``engine=local`` (``checkfree.pipeline.LocalEngine``): every stage in this process.
 * the process engine (``checkfree.distributed.engine.ProcessEngine``): one OS process per stage x replica,

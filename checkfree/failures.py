@@ -1,7 +1,7 @@
-"""Failure models: which pipeline stages are lost, and when (DESIGN §5, "Failure model").
+"""Failure models: which pipeline stages are lost, and when (docs/design.md, "Failure models").
 
 Once per iteration the trainer asks ``model.events(iteration, t_start, t_end)`` for the stages lost in that
-iteration's window of *simulated* time; the strategy then recovers all of them before the step (DESIGN §4).
+iteration's window of *simulated* time; the strategy then recovers them before the step (docs/design.md, "One iteration").
 
 * ``none`` — nothing fails (the no-failure baseline).
 * ``poisson`` (default) — every eligible stage is an independent Poisson process in simulated time with
@@ -10,11 +10,11 @@ iteration's window of *simulated* time; the strategy then recovers all of them b
   time: a slow strategy (long iterations) and a fast one lose the same stages at the same simulated
   times, only in different iterations.
 * ``bernoulli`` — the reference simulator's model: each eligible stage fails with probability ``p`` per
-  iteration (its table is ``BERNOULLI_PRESETS``, PAPER §4.1). The draw for an iteration depends only on
+  iteration (its table is ``BERNOULLI_PRESETS``, from the reference's ``simulate_training`` configs). The draw for an iteration depends only on
   (seed, iteration), never on what was asked before.
 * ``trace`` — replay a JSON or CSV file of events, each by ``iteration`` or by ``time_s``.
 
-This fixes two flaws of the reference (PAPER §9 items 5, 14): failures happen at any simulated time, not
+This fixes two flaws of the reference (docs/paper.md, "Reference-code bugs we avoid", items 5, 14): failures happen at any simulated time, not
 only at iteration boundaries, and one failure model is shared by every strategy.
 
 Every arrival counts: a stage hit twice in one window (one CPU iteration can stand for many paper
@@ -22,7 +22,7 @@ iterations) is lost twice, and the second loss strikes its replacement. Models r
 window, sorted by (time_s, stage); ``FailureDraws`` turns them into incidents, one after another.
 
 Shipped traces: ``conf/failure/traces/example.json`` (stage 2 lost at iteration 5) and
-``conf/failure/traces/reference_33.json``, the reference throughput testbed's 33 %/h events (PAPER §4.2).
+``conf/failure/traces/reference_33.json``, the reference throughput testbed's 33 %/h events (gensyn-ai/CheckFree ``failure_p_configs/33.json``).
 The latter keeps the reference's stage ids 1..6, the body stages of its 7-stage layout whose stage 0 never
 fails, so it validates only with ``model.n_stages=7``.
 """
@@ -45,7 +45,7 @@ from checkfree.config import ConfigError, require
 
 FAILURE_MODELS = ("none", "poisson", "bernoulli", "trace")
 
-# Per-stage per-iteration probabilities of the reference configs, keyed "<model>_<hourly %>" (PAPER §4.1).
+# Per-stage per-iteration probabilities of the reference configs, keyed "<model>_<hourly %>" (the reference's simulate_training configs).
 BERNOULLI_PRESETS: dict[str, float] = {
     "500m_5": 0.0009, "500m_10": 0.002, "500m_16": 0.004, "500m_33": 0.01,
     "124m_10": 0.0006, "124m_16": 0.001, "1_5b_10": 0.004, "1_5b_16": 0.008,
@@ -126,7 +126,7 @@ def hourly_rate_to_rate(hourly_rate: float) -> float:
 
 
 def per_iteration_probability(hourly_rate: float, iteration_seconds: float) -> float:
-    """The same hazard per iteration of ``iteration_seconds``: ``1 - (1 - h) ** (T / 3600)`` (PAPER §11)."""
+    """The same hazard per iteration of ``iteration_seconds``: ``1 - (1 - h) ** (T / 3600)``."""
     return 1.0 - (1.0 - hourly_rate) ** (iteration_seconds / 3600.0)
 
 

@@ -1,10 +1,10 @@
 """Recovery plans: what a strategy decides, as plain data that every engine executes the same way.
 
-A strategy never touches tensors, modules, optimizers or processes (DESIGN §10). Given the lost stages and
-a read-only ``RunView`` it returns a ``RecoveryPlan``; after each optimizer step it returns an ``Upkeep``
-(copies to refresh, a checkpoint to save). The local engine applies plans to its modules in process; the
-process engine sends them to its stage processes, which move the tensors between themselves. Both read
-the same plan, so they decide identically by construction.
+A strategy never touches tensors, modules, optimizers or processes (docs/design.md, 'Recovery plans').
+Given the lost stages and a read-only ``RunView`` it returns a ``RecoveryPlan``; after each optimizer step
+an ``Upkeep`` (copies to refresh, a checkpoint to save). The local engine applies plans to its modules in
+process; the process engine sends them to its stage processes, which move the tensors between themselves.
+Both read the same plan, so they decide identically by construction.
 
 Held copies have one format for both engines: a nested dict of tensors, ``{"weights": state_dict}`` for a
 replica and ``{"weights": state_dict, "optimizer": optimizer_state_dict}`` for a shadow or a checkpoint

@@ -83,9 +83,9 @@ class ModelConfig:
         return asdict(self)
 
 
-# Paper presets (DESIGN §5, PAPER §7.1) and small CPU presets for the default run and the tests. The paper
-# presets keep the reference's 32000-token vocabulary: the cost model prices a ``trainer.clock_preset`` with
-# it. A run's own vocabulary always comes from its tokenizer (conf/model/*.yaml say vocab_size: 0).
+# Paper presets (the reference's simulate_training/*_config.json; docs/paper.md, 'Setup') and small CPU
+# presets for the default run and the tests. The paper presets keep the reference's 32000-token vocabulary,
+# with which the clock prices a ``trainer.clock_preset``; a run's own comes from its tokenizer (vocab_size: 0).
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig("tiny", n_stages=4, layers_per_stage=1, d_model=32, n_heads=2, seq_len=32),
     "cpu_small": ModelConfig("cpu_small", n_stages=6, layers_per_stage=1, d_model=96, n_heads=4, seq_len=64),

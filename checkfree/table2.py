@@ -35,7 +35,7 @@ from checkfree.analysis import find_run_dirs, load_runs, plot_val_loss
 
 STRATEGIES = ("checkpoint", "redundant", "checkfree", "checkfree_plus")
 RATES = (0.05, 0.10, 0.16)
-# PAPER §12.1 (arXiv 2506.15461v2, Table 2): 500M model on OpenWebText, hours to validation loss 2.85.
+# The paper (arXiv 2506.15461v2), Table 2: 500M model on OpenWebText, hours to validation loss 2.85.
 PAPER_HOURS = {
     "checkpoint": (558.23, 621.67, 634.35), "redundant": (419.56, 419.56, 419.56),
     "checkfree": (367.81, 405.87, 562.96), "checkfree_plus": (355.13, 367.81, 460.60),

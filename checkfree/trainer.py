@@ -1,4 +1,4 @@
-"""The training loop: failures -> recovery -> step -> upkeep -> clock -> eval -> log (DESIGN §4).
+"""The training loop: failures -> recovery -> step -> upkeep -> clock -> eval -> log (docs/design.md, "One iteration").
 
 One iteration, top to bottom (``Trainer.iteration``):
 

@@ -1,4 +1,4 @@
-"""Real Hydra composition of every YAML in conf/, and the bad-input table of DESIGN §8."""
+"""Real Hydra composition of every YAML in conf/, and the bad inputs of docs/design.md, 'Bad input and faults'."""
 
 from __future__ import annotations
 

@@ -115,7 +115,7 @@ def test_geo_table_lookups():
     assert stage_link(GEO, 2, 4) == Link(0.014, 0.07568359375 * GiB)  # Canada-Iowa
     assert stage_link(GEO, 0, 7) == Link(0.001, 2 * GiB)  # both in Australia: intra-site default
     assert stage_link(NetworkConfig(), 0, 1) == Link(0.001, 2 * GiB)
-    # One 32 MiB hop Australia -> Belgium: 0.129 + 33554432 / 10551296 = 3.309 s (PAPER §6.2: ~3.31 s).
+    # One 32 MiB hop Australia -> Belgium: 0.129 + 33554432 / 10551296 = 3.309 s (as on the reference testbed).
     assert p2p_seconds(32 * 1024**2, stage_link(GEO, 0, 1)) == pytest.approx(0.129 + 33554432 / 10551296)
 
 

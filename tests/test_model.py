@@ -89,7 +89,7 @@ def test_paper_preset_parameter_counts_match_closed_form(name):
 
 def test_paper_preset_counts_by_hand():
     # 124M: 2*32000*512 + 512 + 12*(4*512^2 + 3*512*2048 + 2*512) = 32,768,512 + 12*4,195,328 = 83,112,448
-    # (PAPER §7.1: "124M" is really 83.1 M)
+    # ("124M" is really 83.1 M: docs/paper.md, 'Reference-code bugs we avoid' item 12)
     assert param_count(PRESETS["llama_124m"]) == 83_112_448
     assert param_count(PRESETS["llama_500m"]) == 2 * 32000 * 1024 + 1024 + 24 * (4 * 1024**2 + 3 * 1024 * 4096 + 2048)
 

@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-# Before Ray is imported: a Ray started here takes 127.0.0.1 as its node address (DESIGN §12).
+# Before Ray is imported: a Ray started here then uses 127.0.0.1 (docs/design.md, 'Engines and launchers').
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 ray = pytest.importorskip("ray", reason="the Ray launcher needs Ray: pip install 'checkfree[ray]'")
 

@@ -15,7 +15,7 @@ from checkfree.distributed.cluster import WorkerPool
 from checkfree.distributed.worker import WorkerSpec
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-"""Set to 0 before Ray is imported, a Ray started here takes 127.0.0.1 as its node address (DESIGN §12)."""
+"""Set to 0 before importing Ray: a Ray started here uses 127.0.0.1 (docs/design.md, 'Engines and launchers')."""
 
 
 def make_pool(spec: WorkerSpec, engine: EngineConfig, run_dir: Path) -> WorkerPool:

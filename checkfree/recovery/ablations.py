@@ -7,7 +7,7 @@
 
 They share CheckFree's edge rules and its restart (fresh optimizer, ``lr_scale * lr``), so only the rebuild
 of an intermediate stage differs. Unlike the reference, there is no hidden distillation loop or all-reduce
-that could zero the stage (PAPER §9.6).
+that could zero the stage (docs/paper.md, 'Reference-code bugs we avoid' item 6).
 """
 
 from __future__ import annotations

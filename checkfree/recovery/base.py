@@ -1,6 +1,6 @@
 """The protocol every recovery strategy follows: decide, as data; never execute.
 
-A strategy is a small object with three hooks, all pure functions of their arguments (DESIGN §10):
+A strategy has three hooks, all pure functions of their arguments (docs/design.md, 'Recovery plans'):
 
 * ``setup(view)`` — the copies to make (and the checkpoint to save) before the first iteration: an ``Upkeep``.
 * ``plan(lost, view)`` — the stages in ``lost`` were lost (weights and optimizer state): say how to bring

@@ -5,8 +5,8 @@ on a real cluster runs), all stages' weights and Adam states (moments, step coun
 and the torch RNG state go to storage (``<run_dir>/checkpoints``, see ``checkfree.checkpoints``);
 only the last ``keep`` stay. A loss of *any* stage rolls *every* stage back to the latest readable
 checkpoint (a pipeline cannot mix stages from different steps), and the steps since then are lost work.
-Unlike the reference's ``one``/``whole_model`` modes (PAPER §9.7) the period is real, Adam's own state is
-what is stored, and nothing is copied every iteration.
+Unlike the reference's ``one``/``whole_model`` modes (docs/paper.md, 'Reference-code bugs we avoid' item 7)
+the period is real, Adam's own state is what is stored, and nothing is copied every iteration.
 
 ``setup`` saves the initial state (progress 0): the initial weights follow from the seed, which every node
 knows, so a loss before the first periodic save rolls back to the start.

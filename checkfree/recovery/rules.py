@@ -13,10 +13,11 @@ def norm_weight(norm: float, power: float = 1.0, eps: float = 1e-4) -> float:
 
 
 def interpolation_weights(left: int, right: int, k: int, left_weight: float, right_weight: float) -> tuple[float, float]:
-    """Coefficients of W_L and W_R for a lost stage L < k < R (DESIGN §5), normalised to sum to 1.
+    """Coefficients of W_L and W_R for a lost stage L < k < R, normalised to sum to 1
+    (docs/design.md, 'Several lost stages at once').
 
-    W_k = ((R-k) b W_L + (k-L) a W_R) / ((R-k) b + (k-L) a), with b, a the left and right weights.
-    For R - L = 2 this is the neighbour average.
+    W_k = ((R-k) b W_L + (k-L) a W_R) / ((R-k) b + (k-L) a), b and a the left and right weights; for
+    R - L = 2 this is the neighbour average.
     """
     if not left < k < right:
         raise ValueError(f"stage {k} is not strictly between survivors {left} and {right}")
