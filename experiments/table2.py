@@ -223,25 +223,30 @@ def granularity(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     extra = [f"data={args.data}"] if args.data else []
     curve = probe(probe_dir(args), [*extra, *args.set])
-    rows, records = [], []
+    strategies, points, regimes = args.strategies.split(","), [], {}
     for K in GRANULARITY:
-        T = 10_000 // K
-        target = target_at(curve, T)
+        target = target_at(curve, 10_000 // K)
         T = round(first_crossing(curve, target))  # the probe's own (interpolated) iterations to that target
-        strategies = args.strategies.split(",")
-        points = [("table2", i, [f"strategy={name}", "failure.hourly_rate=0.16", f"seed={seed}"])
-                  for i, (name, seed) in enumerate((n, s) for n in strategies for s in range(args.seeds))]
-        runs = run_all(points, args.out / f"K{K}", [f"trainer.target_loss={target}", *regime(T, GRANULARITY_CAP), *extra,
-                                                     *args.set], args.jobs)
-        for r in runs:
-            reached = r.get("iterations_to_target_interp")
-            records.append({"K": K, "paper_iterations_per_cpu_iteration": 10_000 / T, "T": T, "target": target,
-                            "strategy": r.get("strategy"), "seed": r.get("seed"), "failures": r.get("n_failures"),
-                            "iterations_to_target_over_T": reached / T if reached is not None else None,
-                            "hours_to_target": (r["time_to_target_interp_s"] / 3600
-                                                if r.get("time_to_target_interp_s") is not None else None),
-                            "lost_work_h": (r.get("lost_work_sim_s") or 0.0) / 3600,
-                            "wall_s": r.get("total_wall_time_s")})
+        regimes[K] = (T, target)
+        points += [(K, name, seed, [f"strategy={name}", "failure.hourly_rate=0.16", f"seed={seed}",
+                                    f"trainer.target_loss={target}", *regime(T, GRANULARITY_CAP)])
+                   for name in strategies for seed in range(args.seeds)]
+    # All points at once, the finest clock (the longest runs) first, so that no core waits for a K to finish.
+    points.sort(key=lambda p: p[0])
+    runs = run_all([("table2", i, o) for i, (_, _, _, o) in enumerate(points)], args.out / "runs",
+                   [*extra, *args.set], args.jobs)
+    records = []
+    for (K, _, _, _), r in zip(points, runs):
+        T, target = regimes[K]
+        reached = r.get("iterations_to_target_interp")
+        records.append({"K": K, "paper_iterations_per_cpu_iteration": 10_000 / T, "T": T, "target": target,
+                        "strategy": r.get("strategy"), "seed": r.get("seed"), "failures": r.get("n_failures"),
+                        "iterations_to_target_over_T": reached / T if reached is not None else None,
+                        "hours_to_target": (r["time_to_target_interp_s"] / 3600
+                                            if r.get("time_to_target_interp_s") is not None else None),
+                        "lost_work_h": (r.get("lost_work_sim_s") or 0.0) / 3600,
+                        "wall_s": r.get("total_wall_time_s")})
+    rows = []
     frame = pd.DataFrame(records)
     frame.to_csv(args.out / "granularity.csv", index=False)
     for name in args.strategies.split(","):
