@@ -231,14 +231,24 @@ def granularity(args: argparse.Namespace) -> None:
         points += [(K, name, seed, [f"strategy={name}", "failure.hourly_rate=0.16", f"seed={seed}",
                                     f"trainer.target_loss={target}", *regime(T, GRANULARITY_CAP)])
                    for name in strategies for seed in range(args.seeds)]
-    # All points at once, the finest clock (the longest runs) first, so that no core waits for a K to finish.
+    # All points at once, the finest clock (the longest runs) first, so that no core waits for a K to finish;
+    # a point's index (its run directory) does not depend on which --granularities this invocation runs.
     points.sort(key=lambda p: p[0])
-    runs = run_all([("table2", i, o) for i, (_, _, _, o) in enumerate(points)], args.out / "runs",
-                   [*extra, *args.set], args.jobs)
+    wanted = {int(k) for k in args.granularities.split(",")}
+    indexed = [("table2", i, o) for i, (K, _, _, o) in enumerate(points) if K in wanted or args.report_only]
+    points = [p for p in points if p[0] in wanted or args.report_only]
+    runs = (so_far(indexed, args.out / "runs") if args.report_only
+            else run_all(indexed, args.out / "runs", [*extra, *args.set], args.jobs))
     records = []
     for (K, _, _, _), r in zip(points, runs):
         T, target = regimes[K]
         reached = r.get("iterations_to_target_interp")
+        if r.get("status") != "completed" and reached is None:  # still running (or not started): a lower bound
+            reached_by = math.nan if r.get("not_started") else r.get("iterations_so_far", 0) / T
+            records.append({"K": K, "T": T, "target": target, "strategy": r.get("strategy"), "seed": r.get("seed"),
+                            "unfinished_beyond_T": reached_by, "not_started": bool(r.get("not_started")),
+                            "wall_s": r.get("total_wall_time_s")})
+            continue
         records.append({"K": K, "paper_iterations_per_cpu_iteration": 10_000 / T, "T": T, "target": target,
                         "strategy": r.get("strategy"), "seed": r.get("seed"), "failures": r.get("n_failures"),
                         "iterations_to_target_over_T": reached / T if reached is not None else None,
@@ -248,14 +258,23 @@ def granularity(args: argparse.Namespace) -> None:
                         "wall_s": r.get("total_wall_time_s")})
     rows = []
     frame = pd.DataFrame(records)
+    for column in ("iterations_to_target_over_T", "unfinished_beyond_T", "not_started"):  # absent when no run
+        if column not in frame:                                                           # got that far
+            frame[column] = math.nan
     frame.to_csv(args.out / "granularity.csv", index=False)
     for name in args.strategies.split(","):
         cells = []
         for K in GRANULARITY:
             mine = frame[(frame.strategy == name) & (frame.K == K)]
             values = [v for v in mine.iterations_to_target_over_T if v is not None and v == v]
-            cells.append(f"{fmt(values, '.2f')} ({len(values)}/{len(mine)})" if values
-                         else f"> {GRANULARITY_CAP:g} (0/{len(mine)})")
+            unfinished = [v for v in mine.unfinished_beyond_T if v == v]
+            if unfinished:  # --report-only while runs go on: how far they got without reaching the target
+                cells.append(f"> {min(unfinished):.2f} (unfinished)")
+            elif len(mine) and mine.not_started.fillna(False).astype(bool).all():
+                cells.append("not run yet")
+            else:
+                cells.append(f"{fmt(values, '.2f')} ({len(values)}/{len(mine)})" if values
+                             else f"> {GRANULARITY_CAP:g} (0/{len(mine)})")
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     Ts = sorted(set(frame["T"]), reverse=True)
     text = "\n".join([
@@ -271,7 +290,24 @@ def granularity(args: argparse.Namespace) -> None:
 
 
 def records_as_runs(records: list[dict]) -> list[dict]:
-    return [{"total_wall_time_s": r["wall_s"]} for r in records]
+    return [{"total_wall_time_s": r.get("wall_s")} for r in records]
+
+
+def so_far(points: list[tuple[str, int, list[str]]], out: Path) -> list[dict]:
+    """Each point's summary as it stands, without running anything (``--report-only``): a run not finished
+    yet also says how many iterations it has done (the last line of its metrics)."""
+    from checkfree.runlog import read_metrics
+
+    runs = []
+    for name, i, overrides in points:
+        matches = sorted((out / name).glob(f"{i:03d}_*/summary.json"))
+        summary = json.loads(matches[0].read_text()) if matches else {"not_started": True}
+        if summary.get("status") != "completed" and matches:
+            records = read_metrics(matches[0].parent / "metrics.jsonl")
+            summary["iterations_so_far"] = records[-1]["iteration"] if records else 0
+        summary.setdefault("strategy", overrides[0].split("=", 1)[1])
+        runs.append(summary)
+    return runs
 
 
 def first_crossing(curve: list[tuple[int, float]], target: float) -> float:
@@ -358,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rates", default="0.05,0.10,0.16", help="main: the hourly rates of the grid")
     parser.add_argument("--strategies", default="checkpoint,redundant,checkfree,checkfree_plus",
                         help="granularity: the strategies compared")
+    parser.add_argument("--granularities", default=",".join(map(str, GRANULARITY)),
+                        help="granularity: run only these K (e.g. 20,10); the report covers every K")
+    parser.add_argument("--report-only", action="store_true",
+                        help="granularity: write the table from the runs as they stand, running nothing")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=2)
