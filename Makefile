@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench device-check clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -27,6 +27,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/engine_overhead.py
 	$(BIN)/python benchmarks/recovery_latency.py
 	$(BIN)/python benchmarks/distributed.py
+
+# The CUDA tests and the GPU benchmarks in one table (a CPU fallback, and says so, where there is no GPU).
+device-check: $(STAMP)
+	benchmarks/device_check.sh $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun

@@ -18,7 +18,14 @@
 
     python benchmarks/distributed.py [--stages 4] [--layers 2] [--d-model 128] [--seq-len 128]
         [--micro-batches 8] [--micro-batch-size 4] [--iterations 12] [--rounds 1] [--device cpu|cuda] [--cold]
-        [--no-ray]
+        [--no-ray] [--pipelines gpipe,1f1b] [--failures 3] [--json rows.jsonl]
+
+On GPUs: with a GPU per stage both sides run one process per stage on NCCL. With fewer GPUs (one, say) our
+stage processes share them over gloo (``engine.backend=auto``: NCCL refuses two ranks on one GPU, and gloo
+stages the tensors through host memory), while ``torch.distributed.pipelining`` cannot (its point-to-point
+ops need NCCL for CUDA tensors): its baseline is then one process holding every stage as a single
+``PipelineStage`` on that GPU — the same micro-batches and schedule without any transfer, the bound a
+process per stage on one GPU can approach.
 """
 
 from __future__ import annotations
@@ -46,17 +53,26 @@ from checkfree.train import train
 
 
 class WholeStage(nn.Module):
-    """A ``Stage`` as one module, for ``PipelineStage``: embedding / body / head as this stage owns them."""
+    """Consecutive ``Stage``s (one, or all of them) as one module, for ``PipelineStage``: embedding / bodies /
+    head as these stages own them."""
 
-    def __init__(self, stage: nn.Module) -> None:
+    def __init__(self, stages: list[nn.Module]) -> None:
         super().__init__()
-        self.stage = stage
+        self.stages = nn.ModuleList(stages)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stage.has_embedding:
-            x = self.stage.embed(x)
-        x = self.stage.body(x)
-        return self.stage.head(x) if self.stage.has_head else x
+        if self.stages[0].has_embedding:
+            x = self.stages[0].embed(x)
+        for stage in self.stages:
+            x = stage.body(x)
+        return self.stages[-1].head(x) if self.stages[-1].has_head else x
+
+
+def torch_ranks(n_stages: int, device: str) -> int:
+    """Processes of the torch baseline: one per stage, or one for all where the stages would share GPUs."""
+    if device == "cuda" and torch.cuda.device_count() < n_stages:
+        return 1
+    return n_stages
 
 
 def torch_pipeline_rank(rank: int, model: ModelConfig, batches: list[torch.Tensor], args: dict, port: int,
@@ -65,34 +81,42 @@ def torch_pipeline_rank(rank: int, model: ModelConfig, batches: list[torch.Tenso
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // model.n_stages))
+    ranks = args["ranks"]
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks))
     cuda = args["device"] == "cuda"
     device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
-    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=model.n_stages,
+    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=ranks,
                             timeout=timedelta(seconds=60))
-    stage = seeded_stage(model, 0, rank).to(device)
-    module = WholeStage(stage)
-    pipe = PipelineStage(module, rank, model.n_stages, device)
+    mine = [rank] if ranks == model.n_stages else list(range(model.n_stages))
+    stages = [seeded_stage(model, 0, k).to(device) for k in mine]
+    module = WholeStage(stages)
+    pipe = PipelineStage(module, rank, ranks, device)
     kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[args["schedule"]]
     schedule = kind(pipe, n_microbatches=args["micro_batches"], loss_fn=causal_lm_loss)
-    optimizer = torch.optim.Adam(stage.parameters(), lr=3e-3)
+    optimizers = [torch.optim.Adam(stage.parameters(), lr=3e-3) for stage in stages]
     times = []
     for it in range(args["iterations"]):
         full = batches[it % len(batches)].to(device)
         dist.barrier()
         start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        if rank == 0:
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        if ranks == 1:
+            schedule.step(full[:, :-1], target=full[:, 1:], losses=[])
+        elif rank == 0:
             schedule.step(full[:, :-1])
-        elif rank == model.n_stages - 1:
+        elif rank == ranks - 1:
             schedule.step(target=full[:, 1:], losses=[])
         else:
             schedule.step()
-        torch.nn.utils.clip_grad_norm_(stage.parameters(), 1.0, foreach=True)
-        optimizer.step()
+        for stage, optimizer in zip(stages, optimizers):  # per-stage clipping and Adam, as ours
+            torch.nn.utils.clip_grad_norm_(stage.parameters(), 1.0, foreach=True)
+            optimizer.step()
+        if cuda:
+            torch.cuda.synchronize(device)
         dist.barrier()
         times.append(time.perf_counter() - start)
     if rank == 0:
@@ -106,7 +130,7 @@ def run_torch_pipeline(model: ModelConfig, batches: list[torch.Tensor], args: di
     manager = ctx.Manager()
     results = manager.dict()
     procs = [ctx.Process(target=torch_pipeline_rank, args=(r, model, batches, args, store.port, results))
-             for r in range(model.n_stages)]
+             for r in range(args["ranks"])]
     for p in procs:
         p.start()
     try:
@@ -178,7 +202,7 @@ def recovery_latency(args: argparse.Namespace, cache: str, root: Path, label: st
 RAY = {"name": "distributed", "launcher": "ray", "timeout_s": 60}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--layers", type=int, default=2)
@@ -190,79 +214,102 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1, help="measure every engine this many times, round robin")
-    parser.add_argument("--failures", type=int, default=3)
+    parser.add_argument("--failures", type=int, default=3, help="CheckFree failures timed (0: no recovery section)")
     parser.add_argument("--failure-every", type=int, default=8,
                         help="iterations before the first failure and between two (a standby warms up meanwhile)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--pipelines", default="gpipe,1f1b", help="schedules to compare: gpipe, 1f1b or both")
     parser.add_argument("--cold", action="store_true", help="also measure local processes started cold (spawn)")
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray launcher (Ray not installed)")
-    args = parser.parse_args()
+    parser.add_argument("--json", default=None, help="append the results as JSON lines to this file")
+    args = parser.parse_args(argv)
+    pipelines = args.pipelines.split(",")
     ray_engine = {**RAY, "ray": {"gpus_per_stage": 1.0 if args.device == "cuda" else 0.0}}
+    label = {"gpipe": "GPipe", "1f1b": "1F1B"}
 
     with tempfile.TemporaryDirectory(prefix="checkfree-bench-") as tmp:
         root, cache = Path(tmp), str(Path(tmp) / "cache")
         cfg = run_config(args, cache)
         # The same micro-batches, from the same stream, for the baselines.
         from checkfree.data import load_corpus
+        from checkfree.distributed.rendezvous import pick_backend
 
         corpus = load_corpus(cfg.data, cfg.model.seq_len, batch_seed=cfg.seed)
         model = cfg.model.with_vocab(corpus.vocab_size)
+        backend = pick_backend(cfg.engine, torch.device(args.device), args.stages)
         batches = [corpus.train.next_batch(args.micro_batches * args.micro_batch_size) for _ in range(args.iterations)]
         # Without a standby: it would import torch beside the timed iterations (it idles afterwards).
         ray_cold = {**ray_engine, "ray": {**ray_engine["ray"], "standby": False}}
-        runs = {
-            "processes, GPipe": lambda r: iteration_times(args, cache, root, f"gpipe-{r}"),
-            "processes, 1F1B": lambda r: iteration_times(args, cache, root, f"1f1b-{r}", network={"pipeline": "1f1b"}),
-            "Ray actors, GPipe": lambda r: iteration_times(args, cache, root, f"ray-gpipe-{r}", engine=ray_cold),
-            "torch gpipe": lambda r: run_torch_pipeline(model, batches, {**torch_args, "schedule": "gpipe"})[args.warmup:],
-            "torch 1f1b": lambda r: run_torch_pipeline(model, batches, {**torch_args, "schedule": "1f1b"})[args.warmup:],
-        }
-        torch_args = {"device": args.device, "micro_batches": args.micro_batches, "iterations": args.iterations}
-        if args.no_ray:
-            del runs["Ray actors, GPipe"]
+        torch_args = {"device": args.device, "micro_batches": args.micro_batches, "iterations": args.iterations,
+                      "ranks": torch_ranks(args.stages, args.device)}
+        runs = {}
+        for pipe in pipelines:
+            network = {"network": {"pipeline": pipe}}
+            runs[f"processes, {label[pipe]}"] = lambda r, n=network, p=pipe: iteration_times(args, cache, root,
+                                                                                           f"{p}-{r}", **n)
+            if pipe == "gpipe" and not args.no_ray:
+                runs["Ray actors, GPipe"] = lambda r: iteration_times(args, cache, root, f"ray-gpipe-{r}",
+                                                                      engine=ray_cold)
+            runs[f"torch {pipe}"] = lambda r, p=pipe: run_torch_pipeline(
+                model, batches, {**torch_args, "schedule": p})[args.warmup:]
         times: dict[str, list[float]] = {name: [] for name in runs}
         for r in range(args.rounds):  # round robin, so that a change of the machine's load hits every engine
             for name, run in runs.items():
                 times[name] += run(r)
-        theirs = {name.split()[1]: times.pop(name) for name in ("torch gpipe", "torch 1f1b")}
+        theirs = {name.split()[1]: times.pop(name) for name in list(times) if name.startswith("torch ")}
         ours = times
 
-        latencies = {"local processes, forkserver (warm)": recovery_latency(args, cache, root, "warm")}
-        if args.cold:
+        latencies = {}
+        if args.failures > 0:
+            latencies["local processes, forkserver (warm)"] = recovery_latency(args, cache, root, "warm")
+        if args.cold and args.failures > 0:
             os.environ["CHECKFREE_START_METHOD"] = "spawn"
             latencies["local processes, spawn (cold)"] = recovery_latency(args, cache, root, "cold")
             del os.environ["CHECKFREE_START_METHOD"]
-        if not args.no_ray:
+        if not args.no_ray and args.failures > 0:
             latencies["Ray actors, standby (warm)"] = recovery_latency(args, cache, root, "ray-warm", engine=ray_engine)
             latencies["Ray actors, fresh actor (cold)"] = recovery_latency(
                 args, cache, root, "ray-cold", engine={**ray_engine, "ray": {**ray_engine["ray"], "standby": False}})
 
     med = {name: statistics.median(times) for name, times in ours.items()}
     med_torch = {name: statistics.median(times) for name, times in theirs.items()}
+    ranks = torch_args["ranks"]
+    where = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if args.device == "cuda"
+             else f"{os.cpu_count()} CPU cores")
     print(f"\nmodel: {args.stages} stages x {args.layers} layers, d_model {args.d_model}, seq {args.seq_len}, "
           f"vocab {model.vocab_size}; M={args.micro_batches} x {args.micro_batch_size} sequences; "
-          f"{args.stages} workers, {'nccl' if args.device == 'cuda' else 'gloo'}, {os.cpu_count()} CPU cores")
+          f"ours: {args.stages} workers, {backend}; torch: {ranks} process(es); {where}")
     print("\n| engine | median s / iteration | iterations timed |")
     print("|---|---|---|")
     for name, times in ours.items():
         print(f"| checkfree, {name} | {med[name]:.4f} | {len(times)} |")
+    torch_label = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}
     for name, times in theirs.items():
-        label = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}[name]
-        print(f"| torch.distributed.pipelining {label} | {med_torch[name]:.4f} | {len(times)} |")
+        alone = "" if ranks == args.stages else ", every stage in one process"
+        print(f"| torch.distributed.pipelining {torch_label[name]}{alone} | {med_torch[name]:.4f} | {len(times)} |")
     print()
     if "Ray actors, GPipe" in med:
         print(f"ratio Ray / local processes (GPipe): {med['Ray actors, GPipe'] / med['processes, GPipe']:.2f}"
               "  (goal <= 1.10)")
-    print(f"ratio torch / ours, GPipe: {med_torch['gpipe'] / med['processes, GPipe']:.2f}  (goal >= 1.0)")
-    print(f"ratio torch / ours, 1F1B: {med_torch['1f1b'] / med['processes, 1F1B']:.2f}  (goal >= 1.0)")
+    ratios = {pipe: med_torch[pipe] / med[f"processes, {label[pipe]}"] for pipe in pipelines}
+    for pipe, ratio in ratios.items():
+        print(f"ratio torch / ours, {label[pipe]}: {ratio:.2f}  (goal >= 1.0)")
     if "Ray actors, GPipe" in med:
         print(f"ratio torch / ours on Ray, GPipe: {med_torch['gpipe'] / med['Ray actors, GPipe']:.2f}  (goal >= 1.0)")
-    print(f"\nrecovery latency of one CheckFree failure (median of {args.failures}):")
-    print("| workers from | detect s | replace s | re-rendezvous s | weight transfer s | total s | bytes |")
-    print("|---|---|---|---|---|---|---|")
-    for label, p in latencies.items():
-        print(f"| {label} | {p['detect_s']:.3f} | {p['respawn_s']:.3f} | {p['rendezvous_s']:.3f} | "
-              f"{p['transfer_s']:.3f} | {p['total_s']:.3f} | {int(p['bytes'])} |")
+    if latencies:
+        print(f"\nrecovery latency of one CheckFree failure (median of {args.failures}):")
+        print("| workers from | detect s | replace s | re-rendezvous s | weight transfer s | total s | bytes |")
+        print("|---|---|---|---|---|---|---|")
+        for name, p in latencies.items():
+            print(f"| {name} | {p['detect_s']:.3f} | {p['respawn_s']:.3f} | {p['rendezvous_s']:.3f} | "
+                  f"{p['transfer_s']:.3f} | {p['total_s']:.3f} | {int(p['bytes'])} |")
+    result = {"benchmark": "distributed", "device": args.device, "where": where, "backend": backend,
+              "torch_ranks": ranks, "stages": args.stages, "ours_s": med, "torch_s": med_torch,
+              "recovery": latencies}
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(result) + "\n")
+    return result
 
 
 if __name__ == "__main__":

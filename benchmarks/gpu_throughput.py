@@ -1,18 +1,23 @@
-"""Tokens per second and model FLOPs utilisation (MFU) of the local engine on a GPU, fused and not.
+"""Tokens per second and model FLOPs utilisation (MFU) of the local engine on a GPU: fused and not, compiled
+and not.
 
 The paper-scale preset (``llama_124m`` by default: 4 stages x 3 LLaMA blocks, d=512, 32k vocabulary, 512
 tokens per sequence) trains in bf16 autocast on the local engine, with its micro-batches one by one and fused
-(``trainer.fuse_micro_batches``: micro-batches that take the same route run as one batch), for CheckFree's
-in-order schedule and CheckFree+'s out-of-order one. MFU = 6 x parameters x tokens / second / the device's
-dense bf16 peak (looked up from the device name, or ``--peak-tflops``).
+(``trainer.fuse_micro_batches``: micro-batches that take the same route run as one batch), eager and through
+``torch.compile`` (``trainer.compile``), for CheckFree's in-order schedule and CheckFree+'s out-of-order one.
+MFU = 6 x parameters x tokens / second / the device's dense bf16 peak (looked up from the device name, or
+``--peak-tflops``). Each row also gives its warm-up seconds (the first two steps: a compiled row compiles there).
 
     python benchmarks/gpu_throughput.py [--preset llama_124m] [--micro-batches 4] [--micro-batch-size 16]
-    python benchmarks/gpu_throughput.py --smoke      # tiny preset on the CPU, a few steps (the tests run it)
+        [--compile none|fused|all] [--json rows.jsonl]
+    python benchmarks/gpu_throughput.py --smoke      # tiny preset on the CPU, a few steps, eager (the tests run it)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import statistics
 import time
 
@@ -36,19 +41,34 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> float | N
     return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
 
 
-def measure(engine: LocalEngine, schedule, batches: list[torch.Tensor], steps: int, device: torch.device) -> float:
-    """Median seconds per optimizer step over ``steps`` steps, after two warm-up steps."""
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(engine: LocalEngine, schedule, batches: list[torch.Tensor], steps: int,
+            device: torch.device) -> tuple[float, float]:
+    """(median seconds per optimizer step over ``steps`` steps, seconds of the two warm-up steps before them)."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(2):
+        engine.train_step(batches, schedule)
+    sync(device)
+    warmup = time.perf_counter() - start
     times = []
-    for i in range(steps + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    for _ in range(steps):
         start = time.perf_counter()
         engine.train_step(batches, schedule)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), warmup
+
+
+def variants(compile: str) -> list[tuple[bool, bool]]:
+    """(fused, compiled) pairs to measure: eager always; compiled for the fused rows only (``fused``: what a long
+    GPU run would use, and half the compile warm-ups), for every row (``all``) or never (``none``)."""
+    eager = [(False, False), (True, False)]
+    return eager + {"none": [], "fused": [(True, True)], "all": [(False, True), (True, True)]}[compile]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -59,12 +79,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    parser.add_argument("--compile", default="fused", choices=("none", "fused", "all"),
+                        help="which rows also run compiled (trainer.compile)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, when not in the table")
-    parser.add_argument("--smoke", action="store_true", help="tiny preset, CPU, fp32, 2 steps")
+    parser.add_argument("--json", default=None, help="append each row as a JSON line to this file")
+    parser.add_argument("--time-budget-s", type=float, default=None,
+                        help="start no row after this many seconds (the rows left are listed as skipped)")
+    parser.add_argument("--smoke", action="store_true", help="tiny preset, CPU, fp32, 2 steps, eager")
     args = parser.parse_args(argv)
     if args.smoke:
         args.preset, args.device, args.precision, args.steps = "tiny", "cpu", "fp32", 2
-        args.micro_batch_size = 2
+        args.micro_batch_size, args.compile = 2, "none"
+        torch.set_num_threads(1)  # a tiny model gains nothing from more, and spins against a busy machine's load
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     cfg = preset(args.preset)
@@ -76,24 +102,39 @@ def main(argv: list[str] | None = None) -> list[dict]:
     tokens = args.micro_batches * args.micro_batch_size * cfg.seq_len
     peak = peak_flops(device, args.peak_tflops)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    rows = []
+    rows, skipped, start = [], [], time.perf_counter()
+    initial = build_stages(cfg, 0, device)  # built once (a 500M model takes seconds), copied for every row
     for schedule in (InOrder(cfg.n_stages), OutOfOrder(cfg.n_stages)):
-        for fuse in (False, True):
-            engine = LocalEngine(build_stages(cfg, 0, device), lr=3e-4, autocast_dtype=autocast, fuse=fuse)
-            seconds = measure(engine, schedule, batches, args.steps, device)
+        for fuse, compiled in variants(args.compile):
+            if args.time_budget_s is not None and time.perf_counter() - start > args.time_budget_s:
+                skipped.append(f"{schedule.name}, fused={fuse}, compiled={compiled}")
+                continue
+            engine = LocalEngine(copy.deepcopy(initial), lr=3e-4, autocast_dtype=autocast, fuse=fuse,
+                                 compile=compiled)
+            seconds, warmup = measure(engine, schedule, batches, args.steps, device)
             rate = tokens / seconds
             mfu = 6 * param_count(cfg) * rate / peak if peak else None
-            rows.append({"schedule": schedule.name, "fused": fuse, "step_s": seconds, "tokens_per_s": rate,
-                         "mfu": mfu})
+            rows.append({"preset": cfg.name, "device": name, "precision": args.precision, "schedule": schedule.name,
+                         "fused": fuse, "compiled": compiled, "step_s": seconds, "tokens_per_s": rate, "mfu": mfu,
+                         "warmup_s": warmup, "tokens_per_step": tokens})
             del engine
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    del initial
+    if args.compile != "none":
+        torch._dynamo.reset()  # the next preset's graphs start from a clean cache (and this one's memory goes)
     print(f"{cfg.name}: {param_count(cfg) / 1e6:.1f} M parameters, {tokens} tokens/step "
           f"({args.micro_batches} x {args.micro_batch_size} x {cfg.seq_len}), {args.precision}, {name}")
-    print("| schedule | fused | s / step | tokens / s | MFU |\n|---|---|---|---|---|")
+    print("| schedule | fused | compiled | s / step | tokens / s | MFU | warm-up s |\n|---|---|---|---|---|---|---|")
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "— (no peak known: --peak-tflops)"
-        print(f"| {r['schedule']} | {r['fused']} | {r['step_s']:.4f} | {r['tokens_per_s']:,.0f} | {mfu} |")
+        print(f"| {r['schedule']} | {r['fused']} | {r['compiled']} | {r['step_s']:.4f} | {r['tokens_per_s']:,.0f} "
+              f"| {mfu} | {r['warmup_s']:.1f} |")
+    for row in skipped:
+        print(f"skipped (--time-budget-s {args.time_budget_s:g} spent): {row}")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.writelines(json.dumps({"benchmark": "gpu_throughput", **r}) + "\n" for r in rows)
     return rows
 
 

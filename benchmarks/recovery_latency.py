@@ -17,15 +17,20 @@ the first), so the "x iteration" column compares like with like. Bytes are the r
 what a real system would send to the replacement node at this model's size.
 
     python benchmarks/recovery_latency.py [--preset cpu_small] [--reps 9] [--steps 5] [--stage K]
+        [--set trainer.device=cuda --set trainer.precision=bf16 ...] [--json rows.jsonl]
+
+On a GPU (``--set trainer.device=cuda``) every timed span ends with a ``torch.cuda.synchronize``, so a
+recovery's seconds include the kernels it launched.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,6 +42,12 @@ from checkfree.runconfig import load_run_config
 from checkfree.train import build_run
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work (the rebuild's kernels) before reading the clock; nothing on the CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 @dataclass
@@ -76,8 +87,10 @@ def time_upkeep(trainer, reps: int) -> float:
         total = 0.0
         for p in range(start + 1, start + period + 1):
             trainer.progress = p
+            sync()
             t0 = time.perf_counter()
             trainer.upkeep(trainer.strategy.after_step(trainer.view()))
+            sync()
             total += time.perf_counter() - t0
         per_iteration.append(total / period)
     trainer.progress = start
@@ -91,7 +104,7 @@ def bench_strategy(name: str, stages_to_fail: list[int], args: argparse.Namespac
                    run_dir: Path) -> tuple[list[Row], list[float]]:
     overrides = [f"model={args.preset}", f"strategy={name}", "failure=none", "trainer.progress_bar=false",
                  "logger.wandb.mode=disabled", f"trainer.micro_batches={args.micro_batches}",
-                 f"trainer.micro_batch_size={args.micro_batch_size}", f"trainer.lr={args.lr}"]
+                 f"trainer.micro_batch_size={args.micro_batch_size}", f"trainer.lr={args.lr}", *args.set]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = load_run_config(compose(config_name="config", overrides=overrides))
     trainer = build_run(cfg, run_dir).trainer
@@ -113,8 +126,10 @@ def bench_strategy(name: str, stages_to_fail: list[int], args: argparse.Namespac
             trainer.progress, trainer.held_since = progress, dict(held_since)
             trainer.corpus.train.load_state_dict(data)
             trainer.engine.lose([k])
+            sync()
             t0 = time.perf_counter()
             reports = trainer.recover({k})
+            sync()
             times.append(time.perf_counter() - t0)
         trainer.engine.load_state_dict(before)
         rows.append(Row(name, k, statistics.median(times), reports[0].bytes_moved, after_step_s,
@@ -122,7 +137,7 @@ def bench_strategy(name: str, stages_to_fail: list[int], args: argparse.Namespac
     return rows, step_times[1:]  # the first step pays for allocations: not a typical iteration
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="cpu_small", help="model preset (checkfree/model.py PRESETS)")
     parser.add_argument("--reps", type=int, default=9, help="timed repetitions of each recovery and upkeep period")
@@ -137,7 +152,10 @@ def main() -> None:
     # process holds a core, and the medians of a 0.2 s step swing by 10x. Both the iteration and the
     # recoveries run under the same setting, so the ratio column stays fair.
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
-    args = parser.parse_args()
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="one more Hydra override (repeatable), e.g. trainer.device=cuda")
+    parser.add_argument("--json", default=None, help="append each row as a JSON line to this file")
+    args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
@@ -170,6 +188,11 @@ def main() -> None:
         print(f"| {r.strategy} | {r.stage} | {r.recover_s * 1e3:.2f} | {r.recover_s / iteration_s:.3f} "
               f"| {r.bytes_moved:,} | {r.after_step_s * 1e3:.3f} | {r.after_step_s / iteration_s:.4f} "
               f"| {r.how} |")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.writelines(json.dumps({"benchmark": "recovery_latency", "preset": args.preset, "overrides": args.set,
+                                     "iteration_s": iteration_s, **asdict(r)}) + "\n" for r in rows)
+    return rows
 
 
 if __name__ == "__main__":

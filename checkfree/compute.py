@@ -5,7 +5,8 @@ sends its outputs to the next stage. Either way the same code runs a visit's ops
 under autocast, the head and the loss outside it in fp32, as the reference), scales a micro-batch's loss
 by 1/M, clips the stage's gradient on its own (no stage sees another's gradients), steps, probes for
 non-finite outputs and applies a recovery plan's ``Rebuild``. That is what keeps the engines bit-for-bit
-equal: there is only one copy of each of these rules.
+equal: there is only one copy of each of these rules. With ``trainer.compile`` a training visit's ops run
+through ``torch.compile`` instead (``compiled_ops``): the same math up to float rounding, compiled once.
 
 State travels in one nested format (see ``checkfree.plan``): ``{"weights": state_dict}`` for a (de)embedding
 replica, ``{"weights": ..., "optimizer": ...}`` for a shadow or a checkpoint shard.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +40,46 @@ def per_sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     """``[B]``: each sequence's mean token cross-entropy."""
     tokens = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
     return tokens.view(targets.shape).mean(dim=1)
+
+
+def _autocast(device_type: str, dtype: torch.dtype | None):
+    """Autocast to ``dtype``, or explicitly off: a caller's own autocast never changes a stage's precision."""
+    if dtype is None:
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=dtype)
+
+
+# A visit's three kinds of op, as functions of (stage, input). Eager runs them as they are; trainer.compile wraps
+# each in torch.compile. Three functions, not one: dynamo keeps compiled graphs per code object (at most
+# torch._dynamo.config.recompile_limit of them), and its guards check tensor shapes, not which module it is,
+# so one body graph serves every stage of a model, and the embedding and head never take the body's places.
+
+
+def embed_op(stage: Stage, ids: torch.Tensor, device_type: str, dtype: torch.dtype | None) -> torch.Tensor:
+    with _autocast(device_type, dtype):
+        return stage.embed(ids)
+
+
+def body_op(stage: Stage, hidden: torch.Tensor, device_type: str, dtype: torch.dtype | None) -> torch.Tensor:
+    with _autocast(device_type, dtype):
+        return stage.body(hidden)
+
+
+def head_op(stage: Stage, hidden: torch.Tensor, device_type: str, dtype: torch.dtype | None) -> torch.Tensor:
+    """The final norm and LM head in fp32, autocast off (as the reference: the logits and the loss stay fp32)."""
+    with torch.autocast(device_type, enabled=False):
+        return stage.head(hidden.float() if dtype is not None else hidden)
+
+
+Op = Callable[[Stage, torch.Tensor, str, torch.dtype | None], torch.Tensor]
+EAGER_OPS: dict[str, Op] = {EMBED: embed_op, BODY: body_op, HEAD: head_op}
+
+
+def compiled_ops() -> dict[str, Op]:
+    """``EAGER_OPS`` through ``torch.compile`` (the forward, and the backward through AOTAutograd). Static
+    shapes: a run's micro-batches share one shape (a fused group has one per route), so each op compiles once
+    or twice, and no graph is re-specialised mid-run as a dynamic one would be."""
+    return {op: torch.compile(fn, dynamic=False) for op, fn in EAGER_OPS.items()}
 
 
 @dataclass
@@ -93,11 +135,16 @@ class StageCompute:
     """One stage: its module, its optimizer (Adam, constant lr) and the rules every engine shares."""
 
     def __init__(self, stage: Stage, lr: float, clip: float = 1.0, betas: tuple[float, float] = (0.9, 0.999),
-                 weight_decay: float = 0.0, autocast_dtype: torch.dtype | None = None) -> None:
+                 weight_decay: float = 0.0, autocast_dtype: torch.dtype | None = None,
+                 compile: bool = False) -> None:
         self.stage = stage
         self.clip_norm = clip
         self.betas, self.weight_decay = betas, weight_decay
         self.autocast_dtype = autocast_dtype
+        self.compiled = compile
+        # Compiled once, here: a recovery only writes into this stage's existing tensors (load_state_dict,
+        # in-place init), so the compiled graphs stay valid and nothing is compiled again.
+        self._ops = compiled_ops() if compile else EAGER_OPS
         self.optimizer = self._adam(lr)
 
     @property
@@ -114,22 +161,14 @@ class StageCompute:
     # --- compute -------------------------------------------------------------------------------------
 
     def forward(self, ops: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
-        """A visit's ops on ``x``: embedding and bodies under autocast; the head outside it, in fp32."""
-        h = x
-        with self._autocast():
-            for op in ops:
-                if op == EMBED:
-                    h = self.stage.embed(h)
-                elif op == BODY:
-                    h = self.stage.body(h)
-        if HEAD in ops:
-            h = self.stage.head(h.float() if self.autocast_dtype else h)
-        return h
-
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        """A visit's ops on ``x``: embedding and bodies under autocast; the head outside it, in fp32. With grad
+        enabled (a training visit) and ``compile`` they run compiled; validation and probes run eager (their
+        batch shapes vary, and a compiled graph per shape would cost more than it saves)."""
+        table = self._ops if torch.is_grad_enabled() else EAGER_OPS
+        device_type = self.device.type
+        for op in ops:
+            x = table[op](self.stage, x, device_type, self.autocast_dtype)
+        return x
 
     @staticmethod
     def backward_loss(loss: torch.Tensor, micro_batches: int, fused: int = 1) -> None:
@@ -157,7 +196,9 @@ class StageCompute:
         self.optimizer.zero_grad(set_to_none=True)
 
     def finite(self) -> bool:
-        return all(torch.isfinite(p).all() for p in self.stage.parameters())
+        # One device-to-host read for the whole stage: on a GPU, a read per parameter waits for each in turn.
+        checks = [torch.isfinite(p).all() for p in self.stage.parameters()]
+        return bool(torch.stack(checks).all()) if checks else True
 
     @torch.no_grad()
     def probe(self, ops: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[str, bool]]]:

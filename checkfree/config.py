@@ -84,6 +84,11 @@ class TrainerConfig:
     """auto | cpu | cuda"""
     precision: str = "fp32"
     """fp32 | bf16 (autocast on the stage bodies; head and loss stay fp32)."""
+    compile: bool = False
+    """Run each stage's training forward and backward through torch.compile (CPU and CUDA, both engines): the
+    same math up to float rounding, compiled once in the first iterations (seconds to a minute of warm-up) and
+    not again after a recovery (a replacement stage process compiles its own, from inductor's on-disk cache);
+    validation stays eager."""
     on_nonfinite: str = "error"
     """A non-finite loss or weight: 'error' (stop, name iteration and stage) or 'recover' (treat as failed)."""
     resume: str | None = None
@@ -128,7 +133,9 @@ class EngineConfig:
     """W data-parallel replicas per stage. The process engine runs them (gradients all-reduced within a stage);
     the local engine runs one pipeline (the same math) and the clock prices the all-reduce over all W."""
     backend: str = "auto"
-    """auto (nccl on GPU, gloo on CPU) | gloo | nccl"""
+    """auto | gloo | nccl. auto: gloo on CPU; on GPUs nccl, or gloo where the processes launcher starts more
+    stage processes than this machine has GPUs (NCCL refuses two on one GPU; gloo carries their tensors through
+    host memory)."""
     master_addr: str = "127.0.0.1"
     master_port: int = 0
     """0 picks a free port."""

@@ -88,9 +88,20 @@ class Stage(nn.Module):
         """Fresh init as in the reference: N(0, std) for Linear/Embedding weights, RMSNorm weights = 1."""
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Embedding):
-                module.weight.normal_(0.0, self.init_std, generator=generator)
+                _normal_(module.weight, self.init_std, generator)
             elif isinstance(module, LlamaRMSNorm):
                 module.weight.fill_(1.0)
+
+
+def _normal_(weight: torch.Tensor, std: float, generator: torch.Generator | None) -> None:
+    """N(0, std) into ``weight`` in place. A generator on another device than the weight (a plan's seeded CPU
+    generator, a stage on a GPU) draws on its own device and the values are copied over: a rebuilt stage gets
+    the same values on every device, and CUDA refuses a CPU generator anyway."""
+    if generator is None or generator.device == weight.device:
+        weight.normal_(0.0, std, generator=generator)
+    else:
+        draw = torch.empty(weight.shape, dtype=weight.dtype, device=generator.device)
+        weight.copy_(draw.normal_(0.0, std, generator=generator))
 
 
 def build_stages(cfg: ModelConfig, seed: int, device: torch.device | str = "cpu") -> list[Stage]:

@@ -39,8 +39,9 @@ class LocalEngine:
     """Stages + per-stage Adam, trained over micro-batches in one process."""
 
     def __init__(self, stages: list[Stage], lr: float, clip: float = 1.0, autocast_dtype: torch.dtype | None = None,
-                 fuse: bool = False) -> None:
-        self.computes = [StageCompute(stage, lr, clip, autocast_dtype=autocast_dtype) for stage in stages]
+                 fuse: bool = False, compile: bool = False) -> None:
+        self.computes = [StageCompute(stage, lr, clip, autocast_dtype=autocast_dtype, compile=compile)
+                         for stage in stages]
         self.lr = lr
         self.fuse = fuse
         self.held: dict[Held, dict[str, Any]] = {}
@@ -84,14 +85,20 @@ class LocalEngine:
         """
         for compute in self.computes:
             compute.train()
-        total, tokens, n = 0.0, 0, len(micro_batches)
+        losses, tokens, n = [], 0, len(micro_batches)
         for order, group in self._groups(micro_batches, schedule):
             batch = (group[0] if len(group) == 1 else torch.cat(group)).to(self.device, non_blocking=True)
             inputs, targets = batch[:, :-1], batch[:, 1:]
             loss = causal_lm_loss(self._forward(inputs, order), targets)
             StageCompute.backward_loss(loss, n, fused=len(group))
-            total += loss.item() * len(group)
+            losses.append((loss.detach(), len(group)))
             tokens += targets.numel()
+        # The losses are read once, after the last backward: a read per micro-batch would make a GPU wait, idle,
+        # for the host to queue the next one. Summed in the same order as Python floats, as the workers do.
+        values = torch.stack([loss for loss, _ in losses]).tolist()
+        total = 0.0
+        for value, (_, size) in zip(values, losses):
+            total += value * size
         norms = [compute.clip() for compute in self.computes]
         result = StepResult(total / n, [pre for pre, _ in norms], [post for _, post in norms], tokens)
         if skip_nonfinite and not result.finite:

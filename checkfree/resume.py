@@ -25,10 +25,11 @@ FORMAT = 2
 
 # Keys that may differ between the interrupted run and its continuation: they decide how long to go on,
 # how to report and where to save, never what an iteration computes. Anything else must match, or the
-# continued run would silently be a different experiment.
+# continued run would silently be a different experiment. (trainer.device and trainer.compile change only how
+# floats round, as a run on another machine would.)
 MAY_CHANGE = ("trainer.iterations", "trainer.resume", "trainer.save_every", "trainer.progress_bar",
-              "trainer.sim_time_budget_s", "trainer.on_nonfinite", "trainer.device", "data.cache_dir",
-              "logger.", "engine.")
+              "trainer.sim_time_budget_s", "trainer.on_nonfinite", "trainer.device", "trainer.compile",
+              "data.cache_dir", "logger.", "engine.")
 
 
 def state_path(run_dir: Path | str) -> Path:

@@ -103,7 +103,7 @@ def build_engine(cfg: RunConfig, model: ModelConfig, device):
 
         stages = build_stages(model, cfg.seed, device)
         return LocalEngine(stages, cfg.trainer.lr, cfg.trainer.clip, autocast_dtype=autocast,
-                           fuse=cfg.trainer.fuse_micro_batches)
+                           fuse=cfg.trainer.fuse_micro_batches, compile=cfg.trainer.compile)
     from checkfree.distributed.engine import ProcessEngine
     from checkfree.distributed.rendezvous import pick_backend
     from checkfree.distributed.worker import WorkerSpec
@@ -112,10 +112,11 @@ def build_engine(cfg: RunConfig, model: ModelConfig, device):
     world = model.n_stages * cfg.engine.replicas
     spec = WorkerSpec(
         stage=0, replica=0, model=model, seed=cfg.seed, lr=cfg.trainer.lr, clip=cfg.trainer.clip,
-        precision=cfg.trainer.precision, device=device.type, schedule=strategy_class(cfg.strategy.name).schedule_name,
+        precision=cfg.trainer.precision, compile=cfg.trainer.compile, device=device.type,
+        schedule=strategy_class(cfg.strategy.name).schedule_name,
         pipeline=cfg.network.pipeline, micro_batches=cfg.trainer.micro_batches,
         micro_batch_size=cfg.trainer.micro_batch_size, replicas=cfg.engine.replicas,
-        backend=pick_backend(cfg.engine, device), store_addr=cfg.engine.master_addr,
+        backend=pick_backend(cfg.engine, device, world), store_addr=cfg.engine.master_addr,
         store_port=cfg.engine.master_port, timeout_s=cfg.engine.timeout_s,
         threads=max(1, (os.cpu_count() or 1) // world),
     )

@@ -131,6 +131,7 @@ BAD_INPUTS = [
     (["trainer.lr=fast"], r"trainer.lr='fast' is invalid: allowed is a finite number\."),
     (["trainer.target_loss=low"], r"trainer.target_loss='low' is invalid: allowed is a finite number or null\."),
     (["trainer.progress_bar=maybe"], r"trainer.progress_bar='maybe' is invalid: allowed is true or false\."),
+    (["trainer.compile=fast"], r"trainer.compile='fast' is invalid: allowed is true or false\."),
     (["failure.hourly_rate=often"], r"failure.hourly_rate='often' is invalid: allowed is a finite number\."),
     (["model.n_stages=[4]"], r"model.n_stages=\[4\] is invalid: allowed is an integer\."),
     # More values out of range, and names that do not exist.

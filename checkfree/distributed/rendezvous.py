@@ -22,14 +22,22 @@ class RendezvousError(RuntimeError):
     """The store or the process group could not be set up; the message names address and port."""
 
 
-def pick_backend(engine: EngineConfig, device: torch.device) -> str:
-    """engine.backend, with auto = nccl on a GPU, gloo on CPU."""
+def pick_backend(engine: EngineConfig, device: torch.device, world_size: int = 1) -> str:
+    """engine.backend, with auto = nccl when every stage process of this machine gets a GPU of its own, else
+    gloo: NCCL refuses two ranks on one GPU, and gloo carries the tensors of processes that share one through
+    host memory (``transfer.wire_device``). Ray places its actors itself: there auto means nccl on a GPU."""
+    shared = (device.type == "cuda" and engine.launcher == "processes"
+              and torch.cuda.device_count() < world_size)
     if engine.backend != "auto":
         if engine.backend == "nccl" and device.type != "cuda":
             raise RendezvousError("engine.backend='nccl' needs CUDA devices (trainer.device=cuda or auto on a GPU "
                                   "machine); use engine.backend=gloo or auto on CPU.")
+        if engine.backend == "nccl" and shared:
+            raise RendezvousError(f"engine.backend='nccl' needs a GPU per stage process, and {world_size} processes "
+                                  f"would share {torch.cuda.device_count()} GPU(s) (NCCL refuses two ranks on one "
+                                  "GPU); use engine.backend=gloo or auto.")
         return engine.backend
-    return "nccl" if device.type == "cuda" else "gloo"
+    return "gloo" if shared or device.type != "cuda" else "nccl"
 
 
 def is_loopback(addr: str) -> bool:

@@ -8,6 +8,10 @@ state (redundant computation) — every held copy in the one nested format of ``
 
 Sends are ``isend``: a sender never waits for its receiver, so any set of transfers that every receiver
 takes in a fixed order completes (the caller keeps the returned ``Pending`` until ``wait``).
+
+Tensors travel on the *wire device* (``wire_device``): the GPU under nccl, the CPU under gloo, whose send and
+recv take CPU tensors only — so stage processes that share one GPU (NCCL refuses two ranks on one device)
+run gloo and stage their CUDA tensors through host memory.
 """
 
 from __future__ import annotations
@@ -20,6 +24,12 @@ import torch
 import torch.distributed as dist
 
 _TENSOR = "__tensor__"
+
+
+def wire_device(backend: str, device: torch.device) -> torch.device:
+    """Where a process's point-to-point tensors must live for ``backend``: gloo sends and receives CPU tensors
+    only (its CUDA support covers a few collectives, not send/recv); nccl sends from the GPU."""
+    return torch.device("cpu") if backend == "gloo" else device
 
 
 @dataclass
@@ -98,9 +108,11 @@ def isend_state(state: Any, dst: int, tag: int, device: torch.device) -> Pending
     return pending
 
 
-def recv_state(src: int, tag: int, device: torch.device) -> tuple[Any, int]:
-    """Receive a state sent by ``isend_state`` from rank ``src``; returns it and the tensor bytes received.
-    Tensors that lived on the CPU at the sender (e.g. Adam's step counts) are put back on the CPU."""
+def recv_state(src: int, tag: int, device: torch.device, into: torch.device | None = None) -> tuple[Any, int]:
+    """Receive a state sent by ``isend_state`` from rank ``src`` over ``device`` (the wire); returns it and the
+    tensor bytes received. Tensors that lived on the CPU at the sender (e.g. Adam's step counts) are put back on
+    the CPU, the others on ``into`` (default: ``device``), the receiver's compute device."""
+    into = device if into is None else into
     size = torch.zeros(1, dtype=torch.int64, device=device)
     dist.recv(size, src=src, tag=_sub_tag(tag, 0))
     payload = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
@@ -116,5 +128,5 @@ def recv_state(src: int, tag: int, device: torch.device) -> tuple[Any, int]:
         dist.recv(flat, src=src, tag=_sub_tag(tag, 2 + i))
         nbytes += flat.numel() * flat.element_size()
         for (name, shape, where), piece in zip(mine, torch.split(flat, numels)):
-            tensors[name] = piece.view(shape).cpu() if where == "cpu" else piece.view(shape)
+            tensors[name] = piece.view(shape).cpu() if where == "cpu" else piece.view(shape).to(into)
     return unflatten(skeleton, tensors), nbytes

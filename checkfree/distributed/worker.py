@@ -41,7 +41,7 @@ from checkfree.compute import StageCompute, causal_lm_loss, nbytes, per_sequence
 from checkfree.config import first_line
 from checkfree.distributed.programs import message_tag, replica_micro_batches, stage_program
 from checkfree.distributed.rendezvous import connect_store, is_loopback, join_generation
-from checkfree.distributed.transfer import Pending, isend_state, recv_state
+from checkfree.distributed.transfer import Pending, isend_state, recv_state, wire_device
 from checkfree.model import ModelConfig, Stage
 from checkfree.pipeline import blame
 from checkfree.plan import Held, RecoveryPlan
@@ -79,6 +79,8 @@ class WorkerSpec:
     timeout_s: float
     fresh: bool = False
     """A replacement process: its weights come from recovery, not from the seeded initialisation."""
+    compile: bool = False
+    """trainer.compile: the stage's training forward/backward through torch.compile."""
     threads: int = 1
     local_rank: int | None = None
     """The process's index on its machine, for picking a GPU; None: rank % GPUs."""
@@ -135,9 +137,12 @@ class StageWorker:
             torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")
+        self.wire = wire_device(spec.backend, self.device)
+        """Where this process's point-to-point tensors travel (the CPU under gloo, whatever ``device`` is)."""
         stage = Stage(spec.model, spec.stage) if spec.fresh else seeded_stage(spec.model, spec.seed, spec.stage)
         autocast = torch.bfloat16 if spec.precision == "bf16" else None
-        self.compute = StageCompute(stage.to(self.device), spec.lr, spec.clip, autocast_dtype=autocast)
+        self.compute = StageCompute(stage.to(self.device), spec.lr, spec.clip, autocast_dtype=autocast,
+                                    compile=spec.compile)
         self.schedule = build_schedule(spec.schedule, self.n)
         self.store: dist.TCPStore | None = None
         self.stage_group = None
@@ -203,9 +208,10 @@ class StageWorker:
                 if v.prev is None:
                     x, leaf = torch.as_tensor(inputs[m]).to(self.device), None
                 else:
-                    x = torch.empty(shape, device=self.device)
+                    x = torch.empty(shape, device=self.wire)
                     dist.recv(x, src=self.rank(v.prev), tag=message_tag(m, v.position - 1, False, self.n))
-                    leaf = x.requires_grad_(True)
+                    leaf = x.to(self.device).requires_grad_(True)
+                    x = leaf
                 out = self.compute.forward(v.ops, x)
                 if v.next is None:
                     target = torch.as_tensor(targets[m]).to(self.device)
@@ -213,18 +219,19 @@ class StageWorker:
                     loss_sum += out.item()
                     tokens += target.numel()
                 else:
-                    pending.add(out.detach(), self.rank(v.next), message_tag(m, v.position, False, self.n))
+                    pending.add(out.detach().to(self.wire), self.rank(v.next),
+                                message_tag(m, v.position, False, self.n))
                 saved[(m, v.position)] = (leaf, out)
             else:
                 leaf, out = saved.pop((m, v.position))
                 if v.next is None:
                     StageCompute.backward_loss(out, spec.micro_batches)
                 else:
-                    grad = torch.empty_like(out)
+                    grad = torch.empty_like(out, device=self.wire)
                     dist.recv(grad, src=self.rank(v.next), tag=message_tag(m, v.position + 1, True, self.n))
-                    out.backward(grad)
+                    out.backward(grad.to(self.device))
                 if leaf is not None:
-                    pending.add(leaf.grad, self.rank(v.prev), message_tag(m, v.position, True, self.n))
+                    pending.add(leaf.grad.to(self.wire), self.rank(v.prev), message_tag(m, v.position, True, self.n))
         pending.wait()
         return loss_sum, tokens
 
@@ -234,10 +241,10 @@ class StageWorker:
             return
         params = list(self.compute.stage.parameters())
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = torch.cat([g.reshape(-1) for g in grads]).to(self.wire)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.stage_group)
         for p, piece in zip(params, torch.split(flat, [g.numel() for g in grads])):
-            p.grad = piece.view_as(p).clone()
+            p.grad = piece.view_as(p).to(p.device, copy=True)
 
     # --- validation ------------------------------------------------------------------------------
 
@@ -255,9 +262,9 @@ class StageWorker:
             if visit.prev is None:
                 x = torch.as_tensor(inputs[start:start + size]).to(self.device)
             else:
-                x = torch.empty((size, self.spec.model.seq_len, self.spec.model.d_model), device=self.device)
+                x = torch.empty((size, self.spec.model.seq_len, self.spec.model.d_model), device=self.wire)
                 dist.recv(x, src=self.rank(visit.prev), tag=message_tag(b, visit.position - 1, False, self.n))
-            out = self.compute.forward(visit.ops, x)
+            out = self.compute.forward(visit.ops, x.to(self.device))
             if visit.next is None:
                 target = torch.as_tensor(targets[start:start + size]).to(self.device)
                 if per_sequence:
@@ -266,7 +273,7 @@ class StageWorker:
                     total += causal_lm_loss(out, target).item() * size
                 count += size
             else:
-                pending.add(out, self.rank(visit.next), message_tag(b, visit.position, False, self.n))
+                pending.add(out.to(self.wire), self.rank(visit.next), message_tag(b, visit.position, False, self.n))
         pending.wait()
         return {"loss_sum": total, "count": count, "sequences": sequences}
 
@@ -282,14 +289,14 @@ class StageWorker:
             if v.prev is None:
                 h = torch.as_tensor(inputs).to(self.device)
             else:
-                h = torch.empty((size, self.spec.model.seq_len, self.spec.model.d_model), device=self.device)
+                h = torch.empty((size, self.spec.model.seq_len, self.spec.model.d_model), device=self.wire)
                 dist.recv(h, src=self.rank(v.prev), tag=message_tag(0, v.position - 1, False, self.n))
-            h, finite = self.compute.probe(v.ops, h)
+            h, finite = self.compute.probe(v.ops, h.to(self.device))
             for op, ok in finite:
                 outputs.append((index, blame(op, v.stage, self.n), ok))
                 index += 1
             if v.next is not None:
-                pending.add(h, self.rank(v.next), message_tag(0, v.position, False, self.n))
+                pending.add(h.to(self.wire), self.rank(v.next), message_tag(0, v.position, False, self.n))
         pending.wait()
         return {"outputs": outputs}
 
@@ -302,22 +309,23 @@ class StageWorker:
         for rebuild in plan.rebuilds:
             if any(src == me for src, _ in rebuild.sources):
                 pending.extend(isend_state(self.compute.stage.body_state(), self.rank(rebuild.stage), TAG_BODY,
-                                           self.device))
+                                           self.wire))
             if rebuild.restore is not None and rebuild.restore.holder == me:
                 pending.extend(isend_state(self.held[rebuild.restore], self.rank(rebuild.stage), TAG_RESTORE,
-                                           self.device))
+                                           self.wire))
         received = 0
         for rebuild in plan.rebuilds:
             if rebuild.stage != me:
                 continue
             bodies = []
             for src, _ in rebuild.sources:
-                body, n_bytes = recv_state(self.rank(src), TAG_BODY, self.device)
+                body, n_bytes = recv_state(self.rank(src), TAG_BODY, self.wire, self.device)
                 bodies.append(body)
                 received += n_bytes
             restored = None
             if rebuild.restore is not None:
-                restored, n_bytes = recv_state(self.rank(rebuild.restore.holder), TAG_RESTORE, self.device)
+                restored, n_bytes = recv_state(self.rank(rebuild.restore.holder), TAG_RESTORE, self.wire,
+                                               self.device)
                 received += n_bytes
             self.compute.apply(rebuild, bodies, restored)
             self.held = {}  # a new node holds nothing until the plan's fetch / refresh
@@ -344,10 +352,10 @@ class StageWorker:
         for held in copies:
             if held.owner == me:
                 pending.extend(isend_state(self.compute.held_copy(held.kind), self.rank(held.holder), TAG_REFRESH,
-                                           self.device))
+                                           self.wire))
         for held in copies:
             if held.holder == me:
-                copy, received[held] = recv_state(self.rank(held.owner), TAG_REFRESH, self.device)
+                copy, received[held] = recv_state(self.rank(held.owner), TAG_REFRESH, self.wire, self.device)
                 self.held[held] = copy
         pending.wait()
         return received
@@ -358,8 +366,10 @@ class StageWorker:
     def cmd_load(self, checkpoint: str, meta_digests: dict[str, str]) -> dict:
         """Roll back to this stage's shard of ``checkpoint`` (a replacement downloads it the same way)."""
         try:
-            shard = CheckpointStore.read_shard(Path(checkpoint), self.spec.stage, {"digests": meta_digests},
-                                               map_location=self.device)
+            # Read onto the CPU, as the local engine does: load_state moves the weights and Adam's moments to
+            # the stage's device, while Adam's step counts stay on the CPU, where Adam keeps them (read onto a
+            # GPU they would stay there, and every step would wait on the GPU to read each one back).
+            shard = CheckpointStore.read_shard(Path(checkpoint), self.spec.stage, {"digests": meta_digests})
         except DamagedCheckpoint as exc:
             return {"damaged": str(exc.path), "cause": exc.cause}
         self.compute.load_state(shard)
