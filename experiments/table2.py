@@ -270,7 +270,7 @@ def granularity(args: argparse.Namespace) -> None:
             unfinished = [v for v in mine.unfinished_beyond_T if v == v]
             if unfinished:  # --report-only while runs go on: how far they got without reaching the target
                 cells.append(f"> {min(unfinished):.2f} (unfinished)")
-            elif len(mine) and mine.not_started.fillna(False).astype(bool).all():
+            elif len(mine) and mine.not_started.eq(True).all():  # NaN (a run that started) is not True
                 cells.append("not run yet")
             else:
                 cells.append(f"{fmt(values, '.2f')} ({len(values)}/{len(mine)})" if values
