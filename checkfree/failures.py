@@ -273,8 +273,9 @@ def failing_stages(cfg: FailureConfig, n_stages: int) -> list[int]:
     return sorted(int(s) for s in stages)
 
 
-def validate_failure_config(cfg: FailureConfig, n_stages: int) -> None:
-    """Check every field (and read a trace) before any work starts; raise a one-sentence ConfigError."""
+def validate_failure_config(cfg: FailureConfig, n_stages: int, horizon: int | None = None) -> None:
+    """Check every field (and read a trace) before any work starts; raise a one-sentence ConfigError.
+    ``horizon``: the run's last iteration (trainer.iterations), after which no trace event may fall."""
     require(cfg.name in FAILURE_MODELS, "failure.name", cfg.name, f"allowed {', '.join(FAILURE_MODELS)}")
     require(_is_real(cfg.hourly_rate) and 0 <= cfg.hourly_rate < 1, "failure.hourly_rate", cfg.hourly_rate,
             "it is a per-stage probability of failing within an hour, allowed [0, 1)")
@@ -299,7 +300,23 @@ def validate_failure_config(cfg: FailureConfig, n_stages: int) -> None:
         return
     require(isinstance(cfg.path, (str, Path)) and str(cfg.path) not in ("", "???"), "failure.path", cfg.path,
             "the trace model needs a JSON or CSV file of events, e.g. conf/failure/traces/example.json")
-    for where, event in _read_trace_records(cfg.path):
+    records = _read_trace_records(cfg.path)
+    require(len(records) > 0, "failure.path", str(cfg.path),
+            "the trace holds no event, so nothing would fail; allowed is a trace of at least one event "
+            "(or failure=none for no failures)")
+    seen: dict[tuple, str] = {}
+    for where, event in records:
+        # The same loss twice is a slip in the trace, not two losses: the second would meet a stage that is
+        # already being recovered (per-iteration events) or repeat one moment.
+        key = (event.stage, event.iteration, event.time_s)
+        if key in seen:
+            raise ConfigError(f"failure.path={cfg.path} {where} repeats the event of {seen[key]} (stage "
+                              f"{event.stage} at {_moment(event)}); allowed is each loss once.")
+        seen[key] = where
+        if horizon is not None and event.iteration is not None and event.iteration > horizon:
+            raise ConfigError(f"failure.path={cfg.path} {where} is at iteration {event.iteration}, after the run's "
+                              f"last (trainer.iterations={horizon}), so it would never happen; allowed are "
+                              f"iterations 1..{horizon}.")
         if event.stage >= n_stages:
             raise ConfigError(f"failure.path={cfg.path} {where} has stage {event.stage}, which is out of range: "
                               f"allowed 0..{n_stages - 1} (model.n_stages={n_stages}).")
@@ -322,6 +339,10 @@ def build_failure_model(cfg: FailureConfig, n_stages: int, seed: int) -> Failure
     if cfg.name == "trace":
         return TraceFailures(read_trace(cfg.path))
     return NoFailures()
+
+
+def _moment(event: FailureEvent) -> str:
+    return f"iteration {event.iteration}" if event.iteration is not None else f"time_s {event.time_s}"
 
 
 def read_trace(path: str | Path) -> list[FailureEvent]:

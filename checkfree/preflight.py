@@ -31,6 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 from checkfree.config import ConfigError, EngineConfig, require
 from checkfree.corpora import check_data_files
 from checkfree.presets import param_count
+from checkfree.recovery import check_strategy_overrides
 from checkfree.resume import check_saved_state
 from checkfree.runconfig import RunConfig, load_run_config
 from checkfree.rundir import check_creatable, check_free, refuse_saved_state
@@ -75,7 +76,7 @@ def check_command_line(args: list[str]) -> Checked | None:
             _check_sweep(overrides)
             return Checked(None, ())
         cfg = _compose(overrides)
-        run = _validate(cfg)
+        run = _validate(cfg, overrides)
         run_dir = check_run_dir(str(cfg.hydra.run.dir), run)
     created = [p for p in (run_dir.absolute(), *run_dir.absolute().parents) if not p.exists()]
     return Checked(run_dir, tuple(reversed(created)))
@@ -113,12 +114,14 @@ def _compose(overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def _validate(cfg: DictConfig) -> RunConfig:
-    """The job's config (Hydra's node removed, as Hydra does for the job), validated, and the machine checked."""
+def _validate(cfg: DictConfig, overrides: list[str]) -> RunConfig:
+    """The job's config (Hydra's node removed, as Hydra does for the job), validated, and the machine checked;
+    ``overrides`` are the command line's (a strategy key the chosen strategy does not read is refused)."""
     task = copy.deepcopy(cfg)
     with open_dict(task):
         del task["hydra"]
     run = load_run_config(task)
+    check_strategy_overrides(run.strategy.name, overrides)
     check_machine(run)
     return run
 
@@ -142,7 +145,7 @@ def _check_sweep(overrides: list[str]) -> None:
     first: Exception | None = None
     for point in checked:
         try:
-            _validate(_compose(point))
+            _validate(_compose(point), point)
             return
         except (ConfigError, OmegaConfBaseException) as exc:  # the latter: an interpolation that cannot resolve
             first = first or exc

@@ -39,6 +39,7 @@ from omegaconf.errors import OmegaConfBaseException
 from checkfree.atomic import os_error_behind
 from checkfree.config import ConfigError, first_line
 from checkfree.preflight import CONF_DIR, Checked, check_command_line, check_machine
+from checkfree.recovery import check_strategy_overrides
 from checkfree.runconfig import RunConfig, check_vocab, load_run_config
 from checkfree.rundir import unusable
 
@@ -144,6 +145,7 @@ def run_job(cfg: DictConfig) -> dict | None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         run = load_run_config(cfg)
+        check_strategy_overrides(run.strategy.name, list(hydra_cfg.overrides.task))
         check_machine(run)  # done before Hydra started for a single run; a sweep's points meet it here
     except ConfigError as exc:
         return _config_error(exc, run_dir, multirun)

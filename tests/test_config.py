@@ -205,6 +205,22 @@ BAD_INPUTS = [
     (["failure.path={dir}/example.json"], r"^failure.path=.* is invalid: only failure=trace reads it, and this run "
                                           r"has failure=poisson"),
     (["failure.preset=500m_33"], r"^failure.preset='500m_33' is invalid: only failure=bernoulli reads it"),
+    (["+strategy.every=5"], r"^strategy.every=5 is not read by strategy=checkfree_plus: it is read only by "
+                            r"strategy=checkpoint, so it would be ignored; drop it \(strategy=checkfree_plus reads "),
+    (["strategy=checkfree", "+strategy.keep=3"], r"^strategy.keep=3 is not read by strategy=checkfree: it is read "
+                                                 r"only by strategy=checkpoint"),
+    (["strategy=checkpoint", "+strategy.lr_scale=2"], r"^strategy.lr_scale=2 is not read by strategy=checkpoint: it "
+                                                      r"is read only by strategy=checkfree\|checkfree_plus\|"),
+    (["strategy=redundant", "++strategy.edge_rule=copy"], r"^strategy.edge_rule=copy is not read by "
+                                                          r"strategy=redundant: it is read only by strategy=checkfree\|"),
+    (["strategy=checkpoint", "strategy.every=300"], r"^strategy.every=300 is invalid: it is larger than the run "
+                                                    r"\(trainer.iterations=200\), so no checkpoint after the initial"),
+    (["failure=trace", "failure.path={dir}/empty.json"], r"^failure.path=.*empty.json' is invalid: the trace holds no "
+                                                         r"event, so nothing would fail"),
+    (["failure=trace", "failure.path={dir}/twice.csv"], r"twice.csv line 3 repeats the event of line 2 \(stage 1 at "
+                                                        r"iteration 2\); allowed is each loss once\.$"),
+    (["failure=trace", "failure.path={dir}/late.json"], r"late.json record 1 is at iteration 201, after the run's "
+                                                        r"last \(trainer.iterations=200\), so it would never happen"),
     (["failure=poisson", "failure.p=0.1"], r"^failure.p=0.1 is invalid: only failure=bernoulli reads it"),
     # Empty strings, whole sections replaced, lists that are no lists.
     (["data.path=''"], r"^data.path='' is invalid: allowed is a non-empty string or null\.$"),
@@ -263,6 +279,9 @@ TRACE_FILES = {
     "header.csv": "stage,when\n1,2\n",
     "trace.txt": "stage 1 at 2\n",
     "example.json": '[{"iteration": 5, "stage": 2}]',
+    "empty.json": "[]",
+    "twice.csv": "stage,iteration\n1,2\n1,2\n",
+    "late.json": '[{"iteration": 5, "stage": 2}, {"iteration": 201, "stage": 1}]',
     "torn.jsonl": '{"text": "one"}\n{"text": "two"}\n{"text": "a torn record\n',
 }
 BINARY_FILES = {

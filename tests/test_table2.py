@@ -161,3 +161,20 @@ def test_a_new_corpus_target_and_its_T_come_from_the_no_failure_probe():
     with pytest.raises(SystemExit, match="never reaches 1.1"):
         script.first_crossing(curve, 1.1)
     assert [10_000 // k for k in script.GRANULARITY] == [500, 1000, 2000]
+
+
+def test_each_point_gets_only_the_strategy_keys_its_strategy_reads():
+    """regime() sets checkpointing's strategy.every for the whole grid; the other strategies would refuse it."""
+    import importlib
+
+    experiments = str(ROOT / "experiments")
+    sys.path.insert(0, experiments)
+    try:
+        script = importlib.import_module("table2")
+    finally:
+        sys.path[:] = [p for p in sys.path if p != experiments]
+    extra = [*script.regime(480, 4.0), "data=pydocs", "+strategy.keep=3"]
+    assert script.read_by(["strategy=checkpoint", "seed=0"], extra) == extra
+    assert script.read_by(["strategy=checkfree_plus", "seed=0"], extra) == [
+        "trainer.paper_T=480", "trainer.iterations=1920", "data=pydocs"]
+    assert script.read_by(["seed=0"], extra) == extra  # the strategy is the config's: nothing to decide on

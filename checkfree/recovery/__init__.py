@@ -59,6 +59,27 @@ def validate_strategy_config(cfg: StrategyConfig, n_stages: int) -> None:
     strategy_class(cfg.name)(cfg).validate(n_stages)
 
 
+def check_strategy_overrides(name: str, overrides: list[str]) -> None:
+    """Refuse a ``strategy.*`` key given on the command line that strategy ``name`` does not read: with
+    ``+strategy.every=5 strategy=checkfree_plus`` the user believes checkpoints are taken every 5 iterations
+    while nothing reads the key. (Keys a sweep file sets for all of its strategies are not refused: the file
+    says once what each strategy that reads them should use.)"""
+    cls = strategy_class(name)
+    for override in overrides:
+        if override.startswith("~") or "=" not in override:
+            continue  # a deletion, or a flag
+        key, value = override.lstrip("+").split("=", 1)
+        if not key.startswith("strategy.") or key in ("strategy.name", "strategy"):
+            continue
+        leaf = key.split(".", 1)[1]
+        if leaf in cls.reads or leaf not in StrategyConfig.__dataclass_fields__:
+            continue  # read; or not a key at all, which the config's conversion refuses with its own sentence
+        readers = sorted(n for n in STRATEGIES if leaf in strategy_class(n).reads)
+        who = f"it is read only by strategy={'|'.join(readers)}" if readers else "no strategy reads it"
+        raise ConfigError(f"{key}={value} is not read by strategy={name}: {who}, so it would be ignored; drop it "
+                          f"(strategy={name} reads {', '.join(cls.reads) or 'no strategy.* key'}).")
+
+
 def _finite(x: float) -> bool:
     return x == x and x not in (float("inf"), float("-inf"))
 
@@ -77,6 +98,6 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "STRATEGIES", "StrategyConfig", "RecoveryStrategy", "UnrecoverableFailure", "build_strategy",
-    "strategy_class", "validate_strategy_config", "neighbour_average", "interpolate", "interpolation_weights",
-    "weighted_state", "norm_weight", "nearest_survivors",
+    "strategy_class", "validate_strategy_config", "check_strategy_overrides", "neighbour_average", "interpolate",
+    "interpolation_weights", "weighted_state", "norm_weight", "nearest_survivors",
 ]
