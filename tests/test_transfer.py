@@ -145,7 +145,7 @@ def test_a_state_that_a_header_cannot_carry_is_refused_at_the_sender():
 
 # --- two real processes ---------------------------------------------------------------------------------
 
-def _peer(rank: int, port: int, out: str, conn) -> None:
+def _peer(rank: int, port: int, secret: str, out: str, conn) -> None:
     """Rank 1 sends the sample state, then a forged header (a pickle, length announced as usual); rank 0
     receives both and writes what it got to ``out`` (torch.save: the test reads it with weights_only)."""
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
@@ -157,7 +157,7 @@ def _peer(rank: int, port: int, out: str, conn) -> None:
     cpu = torch.device("cpu")
     try:
         store = connect_store("127.0.0.1", port, TIMEOUT_S, f"rank {rank}")
-        join_generation(store, 0, "gloo", rank, 2, TIMEOUT_S)
+        join_generation(store, 0, "gloo", rank, 2, TIMEOUT_S, secret)
         if rank == 1:
             isend_state(sample_state(), dst=0, tag=5, device=cpu).wait()
             forged = torch.frombuffer(bytearray(pickle.dumps(CreatesFile(out + ".created"))), dtype=torch.uint8)
@@ -183,15 +183,16 @@ def _peer(rank: int, port: int, out: str, conn) -> None:
 @pytest.fixture(scope="module")
 def exchange(tmp_path_factory):
     """Run the two processes once; every test below reads the result. Both processes are joined here."""
-    from checkfree.distributed.rendezvous import open_store
+    from checkfree.distributed.rendezvous import new_secret, open_store
 
     out = str(tmp_path_factory.mktemp("exchange") / "received.pt")
     store = open_store("127.0.0.1", 0, TIMEOUT_S)
+    secret = new_secret()
     ctx = multiprocessing.get_context("spawn")
     pipes, procs = [], []
     for rank in (0, 1):
         parent, child = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_peer, args=(rank, store.port, out, child), daemon=True)
+        proc = ctx.Process(target=_peer, args=(rank, store.port, secret, out, child), daemon=True)
         proc.start()
         child.close()
         pipes.append(parent)

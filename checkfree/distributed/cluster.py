@@ -26,7 +26,7 @@ from typing import Any
 import torch.multiprocessing as mp
 
 from checkfree.distributed import worker as worker_module
-from checkfree.distributed.rendezvous import RendezvousError, open_store
+from checkfree.distributed.rendezvous import RendezvousError, new_secret, open_store
 from checkfree.distributed.worker import WorkerSpec, rank_of
 from checkfree.runlog import write_json_atomic
 
@@ -85,7 +85,7 @@ class WorkerPool:
 
     def start(self) -> None:
         self.store = open_store(self.spec.store_addr, self.spec.store_port, self.timeout_s)
-        self.spec = dataclasses.replace(self.spec, store_port=self.store.port)
+        self.spec = dataclasses.replace(self.spec, store_port=self.store.port, secret=new_secret())
         for stage in range(self.n_stages):
             for replica in range(self.replicas):
                 self._spawn(stage, replica, fresh=False)
