@@ -94,6 +94,9 @@ class WorkerPool:
 
     def _spawn(self, stage: int, replica: int, fresh: bool) -> Handle:
         spec = dataclasses.replace(self.spec, stage=stage, replica=replica, fresh=fresh)
+        # The control pipe pickles (commands, replies, the spec with the run's secret): it is an anonymous
+        # socket pair between this process and its own child, which no other process can open. What stage
+        # processes send each other over the network never is (``transfer``, ``headers``).
         parent, child = self.ctx.Pipe(duplex=True)
         process = self.ctx.Process(target=worker_module.main, args=(child, spec), daemon=True,
                                    name=f"checkfree-stage{stage}-replica{replica}")

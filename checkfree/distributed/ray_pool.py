@@ -111,7 +111,10 @@ class ActorProcess:
 
 
 class ActorChannel:
-    """The control pipe's methods over actor calls: ``send`` starts a call, ``recv`` returns its reply."""
+    """The control pipe's methods over actor calls: ``send`` starts a call, ``recv`` returns its reply.
+
+    Ray pickles these calls and their replies between nodes (cloudpickle): the channel is as trusted as the
+    Ray cluster's network, which Ray requires to be private (README: What the process engine and Ray trust)."""
 
     def __init__(self, actor: ray.actor.ActorHandle) -> None:
         self.actor = actor
