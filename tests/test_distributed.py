@@ -265,6 +265,50 @@ def test_port_in_use_is_a_clear_error(small_run, tmp_path):
     assert_no_strays(tmp_path / "dist")
 
 
+def listening(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket the process listens on (its own processes: no root needed)."""
+    return {(c.laddr.ip, c.laddr.port) for c in psutil.Process(pid).net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN}
+
+
+def test_a_local_run_listens_on_loopback_only_and_writes_no_secret(small_run, tmp_path):
+    """torch's TCPStore master listens on every interface; ours on engine.master_addr (127.0.0.1) alone, and
+    the gloo sockets of the stage processes on loopback too. The run's rendezvous secret reaches the workers
+    and no file of the run."""
+    before = listening(os.getpid())
+    seen: dict = {}
+
+    def snapshot(n, engine):  # the group formed and every pair connected by the first iteration
+        if n == 2:
+            pool = engine.pool
+            seen.update(port=pool.store.port, secret=pool.spec.secret, spec=repr(pool.spec),
+                        supervisor=listening(os.getpid()) - before,
+                        workers={h.pid: listening(h.pid) for h in pool.handles.values()})
+
+    run_dir = tmp_path / "dist"
+    summary = hooked_run(small_run(trainer={"iterations": 2, "eval_every": 2}, engine=DIST), run_dir,
+                         train_step=snapshot).run()
+    assert summary["status"] == "completed"
+    assert ("127.0.0.1", seen["port"]) in seen["supervisor"]
+    addresses = {ip for ip, _ in seen["supervisor"]} | {ip for s in seen["workers"].values() for ip, _ in s}
+    assert addresses == {"127.0.0.1"}, seen
+    assert len(seen["workers"]) == 4
+    assert len(seen["secret"]) == 32 and seen["secret"] not in seen["spec"]
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert files and not [p for p in files if seen["secret"].encode() in p.read_bytes()]
+    assert_no_strays(run_dir)
+
+
+def test_a_worker_without_the_secret_cannot_join(small_run):
+    from checkfree.distributed.rendezvous import generation_prefix, join_generation, new_secret, open_store
+
+    store = open_store("127.0.0.1", 0, 5.0)
+    with pytest.raises(RendezvousError, match="rank 1 has no rendezvous secret"):
+        join_generation(store, 0, "gloo", 1, 2, 5.0, "")
+    a, b = new_secret(), new_secret()
+    assert a != b and generation_prefix(a, 3) == f"checkfree/{a}/generation3"
+
+
 def test_repeated_kills_and_failures_leave_one_live_worker_per_stage(small_run, tmp_path):
     """A short distributed soak: trace failures at boundaries (two at once included) plus three SIGKILLs
     from outside at whatever point the run is in. Every loss is matched by one recovery, the run completes,

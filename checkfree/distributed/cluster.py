@@ -26,7 +26,7 @@ from typing import Any
 import torch.multiprocessing as mp
 
 from checkfree.distributed import worker as worker_module
-from checkfree.distributed.rendezvous import RendezvousError, open_store
+from checkfree.distributed.rendezvous import RendezvousError, new_secret, open_store
 from checkfree.distributed.worker import WorkerSpec, rank_of
 from checkfree.runlog import write_json_atomic
 
@@ -85,7 +85,7 @@ class WorkerPool:
 
     def start(self) -> None:
         self.store = open_store(self.spec.store_addr, self.spec.store_port, self.timeout_s)
-        self.spec = dataclasses.replace(self.spec, store_port=self.store.port)
+        self.spec = dataclasses.replace(self.spec, store_port=self.store.port, secret=new_secret())
         for stage in range(self.n_stages):
             for replica in range(self.replicas):
                 self._spawn(stage, replica, fresh=False)
@@ -94,6 +94,9 @@ class WorkerPool:
 
     def _spawn(self, stage: int, replica: int, fresh: bool) -> Handle:
         spec = dataclasses.replace(self.spec, stage=stage, replica=replica, fresh=fresh)
+        # The control pipe pickles (commands, replies, the spec with the run's secret): it is an anonymous
+        # socket pair between this process and its own child, which no other process can open. What stage
+        # processes send each other over the network never is (``transfer``, ``headers``).
         parent, child = self.ctx.Pipe(duplex=True)
         process = self.ctx.Process(target=worker_module.main, args=(child, spec), daemon=True,
                                    name=f"checkfree-stage{stage}-replica{replica}")

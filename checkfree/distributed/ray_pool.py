@@ -8,7 +8,8 @@ replica where that has one OS process.
 * Placement: a placement group with one bundle per actor (``engine.ray.placement``: SPREAD by default, so
   the stages land on different nodes where there are nodes to spread over); rank ``r`` runs in bundle ``r``.
 * Rendezvous: the supervisor hosts the TCP store on its own Ray node address (127.0.0.1 for a local Ray),
-  which every node of the cluster can reach.
+  which every node of the cluster can reach, and on no other interface; its keys carry the run's secret,
+  which each actor gets in the spec of its ``start`` call (Ray's channel, trusted as Ray trusts its network).
 * Detection: every actor has a call in flight that never returns (``watch``); Ray fails it the moment the
   actor is gone (the ``die`` command, a SIGKILL from outside, ``ray.kill``, its node lost). It is the
   actor's sentinel, as the process sentinel is for ``WorkerPool``, so ``request`` raises ``StageLost`` with
@@ -42,7 +43,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from checkfree.config import ConfigError, RayConfig, first_line
 from checkfree.distributed.cluster import GRACE_S, Handle, StageLost, WorkerError, WorkerPool
 from checkfree.distributed.ray_actor import StageActor
-from checkfree.distributed.rendezvous import open_store
+from checkfree.distributed.rendezvous import new_secret, open_store
 from checkfree.distributed.worker import WorkerSpec, rank_of
 from checkfree.runlog import write_json_atomic
 
@@ -110,7 +111,10 @@ class ActorProcess:
 
 
 class ActorChannel:
-    """The control pipe's methods over actor calls: ``send`` starts a call, ``recv`` returns its reply."""
+    """The control pipe's methods over actor calls: ``send`` starts a call, ``recv`` returns its reply.
+
+    Ray pickles these calls and their replies between nodes (cloudpickle): the channel is as trusted as the
+    Ray cluster's network, which Ray requires to be private (README: What the process engine and Ray trust)."""
 
     def __init__(self, actor: ray.actor.ActorHandle) -> None:
         self.actor = actor
@@ -157,7 +161,7 @@ class RayPool(WorkerPool):
         self._connect()
         self.spec = dataclasses.replace(self.spec, store_addr=ray.util.get_node_ip_address())
         self.store = open_store(self.spec.store_addr, self.spec.store_port, self.timeout_s)
-        self.spec = dataclasses.replace(self.spec, store_port=self.store.port)
+        self.spec = dataclasses.replace(self.spec, store_port=self.store.port, secret=new_secret())
         self._place()
         for stage in range(self.n_stages):
             for replica in range(self.replicas):

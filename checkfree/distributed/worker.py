@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,9 @@ class WorkerSpec:
     threads: int = 1
     local_rank: int | None = None
     """The process's index on its machine, for picking a GPU; None: rank % GPUs."""
+    secret: str = field(default="", repr=False)
+    """The run's rendezvous secret (``rendezvous.new_secret``), set by the pool when it starts: it reaches a
+    worker only in the spec it is spawned with, and never a log (``repr`` leaves it out)."""
 
     @property
     def n_stages(self) -> int:
@@ -161,7 +164,8 @@ class StageWorker:
         self.leave_group()
         if self.store is None:
             self.store = connect_store(spec.store_addr, spec.store_port, spec.timeout_s, f"stage {spec.stage}")
-        join_generation(self.store, generation, spec.backend, spec.rank, spec.world_size, spec.timeout_s)
+        join_generation(self.store, generation, spec.backend, spec.rank, spec.world_size, spec.timeout_s,
+                        spec.secret)
         if spec.replicas > 1:
             # Every rank creates every stage's group, in the same order (new_group is collective).
             for k in range(self.n):
