@@ -49,6 +49,9 @@ class ProcessEngine:
         self.pool: WorkerPool | None = None
         self.store: CheckpointStore | None = None
         self.detect_s = 0.0
+        self.recovering_since: float | None = None
+        """When the first attempt of the recovery under way began (a cascade re-plans and executes again)."""
+        self.attempts = 0
 
     def start(self, run_dir: Path | str, fresh: bool = True) -> None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)  # workers.json lists the processes from the start
@@ -191,7 +194,10 @@ class ProcessEngine:
 
     def execute(self, plan: RecoveryPlan, progress: int) -> Outcome:
         """Replace the lost stages' processes, re-form the group, then move what the plan says."""
-        pool, start = self.pool, time.perf_counter()
+        pool = self.pool
+        # A cascade's earlier attempts are part of this recovery's wall time: the record says what it really took.
+        start = self.recovering_since = self.recovering_since or time.perf_counter()
+        self.attempts += 1
         old = {k: pool.describe(k) for k in plan.lost}
         try:
             pool.kill(list(plan.lost))  # replicas of a lost stage that still run are lost with it
@@ -216,10 +222,10 @@ class ProcessEngine:
         for report in reports:
             report.wall_s = wall
             report.process = {"detect_s": self.detect_s, "respawn_s": respawn_s, "rendezvous_s": rendezvous_s,
-                              "transfer_s": transfer_s, "generation": pool.generation,
+                              "transfer_s": transfer_s, "generation": pool.generation, "attempts": self.attempts,
                               **{f"old_{k}": v for k, v in old[report.stage].items()},
                               **{f"new_{k}": v for k, v in pool.describe(report.stage).items()}}
-        self.detect_s = 0.0
+        self.detect_s, self.recovering_since, self.attempts = 0.0, None, 0
         return Outcome(reports, restored)
 
     def _load_checkpoint(self, checkpoint: Path, meta: dict[str, Any]) -> None:
