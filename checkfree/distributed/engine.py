@@ -38,6 +38,10 @@ from checkfree.plan import REPLICA, Held, RecoveryPlan, Traffic, Upkeep, rebuild
 from checkfree.schedule import Schedule
 
 
+REPLACE_ATTEMPTS = 5
+"""Losses in a row while a saved state is set (on resume) before the run gives up."""
+
+
 class ProcessEngine:
     def __init__(self, spec: WorkerSpec, engine: EngineConfig) -> None:
         self.spec, self.engine = spec, engine
@@ -163,7 +167,10 @@ class ProcessEngine:
         messages = {rank_of(k, 0, self.n_stages): {"cmd": "probe", "order": tuple(order),
                                                    "inputs": input_ids.numpy() if k == 0 else None,
                                                    "size": input_ids.shape[0]} for k in range(self.n_stages)}
-        replies = self.pool.broadcast_each(messages, "probe")
+        try:
+            replies = self.pool.broadcast_each(messages, "probe")
+        except StageLost as exc:
+            raise self.lost(exc) from None
         outputs = sorted(entry for reply in replies.values() for entry in reply["outputs"])
         return next((stage for _, stage, finite in outputs if not finite), None)
 
@@ -179,7 +186,12 @@ class ProcessEngine:
         return sum(self.held)
 
     def _gather(self) -> list[dict[str, Any]]:
-        replies = self.pool.broadcast("get_state", ranks=self.first_ranks())
+        """Replica 0's whole state of every stage (a resumable save, the export); a stage lost meanwhile is a
+        ``StagesLost`` like any other, and the trainer recovers it and asks again."""
+        try:
+            replies = self.pool.broadcast("get_state", ranks=self.first_ranks())
+        except StageLost as exc:
+            raise self.lost(exc) from None
         return [from_bytes(replies[rank]["state"]) for rank in self.first_ranks()]
 
     def stage_states(self) -> list[dict[str, torch.Tensor]]:
@@ -274,13 +286,29 @@ class ProcessEngine:
                 "held": held, "checkpoints": self.store.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Every process takes its stage's part of a saved state. A process lost meanwhile loses nothing (the
+        whole state comes from the file): it is replaced and the state set again, with no recovery."""
         messages = {}
         for rank, handle in self.pool.handles.items():
             k = handle.stage
             held = [(key, copy) for key, copy in state["held"] if Held(*key).holder == k]
             messages[rank] = {"cmd": "set_state", "state": to_bytes(
                 {"weights": state["stages"][k], "optimizer": state["optimizers"][k], "held": held})}
-        replies = self.pool.broadcast_each(messages, "set_state")
+        lost: set[int] = set()
+        for _ in range(REPLACE_ATTEMPTS):
+            try:
+                if lost:
+                    self.pool.kill(sorted(lost))
+                    self.pool.respawn(sorted(lost))
+                    self.pool.rendezvous()
+                    lost = set()
+                replies = self.pool.broadcast_each(messages, "set_state")
+                break
+            except StageLost as exc:
+                lost |= exc.stages
+        else:
+            raise WorkerError(f"stage processes {sorted(lost)} were lost {REPLACE_ATTEMPTS} times in a row while "
+                              "the saved state was being set; giving up.")
         for rank, reply in replies.items():
             self.lrs[self.pool.handles[rank].stage] = reply["lr"]
         self._note_held(replies)
