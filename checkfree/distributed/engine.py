@@ -11,10 +11,14 @@ the processes over a new generation of the process group.
   during the commit has missed only its own step, so the survivors' step stands.
 * ``lose`` makes a stage's processes exit for real (the failure model's loss); ``execute`` starts
   replacements, re-forms the group and has the survivors send what the plan says. A stage lost while that
-  is under way raises ``StagesLost`` too, and the trainer re-plans with it (a cascade).
+  is under way raises ``StagesLost`` too, and the trainer re-plans with it (a cascade). A rank lost while the
+  others wait to form the new group calls that generation off (``rollcall``), so nobody waits out the timeout.
+* So does a stage lost between iterations (the resumable save's ``get_state``, the export, the last
+  validation): the trainer recovers it as lost at the start of the next iteration and asks again.
 
 Each report's ``process`` holds the recovery's wall-clock anatomy (``detect_s``, ``respawn_s``,
-``rendezvous_s``, ``transfer_s``), the old and new PIDs and, on Ray, the nodes.
+``rendezvous_s``, ``transfer_s`` of its last attempt; ``attempts``), the old and new PIDs and, on Ray, the
+nodes; its ``wall_s`` runs from its first attempt, so a cascade's aborted attempts count.
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ from checkfree.distributed.worker import WorkerSpec, from_bytes, rank_of, to_byt
 from checkfree.engine import Outcome, StagesLost
 from checkfree.plan import REPLICA, Held, RecoveryPlan, Traffic, Upkeep, rebuild_report, rollback_reports
 from checkfree.schedule import Schedule
-
 
 REPLACE_ATTEMPTS = 5
 """Losses in a row while a saved state is set (on resume) before the run gives up."""
