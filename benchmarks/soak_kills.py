@@ -14,6 +14,10 @@ time.
 
     python benchmarks/soak_kills.py [--kills 200] [--iterations 300] [--gap 1.5] [--seed 0]
 
+One soak here (defaults, 2 shared cores): 200 kills over 5 runs of 300 iterations, 200 failures, 200
+recoveries, 0 crashes, in 436 s; the kills interrupted 89 state saves (get_state), 105 steps, 5 commits and
+1 rendezvous (a cascade).
+
 Only processes the run's supervisor started are ever signalled (each PID from workers.json is checked to
 be a live descendant of it), and every process this script starts is ended before it returns.
 """
