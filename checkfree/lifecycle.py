@@ -171,7 +171,7 @@ class Run:
             "totals": dataclasses.asdict(t.totals), "progress": t.progress, "grad_norm": t.grad_norm,
             "grad_norm_post": t.grad_norm_post, "iteration_s": t.clock.iteration_s,
             "held_since": [((h.kind, h.owner, h.holder), p) for h, p in t.held_since.items()],
-            "resumed_at": list(self.resumed_at),
+            "resumed_at": list(self.resumed_at), "carried": t.carried,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -190,6 +190,7 @@ class Run:
         t.clock.iteration_s = state["iteration_s"]
         # Wall time goes on from where the interrupted run stopped, so wall_time_s stays monotone.
         t.start = time.perf_counter() - state["wall_time_s"]
+        t.carried = state.get("carried")  # absent from states saved before losses between iterations were kept
         self.resumed_at = [*state["resumed_at"], state["iteration"]]
         self.saved_at = state["iteration"]
 
@@ -197,7 +198,9 @@ class Run:
         """Write the resumable state, if the run is at an iteration boundary (never a mid-iteration one)."""
         if self.consistent_at is None or self.consistent_at == self.saved_at:
             return
-        save_state(self.run_dir, self.state_dict())
+        # A stage lost while the state is gathered is recovered and the gathering redone (``Trainer.between``);
+        # the file is replaced only once the whole state is in hand, so the previous save stays whole meanwhile.
+        save_state(self.run_dir, self.trainer.between(self.state_dict))
         self.saved_at = self.consistent_at
 
     def _save_on_exit(self) -> None:
@@ -220,7 +223,8 @@ class Run:
         from checkfree.export import export_model
 
         try:
-            self.model_dir = export_model(t.engine.stage_states(), t.model, t.corpus.tokenizer, self.run_dir / "model")
+            self.model_dir = export_model(t.between(t.engine.stage_states), t.model, t.corpus.tokenizer,
+                                         self.run_dir / "model")
         except Exception as exc:  # never hide how the run itself ended; say this in the summary
             self.warnings.append(f"the model could not be exported ({type(exc).__name__}: {exc})")
 

@@ -71,6 +71,12 @@ class Totals:
     """Simulated seconds of work that losses threw away (unfinished iterations, rolled-back work within one)."""
 
 
+def new_record(iteration: int) -> dict:
+    """An iteration's metrics record before anything has happened in it."""
+    return {"iteration": iteration, "failed_stages": [], "recoveries": [], "recovery_sim_s": 0.0,
+            "lost_work_sim_s": 0.0, "failure_times_s": []}
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, engine: Engine, corpus: Corpus, model: ModelConfig, run_dir: Path) -> None:
         n = engine.n_stages
@@ -86,22 +92,23 @@ class Trainer:
         self.held_since: dict[Held, int] = {}
         self.start = time.perf_counter()
         self.log: RunLog | None = None
+        self.carried: dict | None = None
+        """The next iteration's record, begun early by a stage lost between two iterations (``between``)."""
 
     # --- one iteration -------------------------------------------------------------------------------
 
     def iteration(self, iteration: int) -> dict:
         """Failures -> recovery -> step -> guard -> upkeep -> clock. Returns the iteration's metrics record."""
         self.iteration_no = iteration
-        record = {"iteration": iteration, "failed_stages": [], "recoveries": [], "recovery_sim_s": 0.0,
-                  "lost_work_sim_s": 0.0, "failure_times_s": []}
+        record, self.carried = self.carried or new_record(iteration), None
         self.strike(iteration, record)
 
         batches = self.next_batches()
         wall = time.perf_counter()
         result = self.step(batches, record)
         step_wall = time.perf_counter() - wall
-        nonfinite = check(self.engine, result, batches, self.schedule, iteration, self.cfg.trainer.on_nonfinite,
-                          self.cfg.strategy.name)
+        nonfinite = self.survive(lambda: check(self.engine, result, batches, self.schedule, iteration,
+                                               self.cfg.trainer.on_nonfinite, self.cfg.strategy.name), record)
         self.failures.pending |= set(nonfinite)
         overhead_s = 0.0
         if result.stepped:
@@ -225,6 +232,22 @@ class Trainer:
         raise RuntimeError(f"iteration {self.iteration_no} was interrupted by stage failures {MAX_ATTEMPTS} times "
                            "in a row; giving up.")
 
+    def between(self, call):
+        """``call()`` on the engine between two iterations (a resumable save, the export, the last validation).
+        A stage lost meanwhile is lost at the start of the next iteration, as a failure drawn for that iteration
+        would be: it is recovered at once (planned as at that iteration), the call redone, and the recovery goes
+        into that iteration's record."""
+        done = self.iteration_no
+        record = self.carried or new_record(done + 1)
+        self.iteration_no = done + 1
+        try:
+            answer = self.survive(call, record)
+        finally:
+            self.iteration_no = done
+        if record["failed_stages"]:
+            self.carried = record
+        return answer
+
     def note_failures(self, lost: StagesLost) -> None:
         for k in sorted(lost.stages):
             self.totals.failures.append({"iteration": self.iteration_no, "stage": k, "time_s": self.totals.sim_time_s,
@@ -283,7 +306,7 @@ class Trainer:
 
     def validation_se(self) -> float:
         """Standard error of the validation loss, from the per-sequence losses of the current model."""
-        losses = self.engine.sequence_losses(self.corpus.val, self.cfg.trainer.eval_batch_size)
+        losses = self.between(lambda: self.engine.sequence_losses(self.corpus.val, self.cfg.trainer.eval_batch_size))
         mean = sum(losses) / len(losses)
         return (sum((x - mean) ** 2 for x in losses) / (len(losses) - 1) / len(losses)) ** 0.5 if len(losses) > 1 \
             else float("nan")

@@ -73,6 +73,22 @@ def assert_same_losses(local: Path, distributed: Path) -> None:
     assert losses(local) == losses(distributed)
 
 
+def assert_same_values(a, b, where: str = "") -> None:
+    """Nested states (dicts, lists, tuples, tensors, plain values) equal, tensors bit for bit."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_same_values(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_values(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
 def write_trace(path: Path, events: list[dict]) -> str:
     path.write_text(json.dumps(events))
     return str(path)
@@ -385,6 +401,100 @@ def test_a_second_stage_lost_during_a_recovery_joins_it(small_run, tmp_path):
     assert records[4]["failed_stages"] == [1, 2]
     assert killed == [records[4]["recoveries"][0]["process"]["old_pid"]]
     assert_same_losses(tmp_path / "local", run_dir)
+    assert_no_strays(run_dir)
+
+
+def test_a_stage_lost_during_another_s_rendezvous_does_not_wait_out_the_timeout(small_run, tmp_path):
+    """Stage 2 fails (trace) at iteration 3. As its recovery's rendezvous starts, stage 1 is stopped (SIGSTOP),
+    so the others wait for it to join, and 1 s later SIGKILLed. The supervisor calls that generation off at
+    once: the iteration takes about the kill's delay plus two respawns, far from engine.timeout_s (60 s; it
+    used to wait all of it), and the recovery record's wall_s counts the aborted attempt too."""
+    trace = write_trace(tmp_path / "trace.json", [{"iteration": 3, "stage": 2}])
+    run_dir = tmp_path / "dist"
+    timeout_s, delay_s = 60.0, 1.0
+    killed: list[int] = []
+
+    def stall_stage_1(n, engine):
+        if n != 1:
+            return
+        pool, rendezvous = engine.pool, engine.pool.rendezvous
+
+        def rendezvous_with_a_loss():
+            pool.rendezvous = rendezvous  # once
+            pid = pool.pid(1)
+            os.kill(pid, signal.SIGSTOP)  # it will never answer the roll call
+            timer = threading.Timer(delay_s, lambda: (os.kill(pid, signal.SIGKILL), killed.append(pid)))
+            timer.start()
+            try:
+                return rendezvous()
+            finally:
+                timer.join()
+
+        pool.rendezvous = rendezvous_with_a_loss
+
+    cfg = small_run(trainer={"iterations": 4, "eval_every": 4}, failure={"name": "trace", "path": trace},
+                    engine={**DIST, "timeout_s": timeout_s})
+    summary = hooked_run(cfg, run_dir, execute=stall_stage_1).run()
+
+    assert summary["status"] == "completed"
+    assert [(f["stage"], f.get("cause")) for f in summary["failures"]] == [
+        (2, None), (1, "process exited during rendezvous")]
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert records[3]["failed_stages"] == [1, 2]
+    assert len(killed) == 1 and killed[0] == records[3]["recoveries"][0]["process"]["old_pid"]
+    took = records[3]["wall_time_s"] - records[2]["wall_time_s"]
+    for rec in records[3]["recoveries"]:
+        assert rec["process"]["attempts"] == 2
+        assert delay_s <= rec["wall_s"] <= took  # the wall time really spent, the aborted attempt included
+    assert took < timeout_s / 2
+    assert_no_strays(run_dir)
+
+
+def test_a_stage_lost_while_the_state_is_saved_is_recovered_and_the_save_redone(small_run, tmp_path):
+    """save_every=1 on processes: stage 2's process is SIGKILLed as the state after iteration 3 is gathered
+    (``get_state``). The loss is recovered like one at the start of iteration 4 and the save redone; the state
+    saved before stays whole meanwhile. The run ends with the losses, weights, optimizer states and held copies
+    of a local run whose trace fails stage 2 at iteration 4, bit for bit."""
+    from checkfree.resume import load_state
+
+    trace = write_trace(tmp_path / "trace.json", [{"iteration": 4, "stage": 2}])
+    sections = {"trainer": {"iterations": 6, "eval_every": 3, "save_every": 1}}
+    build_run(small_run(**sections, failure={"name": "trace", "path": trace}), tmp_path / "local").run()
+    run_dir = tmp_path / "dist"
+    killed: list[int] = []
+    on_disk_while_recovering: list[int] = []
+
+    def kill_stage_2(n, engine):
+        if n == 3:  # the third save: after iteration 3
+            killed.append(engine.pool.pid(2))
+            os.kill(killed[-1], signal.SIGKILL)
+
+    def look_at_the_saved_state(n, engine):
+        on_disk_while_recovering.append(load_state(run_dir)["iteration"])
+
+    summary = hooked_run(small_run(**sections, engine=DIST), run_dir, state_dict=kill_stage_2,
+                         execute=look_at_the_saved_state).run()
+
+    assert summary["status"] == "completed" and summary["error"] is None
+    assert summary["failures"] == [{"iteration": 4, "stage": 2, "time_s": summary["failures"][0]["time_s"],
+                                     "cause": "process exited during get_state"}]
+    assert summary["recoveries"] == [{"iteration": 4, "stage": 2, "method": "average", "sources": [1, 3]}]
+    assert on_disk_while_recovering == [2]
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert killed == [records[4]["recoveries"][0]["process"]["old_pid"]]
+
+    # A trace failure also notes its simulated time in the record; otherwise the runs are the same.
+    def view(d):
+        return [{k: v for k, v in r.items() if k != "failure_times_s"}
+                for r in deterministic_view(read_metrics(tmp_path / d / "metrics.jsonl"))]
+
+    assert view("local") == view("dist")
+    expected, got = load_state(tmp_path / "local"), load_state(run_dir)
+    assert got["iteration"] == 6 and got["carried"] is None
+    for key in ("stages", "optimizers", "held", "data", "progress", "grad_norm", "grad_norm_post", "held_since"):
+        assert_same_values(expected[key], got[key], key)
+    for key in ("sim_time_s", "recovery_sim_s", "recoveries", "lost_iterations", "final_val_loss"):
+        assert expected["totals"][key] == got["totals"][key], key
     assert_no_strays(run_dir)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch.multiprocessing as mp
 
 from checkfree.distributed import worker as worker_module
 from checkfree.distributed.rendezvous import RendezvousError, new_secret, open_store
+from checkfree.distributed.rollcall import call_off
 from checkfree.distributed.worker import WorkerSpec, rank_of
 from checkfree.runlog import write_json_atomic
 
@@ -128,8 +130,9 @@ class WorkerPool:
         """A new generation of the process group with every current worker; returns the seconds it took."""
         start = time.perf_counter()
         self.generation += 1
-        replies = self.request({r: {"cmd": "rendezvous", "generation": self.generation} for r in self.handles},
-                               "rendezvous")
+        generation = self.generation
+        replies = self.request({r: {"cmd": "rendezvous", "generation": generation} for r in self.handles},
+                               "rendezvous", on_loss=lambda: call_off(self.store, generation, self.spec.secret))
         errors = [reply["error"] for reply in replies.values() if "error" in reply]
         if errors:
             raise RendezvousError(f"generation {self.generation} of the rendezvous at {self.spec.store_addr}:"
@@ -221,10 +224,13 @@ class WorkerPool:
 
     # --- commands ----------------------------------------------------------------------------------
 
-    def request(self, messages: dict[int, dict | None], command: str, deadline: float | None = None) -> dict[int, dict]:
+    def request(self, messages: dict[int, dict | None], command: str, deadline: float | None = None,
+                on_loss: Callable[[], Any] | None = None) -> dict[int, dict]:
         """Send each rank its message (None: just wait for a reply) and collect one reply per rank.
 
-        Raises ``StageLost`` naming the stages whose processes are gone once every other rank has replied.
+        ``on_loss`` runs once, the moment the first process is seen gone, to release the others from waiting
+        on it (the rendezvous calls its generation off). Raises ``StageLost`` naming the stages whose processes
+        are gone once every other rank has replied.
         """
         replies: dict[int, dict] = {}
         dead: set[int] = set()
@@ -242,6 +248,9 @@ class WorkerPool:
                 dead.add(rank)
         pending = {rank for rank in messages if rank not in dead}
         while pending:
+            if dead and on_loss is not None:
+                on_loss()
+                on_loss = None
             if dead or any(r.get("aborted") or "error" in r for r in replies.values()):
                 first_trouble = first_trouble or time.perf_counter()
                 trouble_deadline = first_trouble + self.timeout_s + GRACE_S

@@ -41,6 +41,7 @@ from checkfree.compute import StageCompute, causal_lm_loss, nbytes, per_sequence
 from checkfree.config import first_line
 from checkfree.distributed.programs import message_tag, replica_micro_batches, stage_program
 from checkfree.distributed.rendezvous import connect_store, is_loopback, join_generation
+from checkfree.distributed.rollcall import CalledOff, answer
 from checkfree.distributed.transfer import Pending, isend_state, recv_state, wire_device
 from checkfree.model import ModelConfig, Stage
 from checkfree.pipeline import blame
@@ -164,6 +165,10 @@ class StageWorker:
         self.leave_group()
         if self.store is None:
             self.store = connect_store(spec.store_addr, spec.store_port, spec.timeout_s, f"stage {spec.stage}")
+        try:
+            answer(self.store, generation, spec.world_size, spec.timeout_s, spec.secret)
+        except CalledOff as exc:  # a peer was lost before all had answered: no group to wait for
+            return {"aborted": True, "error": str(exc)}
         join_generation(self.store, generation, spec.backend, spec.rank, spec.world_size, spec.timeout_s,
                         spec.secret)
         if spec.replicas > 1:
