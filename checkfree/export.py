@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import os
 import re
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from checkfree.config import ConfigError
 from checkfree.data import DataConfig, load_corpus
 from checkfree.model import ModelConfig, stage_to_hf_key
+from checkfree.rundir import read_status
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig, PreTrainedTokenizerBase
@@ -136,6 +138,7 @@ def export_model(
 
     out_dir = Path(out_dir)
     _check_replaceable(out_dir)
+    clear_stale_exports(out_dir)
     if len(tokenizer) > cfg.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, more than model.vocab_size={cfg.vocab_size}: "
                          "give the tokenizer the run trained with.")
@@ -169,6 +172,27 @@ def export_model(
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
     return out_dir
+
+
+def clear_stale_exports(out_dir: Path | str) -> list[Path]:
+    """Remove what a killed export left beside ``out_dir``: ``.<name>.*.tmp`` directories (half written) and,
+    where the kill fell between the two renames of ``export_model``, put the earlier export (``.<name>.*.old``)
+    back under its name first. Called by every export and by a resumed run, which hold the run directory
+    (a run's own exports never overlap); returns what was removed."""
+    out_dir = Path(out_dir)
+    if not out_dir.parent.is_dir():
+        return []
+    removed = []
+    for aside in sorted(out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*.old")):
+        if not out_dir.exists():
+            os.replace(aside, out_dir)  # the only whole copy of the earlier export
+            continue
+        shutil.rmtree(aside, ignore_errors=True)
+        removed.append(aside)
+    for tmp in sorted(out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*.tmp")):
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
 
 
 def _check_replaceable(out_dir: Path) -> None:
@@ -307,7 +331,12 @@ def _torch_load(path: Path) -> Any:
         # mmap: only the tensors that are used are read, not a stage's Adam moments (twice its weights).
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # truncated, or not a torch file: name the file, not a pickle traceback
-        raise ExportError(f"{path} could not be read ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}).") from None
+        # torch's own first line is about its loader (e.g. advice on mmap), not about the file: say what is
+        # wrong with the file and what the user can do instead.
+        size = path.stat().st_size if path.exists() else 0
+        raise ExportError(f"{path} could not be read ({type(exc).__name__}): it is damaged (truncated or overwritten; "
+                          f"{size} bytes) or not a file torch.save wrote; export another source of the run "
+                          "(--from checkpoint or --from resume).") from None
 
 
 def _run_config(run_dir: Path, ckpt_dir: Path) -> dict[str, Any]:
@@ -409,6 +438,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"checkfree.export: error: {exc}", file=sys.stderr)
         return 2
     print(f"exported {origin} -> {out}")
+    if read_status(args.run_dir) == "killed":
+        print(f"note: the run in {args.run_dir} was killed (its summary.json still says running and no process "
+              "holds it): this is its last saved state, not its end")
     if args.sample:
         print(sample(out))
     return 0

@@ -86,6 +86,9 @@ class Run:
         try:
             t.engine.start(self.run_dir, fresh=self.resume_state is None)
             if self.resume_state is not None:
+                from checkfree.export import clear_stale_exports
+
+                clear_stale_exports(self.run_dir / "model")  # the killed run's half-written export, if any
                 self.load_state_dict(self.resume_state)
                 truncate_metrics(self.run_dir / "metrics.jsonl", self.resume_state["iteration"])
             else:

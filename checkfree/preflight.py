@@ -77,7 +77,7 @@ def check_command_line(args: list[str]) -> Checked | None:
             return Checked(None, ())
         cfg = _compose(overrides)
         run = _validate(cfg, overrides)
-        run_dir = check_run_dir(str(cfg.hydra.run.dir), run)
+        run_dir = check_run_dir(_resumed_dir(run, overrides) or str(cfg.hydra.run.dir), run)
     created = [p for p in (run_dir.absolute(), *run_dir.absolute().parents) if not p.exists()]
     return Checked(run_dir, tuple(reversed(created)))
 
@@ -91,6 +91,19 @@ def _check_keys(overrides: list[str]) -> None:
         if override.lstrip("+~").startswith(("=", "@")) and parser.parse_override(override).key_or_group == "":
             raise ConfigError(f"the override {override!r} names no key; allowed is key=value (see Hydra's "
                               "override grammar).")
+
+
+def _resumed_dir(run: RunConfig, overrides: list[str]) -> str | None:
+    """A resumed run goes on in its own directory, and Hydra's files go there too: a different
+    hydra.run.dir would get a .hydra/ and a log of a run that never writes there, so it is refused."""
+    if run.trainer.resume is None:
+        return None
+    given = [o.split("=", 1)[1].strip("'\"") for o in overrides if o.lstrip("+").startswith("hydra.run.dir=")]
+    if given and not _same(Path(given[-1]), Path(run.trainer.resume)):
+        raise ConfigError(f"hydra.run.dir={given[-1]!r} is invalid with trainer.resume={run.trainer.resume!r}: a "
+                          f"resumed run goes on in its own directory; drop hydra.run.dir or set it to "
+                          f"{run.trainer.resume}.")
+    return run.trainer.resume
 
 
 def check_run_dir(value: str, run: RunConfig) -> Path:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import socket
 from collections.abc import Iterator
@@ -57,9 +58,11 @@ def refuse_saved_state(run_dir: Path, key: str = "hydra.run.dir") -> None:
     """A ConfigError if ``run_dir`` holds a resumable state: a new run there would throw it away."""
     state = state_path(run_dir)
     if state.exists():
+        how = {"killed": " (killed: its summary still said running)", "interrupted": " (interrupted)",
+               "error": " (stopped on an error)"}.get(read_status(run_dir) or "", "")
         raise ConfigError(
-            f"{key}={str(run_dir)!r} is invalid for a new run: it holds the resumable state of an earlier run "
-            f"({state}); continue that run with trainer.resume={run_dir} hydra.run.dir={run_dir}, or set "
+            f"{key}={str(run_dir)!r} is invalid for a new run: it holds the resumable state of an earlier run"
+            f"{how} ({state}); continue that run with trainer.resume={run_dir} hydra.run.dir={run_dir}, or set "
             f"{key} to another directory (or delete {state} to start over there).")
 
 
@@ -107,6 +110,39 @@ def check_free(run_dir: Path | str, key: str = "hydra.run.dir") -> None:
         fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def is_held(run_dir: Path | str) -> bool:
+    """True while a live run holds ``run_dir`` (``owned``); False for a finished, stopped or killed one."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False  # no lock file: no run ever held it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def reported_status(run_dir: Path | str, status: str | None) -> str | None:
+    """The status a run's summary.json gives, told truly: "running" in the summary of a run that no process
+    holds any more (SIGKILL, power loss, the OOM killer: nothing could write its end) is "killed"."""
+    if status == "running" and not is_held(run_dir):
+        return "killed"
+    return status
+
+
+def read_status(run_dir: Path | str) -> str | None:
+    """``reported_status`` of the summary.json in ``run_dir`` (None: no readable summary)."""
+    try:
+        status = json.loads((Path(run_dir) / "summary.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return reported_status(run_dir, status)
 
 
 def _read_only(path: Path) -> bool:

@@ -115,7 +115,7 @@ def read_metrics(path: Path, bad: str = "skip") -> list[dict]:
     path = Path(path)
     if not path.is_file():
         return []
-    records = []
+    records, skipped = [], []
     for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
@@ -126,12 +126,21 @@ def read_metrics(path: Path, bad: str = "skip") -> list[dict]:
         except ValueError as exc:
             if bad == "raise":
                 raise ValueError(f"{path}:{lineno} does not parse ({exc}): {line[:80]!r}") from None
-            if bad == "warn":
-                warnings.warn(f"{path}:{lineno}: skipping unparsable metrics line ({exc})", RuntimeWarning,
-                              stacklevel=2)
+            skipped.append((lineno, exc))
             continue
         records.append(record)
+    if skipped and bad == "warn":  # one warning a file, however many lines: a reader wants the count
+        lineno, exc = skipped[0]
+        warnings.warn(SkippedLines(path, len(skipped), f"{path}:{lineno} ({exc})"), stacklevel=2)
     return records
+
+
+class SkippedLines(RuntimeWarning):
+    """``read_metrics(bad="warn")`` skipped ``count`` unparsable lines of ``path`` (``first`` says where)."""
+
+    def __init__(self, path: Path, count: int, first: str) -> None:
+        super().__init__(f"{path}: skipped {count} unparsable metrics line{'s' if count > 1 else ''} (first: {first})")
+        self.path, self.count, self.first = path, count, first
 
 
 def deterministic_view(records: list[dict]) -> list[dict]:

@@ -167,11 +167,31 @@ def run_job(cfg: DictConfig) -> dict | None:
         raise
     except Exception as exc:
         print(f"run failed: {type(exc).__name__}: {exc}\nresults so far in {results}", file=sys.stderr)
+        _say_it_failed(results, run, exc)
         if multirun:
             return None  # one bad sweep point never stops the others
         sys.exit(1)
     _print_summary(summary)
     return summary
+
+
+def _say_it_failed(run_dir: Path, run: RunConfig, exc: Exception) -> None:
+    """A run that failed before it could write its own summary (while loading the corpus or building the
+    model, or starting its engine: an unreachable Ray cluster) still leaves one that says so, with the cause.
+    A summary the run wrote itself (status error, with its totals) is kept as it is."""
+    from checkfree.rundir import read_status
+    from checkfree.runlog import write_json_atomic
+
+    if read_status(run_dir) not in (None, "killed"):
+        return  # the run's own summary: it knows more than this one
+    payload = {"status": "error", "error": f"{type(exc).__name__}: {first_line(exc, limit=1000)}",
+               "run_dir": str(run_dir), "strategy": run.strategy.name, "failure": run.failure.name,
+               "hourly_rate": run.failure.hourly_rate, "seed": run.seed, "iterations": 0, "n_failures": 0,
+               "n_recoveries": 0, "config": run.to_dict()}
+    try:
+        write_json_atomic(run_dir / "summary.json", payload)
+    except OSError as write_exc:  # the cause on stderr above stays the whole story
+        print(f"summary.json could not be written ({write_exc})", file=sys.stderr)
 
 
 def _config_error(exc: ConfigError, run_dir: Path, multirun: bool) -> None:

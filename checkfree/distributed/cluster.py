@@ -202,8 +202,16 @@ class WorkerPool:
                 handle.process.join(5)
             handle.conn.close()
         self.handles = {}
-        self.write_workers()
+        self.write_last_workers()
         self.store = None
+
+    def write_last_workers(self) -> None:
+        """workers.json as the run leaves it; none at all when no worker was ever started (an unreachable
+        cluster): an empty list would only suggest there was something to look at."""
+        if self.history:
+            self.write_workers()
+        else:
+            (self.run_dir / "workers.json").unlink(missing_ok=True)
 
     def write_workers(self) -> None:
         if not self.run_dir.exists():

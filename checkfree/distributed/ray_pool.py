@@ -369,7 +369,7 @@ class RayPool(WorkerPool):
                 remove_placement_group(self.placement_group)
         self.handles, self.standbys = {}, {}
         self.placement_group = None
-        self.write_workers()
+        self.write_last_workers()
         self.store = None
         if self.owns_ray:
             ray.shutdown()
