@@ -223,7 +223,7 @@ class Run:
         if not self.cfg.trainer.export or t.log is None or self.consistent_at is None or self.status == "error" \
                 or t.engine.nonfinite_stages():
             return
-        from checkfree.export import export_model
+        from checkfree.hf_export import export_model
 
         try:
             self.model_dir = export_model(t.between(t.engine.stage_states), t.model, t.corpus.tokenizer,

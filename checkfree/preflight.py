@@ -30,13 +30,18 @@ from omegaconf.errors import OmegaConfBaseException
 
 from checkfree.config import ConfigError, EngineConfig, require
 from checkfree.corpora import check_data_files
+from checkfree.hub import check_tokenizer
 from checkfree.presets import param_count
 from checkfree.recovery import check_strategy_overrides
 from checkfree.resume import check_saved_state
 from checkfree.runconfig import RunConfig, load_run_config
 from checkfree.rundir import check_creatable, check_free, refuse_saved_state
+from checkfree.runlog import RESERVE_BYTES
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+START_BYTES = 1024 * 1024
+"""Free space a run needs before it starts (the summary's reserve included); checkpoints need more later, and
+a full disk then is survived (``checkfree.atomic``)."""
 SWEEP_POINTS_CHECKED = 16
 """A sweep of more points is never refused up front (each point costs a compose, ~0.1 s): its jobs refuse
 their own bad points."""
@@ -115,7 +120,24 @@ def check_run_dir(value: str, run: RunConfig) -> Path:
         resumed = run.trainer.resume is not None and _same(run_dir, Path(run.trainer.resume))
         if not resumed:
             refuse_saved_state(run_dir)
+    check_room(run_dir)
     return run_dir
+
+
+def check_room(run_dir: Path) -> None:
+    """Refuse a run whose file system cannot hold even its start: Hydra's files, the first metrics and the
+    reserve that guarantees its last summary.json (``runlog.RESERVE_BYTES``). Without this, a nearly full disk
+    lets a run start and die before it could say anything."""
+    where = next((p for p in (run_dir, *run_dir.absolute().parents) if p.exists()), Path("/"))
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return  # cannot tell: the writes themselves will say
+    if free < START_BYTES:
+        raise ConfigError(f"hydra.run.dir={str(run_dir)!r} is invalid: its file system has {free:,} bytes free, and a "
+                          f"run needs at least {START_BYTES:,} to start ({RESERVE_BYTES:,} reserved for its last "
+                          "summary.json, the rest for Hydra's files and the first metrics); free some space there "
+                          "or choose another directory.")
 
 
 def _compose(overrides: list[str]) -> DictConfig:
@@ -177,6 +199,7 @@ def check_machine(run: RunConfig) -> None:
     """What the values point at on this machine; each refusal is a ConfigError of one sentence."""
     check_creatable(run.data.cache_dir, "data.cache_dir")
     check_data_files(run.data)
+    check_tokenizer(run.data.tokenizer)
     if run.trainer.resume is not None:
         check_saved_state(run.trainer.resume)
         check_free(run.trainer.resume, "trainer.resume")

@@ -249,7 +249,7 @@ def _print_summary(summary: dict) -> None:
     if summary.get("model_dir"):
         from transformers.utils import logging as hf_logging
 
-        from checkfree.export import sample
+        from checkfree.hf_export import sample
 
         hf_logging.disable_progress_bar()  # one summary, no load bars
         # What the model learned, in its own words: sampled from the exported Hugging Face model (fixed seed).

@@ -246,6 +246,9 @@ BAD_INPUTS = [
                                                           r"is not UTF-8\); allowed is UTF-8 text\.$"),
     (["data=local_parquet", "data.path={dir}/fake.parquet"], r"fake.parquet could not be read as parquet"),
     (["data=tinystories", "data.path={dir}/empty"], r"^data.path=.*empty' is invalid: the directory holds no files"),
+    (["data.tokenizer=checkfree-test/no-such-tokenizer", "+env=HF_HUB_OFFLINE=1"],
+     r"^data.tokenizer='checkfree-test/no-such-tokenizer' is invalid: it is not in the local Hugging Face cache "
+     r"and HF_HUB_OFFLINE \(or TRANSFORMERS_OFFLINE\) forbids downloading it"),
     (["data.tokenizer=./no/such/tokenizer"], r"^data.tokenizer='./no/such/tokenizer' is invalid: no such directory"),
     (["data.n_documents=10000000000000"], r"^data.n_documents=10000000000000 is invalid: the synthetic corpus is "
                                           r"held in memory"),

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from checkfree.data import load_corpus
-from checkfree.export import held_out_loss
+from checkfree.hf_export import held_out_loss
 from checkfree.model import build_stages, forward_logits, load_causal_lm_weights
 from checkfree.pipeline import LocalEngine
 from checkfree.routes import route

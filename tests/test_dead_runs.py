@@ -14,7 +14,8 @@ import pytest
 from checkfree.analysis import load_run
 from checkfree.analysis import main as analysis_main
 from checkfree.config import ConfigError
-from checkfree.export import ExportError, _torch_load, clear_stale_exports
+from checkfree.export import ExportError, clear_stale_exports
+from checkfree.hf_export import _torch_load
 from checkfree.preflight import check_command_line
 from checkfree.runconfig import load_run_config
 from checkfree.rundir import LOCK_FILE, is_held, read_status, refuse_saved_state
@@ -134,3 +135,15 @@ def test_a_run_that_cannot_start_leaves_a_summary_that_says_why(data_cache, tmp_
                                                                         "cluster at engine.ray.address='127.0.0.1:9'")
     assert summary["strategy"] == "checkfree" and summary["iterations"] == 0 and read_status(run_dir) == "error"
     assert not (run_dir / "workers.json").exists()
+
+
+def test_a_disk_too_full_to_start_is_refused_up_front(data_cache, tmpfs):
+    """A file system with less room than a run's start (its summary reserve first) refuses the run with one
+    sentence saying how much it needs; nothing is written there."""
+    from checkfree.preflight import START_BYTES
+
+    disk = tmpfs("256k")
+    with pytest.raises(ConfigError, match=rf"^hydra.run.dir='{disk}/run' is invalid: its file system has [\d,]+ bytes "
+                                          rf"free, and a run needs at least {START_BYTES:,} to start \(65,536 reserved"):
+        check_command_line([*tiny_overrides(data_cache), f"hydra.run.dir={disk / 'run'}"])
+    assert list(disk.iterdir()) == []

@@ -13,12 +13,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from checkfree.data import DataConfig, load_corpus
-from checkfree.export import (
-    ExportError,
+from checkfree.export import ExportError, latest_checkpoint, main
+from checkfree.hf_export import (
     export_model,
     held_out_loss,
-    latest_checkpoint,
-    main,
     read_checkpoint_stages,
     sample,
     to_causal_lm_state,
