@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from checkfree.config import ConfigError
+from checkfree.resume import torch_file_problem
 from checkfree.rundir import read_status
 
 CHECKPOINT_DIR = re.compile(r"ckpt_(\d+)")
@@ -89,6 +90,12 @@ def argv_checked(args: argparse.Namespace) -> bool:
                      "meta.pt"}[args.source]
             raise ExportError(f"RUN_DIR={str(run_dir)!r} holds {lacks}, so there is no model to export "
                               "(train with trainer.save_every=N > 0 or strategy=checkpoint).")
+        state = run_dir / "resume" / "state.pt"
+        problem = torch_file_problem(state) if has_state and args.source != "checkpoint" else None
+        if problem is not None:
+            instead = ("export the newest checkpoint instead with --from checkpoint" if has_ckpt
+                       else "the run has no checkpoint to export instead")
+            raise ExportError(f"{state} {problem}; {instead}.")
         check_replaceable(Path(args.out) if args.out is not None else run_dir / "model")
     except ExportError as exc:
         print(f"checkfree.export: error: {exc}", file=sys.stderr)

@@ -240,6 +240,8 @@ BAD_INPUTS = [
     (["data.cache_dir={dir}/example.json"], r"^data.cache_dir=.* is invalid: .*example.json is a file, not a dir"),
     (["trainer.resume={dir}/example.json"], r"^trainer.resume=.* is invalid: it is a file, not a directory"),
     (["trainer.resume={dir}"], r"^trainer.resume=.* is invalid: it holds no resume/state.pt"),
+    (["trainer.resume={dir}/damaged"], r"^trainer.resume=.*damaged' is invalid: .*state.pt is damaged \(1,000 bytes that "
+                                       r"are not a whole torch.save archive: File is not a zip file\), so there is"),
     (["data=local_json", "data.path={dir}/torn.jsonl", "data.n_documents=0", "data.val_documents=1"],
      r"^data.path=.*torn.jsonl:3 could not be read as json \(Unterminated string starting at: column 10\)\.$"),
     (["data=local_text", "data.path={dir}/latin1.txt"], r"^data.path=.*latin1.txt could not be read as text \(byte 3 "
@@ -303,6 +305,8 @@ def trace_dir(tmp_path_factory):
     for name, data in BINARY_FILES.items():
         (d / name).write_bytes(data)
     (d / "empty").mkdir()
+    (d / "damaged" / "resume").mkdir(parents=True)
+    (d / "damaged" / "resume" / "state.pt").write_bytes(b"\x80" * 1000)  # a torn state file
     return d
 
 

@@ -226,7 +226,9 @@ def test_cli_errors_are_one_sentence(run_dir, tmp_path, capsys):
     (empty / "resume").mkdir()
     (empty / "resume" / "state.pt").write_bytes(b"not a torch file")
     assert main([str(empty)]) == 2
-    assert "state.pt could not be read" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "state.pt is damaged (16 bytes that are not a whole torch.save archive" in err and err.count("\n") == 1
+    assert err.endswith("the run has no checkpoint to export instead.\n")
 
 
 def test_module_entry_point_exits_2_without_a_traceback(tmp_path):
