@@ -37,9 +37,9 @@ from checkfree.runlog import RunLog
 from checkfree.schedule import build_schedule
 
 MAX_ATTEMPTS = 5
+"""A step (or validation) interrupted by stage losses more often than this in a row stops the run."""
 MAX_INCIDENTS = 1000
 """An iteration whose work is interrupted this often never finishes: the run stops and says why."""
-"""A step (or validation) interrupted by stage losses more often than this in a row stops the run."""
 
 
 @dataclass
