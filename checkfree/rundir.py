@@ -92,11 +92,33 @@ def check_creatable(path: Path | str, key: str, expand_user: bool = True) -> Pat
     existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
     if not existing.is_dir():
         raise ConfigError(f"{key}={text!r} is invalid: {existing} is a file, not a directory; {ALLOWED}.")
+    pseudo = _pseudo_file_system(existing)
+    if pseudo is not None:
+        # root may "write" /proc or /sys by os.access, but no directory can be made there.
+        raise ConfigError(f"{key}={text!r} is invalid: {existing} is on a {pseudo} file system, where no directory "
+                          f"can be created; {ALLOWED}.")
     if not os.access(existing, os.W_OK | os.X_OK):
         # os.access answers for a read-only mount too (EROFS), where even root cannot write.
         why = os.strerror(errno.EROFS if _read_only(existing) else errno.EACCES)
         raise ConfigError(f"{key}={text!r} is invalid: {existing} cannot be written ({why}); {ALLOWED}.")
     return path
+
+
+PSEUDO_FILE_SYSTEMS = {"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs",
+                       "securityfs", "pstore", "bpf", "configfs", "fusectl", "mqueue", "hugetlbfs"}
+
+
+def _pseudo_file_system(path: Path) -> str | None:
+    """The type of the kernel file system ``path`` lies on when it is one that holds no user files."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    except OSError:
+        return None  # not Linux, or no /proc: nothing to say
+    resolved = str(path.resolve())
+    best = max(((point, kind) for point, kind in mounts
+                if resolved == point or resolved.startswith(point.rstrip("/") + "/")),
+               key=lambda m: len(m[0]), default=None)
+    return best[1] if best is not None and best[1] in PSEUDO_FILE_SYSTEMS else None
 
 
 def check_free(run_dir: Path | str, key: str = "hydra.run.dir") -> None:

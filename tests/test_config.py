@@ -237,6 +237,8 @@ BAD_INPUTS = [
     # What the values point at on this machine (checkfree.preflight): paths, files, addresses, memory.
     (["hydra.run.dir=''"], r"^hydra.run.dir='' is invalid: it is empty; allowed is a directory"),
     (["hydra.run.dir={dir}/example.json/run"], r"^hydra.run.dir=.* is invalid: .*example.json is a file, not a dir"),
+    (["data.cache_dir=/proc/checkfree-cache"], r"^data.cache_dir='/proc/checkfree-cache' is invalid: /proc is on a "
+                                               r"proc file system, where no directory can be created"),
     (["data.cache_dir={dir}/example.json"], r"^data.cache_dir=.* is invalid: .*example.json is a file, not a dir"),
     (["trainer.resume={dir}/example.json"], r"^trainer.resume=.* is invalid: it is a file, not a directory"),
     (["trainer.resume={dir}"], r"^trainer.resume=.* is invalid: it holds no resume/state.pt"),
