@@ -74,10 +74,19 @@ def load_file(path: Path, digest: str | None = None, map_location: Any = "cpu") 
         raise DamagedCheckpoint(path, f"{type(exc).__name__}: {first}") from None
 
 
+def nbytes(state: Any) -> int:
+    """Bytes of every tensor in a (nested) state: a shard, a held copy, a rebuild's sources."""
+    if torch.is_tensor(state):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(nbytes(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(nbytes(v) for v in state)
+    return 0
+
+
 def shard_bytes(shard: dict[str, Any]) -> int:
     """Tensor bytes of a shard: fp32 weights + Adam moments + step counts."""
-    from checkfree.compute import nbytes
-
     return nbytes(shard["weights"]) + nbytes(shard["optimizer"]["state"])
 
 

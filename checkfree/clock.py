@@ -21,8 +21,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from checkfree.cost import CostModel, StepOverhead, measure_flops
-from checkfree.model import ModelConfig, preset, stage_param_counts
 from checkfree.plan import RecoveryReport, Traffic
+from checkfree.presets import ModelConfig, preset, stage_param_counts
 from checkfree.recovery import RecoveryStrategy
 from checkfree.runconfig import RunConfig
 

@@ -96,7 +96,7 @@ def cost_model_seconds(strategy: str) -> float:
     """Our own cost model's price of one paper-scale iteration (llama_500m, 4 x 16 sequences, the 7-site
     geo-distributed network) for ``strategy``: the second pricing, beside the paper's measured one."""
     from checkfree.cost import CostModel, NetworkConfig
-    from checkfree.model import preset
+    from checkfree.presets import preset
 
     network = NetworkConfig(name="geo_distributed")
     cost = CostModel(preset("llama_500m"), 4, 16, network, replicas=4)

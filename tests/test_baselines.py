@@ -14,9 +14,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from checkfree.model import build_stages, preset, stage_param_counts
+from checkfree.model import build_stages
 from checkfree.pipeline import LocalEngine
 from checkfree.plan import SHADOW, Held
+from checkfree.presets import preset, stage_param_counts
 from checkfree.recovery import StrategyConfig, build_strategy
 from checkfree.recovery.base import UnrecoverableFailure
 from checkfree.recovery.checkpoint import CheckpointRollback

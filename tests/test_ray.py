@@ -33,7 +33,7 @@ from checkfree.config import RayConfig  # noqa: E402
 from checkfree.distributed.cluster import StageLost  # noqa: E402
 from checkfree.distributed.ray_pool import RayLaunchError, RayPool  # noqa: E402
 from checkfree.distributed.worker import WorkerSpec  # noqa: E402
-from checkfree.model import preset  # noqa: E402
+from checkfree.presets import preset  # noqa: E402
 from checkfree.runlog import deterministic_view, read_metrics  # noqa: E402
 from checkfree.train import train  # noqa: E402
 from tests.conftest import hooked_run  # noqa: E402

@@ -4,19 +4,16 @@ Adding a strategy = one module here (a class whose ``plan`` returns a ``checkfre
 line in ``STRATEGIES`` below, ``conf/strategy/<name>.yaml`` and its test. The engines execute plans, so
 nothing else changes: the local engine and the process engine both run it as they run every other.
 
-Nothing here imports torch: a config is validated without loading any tensor library. The tensor math of
-CheckFree (``neighbour_average``, ``interpolate``, ``weighted_state``) is re-exported lazily from
-``checkfree.averaging``.
+Nothing here imports torch: a config is validated without loading any tensor library. Strategies decide
+(the scalar rules are ``checkfree.recovery.rules``); the engines compute (``checkfree.averaging``).
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
 
 from checkfree.config import ConfigError
 from checkfree.recovery.base import RecoveryStrategy, StrategyConfig, UnrecoverableFailure
-from checkfree.recovery.rules import interpolation_weights, nearest_survivors, norm_weight
 
 STRATEGIES: dict[str, str] = {
     "none": "checkfree.recovery.base:RecoveryStrategy",
@@ -89,15 +86,7 @@ def build_strategy(cfg: StrategyConfig, n_stages: int) -> RecoveryStrategy:
     return strategy_class(cfg.name)(cfg)
 
 
-def __getattr__(name: str) -> Any:
-    """The tensor functions, imported (with torch) only by code that asks for them."""
-    if name in ("neighbour_average", "interpolate", "weighted_state"):
-        return getattr(importlib.import_module("checkfree.averaging"), name)
-    raise AttributeError(f"module 'checkfree.recovery' has no attribute {name!r}")
-
-
 __all__ = [
     "STRATEGIES", "StrategyConfig", "RecoveryStrategy", "UnrecoverableFailure", "build_strategy",
-    "strategy_class", "validate_strategy_config", "check_strategy_overrides", "neighbour_average", "interpolate",
-    "interpolation_weights", "weighted_state", "norm_weight", "nearest_survivors",
+    "strategy_class", "validate_strategy_config", "check_strategy_overrides",
 ]
