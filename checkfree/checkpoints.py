@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from checkfree.atomic import signals_held, write_error
+from checkfree.config import first_line
 
 META = "meta.pt"
 
@@ -70,7 +71,7 @@ def load_file(path: Path, digest: str | None = None, map_location: Any = "cpu") 
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, foreign pickle: name the file, never a pickle traceback
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = first_line(exc, limit=200) or type(exc).__name__
         raise DamagedCheckpoint(path, f"{type(exc).__name__}: {first}") from None
 
 

@@ -204,10 +204,6 @@ class StageCompute:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
     def reset_optimizer(self, lr: float) -> None:
         """A new node starts with an empty optimizer state (Adam moments, step count)."""
         self.optimizer = self._adam(lr)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 
-from checkfree.config import ConfigError
+from checkfree.config import ConfigError, finite
 from checkfree.recovery.base import RecoveryStrategy, StrategyConfig, UnrecoverableFailure
 
 STRATEGIES: dict[str, str] = {
@@ -40,10 +40,10 @@ def strategy_class(name: str) -> type[RecoveryStrategy]:
 def validate_strategy_config(cfg: StrategyConfig, n_stages: int) -> None:
     strategy_class(cfg.name)
     checks = [
-        (_finite(cfg.lr_scale) and cfg.lr_scale > 0, "lr_scale", "a finite positive factor"),
+        (finite(cfg.lr_scale) and cfg.lr_scale > 0, "lr_scale", "a finite positive factor"),
         (cfg.norm_source in ("pre", "post"), "norm_source", "'pre' or 'post'"),
-        (_finite(cfg.norm_power) and cfg.norm_power >= 0, "norm_power", "a finite non-negative exponent"),
-        (_finite(cfg.eps) and cfg.eps > 0, "eps", "a finite positive number"),
+        (finite(cfg.norm_power) and cfg.norm_power >= 0, "norm_power", "a finite non-negative exponent"),
+        (finite(cfg.eps) and cfg.eps > 0, "eps", "a finite positive number"),
         (cfg.unrecoverable in ("error", "reinit"), "unrecoverable", "'error' or 'reinit'"),
         (cfg.edge_rule in ("none", "copy"), "edge_rule", "'none' or 'copy'"),
         (cfg.replica_sync_every >= 1, "replica_sync_every", "an integer >= 1"),
@@ -75,10 +75,6 @@ def check_strategy_overrides(name: str, overrides: list[str]) -> None:
         who = f"it is read only by strategy={'|'.join(readers)}" if readers else "no strategy reads it"
         raise ConfigError(f"{key}={value} is not read by strategy={name}: {who}, so it would be ignored; drop it "
                           f"(strategy={name} reads {', '.join(cls.reads) or 'no strategy.* key'}).")
-
-
-def _finite(x: float) -> bool:
-    return x == x and x not in (float("inf"), float("-inf"))
 
 
 def build_strategy(cfg: StrategyConfig, n_stages: int) -> RecoveryStrategy:
