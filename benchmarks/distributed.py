@@ -44,10 +44,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from checkfree.compute import causal_lm_loss
 from checkfree.distributed.rendezvous import open_store
 from checkfree.distributed.worker import seeded_stage
-from checkfree.model import ModelConfig
-from checkfree.pipeline import causal_lm_loss
+from checkfree.presets import ModelConfig
 from checkfree.runconfig import load_run_config
 from checkfree.runlog import read_metrics
 from checkfree.train import train

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from checkfree.config import finite
 from checkfree.rundir import reported_status
 from checkfree.runlog import SkippedLines, read_metrics
 
@@ -106,8 +107,8 @@ def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+def _finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and finite(x)
 
 
 def _float(x: Any) -> float:
@@ -130,13 +131,13 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     failure_times: list[float] = []
     for rec in records:
         t = rec.get("sim_time_s")
-        if not _finite(t):
+        if not _finite_number(t):
             continue
-        if _finite(rec.get("val_loss")):
+        if _finite_number(rec.get("val_loss")):
             curve.append((float(t), float(rec["val_loss"])))
         # One entry per lost stage, stamped with the end of the iteration it was lost in.
         failure_times.extend(float(t) for _ in rec.get("failed_stages") or [])
-    if _finite(summary.get("initial_val_loss")) and not any(t == 0.0 for t, _ in curve):
+    if _finite_number(summary.get("initial_val_loss")) and not any(t == 0.0 for t, _ in curve):
         curve.insert(0, (0.0, float(summary["initial_val_loss"])))  # evaluated before iteration 1
     last = records[-1] if records else {}
     recoveries = [r for rec in records for r in rec.get("recoveries") or [] if isinstance(r, dict)]
@@ -211,7 +212,7 @@ def resolve_target(df: pd.DataFrame, target: float | None = None) -> tuple[float
     """
     if target is not None:
         return float(target), f"target loss {target:g} (given explicitly)"
-    configured = sorted({float(t) for t in df["target_loss"] if _finite(t)})
+    configured = sorted({float(t) for t in df["target_loss"] if _finite_number(t)})
     if configured:
         note = " (the largest of the configured targets " + ", ".join(f"{t:g}" for t in configured) + ")"
         return configured[-1], f"target loss {configured[-1]:g} from trainer.target_loss" + (

@@ -13,8 +13,8 @@ checkpoint ``RUN_DIR/checkpoints/ckpt_<progress>/``; the model goes to ``RUN_DIR
 Stages are always exported in index order: a CheckFree+ run trains some micro-batches with the edge
 stages swapped, but the model it validates (and the one it means) is the in-order chain 0..S-1.
 
-This module imports only ``checkfree.model``, ``checkfree.data`` and ``checkfree.config`` so that the
-trainer can import it without a cycle.
+This module imports only ``checkfree.model``, ``checkfree.presets``, ``checkfree.corpora``, ``checkfree.data``
+and ``checkfree.export_paths`` so that the run's lifecycle can import it without a cycle.
 """
 
 from __future__ import annotations
@@ -32,15 +32,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from checkfree.data import DataConfig, load_corpus
-from checkfree.export import ExportError, check_replaceable, clear_stale_exports, latest_checkpoint
-from checkfree.model import ModelConfig, stage_to_hf_key
+from checkfree.corpora import DataConfig
+from checkfree.data import load_corpus
+from checkfree.export_paths import ExportError, check_replaceable, clear_stale_exports, latest_checkpoint
+from checkfree.model import stage_to_hf_key
+from checkfree.presets import ModelConfig
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig, PreTrainedTokenizerBase
 
-__all__ = ["ExportError", "to_causal_lm_state", "export_model", "sample", "held_out_loss",
-           "read_checkpoint_stages", "latest_checkpoint", "load_run", "model_config_of", "export_run"]
+__all__ = ["to_causal_lm_state", "export_model", "sample", "held_out_loss",
+           "read_checkpoint_stages", "load_run", "model_config_of", "export_run"]
 
 WEIGHTS_FILE = "model.safetensors"
 DEFAULT_TEMPERATURE = 0.8

@@ -86,7 +86,7 @@ class Run:
         try:
             t.engine.start(self.run_dir, fresh=self.resume_state is None)
             if self.resume_state is not None:
-                from checkfree.export import clear_stale_exports
+                from checkfree.export_paths import clear_stale_exports
 
                 clear_stale_exports(self.run_dir / "model")  # the killed run's half-written export, if any
                 self.load_state_dict(self.resume_state)

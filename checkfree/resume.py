@@ -3,7 +3,7 @@
 The state lives in ``<run_dir>/resume/state.pt`` (one ``torch.save`` of plain values and tensors, so it
 loads with ``weights_only=True``). It is written to a temporary file that is then renamed over the old
 one: a kill during a save leaves the previous state whole, never a torn one. The trainer saves only at
-iteration boundaries, where nothing is half-updated (see ``Trainer.save_state``).
+iteration boundaries, where nothing is half-updated (see ``checkfree.lifecycle.Run.save_state``).
 
 A resumed run continues in the *same* run directory: ``metrics.jsonl`` is cut back to the saved
 iteration (lines written after the save are dropped, and so is a torn last line) and then appended to, so

@@ -27,7 +27,8 @@ from checkfree.config import (
 )
 from checkfree.corpora import DataConfig, validate_data_config
 from checkfree.cost import NetworkConfig, validate_network_config
-from checkfree.failures import FailureConfig, validate_failure_config
+from checkfree.failure_models import validate_failure_config
+from checkfree.failure_models.base import FailureConfig
 from checkfree.presets import PRESETS, ModelConfig, validate_model_config
 from checkfree.recovery import StrategyConfig, validate_strategy_config
 

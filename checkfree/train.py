@@ -45,7 +45,7 @@ from checkfree.rundir import unusable
 
 if TYPE_CHECKING:
     from checkfree.lifecycle import Run
-    from checkfree.model import ModelConfig
+    from checkfree.presets import ModelConfig
 
 _checked: Checked | None = None
 """What ``main`` checked before Hydra started: the run directory and the directories Hydra creates for it."""

@@ -29,8 +29,8 @@ from checkfree.data import Corpus
 from checkfree.engine import Engine, StagesLost
 from checkfree.failures import FailureDraws
 from checkfree.guard import check
-from checkfree.model import ModelConfig
 from checkfree.plan import Held, RecoveryPlan, RecoveryReport, RunView, Traffic, Upkeep
+from checkfree.presets import ModelConfig
 from checkfree.recovery import build_strategy
 from checkfree.runconfig import RunConfig
 from checkfree.runlog import RunLog

@@ -14,7 +14,7 @@ import pytest
 from checkfree.analysis import load_run
 from checkfree.analysis import main as analysis_main
 from checkfree.config import ConfigError
-from checkfree.export import ExportError, clear_stale_exports
+from checkfree.export_paths import ExportError, clear_stale_exports
 from checkfree.hf_export import _torch_load
 from checkfree.preflight import check_command_line
 from checkfree.runconfig import load_run_config

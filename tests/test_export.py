@@ -12,8 +12,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from checkfree.data import DataConfig, load_corpus
-from checkfree.export import ExportError, latest_checkpoint, main
+from checkfree.corpora import DataConfig
+from checkfree.data import load_corpus
+from checkfree.export import main
+from checkfree.export_paths import ExportError, latest_checkpoint
 from checkfree.hf_export import (
     export_model,
     held_out_loss,
@@ -21,10 +23,11 @@ from checkfree.hf_export import (
     sample,
     to_causal_lm_state,
 )
-from checkfree.model import build_stages, forward_logits, load_causal_lm_weights, preset
+from checkfree.model import build_stages, load_causal_lm_weights
 from checkfree.pipeline import LocalEngine
+from checkfree.presets import preset
 from checkfree.schedule import OutOfOrder, swapped_order
-from tests.conftest import small_run_dict
+from tests.conftest import pipeline_logits, small_run_dict
 
 SENTENCE = "Once upon a time, a little fox found a red ball in the garden."
 
@@ -77,8 +80,8 @@ def test_exported_model_computes_the_pipelines_logits(exported, trained, corpus)
     model = AutoModelForCausalLM.from_pretrained(exported, local_files_only=True).eval()
     ids = corpus.val[:4, :-1]
     with torch.no_grad():
-        ours, theirs = forward_logits(stages, ids), model(ids).logits
-        swapped = forward_logits(stages, ids, swapped_order(cfg.n_stages))
+        ours, theirs = pipeline_logits(stages, ids), model(ids).logits
+        swapped = pipeline_logits(stages, ids, swapped_order(cfg.n_stages))
     diff = (ours - theirs).abs().max().item()
     print(f"max abs logits diff: {diff:.3g}")
     assert diff <= 1e-5

@@ -30,10 +30,10 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 ray = pytest.importorskip("ray", reason="the Ray launcher needs Ray: pip install 'checkfree[ray]'")
 
 from checkfree.config import RayConfig  # noqa: E402
-from checkfree.distributed.cluster import StageLost  # noqa: E402
+from checkfree.distributed.cluster import WorkersDied  # noqa: E402
 from checkfree.distributed.ray_pool import RayLaunchError, RayPool  # noqa: E402
 from checkfree.distributed.worker import WorkerSpec  # noqa: E402
-from checkfree.model import preset  # noqa: E402
+from checkfree.presets import preset  # noqa: E402
 from checkfree.runlog import deterministic_view, read_metrics  # noqa: E402
 from checkfree.train import train  # noqa: E402
 from tests.conftest import hooked_run  # noqa: E402
@@ -221,7 +221,7 @@ def tiny_spec(run_dir: Path, n_stages: int = 3) -> WorkerSpec:
 
 def test_pool_raises_stage_lost_when_an_actor_dies_in_rendezvous_or_respawn(three_nodes, tmp_path):
     """The supervisor adds stages lost during a recovery to that recovery, so ``rendezvous`` and ``respawn``
-    must raise StageLost naming them (within engine.timeout_s + a grace), never hang or fail otherwise."""
+    must raise WorkersDied naming them (within engine.timeout_s + a grace), never hang or fail otherwise."""
     cluster, _ = three_nodes
     ray.init(address=cluster.address, log_to_driver=False)
     assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
@@ -237,7 +237,7 @@ def test_pool_raises_stage_lost_when_an_actor_dies_in_rendezvous_or_respawn(thre
         def rendezvous():
             try:
                 pool.rendezvous()
-            except StageLost as lost:
+            except WorkersDied as lost:
                 outcome["lost"] = lost
 
         thread = threading.Thread(target=rendezvous)
@@ -250,7 +250,7 @@ def test_pool_raises_stage_lost_when_an_actor_dies_in_rendezvous_or_respawn(thre
 
         # Respawn: a survivor dies meanwhile -> it is named; the replacement stays.
         os.kill(pool.pid(0), signal.SIGKILL)
-        with pytest.raises(StageLost) as lost:
+        with pytest.raises(WorkersDied) as lost:
             pool.respawn([2])
         assert lost.value.stages == {0} and pool.pid(2) != victim
 
@@ -272,7 +272,7 @@ def test_pool_raises_stage_lost_when_an_actor_dies_in_rendezvous_or_respawn(thre
 
         killer = threading.Thread(target=kill_the_replacement)
         killer.start()
-        with pytest.raises(StageLost) as lost:
+        with pytest.raises(WorkersDied) as lost:
             pool.respawn([0])
         killer.join()
         assert lost.value.stages == {0}

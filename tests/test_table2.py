@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from checkfree import table2
-from checkfree.clock import PAPER_RECOVERY_S, table2_iteration_seconds
+from checkfree.paper_table2 import RECOVERY_S as PAPER_RECOVERY_S
+from checkfree.paper_table2 import iteration_seconds as table2_iteration_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -38,8 +38,10 @@ START_TIMEOUT_S = 300.0
 """Bound on a worker's start-up (the first start imports torch and transformers in the forkserver)."""
 
 
-class StageLost(RuntimeError):
-    """Worker processes died (or hung and were killed) while a command was in flight."""
+class WorkersDied(RuntimeError):
+    """Worker processes died (or hung and were killed) while a pool command was in flight: the pool's word,
+    with the replies of the survivors. The process engine turns it into ``checkfree.engine.StagesLost``, the
+    one word the trainer hears from any engine."""
 
     def __init__(self, stages: set[int], replies: dict[int, dict], command: str, detect_s: float) -> None:
         self.stages, self.replies, self.command, self.detect_s = set(stages), replies, command, detect_s
@@ -112,10 +114,10 @@ class WorkerPool:
 
     def _await_hello(self, ranks: list[int], replacing: bool = False) -> None:
         """Wait for the new processes' hello. A replacement that dies while starting is a stage lost during the
-        recovery (``StageLost``: the supervisor adds it to the recovery); at the first start it is an error."""
+        recovery (``WorkersDied``: the supervisor adds it to the recovery); at the first start it is an error."""
         try:
             replies = self.request({r: None for r in ranks}, "start", deadline=time.perf_counter() + START_TIMEOUT_S)
-        except StageLost as lost:
+        except WorkersDied as lost:
             if replacing:
                 raise
             codes = {self.handles[r].stage: self.handles[r].process.exitcode for r in ranks}
@@ -237,7 +239,7 @@ class WorkerPool:
         """Send each rank its message (None: just wait for a reply) and collect one reply per rank.
 
         ``on_loss`` runs once, the moment the first process is seen gone, to release the others from waiting
-        on it (the rendezvous calls its generation off). Raises ``StageLost`` naming the stages whose processes
+        on it (the rendezvous calls its generation off). Raises ``WorkersDied`` naming the stages whose processes
         are gone once every other rank has replied.
         """
         replies: dict[int, dict] = {}
@@ -246,7 +248,7 @@ class WorkerPool:
         gone = {rank for rank, message in messages.items()
                 if message is not None and self.handles[rank].process.exitcode is not None}
         if gone:  # died while idle: say so before the others start waiting on it
-            raise StageLost({self.handles[r].stage for r in gone}, {}, command, 0.0)
+            raise WorkersDied({self.handles[r].stage for r in gone}, {}, command, 0.0)
         for rank, message in messages.items():
             if message is None:
                 continue
@@ -285,7 +287,7 @@ class WorkerPool:
                 pending.clear()
         if dead:
             detect_s = time.perf_counter() - first_trouble if first_trouble is not None else 0.0
-            raise StageLost({self.handles[r].stage for r in dead}, replies, command, detect_s)
+            raise WorkersDied({self.handles[r].stage for r in dead}, replies, command, detect_s)
         return replies
 
     def _wait(self, handles: list[Handle], timeout: float) -> tuple[list[Handle], list[Handle]]:

@@ -33,7 +33,7 @@ import torch
 from checkfree.checkpoints import CheckpointStore, DamagedCheckpoint
 from checkfree.compute import StepResult
 from checkfree.config import EngineConfig
-from checkfree.distributed.cluster import StageLost, WorkerError, WorkerPool, raise_errors
+from checkfree.distributed.cluster import WorkerError, WorkerPool, WorkersDied, raise_errors
 from checkfree.distributed.launchers import make_pool
 from checkfree.distributed.programs import replica_micro_batches
 from checkfree.distributed.worker import WorkerSpec, from_bytes, rank_of, to_bytes
@@ -76,7 +76,7 @@ class ProcessEngine:
         """Replica 0 of every stage: the pipeline that validates, reports and saves."""
         return [rank_of(k, 0, self.n_stages) for k in range(self.n_stages)]
 
-    def lost(self, exc: StageLost, result: StepResult | None = None) -> StagesLost:
+    def lost(self, exc: WorkersDied, result: StepResult | None = None) -> StagesLost:
         """The pool's news for the trainer; its detection time goes into the recovery that follows."""
         self.detect_s = exc.detect_s
         return StagesLost(exc.stages, exc.command, exc.detect_s, result)
@@ -97,7 +97,7 @@ class ProcessEngine:
             }
         try:
             ready = pool.request(messages, "step")
-        except StageLost as exc:
+        except WorkersDied as exc:
             self._abort(exc.replies)
             raise self.lost(exc) from None
         if any("ready" not in reply for reply in ready.values()):
@@ -119,7 +119,7 @@ class ProcessEngine:
             return result
         try:
             committed = pool.request({rank: {"cmd": "commit"} for rank in ready}, "commit")
-        except StageLost as exc:  # the survivors stepped: their step stands, the lost stage is rebuilt now
+        except WorkersDied as exc:  # the survivors stepped: their step stands, the lost stage is rebuilt now
             self._note_commit(exc.replies)
             raise self.lost(exc, result) from None
         raise_errors(committed, pool.handles, "commit")
@@ -140,7 +140,7 @@ class ProcessEngine:
         if holding:
             try:
                 self.pool.request({rank: {"cmd": "abort"} for rank in holding}, "abort")
-            except StageLost:
+            except WorkersDied:
                 pass  # recovery follows anyway; whoever died here is replaced with the others
 
     # --- validation ----------------------------------------------------------------------------------
@@ -160,7 +160,7 @@ class ProcessEngine:
             "targets": sequences[:, 1:].numpy() if k == last else None} for k in range(self.n_stages)}
         try:
             replies = self.pool.request(messages, "eval")
-        except StageLost as exc:
+        except WorkersDied as exc:
             raise self.lost(exc) from None
         raise_errors(replies, self.pool.handles, "eval")
         return replies[rank_of(last, 0, self.n_stages)]
@@ -172,7 +172,7 @@ class ProcessEngine:
                                                    "size": input_ids.shape[0]} for k in range(self.n_stages)}
         try:
             replies = self.pool.broadcast_each(messages, "probe")
-        except StageLost as exc:
+        except WorkersDied as exc:
             raise self.lost(exc) from None
         outputs = sorted(entry for reply in replies.values() for entry in reply["outputs"])
         return next((stage for _, stage, finite in outputs if not finite), None)
@@ -193,7 +193,7 @@ class ProcessEngine:
         ``StagesLost`` like any other, and the trainer recovers it and asks again."""
         try:
             replies = self.pool.broadcast("get_state", ranks=self.first_ranks())
-        except StageLost as exc:
+        except WorkersDied as exc:
             raise self.lost(exc) from None
         return [from_bytes(replies[rank]["state"]) for rank in self.first_ranks()]
 
@@ -230,7 +230,7 @@ class ProcessEngine:
                     self.lrs[pool.handles[rank].stage] = reply["lr"]
                 reports = [rebuild_report(plan, r, replies[rank_of(r.stage, 0, self.n_stages)]["received_bytes"])
                            for r in plan.rebuilds]
-        except StageLost as exc:
+        except WorkersDied as exc:
             raise self.lost(exc) from None
         transfer_s = time.perf_counter() - t
         wall = time.perf_counter() - start
@@ -260,7 +260,7 @@ class ProcessEngine:
             try:
                 replies = self.pool.broadcast("upkeep", refresh=list(upkeep.refresh),
                                               checkpoint=str(directory) if directory is not None else None)
-            except StageLost as exc:
+            except WorkersDied as exc:
                 raise self.lost(exc) from None
             self._note_held(replies)
             for rank in self.first_ranks():
@@ -307,7 +307,7 @@ class ProcessEngine:
                     lost = set()
                 replies = self.pool.broadcast_each(messages, "set_state")
                 break
-            except StageLost as exc:
+            except WorkersDied as exc:
                 lost |= exc.stages
         else:
             raise WorkerError(f"stage processes {sorted(lost)} were lost {REPLACE_ATTEMPTS} times in a row while "

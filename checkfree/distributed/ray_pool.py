@@ -12,7 +12,7 @@ replica where that has one OS process.
   which each actor gets in the spec of its ``start`` call (Ray's channel, trusted as Ray trusts its network).
 * Detection: every actor has a call in flight that never returns (``watch``); Ray fails it the moment the
   actor is gone (the ``die`` command, a SIGKILL from outside, ``ray.kill``, its node lost). It is the
-  actor's sentinel, as the process sentinel is for ``WorkerPool``, so ``request`` raises ``StageLost`` with
+  actor's sentinel, as the process sentinel is for ``WorkerPool``, so ``request`` raises ``WorkersDied`` with
   the same bounds (after the first loss the others answer within ``engine.timeout_s`` + ``GRACE_S`` or are
   killed and counted as lost).
 * Replacement: a new actor in the lost one's bundle while that bundle is on a live node (Ray moves the
@@ -41,7 +41,7 @@ from ray.util.placement_group import placement_group, placement_group_table, rem
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from checkfree.config import ConfigError, RayConfig, first_line
-from checkfree.distributed.cluster import GRACE_S, Handle, StageLost, WorkerError, WorkerPool
+from checkfree.distributed.cluster import GRACE_S, Handle, WorkerError, WorkerPool, WorkersDied
 from checkfree.distributed.ray_actor import StageActor
 from checkfree.distributed.rendezvous import new_secret, open_store
 from checkfree.distributed.worker import WorkerSpec, rank_of
@@ -267,7 +267,7 @@ class RayPool(WorkerPool):
     def _await_start(self, ranks: list[int], replacing: bool) -> None:
         """Wait for the hello of every actor in ``ranks``, at most ``engine.ray.start_timeout_s``.
 
-        An actor that dies meanwhile is a ``StageLost`` when replacing (the supervisor adds its stage to the
+        An actor that dies meanwhile is a ``WorkersDied`` when replacing (the supervisor adds its stage to the
         recovery), a ``WorkerError`` at the run's start. One that never came up (no node had room for it, or
         it hung) is killed and named in a ``RayLaunchError``."""
         deadline = time.perf_counter() + self.cfg.start_timeout_s
@@ -304,7 +304,7 @@ class RayPool(WorkerPool):
         if lost:
             stages = {self.handles[r].stage for r in lost}
             if replacing:
-                raise StageLost(stages, {}, "respawn", 0.0)
+                raise WorkersDied(stages, {}, "respawn", 0.0)
             raise WorkerError(f"the actor(s) of stage(s) {sorted(stages)} died while starting; see the Ray logs "
                               "(/tmp/ray/session_latest/logs on their node).")
 
@@ -324,7 +324,7 @@ class RayPool(WorkerPool):
     def respawn(self, stages: list[int]) -> float:
         """New actors (new PIDs, maybe other nodes) for every replica of ``stages``; returns the seconds.
 
-        Raises ``StageLost`` when a replacement, or any other actor, died meanwhile."""
+        Raises ``WorkersDied`` when a replacement, or any other actor, died meanwhile."""
         start = time.perf_counter()
         ranks = self.stage_ranks(stages)
         old = {rank: self.handles[rank] for rank in ranks}
@@ -335,7 +335,7 @@ class RayPool(WorkerPool):
         self._await_start(ranks, replacing=True)
         gone = {h.stage for rank, h in self.handles.items() if rank not in old and not h.process.is_alive()}
         if gone:
-            raise StageLost(gone, {}, "respawn", 0.0)
+            raise WorkersDied(gone, {}, "respawn", 0.0)
         elapsed = time.perf_counter() - start
         self._replenish_standbys()
         return elapsed

@@ -39,17 +39,14 @@ class Pending:
 
     works: list = field(default_factory=list)
     buffers: list[torch.Tensor] = field(default_factory=list)
-    nbytes: int = 0
 
     def add(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
         self.works.append(dist.isend(tensor, dst=dst, tag=tag))
         self.buffers.append(tensor)
-        self.nbytes += tensor.numel() * tensor.element_size()
 
     def extend(self, other: Pending) -> None:
         self.works += other.works
         self.buffers += other.buffers
-        self.nbytes += other.nbytes
 
     def wait(self) -> None:
         for work in self.works:

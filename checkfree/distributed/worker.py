@@ -36,17 +36,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkfree.checkpoints import CheckpointStore, DamagedCheckpoint
-from checkfree.compute import StageCompute, causal_lm_loss, nbytes, per_sequence_loss
+from checkfree.checkpoints import CheckpointStore, DamagedCheckpoint, nbytes
+from checkfree.compute import StageCompute, causal_lm_loss, per_sequence_loss
 from checkfree.config import first_line
 from checkfree.distributed.programs import message_tag, replica_micro_batches, stage_program
 from checkfree.distributed.rendezvous import connect_store, is_loopback, join_generation
 from checkfree.distributed.rollcall import CalledOff, answer
 from checkfree.distributed.transfer import Pending, isend_state, recv_state, wire_device
-from checkfree.model import ModelConfig, Stage
-from checkfree.pipeline import blame
+from checkfree.model import Stage
 from checkfree.plan import Held, RecoveryPlan
-from checkfree.routes import in_order, route
+from checkfree.presets import ModelConfig
+from checkfree.routes import blame, in_order, route
 from checkfree.schedule import build_schedule
 
 # Tags of whole-state transfers (activation tags come from programs.message_tag and never collide with
