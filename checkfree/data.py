@@ -190,7 +190,9 @@ def _root_cause(exc: BaseException) -> str:
     """The innermost cause's message: datasets wraps parse errors in a generic 'error occurred'."""
     while exc.__cause__ is not None:
         exc = exc.__cause__
-    return f"{type(exc).__name__}: {exc}"
+    # One line, however many the library wrote (transformers lists its tokenizer loaders on five).
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:400]}{'...' if len(text) > 400 else ''}"
 
 
 def _hf_cache(cfg: DataConfig) -> str:

@@ -110,7 +110,9 @@ def validate_run_config(run: RunConfig) -> None:
     n = run.model.n_stages
     validate_model_config(run.model)
     validate_strategy_config(run.strategy, n)
-    validate_failure_config(run.failure, n, horizon=run.trainer.iterations)
+    # A run that saves its state may be continued with more iterations (trainer.resume), where later trace
+    # events do happen; one that saves nothing ends at trainer.iterations.
+    validate_failure_config(run.failure, n, horizon=None if run.trainer.save_every else run.trainer.iterations)
     validate_data_config(run.data)
     validate_trainer(run.trainer)
     validate_network_config(run.network, n)

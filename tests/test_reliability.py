@@ -314,8 +314,9 @@ def test_sigint_and_sigterm_leave_whole_metrics_and_an_interrupted_summary(data_
 
     run_dir = procs[1][1]
     last = json.loads((run_dir / "summary.json").read_text())["resumable_from_iteration"]
+    # No hydra.run.dir: a resumed run goes on in its own directory, Hydra's files too (another one is refused).
     proc = cli(*tiny_overrides(data_cache), f"trainer.iterations={last + 2}", "trainer.save_every=1000",
-               f"trainer.resume={run_dir}", f"hydra.run.dir={tmp_path / 'hydra-of-the-resume'}")
+               f"trainer.resume={run_dir}")
     rc, out, err = finish(proc)
     assert rc == 0, err[-2000:]
     assert [r["iteration"] for r in strict_metrics(run_dir / "metrics.jsonl")] == list(range(last + 3))
@@ -350,9 +351,17 @@ CLI_BAD_INPUTS = [
      r"engine.master_addr='192.0.2.1' is invalid: it is not an address of this machine", None),
     ("sweep", lambda tmp: ["-m", "seed=0,1", "model.rope_theta=0", f"hydra.sweep.dir={tmp / 'run'}"],
      r"model.rope_theta=0 is invalid", None),
-    ("set-up", lambda tmp: ["data.tokenizer=checkfree-test/no-such-tokenizer"],
-     r"data.tokenizer='checkfree-test/no-such-tokenizer' could not be loaded", None),
+    ("hub tokenizer", lambda tmp: ["data.tokenizer=checkfree-test/no-such-tokenizer"],
+     r"data.tokenizer='checkfree-test/no-such-tokenizer' is invalid: it is not in the local Hugging Face cache", None),
+    ("set-up", lambda tmp: [f"data.tokenizer={_empty_dir(tmp)}"], r"data.tokenizer='.*/tokenizer' could not be loaded",
+     None),
 ]
+
+
+def _empty_dir(tmp: Path) -> Path:
+    """A local tokenizer directory with nothing in it: found only when the tokenizer is loaded, in the set-up."""
+    (tmp / "tokenizer").mkdir()
+    return tmp / "tokenizer"
 
 
 def test_bad_input_on_the_command_line_exits_2_with_one_sentence_and_writes_nothing(data_cache, tmp_path):

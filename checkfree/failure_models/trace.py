@@ -58,7 +58,7 @@ class TraceFailures(FailureModel):
             if horizon is not None and event.iteration is not None and event.iteration > horizon:
                 raise ConfigError(f"failure.path={cfg.path} {where} is at iteration {event.iteration}, after the "
                                   f"run's last (trainer.iterations={horizon}), so it would never happen; allowed "
-                                  f"are iterations 1..{horizon}.")
+                                  f"are iterations 1..{horizon} (or trainer.save_every=N for a run to be continued).")
             if event.stage >= n_stages:
                 raise ConfigError(f"failure.path={cfg.path} {where} has stage {event.stage}, which is out of range: "
                                   f"allowed 0..{n_stages - 1} (model.n_stages={n_stages}).")
