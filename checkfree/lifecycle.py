@@ -267,7 +267,7 @@ class Run:
     # --- the summary -------------------------------------------------------------------------------------
 
     def summary(self) -> dict:
-        t, cfg = self.trainer.totals, self.cfg
+        t, cfg, log = self.trainer.totals, self.cfg, self.trainer.log
         by_method: dict[str, int] = {}
         for r in t.recoveries:
             by_method[r["method"]] = by_method.get(r["method"], 0) + 1
@@ -295,6 +295,8 @@ class Run:
             "resume_state": str(state_path(self.run_dir)) if self.saved_at is not None else None,
             "resumed_at_iterations": self.resumed_at,
             "model_dir": str(self.model_dir) if self.model_dir is not None else None,
+            "wandb_dir": str(log.wandb_dir) if log is not None and log.wandb_dir is not None else None,
+            "wandb_url": log.wandb_url if log is not None else None,
             "config": cfg.to_dict(),
         }
 

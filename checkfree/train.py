@@ -236,6 +236,8 @@ def _recovered_from(recovery: dict) -> str:
 
 
 def _print_summary(summary: dict) -> None:
+    from checkfree.runlog import wandb_line
+
     print(f"\n{summary['strategy']} | {summary['iterations']} iterations | "
           f"val loss {summary['initial_val_loss']:.3f} -> {summary['final_val_loss']:.3f} | "
           f"simulated {summary['total_sim_time_s'] / 3600:.2f} h")
@@ -246,6 +248,9 @@ def _print_summary(summary: dict) -> None:
     if summary.get("time_to_target_s") is not None:
         print(f"target {summary['target_loss']} reached at {summary['time_to_target_s'] / 3600:.2f} simulated h")
     print(f"run directory: {summary['run_dir']}")
+    wandb = wandb_line(summary.get("wandb_dir"), summary.get("wandb_url"))
+    if wandb is not None:
+        print(wandb)
     if summary.get("model_dir"):
         from transformers.utils import logging as hf_logging
 
