@@ -31,11 +31,15 @@ replica where that has one OS process.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+import signal
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,6 +180,11 @@ class RayPool(WorkerPool):
     def _connect(self) -> None:
         if ray.is_initialized():
             return
+        with _our_sigterm_handler():
+            self._init_ray()
+        self.owns_ray = True
+
+    def _init_ray(self) -> None:
         address = self.cfg.address
         if address is None:  # sized for every stage, whatever this machine's core count
             world = self.n_stages * self.replicas
@@ -192,7 +201,6 @@ class RayPool(WorkerPool):
                 raise RayLaunchError(f"cannot join the Ray cluster at engine.ray.address={address!r} "
                                      f"({(first_line(exc) or type(exc).__name__)}); start it with `ray start --head` (README: Many machines), "
                                      "or use engine.ray.address=null for a Ray of our own.") from exc
-        self.owns_ray = True
 
     def actor_resources(self) -> dict[str, float]:
         """What one stage actor reserves: one bundle of the placement group."""
@@ -430,6 +438,19 @@ class RayPool(WorkerPool):
         answered = {h.rank for h in replied}
         gone = [h for ref, h in sentinels.items() if ref in ready and h.rank not in answered]
         return replied, gone
+
+
+@contextlib.contextmanager
+def _our_sigterm_handler() -> Iterator[None]:
+    """Keep the run's SIGTERM handler over ``ray.init``, which puts in its own (``sys.exit(15)``): with it a
+    SIGTERM ended the run with exit status 15 and a summary saying "error" instead of 143 and "interrupted".
+    The Ray we started is stopped all the same, by ``shutdown`` as the run ends."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _our_pythonpath() -> str:
