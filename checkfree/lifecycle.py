@@ -14,7 +14,8 @@ iteration and appended to, ``summary.json`` is rewritten, checkpoints stay where
 the same, record for record and weight for weight, as a run that never stopped.
 
 Signals: with ``save_every`` > 0, a SIGINT/SIGTERM arriving mid-iteration lets that iteration finish, so
-the state saved on the way out is the one at the signal; a second signal stops at once.
+the state saved on the way out is the one at the signal; a second signal stops at once. Once the run is on
+its way out (saving, exporting, writing the summary, closing wandb and the engine), signals are dropped.
 """
 
 from __future__ import annotations
@@ -107,14 +108,17 @@ class Run:
             self.status, self.error, self.failure = "error", f"{type(exc).__name__}: {exc}", exc
             raise
         finally:
-            # A second Ctrl-C (or SIGTERM) must not cut the last state, model or summary short.
+            # A second Ctrl-C (or SIGTERM) must not cut the last state, model or summary short, nor wandb's
+            # finish or the stop of the workers (a KeyboardInterrupt in there left them running).
             with _signals_deferred():
                 self._save_on_exit()
                 self._export()
                 self.write_summary()
-            if t.log is not None:
-                t.log.close(exit_code)
-            t.engine.close()
+                try:
+                    if t.log is not None:
+                        t.log.close(exit_code)
+                finally:  # a failed fsync of metrics.jsonl still stops the workers
+                    t.engine.close()
         return self.summary()
 
     def train(self) -> None:
@@ -267,7 +271,7 @@ class Run:
     # --- the summary -------------------------------------------------------------------------------------
 
     def summary(self) -> dict:
-        t, cfg = self.trainer.totals, self.cfg
+        t, cfg, log = self.trainer.totals, self.cfg, self.trainer.log
         by_method: dict[str, int] = {}
         for r in t.recoveries:
             by_method[r["method"]] = by_method.get(r["method"], 0) + 1
@@ -295,6 +299,8 @@ class Run:
             "resume_state": str(state_path(self.run_dir)) if self.saved_at is not None else None,
             "resumed_at_iterations": self.resumed_at,
             "model_dir": str(self.model_dir) if self.model_dir is not None else None,
+            "wandb_dir": str(log.wandb_dir) if log is not None and log.wandb_dir is not None else None,
+            "wandb_url": log.wandb_url if log is not None else None,
             "config": cfg.to_dict(),
         }
 

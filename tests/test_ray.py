@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -124,14 +125,15 @@ def pid_of(run_dir: Path, stage: int) -> int:
     return pid
 
 
-def test_traced_cascading_and_sigkilled_failures_recover_like_local(small_run, tmp_path):
+def test_traced_cascading_and_sigkilled_failures_recover_like_local(small_run, tmp_path, capfd):
     """CheckFree+ on a Ray the pool starts and stops itself. A trace kills stage 0 at iteration 2, and while
     that recovery is under way stage 3's actor is SIGKILLed from outside: it joins the recovery (a cascade).
     Then, as iteration 5's step goes out, stage 1's actor is stopped (SIGSTOP), stage 2's actor, blocked
     receiving from it, is SIGKILLed, and stage 1 goes on: that iteration is discarded everywhere, stage 2
     rebuilt on a warm standby and the iteration redone. The result is exactly the local run where a trace
     kills stages 0 and 3 at iteration 2 and stage 2 at iteration 5, losses and weights. Afterwards no Ray
-    process is left. (Resume is the supervisor's, whatever the launcher: tests/test_distributed.py.)"""
+    process is left. Ray's 'A worker died' warning names only the SIGKILLed actors, not the one the trace
+    killed. (Resume is the supervisor's, whatever the launcher: tests/test_distributed.py.)"""
     assert not ray.is_initialized()
     sections = {"strategy": {"name": "checkfree_plus"},
                 "trainer": {"iterations": 6, "eval_every": 3}}
@@ -190,6 +192,14 @@ def test_traced_cascading_and_sigkilled_failures_recover_like_local(small_run, t
     assert not ray.is_initialized()
     assert eventually(lambda: children()) == []  # Ray's own processes went with it
     assert our_actors(run_dir) == []
+
+    # Ray prints its ~600-character warning for a death it did not expect, naming the worker's PID: the
+    # SIGKILLs from outside, never the trace's failure (stage 0's first actor, ended by ray.kill).
+    said = capfd.readouterr()
+    died = {int(pid) for pid in re.findall(r"A worker died or was killed.*?Worker PID: (\d+)", said.out + said.err)}
+    traced = next(e["pid"] for e in listed["history"] if e["stage"] == 0)
+    assert traced not in died
+    assert killed["cascade"] in died and died <= {killed["cascade"], killed["step"]}
 
 
 # --- one three-node cluster on this machine -----------------------------------------------------------

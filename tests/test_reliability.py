@@ -324,6 +324,49 @@ def test_sigint_and_sigterm_leave_whole_metrics_and_an_interrupted_summary(data_
     assert summary["status"] == "completed" and summary["resumed_at_iterations"] == [last]
 
 
+def test_a_second_signal_while_the_run_stops_still_exits_with_the_first_ones_status(data_cache, tmp_path):
+    """After a Ctrl-C the run takes a second or two to stop: the iteration under way (with save_every), the
+    last state and summary, wandb's finish, the engine's close, then Python tearing down an interpreter with
+    torch loaded, where it gives SIGINT back its default action. A second Ctrl-C in there used to kill the
+    process by the signal (returncode -2, no exit status: 10 of 11 delays from 0.1 to 1.0 s did). Now every
+    case exits 130 (143 when SIGTERM came first) with summary.json saying "interrupted"."""
+    # (first signal, save_every, wandb, seconds between the two signals)
+    cases = [(signal.SIGINT, 0, "offline", 0.3), (signal.SIGINT, 0, "disabled", 0.8),
+             (signal.SIGINT, 1000, "offline", 0.5), (signal.SIGTERM, 1000, "disabled", 1.0)]
+    procs, sent_twice = [], []
+    try:
+        for i, (_, save_every, wandb, _) in enumerate(cases):
+            run_dir = tmp_path / f"case{i}"
+            overrides = [o for o in tiny_overrides(data_cache) if not o.startswith("logger.")]
+            procs.append((cli(*overrides, "trainer.iterations=100000", f"trainer.save_every={save_every}",
+                              f"logger.wandb.mode={wandb}", f"hydra.run.dir={run_dir}", env={"WANDB_MODE": wandb}),
+                          run_dir))
+        for (first, _, _, gap), (proc, run_dir) in zip(cases, procs):
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and _lines(run_dir / "metrics.jsonl") < 3:
+                assert time.monotonic() < deadline, "training never started"
+                time.sleep(0.02)
+            proc.send_signal(first)
+            time.sleep(gap)
+            sent_twice.append(proc.poll() is None)
+            if sent_twice[-1]:
+                proc.send_signal(signal.SIGINT)
+        results = [finish(proc, timeout=60) for proc, _ in procs]
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert any(sent_twice), "every run had stopped before its second signal: nothing was tested"
+    for (first, *_), (_, run_dir), (rc, _, err) in zip(cases, procs, results):
+        assert rc == 128 + first, err[-2000:]
+        assert "Traceback" not in err and "Exception ignored" not in err, err[-2000:]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "interrupted", summary["error"]
+        records = strict_metrics(run_dir / "metrics.jsonl")
+        assert [r["iteration"] for r in records] == list(range(len(records)))
+
+
 def _bad_corpus(tmp: Path) -> str:
     path = tmp / "corpus.jsonl"
     good = "\n".join(json.dumps({"text": f"story number {i} about a cat."}) for i in range(5))

@@ -11,10 +11,13 @@ replica where that has one OS process.
   which every node of the cluster can reach, and on no other interface; its keys carry the run's secret,
   which each actor gets in the spec of its ``start`` call (Ray's channel, trusted as Ray trusts its network).
 * Detection: every actor has a call in flight that never returns (``watch``); Ray fails it the moment the
-  actor is gone (the ``die`` command, a SIGKILL from outside, ``ray.kill``, its node lost). It is the
+  actor is gone (``ray.kill``, a crash, a SIGKILL from outside, its node lost). It is the
   actor's sentinel, as the process sentinel is for ``WorkerPool``, so ``request`` raises ``WorkersDied`` with
   the same bounds (after the first loss the others answer within ``engine.timeout_s`` + ``GRACE_S`` or are
   killed and counted as lost).
+* Injected failures: ``kill`` ends the actors with ``ray.kill``, which Ray keeps quiet about, so that its
+  'A worker died or was killed' warning on the terminal is left to the deaths we did not cause (ours are in
+  metrics.jsonl).
 * Replacement: a new actor in the lost one's bundle while that bundle is on a live node (Ray moves the
   bundles of a lost node when another node has room); otherwise outside the group, wherever there is room,
   within ``engine.ray.start_timeout_s``. With ``engine.ray.standby`` each node that hosts a stage keeps one
@@ -28,11 +31,15 @@ replica where that has one OS process.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+import signal
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,6 +180,11 @@ class RayPool(WorkerPool):
     def _connect(self) -> None:
         if ray.is_initialized():
             return
+        with _our_sigterm_handler():
+            self._init_ray()
+        self.owns_ray = True
+
+    def _init_ray(self) -> None:
         address = self.cfg.address
         if address is None:  # sized for every stage, whatever this machine's core count
             world = self.n_stages * self.replicas
@@ -189,7 +201,6 @@ class RayPool(WorkerPool):
                 raise RayLaunchError(f"cannot join the Ray cluster at engine.ray.address={address!r} "
                                      f"({(first_line(exc) or type(exc).__name__)}); start it with `ray start --head` (README: Many machines), "
                                      "or use engine.ray.address=null for a Ray of our own.") from exc
-        self.owns_ray = True
 
     def actor_resources(self) -> dict[str, float]:
         """What one stage actor reserves: one bundle of the placement group."""
@@ -340,6 +351,21 @@ class RayPool(WorkerPool):
         self._replenish_standbys()
         return elapsed
 
+    def kill(self, stages: list[int]) -> float | None:
+        """As ``WorkerPool.kill`` (every replica of ``stages`` really exits; returns the seconds until the
+        supervisor saw them gone), but by ``ray.kill`` rather than the ``die`` order: Ray takes an actor's own
+        ``os._exit`` for a crash and prints a ~600-character 'A worker died or was killed ... OOM killer'
+        warning on the driver's terminal for each injected failure, while ``ray.kill`` is an end it expects.
+        A death we did not cause (a crash, a SIGKILL from outside, a lost node) still gets Ray's warning."""
+        start = time.perf_counter()
+        targets = [self.handles[r] for r in self.stage_ranks(stages) if self.handles[r].process.is_alive()]
+        if not targets:
+            return None
+        for handle in targets:
+            handle.process.kill()
+        self._await_exit(targets)
+        return time.perf_counter() - start
+
     def _await_exit(self, handles: list[Handle], grace_s: float = GRACE_S) -> None:
         waiting = {h.process.sentinel: h for h in handles if h.process.is_alive()}
         if waiting and grace_s > 0:
@@ -412,6 +438,19 @@ class RayPool(WorkerPool):
         answered = {h.rank for h in replied}
         gone = [h for ref, h in sentinels.items() if ref in ready and h.rank not in answered]
         return replied, gone
+
+
+@contextlib.contextmanager
+def _our_sigterm_handler() -> Iterator[None]:
+    """Keep the run's SIGTERM handler over ``ray.init``, which puts in its own (``sys.exit(15)``): with it a
+    SIGTERM ended the run with exit status 15 and a summary saying "error" instead of 143 and "interrupted".
+    The Ray we started is stopped all the same, by ``shutdown`` as the run ends."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _our_pythonpath() -> str:
