@@ -147,3 +147,29 @@ def test_a_disk_too_full_to_start_is_refused_up_front(data_cache, tmpfs):
                                           rf"free, and a run needs at least {START_BYTES:,} to start \(65,536 reserved"):
         check_command_line([*tiny_overrides(data_cache), f"hydra.run.dir={disk / 'run'}"])
     assert list(disk.iterdir()) == []
+
+
+def test_a_real_run_killed_by_sigkill_reads_as_killed(data_cache, tmp_path):
+    """python -m checkfree.train, SIGKILLed mid-training: its summary.json says "running" (written at the
+    start, never again), and every reader calls it killed once the kernel has dropped its lock."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    proc = cli(*tiny_overrides(data_cache), "trainer.iterations=100000", f"hydra.run.dir={run_dir}")
+    try:
+        deadline = time.monotonic() + 120
+        metrics = run_dir / "metrics.jsonl"
+        while not (metrics.exists() and len(metrics.read_bytes().splitlines()) >= 3):  # two iterations done
+            assert proc.poll() is None and time.monotonic() < deadline, "training never started"
+            time.sleep(0.05)
+        assert read_status(run_dir) == "running" and is_held(run_dir)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "running"  # what the file says
+    assert read_status(run_dir) == "killed" and load_run(run_dir)["status"] == "killed"
