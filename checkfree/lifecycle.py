@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from checkfree.atomic import os_error_behind
+from checkfree.atomic import os_error_behind, signals_to
 from checkfree.plan import Held
 from checkfree.resume import save_state, state_path, truncate_metrics
 from checkfree.rundir import owned
@@ -259,14 +259,8 @@ class Run:
                 return
             raise interrupted(signum)
 
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-        for sig in previous:
-            signal.signal(sig, handler)
-        try:
+        with signals_to(handler):
             yield
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
 
     # --- the summary -------------------------------------------------------------------------------------
 
@@ -313,14 +307,5 @@ class Run:
 def _signals_deferred() -> Iterator[None]:
     """SIGINT/SIGTERM arriving inside the block are noted and dropped: the run is already on its way out
     (writing its last state and summary), and a second signal must not leave them half-written."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # handlers can only be changed from the main thread; other threads never receive them
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in previous:
-        signal.signal(sig, lambda signum, frame: None)
-    try:
+    with signals_to(lambda signum, frame: None):
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
