@@ -75,6 +75,8 @@ class Run:
         """A signal that arrived mid-iteration and waits for the iteration to end."""
         self.model_dir: Path | None = None
         self.failure: BaseException | None = None
+        self.log: RunLog | None = None
+        """metrics.jsonl, summary.json, the progress bar and wandb: the run's, opened once the engine runs."""
 
     def run(self) -> dict:
         """Own the run directory (one run at a time: ``checkfree.rundir``), then train."""
@@ -94,8 +96,8 @@ class Run:
                 truncate_metrics(self.run_dir / "metrics.jsonl", self.resume_state["iteration"])
             else:
                 t.upkeep(t.strategy.setup(t.view()))
-            t.log = RunLog(self.run_dir, self.cfg.to_dict(), self.cfg.logger.wandb, self.cfg.trainer.iterations,
-                           self.cfg.trainer.progress_bar, resume=self.resume_state is not None)
+            self.log = RunLog(self.run_dir, self.cfg.to_dict(), self.cfg.logger.wandb, self.cfg.trainer.iterations,
+                              self.cfg.trainer.progress_bar, resume=self.resume_state is not None)
             self.write_summary()
             with self._stop_between_iterations():
                 self.train()
@@ -115,8 +117,8 @@ class Run:
                 self._export()
                 self.write_summary()
                 try:
-                    if t.log is not None:
-                        t.log.close(exit_code)
+                    if self.log is not None:
+                        self.log.close(exit_code)
                 finally:  # a failed fsync of metrics.jsonl still stops the workers
                     t.engine.close()
         return self.summary()
@@ -128,12 +130,12 @@ class Run:
                       "recoveries": [], "recovery_sim_s": 0.0, "lost_work_sim_s": 0.0, "failure_times_s": [],
                       "lr": t.engine.stage_lrs()}
             t.totals.initial_val_loss = record["val_loss"] = t.evaluate(record)
-            t.log.log(record)
+            self.log.log(record)
             first = 1
         else:
             first = self.resume_state["iteration"] + 1
             self.resume_state = None  # the tensors are in the live objects now; free the copies
-            t.log.bar.update(first - 1)
+            self.log.bar.update(first - 1)
         self.consistent_at = first - 1
         for iteration in range(first, cfg.iterations + 1):
             self._stop_if_asked()
@@ -144,9 +146,9 @@ class Run:
             over_budget = cfg.sim_time_budget_s is not None and t.totals.sim_time_s >= cfg.sim_time_budget_s
             if iteration % cfg.eval_every == 0 or iteration == cfg.iterations or over_budget:
                 record["val_loss"] = t.evaluate(record)
-            t.log.log(record)
+            self.log.log(record)
             self.consistent_at = iteration
-            t.log.progress(record, len(t.totals.failures))
+            self.log.progress(record, len(t.totals.failures))
             if cfg.save_every and iteration % cfg.save_every == 0:
                 self.save_state()
             if over_budget or (cfg.stop_at_target and t.totals.time_to_target_s is not None):
@@ -212,7 +214,7 @@ class Run:
 
     def _save_on_exit(self) -> None:
         """Interrupted or failed between two iterations: keep that state too, so a resume loses nothing."""
-        if not self.cfg.trainer.save_every or self.trainer.log is None or self.status == "completed":
+        if not self.cfg.trainer.save_every or self.log is None or self.status == "completed":
             return
         if getattr(os_error_behind(self.failure), "errno", None) in (errno.ENOSPC, errno.EDQUOT):
             return  # the disk is full: a second attempt would only fail the same way
@@ -224,7 +226,7 @@ class Run:
     def _export(self) -> None:
         """The model the run trained, as a Hugging Face directory (when its state is whole and finite)."""
         t = self.trainer
-        if not self.cfg.trainer.export or t.log is None or self.consistent_at is None or self.status == "error" \
+        if not self.cfg.trainer.export or self.log is None or self.consistent_at is None or self.status == "error" \
                 or t.engine.nonfinite_stages():
             return
         from checkfree.hf_export import export_model
@@ -265,7 +267,7 @@ class Run:
     # --- the summary -------------------------------------------------------------------------------------
 
     def summary(self) -> dict:
-        t, cfg, log = self.trainer.totals, self.cfg, self.trainer.log
+        t, cfg, log = self.trainer.totals, self.cfg, self.log
         by_method: dict[str, int] = {}
         for r in t.recoveries:
             by_method[r["method"]] = by_method.get(r["method"], 0) + 1
@@ -299,8 +301,8 @@ class Run:
         }
 
     def write_summary(self) -> None:
-        if self.trainer.log is not None:
-            self.trainer.log.summary(self.summary())
+        if self.log is not None:
+            self.log.summary(self.summary())
 
 
 @contextlib.contextmanager

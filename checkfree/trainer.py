@@ -33,7 +33,6 @@ from checkfree.plan import Held, RecoveryPlan, RecoveryReport, RunView, Traffic,
 from checkfree.presets import ModelConfig
 from checkfree.recovery import build_strategy
 from checkfree.runconfig import RunConfig
-from checkfree.runlog import RunLog
 from checkfree.schedule import build_schedule
 
 MAX_ATTEMPTS = 5
@@ -91,7 +90,6 @@ class Trainer:
         self.grad_norm_post: list[float] | None = None
         self.held_since: dict[Held, int] = {}
         self.start = time.perf_counter()
-        self.log: RunLog | None = None
         self.carried: dict | None = None
         """The next iteration's record, begun early by a stage lost between two iterations (``between``)."""
 
