@@ -21,24 +21,19 @@ its way out (saving, exporting, writing the summary, closing wandb and the engin
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import math
 import signal
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-
 from checkfree.atomic import os_error_behind, signals_to
-from checkfree.plan import Held
 from checkfree.resume import save_state, state_path, truncate_metrics
 from checkfree.rundir import owned
 from checkfree.runlog import RunLog
-from checkfree.trainer import Totals, Trainer
+from checkfree.trainer import Trainer
 
 DIVERGED_FACTOR = 1.1
 """A run whose final validation loss ends above this factor times its initial one has diverged."""
@@ -170,36 +165,13 @@ class Run:
     # --- resume ----------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Everything the next iteration depends on, at an iteration boundary (see ``save_state``)."""
-        t = self.trainer
-        return {
-            **t.engine.state_dict(), "iteration": self.consistent_at, "config": self.cfg.to_dict(),
-            "wall_time_s": t.wall_time(), "failures": t.failures.state_dict(), "data": t.corpus.train.state_dict(),
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "totals": dataclasses.asdict(t.totals), "progress": t.progress, "grad_norm": t.grad_norm,
-            "grad_norm_post": t.grad_norm_post, "iteration_s": t.clock.iteration_s,
-            "held_since": [((h.kind, h.owner, h.holder), p) for h, p in t.held_since.items()],
-            "resumed_at": list(self.resumed_at), "carried": t.carried,
-        }
+        """Everything the next iteration depends on, at an iteration boundary (see ``save_state``): the
+        trainer's state, and the run's own (where it is, its config, when it was resumed)."""
+        return {**self.trainer.state_dict(), "iteration": self.consistent_at, "config": self.cfg.to_dict(),
+                "resumed_at": list(self.resumed_at)}
 
     def load_state_dict(self, state: dict) -> None:
-        t = self.trainer
-        t.engine.load_state_dict(state)
-        t.failures.load_state_dict(state["failures"])
-        t.corpus.train.load_state_dict(state["data"])
-        torch.set_rng_state(state["rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        t.totals = Totals(**state["totals"])
-        t.iteration_no, t.progress = state["iteration"], state["progress"]
-        t.grad_norm, t.grad_norm_post = state["grad_norm"], state["grad_norm_post"]
-        t.held_since = {Held(*key): p for key, p in state["held_since"]}
-        # Kept, not recomputed: a measured device throughput would give another clock on another machine.
-        t.clock.iteration_s = state["iteration_s"]
-        # Wall time goes on from where the interrupted run stopped, so wall_time_s stays monotone.
-        t.start = time.perf_counter() - state["wall_time_s"]
-        t.carried = state.get("carried")  # absent from states saved before losses between iterations were kept
+        self.trainer.load_state_dict(state)
         self.resumed_at = [*state["resumed_at"], state["iteration"]]
         self.saved_at = state["iteration"]
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -280,6 +280,39 @@ class Trainer:
     def next_batches(self) -> list[torch.Tensor]:
         cfg = self.cfg.trainer
         return [self.corpus.train.next_batch(cfg.micro_batch_size) for _ in range(cfg.micro_batches)]
+
+    # --- resume ----------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """The trainer's part of a resumable state: the engine's stages and held copies, the failure model's
+        draws, the data position, torch's RNG, totals, progress, last gradient norms, the clock's iteration
+        time, when each held copy was refreshed, and a recovery not yet logged."""
+        return {
+            **self.engine.state_dict(), "wall_time_s": self.wall_time(), "failures": self.failures.state_dict(),
+            "data": self.corpus.train.state_dict(), "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "totals": asdict(self.totals), "progress": self.progress, "grad_norm": self.grad_norm,
+            "grad_norm_post": self.grad_norm_post, "iteration_s": self.clock.iteration_s,
+            "held_since": [((h.kind, h.owner, h.holder), p) for h, p in self.held_since.items()],
+            "carried": self.carried,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.engine.load_state_dict(state)
+        self.failures.load_state_dict(state["failures"])
+        self.corpus.train.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.totals = Totals(**state["totals"])
+        self.iteration_no, self.progress = state["iteration"], state["progress"]
+        self.grad_norm, self.grad_norm_post = state["grad_norm"], state["grad_norm_post"]
+        self.held_since = {Held(*key): p for key, p in state["held_since"]}
+        # Kept, not recomputed: a measured device throughput would give another clock on another machine.
+        self.clock.iteration_s = state["iteration_s"]
+        # Wall time goes on from where the interrupted run stopped, so wall_time_s stays monotone.
+        self.start = time.perf_counter() - state["wall_time_s"]
+        self.carried = state.get("carried")  # absent from states saved before losses between iterations were kept
 
     def wall_time(self) -> float:
         return time.perf_counter() - self.start
