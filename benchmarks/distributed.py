@@ -44,9 +44,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from checkfree.compute import causal_lm_loss
+from checkfree.distributed.rendezvous import open_store
 from checkfree.distributed.worker import seeded_stage
-from checkfree.model import ModelConfig
-from checkfree.pipeline import causal_lm_loss
+from checkfree.presets import ModelConfig
 from checkfree.runconfig import load_run_config
 from checkfree.runlog import read_metrics
 from checkfree.train import train
@@ -126,7 +127,7 @@ def torch_pipeline_rank(rank: int, model: ModelConfig, batches: list[torch.Tenso
 
 def run_torch_pipeline(model: ModelConfig, batches: list[torch.Tensor], args: dict) -> list[float]:
     ctx = mp.get_context("spawn")
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+    store = open_store("127.0.0.1", 0, 60.0)  # loopback only, as the process engine's (torch's binds every interface)
     manager = ctx.Manager()
     results = manager.dict()
     procs = [ctx.Process(target=torch_pipeline_rank, args=(r, model, batches, args, store.port, results))

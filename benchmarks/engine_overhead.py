@@ -26,8 +26,10 @@ import time
 
 import torch
 
-from checkfree.model import build_stages, preset
-from checkfree.pipeline import LocalEngine, causal_lm_loss
+from checkfree.compute import causal_lm_loss
+from checkfree.model import build_stages
+from checkfree.pipeline import LocalEngine
+from checkfree.presets import preset
 from checkfree.schedule import InOrder
 
 

@@ -23,8 +23,9 @@ import time
 
 import torch
 
-from checkfree.model import build_stages, param_count, preset
+from checkfree.model import build_stages
 from checkfree.pipeline import LocalEngine
+from checkfree.presets import param_count, preset
 from checkfree.schedule import InOrder, OutOfOrder
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets (no sparsity), FLOP/s.

@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
-    from checkfree.model import preset
+    from checkfree.presets import preset
 
     n_stages = preset(args.preset).n_stages
     k = n_stages // 2 if args.stage is None else args.stage

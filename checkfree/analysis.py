@@ -34,7 +34,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from checkfree.runlog import read_metrics
+from checkfree.config import finite
+from checkfree.rundir import reported_status
+from checkfree.runlog import SkippedLines, read_metrics
 
 # Table/plot order: the method under study first, then baselines, ablations, and the failure-free run.
 STRATEGY_ORDER = ["checkfree", "checkfree_plus", "checkpoint", "redundant", "copy", "uniform", "random",
@@ -105,8 +107,8 @@ def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+def _finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and finite(x)
 
 
 def _float(x: Any) -> float:
@@ -129,20 +131,20 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     failure_times: list[float] = []
     for rec in records:
         t = rec.get("sim_time_s")
-        if not _finite(t):
+        if not _finite_number(t):
             continue
-        if _finite(rec.get("val_loss")):
+        if _finite_number(rec.get("val_loss")):
             curve.append((float(t), float(rec["val_loss"])))
         # One entry per lost stage, stamped with the end of the iteration it was lost in.
         failure_times.extend(float(t) for _ in rec.get("failed_stages") or [])
-    if _finite(summary.get("initial_val_loss")) and not any(t == 0.0 for t, _ in curve):
+    if _finite_number(summary.get("initial_val_loss")) and not any(t == 0.0 for t, _ in curve):
         curve.insert(0, (0.0, float(summary["initial_val_loss"])))  # evaluated before iteration 1
     last = records[-1] if records else {}
     recoveries = [r for rec in records for r in rec.get("recoveries") or [] if isinstance(r, dict)]
 
     # The trainer logs the initial evaluation as iteration 0: a run with nothing after it never trained.
     missing = not any(_float(rec.get("iteration", 1)) > 0 for rec in records)
-    status = summary.get("status") or ("missing" if missing else "incomplete")
+    status = reported_status(run_dir, summary.get("status")) or ("missing" if missing else "incomplete")
     target = _first(summary.get("target_loss"), _get(cfg, "trainer.target_loss"))
     return {
         "run_dir": str(run_dir),
@@ -175,7 +177,7 @@ def load_runs(paths: Sequence[str | Path]) -> pd.DataFrame:
     """One row per run directory found under ``paths``.
 
     Columns: run_dir, strategy, failure, hourly_rate, seed, status ("completed", "error", "interrupted",
-    "running"; "incomplete" without summary.json; "missing" without any metrics), missing (no training
+    "running"; "killed" for a summary that says running in a directory no process holds; "incomplete" without summary.json; "missing" without any metrics), missing (no training
     iteration logged: a missing point), incomplete (status is not "completed"),
     error, iterations, n_failures, n_recoveries, lost_iterations, final_val_loss, time_to_target_s (as the
     trainer computed it), target_loss, total_sim_time_s, curve (list of (sim_time_s, val_loss)) and
@@ -210,7 +212,7 @@ def resolve_target(df: pd.DataFrame, target: float | None = None) -> tuple[float
     """
     if target is not None:
         return float(target), f"target loss {target:g} (given explicitly)"
-    configured = sorted({float(t) for t in df["target_loss"] if _finite(t)})
+    configured = sorted({float(t) for t in df["target_loss"] if _finite_number(t)})
     if configured:
         note = " (the largest of the configured targets " + ", ".join(f"{t:g}" for t in configured) + ")"
         return configured[-1], f"target loss {configured[-1]:g} from trainer.target_loss" + (
@@ -445,18 +447,43 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, target: float | None = N
     return paths
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad argument as one sentence on stderr (exit 2), not a usage block followed by the error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see --help.\n")
+
+
+def _loss(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: allowed is a validation loss, a number > 0")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 for a bad directory)."""
-    parser = argparse.ArgumentParser(prog="python -m checkfree.analysis", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="python -m checkfree.analysis", description=__doc__.split("\n")[0])
     parser.add_argument("dirs", nargs="+", type=Path, help="run or sweep directories (searched recursively)")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: DIR/analysis)")
-    parser.add_argument("--target", type=float, default=None, help="target validation loss")
+    parser.add_argument("--target", type=_loss, default=None, help="target validation loss")
     args = parser.parse_args(argv)
     bad = [str(d) for d in args.dirs if not d.is_dir()]
     if bad:
         print(f"error: not a directory: {', '.join(bad)}", file=sys.stderr)
         return 2
-    df = load_runs(args.dirs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SkippedLines)
+        df = load_runs(args.dirs)
+    skipped = [w.message for w in caught if isinstance(w.message, SkippedLines)]
+    for other in (w for w in caught if not isinstance(w.message, SkippedLines)):
+        warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
+    if skipped:  # torn last lines of killed runs: one line for all of them
+        print(f"note: skipped {sum(w.count for w in skipped)} unparsable metrics line(s) in {len(skipped)} run(s) "
+              f"(first: {skipped[0].first})", file=sys.stderr)
     if df.empty:
         print(f"error: no run directories (metrics.jsonl, summary.json or .hydra/config.yaml) under "
               f"{', '.join(map(str, args.dirs))}", file=sys.stderr)

@@ -59,21 +59,33 @@ def write_error(exc: BaseException, path: Path | str) -> WriteError | None:
 
 
 @contextlib.contextmanager
-def signals_held() -> Iterator[None]:
-    """Record SIGINT/SIGTERM inside the block; deliver the first one to the previous handler after it."""
+def signals_to(handler: Callable[[int, Any], None]) -> Iterator[dict | None]:
+    """SIGINT and SIGTERM go to ``handler`` inside the block, and the handlers before it come back after it,
+    however the block ends; yields those previous handlers. Outside the main thread, where handlers can be
+    neither set nor run, nothing changes and it yields None."""
     if threading.current_thread() is not threading.main_thread():
-        yield  # handlers can only be changed (and only run) in the main thread
+        yield None
         return
-    caught: list[int] = []
     previous = {sig: signal.getsignal(sig) for sig in HELD_SIGNALS}
     for sig in HELD_SIGNALS:
-        signal.signal(sig, lambda signum, frame: caught.append(signum))
+        signal.signal(sig, handler)
     try:
-        yield
+        yield previous
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if caught:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Record SIGINT/SIGTERM inside the block; deliver the first one to the previous handler after it."""
+    caught: list[int] = []
+    previous = None
+    try:
+        with signals_to(lambda signum, frame: caught.append(signum)) as previous:
+            yield
+    finally:
+        if caught and previous is not None:
             handler = previous[caught[0]]
             if callable(handler):
                 handler(caught[0], None)

@@ -1,14 +1,13 @@
-"""The tensor math of CheckFree: weighted averages of neighbouring stages' weights.
+"""The tensor math of CheckFree: a weighted average of neighbouring stages' weights.
 
-Functions of tensors and floats only, checked against hand-computed values in the tests. The scalar rules
-that decide the coefficients (``checkfree.recovery.rules``) live apart, so strategies stay free of tensors.
+A function of tensors and floats only, checked against hand-computed values in the tests. The scalar rules
+that decide the coefficients (``checkfree.recovery.rules``) live apart and are never imported here: a
+strategy decides the coefficients, an engine computes with them (``StageCompute.apply``).
 """
 
 from __future__ import annotations
 
 import torch
-
-from checkfree.recovery.rules import interpolation_weights, norm_weight
 
 State = dict[str, torch.Tensor]
 
@@ -30,23 +29,3 @@ def weighted_state(states: list[State], weights: list[float]) -> State:
             acc.add_(state[key].float(), alpha=w / total)
         out[key] = acc.to(states[0][key].dtype)
     return out
-
-
-def neighbour_average(
-    prev_state: State, next_state: State, prev_norm: float, next_norm: float, eps: float = 1e-4
-) -> State:
-    """CheckFree: W_i = (a * W_{i+1} + b * W_{i-1}) / (a + b), a = |g_{i+1}| + eps, b = |g_{i-1}| + eps.
-
-    Each neighbour is weighted by its *own* gradient norm (as in the reference code).
-    """
-    return weighted_state([prev_state, next_state], [prev_norm + eps, next_norm + eps])
-
-
-def interpolate(
-    left_state: State, right_state: State, left: int, right: int, k: int,
-    left_norm: float, right_norm: float, power: float = 1.0, eps: float = 1e-4,
-) -> State:
-    """Fill lost stage ``k`` between ``left`` and ``right`` (docs/design.md, 'Several lost stages at once')."""
-    cl, cr = interpolation_weights(left, right, k, norm_weight(left_norm, power, eps),
-                                   norm_weight(right_norm, power, eps))
-    return weighted_state([left_state, right_state], [cl, cr])

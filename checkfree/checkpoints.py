@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from checkfree.atomic import signals_held, write_error
+from checkfree.config import first_line
 
 META = "meta.pt"
 
@@ -70,14 +71,23 @@ def load_file(path: Path, digest: str | None = None, map_location: Any = "cpu") 
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, foreign pickle: name the file, never a pickle traceback
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = first_line(exc, limit=200) or type(exc).__name__
         raise DamagedCheckpoint(path, f"{type(exc).__name__}: {first}") from None
+
+
+def nbytes(state: Any) -> int:
+    """Bytes of every tensor in a (nested) state: a shard, a held copy, a rebuild's sources."""
+    if torch.is_tensor(state):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(nbytes(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(nbytes(v) for v in state)
+    return 0
 
 
 def shard_bytes(shard: dict[str, Any]) -> int:
     """Tensor bytes of a shard: fp32 weights + Adam moments + step counts."""
-    from checkfree.compute import nbytes
-
     return nbytes(shard["weights"]) + nbytes(shard["optimizer"]["state"])
 
 

@@ -6,7 +6,7 @@
   overheads. With ``trainer.clock_preset`` (e.g. ``llama_500m``) every iteration is priced as that model
   would cost, and bytes scale from the trained model's stages to the preset's.
 * ``fixed`` — ``failure.iteration_seconds`` per iteration (recoveries and upkeep still from the cost model).
-* ``paper_table2`` — the paper's own measured prices (its Table 2, arXiv 2506.15461v2): seconds per iteration of
+* ``paper_table2`` — the paper's own measured prices (its Table 2, arXiv 2506.15461v2; ``checkfree.paper_table2``): seconds per iteration of
   its 500M model for each strategy at 5 / 10 / 16 %/h, a recovery of about 30 s, checkpoint saves and
   replica refreshes included in the iteration time. Each CPU iteration stands for ``10,000 / T`` paper
   iterations (``T = trainer.paper_T``, the calibrated no-failure iterations to target; the paper's is
@@ -20,29 +20,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from checkfree import paper_table2
 from checkfree.cost import CostModel, StepOverhead, measure_flops
-from checkfree.model import ModelConfig, preset, stage_param_counts
 from checkfree.plan import RecoveryReport, Traffic
+from checkfree.presets import ModelConfig, preset, stage_param_counts
 from checkfree.recovery import RecoveryStrategy
 from checkfree.runconfig import RunConfig
-
-TABLE2_RATES = (0.05, 0.10, 0.16)
-TABLE2_ITERATION_S = {
-    "checkpointing": (91.35, 91.35, 92.14),
-    "redundant": (151.04, 151.04, 151.04),
-    "checkfree": (91.32, 91.32, 92.12),  # CheckFree and CheckFree+ alike: swapping adds no time
-}
-"""Seconds per iteration at each of TABLE2_RATES, as measured by the paper on its geo-distributed testbed."""
-PAPER_T = 10_000
-"""Iterations the paper's no-failure 500M run needs to reach its target (validation loss 2.85)."""
-PAPER_RECOVERY_S = 30.0
-"""A stage recovery on the paper's testbed: about 30 s (the paper, v2)."""
-
-
-def table2_iteration_seconds(column: str, hourly_rate: float) -> float:
-    """The paper's iteration time of ``column`` at the Table 2 rate nearest to ``hourly_rate``."""
-    nearest = min(range(len(TABLE2_RATES)), key=lambda i: abs(TABLE2_RATES[i] - hourly_rate))
-    return TABLE2_ITERATION_S[column][nearest]
 
 
 def priced_as(paper: ModelConfig, n_stages: int) -> ModelConfig:
@@ -67,11 +50,11 @@ class Clock:
         self.cost = CostModel(priced, cfg.trainer.micro_batches, micro_batch_size, cfg.network, flops_per_s=flops,
                               replicas=cfg.engine.replicas)
         self.paper = cfg.trainer.clock == "paper_table2"
-        self.incident_s = PAPER_RECOVERY_S if self.paper else cfg.network.replacement_delay_s
+        self.incident_s = paper_table2.RECOVERY_S if self.paper else cfg.network.replacement_delay_s
         """Losses closer together than this (a recovery's time) strike the pipeline together."""
         if self.paper:
-            self.sub_iteration_s = table2_iteration_seconds(strategy.table2_column, cfg.failure.hourly_rate)
-            self.iteration_s = PAPER_T / cfg.trainer.paper_T * self.sub_iteration_s
+            self.sub_iteration_s = paper_table2.iteration_seconds(strategy.table2_column, cfg.failure.hourly_rate)
+            self.iteration_s = paper_table2.PAPER_T / cfg.trainer.paper_T * self.sub_iteration_s
         elif cfg.trainer.clock == "fixed":
             self.iteration_s = self.sub_iteration_s = cfg.failure.iteration_seconds
         else:
@@ -85,7 +68,7 @@ class Clock:
         """Replacement delay + the bytes the replacement receives. A rollback downloads every stage's shard in
         parallel, so the largest shard bounds its time."""
         if self.paper:
-            return PAPER_RECOVERY_S
+            return paper_table2.RECOVERY_S
         n_bytes = report.details.get("largest_shard_bytes", report.bytes_moved) if report.from_storage \
             else report.bytes_moved
         n_bytes = int(n_bytes * self.byte_scale[report.stage])

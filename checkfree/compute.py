@@ -101,17 +101,6 @@ class StepResult:
         return math.isfinite(self.loss) and all(math.isfinite(n) for n in self.grad_norm)
 
 
-def nbytes(state: State) -> int:
-    """Bytes of every tensor in a (nested) state."""
-    if torch.is_tensor(state):
-        return state.numel() * state.element_size()
-    if isinstance(state, dict):
-        return sum(nbytes(v) for v in state.values())
-    if isinstance(state, list | tuple):
-        return sum(nbytes(v) for v in state)
-    return 0
-
-
 @torch.no_grad()
 def refresh_into(held: State | None, live: State) -> State:
     """A copy of ``live`` that reuses ``held``'s tensors where shapes match (one memcpy each, no allocation:
@@ -214,10 +203,6 @@ class StageCompute:
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
 
     def reset_optimizer(self, lr: float) -> None:
         """A new node starts with an empty optimizer state (Adam moments, step count)."""

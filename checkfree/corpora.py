@@ -1,7 +1,7 @@
 """The corpora a run can train on, and their configuration (``DataConfig``), checked without reading them.
 
 Torch-free on purpose: ``load_run_config`` validates a config without importing torch, transformers or
-datasets. ``checkfree.data`` loads, tokenizes and packs the corpus, and re-exports everything here.
+datasets. ``checkfree.data`` loads, tokenizes and packs the corpus; what is defined here is imported from here.
 """
 
 from __future__ import annotations

@@ -290,7 +290,8 @@ def stage_link(cfg: NetworkConfig, a: int, b: int) -> Link:
 
 @dataclass(frozen=True)
 class StepOverhead:
-    """Time-costing work a strategy did after a step (strategies fill it, the cost model prices it)."""
+    """Time-costing upkeep after a step: the clock fills it from the engine's ``Traffic`` (scaled to the priced
+    model), the cost model prices it."""
 
     storage_upload_bytes: int = 0
     """Checkpoint upload: the largest stage's shard; stages upload their own shards in parallel."""

@@ -30,8 +30,7 @@ import torch
 
 from checkfree import debian_corpora, stories
 from checkfree.config import ConfigError, require
-from checkfree.corpora import (  # torch-free, so a config is validated without torch; re-exported here
-    CORPORA,
+from checkfree.corpora import (  # torch-free, so a config is validated without torch
     FILE_SUFFIXES,
     HUB_IDS,
     SAVED_DATASET_FILES,
@@ -47,8 +46,8 @@ from checkfree.stories import generate_stories
 if TYPE_CHECKING:  # transformers is imported where it is used: validating a config must stay cheap
     from transformers import PreTrainedTokenizerFast
 
-__all__ = ["DataConfig", "validate_data_config", "TokenBatches", "Corpus", "load_corpus", "generate_stories",
-           "load_documents", "split_documents", "load_tokenizer", "pack_documents", "CORPORA", "EOS", "PAD"]
+__all__ = ["TokenBatches", "Corpus", "load_corpus", "load_documents", "split_documents", "load_tokenizer",
+           "pack_documents", "EOS", "PAD"]
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 _TOKENIZE_CHUNK = 2048  # documents per tokenizer call: keeps the intermediate Python id lists small
@@ -191,7 +190,9 @@ def _root_cause(exc: BaseException) -> str:
     """The innermost cause's message: datasets wraps parse errors in a generic 'error occurred'."""
     while exc.__cause__ is not None:
         exc = exc.__cause__
-    return f"{type(exc).__name__}: {exc}"
+    # One line, however many the library wrote (transformers lists its tokenizer loaders on five).
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:400]}{'...' if len(text) > 400 else ''}"
 
 
 def _hf_cache(cfg: DataConfig) -> str:

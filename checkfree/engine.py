@@ -56,7 +56,9 @@ class Engine(Protocol):
         """Stop everything the engine started (however the run ended)."""
 
     def train_step(self, batches: list[torch.Tensor], schedule: Schedule, skip_nonfinite: bool = True) -> StepResult:
-        """One optimizer step over ``batches`` (M micro-batches); may raise ``StagesLost``."""
+        """One optimizer step over ``batches`` (M micro-batches); may raise ``StagesLost``. With
+        ``skip_nonfinite`` (what the trainer always passes; ``LocalEngine``'s own default is False) no stage
+        steps when the loss or a gradient norm is non-finite."""
 
     def evaluate(self, sequences: torch.Tensor, batch_size: int) -> float:
         """Mean token cross-entropy, in order, no gradients; may raise ``StagesLost``."""
@@ -64,8 +66,9 @@ class Engine(Protocol):
     def sequence_losses(self, sequences: torch.Tensor, batch_size: int) -> list[float]:
         """Each sequence's mean token cross-entropy, in order (the validation loss's standard error)."""
 
-    def lose(self, stages: list[int]) -> float | None:
-        """The failure model lost ``stages``: their state is gone (processes exit). Returns detection seconds."""
+    def lose(self, stages: list[int]) -> None:
+        """The failure model lost ``stages``: their state is gone (processes exit). Returns nothing: the process
+        engine keeps the seconds until it saw them gone for the next recovery's report."""
 
     def execute(self, plan: RecoveryPlan, progress: int) -> Outcome:
         """Carry out a recovery plan; may raise ``StagesLost`` (a cascade: lost while recovering)."""

@@ -14,30 +14,26 @@ iteration and appended to, ``summary.json`` is rewritten, checkpoints stay where
 the same, record for record and weight for weight, as a run that never stopped.
 
 Signals: with ``save_every`` > 0, a SIGINT/SIGTERM arriving mid-iteration lets that iteration finish, so
-the state saved on the way out is the one at the signal; a second signal stops at once.
+the state saved on the way out is the one at the signal; a second signal stops at once. Once the run is on
+its way out (saving, exporting, writing the summary, closing wandb and the engine), signals are dropped.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import math
 import signal
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-
-from checkfree.atomic import os_error_behind
-from checkfree.plan import Held
+from checkfree.atomic import os_error_behind, signals_to
 from checkfree.resume import save_state, state_path, truncate_metrics
 from checkfree.rundir import owned
 from checkfree.runlog import RunLog
-from checkfree.trainer import Totals, Trainer
+from checkfree.trainer import Trainer
 
 DIVERGED_FACTOR = 1.1
 """A run whose final validation loss ends above this factor times its initial one has diverged."""
@@ -74,6 +70,8 @@ class Run:
         """A signal that arrived mid-iteration and waits for the iteration to end."""
         self.model_dir: Path | None = None
         self.failure: BaseException | None = None
+        self.log: RunLog | None = None
+        """metrics.jsonl, summary.json, the progress bar and wandb: the run's, opened once the engine runs."""
 
     def run(self) -> dict:
         """Own the run directory (one run at a time: ``checkfree.rundir``), then train."""
@@ -86,12 +84,15 @@ class Run:
         try:
             t.engine.start(self.run_dir, fresh=self.resume_state is None)
             if self.resume_state is not None:
+                from checkfree.export_paths import clear_stale_exports
+
+                clear_stale_exports(self.run_dir / "model")  # the killed run's half-written export, if any
                 self.load_state_dict(self.resume_state)
                 truncate_metrics(self.run_dir / "metrics.jsonl", self.resume_state["iteration"])
             else:
                 t.upkeep(t.strategy.setup(t.view()))
-            t.log = RunLog(self.run_dir, self.cfg.to_dict(), self.cfg.logger.wandb, self.cfg.trainer.iterations,
-                           self.cfg.trainer.progress_bar, resume=self.resume_state is not None)
+            self.log = RunLog(self.run_dir, self.cfg.to_dict(), self.cfg.logger.wandb, self.cfg.trainer.iterations,
+                              self.cfg.trainer.progress_bar, resume=self.resume_state is not None)
             self.write_summary()
             with self._stop_between_iterations():
                 self.train()
@@ -104,14 +105,17 @@ class Run:
             self.status, self.error, self.failure = "error", f"{type(exc).__name__}: {exc}", exc
             raise
         finally:
-            # A second Ctrl-C (or SIGTERM) must not cut the last state, model or summary short.
+            # A second Ctrl-C (or SIGTERM) must not cut the last state, model or summary short, nor wandb's
+            # finish or the stop of the workers (a KeyboardInterrupt in there left them running).
             with _signals_deferred():
                 self._save_on_exit()
                 self._export()
                 self.write_summary()
-            if t.log is not None:
-                t.log.close(exit_code)
-            t.engine.close()
+                try:
+                    if self.log is not None:
+                        self.log.close(exit_code)
+                finally:  # a failed fsync of metrics.jsonl still stops the workers
+                    t.engine.close()
         return self.summary()
 
     def train(self) -> None:
@@ -121,12 +125,12 @@ class Run:
                       "recoveries": [], "recovery_sim_s": 0.0, "lost_work_sim_s": 0.0, "failure_times_s": [],
                       "lr": t.engine.stage_lrs()}
             t.totals.initial_val_loss = record["val_loss"] = t.evaluate(record)
-            t.log.log(record)
+            self.log.log(record)
             first = 1
         else:
             first = self.resume_state["iteration"] + 1
             self.resume_state = None  # the tensors are in the live objects now; free the copies
-            t.log.bar.update(first - 1)
+            self.log.bar.update(first - 1)
         self.consistent_at = first - 1
         for iteration in range(first, cfg.iterations + 1):
             self._stop_if_asked()
@@ -137,9 +141,9 @@ class Run:
             over_budget = cfg.sim_time_budget_s is not None and t.totals.sim_time_s >= cfg.sim_time_budget_s
             if iteration % cfg.eval_every == 0 or iteration == cfg.iterations or over_budget:
                 record["val_loss"] = t.evaluate(record)
-            t.log.log(record)
+            self.log.log(record)
             self.consistent_at = iteration
-            t.log.progress(record, len(t.totals.failures))
+            self.log.progress(record, len(t.totals.failures))
             if cfg.save_every and iteration % cfg.save_every == 0:
                 self.save_state()
             if over_budget or (cfg.stop_at_target and t.totals.time_to_target_s is not None):
@@ -161,35 +165,13 @@ class Run:
     # --- resume ----------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Everything the next iteration depends on, at an iteration boundary (see ``save_state``)."""
-        t = self.trainer
-        return {
-            **t.engine.state_dict(), "iteration": self.consistent_at, "config": self.cfg.to_dict(),
-            "wall_time_s": t.wall_time(), "failures": t.failures.state_dict(), "data": t.corpus.train.state_dict(),
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "totals": dataclasses.asdict(t.totals), "progress": t.progress, "grad_norm": t.grad_norm,
-            "grad_norm_post": t.grad_norm_post, "iteration_s": t.clock.iteration_s,
-            "held_since": [((h.kind, h.owner, h.holder), p) for h, p in t.held_since.items()],
-            "resumed_at": list(self.resumed_at),
-        }
+        """Everything the next iteration depends on, at an iteration boundary (see ``save_state``): the
+        trainer's state, and the run's own (where it is, its config, when it was resumed)."""
+        return {**self.trainer.state_dict(), "iteration": self.consistent_at, "config": self.cfg.to_dict(),
+                "resumed_at": list(self.resumed_at)}
 
     def load_state_dict(self, state: dict) -> None:
-        t = self.trainer
-        t.engine.load_state_dict(state)
-        t.failures.load_state_dict(state["failures"])
-        t.corpus.train.load_state_dict(state["data"])
-        torch.set_rng_state(state["rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        t.totals = Totals(**state["totals"])
-        t.iteration_no, t.progress = state["iteration"], state["progress"]
-        t.grad_norm, t.grad_norm_post = state["grad_norm"], state["grad_norm_post"]
-        t.held_since = {Held(*key): p for key, p in state["held_since"]}
-        # Kept, not recomputed: a measured device throughput would give another clock on another machine.
-        t.clock.iteration_s = state["iteration_s"]
-        # Wall time goes on from where the interrupted run stopped, so wall_time_s stays monotone.
-        t.start = time.perf_counter() - state["wall_time_s"]
+        self.trainer.load_state_dict(state)
         self.resumed_at = [*state["resumed_at"], state["iteration"]]
         self.saved_at = state["iteration"]
 
@@ -197,12 +179,14 @@ class Run:
         """Write the resumable state, if the run is at an iteration boundary (never a mid-iteration one)."""
         if self.consistent_at is None or self.consistent_at == self.saved_at:
             return
-        save_state(self.run_dir, self.state_dict())
+        # A stage lost while the state is gathered is recovered and the gathering redone (``Trainer.between``);
+        # the file is replaced only once the whole state is in hand, so the previous save stays whole meanwhile.
+        save_state(self.run_dir, self.trainer.between(self.state_dict))
         self.saved_at = self.consistent_at
 
     def _save_on_exit(self) -> None:
         """Interrupted or failed between two iterations: keep that state too, so a resume loses nothing."""
-        if not self.cfg.trainer.save_every or self.trainer.log is None or self.status == "completed":
+        if not self.cfg.trainer.save_every or self.log is None or self.status == "completed":
             return
         if getattr(os_error_behind(self.failure), "errno", None) in (errno.ENOSPC, errno.EDQUOT):
             return  # the disk is full: a second attempt would only fail the same way
@@ -214,13 +198,14 @@ class Run:
     def _export(self) -> None:
         """The model the run trained, as a Hugging Face directory (when its state is whole and finite)."""
         t = self.trainer
-        if not self.cfg.trainer.export or t.log is None or self.consistent_at is None or self.status == "error" \
+        if not self.cfg.trainer.export or self.log is None or self.consistent_at is None or self.status == "error" \
                 or t.engine.nonfinite_stages():
             return
-        from checkfree.export import export_model
+        from checkfree.hf_export import export_model
 
         try:
-            self.model_dir = export_model(t.engine.stage_states(), t.model, t.corpus.tokenizer, self.run_dir / "model")
+            self.model_dir = export_model(t.between(t.engine.stage_states), t.model, t.corpus.tokenizer,
+                                         self.run_dir / "model")
         except Exception as exc:  # never hide how the run itself ended; say this in the summary
             self.warnings.append(f"the model could not be exported ({type(exc).__name__}: {exc})")
 
@@ -248,19 +233,13 @@ class Run:
                 return
             raise interrupted(signum)
 
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-        for sig in previous:
-            signal.signal(sig, handler)
-        try:
+        with signals_to(handler):
             yield
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
 
     # --- the summary -------------------------------------------------------------------------------------
 
     def summary(self) -> dict:
-        t, cfg = self.trainer.totals, self.cfg
+        t, cfg, log = self.trainer.totals, self.cfg, self.log
         by_method: dict[str, int] = {}
         for r in t.recoveries:
             by_method[r["method"]] = by_method.get(r["method"], 0) + 1
@@ -288,26 +267,19 @@ class Run:
             "resume_state": str(state_path(self.run_dir)) if self.saved_at is not None else None,
             "resumed_at_iterations": self.resumed_at,
             "model_dir": str(self.model_dir) if self.model_dir is not None else None,
+            "wandb_dir": str(log.wandb_dir) if log is not None and log.wandb_dir is not None else None,
+            "wandb_url": log.wandb_url if log is not None else None,
             "config": cfg.to_dict(),
         }
 
     def write_summary(self) -> None:
-        if self.trainer.log is not None:
-            self.trainer.log.summary(self.summary())
+        if self.log is not None:
+            self.log.summary(self.summary())
 
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
     """SIGINT/SIGTERM arriving inside the block are noted and dropped: the run is already on its way out
     (writing its last state and summary), and a second signal must not leave them half-written."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # handlers can only be changed from the main thread; other threads never receive them
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in previous:
-        signal.signal(sig, lambda signum, frame: None)
-    try:
+    with signals_to(lambda signum, frame: None):
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

@@ -4,7 +4,8 @@
 A model of ``n_stages * layers_per_stage`` decoder blocks is cut into contiguous stages. Stage 0 also
 owns the token embedding, stage S-1 the final RMSNorm and the LM head ("de-embedding"). Chained in
 order, the stages compute exactly what the unsplit ``LlamaForCausalLM`` with the same weights computes
-(see ``load_causal_lm_weights`` and tests/test_model.py).
+(see ``load_causal_lm_weights`` and tests/test_model.py, which chains them through the local engine's
+``LocalEngine.logits``, the path training runs).
 
 Each stage exposes three pieces so that out-of-order schedules can run bodies in any order while the
 embedding still runs first and the head last: ``embed`` (stage 0), ``body`` (every stage), ``head``
@@ -21,12 +22,9 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
 )
 
-# The shape and the presets live in a torch-free module (a config is validated without torch); re-exported
-# here, where code has always imported them from.
-from checkfree.presets import PRESETS, ModelConfig, param_count, preset, stage_param_counts
+from checkfree.presets import ModelConfig
 
-__all__ = ["ModelConfig", "PRESETS", "preset", "param_count", "stage_param_counts", "Stage", "build_stages",
-           "hf_key_to_stage", "stage_to_hf_key", "load_causal_lm_weights", "forward_logits"]
+__all__ = ["Stage", "build_stages", "hf_key_to_stage", "stage_to_hf_key", "load_causal_lm_weights"]
 
 BODY_PREFIX = "layers."
 EMBED_KEYS = ("embed_tokens.weight",)
@@ -156,11 +154,3 @@ def load_causal_lm_weights(stages: list[Stage], state: dict[str, torch.Tensor], 
     for stage, sd in zip(stages, per_stage):
         stage.load_state_dict(sd, strict=False)
 
-
-def forward_logits(stages: list[Stage], input_ids: torch.Tensor, order: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Run the whole pipeline in one process: embedding, bodies in ``order``, head."""
-    order = order if order is not None else tuple(range(len(stages)))
-    hidden = stages[0].embed(input_ids)
-    for index in order:
-        hidden = stages[index].body(hidden)
-    return stages[-1].head(hidden)

@@ -19,19 +19,12 @@ from typing import Any
 
 import torch
 
-from checkfree.checkpoints import CheckpointStore
-from checkfree.compute import (
-    StageCompute,
-    StepResult,
-    causal_lm_loss,
-    nbytes,
-    per_sequence_loss,
-    refresh_into,
-)
+from checkfree.checkpoints import CheckpointStore, nbytes
+from checkfree.compute import StageCompute, StepResult, causal_lm_loss, per_sequence_loss, refresh_into
 from checkfree.engine import Outcome
 from checkfree.model import Stage
 from checkfree.plan import REPLICA, Held, RecoveryPlan, Traffic, Upkeep, rebuild_report, rollback_reports
-from checkfree.routes import EMBED, HEAD, route
+from checkfree.routes import blame, route
 from checkfree.schedule import Schedule
 
 
@@ -89,7 +82,7 @@ class LocalEngine:
         for order, group in self._groups(micro_batches, schedule):
             batch = (group[0] if len(group) == 1 else torch.cat(group)).to(self.device, non_blocking=True)
             inputs, targets = batch[:, :-1], batch[:, 1:]
-            loss = causal_lm_loss(self._forward(inputs, order), targets)
+            loss = causal_lm_loss(self.logits(inputs, order), targets)
             StageCompute.backward_loss(loss, n, fused=len(group))
             losses.append((loss.detach(), len(group)))
             tokens += targets.numel()
@@ -117,8 +110,9 @@ class LocalEngine:
             groups.setdefault(schedule.order(m), []).append(batch)
         return list(groups.items())
 
-    def _forward(self, input_ids: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
-        """Logits for ``input_ids``: the route's visits chained in this process."""
+    def logits(self, input_ids: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+        """Logits for ``input_ids``: the route's visits chained in this process (what training, validation and
+        the tests that compare the split model with the unsplit one all run)."""
         h = input_ids
         for visit in route(order, self.n_stages):
             h = self.computes[visit.stage].forward(visit.ops, h)
@@ -133,7 +127,7 @@ class LocalEngine:
         total, count = 0.0, 0
         for start in range(0, sequences.shape[0], batch_size):
             batch = sequences[start: start + batch_size].to(self.device)
-            total += causal_lm_loss(self._forward(batch[:, :-1], order), batch[:, 1:]).item() * batch.shape[0]
+            total += causal_lm_loss(self.logits(batch[:, :-1], order), batch[:, 1:]).item() * batch.shape[0]
             count += batch.shape[0]
         return total / count
 
@@ -145,7 +139,7 @@ class LocalEngine:
         order, out = tuple(range(self.n_stages)), []
         for start in range(0, sequences.shape[0], batch_size):
             batch = sequences[start: start + batch_size].to(self.device)
-            out += per_sequence_loss(self._forward(batch[:, :-1], order), batch[:, 1:]).tolist()
+            out += per_sequence_loss(self.logits(batch[:, :-1], order), batch[:, 1:]).tolist()
         return out
 
     # --- what the trainer reads ----------------------------------------------------------------------
@@ -258,9 +252,4 @@ class LocalEngine:
             self.store.load_state_dict(state["checkpoints"])
 
 
-def blame(op: str, stage: int, n_stages: int) -> int:
-    """The stage an op's output is charged to: the embedding is stage 0's, the head stage S-1's."""
-    return 0 if op == EMBED else n_stages - 1 if op == HEAD else stage
-
-
-__all__ = ["LocalEngine", "StepResult", "causal_lm_loss", "blame"]
+__all__ = ["LocalEngine"]

@@ -30,12 +30,18 @@ from omegaconf.errors import OmegaConfBaseException
 
 from checkfree.config import ConfigError, EngineConfig, require
 from checkfree.corpora import check_data_files
+from checkfree.hub import check_tokenizer
 from checkfree.presets import param_count
+from checkfree.recovery import check_strategy_overrides
 from checkfree.resume import check_saved_state
 from checkfree.runconfig import RunConfig, load_run_config
 from checkfree.rundir import check_creatable, check_free, refuse_saved_state
+from checkfree.runlog import RESERVE_BYTES
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+START_BYTES = 1024 * 1024
+"""Free space a run needs before it starts (the summary's reserve included); checkpoints need more later, and
+a full disk then is survived (``checkfree.atomic``)."""
 SWEEP_POINTS_CHECKED = 16
 """A sweep of more points is never refused up front (each point costs a compose, ~0.1 s): its jobs refuse
 their own bad points."""
@@ -75,8 +81,8 @@ def check_command_line(args: list[str]) -> Checked | None:
             _check_sweep(overrides)
             return Checked(None, ())
         cfg = _compose(overrides)
-        run = _validate(cfg)
-        run_dir = check_run_dir(str(cfg.hydra.run.dir), run)
+        run = _validate(cfg, overrides)
+        run_dir = check_run_dir(_resumed_dir(run, overrides) or str(cfg.hydra.run.dir), run)
     created = [p for p in (run_dir.absolute(), *run_dir.absolute().parents) if not p.exists()]
     return Checked(run_dir, tuple(reversed(created)))
 
@@ -92,6 +98,19 @@ def _check_keys(overrides: list[str]) -> None:
                               "override grammar).")
 
 
+def _resumed_dir(run: RunConfig, overrides: list[str]) -> str | None:
+    """A resumed run goes on in its own directory, and Hydra's files go there too: a different
+    hydra.run.dir would get a .hydra/ and a log of a run that never writes there, so it is refused."""
+    if run.trainer.resume is None:
+        return None
+    given = [o.split("=", 1)[1].strip("'\"") for o in overrides if o.lstrip("+").startswith("hydra.run.dir=")]
+    if given and not _same(Path(given[-1]), Path(run.trainer.resume)):
+        raise ConfigError(f"hydra.run.dir={given[-1]!r} is invalid with trainer.resume={run.trainer.resume!r}: a "
+                          f"resumed run goes on in its own directory; drop hydra.run.dir or set it to "
+                          f"{run.trainer.resume}.")
+    return run.trainer.resume
+
+
 def check_run_dir(value: str, run: RunConfig) -> Path:
     """The single run's directory (``hydra.run.dir``, resolved): creatable, free, and not the home of another
     run's resumable state (unless this run resumes it there)."""
@@ -101,7 +120,24 @@ def check_run_dir(value: str, run: RunConfig) -> Path:
         resumed = run.trainer.resume is not None and _same(run_dir, Path(run.trainer.resume))
         if not resumed:
             refuse_saved_state(run_dir)
+    check_room(run_dir)
     return run_dir
+
+
+def check_room(run_dir: Path) -> None:
+    """Refuse a run whose file system cannot hold even its start: Hydra's files, the first metrics and the
+    reserve that guarantees its last summary.json (``runlog.RESERVE_BYTES``). Without this, a nearly full disk
+    lets a run start and die before it could say anything."""
+    where = next((p for p in (run_dir, *run_dir.absolute().parents) if p.exists()), Path("/"))
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return  # cannot tell: the writes themselves will say
+    if free < START_BYTES:
+        raise ConfigError(f"hydra.run.dir={str(run_dir)!r} is invalid: its file system has {free:,} bytes free, and a "
+                          f"run needs at least {START_BYTES:,} to start ({RESERVE_BYTES:,} reserved for its last "
+                          "summary.json, the rest for Hydra's files and the first metrics); free some space there "
+                          "or choose another directory.")
 
 
 def _compose(overrides: list[str]) -> DictConfig:
@@ -113,12 +149,14 @@ def _compose(overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def _validate(cfg: DictConfig) -> RunConfig:
-    """The job's config (Hydra's node removed, as Hydra does for the job), validated, and the machine checked."""
+def _validate(cfg: DictConfig, overrides: list[str]) -> RunConfig:
+    """The job's config (Hydra's node removed, as Hydra does for the job), validated, and the machine checked;
+    ``overrides`` are the command line's (a strategy key the chosen strategy does not read is refused)."""
     task = copy.deepcopy(cfg)
     with open_dict(task):
         del task["hydra"]
     run = load_run_config(task)
+    check_strategy_overrides(run.strategy.name, overrides)
     check_machine(run)
     return run
 
@@ -142,7 +180,7 @@ def _check_sweep(overrides: list[str]) -> None:
     first: Exception | None = None
     for point in checked:
         try:
-            _validate(_compose(point))
+            _validate(_compose(point), point)
             return
         except (ConfigError, OmegaConfBaseException) as exc:  # the latter: an interpolation that cannot resolve
             first = first or exc
@@ -161,6 +199,7 @@ def check_machine(run: RunConfig) -> None:
     """What the values point at on this machine; each refusal is a ConfigError of one sentence."""
     check_creatable(run.data.cache_dir, "data.cache_dir")
     check_data_files(run.data)
+    check_tokenizer(run.data.tokenizer)
     if run.trainer.resume is not None:
         check_saved_state(run.trainer.resume)
         check_free(run.trainer.resume, "trainer.resume")

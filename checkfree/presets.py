@@ -66,10 +66,11 @@ class ModelConfig:
             num_attention_heads=self.n_heads,
             num_key_value_heads=self.n_heads,
             max_position_embeddings=self.seq_len,
-            rms_norm_eps=self.rms_norm_eps,
+            # float(): transformers' strict config refuses an int (model.init_std=1 from the command line).
+            rms_norm_eps=float(self.rms_norm_eps),
             rope_theta=self.rope_theta,
             hidden_act="silu",
-            initializer_range=self.init_std,
+            initializer_range=float(self.init_std),
             tie_word_embeddings=False,
             attention_bias=False,
             mlp_bias=False,

@@ -3,7 +3,7 @@
 The state lives in ``<run_dir>/resume/state.pt`` (one ``torch.save`` of plain values and tensors, so it
 loads with ``weights_only=True``). It is written to a temporary file that is then renamed over the old
 one: a kill during a save leaves the previous state whole, never a torn one. The trainer saves only at
-iteration boundaries, where nothing is half-updated (see ``Trainer.save_state``).
+iteration boundaries, where nothing is half-updated (see ``checkfree.lifecycle.Run.save_state``).
 
 A resumed run continues in the *same* run directory: ``metrics.jsonl`` is cut back to the saved
 iteration (lines written after the save are dropped, and so is a torn last line) and then appended to, so
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from checkfree.atomic import torch_save_atomic, write_atomic
-from checkfree.config import ConfigError
+from checkfree.config import ConfigError, first_line
 
 STATE_DIR, STATE_FILE = "resume", "state.pt"
 FORMAT = 2
@@ -57,7 +57,28 @@ def check_saved_state(run_dir: Path | str) -> Path:
         raise ConfigError(f"trainer.resume={str(run_dir)!r} is invalid: it holds no "
                           f"{STATE_DIR}/{STATE_FILE}, so the run saved no resumable state (start runs with "
                           "trainer.save_every=N > 0).")
+    problem = torch_file_problem(path)
+    if problem is not None:
+        raise ConfigError(f"trainer.resume={str(run_dir)!r} is invalid: {path} {problem}, so there is nothing to "
+                          "resume from; start a new run (or resume another copy of the run).")
     return path
+
+
+def torch_file_problem(path: Path) -> str | None:
+    """What makes ``path`` no file ``torch.save`` wrote, found without torch (which takes seconds to import):
+    torch.save writes a zip archive whose directory sits at its end, so a truncated or overwritten file has
+    none. None: it looks whole (the load itself checks the rest)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        size = path.stat().st_size if path.exists() else 0
+        return f"is damaged ({size:,} bytes that are not a whole torch.save archive: {first_line(exc) or 'unreadable'})"
+    if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
+        return "is a zip archive but not one torch.save wrote (it holds no data.pkl)"
+    return None
 
 
 def load_state(run_dir: Path | str) -> dict[str, Any]:
@@ -69,8 +90,9 @@ def load_state(run_dir: Path | str) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated by a full disk, or not ours: say which file, not a pickle traceback
+        # torch's text is several lines about its loader: keep its first line only.
         raise ConfigError(f"trainer.resume={str(run_dir)!r} is invalid: {path} could not be read "
-                          f"({type(exc).__name__}: {exc}).") from None
+                          f"({type(exc).__name__}: {first_line(exc)}).") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else None
         raise ConfigError(f"trainer.resume={str(run_dir)!r} is invalid: {path} has format {found!r}, "

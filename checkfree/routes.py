@@ -52,6 +52,11 @@ def route(order: tuple[int, ...], n_stages: int) -> tuple[Visit, ...]:
     )
 
 
+def blame(op: str, stage: int, n_stages: int) -> int:
+    """The stage an op's output is charged to: the embedding is stage 0's, the head stage S-1's."""
+    return 0 if op == EMBED else n_stages - 1 if op == HEAD else stage
+
+
 def in_order(n_stages: int) -> tuple[Visit, ...]:
     """The route of validation (and of every micro-batch of an in-order schedule)."""
     return route(tuple(range(n_stages)), n_stages)

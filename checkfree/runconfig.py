@@ -27,7 +27,8 @@ from checkfree.config import (
 )
 from checkfree.corpora import DataConfig, validate_data_config
 from checkfree.cost import NetworkConfig, validate_network_config
-from checkfree.failures import FailureConfig, validate_failure_config
+from checkfree.failure_models import validate_failure_config
+from checkfree.failure_models.base import FailureConfig
 from checkfree.presets import PRESETS, ModelConfig, validate_model_config
 from checkfree.recovery import StrategyConfig, validate_strategy_config
 
@@ -109,7 +110,9 @@ def validate_run_config(run: RunConfig) -> None:
     n = run.model.n_stages
     validate_model_config(run.model)
     validate_strategy_config(run.strategy, n)
-    validate_failure_config(run.failure, n)
+    # A run that saves its state may be continued with more iterations (trainer.resume), where later trace
+    # events do happen; one that saves nothing ends at trainer.iterations.
+    validate_failure_config(run.failure, n, horizon=None if run.trainer.save_every else run.trainer.iterations)
     validate_data_config(run.data)
     validate_trainer(run.trainer)
     validate_network_config(run.network, n)
@@ -121,6 +124,12 @@ def validate_run_config(run: RunConfig) -> None:
     if run.engine.launcher == "ray" and run.trainer.device == "cuda" and run.engine.ray.gpus_per_stage == 0:
         raise ConfigError("trainer.device='cuda' with engine.launcher=ray needs engine.ray.gpus_per_stage > 0: Ray "
                           "hides the GPUs from actors that reserve none; set engine.ray.gpus_per_stage=1 (or a fraction).")
+    if run.strategy.name == "checkpoint":
+        # Only the checkpoint taken before the first iteration would ever exist: every rollback would go back
+        # to the start, which is a different experiment than the one the key asks for.
+        require(run.strategy.every <= run.trainer.iterations, "strategy.every", run.strategy.every,
+                f"it is larger than the run (trainer.iterations={run.trainer.iterations}), so no checkpoint after "
+                f"the initial one would be saved; allowed is 1..{run.trainer.iterations}")
     if run.strategy.name == "none" and run.failure.name != "none":
         raise ConfigError(f"strategy.name='none' recovers nothing, so failure.name={run.failure.name!r} would "
                           "stop the run at the first failure; use failure=none with strategy=none.")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import socket
 from collections.abc import Iterator
@@ -57,9 +58,11 @@ def refuse_saved_state(run_dir: Path, key: str = "hydra.run.dir") -> None:
     """A ConfigError if ``run_dir`` holds a resumable state: a new run there would throw it away."""
     state = state_path(run_dir)
     if state.exists():
+        how = {"killed": " (killed: its summary still said running)", "interrupted": " (interrupted)",
+               "error": " (stopped on an error)"}.get(read_status(run_dir) or "", "")
         raise ConfigError(
-            f"{key}={str(run_dir)!r} is invalid for a new run: it holds the resumable state of an earlier run "
-            f"({state}); continue that run with trainer.resume={run_dir} hydra.run.dir={run_dir}, or set "
+            f"{key}={str(run_dir)!r} is invalid for a new run: it holds the resumable state of an earlier run"
+            f"{how} ({state}); continue that run with trainer.resume={run_dir} hydra.run.dir={run_dir}, or set "
             f"{key} to another directory (or delete {state} to start over there).")
 
 
@@ -89,11 +92,33 @@ def check_creatable(path: Path | str, key: str, expand_user: bool = True) -> Pat
     existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
     if not existing.is_dir():
         raise ConfigError(f"{key}={text!r} is invalid: {existing} is a file, not a directory; {ALLOWED}.")
+    pseudo = _pseudo_file_system(existing)
+    if pseudo is not None:
+        # root may "write" /proc or /sys by os.access, but no directory can be made there.
+        raise ConfigError(f"{key}={text!r} is invalid: {existing} is on a {pseudo} file system, where no directory "
+                          f"can be created; {ALLOWED}.")
     if not os.access(existing, os.W_OK | os.X_OK):
         # os.access answers for a read-only mount too (EROFS), where even root cannot write.
         why = os.strerror(errno.EROFS if _read_only(existing) else errno.EACCES)
         raise ConfigError(f"{key}={text!r} is invalid: {existing} cannot be written ({why}); {ALLOWED}.")
     return path
+
+
+PSEUDO_FILE_SYSTEMS = {"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs",
+                       "securityfs", "pstore", "bpf", "configfs", "fusectl", "mqueue", "hugetlbfs"}
+
+
+def _pseudo_file_system(path: Path) -> str | None:
+    """The type of the kernel file system ``path`` lies on when it is one that holds no user files."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    except OSError:
+        return None  # not Linux, or no /proc: nothing to say
+    resolved = str(path.resolve())
+    best = max(((point, kind) for point, kind in mounts
+                if resolved == point or resolved.startswith(point.rstrip("/") + "/")),
+               key=lambda m: len(m[0]), default=None)
+    return best[1] if best is not None and best[1] in PSEUDO_FILE_SYSTEMS else None
 
 
 def check_free(run_dir: Path | str, key: str = "hydra.run.dir") -> None:
@@ -107,6 +132,39 @@ def check_free(run_dir: Path | str, key: str = "hydra.run.dir") -> None:
         fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def is_held(run_dir: Path | str) -> bool:
+    """True while a live run holds ``run_dir`` (``owned``); False for a finished, stopped or killed one."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False  # no lock file: no run ever held it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def reported_status(run_dir: Path | str, status: str | None) -> str | None:
+    """The status a run's summary.json gives, told truly: "running" in the summary of a run that no process
+    holds any more (SIGKILL, power loss, the OOM killer: nothing could write its end) is "killed"."""
+    if status == "running" and not is_held(run_dir):
+        return "killed"
+    return status
+
+
+def read_status(run_dir: Path | str) -> str | None:
+    """``reported_status`` of the summary.json in ``run_dir`` (None: no readable summary)."""
+    try:
+        status = json.loads((Path(run_dir) / "summary.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return reported_status(run_dir, status)
 
 
 def _read_only(path: Path) -> bool:

@@ -108,6 +108,15 @@ def hold_reserve(path: Path, size: int = RESERVE_BYTES) -> None:
         os.close(fd)
 
 
+def wandb_line(wandb_dir: str | None, url: str | None = None) -> str | None:
+    """The one line that says where wandb's files are (wandb itself prints nothing: ``RunLog``)."""
+    if wandb_dir is None:
+        return None
+    if url is not None:
+        return f"wandb: {url} (its local files: {wandb_dir})"
+    return f"wandb: offline run in {wandb_dir}; `wandb sync {wandb_dir}` uploads it"
+
+
 def read_metrics(path: Path, bad: str = "skip") -> list[dict]:
     """The records of a metrics.jsonl ([] if there is none). A line that is not a JSON object (a torn last line
     of a killed writer) is skipped (``bad="skip"``), skipped with a warning (``"warn"``), or is an error naming
@@ -115,7 +124,7 @@ def read_metrics(path: Path, bad: str = "skip") -> list[dict]:
     path = Path(path)
     if not path.is_file():
         return []
-    records = []
+    records, skipped = [], []
     for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
@@ -126,12 +135,21 @@ def read_metrics(path: Path, bad: str = "skip") -> list[dict]:
         except ValueError as exc:
             if bad == "raise":
                 raise ValueError(f"{path}:{lineno} does not parse ({exc}): {line[:80]!r}") from None
-            if bad == "warn":
-                warnings.warn(f"{path}:{lineno}: skipping unparsable metrics line ({exc})", RuntimeWarning,
-                              stacklevel=2)
+            skipped.append((lineno, exc))
             continue
         records.append(record)
+    if skipped and bad == "warn":  # one warning a file, however many lines: a reader wants the count
+        lineno, exc = skipped[0]
+        warnings.warn(SkippedLines(path, len(skipped), f"{path}:{lineno} ({exc})"), stacklevel=2)
     return records
+
+
+class SkippedLines(RuntimeWarning):
+    """``read_metrics(bad="warn")`` skipped ``count`` unparsable lines of ``path`` (``first`` says where)."""
+
+    def __init__(self, path: Path, count: int, first: str) -> None:
+        super().__init__(f"{path}: skipped {count} unparsable metrics line{'s' if count > 1 else ''} (first: {first})")
+        self.path, self.count, self.first = path, count, first
 
 
 def deterministic_view(records: list[dict]) -> list[dict]:
@@ -162,6 +180,9 @@ class RunLog:
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if resume else os.O_TRUNC)
         self._fd = os.open(self.metrics_path, flags, 0o644)
         self.bar = tqdm(total=total, dynamic_ncols=True, disable=not progress_bar, desc="train")
+        self.wandb_dir: Path | None = None
+        """wandb's run directory (``run_dir/wandb/offline-run-…``), None without wandb."""
+        self.wandb_url: str | None = None
         self.wandb = self._start_wandb(config, wandb_cfg)
 
     def _start_wandb(self, config: dict, wandb_cfg: Any):
@@ -170,13 +191,20 @@ class RunLog:
         try:
             import wandb
 
-            return wandb.init(
+            # silent: wandb's banner and its ~25-line run history at finish would bury our own summary; its
+            # messages go to its debug log instead, and the files it writes are the same. We say in one line
+            # where they are (``wandb_line``).
+            run = wandb.init(
                 project=wandb_cfg.project, entity=wandb_cfg.entity, tags=list(wandb_cfg.tags),
                 mode=wandb_cfg.mode, dir=str(self.run_dir), config=config, reinit="finish_previous",
+                settings=wandb.Settings(silent=True),
             )
         except Exception as exc:  # wandb is a convenience: it never stops a training run
             warnings.warn(f"wandb could not start ({exc}); continuing without it", stacklevel=2)
             return None
+        self.wandb_dir = Path(run.settings.sync_dir)
+        self.wandb_url = run.url if wandb_cfg.mode == "online" else None
+        return run
 
     def log(self, record: dict) -> None:
         append_whole(self._fd, (json.dumps(_clean(record)) + "\n").encode(), self.metrics_path)

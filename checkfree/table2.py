@@ -31,23 +31,11 @@ from typing import Any
 
 import pandas as pd
 
+from checkfree import paper_table2
 from checkfree.analysis import find_run_dirs, load_runs, plot_val_loss
+from checkfree.recovery import strategy_class
 
 STRATEGIES = ("checkpoint", "redundant", "checkfree", "checkfree_plus")
-RATES = (0.05, 0.10, 0.16)
-# The paper (arXiv 2506.15461v2), Table 2: 500M model on OpenWebText, hours to validation loss 2.85.
-PAPER_HOURS = {
-    "checkpoint": (558.23, 621.67, 634.35), "redundant": (419.56, 419.56, 419.56),
-    "checkfree": (367.81, 405.87, 562.96), "checkfree_plus": (355.13, 367.81, 460.60),
-}
-PAPER_ITERATION_S = {
-    "checkpoint": (91.35, 91.35, 92.14), "redundant": (151.04, 151.04, 151.04),
-    "checkfree": (91.32, 91.32, 92.12), "checkfree_plus": (91.32, 91.32, 92.12),
-}
-PAPER_SPEEDUP_VS_CHECKPOINT = {"redundant": (1.33, 1.48, 1.51), "checkfree": (1.52, 1.53, 1.13),
-                               "checkfree_plus": (1.57, 1.69, 1.38)}
-PAPER_SPEEDUP_VS_REDUNDANT = {"checkfree": (1.14, 1.03, 0.75), "checkfree_plus": (1.18, 1.14, 0.91)}
-PAPER_T = 10_000
 COLUMNS = ["strategy", "hourly_rate", "seeds", "reached", "hours_to_target", "hours_ci95",
            "iterations_to_target_over_T", "iterations_ci95", "failures_before_target",
            "failures_per_stage_per_T", "speedup_vs_checkpoint", "speedup_vs_checkpoint_ci95",
@@ -96,12 +84,17 @@ def cost_model_seconds(strategy: str) -> float:
     """Our own cost model's price of one paper-scale iteration (llama_500m, 4 x 16 sequences, the 7-site
     geo-distributed network) for ``strategy``: the second pricing, beside the paper's measured one."""
     from checkfree.cost import CostModel, NetworkConfig
-    from checkfree.model import preset
+    from checkfree.presets import preset
 
     network = NetworkConfig(name="geo_distributed")
     cost = CostModel(preset("llama_500m"), 4, 16, network, replicas=4)
-    return cost.iteration_seconds("out_of_order" if strategy == "checkfree_plus" else "in_order",
-                                  shadows=strategy == "redundant")
+    cls = strategy_class(strategy)
+    return cost.iteration_seconds(cls.schedule_name, shadows=cls.redundant_compute)
+
+
+def paper_iteration_seconds(strategy: str, i: int) -> float:
+    """The paper's measured seconds per iteration of ``strategy`` at ``paper_table2.RATES[i]`` (its Table 2 column)."""
+    return paper_table2.ITERATION_S[strategy_class(strategy).table2_column][i]
 
 
 def paired_speedups(runs: pd.DataFrame, base: str, strategy: str, rate: float) -> list[float]:
@@ -114,7 +107,7 @@ def paired_speedups(runs: pd.DataFrame, base: str, strategy: str, rate: float) -
 def comparison(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for strategy in STRATEGIES:
-        for i, rate in enumerate(RATES):
+        for i, rate in enumerate(paper_table2.RATES):
             mine = runs[(runs.strategy == strategy) & (runs.hourly_rate == rate)]
             if mine.empty:
                 continue
@@ -125,7 +118,7 @@ def comparison(runs: pd.DataFrame) -> pd.DataFrame:
             # The paper's "iterations / T" is its hours to target over the no-failure time (10,000 iterations at
             # the strategy's price): the same ratio of ours counts lost work and recoveries, which CPU
             # iterations / T do not.
-            times = [h * 3600 / (PAPER_ITERATION_S[strategy][i] * PAPER_T) for h in hours]
+            times = [h * 3600 / (paper_iteration_seconds(strategy, i) * paper_table2.PAPER_T) for h in hours]
             vs_ckpt = paired_speedups(runs, "checkpoint", strategy, rate) if strategy != "checkpoint" else []
             vs_red = paired_speedups(runs, "redundant", strategy, rate) if strategy in ("checkfree", "checkfree_plus") \
                 else []
@@ -142,12 +135,12 @@ def comparison(runs: pd.DataFrame) -> pd.DataFrame:
                 "speedup_vs_redundant": statistics.fmean(vs_red) if vs_red else math.nan,
                 "speedup_vs_redundant_ci95": ci95(vs_red),
                 # The same iterations to target, each priced by our cost model (in paper iterations).
-                "cost_model_hours_to_target": (statistics.fmean(its) * PAPER_T * cost_model_seconds(strategy) / 3600
+                "cost_model_hours_to_target": (statistics.fmean(its) * paper_table2.PAPER_T * cost_model_seconds(strategy) / 3600
                                                if its else math.nan),
-                "paper_hours_to_target": PAPER_HOURS[strategy][i],
-                "paper_iterations_over_T": PAPER_HOURS[strategy][i] * 3600 / PAPER_ITERATION_S[strategy][i] / PAPER_T,
-                "paper_speedup_vs_checkpoint": PAPER_SPEEDUP_VS_CHECKPOINT.get(strategy, (math.nan,) * 3)[i],
-                "paper_speedup_vs_redundant": PAPER_SPEEDUP_VS_REDUNDANT.get(strategy, (math.nan,) * 3)[i],
+                "paper_hours_to_target": paper_table2.HOURS[strategy][i],
+                "paper_iterations_over_T": paper_table2.HOURS[strategy][i] * 3600 / paper_iteration_seconds(strategy, i) / paper_table2.PAPER_T,
+                "paper_speedup_vs_checkpoint": paper_table2.SPEEDUP_VS_CHECKPOINT.get(strategy, (math.nan,) * 3)[i],
+                "paper_speedup_vs_redundant": paper_table2.SPEEDUP_VS_REDUNDANT.get(strategy, (math.nan,) * 3)[i],
                 "time_over_T": statistics.fmean(times) if times else math.nan, "time_ci95": ci95(times),
             })
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -165,7 +158,7 @@ def markdown(table: pd.DataFrame, runs: pd.DataFrame, calibration: dict[str, Any
         lines += [f"Calibration (no failures, {len(calibration['iterations'])} seeds): T = {calibration['T']} "
                   f"iterations to validation loss {calibration['target']} (per seed: "
                   f"{', '.join(f'{x:.0f}' for x in calibration['iterations'])}); every CPU iteration stands for "
-                  f"{PAPER_T / calibration['T']:.2f} paper iterations.", ""]
+                  f"{paper_table2.PAPER_T / calibration['T']:.2f} paper iterations.", ""]
     se = runs["final_val_loss_se"].dropna()
     if len(se):
         lines += [f"Validation set: {int(runs['val_sequences'].dropna().iloc[0])} sequences; standard error of the "

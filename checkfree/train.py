@@ -13,7 +13,8 @@ Exit status: 0 done; 2 a bad config (one sentence on stderr, nothing written: Hy
 errors are rephrased the same way), also for a run directory that another run holds, that holds a
 state to resume, or that cannot be written (``checkfree.rundir``); 1 a run that failed (its
 metrics.jsonl and summary.json stay); 128 + signal number when SIGINT/SIGTERM stopped it (summary.json
-says "interrupted"; with ``trainer.save_every`` the run can go on with ``trainer.resume=<run dir>``).
+says "interrupted"; with ``trainer.save_every`` the run can go on with ``trainer.resume=<run dir>``),
+however many more signals follow while it stops (``_raise_interrupted``).
 
 Multirun (``-m``): a failing point is logged (``config_error.txt`` for a bad config, else its own
 summary.json) and the sweep goes on; the sweep exits 0 once every point has run, and
@@ -39,12 +40,13 @@ from omegaconf.errors import OmegaConfBaseException
 from checkfree.atomic import os_error_behind
 from checkfree.config import ConfigError, first_line
 from checkfree.preflight import CONF_DIR, Checked, check_command_line, check_machine
+from checkfree.recovery import check_strategy_overrides
 from checkfree.runconfig import RunConfig, check_vocab, load_run_config
 from checkfree.rundir import unusable
 
 if TYPE_CHECKING:
     from checkfree.lifecycle import Run
-    from checkfree.model import ModelConfig
+    from checkfree.presets import ModelConfig
 
 _checked: Checked | None = None
 """What ``main`` checked before Hydra started: the run directory and the directories Hydra creates for it."""
@@ -53,9 +55,22 @@ _job_started = False
 
 
 def _raise_interrupted(signum: int, frame: object) -> None:
+    """The command line's SIGINT and SIGTERM handler: the first signal stops the run, and the ones after it
+    are ignored, since the run is then writing its summary, closing and exiting with 128 + signum (a second
+    Ctrl-C must not turn that into "killed by SIGINT"). While the run trains with ``save_every``, its own
+    handler comes first (``Run._stop_between_iterations``: a second signal there still stops at once)."""
     from checkfree.lifecycle import interrupted
 
+    _ignore_signals()
     raise interrupted(signum)  # carries signum: the exit status says which signal stopped the run
+
+
+def _ignore_signals() -> None:
+    """SIGINT and SIGTERM ignored until the process exits. SIG_IGN, not a Python handler that does nothing:
+    Python gives the signals back their default action (death by the signal) before it tears the interpreter
+    down, about a second after a run with torch loaded, where an ignored signal stays ignored."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 # --- building a run: config -> corpus, engine, trainer ------------------------------------------------------
@@ -144,13 +159,13 @@ def run_job(cfg: DictConfig) -> dict | None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         run = load_run_config(cfg)
+        check_strategy_overrides(run.strategy.name, list(hydra_cfg.overrides.task))
         check_machine(run)  # done before Hydra started for a single run; a sweep's points meet it here
     except ConfigError as exc:
         return _config_error(exc, run_dir, multirun)
     except OmegaConfBaseException as exc:  # e.g. model.n_stages=${oops}: an interpolation that cannot resolve
         return _config_error(ConfigError(_key_sentence(exc)), run_dir, multirun)
 
-    signal.signal(signal.SIGTERM, _raise_interrupted)
     # A resumed run goes on in its own directory (checkfree.lifecycle); Hydra's keeps only Hydra's files.
     results = Path(run.trainer.resume) if run.trainer.resume else run_dir
     try:
@@ -161,15 +176,36 @@ def run_job(cfg: DictConfig) -> dict | None:
         # directory that is in use, holds a state to resume, or cannot be written.
         return _config_error(exc, run_dir, multirun)
     except KeyboardInterrupt:
+        _ignore_signals()  # the first signal may have gone to the run's own handler, not to ours
         print(f"interrupted; partial results in {results}", file=sys.stderr)
         raise
     except Exception as exc:
         print(f"run failed: {type(exc).__name__}: {exc}\nresults so far in {results}", file=sys.stderr)
+        _say_it_failed(results, run, exc)
         if multirun:
             return None  # one bad sweep point never stops the others
         sys.exit(1)
     _print_summary(summary)
     return summary
+
+
+def _say_it_failed(run_dir: Path, run: RunConfig, exc: Exception) -> None:
+    """A run that failed before it could write its own summary (while loading the corpus or building the
+    model, or starting its engine: an unreachable Ray cluster) still leaves one that says so, with the cause.
+    A summary the run wrote itself (status error, with its totals) is kept as it is."""
+    from checkfree.rundir import read_status
+    from checkfree.runlog import write_json_atomic
+
+    if read_status(run_dir) not in (None, "killed"):
+        return  # the run's own summary: it knows more than this one
+    payload = {"status": "error", "error": f"{type(exc).__name__}: {first_line(exc, limit=1000)}",
+               "run_dir": str(run_dir), "strategy": run.strategy.name, "failure": run.failure.name,
+               "hourly_rate": run.failure.hourly_rate, "seed": run.seed, "iterations": 0, "n_failures": 0,
+               "n_recoveries": 0, "config": run.to_dict()}
+    try:
+        write_json_atomic(run_dir / "summary.json", payload)
+    except OSError as write_exc:  # the cause on stderr above stays the whole story
+        print(f"summary.json could not be written ({write_exc})", file=sys.stderr)
 
 
 def _config_error(exc: ConfigError, run_dir: Path, multirun: bool) -> None:
@@ -214,6 +250,8 @@ def _recovered_from(recovery: dict) -> str:
 
 
 def _print_summary(summary: dict) -> None:
+    from checkfree.runlog import wandb_line
+
     print(f"\n{summary['strategy']} | {summary['iterations']} iterations | "
           f"val loss {summary['initial_val_loss']:.3f} -> {summary['final_val_loss']:.3f} | "
           f"simulated {summary['total_sim_time_s'] / 3600:.2f} h")
@@ -224,10 +262,13 @@ def _print_summary(summary: dict) -> None:
     if summary.get("time_to_target_s") is not None:
         print(f"target {summary['target_loss']} reached at {summary['time_to_target_s'] / 3600:.2f} simulated h")
     print(f"run directory: {summary['run_dir']}")
+    wandb = wandb_line(summary.get("wandb_dir"), summary.get("wandb_url"))
+    if wandb is not None:
+        print(wandb)
     if summary.get("model_dir"):
         from transformers.utils import logging as hf_logging
 
-        from checkfree.export import sample
+        from checkfree.hf_export import sample
 
         hf_logging.disable_progress_bar()  # one summary, no load bars
         # What the model learned, in its own words: sampled from the exported Hugging Face model (fixed seed).
@@ -250,6 +291,9 @@ def main() -> None:
     global _checked
     wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then re-raises its exceptions instead of printing them
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # as Python does: a signal ignored by our parent stays so
+            signal.signal(sig, _raise_interrupted)
     try:
         # The whole config and the machine, before Hydra creates the run directory and writes into it: a
         # bad value costs a second and leaves nothing behind.
@@ -258,6 +302,7 @@ def main() -> None:
             _pin_run_dir(_checked.run_dir)
         hydra_main()
     except KeyboardInterrupt as exc:
+        _ignore_signals()
         sys.exit(128 + getattr(exc, "signum", signal.SIGINT))
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
@@ -275,6 +320,8 @@ def main() -> None:
             raise
         print(f"config error: {_run_dir_sentence(cause)}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        _ignore_signals()  # the exit status is decided; a signal during the interpreter's teardown must not change it
 
 
 def _pin_run_dir(run_dir: Path) -> None:

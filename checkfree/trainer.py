@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,17 +29,16 @@ from checkfree.data import Corpus
 from checkfree.engine import Engine, StagesLost
 from checkfree.failures import FailureDraws
 from checkfree.guard import check
-from checkfree.model import ModelConfig
 from checkfree.plan import Held, RecoveryPlan, RecoveryReport, RunView, Traffic, Upkeep
+from checkfree.presets import ModelConfig
 from checkfree.recovery import build_strategy
 from checkfree.runconfig import RunConfig
-from checkfree.runlog import RunLog
 from checkfree.schedule import build_schedule
 
 MAX_ATTEMPTS = 5
+"""A step (or validation) interrupted by stage losses more often than this in a row stops the run."""
 MAX_INCIDENTS = 1000
 """An iteration whose work is interrupted this often never finishes: the run stops and says why."""
-"""A step (or validation) interrupted by stage losses more often than this in a row stops the run."""
 
 
 @dataclass
@@ -71,6 +70,12 @@ class Totals:
     """Simulated seconds of work that losses threw away (unfinished iterations, rolled-back work within one)."""
 
 
+def new_record(iteration: int) -> dict:
+    """An iteration's metrics record before anything has happened in it."""
+    return {"iteration": iteration, "failed_stages": [], "recoveries": [], "recovery_sim_s": 0.0,
+            "lost_work_sim_s": 0.0, "failure_times_s": []}
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, engine: Engine, corpus: Corpus, model: ModelConfig, run_dir: Path) -> None:
         n = engine.n_stages
@@ -85,23 +90,23 @@ class Trainer:
         self.grad_norm_post: list[float] | None = None
         self.held_since: dict[Held, int] = {}
         self.start = time.perf_counter()
-        self.log: RunLog | None = None
+        self.carried: dict | None = None
+        """The next iteration's record, begun early by a stage lost between two iterations (``between``)."""
 
     # --- one iteration -------------------------------------------------------------------------------
 
     def iteration(self, iteration: int) -> dict:
         """Failures -> recovery -> step -> guard -> upkeep -> clock. Returns the iteration's metrics record."""
         self.iteration_no = iteration
-        record = {"iteration": iteration, "failed_stages": [], "recoveries": [], "recovery_sim_s": 0.0,
-                  "lost_work_sim_s": 0.0, "failure_times_s": []}
+        record, self.carried = self.carried or new_record(iteration), None
         self.strike(iteration, record)
 
         batches = self.next_batches()
         wall = time.perf_counter()
         result = self.step(batches, record)
         step_wall = time.perf_counter() - wall
-        nonfinite = check(self.engine, result, batches, self.schedule, iteration, self.cfg.trainer.on_nonfinite,
-                          self.cfg.strategy.name)
+        nonfinite = self.survive(lambda: check(self.engine, result, batches, self.schedule, iteration,
+                                               self.cfg.trainer.on_nonfinite, self.cfg.strategy.name), record)
         self.failures.pending |= set(nonfinite)
         overhead_s = 0.0
         if result.stepped:
@@ -225,6 +230,22 @@ class Trainer:
         raise RuntimeError(f"iteration {self.iteration_no} was interrupted by stage failures {MAX_ATTEMPTS} times "
                            "in a row; giving up.")
 
+    def between(self, call):
+        """``call()`` on the engine between two iterations (a resumable save, the export, the last validation).
+        A stage lost meanwhile is lost at the start of the next iteration, as a failure drawn for that iteration
+        would be: it is recovered at once (planned as at that iteration), the call redone, and the recovery goes
+        into that iteration's record."""
+        done = self.iteration_no
+        record = self.carried or new_record(done + 1)
+        self.iteration_no = done + 1
+        try:
+            answer = self.survive(call, record)
+        finally:
+            self.iteration_no = done
+        if record["failed_stages"]:
+            self.carried = record
+        return answer
+
     def note_failures(self, lost: StagesLost) -> None:
         for k in sorted(lost.stages):
             self.totals.failures.append({"iteration": self.iteration_no, "stage": k, "time_s": self.totals.sim_time_s,
@@ -260,6 +281,39 @@ class Trainer:
         cfg = self.cfg.trainer
         return [self.corpus.train.next_batch(cfg.micro_batch_size) for _ in range(cfg.micro_batches)]
 
+    # --- resume ----------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """The trainer's part of a resumable state: the engine's stages and held copies, the failure model's
+        draws, the data position, torch's RNG, totals, progress, last gradient norms, the clock's iteration
+        time, when each held copy was refreshed, and a recovery not yet logged."""
+        return {
+            **self.engine.state_dict(), "wall_time_s": self.wall_time(), "failures": self.failures.state_dict(),
+            "data": self.corpus.train.state_dict(), "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "totals": asdict(self.totals), "progress": self.progress, "grad_norm": self.grad_norm,
+            "grad_norm_post": self.grad_norm_post, "iteration_s": self.clock.iteration_s,
+            "held_since": [((h.kind, h.owner, h.holder), p) for h, p in self.held_since.items()],
+            "carried": self.carried,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.engine.load_state_dict(state)
+        self.failures.load_state_dict(state["failures"])
+        self.corpus.train.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.totals = Totals(**state["totals"])
+        self.iteration_no, self.progress = state["iteration"], state["progress"]
+        self.grad_norm, self.grad_norm_post = state["grad_norm"], state["grad_norm_post"]
+        self.held_since = {Held(*key): p for key, p in state["held_since"]}
+        # Kept, not recomputed: a measured device throughput would give another clock on another machine.
+        self.clock.iteration_s = state["iteration_s"]
+        # Wall time goes on from where the interrupted run stopped, so wall_time_s stays monotone.
+        self.start = time.perf_counter() - state["wall_time_s"]
+        self.carried = state.get("carried")  # absent from states saved before losses between iterations were kept
+
     def wall_time(self) -> float:
         return time.perf_counter() - self.start
 
@@ -283,7 +337,7 @@ class Trainer:
 
     def validation_se(self) -> float:
         """Standard error of the validation loss, from the per-sequence losses of the current model."""
-        losses = self.engine.sequence_losses(self.corpus.val, self.cfg.trainer.eval_batch_size)
+        losses = self.between(lambda: self.engine.sequence_losses(self.corpus.val, self.cfg.trainer.eval_batch_size))
         mean = sum(losses) / len(losses)
         return (sum((x - mean) ** 2 for x in losses) / (len(losses) - 1) / len(losses)) ** 0.5 if len(losses) > 1 \
             else float("nan")

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pandas as pd  # noqa: E402
 from sweep import ROOT, grid, run_point  # noqa: E402  (the sibling script: one way of running a point)
 
+from checkfree.recovery import strategy_class  # noqa: E402
 from checkfree.table2 import ci95, write_report  # noqa: E402
 
 CAP = 4.0
@@ -51,7 +52,8 @@ def run_all(points: list[tuple[str, int, list[str]]], out: Path, extra: list[str
     """Run every (sweep, index, overrides) point; returns each run's summary (or its failure)."""
     results = []
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(run_point, name, i, overrides, out, extra) for name, i, overrides in points]
+        futures = [pool.submit(run_point, name, i, overrides, out, read_by(overrides, extra))
+                   for name, i, overrides in points]
         for done, future in enumerate(futures, 1):
             run_dir, code, seconds = future.result()
             print(f"[{done}/{len(points)}] {Path(run_dir).name}: {'ok' if code == 0 else f'FAILED (exit {code})'} "
@@ -59,6 +61,17 @@ def run_all(points: list[tuple[str, int, list[str]]], out: Path, extra: list[str
             summary = Path(run_dir) / "summary.json"
             results.append(json.loads(summary.read_text()) if summary.exists() else {"run_dir": run_dir})
     return results
+
+
+def read_by(overrides: list[str], extra: list[str]) -> list[str]:
+    """``extra`` without the ``strategy.*`` keys that the point's strategy does not read (a run refuses them):
+    ``regime`` gives every point checkpointing's ``strategy.every``."""
+    name = next((o.split("=", 1)[1] for o in [*overrides, *extra] if o.startswith("strategy=")), None)
+    if name is None:
+        return extra
+    reads = strategy_class(name).reads
+    return [o for o in extra if not (o.lstrip("+").startswith("strategy.")
+                                     and o.lstrip("+").split("=", 1)[0].split(".", 1)[1] not in reads)]
 
 
 def calibrate(out: Path, seeds: int, jobs: int, extra: list[str]) -> dict:

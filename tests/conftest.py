@@ -40,7 +40,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def tiny_cfg():
-    from checkfree.model import preset
+    from checkfree.presets import preset
 
     return preset("tiny").with_vocab(64)
 
@@ -50,6 +50,14 @@ def tiny_stages(tiny_cfg):
     from checkfree.model import build_stages
 
     return build_stages(tiny_cfg, seed=0)
+
+
+def pipeline_logits(stages, input_ids: torch.Tensor, order: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The stages' logits along the path training runs: their visits chained by the local engine
+    (``LocalEngine.logits``, each visit's ops through ``StageCompute.forward``), bodies in ``order``."""
+    from checkfree.pipeline import LocalEngine
+
+    return LocalEngine(stages, lr=0.0).logits(input_ids, order if order is not None else tuple(range(len(stages))))
 
 
 def random_batches(n: int, batch: int, seq_len: int, vocab: int, seed: int) -> list[torch.Tensor]:

@@ -14,9 +14,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from checkfree.model import build_stages, preset, stage_param_counts
+from checkfree.model import build_stages
 from checkfree.pipeline import LocalEngine
 from checkfree.plan import SHADOW, Held
+from checkfree.presets import preset, stage_param_counts
 from checkfree.recovery import StrategyConfig, build_strategy
 from checkfree.recovery.base import UnrecoverableFailure
 from checkfree.recovery.checkpoint import CheckpointRollback
@@ -99,7 +100,8 @@ def strategy_for(cls, tmp_path: Path, seed: int = 0, **cfg) -> Driver:
 
 def test_checkpoint_rollback_is_exact_and_replays_the_same_losses(tmp_path):
     ctx = strategy_for(CheckpointRollback, tmp_path, every=3, keep=2)
-    ctx.engine.computes[2].set_lr(0.5 * LR)  # a stage at another lr (e.g. recovered earlier) keeps it on rollback
+    ctx.engine.computes[2].optimizer.param_groups[0]["lr"] = 0.5 * LR  # a stage at another lr (recovered earlier)
+    # keeps it on rollback
     for _ in range(3):
         step(ctx)
     saved = snapshot(ctx)

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from checkfree.clock import TABLE2_ITERATION_S, Clock, priced_as
+from checkfree.clock import Clock, priced_as
+from checkfree.paper_table2 import ITERATION_S as TABLE2_ITERATION_S
 from checkfree.presets import preset, stage_param_counts
 from checkfree.runlog import read_metrics
 from checkfree.train import train

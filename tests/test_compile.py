@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 from torch._dynamo.utils import counters
 
-from checkfree.model import build_stages, preset
+from checkfree.model import build_stages
 from checkfree.pipeline import LocalEngine
+from checkfree.presets import preset
 from checkfree.recovery import StrategyConfig, build_strategy
 from tests.conftest import Driver, random_batches, small_run_dict
 

@@ -205,6 +205,22 @@ BAD_INPUTS = [
     (["failure.path={dir}/example.json"], r"^failure.path=.* is invalid: only failure=trace reads it, and this run "
                                           r"has failure=poisson"),
     (["failure.preset=500m_33"], r"^failure.preset='500m_33' is invalid: only failure=bernoulli reads it"),
+    (["+strategy.every=5"], r"^strategy.every=5 is not read by strategy=checkfree_plus: it is read only by "
+                            r"strategy=checkpoint, so it would be ignored; drop it \(strategy=checkfree_plus reads "),
+    (["strategy=checkfree", "+strategy.keep=3"], r"^strategy.keep=3 is not read by strategy=checkfree: it is read "
+                                                 r"only by strategy=checkpoint"),
+    (["strategy=checkpoint", "+strategy.lr_scale=2"], r"^strategy.lr_scale=2 is not read by strategy=checkpoint: it "
+                                                      r"is read only by strategy=checkfree\|checkfree_plus\|"),
+    (["strategy=redundant", "++strategy.edge_rule=copy"], r"^strategy.edge_rule=copy is not read by "
+                                                          r"strategy=redundant: it is read only by strategy=checkfree\|"),
+    (["strategy=checkpoint", "strategy.every=300"], r"^strategy.every=300 is invalid: it is larger than the run "
+                                                    r"\(trainer.iterations=200\), so no checkpoint after the initial"),
+    (["failure=trace", "failure.path={dir}/empty.json"], r"^failure.path=.*empty.json' is invalid: the trace holds no "
+                                                         r"event, so nothing would fail"),
+    (["failure=trace", "failure.path={dir}/twice.csv"], r"twice.csv line 3 repeats the event of line 2 \(stage 1 at "
+                                                        r"iteration 2\); allowed is each loss once\.$"),
+    (["failure=trace", "failure.path={dir}/late.json"], r"late.json record 1 is at iteration 201, after the run's "
+                                                        r"last \(trainer.iterations=200\), so it would never happen"),
     (["failure=poisson", "failure.p=0.1"], r"^failure.p=0.1 is invalid: only failure=bernoulli reads it"),
     # Empty strings, whole sections replaced, lists that are no lists.
     (["data.path=''"], r"^data.path='' is invalid: allowed is a non-empty string or null\.$"),
@@ -221,15 +237,22 @@ BAD_INPUTS = [
     # What the values point at on this machine (checkfree.preflight): paths, files, addresses, memory.
     (["hydra.run.dir=''"], r"^hydra.run.dir='' is invalid: it is empty; allowed is a directory"),
     (["hydra.run.dir={dir}/example.json/run"], r"^hydra.run.dir=.* is invalid: .*example.json is a file, not a dir"),
+    (["data.cache_dir=/proc/checkfree-cache"], r"^data.cache_dir='/proc/checkfree-cache' is invalid: /proc is on a "
+                                               r"proc file system, where no directory can be created"),
     (["data.cache_dir={dir}/example.json"], r"^data.cache_dir=.* is invalid: .*example.json is a file, not a dir"),
     (["trainer.resume={dir}/example.json"], r"^trainer.resume=.* is invalid: it is a file, not a directory"),
     (["trainer.resume={dir}"], r"^trainer.resume=.* is invalid: it holds no resume/state.pt"),
+    (["trainer.resume={dir}/damaged"], r"^trainer.resume=.*damaged' is invalid: .*state.pt is damaged \(1,000 bytes that "
+                                       r"are not a whole torch.save archive: File is not a zip file\), so there is"),
     (["data=local_json", "data.path={dir}/torn.jsonl", "data.n_documents=0", "data.val_documents=1"],
      r"^data.path=.*torn.jsonl:3 could not be read as json \(Unterminated string starting at: column 10\)\.$"),
     (["data=local_text", "data.path={dir}/latin1.txt"], r"^data.path=.*latin1.txt could not be read as text \(byte 3 "
                                                           r"is not UTF-8\); allowed is UTF-8 text\.$"),
     (["data=local_parquet", "data.path={dir}/fake.parquet"], r"fake.parquet could not be read as parquet"),
     (["data=tinystories", "data.path={dir}/empty"], r"^data.path=.*empty' is invalid: the directory holds no files"),
+    (["data.tokenizer=checkfree-test/no-such-tokenizer", "+env=HF_HUB_OFFLINE=1"],
+     r"^data.tokenizer='checkfree-test/no-such-tokenizer' is invalid: it is not in the local Hugging Face cache "
+     r"and HF_HUB_OFFLINE \(or TRANSFORMERS_OFFLINE\) forbids downloading it"),
     (["data.tokenizer=./no/such/tokenizer"], r"^data.tokenizer='./no/such/tokenizer' is invalid: no such directory"),
     (["data.n_documents=10000000000000"], r"^data.n_documents=10000000000000 is invalid: the synthetic corpus is "
                                           r"held in memory"),
@@ -263,6 +286,9 @@ TRACE_FILES = {
     "header.csv": "stage,when\n1,2\n",
     "trace.txt": "stage 1 at 2\n",
     "example.json": '[{"iteration": 5, "stage": 2}]',
+    "empty.json": "[]",
+    "twice.csv": "stage,iteration\n1,2\n1,2\n",
+    "late.json": '[{"iteration": 5, "stage": 2}, {"iteration": 201, "stage": 1}]',
     "torn.jsonl": '{"text": "one"}\n{"text": "two"}\n{"text": "a torn record\n',
 }
 BINARY_FILES = {
@@ -281,6 +307,8 @@ def trace_dir(tmp_path_factory):
     for name, data in BINARY_FILES.items():
         (d / name).write_bytes(data)
     (d / "empty").mkdir()
+    (d / "damaged" / "resume").mkdir(parents=True)
+    (d / "damaged" / "resume" / "state.pt").write_bytes(b"\x80" * 1000)  # a torn state file
     return d
 
 

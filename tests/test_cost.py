@@ -28,7 +28,7 @@ from checkfree.cost import (
     stage_link,
     validate_network_config,
 )
-from checkfree.model import PRESETS, ModelConfig
+from checkfree.presets import PRESETS, ModelConfig
 
 GiB = 1024**3
 CONF = Path(__file__).resolve().parents[1] / "conf" / "network"

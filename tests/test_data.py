@@ -13,19 +13,16 @@ import pytest
 import torch
 
 from checkfree.config import ConfigError
+from checkfree.corpora import CORPORA, DataConfig, validate_data_config
 from checkfree.data import (
-    CORPORA,
-    DataConfig,
     TokenBatches,
-    generate_stories,
     load_corpus,
     load_documents,
     load_tokenizer,
     pack_documents,
     split_documents,
-    validate_data_config,
 )
-from checkfree.stories import BOYS, COLOURS, GIRLS, OBJECTS, PET_KINDS, PET_NAMES, PETS
+from checkfree.stories import BOYS, COLOURS, GIRLS, OBJECTS, PET_KINDS, PET_NAMES, PETS, generate_stories
 
 SEQ_LEN = 32
 

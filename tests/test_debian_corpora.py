@@ -14,16 +14,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from checkfree.config import ConfigError
-from checkfree.corpora import check_data_files
-from checkfree.data import (
-    DataConfig,
-    load_corpus,
-    load_documents,
-    load_tokenizer,
-    pack_documents,
-    split_documents,
-    validate_data_config,
-)
+from checkfree.corpora import DataConfig, check_data_files, validate_data_config
+from checkfree.data import load_corpus, load_documents, load_tokenizer, pack_documents, split_documents
 from checkfree.debian_corpora import (
     DEBIAN_CORPORA,
     cookie_files,

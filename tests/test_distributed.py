@@ -73,6 +73,22 @@ def assert_same_losses(local: Path, distributed: Path) -> None:
     assert losses(local) == losses(distributed)
 
 
+def assert_same_values(a, b, where: str = "") -> None:
+    """Nested states (dicts, lists, tuples, tensors, plain values) equal, tensors bit for bit."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_same_values(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_values(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
 def write_trace(path: Path, events: list[dict]) -> str:
     path.write_text(json.dumps(events))
     return str(path)
@@ -265,6 +281,50 @@ def test_port_in_use_is_a_clear_error(small_run, tmp_path):
     assert_no_strays(tmp_path / "dist")
 
 
+def listening(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket the process listens on (its own processes: no root needed)."""
+    return {(c.laddr.ip, c.laddr.port) for c in psutil.Process(pid).net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN}
+
+
+def test_a_local_run_listens_on_loopback_only_and_writes_no_secret(small_run, tmp_path):
+    """torch's TCPStore master listens on every interface; ours on engine.master_addr (127.0.0.1) alone, and
+    the gloo sockets of the stage processes on loopback too. The run's rendezvous secret reaches the workers
+    and no file of the run."""
+    before = listening(os.getpid())
+    seen: dict = {}
+
+    def snapshot(n, engine):  # the group formed and every pair connected by the first iteration
+        if n == 2:
+            pool = engine.pool
+            seen.update(port=pool.store.port, secret=pool.spec.secret, spec=repr(pool.spec),
+                        supervisor=listening(os.getpid()) - before,
+                        workers={h.pid: listening(h.pid) for h in pool.handles.values()})
+
+    run_dir = tmp_path / "dist"
+    summary = hooked_run(small_run(trainer={"iterations": 2, "eval_every": 2}, engine=DIST), run_dir,
+                         train_step=snapshot).run()
+    assert summary["status"] == "completed"
+    assert ("127.0.0.1", seen["port"]) in seen["supervisor"]
+    addresses = {ip for ip, _ in seen["supervisor"]} | {ip for s in seen["workers"].values() for ip, _ in s}
+    assert addresses == {"127.0.0.1"}, seen
+    assert len(seen["workers"]) == 4
+    assert len(seen["secret"]) == 32 and seen["secret"] not in seen["spec"]
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert files and not [p for p in files if seen["secret"].encode() in p.read_bytes()]
+    assert_no_strays(run_dir)
+
+
+def test_a_worker_without_the_secret_cannot_join(small_run):
+    from checkfree.distributed.rendezvous import generation_prefix, join_generation, new_secret, open_store
+
+    store = open_store("127.0.0.1", 0, 5.0)
+    with pytest.raises(RendezvousError, match="rank 1 has no rendezvous secret"):
+        join_generation(store, 0, "gloo", 1, 2, 5.0, "")
+    a, b = new_secret(), new_secret()
+    assert a != b and generation_prefix(a, 3) == f"checkfree/{a}/generation3"
+
+
 def test_repeated_kills_and_failures_leave_one_live_worker_per_stage(small_run, tmp_path):
     """A short distributed soak: trace failures at boundaries (two at once included) plus three SIGKILLs
     from outside at whatever point the run is in. Every loss is matched by one recovery, the run completes,
@@ -341,6 +401,100 @@ def test_a_second_stage_lost_during_a_recovery_joins_it(small_run, tmp_path):
     assert records[4]["failed_stages"] == [1, 2]
     assert killed == [records[4]["recoveries"][0]["process"]["old_pid"]]
     assert_same_losses(tmp_path / "local", run_dir)
+    assert_no_strays(run_dir)
+
+
+def test_a_stage_lost_during_another_s_rendezvous_does_not_wait_out_the_timeout(small_run, tmp_path):
+    """Stage 2 fails (trace) at iteration 3. As its recovery's rendezvous starts, stage 1 is stopped (SIGSTOP),
+    so the others wait for it to join, and 1 s later SIGKILLed. The supervisor calls that generation off at
+    once: the iteration takes about the kill's delay plus two respawns, far from engine.timeout_s (60 s; it
+    used to wait all of it), and the recovery record's wall_s counts the aborted attempt too."""
+    trace = write_trace(tmp_path / "trace.json", [{"iteration": 3, "stage": 2}])
+    run_dir = tmp_path / "dist"
+    timeout_s, delay_s = 60.0, 1.0
+    killed: list[int] = []
+
+    def stall_stage_1(n, engine):
+        if n != 1:
+            return
+        pool, rendezvous = engine.pool, engine.pool.rendezvous
+
+        def rendezvous_with_a_loss():
+            pool.rendezvous = rendezvous  # once
+            pid = pool.pid(1)
+            os.kill(pid, signal.SIGSTOP)  # it will never answer the roll call
+            timer = threading.Timer(delay_s, lambda: (os.kill(pid, signal.SIGKILL), killed.append(pid)))
+            timer.start()
+            try:
+                return rendezvous()
+            finally:
+                timer.join()
+
+        pool.rendezvous = rendezvous_with_a_loss
+
+    cfg = small_run(trainer={"iterations": 4, "eval_every": 4}, failure={"name": "trace", "path": trace},
+                    engine={**DIST, "timeout_s": timeout_s})
+    summary = hooked_run(cfg, run_dir, execute=stall_stage_1).run()
+
+    assert summary["status"] == "completed"
+    assert [(f["stage"], f.get("cause")) for f in summary["failures"]] == [
+        (2, None), (1, "process exited during rendezvous")]
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert records[3]["failed_stages"] == [1, 2]
+    assert len(killed) == 1 and killed[0] == records[3]["recoveries"][0]["process"]["old_pid"]
+    took = records[3]["wall_time_s"] - records[2]["wall_time_s"]
+    for rec in records[3]["recoveries"]:
+        assert rec["process"]["attempts"] == 2
+        assert delay_s <= rec["wall_s"] <= took  # the wall time really spent, the aborted attempt included
+    assert took < timeout_s / 2
+    assert_no_strays(run_dir)
+
+
+def test_a_stage_lost_while_the_state_is_saved_is_recovered_and_the_save_redone(small_run, tmp_path):
+    """save_every=1 on processes: stage 2's process is SIGKILLed as the state after iteration 3 is gathered
+    (``get_state``). The loss is recovered like one at the start of iteration 4 and the save redone; the state
+    saved before stays whole meanwhile. The run ends with the losses, weights, optimizer states and held copies
+    of a local run whose trace fails stage 2 at iteration 4, bit for bit."""
+    from checkfree.resume import load_state
+
+    trace = write_trace(tmp_path / "trace.json", [{"iteration": 4, "stage": 2}])
+    sections = {"trainer": {"iterations": 6, "eval_every": 3, "save_every": 1}}
+    build_run(small_run(**sections, failure={"name": "trace", "path": trace}), tmp_path / "local").run()
+    run_dir = tmp_path / "dist"
+    killed: list[int] = []
+    on_disk_while_recovering: list[int] = []
+
+    def kill_stage_2(n, engine):
+        if n == 3:  # the third save: after iteration 3
+            killed.append(engine.pool.pid(2))
+            os.kill(killed[-1], signal.SIGKILL)
+
+    def look_at_the_saved_state(n, engine):
+        on_disk_while_recovering.append(load_state(run_dir)["iteration"])
+
+    summary = hooked_run(small_run(**sections, engine=DIST), run_dir, state_dict=kill_stage_2,
+                         execute=look_at_the_saved_state).run()
+
+    assert summary["status"] == "completed" and summary["error"] is None
+    assert summary["failures"] == [{"iteration": 4, "stage": 2, "time_s": summary["failures"][0]["time_s"],
+                                     "cause": "process exited during get_state"}]
+    assert summary["recoveries"] == [{"iteration": 4, "stage": 2, "method": "average", "sources": [1, 3]}]
+    assert on_disk_while_recovering == [2]
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert killed == [records[4]["recoveries"][0]["process"]["old_pid"]]
+
+    # A trace failure also notes its simulated time in the record; otherwise the runs are the same.
+    def view(d):
+        return [{k: v for k, v in r.items() if k != "failure_times_s"}
+                for r in deterministic_view(read_metrics(tmp_path / d / "metrics.jsonl"))]
+
+    assert view("local") == view("dist")
+    expected, got = load_state(tmp_path / "local"), load_state(run_dir)
+    assert got["iteration"] == 6 and got["carried"] is None
+    for key in ("stages", "optimizers", "held", "data", "progress", "grad_norm", "grad_norm_post", "held_since"):
+        assert_same_values(expected[key], got[key], key)
+    for key in ("sim_time_s", "recovery_sim_s", "recoveries", "lost_iterations", "final_val_loss"):
+        assert expected["totals"][key] == got["totals"][key], key
     assert_no_strays(run_dir)
 
 

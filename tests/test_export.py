@@ -12,21 +12,22 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from checkfree.data import DataConfig, load_corpus
-from checkfree.export import (
-    ExportError,
+from checkfree.corpora import DataConfig
+from checkfree.data import load_corpus
+from checkfree.export import main
+from checkfree.export_paths import ExportError, latest_checkpoint
+from checkfree.hf_export import (
     export_model,
     held_out_loss,
-    latest_checkpoint,
-    main,
     read_checkpoint_stages,
     sample,
     to_causal_lm_state,
 )
-from checkfree.model import build_stages, forward_logits, load_causal_lm_weights, preset
+from checkfree.model import build_stages, load_causal_lm_weights
 from checkfree.pipeline import LocalEngine
+from checkfree.presets import preset
 from checkfree.schedule import OutOfOrder, swapped_order
-from tests.conftest import small_run_dict
+from tests.conftest import pipeline_logits, small_run_dict
 
 SENTENCE = "Once upon a time, a little fox found a red ball in the garden."
 
@@ -79,8 +80,8 @@ def test_exported_model_computes_the_pipelines_logits(exported, trained, corpus)
     model = AutoModelForCausalLM.from_pretrained(exported, local_files_only=True).eval()
     ids = corpus.val[:4, :-1]
     with torch.no_grad():
-        ours, theirs = forward_logits(stages, ids), model(ids).logits
-        swapped = forward_logits(stages, ids, swapped_order(cfg.n_stages))
+        ours, theirs = pipeline_logits(stages, ids), model(ids).logits
+        swapped = pipeline_logits(stages, ids, swapped_order(cfg.n_stages))
     diff = (ours - theirs).abs().max().item()
     print(f"max abs logits diff: {diff:.3g}")
     assert diff <= 1e-5
@@ -228,7 +229,9 @@ def test_cli_errors_are_one_sentence(run_dir, tmp_path, capsys):
     (empty / "resume").mkdir()
     (empty / "resume" / "state.pt").write_bytes(b"not a torch file")
     assert main([str(empty)]) == 2
-    assert "state.pt could not be read" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "state.pt is damaged (16 bytes that are not a whole torch.save archive" in err and err.count("\n") == 1
+    assert err.endswith("the run has no checkpoint to export instead.\n")
 
 
 def test_module_entry_point_exits_2_without_a_traceback(tmp_path):

@@ -11,15 +11,10 @@ import pytest
 from omegaconf import ListConfig, OmegaConf
 
 from checkfree.config import ConfigError
-from checkfree.failures import (
-    BERNOULLI_PRESETS,
-    FailureConfig,
-    FailureEvent,
-    build_failure_model,
-    failing_stages,
-    read_trace,
-    validate_failure_config,
-)
+from checkfree.failure_models import build_failure_model, failing_stages, validate_failure_config
+from checkfree.failure_models.base import FailureConfig, FailureEvent
+from checkfree.failure_models.bernoulli import BERNOULLI_PRESETS
+from checkfree.failure_models.trace_files import read_trace
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "failure"
 S = 6
@@ -234,7 +229,8 @@ def test_losses_far_apart_within_one_iteration_are_separate_incidents(tmp_path):
     """Losses less than a recovery's time apart strike together (chained); later ones strike a recovered
     pipeline; a stage hit again strikes again (its replacement), and an arrival during a recovery strikes
     when the recovery ends."""
-    from checkfree.failures import FailureConfig, FailureDraws
+    from checkfree.failure_models.base import FailureConfig
+    from checkfree.failures import FailureDraws
 
     trace = tmp_path / "t.json"
     trace.write_text(json.dumps([{"time_s": 50.0, "stage": 1}, {"time_s": 75.0, "stage": 2},

@@ -1,4 +1,5 @@
-"""Stages built from transformers' Llama blocks compute exactly what the unsplit model computes."""
+"""Stages built from transformers' Llama blocks compute exactly what the unsplit model computes, chained along
+the path training runs (``LocalEngine.logits``)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,9 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from checkfree.model import (
-    PRESETS,
-    build_stages,
-    forward_logits,
-    hf_key_to_stage,
-    load_causal_lm_weights,
-    param_count,
-    preset,
-    stage_param_counts,
-    stage_to_hf_key,
-)
+from checkfree.model import build_stages, hf_key_to_stage, load_causal_lm_weights, stage_to_hf_key
+from checkfree.presets import PRESETS, param_count, preset, stage_param_counts
+from tests.conftest import pipeline_logits
 
 
 def test_chained_stages_equal_unsplit_llama(tiny_cfg):
@@ -28,7 +21,7 @@ def test_chained_stages_equal_unsplit_llama(tiny_cfg):
     load_causal_lm_weights(stages, reference.state_dict(), tiny_cfg)
     tokens = torch.randint(0, tiny_cfg.vocab_size, (3, tiny_cfg.seq_len))
     with torch.no_grad():
-        diff = (forward_logits(stages, tokens) - reference(tokens).logits).abs().max().item()
+        diff = (pipeline_logits(stages, tokens) - reference(tokens).logits).abs().max().item()
     assert diff <= 1e-5
 
 
@@ -49,7 +42,7 @@ def test_changing_a_later_token_never_changes_earlier_outputs(tiny_stages, tiny_
     changed = tokens.clone()
     changed[:, 12:] = (changed[:, 12:] + 7) % tiny_cfg.vocab_size
     with torch.no_grad():
-        a, b = forward_logits(tiny_stages, tokens), forward_logits(tiny_stages, changed)
+        a, b = pipeline_logits(tiny_stages, tokens), pipeline_logits(tiny_stages, changed)
     assert torch.equal(a[:, :12], b[:, :12])
     assert not torch.allclose(a[:, 12:], b[:, 12:])
 

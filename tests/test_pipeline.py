@@ -7,8 +7,9 @@ import copy
 import pytest
 import torch
 
+from checkfree.compute import causal_lm_loss
 from checkfree.model import build_stages
-from checkfree.pipeline import LocalEngine, causal_lm_loss
+from checkfree.pipeline import LocalEngine
 from checkfree.schedule import InOrder, OutOfOrder, build_schedule, swapped_order
 from tests.conftest import random_batches
 

@@ -5,19 +5,24 @@ from __future__ import annotations
 import pytest
 import torch
 
+from checkfree.averaging import weighted_state
 from checkfree.model import build_stages
 from checkfree.pipeline import LocalEngine
-from checkfree.recovery import (
-    STRATEGIES,
-    StrategyConfig,
-    UnrecoverableFailure,
-    build_strategy,
-    interpolate,
-    interpolation_weights,
-    neighbour_average,
-)
-from checkfree.recovery.rules import nearest_survivors
+from checkfree.recovery import STRATEGIES, StrategyConfig, UnrecoverableFailure, build_strategy
+from checkfree.recovery.rules import interpolation_weights, nearest_survivors, norm_weight
 from tests.conftest import Driver, random_batches
+
+
+def neighbour_average(prev, nxt, prev_norm, next_norm, eps=1e-4):
+    """What a CheckFree rebuild computes: the rule's coefficients (a strategy's), then the weighted state (an
+    engine's), exactly as ``CheckFree.plan`` and ``StageCompute.apply`` do it."""
+    return interpolate(prev, nxt, 0, 2, 1, prev_norm, next_norm, eps=eps)
+
+
+def interpolate(left_state, right_state, left, right, k, left_norm, right_norm, power=1.0, eps=1e-4):
+    coefficients = interpolation_weights(left, right, k, norm_weight(left_norm, power, eps),
+                                         norm_weight(right_norm, power, eps))
+    return weighted_state([left_state, right_state], list(coefficients))
 
 
 def test_neighbour_average_hand_computed():

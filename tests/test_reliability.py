@@ -314,13 +314,57 @@ def test_sigint_and_sigterm_leave_whole_metrics_and_an_interrupted_summary(data_
 
     run_dir = procs[1][1]
     last = json.loads((run_dir / "summary.json").read_text())["resumable_from_iteration"]
+    # No hydra.run.dir: a resumed run goes on in its own directory, Hydra's files too (another one is refused).
     proc = cli(*tiny_overrides(data_cache), f"trainer.iterations={last + 2}", "trainer.save_every=1000",
-               f"trainer.resume={run_dir}", f"hydra.run.dir={tmp_path / 'hydra-of-the-resume'}")
+               f"trainer.resume={run_dir}")
     rc, out, err = finish(proc)
     assert rc == 0, err[-2000:]
     assert [r["iteration"] for r in strict_metrics(run_dir / "metrics.jsonl")] == list(range(last + 3))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["resumed_at_iterations"] == [last]
+
+
+def test_a_second_signal_while_the_run_stops_still_exits_with_the_first_ones_status(data_cache, tmp_path):
+    """After a Ctrl-C the run takes a second or two to stop: the iteration under way (with save_every), the
+    last state and summary, wandb's finish, the engine's close, then Python tearing down an interpreter with
+    torch loaded, where it gives SIGINT back its default action. A second Ctrl-C in there used to kill the
+    process by the signal (returncode -2, no exit status: 10 of 11 delays from 0.1 to 1.0 s did). Now every
+    case exits 130 (143 when SIGTERM came first) with summary.json saying "interrupted"."""
+    # (first signal, save_every, wandb, seconds between the two signals)
+    cases = [(signal.SIGINT, 0, "offline", 0.3), (signal.SIGINT, 0, "disabled", 0.8),
+             (signal.SIGINT, 1000, "offline", 0.5), (signal.SIGTERM, 1000, "disabled", 1.0)]
+    procs, sent_twice = [], []
+    try:
+        for i, (_, save_every, wandb, _) in enumerate(cases):
+            run_dir = tmp_path / f"case{i}"
+            overrides = [o for o in tiny_overrides(data_cache) if not o.startswith("logger.")]
+            procs.append((cli(*overrides, "trainer.iterations=100000", f"trainer.save_every={save_every}",
+                              f"logger.wandb.mode={wandb}", f"hydra.run.dir={run_dir}", env={"WANDB_MODE": wandb}),
+                          run_dir))
+        for (first, _, _, gap), (proc, run_dir) in zip(cases, procs):
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and _lines(run_dir / "metrics.jsonl") < 3:
+                assert time.monotonic() < deadline, "training never started"
+                time.sleep(0.02)
+            proc.send_signal(first)
+            time.sleep(gap)
+            sent_twice.append(proc.poll() is None)
+            if sent_twice[-1]:
+                proc.send_signal(signal.SIGINT)
+        results = [finish(proc, timeout=60) for proc, _ in procs]
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert any(sent_twice), "every run had stopped before its second signal: nothing was tested"
+    for (first, *_), (_, run_dir), (rc, _, err) in zip(cases, procs, results):
+        assert rc == 128 + first, err[-2000:]
+        assert "Traceback" not in err and "Exception ignored" not in err, err[-2000:]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "interrupted", summary["error"]
+        records = strict_metrics(run_dir / "metrics.jsonl")
+        assert [r["iteration"] for r in records] == list(range(len(records)))
 
 
 def _bad_corpus(tmp: Path) -> str:
@@ -350,9 +394,17 @@ CLI_BAD_INPUTS = [
      r"engine.master_addr='192.0.2.1' is invalid: it is not an address of this machine", None),
     ("sweep", lambda tmp: ["-m", "seed=0,1", "model.rope_theta=0", f"hydra.sweep.dir={tmp / 'run'}"],
      r"model.rope_theta=0 is invalid", None),
-    ("set-up", lambda tmp: ["data.tokenizer=checkfree-test/no-such-tokenizer"],
-     r"data.tokenizer='checkfree-test/no-such-tokenizer' could not be loaded", None),
+    ("hub tokenizer", lambda tmp: ["data.tokenizer=checkfree-test/no-such-tokenizer"],
+     r"data.tokenizer='checkfree-test/no-such-tokenizer' is invalid: it is not in the local Hugging Face cache", None),
+    ("set-up", lambda tmp: [f"data.tokenizer={_empty_dir(tmp)}"], r"data.tokenizer='.*/tokenizer' could not be loaded",
+     None),
 ]
+
+
+def _empty_dir(tmp: Path) -> Path:
+    """A local tokenizer directory with nothing in it: found only when the tokenizer is loaded, in the set-up."""
+    (tmp / "tokenizer").mkdir()
+    return tmp / "tokenizer"
 
 
 def test_bad_input_on_the_command_line_exits_2_with_one_sentence_and_writes_nothing(data_cache, tmp_path):

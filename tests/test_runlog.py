@@ -2,6 +2,8 @@
 
 Each case runs twice where it can: on a real tmpfs that fills up (skipped where mounting is not
 allowed), and with ``os.write`` patched to take half a line and then fail with ENOSPC (everywhere).
+
+And wandb on the real CLI: its files are written, its terminal output is one line of ours.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from checkfree.atomic import WriteError
 from checkfree.runlog import RESERVE_FILE, RunLog
 from checkfree.train import train
 
-from .test_reliability import strict_metrics
+from .test_reliability import cli, finish, strict_metrics, tiny_overrides
 
 NO_SPACE = os.strerror(errno.ENOSPC)
 REAL_WRITE, REAL_WRITE_ATOMIC = os.write, runlog.write_atomic
@@ -183,3 +185,20 @@ def test_a_run_on_a_real_tmpfs_that_fills_stops_cleanly_and_resumes_once_there_i
     assert done["status"] == "completed" and done["resumed_at_iterations"] == [saved]
     assert [r["iteration"] for r in strict_metrics(run_dir / "metrics.jsonl")] == list(range(13))
     assert no_tmp_files(run_dir) and not (run_dir / RESERVE_FILE).exists()
+
+
+def test_wandb_offline_writes_its_files_and_prints_one_line_of_ours(data_cache, tmp_path):
+    """wandb's banner (4 lines) and run history and footer (~30) are not printed; wandb still writes its run
+    (the .wandb file `wandb sync` uploads), and one line of ours says where it is."""
+    run_dir = tmp_path / "run"
+    overrides = [o for o in tiny_overrides(data_cache) if not o.startswith("logger.")]
+    proc = cli(*overrides, "trainer.iterations=2", "trainer.export=false", "logger.wandb.mode=offline",
+               f"hydra.run.dir={run_dir}", env={"WANDB_MODE": "offline"})
+    rc, out, err = finish(proc)
+    assert rc == 0, err[-2000:]
+    wandb_dir = Path(json.loads((run_dir / "summary.json").read_text())["wandb_dir"])
+    assert wandb_dir.parent == run_dir / "wandb"
+    [history] = wandb_dir.glob("run-*.wandb")
+    assert history.stat().st_size > 0
+    said = [line for line in (out + err).splitlines() if line.startswith("wandb")]  # all of wandb's start so
+    assert said == [f"wandb: offline run in {wandb_dir}; `wandb sync {wandb_dir}` uploads it"]

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from checkfree import table2
-from checkfree.clock import PAPER_RECOVERY_S, table2_iteration_seconds
+from checkfree.paper_table2 import RECOVERY_S as PAPER_RECOVERY_S
+from checkfree.paper_table2 import iteration_seconds as table2_iteration_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,14 +108,7 @@ def test_gpu_throughput_benchmark_smoke_mode_runs_on_the_cpu(capsys):
 def test_ablation_rows_pair_each_rule_with_checkfree_by_seed(tmp_path):
     """The ablation table on hand-made runs: loss at T interpolated between validations, the last loss, the
     difference to CheckFree's last loss at the same seed, and every run's own figures."""
-    import importlib
-
-    experiments = str(ROOT / "experiments")
-    sys.path.insert(0, experiments)
-    try:
-        script = importlib.import_module("table2")  # experiments/table2.py (it puts its folder on the path too)
-    finally:
-        sys.path[:] = [p for p in sys.path if p != experiments]
+    script = experiment_script()
     # val loss at iterations 0 / 100 / 125 per (rule, seed); T = 100 -> "at T" is the 100 record.
     finals = {("checkfree", 0): 0.80, ("checkfree", 1): 0.90, ("copy", 0): 0.85, ("copy", 1): 0.99,
               **{(rule, seed): 1.5 for rule in ("uniform", "random", "zero") for seed in (0, 1)}}
@@ -145,14 +139,7 @@ def test_ablation_rows_pair_each_rule_with_checkfree_by_seed(tmp_path):
 def test_a_new_corpus_target_and_its_T_come_from_the_no_failure_probe():
     """--target auto: the probe's loss after 500 iterations (rounded to 3 decimals) is the target; the
     granularity study's T is the probe's own (interpolated) first crossing of each target."""
-    import importlib
-
-    experiments = str(ROOT / "experiments")
-    sys.path.insert(0, experiments)
-    try:
-        script = importlib.import_module("table2")
-    finally:
-        sys.path[:] = [p for p in sys.path if p != experiments]
+    script = experiment_script()
     curve = [(0, 5.0), (450, 2.0), (550, 1.8), (1000, 1.5), (2000, 1.2345)]
     assert script.target_at(curve, 500) == 1.9  # halfway between 2.0 and 1.8
     assert script.target_at(curve, 2000) == 1.234
@@ -161,3 +148,25 @@ def test_a_new_corpus_target_and_its_T_come_from_the_no_failure_probe():
     with pytest.raises(SystemExit, match="never reaches 1.1"):
         script.first_crossing(curve, 1.1)
     assert [10_000 // k for k in script.GRANULARITY] == [500, 1000, 2000]
+
+
+def test_each_point_gets_only_the_strategy_keys_its_strategy_reads():
+    """regime() sets checkpointing's strategy.every for the whole grid; the other strategies would refuse it."""
+    script = experiment_script()
+    extra = [*script.regime(480, 4.0), "data=pydocs", "+strategy.keep=3"]
+    assert script.read_by(["strategy=checkpoint", "seed=0"], extra) == extra
+    assert script.read_by(["strategy=checkfree_plus", "seed=0"], extra) == [
+        "trainer.paper_T=480", "trainer.iterations=1920", "data=pydocs"]
+    assert script.read_by(["seed=0"], extra) == extra  # the strategy is the config's: nothing to decide on
+
+
+def experiment_script():
+    """experiments/table2.py as a module (it imports its sibling experiments/sweep.py)."""
+    import importlib
+
+    experiments = str(ROOT / "experiments")
+    sys.path.insert(0, experiments)
+    try:
+        return importlib.import_module("table2")
+    finally:
+        sys.path[:] = [p for p in sys.path if p != experiments]

@@ -172,7 +172,7 @@ def test_a_diverging_run_says_so_and_best_counts_the_initial_evaluation(small_ru
 def test_the_exported_model_has_the_runs_final_validation_loss(small_run, data_cache, tmp_path):
     """AutoModelForCausalLM.from_pretrained(run_dir / "model") computes what the pipeline computed."""
     from checkfree.data import load_corpus
-    from checkfree.export import held_out_loss
+    from checkfree.hf_export import held_out_loss
 
     cfg = small_run(strategy={"name": "checkfree_plus"})
     summary = train(cfg, tmp_path / "run")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -26,7 +27,8 @@ from typing import Any
 import torch.multiprocessing as mp
 
 from checkfree.distributed import worker as worker_module
-from checkfree.distributed.rendezvous import RendezvousError, open_store
+from checkfree.distributed.rendezvous import RendezvousError, new_secret, open_store
+from checkfree.distributed.rollcall import call_off
 from checkfree.distributed.worker import WorkerSpec, rank_of
 from checkfree.runlog import write_json_atomic
 
@@ -36,8 +38,10 @@ START_TIMEOUT_S = 300.0
 """Bound on a worker's start-up (the first start imports torch and transformers in the forkserver)."""
 
 
-class StageLost(RuntimeError):
-    """Worker processes died (or hung and were killed) while a command was in flight."""
+class WorkersDied(RuntimeError):
+    """Worker processes died (or hung and were killed) while a pool command was in flight: the pool's word,
+    with the replies of the survivors. The process engine turns it into ``checkfree.engine.StagesLost``, the
+    one word the trainer hears from any engine."""
 
     def __init__(self, stages: set[int], replies: dict[int, dict], command: str, detect_s: float) -> None:
         self.stages, self.replies, self.command, self.detect_s = set(stages), replies, command, detect_s
@@ -85,7 +89,7 @@ class WorkerPool:
 
     def start(self) -> None:
         self.store = open_store(self.spec.store_addr, self.spec.store_port, self.timeout_s)
-        self.spec = dataclasses.replace(self.spec, store_port=self.store.port)
+        self.spec = dataclasses.replace(self.spec, store_port=self.store.port, secret=new_secret())
         for stage in range(self.n_stages):
             for replica in range(self.replicas):
                 self._spawn(stage, replica, fresh=False)
@@ -94,6 +98,9 @@ class WorkerPool:
 
     def _spawn(self, stage: int, replica: int, fresh: bool) -> Handle:
         spec = dataclasses.replace(self.spec, stage=stage, replica=replica, fresh=fresh)
+        # The control pipe pickles (commands, replies, the spec with the run's secret): it is an anonymous
+        # socket pair between this process and its own child, which no other process can open. What stage
+        # processes send each other over the network never is (``transfer``, ``headers``).
         parent, child = self.ctx.Pipe(duplex=True)
         process = self.ctx.Process(target=worker_module.main, args=(child, spec), daemon=True,
                                    name=f"checkfree-stage{stage}-replica{replica}")
@@ -107,10 +114,10 @@ class WorkerPool:
 
     def _await_hello(self, ranks: list[int], replacing: bool = False) -> None:
         """Wait for the new processes' hello. A replacement that dies while starting is a stage lost during the
-        recovery (``StageLost``: the supervisor adds it to the recovery); at the first start it is an error."""
+        recovery (``WorkersDied``: the supervisor adds it to the recovery); at the first start it is an error."""
         try:
             replies = self.request({r: None for r in ranks}, "start", deadline=time.perf_counter() + START_TIMEOUT_S)
-        except StageLost as lost:
+        except WorkersDied as lost:
             if replacing:
                 raise
             codes = {self.handles[r].stage: self.handles[r].process.exitcode for r in ranks}
@@ -125,8 +132,9 @@ class WorkerPool:
         """A new generation of the process group with every current worker; returns the seconds it took."""
         start = time.perf_counter()
         self.generation += 1
-        replies = self.request({r: {"cmd": "rendezvous", "generation": self.generation} for r in self.handles},
-                               "rendezvous")
+        generation = self.generation
+        replies = self.request({r: {"cmd": "rendezvous", "generation": generation} for r in self.handles},
+                               "rendezvous", on_loss=lambda: call_off(self.store, generation, self.spec.secret))
         errors = [reply["error"] for reply in replies.values() if "error" in reply]
         if errors:
             raise RendezvousError(f"generation {self.generation} of the rendezvous at {self.spec.store_addr}:"
@@ -196,8 +204,16 @@ class WorkerPool:
                 handle.process.join(5)
             handle.conn.close()
         self.handles = {}
-        self.write_workers()
+        self.write_last_workers()
         self.store = None
+
+    def write_last_workers(self) -> None:
+        """workers.json as the run leaves it; none at all when no worker was ever started (an unreachable
+        cluster): an empty list would only suggest there was something to look at."""
+        if self.history:
+            self.write_workers()
+        else:
+            (self.run_dir / "workers.json").unlink(missing_ok=True)
 
     def write_workers(self) -> None:
         if not self.run_dir.exists():
@@ -218,10 +234,13 @@ class WorkerPool:
 
     # --- commands ----------------------------------------------------------------------------------
 
-    def request(self, messages: dict[int, dict | None], command: str, deadline: float | None = None) -> dict[int, dict]:
+    def request(self, messages: dict[int, dict | None], command: str, deadline: float | None = None,
+                on_loss: Callable[[], Any] | None = None) -> dict[int, dict]:
         """Send each rank its message (None: just wait for a reply) and collect one reply per rank.
 
-        Raises ``StageLost`` naming the stages whose processes are gone once every other rank has replied.
+        ``on_loss`` runs once, the moment the first process is seen gone, to release the others from waiting
+        on it (the rendezvous calls its generation off). Raises ``WorkersDied`` naming the stages whose processes
+        are gone once every other rank has replied.
         """
         replies: dict[int, dict] = {}
         dead: set[int] = set()
@@ -229,7 +248,7 @@ class WorkerPool:
         gone = {rank for rank, message in messages.items()
                 if message is not None and self.handles[rank].process.exitcode is not None}
         if gone:  # died while idle: say so before the others start waiting on it
-            raise StageLost({self.handles[r].stage for r in gone}, {}, command, 0.0)
+            raise WorkersDied({self.handles[r].stage for r in gone}, {}, command, 0.0)
         for rank, message in messages.items():
             if message is None:
                 continue
@@ -239,6 +258,9 @@ class WorkerPool:
                 dead.add(rank)
         pending = {rank for rank in messages if rank not in dead}
         while pending:
+            if dead and on_loss is not None:
+                on_loss()
+                on_loss = None
             if dead or any(r.get("aborted") or "error" in r for r in replies.values()):
                 first_trouble = first_trouble or time.perf_counter()
                 trouble_deadline = first_trouble + self.timeout_s + GRACE_S
@@ -265,7 +287,7 @@ class WorkerPool:
                 pending.clear()
         if dead:
             detect_s = time.perf_counter() - first_trouble if first_trouble is not None else 0.0
-            raise StageLost({self.handles[r].stage for r in dead}, replies, command, detect_s)
+            raise WorkersDied({self.handles[r].stage for r in dead}, replies, command, detect_s)
         return replies
 
     def _wait(self, handles: list[Handle], timeout: float) -> tuple[list[Handle], list[Handle]]:

@@ -11,10 +11,14 @@ the processes over a new generation of the process group.
   during the commit has missed only its own step, so the survivors' step stands.
 * ``lose`` makes a stage's processes exit for real (the failure model's loss); ``execute`` starts
   replacements, re-forms the group and has the survivors send what the plan says. A stage lost while that
-  is under way raises ``StagesLost`` too, and the trainer re-plans with it (a cascade).
+  is under way raises ``StagesLost`` too, and the trainer re-plans with it (a cascade). A rank lost while the
+  others wait to form the new group calls that generation off (``rollcall``), so nobody waits out the timeout.
+* So does a stage lost between iterations (the resumable save's ``get_state``, the export, the last
+  validation): the trainer recovers it as lost at the start of the next iteration and asks again.
 
 Each report's ``process`` holds the recovery's wall-clock anatomy (``detect_s``, ``respawn_s``,
-``rendezvous_s``, ``transfer_s``), the old and new PIDs and, on Ray, the nodes.
+``rendezvous_s``, ``transfer_s`` of its last attempt; ``attempts``), the old and new PIDs and, on Ray, the
+nodes; its ``wall_s`` runs from its first attempt, so a cascade's aborted attempts count.
 """
 
 from __future__ import annotations
@@ -29,13 +33,16 @@ import torch
 from checkfree.checkpoints import CheckpointStore, DamagedCheckpoint
 from checkfree.compute import StepResult
 from checkfree.config import EngineConfig
-from checkfree.distributed.cluster import StageLost, WorkerError, WorkerPool, raise_errors
+from checkfree.distributed.cluster import WorkerError, WorkerPool, WorkersDied, raise_errors
 from checkfree.distributed.launchers import make_pool
 from checkfree.distributed.programs import replica_micro_batches
 from checkfree.distributed.worker import WorkerSpec, from_bytes, rank_of, to_bytes
 from checkfree.engine import Outcome, StagesLost
 from checkfree.plan import REPLICA, Held, RecoveryPlan, Traffic, Upkeep, rebuild_report, rollback_reports
 from checkfree.schedule import Schedule
+
+REPLACE_ATTEMPTS = 5
+"""Losses in a row while a saved state is set (on resume) before the run gives up."""
 
 
 class ProcessEngine:
@@ -49,6 +56,9 @@ class ProcessEngine:
         self.pool: WorkerPool | None = None
         self.store: CheckpointStore | None = None
         self.detect_s = 0.0
+        self.recovering_since: float | None = None
+        """When the first attempt of the recovery under way began (a cascade re-plans and executes again)."""
+        self.attempts = 0
 
     def start(self, run_dir: Path | str, fresh: bool = True) -> None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)  # workers.json lists the processes from the start
@@ -66,7 +76,7 @@ class ProcessEngine:
         """Replica 0 of every stage: the pipeline that validates, reports and saves."""
         return [rank_of(k, 0, self.n_stages) for k in range(self.n_stages)]
 
-    def lost(self, exc: StageLost, result: StepResult | None = None) -> StagesLost:
+    def lost(self, exc: WorkersDied, result: StepResult | None = None) -> StagesLost:
         """The pool's news for the trainer; its detection time goes into the recovery that follows."""
         self.detect_s = exc.detect_s
         return StagesLost(exc.stages, exc.command, exc.detect_s, result)
@@ -87,7 +97,7 @@ class ProcessEngine:
             }
         try:
             ready = pool.request(messages, "step")
-        except StageLost as exc:
+        except WorkersDied as exc:
             self._abort(exc.replies)
             raise self.lost(exc) from None
         if any("ready" not in reply for reply in ready.values()):
@@ -109,7 +119,7 @@ class ProcessEngine:
             return result
         try:
             committed = pool.request({rank: {"cmd": "commit"} for rank in ready}, "commit")
-        except StageLost as exc:  # the survivors stepped: their step stands, the lost stage is rebuilt now
+        except WorkersDied as exc:  # the survivors stepped: their step stands, the lost stage is rebuilt now
             self._note_commit(exc.replies)
             raise self.lost(exc, result) from None
         raise_errors(committed, pool.handles, "commit")
@@ -130,7 +140,7 @@ class ProcessEngine:
         if holding:
             try:
                 self.pool.request({rank: {"cmd": "abort"} for rank in holding}, "abort")
-            except StageLost:
+            except WorkersDied:
                 pass  # recovery follows anyway; whoever died here is replaced with the others
 
     # --- validation ----------------------------------------------------------------------------------
@@ -150,7 +160,7 @@ class ProcessEngine:
             "targets": sequences[:, 1:].numpy() if k == last else None} for k in range(self.n_stages)}
         try:
             replies = self.pool.request(messages, "eval")
-        except StageLost as exc:
+        except WorkersDied as exc:
             raise self.lost(exc) from None
         raise_errors(replies, self.pool.handles, "eval")
         return replies[rank_of(last, 0, self.n_stages)]
@@ -160,7 +170,10 @@ class ProcessEngine:
         messages = {rank_of(k, 0, self.n_stages): {"cmd": "probe", "order": tuple(order),
                                                    "inputs": input_ids.numpy() if k == 0 else None,
                                                    "size": input_ids.shape[0]} for k in range(self.n_stages)}
-        replies = self.pool.broadcast_each(messages, "probe")
+        try:
+            replies = self.pool.broadcast_each(messages, "probe")
+        except WorkersDied as exc:
+            raise self.lost(exc) from None
         outputs = sorted(entry for reply in replies.values() for entry in reply["outputs"])
         return next((stage for _, stage, finite in outputs if not finite), None)
 
@@ -176,7 +189,12 @@ class ProcessEngine:
         return sum(self.held)
 
     def _gather(self) -> list[dict[str, Any]]:
-        replies = self.pool.broadcast("get_state", ranks=self.first_ranks())
+        """Replica 0's whole state of every stage (a resumable save, the export); a stage lost meanwhile is a
+        ``StagesLost`` like any other, and the trainer recovers it and asks again."""
+        try:
+            replies = self.pool.broadcast("get_state", ranks=self.first_ranks())
+        except WorkersDied as exc:
+            raise self.lost(exc) from None
         return [from_bytes(replies[rank]["state"]) for rank in self.first_ranks()]
 
     def stage_states(self) -> list[dict[str, torch.Tensor]]:
@@ -191,7 +209,10 @@ class ProcessEngine:
 
     def execute(self, plan: RecoveryPlan, progress: int) -> Outcome:
         """Replace the lost stages' processes, re-form the group, then move what the plan says."""
-        pool, start = self.pool, time.perf_counter()
+        pool = self.pool
+        # A cascade's earlier attempts are part of this recovery's wall time: the record says what it really took.
+        start = self.recovering_since = self.recovering_since or time.perf_counter()
+        self.attempts += 1
         old = {k: pool.describe(k) for k in plan.lost}
         try:
             pool.kill(list(plan.lost))  # replicas of a lost stage that still run are lost with it
@@ -209,17 +230,17 @@ class ProcessEngine:
                     self.lrs[pool.handles[rank].stage] = reply["lr"]
                 reports = [rebuild_report(plan, r, replies[rank_of(r.stage, 0, self.n_stages)]["received_bytes"])
                            for r in plan.rebuilds]
-        except StageLost as exc:
+        except WorkersDied as exc:
             raise self.lost(exc) from None
         transfer_s = time.perf_counter() - t
         wall = time.perf_counter() - start
         for report in reports:
             report.wall_s = wall
             report.process = {"detect_s": self.detect_s, "respawn_s": respawn_s, "rendezvous_s": rendezvous_s,
-                              "transfer_s": transfer_s, "generation": pool.generation,
+                              "transfer_s": transfer_s, "generation": pool.generation, "attempts": self.attempts,
                               **{f"old_{k}": v for k, v in old[report.stage].items()},
                               **{f"new_{k}": v for k, v in pool.describe(report.stage).items()}}
-        self.detect_s = 0.0
+        self.detect_s, self.recovering_since, self.attempts = 0.0, None, 0
         return Outcome(reports, restored)
 
     def _load_checkpoint(self, checkpoint: Path, meta: dict[str, Any]) -> None:
@@ -239,7 +260,7 @@ class ProcessEngine:
             try:
                 replies = self.pool.broadcast("upkeep", refresh=list(upkeep.refresh),
                                               checkpoint=str(directory) if directory is not None else None)
-            except StageLost as exc:
+            except WorkersDied as exc:
                 raise self.lost(exc) from None
             self._note_held(replies)
             for rank in self.first_ranks():
@@ -268,13 +289,29 @@ class ProcessEngine:
                 "held": held, "checkpoints": self.store.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Every process takes its stage's part of a saved state. A process lost meanwhile loses nothing (the
+        whole state comes from the file): it is replaced and the state set again, with no recovery."""
         messages = {}
         for rank, handle in self.pool.handles.items():
             k = handle.stage
             held = [(key, copy) for key, copy in state["held"] if Held(*key).holder == k]
             messages[rank] = {"cmd": "set_state", "state": to_bytes(
                 {"weights": state["stages"][k], "optimizer": state["optimizers"][k], "held": held})}
-        replies = self.pool.broadcast_each(messages, "set_state")
+        lost: set[int] = set()
+        for _ in range(REPLACE_ATTEMPTS):
+            try:
+                if lost:
+                    self.pool.kill(sorted(lost))
+                    self.pool.respawn(sorted(lost))
+                    self.pool.rendezvous()
+                    lost = set()
+                replies = self.pool.broadcast_each(messages, "set_state")
+                break
+            except WorkersDied as exc:
+                lost |= exc.stages
+        else:
+            raise WorkerError(f"stage processes {sorted(lost)} were lost {REPLACE_ATTEMPTS} times in a row while "
+                              "the saved state was being set; giving up.")
         for rank, reply in replies.items():
             self.lrs[self.pool.handles[rank].stage] = reply["lr"]
         self._note_held(replies)

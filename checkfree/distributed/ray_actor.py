@@ -4,7 +4,8 @@ The actor runs ``worker.serve`` in one thread of its own, fed through a mailbox:
 the command in and returns the worker's reply, so every command runs on the same thread (CUDA's current
 device and the process group stay where the stage set them up). ``watch`` never returns: the pool holds
 its result as the actor's sentinel, which Ray resolves with an error the moment the actor is gone (the
-``die`` command's ``os._exit``, a SIGKILL from outside, ``ray.kill``, its node lost).
+``ray.kill`` of an injected failure, the ``die`` command's ``os._exit``, a SIGKILL from outside, its node
+lost).
 
 An actor exists before it has a stage: created without one it is a *standby*, a process that has imported
 torch and transformers and waits, so that a replacement on its node starts in a fraction of a second

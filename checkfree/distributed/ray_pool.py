@@ -8,12 +8,16 @@ replica where that has one OS process.
 * Placement: a placement group with one bundle per actor (``engine.ray.placement``: SPREAD by default, so
   the stages land on different nodes where there are nodes to spread over); rank ``r`` runs in bundle ``r``.
 * Rendezvous: the supervisor hosts the TCP store on its own Ray node address (127.0.0.1 for a local Ray),
-  which every node of the cluster can reach.
+  which every node of the cluster can reach, and on no other interface; its keys carry the run's secret,
+  which each actor gets in the spec of its ``start`` call (Ray's channel, trusted as Ray trusts its network).
 * Detection: every actor has a call in flight that never returns (``watch``); Ray fails it the moment the
-  actor is gone (the ``die`` command, a SIGKILL from outside, ``ray.kill``, its node lost). It is the
-  actor's sentinel, as the process sentinel is for ``WorkerPool``, so ``request`` raises ``StageLost`` with
+  actor is gone (``ray.kill``, a crash, a SIGKILL from outside, its node lost). It is the
+  actor's sentinel, as the process sentinel is for ``WorkerPool``, so ``request`` raises ``WorkersDied`` with
   the same bounds (after the first loss the others answer within ``engine.timeout_s`` + ``GRACE_S`` or are
   killed and counted as lost).
+* Injected failures: ``kill`` ends the actors with ``ray.kill``, which Ray keeps quiet about, so that its
+  'A worker died or was killed' warning on the terminal is left to the deaths we did not cause (ours are in
+  metrics.jsonl).
 * Replacement: a new actor in the lost one's bundle while that bundle is on a live node (Ray moves the
   bundles of a lost node when another node has room); otherwise outside the group, wherever there is room,
   within ``engine.ray.start_timeout_s``. With ``engine.ray.standby`` each node that hosts a stage keeps one
@@ -27,11 +31,15 @@ replica where that has one OS process.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+import signal
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,9 +48,9 @@ from ray.util.placement_group import placement_group, placement_group_table, rem
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from checkfree.config import ConfigError, RayConfig, first_line
-from checkfree.distributed.cluster import GRACE_S, Handle, StageLost, WorkerError, WorkerPool
+from checkfree.distributed.cluster import GRACE_S, Handle, WorkerError, WorkerPool, WorkersDied
 from checkfree.distributed.ray_actor import StageActor
-from checkfree.distributed.rendezvous import open_store
+from checkfree.distributed.rendezvous import new_secret, open_store
 from checkfree.distributed.worker import WorkerSpec, rank_of
 from checkfree.runlog import write_json_atomic
 
@@ -110,7 +118,10 @@ class ActorProcess:
 
 
 class ActorChannel:
-    """The control pipe's methods over actor calls: ``send`` starts a call, ``recv`` returns its reply."""
+    """The control pipe's methods over actor calls: ``send`` starts a call, ``recv`` returns its reply.
+
+    Ray pickles these calls and their replies between nodes (cloudpickle): the channel is as trusted as the
+    Ray cluster's network, which Ray requires to be private (README: What the process engine and Ray trust)."""
 
     def __init__(self, actor: ray.actor.ActorHandle) -> None:
         self.actor = actor
@@ -157,7 +168,7 @@ class RayPool(WorkerPool):
         self._connect()
         self.spec = dataclasses.replace(self.spec, store_addr=ray.util.get_node_ip_address())
         self.store = open_store(self.spec.store_addr, self.spec.store_port, self.timeout_s)
-        self.spec = dataclasses.replace(self.spec, store_port=self.store.port)
+        self.spec = dataclasses.replace(self.spec, store_port=self.store.port, secret=new_secret())
         self._place()
         for stage in range(self.n_stages):
             for replica in range(self.replicas):
@@ -169,6 +180,11 @@ class RayPool(WorkerPool):
     def _connect(self) -> None:
         if ray.is_initialized():
             return
+        with _our_sigterm_handler():
+            self._init_ray()
+        self.owns_ray = True
+
+    def _init_ray(self) -> None:
         address = self.cfg.address
         if address is None:  # sized for every stage, whatever this machine's core count
             world = self.n_stages * self.replicas
@@ -185,7 +201,6 @@ class RayPool(WorkerPool):
                 raise RayLaunchError(f"cannot join the Ray cluster at engine.ray.address={address!r} "
                                      f"({(first_line(exc) or type(exc).__name__)}); start it with `ray start --head` (README: Many machines), "
                                      "or use engine.ray.address=null for a Ray of our own.") from exc
-        self.owns_ray = True
 
     def actor_resources(self) -> dict[str, float]:
         """What one stage actor reserves: one bundle of the placement group."""
@@ -263,7 +278,7 @@ class RayPool(WorkerPool):
     def _await_start(self, ranks: list[int], replacing: bool) -> None:
         """Wait for the hello of every actor in ``ranks``, at most ``engine.ray.start_timeout_s``.
 
-        An actor that dies meanwhile is a ``StageLost`` when replacing (the supervisor adds its stage to the
+        An actor that dies meanwhile is a ``WorkersDied`` when replacing (the supervisor adds its stage to the
         recovery), a ``WorkerError`` at the run's start. One that never came up (no node had room for it, or
         it hung) is killed and named in a ``RayLaunchError``."""
         deadline = time.perf_counter() + self.cfg.start_timeout_s
@@ -300,7 +315,7 @@ class RayPool(WorkerPool):
         if lost:
             stages = {self.handles[r].stage for r in lost}
             if replacing:
-                raise StageLost(stages, {}, "respawn", 0.0)
+                raise WorkersDied(stages, {}, "respawn", 0.0)
             raise WorkerError(f"the actor(s) of stage(s) {sorted(stages)} died while starting; see the Ray logs "
                               "(/tmp/ray/session_latest/logs on their node).")
 
@@ -320,7 +335,7 @@ class RayPool(WorkerPool):
     def respawn(self, stages: list[int]) -> float:
         """New actors (new PIDs, maybe other nodes) for every replica of ``stages``; returns the seconds.
 
-        Raises ``StageLost`` when a replacement, or any other actor, died meanwhile."""
+        Raises ``WorkersDied`` when a replacement, or any other actor, died meanwhile."""
         start = time.perf_counter()
         ranks = self.stage_ranks(stages)
         old = {rank: self.handles[rank] for rank in ranks}
@@ -331,10 +346,25 @@ class RayPool(WorkerPool):
         self._await_start(ranks, replacing=True)
         gone = {h.stage for rank, h in self.handles.items() if rank not in old and not h.process.is_alive()}
         if gone:
-            raise StageLost(gone, {}, "respawn", 0.0)
+            raise WorkersDied(gone, {}, "respawn", 0.0)
         elapsed = time.perf_counter() - start
         self._replenish_standbys()
         return elapsed
+
+    def kill(self, stages: list[int]) -> float | None:
+        """As ``WorkerPool.kill`` (every replica of ``stages`` really exits; returns the seconds until the
+        supervisor saw them gone), but by ``ray.kill`` rather than the ``die`` order: Ray takes an actor's own
+        ``os._exit`` for a crash and prints a ~600-character 'A worker died or was killed ... OOM killer'
+        warning on the driver's terminal for each injected failure, while ``ray.kill`` is an end it expects.
+        A death we did not cause (a crash, a SIGKILL from outside, a lost node) still gets Ray's warning."""
+        start = time.perf_counter()
+        targets = [self.handles[r] for r in self.stage_ranks(stages) if self.handles[r].process.is_alive()]
+        if not targets:
+            return None
+        for handle in targets:
+            handle.process.kill()
+        self._await_exit(targets)
+        return time.perf_counter() - start
 
     def _await_exit(self, handles: list[Handle], grace_s: float = GRACE_S) -> None:
         waiting = {h.process.sentinel: h for h in handles if h.process.is_alive()}
@@ -365,7 +395,7 @@ class RayPool(WorkerPool):
                 remove_placement_group(self.placement_group)
         self.handles, self.standbys = {}, {}
         self.placement_group = None
-        self.write_workers()
+        self.write_last_workers()
         self.store = None
         if self.owns_ray:
             ray.shutdown()
@@ -408,6 +438,19 @@ class RayPool(WorkerPool):
         answered = {h.rank for h in replied}
         gone = [h for ref, h in sentinels.items() if ref in ready and h.rank not in answered]
         return replied, gone
+
+
+@contextlib.contextmanager
+def _our_sigterm_handler() -> Iterator[None]:
+    """Keep the run's SIGTERM handler over ``ray.init``, which puts in its own (``sys.exit(15)``): with it a
+    SIGTERM ended the run with exit status 15 and a summary saying "error" instead of 143 and "interrupted".
+    The Ray we started is stopped all the same, by ``shutdown`` as the run ends."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _our_pythonpath() -> str:

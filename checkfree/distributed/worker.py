@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +36,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkfree.checkpoints import CheckpointStore, DamagedCheckpoint
-from checkfree.compute import StageCompute, causal_lm_loss, nbytes, per_sequence_loss
+from checkfree.checkpoints import CheckpointStore, DamagedCheckpoint, nbytes
+from checkfree.compute import StageCompute, causal_lm_loss, per_sequence_loss
 from checkfree.config import first_line
 from checkfree.distributed.programs import message_tag, replica_micro_batches, stage_program
 from checkfree.distributed.rendezvous import connect_store, is_loopback, join_generation
+from checkfree.distributed.rollcall import CalledOff, answer
 from checkfree.distributed.transfer import Pending, isend_state, recv_state, wire_device
-from checkfree.model import ModelConfig, Stage
-from checkfree.pipeline import blame
+from checkfree.model import Stage
 from checkfree.plan import Held, RecoveryPlan
-from checkfree.routes import in_order, route
+from checkfree.presets import ModelConfig
+from checkfree.routes import blame, in_order, route
 from checkfree.schedule import build_schedule
 
 # Tags of whole-state transfers (activation tags come from programs.message_tag and never collide with
@@ -84,6 +85,9 @@ class WorkerSpec:
     threads: int = 1
     local_rank: int | None = None
     """The process's index on its machine, for picking a GPU; None: rank % GPUs."""
+    secret: str = field(default="", repr=False)
+    """The run's rendezvous secret (``rendezvous.new_secret``), set by the pool when it starts: it reaches a
+    worker only in the spec it is spawned with, and never a log (``repr`` leaves it out)."""
 
     @property
     def n_stages(self) -> int:
@@ -161,7 +165,12 @@ class StageWorker:
         self.leave_group()
         if self.store is None:
             self.store = connect_store(spec.store_addr, spec.store_port, spec.timeout_s, f"stage {spec.stage}")
-        join_generation(self.store, generation, spec.backend, spec.rank, spec.world_size, spec.timeout_s)
+        try:
+            answer(self.store, generation, spec.world_size, spec.timeout_s, spec.secret)
+        except CalledOff as exc:  # a peer was lost before all had answered: no group to wait for
+            return {"aborted": True, "error": str(exc)}
+        join_generation(self.store, generation, spec.backend, spec.rank, spec.world_size, spec.timeout_s,
+                        spec.secret)
         if spec.replicas > 1:
             # Every rank creates every stage's group, in the same order (new_group is collective).
             for k in range(self.n):

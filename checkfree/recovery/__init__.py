@@ -4,19 +4,16 @@ Adding a strategy = one module here (a class whose ``plan`` returns a ``checkfre
 line in ``STRATEGIES`` below, ``conf/strategy/<name>.yaml`` and its test. The engines execute plans, so
 nothing else changes: the local engine and the process engine both run it as they run every other.
 
-Nothing here imports torch: a config is validated without loading any tensor library. The tensor math of
-CheckFree (``neighbour_average``, ``interpolate``, ``weighted_state``) is re-exported lazily from
-``checkfree.averaging``.
+Nothing here imports torch: a config is validated without loading any tensor library. Strategies decide
+(the scalar rules are ``checkfree.recovery.rules``); the engines compute (``checkfree.averaging``).
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
 
-from checkfree.config import ConfigError
+from checkfree.config import ConfigError, finite
 from checkfree.recovery.base import RecoveryStrategy, StrategyConfig, UnrecoverableFailure
-from checkfree.recovery.rules import interpolation_weights, nearest_survivors, norm_weight
 
 STRATEGIES: dict[str, str] = {
     "none": "checkfree.recovery.base:RecoveryStrategy",
@@ -43,10 +40,10 @@ def strategy_class(name: str) -> type[RecoveryStrategy]:
 def validate_strategy_config(cfg: StrategyConfig, n_stages: int) -> None:
     strategy_class(cfg.name)
     checks = [
-        (_finite(cfg.lr_scale) and cfg.lr_scale > 0, "lr_scale", "a finite positive factor"),
+        (finite(cfg.lr_scale) and cfg.lr_scale > 0, "lr_scale", "a finite positive factor"),
         (cfg.norm_source in ("pre", "post"), "norm_source", "'pre' or 'post'"),
-        (_finite(cfg.norm_power) and cfg.norm_power >= 0, "norm_power", "a finite non-negative exponent"),
-        (_finite(cfg.eps) and cfg.eps > 0, "eps", "a finite positive number"),
+        (finite(cfg.norm_power) and cfg.norm_power >= 0, "norm_power", "a finite non-negative exponent"),
+        (finite(cfg.eps) and cfg.eps > 0, "eps", "a finite positive number"),
         (cfg.unrecoverable in ("error", "reinit"), "unrecoverable", "'error' or 'reinit'"),
         (cfg.edge_rule in ("none", "copy"), "edge_rule", "'none' or 'copy'"),
         (cfg.replica_sync_every >= 1, "replica_sync_every", "an integer >= 1"),
@@ -59,8 +56,25 @@ def validate_strategy_config(cfg: StrategyConfig, n_stages: int) -> None:
     strategy_class(cfg.name)(cfg).validate(n_stages)
 
 
-def _finite(x: float) -> bool:
-    return x == x and x not in (float("inf"), float("-inf"))
+def check_strategy_overrides(name: str, overrides: list[str]) -> None:
+    """Refuse a ``strategy.*`` key given on the command line that strategy ``name`` does not read: with
+    ``+strategy.every=5 strategy=checkfree_plus`` the user believes checkpoints are taken every 5 iterations
+    while nothing reads the key. (Keys a sweep file sets for all of its strategies are not refused: the file
+    says once what each strategy that reads them should use.)"""
+    cls = strategy_class(name)
+    for override in overrides:
+        if override.startswith("~") or "=" not in override:
+            continue  # a deletion, or a flag
+        key, value = override.lstrip("+").split("=", 1)
+        if not key.startswith("strategy.") or key in ("strategy.name", "strategy"):
+            continue
+        leaf = key.split(".", 1)[1]
+        if leaf in cls.reads or leaf not in StrategyConfig.__dataclass_fields__:
+            continue  # read; or not a key at all, which the config's conversion refuses with its own sentence
+        readers = sorted(n for n in STRATEGIES if leaf in strategy_class(n).reads)
+        who = f"it is read only by strategy={'|'.join(readers)}" if readers else "no strategy reads it"
+        raise ConfigError(f"{key}={value} is not read by strategy={name}: {who}, so it would be ignored; drop it "
+                          f"(strategy={name} reads {', '.join(cls.reads) or 'no strategy.* key'}).")
 
 
 def build_strategy(cfg: StrategyConfig, n_stages: int) -> RecoveryStrategy:
@@ -68,15 +82,7 @@ def build_strategy(cfg: StrategyConfig, n_stages: int) -> RecoveryStrategy:
     return strategy_class(cfg.name)(cfg)
 
 
-def __getattr__(name: str) -> Any:
-    """The tensor functions, imported (with torch) only by code that asks for them."""
-    if name in ("neighbour_average", "interpolate", "weighted_state"):
-        return getattr(importlib.import_module("checkfree.averaging"), name)
-    raise AttributeError(f"module 'checkfree.recovery' has no attribute {name!r}")
-
-
 __all__ = [
     "STRATEGIES", "StrategyConfig", "RecoveryStrategy", "UnrecoverableFailure", "build_strategy",
-    "strategy_class", "validate_strategy_config", "neighbour_average", "interpolate", "interpolation_weights",
-    "weighted_state", "norm_weight", "nearest_survivors",
+    "strategy_class", "validate_strategy_config", "check_strategy_overrides",
 ]

@@ -68,6 +68,9 @@ class RecoveryStrategy:
     min_stages = 1
     redundant_compute = False
     """True when every stage also computes its successor's step (its time is priced by the cost model)."""
+    reads: tuple[str, ...] = ()
+    """The ``strategy.*`` keys this strategy reads (besides ``name``): a key given on the command line that the
+    chosen strategy does not read is refused (``check_strategy_overrides``), as ``failure.*`` keys are."""
     table2_column = "checkfree"
     """Which of the paper's measured iteration times (its Table 2) this strategy pays under
     trainer.clock=paper_table2: checkfree | checkpointing | redundant."""

@@ -24,6 +24,7 @@ class NeighbourRecovery(RecoveryStrategy):
     plan never feeds another one: the reference leaked weights this way)."""
 
     min_stages = 3
+    reads = ("lr_scale", "unrecoverable", "edge_rule", "replica_sync_every")
 
     @property
     def keeps_replicas(self) -> bool:
@@ -129,6 +130,7 @@ class NeighbourRecovery(RecoveryStrategy):
 
 class CheckFree(NeighbourRecovery):
     name = "checkfree"
+    reads = (*NeighbourRecovery.reads, "norm_source", "norm_power", "eps")
 
 
 class CheckFreePlus(CheckFree):
@@ -137,6 +139,8 @@ class CheckFreePlus(CheckFree):
     name = "checkfree_plus"
     schedule_name = "out_of_order"
     min_stages = 4
+    # Its edges are always copied from their swap partner: edge_rule means nothing to it.
+    reads = tuple(key for key in CheckFree.reads if key != "edge_rule")
 
     @property
     def keeps_replicas(self) -> bool:

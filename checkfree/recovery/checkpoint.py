@@ -26,6 +26,7 @@ from checkfree.recovery.base import RecoveryStrategy
 
 class CheckpointRollback(RecoveryStrategy):
     name = "checkpoint"
+    reads = ("every", "keep")
     table2_column = "checkpointing"
 
     def setup(self, view: RunView) -> Upkeep:

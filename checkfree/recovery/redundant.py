@@ -17,6 +17,7 @@ from checkfree.recovery.base import RecoveryStrategy, UnrecoverableFailure
 
 class RedundantComputation(RecoveryStrategy):
     name = "redundant"
+    reads = ("unrecoverable",)
     min_stages = 2  # with one stage there is no other node to hold the shadow
     redundant_compute = True
     table2_column = "redundant"

@@ -1,0 +1,17 @@
+"""``none`` — nothing fails (the no-failure baseline)."""
+
+from __future__ import annotations
+
+from checkfree.failure_models.base import FailureConfig, FailureEvent, FailureModel
+
+
+class NoFailures(FailureModel):
+    @classmethod
+    def build(cls, cfg: FailureConfig, n_stages: int, stages: list[int], seed: int) -> NoFailures:
+        return cls()
+
+    def events(self, iteration: int, t_start: float, t_end: float) -> list[FailureEvent]:
+        return []
+
+
+MODEL = NoFailures
