@@ -90,7 +90,7 @@ def build_run(cfg: RunConfig, run_dir: Path) -> Run:
     from checkfree.data import load_corpus
     from checkfree.lifecycle import Run
     from checkfree.resume import check_resume
-    from checkfree.trainer import Trainer
+    from checkfree.trainer import RunParts, Trainer
 
     resume_state = None
     if cfg.trainer.resume:
@@ -103,12 +103,14 @@ def build_run(cfg: RunConfig, run_dir: Path) -> Run:
     corpus = load_corpus(cfg.data, cfg.model.seq_len, batch_seed=cfg.seed)
     check_vocab(cfg.model, cfg.data, tokenizer_size=corpus.vocab_size)  # a pretrained tokenizer: known only now
     model = cfg.model.with_vocab(corpus.vocab_size)
-    engine = build_engine(cfg, model, device)
-    return Run(Trainer(cfg, engine, corpus, model, run_dir), resume_state)
+    parts = RunParts.build(cfg, model)  # strategy, schedule, failure model and clock: once
+    engine = build_engine(cfg, model, device, parts.strategy.schedule_name)
+    return Run(Trainer(cfg, engine, corpus, model, run_dir, parts), resume_state)
 
 
-def build_engine(cfg: RunConfig, model: ModelConfig, device):
-    """``engine=local``: every stage in this process; otherwise one process per stage x replica."""
+def build_engine(cfg: RunConfig, model: ModelConfig, device, schedule: str | None = None):
+    """``engine=local``: every stage in this process; otherwise one process per stage x replica, which train
+    with ``schedule`` (the strategy's; worked out from the config when not given)."""
     import torch
 
     autocast = torch.bfloat16 if cfg.trainer.precision == "bf16" else None
@@ -128,7 +130,7 @@ def build_engine(cfg: RunConfig, model: ModelConfig, device):
     spec = WorkerSpec(
         stage=0, replica=0, model=model, seed=cfg.seed, lr=cfg.trainer.lr, clip=cfg.trainer.clip,
         precision=cfg.trainer.precision, compile=cfg.trainer.compile, device=device.type,
-        schedule=strategy_class(cfg.strategy.name).schedule_name,
+        schedule=schedule or strategy_class(cfg.strategy.name).schedule_name,
         pipeline=cfg.network.pipeline, micro_batches=cfg.trainer.micro_batches,
         micro_batch_size=cfg.trainer.micro_batch_size, replicas=cfg.engine.replicas,
         backend=pick_backend(cfg.engine, device, world), store_addr=cfg.engine.master_addr,

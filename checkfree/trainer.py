@@ -31,9 +31,9 @@ from checkfree.failures import FailureDraws
 from checkfree.guard import check
 from checkfree.plan import Held, RecoveryPlan, RecoveryReport, RunView, Traffic, Upkeep
 from checkfree.presets import ModelConfig
-from checkfree.recovery import build_strategy
+from checkfree.recovery import RecoveryStrategy, build_strategy
 from checkfree.runconfig import RunConfig
-from checkfree.schedule import build_schedule
+from checkfree.schedule import Schedule, build_schedule
 
 MAX_ATTEMPTS = 5
 """A step (or validation) interrupted by stage losses more often than this in a row stops the run."""
@@ -76,14 +76,31 @@ def new_record(iteration: int) -> dict:
             "lost_work_sim_s": 0.0, "failure_times_s": []}
 
 
+@dataclass
+class RunParts:
+    """What a run is made of besides its engine and data, built once from its validated config
+    (``train.build_run``): the engine takes its schedule from the same strategy the trainer asks."""
+
+    strategy: RecoveryStrategy
+    schedule: Schedule
+    failures: FailureDraws
+    clock: Clock
+
+    @classmethod
+    def build(cls, cfg: RunConfig, model: ModelConfig) -> RunParts:
+        n = model.n_stages
+        strategy = build_strategy(cfg.strategy, n)
+        return cls(strategy, build_schedule(strategy.schedule_name, n), FailureDraws(cfg.failure, n, cfg.seed),
+                   Clock(cfg, model, strategy))
+
+
 class Trainer:
-    def __init__(self, cfg: RunConfig, engine: Engine, corpus: Corpus, model: ModelConfig, run_dir: Path) -> None:
-        n = engine.n_stages
+    def __init__(self, cfg: RunConfig, engine: Engine, corpus: Corpus, model: ModelConfig, run_dir: Path,
+                 parts: RunParts | None = None) -> None:
         self.cfg, self.engine, self.corpus, self.model, self.run_dir = cfg, engine, corpus, model, Path(run_dir)
-        self.strategy = build_strategy(cfg.strategy, n)
-        self.schedule = build_schedule(self.strategy.schedule_name, n)
-        self.failures = FailureDraws(cfg.failure, n, cfg.seed)
-        self.clock = Clock(cfg, model, self.strategy)
+        parts = parts if parts is not None else RunParts.build(cfg, model)
+        self.strategy, self.schedule, self.failures, self.clock = (parts.strategy, parts.schedule, parts.failures,
+                                                                   parts.clock)
         self.totals = Totals()
         self.iteration_no, self.progress = 0, 0
         self.grad_norm: list[float] | None = None
