@@ -8,8 +8,9 @@ non-finite outputs and applies a recovery plan's ``Rebuild``. That is what keeps
 equal: there is only one copy of each of these rules. With ``trainer.compile`` a training visit's ops run
 through ``torch.compile`` instead (``compiled_ops``): the same math up to float rounding, compiled once.
 
-State travels in one nested format (see ``checkfree.plan``): ``{"weights": state_dict}`` for a (de)embedding
-replica, ``{"weights": ..., "optimizer": ...}`` for a shadow or a checkpoint shard.
+State travels in one nested format (see ``checkfree.plan``): ``{"weights": state_dict}`` for weights only (a
+(de)embedding replica), ``{"weights": ..., "optimizer": ...}`` for a whole state (a shadow, a snapshot, a
+checkpoint shard).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from checkfree.averaging import weighted_state
 from checkfree.model import Stage
-from checkfree.plan import REPLICA, ZERO_DOWN_PROJ, Rebuild
+from checkfree.plan import EDGES, WEIGHTS, ZERO_DOWN_PROJ, Held, Rebuild
 from checkfree.routes import BODY, EMBED, HEAD
 
 State = dict[str, Any]
@@ -220,9 +221,12 @@ class StageCompute:
         self.optimizer = self._adam(self.lr)
         self.optimizer.load_state_dict(clone_state(state["optimizer"]))
 
-    def held_copy(self, kind: str) -> State:
-        """What a holder keeps of this stage: its (de)embedding (a replica), or everything (a shadow)."""
-        return {"weights": self.stage.edge_state()} if kind == REPLICA else self.state()
+    def held_copy(self, held: Held) -> State:
+        """What ``held``'s holder keeps of this stage: its (de)embedding, its weights, or its whole state."""
+        holds = held.what.holds
+        if holds == EDGES:
+            return {"weights": self.stage.edge_state()}
+        return {"weights": self.stage.state_dict()} if holds == WEIGHTS else self.state()
 
     @torch.no_grad()
     def apply(self, rebuild: Rebuild, bodies: list[dict[str, torch.Tensor]], restored: State | None) -> None:

@@ -207,6 +207,9 @@ class NetworkConfig:
     """Latency of the external (never failing) checkpoint storage."""
     storage_bandwidth_Bps: float = 500e6 / 8
     """Each node's bandwidth to storage, bytes/s: 500 Mb/s (Gensyn blog: a 70B checkpoint takes >20 min)."""
+    host_bandwidth_Bps: float = 16e9
+    """A node's device -> host memory copy, bytes/s (16 GB/s: PCIe 4.0 x16 in practice). What a step waits for
+    when a snapshot of its stage is taken; sending it on to a peer overlaps training."""
     replacement_delay_s: float = 30.0
     """Time to detect a failure and bring a replacement node up, charged on every recovery alike."""
     redundant_backward: bool = True
@@ -226,7 +229,7 @@ def validate_network_config(cfg: NetworkConfig, n_stages: int) -> None:
     require(cfg.device in devices, "network.device", cfg.device, f"allowed: {devices}")
     require(cfg.dtype_bytes in (1, 2, 4), "network.dtype_bytes", cfg.dtype_bytes, "allowed: 1, 2 or 4")
     require(cfg.pipeline in PIPELINES, "network.pipeline", cfg.pipeline, f"allowed: {list(PIPELINES)}")
-    for key in ("bandwidth_Bps", "storage_bandwidth_Bps"):
+    for key in ("bandwidth_Bps", "storage_bandwidth_Bps", "host_bandwidth_Bps"):
         value = getattr(cfg, key)
         require(value > 0, f"network.{key}", value, "must be a positive number of bytes per second")
     for key in ("latency_s", "storage_latency_s", "replacement_delay_s"):
@@ -448,6 +451,19 @@ class CostModel:
             return delay
         share = n_bytes / len(sources)
         return delay + max(p2p_seconds(share, stage_link(self.network, src, stage)) for src in sources)
+
+    def background_seconds(self, copies: dict[tuple[int, int], int], window_s: float) -> float:
+        """The stall of copies sent in the background (snapshots to a peer's RAM), all owners in parallel.
+
+        Each owner waits for its copy to reach host memory (``bytes / host_bandwidth_Bps``), then sends it to
+        the holder over their link while training goes on. The send must end before the next refresh of the
+        same copy begins (CheckFreq's rule: one in flight at a time), ``window_s`` later: what it needs beyond
+        that window stalls the run. So a stage's stall is ``host copy + max(0, send - window)``; the slowest
+        owner sets the run's."""
+        stalls = [n / self.network.host_bandwidth_Bps
+                  + max(0.0, p2p_seconds(n, stage_link(self.network, a, b)) - window_s)
+                  for (a, b), n in copies.items() if n > 0]
+        return max(stalls, default=0.0)
 
     def overhead_seconds(self, overhead: StepOverhead) -> float:
         """Checkpoint upload (largest shard, stages in parallel) + replica syncs (in parallel: max)."""

@@ -23,7 +23,7 @@ from checkfree.checkpoints import CheckpointStore, nbytes
 from checkfree.compute import StageCompute, StepResult, causal_lm_loss, per_sequence_loss, refresh_into
 from checkfree.engine import Outcome
 from checkfree.model import Stage
-from checkfree.plan import REPLICA, Held, RecoveryPlan, Traffic, Upkeep, rebuild_report, rollback_reports
+from checkfree.plan import Held, RecoveryPlan, Traffic, Upkeep, rebuild_report, rollback_reports, sent_into
 from checkfree.routes import blame, route
 from checkfree.schedule import Schedule
 
@@ -178,7 +178,7 @@ class LocalEngine:
         self.held = {h: copy for h, copy in self.held.items() if h.holder not in self.lost}
 
     def execute(self, plan: RecoveryPlan, progress: int) -> Outcome:
-        if plan.rollback:
+        if plan.reads_storage:
             start = time.perf_counter()
             restored = self.store.restore(self._load_checkpoint)
             reports = rollback_reports(plan, progress, restored)
@@ -205,22 +205,22 @@ class LocalEngine:
             report.bytes_moved += sum(self._refresh(held) for held in rebuild.fetch)
         for held in plan.refresh:
             self._refresh(held)
-        return Outcome(reports)
+        # A rollback from memory rebuilds the survivors too (each from its snapshot): only the lost are reported.
+        return Outcome([report for report in reports if report.stage in plan.lost])
 
     def upkeep(self, upkeep: Upkeep, meta: dict[str, Any]) -> Traffic:
         traffic = Traffic()
         for held in upkeep.refresh:
-            n_bytes = self._refresh(held)
-            if held.kind == REPLICA:
-                traffic.sent[(held.owner, held.holder)] = n_bytes
+            sent_into(traffic, held, self._refresh(held))
         if upkeep.checkpoint:
             traffic.shard_bytes = self._save_checkpoint(meta, upkeep.keep)
         return traffic
 
     def _refresh(self, held: Held) -> int:
-        """Make the holder's copy of the owner anew (in place when it exists); returns its bytes."""
-        self.held[held] = refresh_into(self.held.get(held), self.computes[held.owner].held_copy(held.kind))
-        return nbytes(self.held[held])
+        """Make the holder's copy of the owner anew (in place when it exists); returns the bytes the holder
+        received (none for a copy in the owner's own host memory)."""
+        self.held[held] = refresh_into(self.held.get(held), self.computes[held.owner].held_copy(held))
+        return nbytes(self.held[held]) if held.holder != held.owner else 0
 
     def _save_checkpoint(self, meta: dict[str, Any], keep: int) -> list[int]:
         with self.store.writing(meta["progress"]) as tmp:

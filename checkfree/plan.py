@@ -6,9 +6,11 @@ an ``Upkeep`` (copies to refresh, a checkpoint to save). The local engine applie
 process; the process engine sends them to its stage processes, which move the tensors between themselves.
 Both read the same plan, so they decide identically by construction.
 
-Held copies have one format for both engines: a nested dict of tensors, ``{"weights": state_dict}`` for a
-replica and ``{"weights": state_dict, "optimizer": optimizer_state_dict}`` for a shadow or a checkpoint
-shard (see ``checkfree.compute``).
+A held copy says what it holds, how it is kept current and where it lives (``CopyKind``); a rollback says
+where the state comes back from (``STORAGE`` or ``MEMORY``). The engines and the clock read those properties
+and never a strategy's or a kind's name. Held copies have one format for both engines: a nested dict of
+tensors, ``{"weights": state_dict}`` for weights only and ``{"weights": state_dict, "optimizer":
+optimizer_state_dict}`` for a whole state (as a checkpoint shard; see ``checkfree.compute``).
 
 Everything here is frozen and picklable, and imports nothing heavier than the standard library.
 """
@@ -19,11 +21,71 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPLICA, SHADOW = "replica", "shadow"
-"""Kinds of held copy. A *replica* is the owner's (de)embedding weights (CheckFree+); it is sent over the
-network, so its refresh is priced as traffic. A *shadow* is the owner's whole state, weights and optimizer
-(Bamboo-style redundant computation); the holder keeps it identical by computing the owner's step itself,
-so its after-step refresh moves no bytes (its cost is the redundant compute, priced by the cost model)."""
+# --- held copies: what one says about itself ---------------------------------------------------------------
+# What a copy holds:
+EDGES = "edges"
+"""The owner's embedding or head weights (a CheckFree+ replica)."""
+WEIGHTS = "weights"
+"""The owner's stage weights."""
+STATE = "state"
+"""The owner's weights and optimizer state (moments, step count, lr): enough to restore it exactly."""
+# How it is kept current:
+RECOMPUTED = "recomputed"
+"""The holder computes the owner's step itself: a refresh moves no bytes (its cost is that compute)."""
+SENT = "sent"
+"""The owner sends it: a refresh is traffic on the owner -> holder link."""
+COPIED = "copied"
+"""The owner copies it into its own host memory: no network traffic (the device -> host copy is priced with
+the snapshot it is taken for)."""
+# Where it lives:
+PEER_RAM = "peer_ram"
+"""In the memory of another stage's node (``holder``): it is lost when that node is."""
+OWN_HOST = "own_host"
+"""In the owner's own host memory (``holder == owner``): it survives what the owner's device does, not the
+owner's node."""
+
+
+@dataclass(frozen=True)
+class CopyKind:
+    """A kind of held copy, as the engines and the clock read it (they never test a kind's name)."""
+
+    name: str
+    holds: str
+    """EDGES | WEIGHTS | STATE."""
+    kept: str
+    """RECOMPUTED | SENT."""
+    lives: str = PEER_RAM
+    background: bool = False
+    """A sent copy whose transfer overlaps training (the step waits only for the owner's device -> host copy):
+    the clock charges the part of the transfer that the time until the next refresh cannot hide. Otherwise a
+    sent refresh is charged in full, as the owner waits for it."""
+
+    @property
+    def sent(self) -> bool:
+        return self.kept == SENT
+
+
+REPLICA, SHADOW, SNAPSHOT, HOST_SNAPSHOT = "replica", "shadow", "snapshot", "host_snapshot"
+"""The kinds' names (what a ``Held`` and a resume state store). A *replica* is the owner's (de)embedding
+(CheckFree+), sent, and priced as traffic. A *shadow* is the owner's whole state (Bamboo-style redundant
+computation), kept identical by computing the owner's step: no bytes move (its cost is the redundant compute).
+A *snapshot* is the owner's whole state at one step, sent in the background to a peer's RAM (in-memory
+checkpoints); a *host snapshot* is the same state in the owner's own host memory, from which a surviving stage
+rolls back without any traffic."""
+KINDS: dict[str, CopyKind] = {kind.name: kind for kind in (
+    CopyKind(REPLICA, holds=EDGES, kept=SENT),
+    CopyKind(SHADOW, holds=STATE, kept=RECOMPUTED),
+    CopyKind(SNAPSHOT, holds=STATE, kept=SENT, background=True),
+    CopyKind(HOST_SNAPSHOT, holds=STATE, kept=COPIED, lives=OWN_HOST),
+)}
+
+# --- rollbacks: where the state comes back from ------------------------------------------------------------
+STORAGE = "storage"
+"""Every stage reads its shard of the latest readable checkpoint in storage (the engine's CheckpointStore)."""
+MEMORY = "memory"
+"""Every stage restores its in-memory snapshot from a peer (the plan's rebuilds move them); the data position,
+RNG and progress come from the trainer's ``MemoryStore``."""
+ROLLBACK_SOURCES = (STORAGE, MEMORY)
 
 ZERO_DOWN_PROJ = "zero_down_proj"
 """Transform: zero every MLP ``down_proj`` weight, so each block starts as (almost) the identity."""
@@ -35,9 +97,20 @@ class Held:
     """A copy of stage ``owner``'s state that stage ``holder``'s node keeps."""
 
     kind: str
-    """REPLICA or SHADOW."""
+    """A name in ``KINDS``."""
     owner: int
     holder: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown kind of held copy {self.kind!r}; allowed: {list(KINDS)}")
+        if (self.what.lives == OWN_HOST) != (self.owner == self.holder):
+            raise ValueError(f"a {self.kind} of stage {self.owner} held by stage {self.holder}: a copy lives in "
+                             "its owner's own host memory exactly when its holder is its owner")
+
+    @property
+    def what(self) -> CopyKind:
+        return KINDS[self.kind]
 
 
 @dataclass(frozen=True)
@@ -72,8 +145,9 @@ class Rebuild:
         unknown = [t for t in self.transforms if t not in TRANSFORMS]
         if unknown:
             raise ValueError(f"unknown transform(s) {unknown}; allowed: {list(TRANSFORMS)}")
-        if self.lr is None and (self.restore is None or self.restore.kind != SHADOW):
-            raise ValueError(f"stage {self.stage}: lr=None keeps a restored optimizer, which needs a shadow")
+        if self.lr is None and (self.restore is None or self.restore.what.holds != STATE):
+            raise ValueError(f"stage {self.stage}: lr=None keeps a restored optimizer, which needs a held copy "
+                             "of the whole state")
 
     @property
     def record_sources(self) -> list[int]:
@@ -96,11 +170,24 @@ class RecoveryPlan:
     strategy: str
     lost: tuple[int, ...]
     rebuilds: tuple[Rebuild, ...] = ()
-    """One per lost stage, unless the plan rolls back (then the checkpoint restores every stage)."""
+    """One per lost stage; none for a rollback from storage (the checkpoint restores every stage); one per
+    stage, survivors included, for a rollback from memory (each restores its snapshot)."""
     refresh: tuple[Held, ...] = ()
     """Copies re-made after every rebuild (bookkeeping of the replaced nodes, not counted in any report)."""
-    rollback: bool = False
-    """Roll every stage (and the data position and RNG) back to the latest readable checkpoint."""
+    rollback: str | None = None
+    """None, or where every stage (and the data position, RNG and progress) is rolled back from: STORAGE or
+    MEMORY."""
+
+    def __post_init__(self) -> None:
+        if self.rollback is not None and self.rollback not in ROLLBACK_SOURCES:
+            raise ValueError(f"rollback={self.rollback!r}; allowed: None, {', '.join(ROLLBACK_SOURCES)}")
+        if self.rollback == STORAGE and self.rebuilds:
+            raise ValueError("a rollback from storage restores every stage from the checkpoint: no rebuilds")
+
+    @property
+    def reads_storage(self) -> bool:
+        """Every stage is restored from the checkpoint in storage (not by rebuilds)."""
+        return self.rollback == STORAGE
 
     @property
     def sources(self) -> set[int]:
@@ -118,6 +205,12 @@ class Upkeep:
     checkpoint: bool = False
     keep: int = 2
     """With ``checkpoint``: how many checkpoints storage keeps (older ones are deleted)."""
+    snapshot: bool = False
+    """The copies refreshed here are an in-memory checkpoint of every stage: the trainer keeps the run's
+    progress, data position and RNG for them (its ``MemoryStore``)."""
+    period: int = 1
+    """Iterations until these copies are refreshed again: the time a background transfer has to finish
+    before it stalls the next one (``CopyKind.background``)."""
 
     def __bool__(self) -> bool:
         return bool(self.refresh) or self.checkpoint
@@ -140,6 +233,8 @@ class RunView:
     grad_norm_post: tuple[float, ...] | None = None
     held_since: dict[Held, int] = field(default_factory=dict)
     """Progress at which each held copy was last refreshed."""
+    snapshot_progress: int | None = None
+    """Progress of the latest in-memory checkpoint (``Upkeep.snapshot``), or None when there is none."""
 
 
 @dataclass
@@ -193,11 +288,28 @@ def rollback_reports(plan: RecoveryPlan, progress_before: int, restored: dict[st
             for k in plan.lost]
 
 
+def rolled_back_in_memory(reports: list[RecoveryReport], progress_before: int, progress: int) -> None:
+    """Mark the reports of a rollback from memory (the lost stages' rebuilds): every stage went back to the
+    snapshots at ``progress``, and the steps since are lost work."""
+    for report in reports:
+        report.details = {"rolled_back_to": progress, "all_stages": True, **report.details}
+        report.lost_iterations = progress_before - progress
+
+
 @dataclass
 class Traffic:
     """What an ``Upkeep`` moved, for the clock to price."""
 
     sent: dict[tuple[int, int], int] = field(default_factory=dict)
-    """(owner, holder) -> bytes of each refreshed replica (shadows move nothing: see SHADOW)."""
+    """(owner, holder) -> bytes of each refreshed copy whose owner waits for the send (recomputed copies move
+    nothing: see RECOMPUTED)."""
+    background: dict[tuple[int, int], int] = field(default_factory=dict)
+    """(owner, holder) -> bytes of each refreshed copy sent while training goes on (``CopyKind.background``)."""
     shard_bytes: list[int] = field(default_factory=list)
     """Each stage's checkpoint shard, when a checkpoint was saved (stages upload in parallel)."""
+
+
+def sent_into(traffic: Traffic, held: Held, n_bytes: int) -> None:
+    """Count one refreshed copy's bytes as the traffic its kind makes (none for a recomputed one)."""
+    if held.what.sent:
+        (traffic.background if held.what.background else traffic.sent)[(held.owner, held.holder)] = n_bytes

@@ -29,7 +29,17 @@ from checkfree.data import Corpus
 from checkfree.engine import Engine, StagesLost
 from checkfree.failures import FailureDraws
 from checkfree.guard import check
-from checkfree.plan import Held, RecoveryPlan, RecoveryReport, RunView, Traffic, Upkeep
+from checkfree.memory_store import MemoryStore
+from checkfree.plan import (
+    MEMORY,
+    Held,
+    RecoveryPlan,
+    RecoveryReport,
+    RunView,
+    Traffic,
+    Upkeep,
+    rolled_back_in_memory,
+)
 from checkfree.presets import ModelConfig
 from checkfree.recovery import RecoveryStrategy, build_strategy
 from checkfree.runconfig import RunConfig
@@ -106,6 +116,8 @@ class Trainer:
         self.grad_norm: list[float] | None = None
         self.grad_norm_post: list[float] | None = None
         self.held_since: dict[Held, int] = {}
+        self.memory = MemoryStore()
+        """The run's position at the latest in-memory checkpoint (its snapshots are held copies on the nodes)."""
         self.start = time.perf_counter()
         self.carried: dict | None = None
         """The next iteration's record, begun early by a stage lost between two iterations (``between``)."""
@@ -131,7 +143,8 @@ class Trainer:
             # A skipped step keeps the last finite norms: CheckFree weighs neighbours by them.
             self.grad_norm, self.grad_norm_post = result.grad_norm, result.grad_norm_post
         if result.stepped and not nonfinite:  # no checkpoint, replica or shadow may ever hold a NaN
-            overhead_s = self.clock.upkeep_seconds(self.upkeep(self.strategy.after_step(self.view()), record))
+            upkeep = self.strategy.after_step(self.view())
+            overhead_s = self.clock.upkeep_seconds(self.upkeep(upkeep, record), upkeep.period)
 
         self.totals.sim_time_s += self.clock.iteration_s
         self.totals.sim_time_s += overhead_s
@@ -195,10 +208,16 @@ class Trainer:
                 lost |= more.stages
         else:
             raise RuntimeError(f"the recovery of stages {sorted(lost)} was interrupted {MAX_ATTEMPTS} times in a row")
-        if outcome.restored is not None:  # a rollback: data position, RNG and progress come back with it
-            self.corpus.train.load_state_dict(outcome.restored["data"])
-            torch.set_rng_state(outcome.restored["rng"])
-            self.progress = outcome.restored["progress"]
+        restored = outcome.restored
+        if plan.rollback == MEMORY:  # the stages restored their snapshots; the run's position is kept here
+            restored = self.memory.restore()
+            rolled_back_in_memory(outcome.reports, progress, restored["progress"])
+        if restored is not None:  # a rollback: data position, RNG and progress come back with it
+            self.corpus.train.load_state_dict(restored["data"])
+            torch.set_rng_state(restored["rng"])
+            self.progress = restored["progress"]
+        if plan.reads_storage:  # an in-memory checkpoint newer than the state rolled back to is a future the run
+            self.memory.clear()  # no longer has; one as old lacks the lost stages' copies: none is usable
         self.refreshed(plan)
         for report in outcome.reports:
             report.sim_seconds = self.clock.recovery_seconds(report)
@@ -219,10 +238,15 @@ class Trainer:
     def upkeep(self, upkeep: Upkeep, record: dict | None = None) -> Traffic:
         """Refresh held copies / save a checkpoint; the copies it refreshed are now current. (After a rollback
         the state it was for is gone: nothing left to keep.)"""
+        progress = self.progress
+        if upkeep.snapshot:  # half-refreshed snapshots are no checkpoint: until all are, there is none
+            self.memory.clear()
         traffic = self.survive(lambda: self.engine.upkeep(upkeep, self.checkpoint_meta()), record,
                                rolled_back=Traffic)
         for held in upkeep.refresh:
             self.held_since[held] = self.progress
+        if upkeep.snapshot and self.progress == progress:  # not when a rollback meanwhile made it moot
+            self.memory.commit(self.checkpoint_meta())
         return traffic
 
     def survive(self, call, record: dict | None, attempt_s: float = 0.0, rolled_back=None):
@@ -285,7 +309,7 @@ class Trainer:
         norms, post = self.grad_norm, self.grad_norm_post
         return RunView(self.engine.n_stages, self.iteration_no, self.progress, self.cfg.seed, self.cfg.trainer.lr,
                        tuple(self.engine.stage_lrs()), tuple(norms) if norms is not None else None,
-                       tuple(post) if post is not None else None, dict(self.held_since))
+                       tuple(post) if post is not None else None, dict(self.held_since), self.memory.progress)
 
     def refreshed(self, plan: RecoveryPlan) -> None:
         for held in (*plan.refresh, *(h for r in plan.rebuilds for h in r.fetch)):
@@ -311,7 +335,7 @@ class Trainer:
             "totals": asdict(self.totals), "progress": self.progress, "grad_norm": self.grad_norm,
             "grad_norm_post": self.grad_norm_post, "iteration_s": self.clock.iteration_s,
             "held_since": [((h.kind, h.owner, h.holder), p) for h, p in self.held_since.items()],
-            "carried": self.carried,
+            "carried": self.carried, "memory": self.memory.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -329,6 +353,8 @@ class Trainer:
         self.clock.iteration_s = state["iteration_s"]
         # Wall time goes on from where the interrupted run stopped, so wall_time_s stays monotone.
         self.start = time.perf_counter() - state["wall_time_s"]
+        if "memory" in state:  # absent from states saved before in-memory checkpoints existed
+            self.memory.load_state_dict(state["memory"])
         self.carried = state.get("carried")  # absent from states saved before losses between iterations were kept
 
     def wall_time(self) -> float:

@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from checkfree.memory_store import MemoryStore
+from checkfree.plan import MEMORY, rolled_back_in_memory
+
 # Tests never talk to wandb's servers and never use more threads than the CI machine has.
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -118,6 +121,7 @@ class Driver:
         self.iteration, self.progress = 0, 0
         self.grad_norm = self.grad_norm_post = None
         self.held_since: dict = {}
+        self.memory = MemoryStore()
         engine.start(run_dir, fresh=True)
         self.upkeep(strategy.setup(self.view()))
 
@@ -129,7 +133,7 @@ class Driver:
 
         return RunView(self.engine.n_stages, self.iteration, self.progress, self.seed, self.lr,
                        tuple(self.engine.stage_lrs()), frozen(self.grad_norm), frozen(self.grad_norm_post),
-                       dict(self.held_since))
+                       dict(self.held_since), self.memory.progress)
 
     def upkeep(self, upkeep):
         meta = {"progress": self.progress, "data": self.data.state_dict() if self.data is not None else None,
@@ -137,6 +141,8 @@ class Driver:
         traffic = self.engine.upkeep(upkeep, meta)
         for held in upkeep.refresh:
             self.held_since[held] = self.progress
+        if upkeep.snapshot:
+            self.memory.commit(meta)
         return traffic
 
     def step(self, batches, upkeep: bool = True):
@@ -156,11 +162,17 @@ class Driver:
         self.engine.lose(sorted(lost))
         plan = self.plan(lost)
         outcome = self.engine.execute(plan, self.progress)
-        if outcome.restored is not None:
+        restored = outcome.restored
+        if plan.rollback == MEMORY:
+            restored = self.memory.restore()
+            rolled_back_in_memory(outcome.reports, self.progress, restored["progress"])
+        if restored is not None:
             if self.data is not None:
-                self.data.load_state_dict(outcome.restored["data"])
-            torch.set_rng_state(outcome.restored["rng"])
-            self.progress = outcome.restored["progress"]
+                self.data.load_state_dict(restored["data"])
+            torch.set_rng_state(restored["rng"])
+            self.progress = restored["progress"]
+            if plan.reads_storage:
+                self.memory.clear()
         for held in (*plan.refresh, *(h for r in plan.rebuilds for h in r.fetch)):
             self.held_since[held] = self.progress
         return outcome.reports

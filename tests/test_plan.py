@@ -7,6 +7,7 @@ import pytest
 from checkfree.plan import (
     REPLICA,
     SHADOW,
+    STORAGE,
     ZERO_DOWN_PROJ,
     Held,
     Rebuild,
@@ -36,13 +37,13 @@ def test_a_rebuild_refuses_unknown_transforms_and_a_kept_optimizer_without_a_sha
     assert Rebuild(1, "zero", 0, transforms=(ZERO_DOWN_PROJ,), lr=0.1).transforms == ("zero_down_proj",)
     with pytest.raises(ValueError, match=r"unknown transform\(s\) \['scale'\]"):
         Rebuild(1, "x", 0, transforms=("scale",), lr=0.1)
-    with pytest.raises(ValueError, match="stage 1: lr=None keeps a restored optimizer, which needs a shadow"):
+    with pytest.raises(ValueError, match="stage 1: lr=None keeps a restored optimizer, which needs a held copy of the whole state"):
         Rebuild(1, "copy+replica", 0, restore=Held(REPLICA, 1, 2))
 
 
 def test_rollback_reports_one_record_per_lost_stage():
     restored = {"progress": 6, "path": "/runs/a/checkpoints/ckpt_6", "shard_bytes": [10, 30, 20], "damaged": ["ckpt_9"]}
-    reports = rollback_reports(RecoveryPlan("checkpoint", (1, 2), rollback=True), 10, restored)
+    reports = rollback_reports(RecoveryPlan("checkpoint", (1, 2), rollback=STORAGE), 10, restored)
     details = {"rolled_back_to": 6, "checkpoint": "ckpt_6", "all_stages": True, "largest_shard_bytes": 30,
                "damaged": ["ckpt_9"]}
     assert [(r.stage, r.method, r.bytes_moved, r.lost_iterations, r.from_storage, r.details) for r in reports] == [

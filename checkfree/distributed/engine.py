@@ -38,7 +38,7 @@ from checkfree.distributed.launchers import make_pool
 from checkfree.distributed.programs import replica_micro_batches
 from checkfree.distributed.worker import WorkerSpec, from_bytes, rank_of, to_bytes
 from checkfree.engine import Outcome, StagesLost
-from checkfree.plan import REPLICA, Held, RecoveryPlan, Traffic, Upkeep, rebuild_report, rollback_reports
+from checkfree.plan import Held, RecoveryPlan, Traffic, Upkeep, rebuild_report, rollback_reports, sent_into
 from checkfree.schedule import Schedule
 
 REPLACE_ATTEMPTS = 5
@@ -219,7 +219,7 @@ class ProcessEngine:
             respawn_s = pool.respawn(list(plan.lost))
             rendezvous_s = pool.rendezvous()
             t = time.perf_counter()
-            if plan.rollback:
+            if plan.reads_storage:
                 restored = self.store.restore(self._load_checkpoint)
                 reports = rollback_reports(plan, progress, restored)
             else:
@@ -229,7 +229,7 @@ class ProcessEngine:
                 for rank, reply in replies.items():
                     self.lrs[pool.handles[rank].stage] = reply["lr"]
                 reports = [rebuild_report(plan, r, replies[rank_of(r.stage, 0, self.n_stages)]["received_bytes"])
-                           for r in plan.rebuilds]
+                           for r in plan.rebuilds if r.stage in plan.lost]
         except WorkersDied as exc:
             raise self.lost(exc) from None
         transfer_s = time.perf_counter() - t
@@ -265,8 +265,7 @@ class ProcessEngine:
             self._note_held(replies)
             for rank in self.first_ranks():
                 for key, n_bytes in replies[rank]["received"]:
-                    if key[0] == REPLICA:
-                        traffic.sent[(key[1], key[2])] = n_bytes
+                    sent_into(traffic, Held(*key), n_bytes)
             if directory is not None:
                 firsts = [replies[rank] for rank in self.first_ranks()]
                 traffic.shard_bytes = [r["shard_bytes"] for r in firsts]

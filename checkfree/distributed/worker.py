@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from checkfree.checkpoints import CheckpointStore, DamagedCheckpoint, nbytes
-from checkfree.compute import StageCompute, causal_lm_loss, per_sequence_loss
+from checkfree.compute import StageCompute, causal_lm_loss, clone_state, per_sequence_loss
 from checkfree.config import first_line
 from checkfree.distributed.programs import message_tag, replica_micro_batches, stage_program
 from checkfree.distributed.rendezvous import connect_store, is_loopback, join_generation
@@ -319,7 +319,7 @@ class StageWorker:
             if any(src == me for src, _ in rebuild.sources):
                 pending.extend(isend_state(self.compute.stage.body_state(), self.rank(rebuild.stage), TAG_BODY,
                                            self.wire))
-            if rebuild.restore is not None and rebuild.restore.holder == me:
+            if rebuild.restore is not None and rebuild.restore.holder == me != rebuild.stage:
                 pending.extend(isend_state(self.held[rebuild.restore], self.rank(rebuild.stage), TAG_RESTORE,
                                            self.wire))
         received = 0
@@ -332,12 +332,15 @@ class StageWorker:
                 bodies.append(body)
                 received += n_bytes
             restored = None
-            if rebuild.restore is not None:
+            if rebuild.restore is not None and rebuild.restore.holder == me:
+                restored = self.held[rebuild.restore]  # in this node's own host memory: nothing moves
+            elif rebuild.restore is not None:
                 restored, n_bytes = recv_state(self.rank(rebuild.restore.holder), TAG_RESTORE, self.wire,
                                                self.device)
                 received += n_bytes
             self.compute.apply(rebuild, bodies, restored)
-            self.held = {}  # a new node holds nothing until the plan's fetch / refresh
+            if me in plan.lost:
+                self.held = {}  # a new node holds nothing until the plan's fetch / refresh
         pending.wait()
         fetched = [h for r in plan.rebuilds for h in r.fetch]
         got = self._refresh([*fetched, *plan.refresh])
@@ -359,11 +362,13 @@ class StageWorker:
         deadlock). Returns the bytes this stage received, per copy it holds."""
         me, pending, received = self.spec.stage, Pending(), {}
         for held in copies:
-            if held.owner == me:
-                pending.extend(isend_state(self.compute.held_copy(held.kind), self.rank(held.holder), TAG_REFRESH,
+            if held.owner == held.holder == me:  # a copy in this node's own host memory: nothing is sent
+                self.held[held], received[held] = clone_state(self.compute.held_copy(held)), 0
+            elif held.owner == me:
+                pending.extend(isend_state(self.compute.held_copy(held), self.rank(held.holder), TAG_REFRESH,
                                            self.wire))
         for held in copies:
-            if held.holder == me:
+            if held.holder == me != held.owner:
                 copy, received[held] = recv_state(self.rank(held.owner), TAG_REFRESH, self.wire, self.device)
                 self.held[held] = copy
         pending.wait()

@@ -49,6 +49,8 @@ def validate_strategy_config(cfg: StrategyConfig, n_stages: int) -> None:
         (cfg.replica_sync_every >= 1, "replica_sync_every", "an integer >= 1"),
         (cfg.every >= 1, "every", "an integer >= 1"),
         (cfg.keep >= 1, "keep", "an integer >= 1"),
+        (cfg.copies >= 1, "copies", "an integer >= 1 (and below model.n_stages)"),
+        (cfg.storage_every >= 1, "storage_every", "an integer >= 1"),
     ]
     for ok, key, allowed in checks:
         if not ok:

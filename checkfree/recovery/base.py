@@ -47,9 +47,16 @@ class StrategyConfig:
     """CheckFree+ (and edge_rule=copy): refresh the (de)embedding replicas on stages 1 and S-2 every this
     many iterations."""
     every: int = 50
-    """checkpoint: save all stages + optimizers + data position + RNG every this many (wall) iterations."""
+    """checkpoint: save all stages + optimizers + data position + RNG every this many (wall) iterations;
+    snapshot_restore, memory_checkpoint: snapshot every stage to its peers every this many."""
     keep: int = 2
-    """checkpoint: how many checkpoints to keep in storage."""
+    """checkpoint, memory_checkpoint: how many checkpoints to keep in storage."""
+    copies: int = 1
+    """snapshot_restore, memory_checkpoint: how many peers hold each stage's snapshot (stages k+1 .. k+copies,
+    mod S)."""
+    storage_every: int = 500
+    """memory_checkpoint: save a checkpoint to storage every this many (wall) iterations, the fall-back when every
+    copy of a lost stage's snapshot was lost with it."""
 
     def to_dict(self) -> dict:
         return asdict(self)

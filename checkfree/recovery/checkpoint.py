@@ -20,7 +20,7 @@ back to the progress held at the last multiple of the period in wall iterations,
 
 from __future__ import annotations
 
-from checkfree.plan import RecoveryPlan, RunView, Upkeep
+from checkfree.plan import STORAGE, RecoveryPlan, RunView, Upkeep
 from checkfree.recovery.base import RecoveryStrategy
 
 
@@ -36,4 +36,4 @@ class CheckpointRollback(RecoveryStrategy):
         return Upkeep(checkpoint=view.iteration % self.cfg.every == 0, keep=self.cfg.keep)
 
     def plan(self, lost: frozenset[int], view: RunView) -> RecoveryPlan:
-        return RecoveryPlan(self.name, tuple(sorted(lost)), rollback=True)
+        return RecoveryPlan(self.name, tuple(sorted(lost)), rollback=STORAGE)
