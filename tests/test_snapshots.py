@@ -3,7 +3,10 @@ in-memory checkpoint (memory_checkpoint) — exact states, exact records, and th
 
 from __future__ import annotations
 
+import copy
+
 import pytest
+import torch
 
 from checkfree.cost import CostModel, NetworkConfig
 from checkfree.plan import (
@@ -16,6 +19,28 @@ from checkfree.plan import (
     sent_into,
 )
 from checkfree.presets import preset
+from checkfree.recovery import StrategyConfig
+from tests.test_baselines import S, assert_equal_state, make_ctx, shard_bytes, snapshot, step
+
+
+def driver(tmp_path, name: str, **cfg):
+    return make_ctx(tmp_path, strategy=StrategyConfig(name=name, **cfg))
+
+
+def stage_state(ctx, k: int) -> dict:
+    return copy.deepcopy({"weights": ctx.engine.stages[k].state_dict(),
+                          "optimizer": ctx.engine.optimizers[k].state_dict()})
+
+
+def assert_stage_equals(ctx, k: int, saved: dict) -> None:
+    now = stage_state(ctx, k)
+    for name, tensor in saved["weights"].items():
+        assert torch.equal(now["weights"][name], tensor), (k, name)
+    assert now["optimizer"]["param_groups"] == saved["optimizer"]["param_groups"]
+    for index, slots in saved["optimizer"]["state"].items():
+        for name, tensor in slots.items():
+            assert torch.equal(now["optimizer"]["state"][index][name], tensor), (k, index, name)
+
 
 # --- the vocabulary --------------------------------------------------------------------------------
 
@@ -46,3 +71,42 @@ def test_background_stall_is_host_copy_plus_what_the_window_cannot_hide():
     # Owners send in parallel: the slowest sets the stall; nothing to send costs nothing.
     assert cost.background_seconds({(0, 1): 10**9, (1, 2): 2 * 10**9}, window_s=4.0) == pytest.approx(2.0 + 16.01)
     assert cost.background_seconds({}, window_s=1.0) == 0.0
+
+
+# --- snapshot_restore ------------------------------------------------------------------------------
+
+
+def test_snapshot_restore_brings_back_only_the_lost_stage_from_its_snapshot(tmp_path):
+    ctx = driver(tmp_path, "snapshot_restore", every=2)
+    for _ in range(4):
+        step(ctx)  # snapshots at setup and after iterations 2 and 4
+    at_snapshot = stage_state(ctx, 2)
+    traffic = step(ctx)[1]  # iteration 5: no snapshot
+    assert traffic.background == {} and traffic.sent == {}
+    before = snapshot(ctx)
+
+    (report,) = ctx.recover({2})
+
+    assert_stage_equals(ctx, 2, at_snapshot)  # weights, Adam moments, step counts and lr of iteration 4
+    assert_equal_state(ctx, before, stages=[0, 1, 3])  # the survivors are untouched
+    assert ctx.progress == 5
+    assert (report.method, report.sources, report.coefficients, report.lost_iterations) == ("snapshot", [3], [1.0], 0)
+    assert report.details == {"staleness": 1}
+    # Its snapshot from stage 3, and the snapshot of stage 1 it held, made anew.
+    assert report.bytes_moved == shard_bytes(ctx, 2) + shard_bytes(ctx, 1)
+    assert ctx.engine.stage_lrs()[2] == at_snapshot["optimizer"]["param_groups"][0]["lr"]
+    traffic = step(ctx)[1]  # iteration 6: every stage's snapshot goes to its next peer, in the background
+    assert traffic.background == {(k, (k + 1) % S): shard_bytes(ctx, k) for k in range(S)}
+
+
+def test_snapshot_restore_falls_back_to_checkfree_when_the_snapshot_died_with_its_holder(tmp_path):
+    ctx = driver(tmp_path, "snapshot_restore", every=2, copies=1)
+    for _ in range(3):
+        step(ctx)
+    reports = ctx.recover({1, 2})  # stage 1's only snapshot was on stage 2; stage 2's is on stage 3
+    assert [(r.stage, r.method, r.sources) for r in reports] == [(1, "interpolate", [0, 3]), (2, "snapshot", [3])]
+    two = driver(tmp_path / "two", "snapshot_restore", every=2, copies=2)
+    for _ in range(3):
+        step(two)
+    reports = two.recover({1, 2})  # with two copies, stage 1's second one is on stage 3
+    assert [(r.stage, r.method, r.sources) for r in reports] == [(1, "snapshot", [3]), (2, "snapshot", [3])]

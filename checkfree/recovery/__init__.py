@@ -26,6 +26,7 @@ STRATEGIES: dict[str, str] = {
     "random": "checkfree.recovery.ablations:Random",
     "zero": "checkfree.recovery.ablations:Zero",
     "copy_next": "checkfree.recovery.copy_next:CopyNext",
+    "snapshot_restore": "checkfree.recovery.snapshot_restore:SnapshotRestore",
 }
 """Strategy name -> "module:Class" (imported when a run asks for it)."""
 
