@@ -206,10 +206,10 @@ BAD_INPUTS = [
                                           r"has failure=poisson"),
     (["failure.preset=500m_33"], r"^failure.preset='500m_33' is invalid: only failure=bernoulli reads it"),
     (["+strategy.every=5"], r"^strategy.every=5 is not read by strategy=checkfree_plus: it is read only by "
-                            r"strategy=checkpoint\|snapshot_restore, so it would be ignored; drop it "
+                            r"strategy=checkpoint\|memory_checkpoint\|snapshot_restore, so it would be ignored; drop it "
                             r"\(strategy=checkfree_plus reads "),
     (["strategy=checkfree", "+strategy.keep=3"], r"^strategy.keep=3 is not read by strategy=checkfree: it is read "
-                                                 r"only by strategy=checkpoint"),
+                                                 r"only by strategy=checkpoint\|memory_checkpoint"),
     (["strategy=checkpoint", "+strategy.lr_scale=2"], r"^strategy.lr_scale=2 is not read by strategy=checkpoint: it "
                                                       r"is read only by strategy=checkfree\|checkfree_plus\|"),
     (["strategy=redundant", "++strategy.edge_rule=copy"], r"^strategy.edge_rule=copy is not read by "

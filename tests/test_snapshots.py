@@ -4,6 +4,7 @@ in-memory checkpoint (memory_checkpoint) — exact states, exact records, and th
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -20,6 +21,8 @@ from checkfree.plan import (
 )
 from checkfree.presets import preset
 from checkfree.recovery import StrategyConfig
+from checkfree.runlog import read_metrics
+from checkfree.train import train
 from tests.test_baselines import S, assert_equal_state, make_ctx, shard_bytes, snapshot, step
 
 
@@ -110,3 +113,66 @@ def test_snapshot_restore_falls_back_to_checkfree_when_the_snapshot_died_with_it
         step(two)
     reports = two.recover({1, 2})  # with two copies, stage 1's second one is on stage 3
     assert [(r.stage, r.method, r.sources) for r in reports] == [(1, "snapshot", [3]), (2, "snapshot", [3])]
+
+
+# --- memory_checkpoint -----------------------------------------------------------------------------
+
+
+def test_memory_checkpoint_rolls_every_stage_back_to_the_snapshot_and_replays_the_same_losses(tmp_path):
+    ctx = driver(tmp_path, "memory_checkpoint", every=2, storage_every=100)
+    for _ in range(4):
+        step(ctx)
+    saved = snapshot(ctx)  # the in-memory checkpoint of iteration 4 (progress 4)
+    after = [step(ctx)[0] for _ in range(1)]
+
+    (report,) = ctx.recover({1})
+
+    assert ctx.progress == 4
+    assert_equal_state(ctx, saved)  # every stage and the data position
+    assert (report.method, report.sources, report.from_storage, report.lost_iterations) == ("rollback", [2], False, 1)
+    assert report.details == {"rolled_back_to": 4, "all_stages": True}
+    # Its snapshot from stage 2, the snapshot of stage 0 it held made anew; its own host copy moves nothing.
+    assert report.bytes_moved == shard_bytes(ctx, 1) + shard_bytes(ctx, 0)
+    assert [step(ctx)[0] for _ in range(1)] == after  # bit for bit the same training from there
+    assert not list((tmp_path / "checkpoints").glob("ckpt_0000004"))  # no storage was involved
+
+
+def test_memory_checkpoint_falls_back_to_storage_when_every_copy_died(tmp_path):
+    ctx = driver(tmp_path, "memory_checkpoint", every=2, storage_every=3, copies=1)
+    for _ in range(3):
+        step(ctx)
+    in_storage = snapshot(ctx)  # the storage checkpoint of iteration 3
+    step(ctx)  # an in-memory checkpoint at iteration 4
+    step(ctx)
+
+    reports = ctx.recover({1, 2})  # stage 1's only peer copy was on stage 2
+
+    assert ctx.progress == 3
+    assert_equal_state(ctx, in_storage)
+    assert [(r.stage, r.method, r.from_storage, r.details["rolled_back_to"]) for r in reports] == [
+        (1, "rollback", True, 3), (2, "rollback", True, 3)]
+    # The in-memory checkpoint of progress 4 is a future this run no longer has: the next loss goes to storage.
+    assert ctx.memory.progress is None
+    (report,) = ctx.recover({0})
+    assert report.from_storage and report.details["rolled_back_to"] == 3
+
+
+# --- through the trainer -----------------------------------------------------------------------------
+
+
+def test_memory_checkpoint_through_the_trainer(small_run, tmp_path):
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps([{"iteration": 6, "stage": 1}, {"iteration": 8, "stage": 1},
+                                 {"iteration": 8, "stage": 2}]))
+    cfg = small_run(strategy={"name": "memory_checkpoint", "every": 2, "storage_every": 3},
+                    failure={"name": "trace", "path": str(trace)}, trainer={"iterations": 9, "eval_every": 9})
+    summary = train(cfg, tmp_path / "run")
+    records = {r["iteration"]: r for r in read_metrics(tmp_path / "run" / "metrics.jsonl")}
+    # Iteration 6 starts at progress 5: back to the in-memory checkpoint of iteration 4.
+    [first] = records[6]["recoveries"]
+    assert (first["method"], first["from_storage"], first["details"]["rolled_back_to"]) == ("rollback", False, 4)
+    # Iteration 8 starts at progress 6, snapshots of iteration 6 (progress 5) in memory; stages 1 and 2 lost
+    # together take stage 1's only copy: back to storage, saved at iteration 6 (progress 5).
+    assert [(r["stage"], r["from_storage"], r["details"]["rolled_back_to"]) for r in records[8]["recoveries"]] == \
+        [(1, True, 5), (2, True, 5)]
+    assert summary["status"] == "completed" and summary["lost_iterations"] == 1 + 1

@@ -27,6 +27,7 @@ STRATEGIES: dict[str, str] = {
     "zero": "checkfree.recovery.ablations:Zero",
     "copy_next": "checkfree.recovery.copy_next:CopyNext",
     "snapshot_restore": "checkfree.recovery.snapshot_restore:SnapshotRestore",
+    "memory_checkpoint": "checkfree.recovery.memory_checkpoint:MemoryCheckpoint",
 }
 """Strategy name -> "module:Class" (imported when a run asks for it)."""
 
