@@ -17,9 +17,10 @@ from checkfree.runlog import deterministic_view, read_metrics
 from checkfree.train import train
 
 # Losses at an intermediate stage, then at an edge and an intermediate stage together (two at once), then
-# at the other edge; strategies that cannot rebuild an edge re-initialise it (strategy.unrecoverable=reinit).
+# two adjacent stages together, one of them the other edge; strategies that cannot rebuild a stage re-initialise
+# it (strategy.unrecoverable=reinit).
 EVENTS = [{"iteration": 2, "stage": 1}, {"iteration": 4, "stage": 0}, {"iteration": 4, "stage": 2},
-          {"iteration": 6, "stage": 3}]
+          {"iteration": 6, "stage": 2}, {"iteration": 6, "stage": 3}]
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
