@@ -97,6 +97,15 @@ RESUME_CASES = {
     "redundant-trace": dict(strategy={"name": "redundant"},
                             failure=[{"iteration": 2, "stage": 1}, {"iteration": 9, "stage": 3}],
                             save_every=1, stop_at=8),
+    # An in-memory checkpoint taken before the stop (iteration 6) rolled back to after it: the snapshots in
+    # the nodes' RAM and the run's position for them (the MemoryStore) travel with the resume.
+    "memory_checkpoint-trace": dict(strategy={"name": "memory_checkpoint", "every": 3, "storage_every": 100},
+                                    failure=[{"iteration": 4, "stage": 1}, {"iteration": 9, "stage": 2}],
+                                    save_every=1, stop_at=8),
+    # A stage restored after the resume from the peer snapshot taken before the stop.
+    "snapshot_restore-trace": dict(strategy={"name": "snapshot_restore", "every": 3},
+                                   failure=[{"iteration": 4, "stage": 1}, {"iteration": 9, "stage": 2}],
+                                   save_every=1, stop_at=8),
 }
 
 
@@ -135,7 +144,7 @@ def test_resume_after_interruption_gives_the_uninterrupted_run(name, data_cache,
         {k: v for k, v in after.items() if k not in NONDETERMINISTIC_SUMMARY}
     assert after["status"] == "completed" and after["resumed_at_iterations"] == [saved]
     assert any(f["iteration"] > saved for f in before["failures"]), "the case must lose a stage after the resume"
-    if name.startswith("checkpoint"):
+    if name.startswith(("checkpoint", "memory_checkpoint")):
         assert before["lost_iterations"] > 0
 
 
