@@ -21,6 +21,7 @@ import io
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -174,9 +175,14 @@ class CheckpointStore:
         name = shard_name(stage)
         return load_file(Path(checkpoint) / name, meta["digests"].get(name, "missing"), map_location)
 
-    def restore(self, load: Callable[[Path, dict[str, Any]], None]) -> dict[str, Any]:
+    def restore(self, load: Callable[[Path, dict[str, Any]], None], unpersisted: int | None = None) -> dict[str, Any]:
         """Roll back: ``load(checkpoint, meta)`` the newest readable checkpoint (it raises DamagedCheckpoint
-        for a bad shard); returns its meta plus ``damaged``, the files skipped on the way."""
+        for a bad shard); returns its meta plus ``damaged``, the files skipped on the way. ``unpersisted``: a
+        checkpoint whose background flush had not finished when the stages were lost; it is not used, and is
+        forgotten (after the rollback it is a future the run no longer has)."""
+        if unpersisted is not None and unpersisted in self.retained:
+            self.retained.remove(unpersisted)
+            shutil.rmtree(self.path(unpersisted), ignore_errors=True)
         damaged: list[str] = []
         for progress in reversed(self.retained):
             checkpoint = self.path(progress)
@@ -219,3 +225,35 @@ class CheckpointStore:
                 if path.name not in keep:
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
         self.retained = [p for p in self.retained if self.path(p).is_dir()]
+
+
+class BackgroundWriter:
+    """One thread that persists checkpoints while training goes on (asynchronous checkpointing), one flush in
+    flight at a time (CheckFreq's rule: a flush ends before the next begins). ``wait`` joins the flush in
+    flight and raises what it raised (e.g. no space left), so a failed background save is never silent."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._future: Future | None = None
+
+    def submit(self, job: Callable[[], Any]) -> None:
+        self.wait()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-flush")
+        self._future = self._pool.submit(job)
+
+    def wait(self) -> Any:
+        future, self._future = self._future, None
+        return future.result() if future is not None else None
+
+    @property
+    def busy(self) -> bool:
+        return self._future is not None and not self._future.done()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None

@@ -76,15 +76,23 @@ class Clock:
 
     def upkeep_seconds(self, traffic: Traffic, period: int = 1) -> float:
         """Checkpoint upload (largest shard; stages upload in parallel) + refreshes the owners wait for (in
-        parallel) + the stall of background copies, whose sends may take ``period`` iterations (see
-        ``CostModel.background_seconds``). On ``paper_table2`` only the background stall is added: the paper's
-        iteration times already include its checkpoint saves and replica refreshes, and it measured no
-        snapshots, so those are priced by the cost model at the preset's size (``trainer.clock_preset``)."""
-        scale = max(self.byte_scale)
-        background = self.cost.background_seconds({k: int(v * scale) for k, v in traffic.background.items()},
-                                                  period * self.iteration_s)
+        parallel) + the stall of what is sent or flushed in the background, which may take ``period``
+        iterations (``CostModel.background_seconds`` / ``flush_stall_seconds``). On ``paper_table2`` only the
+        background stall is added: the paper's iteration times already include its checkpoint saves and replica
+        refreshes, and it measured neither snapshots nor asynchronous checkpoints, so those are priced by the
+        cost model at the preset's size (``trainer.clock_preset``)."""
+        scale, window = max(self.byte_scale), period * self.iteration_s
+        shard = int(max(traffic.shard_bytes, default=0) * scale)
+        background = self.cost.background_seconds({k: int(v * scale) for k, v in traffic.background.items()}, window)
+        if traffic.shards_in_background:
+            background = max(background, self.cost.flush_stall_seconds(shard, window))
+            shard = 0  # not uploaded on the step's time
         if self.paper:
             return background  # 0 for the paper's strategies (checkpointing: 91.35 vs 91.32 s per iteration)
-        overhead = StepOverhead(storage_upload_bytes=int(max(traffic.shard_bytes, default=0) * scale),
+        overhead = StepOverhead(storage_upload_bytes=shard,
                                 replica_sync_bytes={k: int(v * scale) for k, v in traffic.sent.items()})
         return self.cost.overhead_seconds(overhead) + background
+
+    def flush_seconds(self, traffic: Traffic) -> float:
+        """Simulated seconds from the end of a step until its asynchronous checkpoint is persisted."""
+        return self.cost.flush_seconds(int(max(traffic.shard_bytes, default=0) * max(self.byte_scale)))

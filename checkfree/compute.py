@@ -121,6 +121,17 @@ def clone_state(state: State) -> State:
     return refresh_into(None, state)
 
 
+@torch.no_grad()
+def host_copy(state: State) -> State:
+    """A copy of ``state`` in host memory (what a snapshot or an asynchronous checkpoint waits for before the
+    step goes on); plain values are deep-copied."""
+    if torch.is_tensor(state):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: host_copy(v) for k, v in state.items()}
+    return copy.deepcopy(state)
+
+
 class StageCompute:
     """One stage: its module, its optimizer (Adam, constant lr) and the rules every engine shares."""
 

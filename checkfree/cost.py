@@ -465,6 +465,18 @@ class CostModel:
                   for (a, b), n in copies.items() if n > 0]
         return max(stalls, default=0.0)
 
+    def flush_seconds(self, n_bytes: float) -> float:
+        """An asynchronous checkpoint shard from the device to host memory, then from there to storage."""
+        return n_bytes / self.network.host_bandwidth_Bps + self.storage_seconds(n_bytes) if n_bytes > 0 else 0.0
+
+    def flush_stall_seconds(self, n_bytes: float, window_s: float) -> float:
+        """What an asynchronous checkpoint (largest shard ``n_bytes``; stages flush in parallel) costs the run:
+        the copy to host memory, and the part of the flush to storage that the ``window_s`` until the next
+        checkpoint cannot hide (CheckFreq's rule, as ``background_seconds``)."""
+        if n_bytes <= 0:
+            return 0.0
+        return n_bytes / self.network.host_bandwidth_Bps + max(0.0, self.storage_seconds(n_bytes) - window_s)
+
     def overhead_seconds(self, overhead: StepOverhead) -> float:
         """Checkpoint upload (largest shard, stages in parallel) + replica syncs (in parallel: max)."""
         syncs = [

@@ -13,14 +13,22 @@ computes, how a stage is rebuilt — are ``checkfree.compute.StageCompute``'s, s
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from checkfree.checkpoints import CheckpointStore, nbytes
-from checkfree.compute import StageCompute, StepResult, causal_lm_loss, per_sequence_loss, refresh_into
+from checkfree.checkpoints import BackgroundWriter, CheckpointStore, nbytes, shard_bytes
+from checkfree.compute import (
+    StageCompute,
+    StepResult,
+    causal_lm_loss,
+    host_copy,
+    per_sequence_loss,
+    refresh_into,
+)
 from checkfree.engine import Outcome
 from checkfree.model import Stage
 from checkfree.plan import Held, RecoveryPlan, Traffic, Upkeep, rebuild_report, rollback_reports, sent_into
@@ -40,6 +48,8 @@ class LocalEngine:
         self.held: dict[Held, dict[str, Any]] = {}
         """Held copies (replicas, shadows) by what they are; in a real system each lives on its holder."""
         self.store: CheckpointStore | None = None
+        self.writer = BackgroundWriter()
+        """Persists asynchronous checkpoints while training goes on (``Upkeep.in_background``)."""
         self.lost: set[int] = set()
 
     @property
@@ -64,7 +74,7 @@ class LocalEngine:
             self.store.clear()
 
     def close(self) -> None:
-        pass
+        self.writer.close()
 
     # --- training ------------------------------------------------------------------------------------
 
@@ -174,13 +184,15 @@ class LocalEngine:
 
     def lose(self, stages: list[int]) -> None:
         """The stages' nodes are gone, and the copies they held with them (a plan can never read those)."""
+        self.writer.wait()
         self.lost |= set(stages)
         self.held = {h: copy for h, copy in self.held.items() if h.holder not in self.lost}
 
     def execute(self, plan: RecoveryPlan, progress: int) -> Outcome:
+        self.writer.wait()  # a flush in flight is finished first: the simulated clock decides whether it counts
         if plan.reads_storage:
             start = time.perf_counter()
-            restored = self.store.restore(self._load_checkpoint)
+            restored = self.store.restore(self._load_checkpoint, plan.unpersisted)
             reports = rollback_reports(plan, progress, restored)
             for report in reports:
                 report.wall_s = time.perf_counter() - start
@@ -213,7 +225,8 @@ class LocalEngine:
         for held in upkeep.refresh:
             sent_into(traffic, held, self._refresh(held))
         if upkeep.checkpoint:
-            traffic.shard_bytes = self._save_checkpoint(meta, upkeep.keep)
+            traffic.shard_bytes = self._save_checkpoint(meta, upkeep.keep, upkeep.in_background)
+            traffic.shards_in_background = upkeep.in_background
         return traffic
 
     def _refresh(self, held: Held) -> int:
@@ -222,9 +235,19 @@ class LocalEngine:
         self.held[held] = refresh_into(self.held.get(held), self.computes[held.owner].held_copy(held))
         return nbytes(self.held[held]) if held.holder != held.owner else 0
 
-    def _save_checkpoint(self, meta: dict[str, Any], keep: int) -> list[int]:
+    def _save_checkpoint(self, meta: dict[str, Any], keep: int, in_background: bool = False) -> list[int]:
+        """Every stage's shard to storage; ``in_background``: copied to host memory now (what the step waits
+        for), persisted by the background writer while training goes on. Returns each shard's bytes."""
+        states = [compute.state() for compute in self.computes]
+        if not in_background:
+            return self._persist(states, meta, keep)
+        states, meta = [host_copy(state) for state in states], copy.deepcopy(meta)
+        self.writer.submit(lambda: self._persist(states, meta, keep))
+        return [shard_bytes(state) for state in states]
+
+    def _persist(self, states: list[dict[str, Any]], meta: dict[str, Any], keep: int) -> list[int]:
         with self.store.writing(meta["progress"]) as tmp:
-            written = [self.store.write_shard(tmp, k, compute.state()) for k, compute in enumerate(self.computes)]
+            written = [self.store.write_shard(tmp, k, state) for k, state in enumerate(states)]
             shards = [n for n, _ in written]
             digests = {f"stage{k}.pt": digest for k, (_, digest) in enumerate(written)}
             self.store.commit(tmp, {**meta, "shard_bytes": shards, "digests": digests}, keep)
@@ -240,6 +263,7 @@ class LocalEngine:
     # --- resume --------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        self.writer.wait()
         return {"stages": self.stage_states(), "optimizers": [c.optimizer.state_dict() for c in self.computes],
                 "held": [((h.kind, h.owner, h.holder), copy) for h, copy in self.held.items()],
                 "checkpoints": self.store.state_dict() if self.store is not None else None}

@@ -177,6 +177,9 @@ class RecoveryPlan:
     rollback: str | None = None
     """None, or where every stage (and the data position, RNG and progress) is rolled back from: STORAGE or
     MEMORY."""
+    unpersisted: int | None = None
+    """With a rollback from storage: the progress of a checkpoint whose background flush had not finished when
+    the stages were lost. The rollback goes to the checkpoint before it, and forgets it."""
 
     def __post_init__(self) -> None:
         if self.rollback is not None and self.rollback not in ROLLBACK_SOURCES:
@@ -205,6 +208,9 @@ class Upkeep:
     checkpoint: bool = False
     keep: int = 2
     """With ``checkpoint``: how many checkpoints storage keeps (older ones are deleted)."""
+    in_background: bool = False
+    """With ``checkpoint``: each stage copies its shard to host memory (the step waits only for that) and a
+    background writer persists it while training goes on; it counts once every shard is persisted."""
     snapshot: bool = False
     """The copies refreshed here are an in-memory checkpoint of every stage: the trainer keeps the run's
     progress, data position and RNG for them (its ``MemoryStore``)."""
@@ -235,6 +241,9 @@ class RunView:
     """Progress at which each held copy was last refreshed."""
     snapshot_progress: int | None = None
     """Progress of the latest in-memory checkpoint (``Upkeep.snapshot``), or None when there is none."""
+    flushing: int | None = None
+    """Progress of a checkpoint whose background flush (``Upkeep.in_background``) is still under way in
+    simulated time, or None."""
 
 
 @dataclass
@@ -307,6 +316,8 @@ class Traffic:
     """(owner, holder) -> bytes of each refreshed copy sent while training goes on (``CopyKind.background``)."""
     shard_bytes: list[int] = field(default_factory=list)
     """Each stage's checkpoint shard, when a checkpoint was saved (stages upload in parallel)."""
+    shards_in_background: bool = False
+    """The shards were copied to host memory and are being flushed to storage in the background."""
 
 
 def sent_into(traffic: Traffic, held: Held, n_bytes: int) -> None:

@@ -118,6 +118,10 @@ class Trainer:
         self.held_since: dict[Held, int] = {}
         self.memory = MemoryStore()
         """The run's position at the latest in-memory checkpoint (its snapshots are held copies on the nodes)."""
+        self.flushing: tuple[int, float] | None = None
+        """An asynchronous checkpoint being flushed to storage: (its progress, the simulated time it is done)."""
+        self.loss_at_s: float | None = None
+        """The simulated time of the loss being recovered (None: now, the clock's current time)."""
         self.start = time.perf_counter()
         self.carried: dict | None = None
         """The next iteration's record, begun early by a stage lost between two iterations (``between``)."""
@@ -144,7 +148,11 @@ class Trainer:
             self.grad_norm, self.grad_norm_post = result.grad_norm, result.grad_norm_post
         if result.stepped and not nonfinite:  # no checkpoint, replica or shadow may ever hold a NaN
             upkeep = self.strategy.after_step(self.view())
-            overhead_s = self.clock.upkeep_seconds(self.upkeep(upkeep, record), upkeep.period)
+            traffic = self.upkeep(upkeep, record)
+            overhead_s = self.clock.upkeep_seconds(traffic, upkeep.period)
+            if traffic.shards_in_background:  # persisted once the flush that starts at the end of the step ends
+                done_s = self.totals.sim_time_s + self.clock.iteration_s + self.clock.flush_seconds(traffic)
+                self.flushing = (self.progress, done_s)
 
         self.totals.sim_time_s += self.clock.iteration_s
         self.totals.sim_time_s += overhead_s
@@ -181,7 +189,7 @@ class Trainer:
             self.totals.failures += incident.records
             record["failure_times_s"] += [e.time_s for e in incident.events]
             self.engine.lose(incident.stages)
-            reports = self.recover(set(incident.stages))
+            reports = self.recover(set(incident.stages), incident.time_s)
             rolled_back = any("rolled_back_to" in r.details for r in reports)
             done = 0.0 if rolled_back else math.floor(ran / sub_s + 1e-9) * sub_s
             lost = ran - done
@@ -195,9 +203,10 @@ class Trainer:
                            "at this failure rate no stretch of work of one iteration outlasts the time between "
                            "failures; lower failure.hourly_rate or the simulated iteration time.")
 
-    def recover(self, lost: set[int]) -> list[RecoveryReport]:
-        """The strategy plans, the engine executes; a stage lost while that is under way joins the recovery."""
-        progress = self.progress
+    def recover(self, lost: set[int], at_s: float | None = None) -> list[RecoveryReport]:
+        """The strategy plans, the engine executes; a stage lost while that is under way joins the recovery.
+        ``at_s``: the simulated time of the loss (default: the clock's current time)."""
+        progress, self.loss_at_s = self.progress, at_s
         for _ in range(MAX_ATTEMPTS):
             plan = self.strategy.plan(frozenset(lost), self.view())
             try:
@@ -208,6 +217,7 @@ class Trainer:
                 lost |= more.stages
         else:
             raise RuntimeError(f"the recovery of stages {sorted(lost)} was interrupted {MAX_ATTEMPTS} times in a row")
+        self.loss_at_s = None
         restored = outcome.restored
         if plan.rollback == MEMORY:  # the stages restored their snapshots; the run's position is kept here
             restored = self.memory.restore()
@@ -218,6 +228,7 @@ class Trainer:
             self.progress = restored["progress"]
         if plan.reads_storage:  # an in-memory checkpoint newer than the state rolled back to is a future the run
             self.memory.clear()  # no longer has; one as old lacks the lost stages' copies: none is usable
+            self.flushing = None  # and a flush in flight was either used or forgotten
         self.refreshed(plan)
         for report in outcome.reports:
             report.sim_seconds = self.clock.recovery_seconds(report)
@@ -309,7 +320,12 @@ class Trainer:
         norms, post = self.grad_norm, self.grad_norm_post
         return RunView(self.engine.n_stages, self.iteration_no, self.progress, self.cfg.seed, self.cfg.trainer.lr,
                        tuple(self.engine.stage_lrs()), tuple(norms) if norms is not None else None,
-                       tuple(post) if post is not None else None, dict(self.held_since), self.memory.progress)
+                       tuple(post) if post is not None else None, dict(self.held_since), self.memory.progress,
+                       self.flushing_at(self.totals.sim_time_s if self.loss_at_s is None else self.loss_at_s))
+
+    def flushing_at(self, t: float) -> int | None:
+        """The progress of an asynchronous checkpoint still being flushed at simulated time ``t``, or None."""
+        return self.flushing[0] if self.flushing is not None and t < self.flushing[1] else None
 
     def refreshed(self, plan: RecoveryPlan) -> None:
         for held in (*plan.refresh, *(h for r in plan.rebuilds for h in r.fetch)):
@@ -335,7 +351,7 @@ class Trainer:
             "totals": asdict(self.totals), "progress": self.progress, "grad_norm": self.grad_norm,
             "grad_norm_post": self.grad_norm_post, "iteration_s": self.clock.iteration_s,
             "held_since": [((h.kind, h.owner, h.holder), p) for h, p in self.held_since.items()],
-            "carried": self.carried, "memory": self.memory.state_dict(),
+            "carried": self.carried, "memory": self.memory.state_dict(), "flushing": self.flushing,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -353,8 +369,9 @@ class Trainer:
         self.clock.iteration_s = state["iteration_s"]
         # Wall time goes on from where the interrupted run stopped, so wall_time_s stays monotone.
         self.start = time.perf_counter() - state["wall_time_s"]
-        if "memory" in state:  # absent from states saved before in-memory checkpoints existed
+        if "memory" in state:  # absent from states saved before in-memory and asynchronous checkpoints existed
             self.memory.load_state_dict(state["memory"])
+            self.flushing = None if state["flushing"] is None else tuple(state["flushing"])
         self.carried = state.get("carried")  # absent from states saved before losses between iterations were kept
 
     def wall_time(self) -> float:

@@ -176,3 +176,16 @@ def test_memory_checkpoint_through_the_trainer(small_run, tmp_path):
     assert [(r["stage"], r["from_storage"], r["details"]["rolled_back_to"]) for r in records[8]["recoveries"]] == \
         [(1, True, 5), (2, True, 5)]
     assert summary["status"] == "completed" and summary["lost_iterations"] == 1 + 1
+
+
+# --- asynchronous checkpoints -------------------------------------------------------------------------
+
+
+def test_flush_stall_is_host_copy_plus_what_the_window_cannot_hide():
+    network = NetworkConfig(storage_bandwidth_Bps=1e8, storage_latency_s=0.05, host_bandwidth_Bps=1e9)
+    cost = CostModel(preset("tiny"), 2, 2, network)
+    # 1e9 bytes: 1 s to host memory, 0.05 + 10 s to storage.
+    assert cost.flush_seconds(10**9) == pytest.approx(11.05)
+    assert cost.flush_stall_seconds(10**9, window_s=4.0) == pytest.approx(1.0 + 6.05)
+    assert cost.flush_stall_seconds(10**9, window_s=60.0) == pytest.approx(1.0)
+    assert cost.flush_stall_seconds(0, window_s=1.0) == cost.flush_seconds(0) == 0.0

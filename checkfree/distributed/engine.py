@@ -24,6 +24,8 @@ nodes; its ``wall_s`` runs from its first attempt, so a cascade's aborted attemp
 from __future__ import annotations
 
 import contextlib
+import copy
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,8 @@ class ProcessEngine:
         """Bytes of the copies each stage holds (replica 0 of each pipeline)."""
         self.pool: WorkerPool | None = None
         self.store: CheckpointStore | None = None
+        self.flushing: tuple[Path, dict[str, Any], int] | None = None
+        """An asynchronous checkpoint being persisted by the stages' writers: (its directory, meta, keep)."""
         self.detect_s = 0.0
         self.recovering_since: float | None = None
         """When the first attempt of the recovery under way began (a cascade re-plans and executes again)."""
@@ -205,6 +209,7 @@ class ProcessEngine:
     def lose(self, stages: list[int]) -> None:
         """The stages' processes exit for real (every replica); the seconds until the supervisor saw them all
         gone are the next recovery's detection time."""
+        self.finish_flush()  # the simulated clock decides whether a flush in flight counts: it is finished first
         self.detect_s = self.pool.kill(stages) or 0.0
 
     def execute(self, plan: RecoveryPlan, progress: int) -> Outcome:
@@ -215,12 +220,16 @@ class ProcessEngine:
         self.attempts += 1
         old = {k: pool.describe(k) for k in plan.lost}
         try:
+            self.finish_flush()  # a stage killed from outside may take a flush in flight with it
+        except StagesLost:
+            pass  # its checkpoint never counts; the stages are replaced right here
+        try:
             pool.kill(list(plan.lost))  # replicas of a lost stage that still run are lost with it
             respawn_s = pool.respawn(list(plan.lost))
             rendezvous_s = pool.rendezvous()
             t = time.perf_counter()
             if plan.reads_storage:
-                restored = self.store.restore(self._load_checkpoint)
+                restored = self.store.restore(self._load_checkpoint, plan.unpersisted)
                 reports = rollback_reports(plan, progress, restored)
             else:
                 restored = None
@@ -255,11 +264,14 @@ class ProcessEngine:
         traffic = Traffic()
         if not upkeep:
             return traffic
+        if upkeep.checkpoint:
+            self.finish_flush()  # one flush in flight at a time
         saving = self.store.writing(meta["progress"]) if upkeep.checkpoint else contextlib.nullcontext()
         with saving as directory:
             try:
                 replies = self.pool.broadcast("upkeep", refresh=list(upkeep.refresh),
-                                              checkpoint=str(directory) if directory is not None else None)
+                                              checkpoint=str(directory) if directory is not None else None,
+                                              in_background=upkeep.in_background)
             except WorkersDied as exc:
                 raise self.lost(exc) from None
             self._note_held(replies)
@@ -269,10 +281,29 @@ class ProcessEngine:
             if directory is not None:
                 firsts = [replies[rank] for rank in self.first_ranks()]
                 traffic.shard_bytes = [r["shard_bytes"] for r in firsts]
-                digests = {f"stage{k}.pt": r["digest"] for k, r in enumerate(firsts)}
-                self.store.commit(directory, {**meta, "shard_bytes": traffic.shard_bytes, "digests": digests},
-                                  upkeep.keep)
+                traffic.shards_in_background = upkeep.in_background
+                meta = {**meta, "shard_bytes": traffic.shard_bytes}
+                if upkeep.in_background:  # published once every stage's writer is done (finish_flush)
+                    self.flushing = (directory, copy.deepcopy(meta), upkeep.keep)
+                else:
+                    digests = {f"stage{k}.pt": r["digest"] for k, r in enumerate(firsts)}
+                    self.store.commit(directory, {**meta, "digests": digests}, upkeep.keep)
         return traffic
+
+    def finish_flush(self) -> None:
+        """Wait for the shards the stages are persisting in the background, then publish their checkpoint. A
+        stage lost before its shard was written takes the checkpoint with it (the rollback uses the one
+        before)."""
+        if self.flushing is None:
+            return
+        (directory, meta, keep), self.flushing = self.flushing, None
+        try:
+            replies = self.pool.broadcast("flushed", ranks=self.first_ranks())
+        except WorkersDied as exc:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise self.lost(exc) from None
+        digests = {f"stage{k}.pt": replies[rank]["digest"] for k, rank in enumerate(self.first_ranks())}
+        self.store.commit(directory, {**meta, "digests": digests}, keep)
 
     def _note_held(self, replies: dict[int, dict]) -> None:
         for rank in self.first_ranks():
@@ -282,6 +313,7 @@ class ProcessEngine:
     # --- resume --------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        self.finish_flush()
         states = self._gather()
         held = [item for state in states for item in state["held"]]
         return {"stages": [s["weights"] for s in states], "optimizers": [s["optimizer"] for s in states],

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkfree.checkpoints import CheckpointStore, DamagedCheckpoint, nbytes
-from checkfree.compute import StageCompute, causal_lm_loss, clone_state, per_sequence_loss
+from checkfree.checkpoints import BackgroundWriter, CheckpointStore, DamagedCheckpoint, nbytes, shard_bytes
+from checkfree.compute import StageCompute, causal_lm_loss, clone_state, host_copy, per_sequence_loss
 from checkfree.config import first_line
 from checkfree.distributed.programs import message_tag, replica_micro_batches, stage_program
 from checkfree.distributed.rendezvous import connect_store, is_loopback, join_generation
@@ -152,7 +152,9 @@ class StageWorker:
         self.stage_group = None
         self.generation = -1
         self.held: dict[Held, dict[str, Any]] = {}
-        """Copies of other stages this node keeps (a replica of the embedding / head, a shadow)."""
+        """Copies of stages this node keeps (a replica of the embedding / head, a shadow, snapshots)."""
+        self.writer = BackgroundWriter()
+        """Persists this stage's shard of an asynchronous checkpoint while training goes on."""
 
     def rank(self, stage: int) -> int:
         return rank_of(stage, self.spec.replica, self.n)
@@ -347,15 +349,26 @@ class StageWorker:
         received += sum(n for held, n in got.items() if held in fetched)
         return {"received_bytes": received, "lr": self.compute.lr, "held_bytes": self.held_bytes()}
 
-    def cmd_upkeep(self, refresh: list[Held], checkpoint: str | None) -> dict:
-        """Re-make held copies; write this stage's checkpoint shard into ``checkpoint`` (replica 0 writes)."""
+    def cmd_upkeep(self, refresh: list[Held], checkpoint: str | None, in_background: bool = False) -> dict:
+        """Re-make held copies; write this stage's checkpoint shard into ``checkpoint`` (replica 0 writes) —
+        ``in_background``: copy it to host memory, reply, and let this process's writer thread persist it
+        while training goes on (``cmd_flushed`` waits for it)."""
         got = self._refresh(refresh)
         reply = {"received": [((h.kind, h.owner, h.holder), n) for h, n in got.items()],
                  "held_bytes": self.held_bytes()}
-        if checkpoint is not None and self.spec.replica == 0:
+        if checkpoint is not None and self.spec.replica == 0 and in_background:
+            state, stage = host_copy(self.compute.state()), self.spec.stage
+            self.writer.submit(lambda: CheckpointStore.write_shard(Path(checkpoint), stage, state))
+            reply["shard_bytes"] = shard_bytes(state)
+        elif checkpoint is not None and self.spec.replica == 0:
             reply["shard_bytes"], reply["digest"] = CheckpointStore.write_shard(Path(checkpoint), self.spec.stage,
                                                                                 self.compute.state())
         return reply
+
+    def cmd_flushed(self) -> dict:
+        """The digest of the shard this stage persisted in the background, once it is written."""
+        result = self.writer.wait()
+        return {"digest": result[1] if result is not None else None}
 
     def _refresh(self, copies: list[Held]) -> dict[Held, int]:
         """Owners send, holders receive (every send is posted before any receive, so a ring of shadows cannot
@@ -419,6 +432,7 @@ class StageWorker:
                 pass
 
     def close(self) -> None:
+        self.writer.close()
         self.leave_group()
 
     def handle(self, message: dict) -> dict:
