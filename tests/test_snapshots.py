@@ -178,7 +178,58 @@ def test_memory_checkpoint_through_the_trainer(small_run, tmp_path):
     assert summary["status"] == "completed" and summary["lost_iterations"] == 1 + 1
 
 
-# --- asynchronous checkpoints -------------------------------------------------------------------------
+# --- async_checkpoint --------------------------------------------------------------------------------
+
+
+def test_an_asynchronous_checkpoint_is_written_off_the_step(tmp_path, monkeypatch):
+    """The writer is held (its shard writes wait on an event): the step and its upkeep return while the
+    checkpoint is still unpublished; released, the writer publishes it whole."""
+    import threading
+
+    from checkfree import checkpoints
+
+    release, real_save = threading.Event(), checkpoints.save_file
+
+    def held_save(obj, path):
+        if path.name.startswith("stage"):
+            assert release.wait(timeout=60), "the test never released the writer"
+        return real_save(obj, path)
+
+    ctx = driver(tmp_path, "async_checkpoint", every=1, keep=2)  # setup: a synchronous save at progress 0
+    monkeypatch.setattr(checkpoints, "save_file", held_save)
+    saved = snapshot(ctx)
+    _, traffic = step(ctx)  # returns with the writer held
+    root = tmp_path / "checkpoints"
+    assert traffic.shards_in_background and traffic.shard_bytes == [shard_bytes(ctx, k) for k in range(S)]
+    assert not (root / "ckpt_0000001").exists() and ctx.engine.writer.busy  # unpublished, the writer still at it
+    release.set()
+    ctx.engine.writer.wait()
+    assert sorted(p.name for p in (root / "ckpt_0000001").iterdir()) == ["meta.pt"] + [f"stage{k}.pt" for k in range(S)]
+    # The shards hold the state at the end of the step, not what training did after it.
+    shard = checkpoints.load_file(root / "ckpt_0000001" / "stage2.pt")
+    step(ctx)
+    ctx.engine.writer.wait()
+    for name, tensor in shard["weights"].items():
+        assert not torch.equal(tensor, saved["stages"][2][name])  # iteration 1 changed every weight
+        assert torch.equal(tensor, checkpoints.load_file(root / "ckpt_0000001" / "stage2.pt")["weights"][name])
+
+
+def test_a_rollback_skips_a_checkpoint_whose_flush_had_not_finished(tmp_path):
+    from checkfree.plan import STORAGE, RecoveryPlan
+
+    ctx = driver(tmp_path, "async_checkpoint", every=2, keep=2)
+    for _ in range(2):
+        step(ctx)
+    at_two = snapshot(ctx)
+    for _ in range(2):
+        step(ctx)  # a checkpoint at progress 4, still being flushed in simulated time
+    ctx.engine.lose([1])
+    outcome = ctx.engine.execute(RecoveryPlan("async_checkpoint", (1,), rollback=STORAGE, unpersisted=4), 4)
+    assert outcome.restored["progress"] == 2 and outcome.reports[0].details["rolled_back_to"] == 2
+    ctx.data.load_state_dict(outcome.restored["data"])
+    assert_equal_state(ctx, at_two)
+    assert not (tmp_path / "checkpoints" / "ckpt_0000004").exists()  # forgotten: a future the run no longer has
+    assert ctx.engine.store.retained == [2]
 
 
 def test_flush_stall_is_host_copy_plus_what_the_window_cannot_hide():
@@ -189,3 +240,36 @@ def test_flush_stall_is_host_copy_plus_what_the_window_cannot_hide():
     assert cost.flush_stall_seconds(10**9, window_s=4.0) == pytest.approx(1.0 + 6.05)
     assert cost.flush_stall_seconds(10**9, window_s=60.0) == pytest.approx(1.0)
     assert cost.flush_stall_seconds(0, window_s=1.0) == cost.flush_seconds(0) == 0.0
+
+
+def test_async_checkpoint_through_the_trainer_falls_back_while_a_flush_is_under_way(small_run, tmp_path):
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps([{"iteration": 3, "stage": 1}, {"iteration": 6, "stage": 2}]))
+    # Storage so fast that a flush takes the host copy + 0.05 s of latency: it ends within the iteration after
+    # its step, but after that iteration's start.
+    cfg = small_run(strategy={"name": "async_checkpoint", "every": 2, "keep": 2},
+                    failure={"name": "trace", "path": str(trace)}, trainer={"iterations": 7, "eval_every": 7},
+                    network={"storage_bandwidth_Bps": 1e15})
+    summary = train(cfg, tmp_path / "run")
+    records = {r["iteration"]: r for r in read_metrics(tmp_path / "run" / "metrics.jsonl")}
+    # Iteration 3 starts while the checkpoint of iteration 2 (progress 2) is being flushed: back to the
+    # initial one.
+    [first] = records[3]["recoveries"]
+    assert (first["details"]["rolled_back_to"], first["details"]["checkpoint"], first["lost_iterations"]) == \
+        (0, "ckpt_0000000", 2)
+    # Progress restarts at 0: iteration 4 saves at progress 2, persisted during iteration 5, so iteration 6's
+    # loss (at progress 3) goes back to it.
+    [second] = records[6]["recoveries"]
+    assert (second["details"]["rolled_back_to"], second["details"]["checkpoint"], second["lost_iterations"]) == \
+        (2, "ckpt_0000002", 1)
+    assert summary["status"] == "completed" and summary["lost_iterations"] == 3
+    # The stall each asynchronous save charged: the host copy only (the upload hides in the next iterations).
+    # (llama_500m's largest stage with Adam, at 16 GB/s).
+    assert records[2]["overhead_sim_s"] == pytest.approx(records[4]["overhead_sim_s"])
+    assert 0.05 < records[2]["overhead_sim_s"] < 0.5 and records[3]["overhead_sim_s"] == 0.0
+    slow = small_run(strategy={"name": "async_checkpoint", "every": 2, "keep": 2},
+                     failure={"name": "trace", "path": str(trace)}, trainer={"iterations": 7, "eval_every": 7})
+    train(slow, tmp_path / "slow")
+    # At 500 Mb/s the flush outlasts the next two iterations: iteration 6's loss finds it still under way.
+    [late] = {r["iteration"]: r for r in read_metrics(tmp_path / "slow" / "metrics.jsonl")}[6]["recoveries"]
+    assert late["details"]["rolled_back_to"] == 0

@@ -28,6 +28,7 @@ STRATEGIES: dict[str, str] = {
     "copy_next": "checkfree.recovery.copy_next:CopyNext",
     "snapshot_restore": "checkfree.recovery.snapshot_restore:SnapshotRestore",
     "memory_checkpoint": "checkfree.recovery.memory_checkpoint:MemoryCheckpoint",
+    "async_checkpoint": "checkfree.recovery.async_checkpoint:AsyncCheckpoint",
 }
 """Strategy name -> "module:Class" (imported when a run asks for it)."""
 
