@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from checkfree import paper_table2
-from checkfree.cost import CostModel, StepOverhead, measure_flops
+from checkfree.cost import CostModel, StepOverhead, measure_flops, sustained_period
 from checkfree.plan import RecoveryReport, Traffic
 from checkfree.presets import ModelConfig, preset, stage_param_counts
 from checkfree.recovery import RecoveryStrategy
@@ -92,6 +92,11 @@ class Clock:
         overhead = StepOverhead(storage_upload_bytes=shard,
                                 replica_sync_bytes={k: int(v * scale) for k, v in traffic.sent.items()})
         return self.cost.overhead_seconds(overhead) + background
+
+    def sustained_period(self, strategy: RecoveryStrategy) -> int:
+        """``strategy.every: auto``: the smallest period at which its background copies (of the preset's size,
+        over the network preset's links) never pile up (``checkfree.cost.sustained_period``)."""
+        return sustained_period(self.cost.background_copy_seconds(strategy.sends_in_background), self.iteration_s)
 
     def flush_seconds(self, traffic: Traffic) -> float:
         """Simulated seconds from the end of a step until its asynchronous checkpoint is persisted."""

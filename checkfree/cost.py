@@ -19,6 +19,7 @@ Presets: ``single_cluster`` (one link for every pair) and ``geo_distributed`` (t
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections import defaultdict
@@ -50,6 +51,12 @@ def p2p_seconds(n_bytes: float, link: Link) -> float:
 def activation_bytes(micro_batch: int, seq_len: int, d_model: int, dtype_bytes: int) -> int:
     """Bytes of one micro-batch's hidden states (and of its gradient on the way back)."""
     return micro_batch * seq_len * d_model * dtype_bytes
+
+
+def sustained_period(background_s: float, iteration_s: float) -> int:
+    """The smallest period, in iterations, at which copies that take ``background_s`` to reach their place never
+    pile up: one ends before the next begins (CheckFreq's rule), ``ceil(background_s / iteration_s)``, >= 1."""
+    return max(1, math.ceil(background_s / iteration_s - 1e-9))
 
 
 def compute_seconds(params: int, tokens: int, flops_per_s: float, backward: bool = True) -> float:
@@ -464,6 +471,16 @@ class CostModel:
                   + max(0.0, p2p_seconds(n, stage_link(self.network, a, b)) - window_s)
                   for (a, b), n in copies.items() if n > 0]
         return max(stalls, default=0.0)
+
+    def background_copy_seconds(self, to: str) -> float:
+        """How long the slowest stage's whole state (weights + Adam) takes to reach ``to`` in the background:
+        'storage' (host copy + upload) or 'peer' (host copy + the send to the next stage)."""
+        n = self.model.n_stages
+        if to == "storage":
+            return max(self.flush_seconds(self.stage_bytes(k, with_optimizer=True)) for k in range(n))
+        return max(self.stage_bytes(k, True) / self.network.host_bandwidth_Bps
+                   + p2p_seconds(self.stage_bytes(k, True), stage_link(self.network, k, (k + 1) % n))
+                   for k in range(n))
 
     def flush_seconds(self, n_bytes: float) -> float:
         """An asynchronous checkpoint shard from the device to host memory, then from there to storage."""

@@ -270,6 +270,8 @@ class Run:
             "wandb_dir": str(log.wandb_dir) if log is not None and log.wandb_dir is not None else None,
             "wandb_url": log.wandb_url if log is not None else None,
             "config": cfg.to_dict(),
+            # strategy.every=auto: the period the bandwidth sustains, as the run worked it out.
+            **({"strategy_every": self.trainer.strategy.cfg.every} if cfg.strategy.every == "auto" else {}),
         }
 
     def write_summary(self) -> None:

@@ -124,7 +124,7 @@ def validate_run_config(run: RunConfig) -> None:
     if run.engine.launcher == "ray" and run.trainer.device == "cuda" and run.engine.ray.gpus_per_stage == 0:
         raise ConfigError("trainer.device='cuda' with engine.launcher=ray needs engine.ray.gpus_per_stage > 0: Ray "
                           "hides the GPUs from actors that reserve none; set engine.ray.gpus_per_stage=1 (or a fraction).")
-    if run.strategy.name == "checkpoint":
+    if run.strategy.name == "checkpoint" and isinstance(run.strategy.every, int):
         # Only the checkpoint taken before the first iteration would ever exist: every rollback would go back
         # to the start, which is a different experiment than the one the key asks for.
         require(run.strategy.every <= run.trainer.iterations, "strategy.every", run.strategy.every,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -100,8 +100,10 @@ class RunParts:
     def build(cls, cfg: RunConfig, model: ModelConfig) -> RunParts:
         n = model.n_stages
         strategy = build_strategy(cfg.strategy, n)
-        return cls(strategy, build_schedule(strategy.schedule_name, n), FailureDraws(cfg.failure, n, cfg.seed),
-                   Clock(cfg, model, strategy))
+        clock = Clock(cfg, model, strategy)
+        if cfg.strategy.every == "auto":  # the smallest period the bandwidth sustains, from the clock's prices
+            strategy = build_strategy(replace(cfg.strategy, every=clock.sustained_period(strategy)), n)
+        return cls(strategy, build_schedule(strategy.schedule_name, n), FailureDraws(cfg.failure, n, cfg.seed), clock)
 
 
 class Trainer:

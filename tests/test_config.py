@@ -206,10 +206,17 @@ BAD_INPUTS = [
                                           r"has failure=poisson"),
     (["failure.preset=500m_33"], r"^failure.preset='500m_33' is invalid: only failure=bernoulli reads it"),
     (["+strategy.every=5"], r"^strategy.every=5 is not read by strategy=checkfree_plus: it is read only by "
-                            r"strategy=checkpoint\|memory_checkpoint\|snapshot_restore, so it would be ignored; drop it "
+                            r"strategy=async_checkpoint\|checkpoint\|memory_checkpoint\|snapshot_restore, so it would be "
+                            r"ignored; drop it "
                             r"\(strategy=checkfree_plus reads "),
     (["strategy=checkfree", "+strategy.keep=3"], r"^strategy.keep=3 is not read by strategy=checkfree: it is read "
-                                                 r"only by strategy=checkpoint\|memory_checkpoint"),
+                                                 r"only by strategy=async_checkpoint\|checkpoint\|memory_checkpoint"),
+    (["strategy=checkpoint", "strategy.every=auto"], r"^strategy.every='auto' is invalid for strategy=checkpoint: only "
+                                                    r"strategies that save in the background"),
+    (["strategy=async_checkpoint", "strategy.keep=1"], r"^strategy.keep=1 is invalid for strategy=async_checkpoint: a "
+                                                       r"loss during a flush rolls back to the checkpoint before it"),
+    (["strategy=snapshot_restore", "strategy.copies=6"], r"^strategy.copies=6 is invalid for strategy=snapshot_restore "
+                                                         r"with model.n_stages=6: .* allowed is 1..5\.$"),
     (["strategy=checkpoint", "+strategy.lr_scale=2"], r"^strategy.lr_scale=2 is not read by strategy=checkpoint: it "
                                                       r"is read only by strategy=checkfree\|checkfree_plus\|"),
     (["strategy=redundant", "++strategy.edge_rule=copy"], r"^strategy.edge_rule=copy is not read by "
@@ -385,7 +392,7 @@ def test_a_run_dir_with_a_clock_is_checked_and_pinned(tmp_path, monkeypatch):
 # Errors Hydra raises itself, before our validation sees the config; `python -m checkfree.train` turns them
 # into one sentence (and exit status 2) with checkfree.train._one_sentence.
 HYDRA_BAD_INPUTS = [
-    (["strategy=magic"], r"^strategy=magic is unknown \(there is no conf/strategy/magic.yaml\); allowed: checkfree, "),
+    (["strategy=magic"], r"^strategy=magic is unknown \(there is no conf/strategy/magic.yaml\); allowed: async_checkpoint, checkfree, "),
     (["model=llama_7b"], r"^model=llama_7b is unknown .*allowed: cpu_small, "),
     (["+experiment=nope"], r"^experiment=nope is unknown .*allowed: "),
     (["trainer.iteratons=5"], r"^trainer.iteratons is not a known key of trainer; allowed keys: .*iterations.*leading \+"),

@@ -273,3 +273,22 @@ def test_async_checkpoint_through_the_trainer_falls_back_while_a_flush_is_under_
     # At 500 Mb/s the flush outlasts the next two iterations: iteration 6's loss finds it still under way.
     [late] = {r["iteration"]: r for r in read_metrics(tmp_path / "slow" / "metrics.jsonl")}[6]["recoveries"]
     assert late["details"]["rolled_back_to"] == 0
+
+
+def test_every_auto_is_the_smallest_period_the_bandwidth_sustains(small_run, tmp_path):
+    from checkfree.cost import sustained_period
+    from checkfree.trainer import RunParts
+
+    # CheckFreq's rule on hand-made numbers: a 25 s flush over 10 s iterations needs a period of 3.
+    assert [sustained_period(s, 10.0) for s in (0.0, 9.0, 10.0, 25.0, 30.0, 30.5)] == [1, 1, 1, 3, 3, 4]
+    run = small_run(strategy={"name": "async_checkpoint", "every": "auto"}, trainer={"iterations": 4})
+    parts = RunParts.build(run, run.model)
+    cost = parts.clock.cost
+    # llama_500m priced as 4 stages: the slowest stage's weights + Adam to host memory, then to storage.
+    worst = max(cost.stage_bytes(k, with_optimizer=True) for k in range(4))
+    flush = worst / 16e9 + 0.05 + worst / 62.5e6
+    # 25.8 s of flush over 18.9 s iterations: a checkpoint every 2 iterations.
+    assert flush == pytest.approx(25.77, abs=0.01) and parts.clock.iteration_s == pytest.approx(18.85, abs=0.01)
+    assert parts.strategy.cfg.every == sustained_period(flush, parts.clock.iteration_s) == 2
+    summary = train(run, tmp_path / "run")
+    assert summary["strategy_every"] == parts.strategy.cfg.every

@@ -50,7 +50,8 @@ def validate_strategy_config(cfg: StrategyConfig, n_stages: int) -> None:
         (cfg.unrecoverable in ("error", "reinit"), "unrecoverable", "'error' or 'reinit'"),
         (cfg.edge_rule in ("none", "copy"), "edge_rule", "'none' or 'copy'"),
         (cfg.replica_sync_every >= 1, "replica_sync_every", "an integer >= 1"),
-        (cfg.every >= 1, "every", "an integer >= 1"),
+        (cfg.every == "auto" or (isinstance(cfg.every, int) and cfg.every >= 1), "every",
+         "an integer >= 1, or 'auto' (async_checkpoint, memory_checkpoint, snapshot_restore)"),
         (cfg.keep >= 1, "keep", "an integer >= 1"),
         (cfg.copies >= 1, "copies", "an integer >= 1 (and below model.n_stages)"),
         (cfg.storage_every >= 1, "storage_every", "an integer >= 1"),
@@ -58,7 +59,12 @@ def validate_strategy_config(cfg: StrategyConfig, n_stages: int) -> None:
     for ok, key, allowed in checks:
         if not ok:
             raise ConfigError(f"strategy.{key}={getattr(cfg, key)!r} is invalid: allowed is {allowed}.")
-    strategy_class(cfg.name)(cfg).validate(n_stages)
+    cls = strategy_class(cfg.name)
+    if cfg.every == "auto" and cls.sends_in_background is None:
+        raise ConfigError(f"strategy.every='auto' is invalid for strategy={cfg.name}: only strategies that save in "
+                          "the background (async_checkpoint, memory_checkpoint, snapshot_restore) can pick their "
+                          "period from the bandwidth; allowed is an integer >= 1.")
+    cls(cfg).validate(n_stages)
 
 
 def check_strategy_overrides(name: str, overrides: list[str]) -> None:

@@ -20,6 +20,7 @@ from checkfree.recovery.checkpoint import CheckpointRollback
 
 class AsyncCheckpoint(CheckpointRollback):
     name = "async_checkpoint"
+    sends_in_background = "storage"
     table2_column = "checkfree"  # the paper measured none: its plain iteration time + the cost model's stall
 
     def validate(self, n_stages: int) -> None:

@@ -46,9 +46,11 @@ class StrategyConfig:
     replica_sync_every: int = 10
     """CheckFree+ (and edge_rule=copy): refresh the (de)embedding replicas on stages 1 and S-2 every this
     many iterations."""
-    every: int = 50
+    every: int | str = 50
     """checkpoint: save all stages + optimizers + data position + RNG every this many (wall) iterations;
-    snapshot_restore, memory_checkpoint: snapshot every stage to its peers every this many."""
+    async_checkpoint, snapshot_restore, memory_checkpoint: checkpoint / snapshot every this many. 'auto' (those
+    three): the smallest period the bandwidth sustains — one flush or send ends before the next begins
+    (CheckFreq's rule; ``checkfree.cost.sustained_period``)."""
     keep: int = 2
     """checkpoint, memory_checkpoint: how many checkpoints to keep in storage."""
     copies: int = 1
@@ -78,6 +80,9 @@ class RecoveryStrategy:
     reads: tuple[str, ...] = ()
     """The ``strategy.*`` keys this strategy reads (besides ``name``): a key given on the command line that the
     chosen strategy does not read is refused (``check_strategy_overrides``), as ``failure.*`` keys are."""
+    sends_in_background: str | None = None
+    """Where this strategy's periodic copies go in the background, for ``every: auto``: 'storage' (an
+    asynchronous checkpoint), 'peer' (snapshots to peers' RAM), or None (``every`` must be a number)."""
     table2_column = "checkfree"
     """Which of the paper's measured iteration times (its Table 2) this strategy pays under
     trainer.clock=paper_table2: checkfree | checkpointing | redundant."""

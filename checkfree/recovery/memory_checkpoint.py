@@ -32,6 +32,7 @@ class MemoryCheckpoint(PeerSnapshots, RecoveryStrategy):
     name = "memory_checkpoint"
     reads = ("every", "copies", "storage_every", "keep")
     min_stages = 2  # with one stage there is no peer to hold a snapshot
+    sends_in_background = "peer"
 
     def validate(self, n_stages: int) -> None:
         super().validate(n_stages)

@@ -48,6 +48,7 @@ class PeerSnapshots:
 class SnapshotRestore(PeerSnapshots, CheckFree):
     name = "snapshot_restore"
     reads = (*CheckFree.reads, "every", "copies")
+    sends_in_background = "peer"
 
     def validate(self, n_stages: int) -> None:
         super().validate(n_stages)
