@@ -256,6 +256,7 @@ class Run:
             "n_failures": len(t.failures), "n_recoveries": len(t.recoveries), "recoveries_by_method": by_method,
             "lost_iterations": t.lost_iterations, "failures": t.failures, "recoveries": t.recoveries,
             "memory_overhead_bytes": self.trainer.engine.held_bytes(),
+            "memory_overhead_bytes_per_node": self.trainer.engine.held_bytes_per_node(),
             "initial_val_loss": t.initial_val_loss, "final_val_loss": t.final_val_loss,
             "best_val_loss": t.best_val_loss, "target_loss": cfg.trainer.target_loss,
             "time_to_target_s": t.time_to_target_s, "iterations_to_target": t.iterations_to_target,

@@ -174,8 +174,15 @@ class LocalEngine:
         return None
 
     def held_bytes(self) -> int:
-        """Extra bytes the held copies (shadows, replicas) keep resident on the nodes."""
-        return sum(nbytes(copy) for copy in self.held.values())
+        """Extra bytes the held copies (shadows, replicas, snapshots) keep resident on the nodes."""
+        return sum(self.held_bytes_per_node())
+
+    def held_bytes_per_node(self) -> list[int]:
+        """The same, node by node (the holder of each copy)."""
+        per_node = [0] * self.n_stages
+        for held, copy_ in self.held.items():
+            per_node[held.holder] += nbytes(copy_)
+        return per_node
 
     def stage_states(self) -> list[dict[str, torch.Tensor]]:
         return [compute.stage.state_dict() for compute in self.computes]

@@ -37,7 +37,8 @@ def test_every_strategy_is_bitwise_equal_on_both_engines(name, small_run, tmp_pa
     b = deterministic_view(read_metrics(tmp_path / "process" / "metrics.jsonl"))
     assert a == b
     assert process["status"] == local["status"] == "completed"
-    for key in ("failures", "recoveries", "lost_iterations", "memory_overhead_bytes", "final_val_loss"):
+    for key in ("failures", "recoveries", "lost_iterations", "memory_overhead_bytes",
+                "memory_overhead_bytes_per_node", "final_val_loss"):
         assert process[key] == local[key], key
     if name != "none":
         assert local["n_recoveries"] == len(EVENTS)

@@ -137,6 +137,18 @@ def test_memory_checkpoint_rolls_every_stage_back_to_the_snapshot_and_replays_th
     assert not list((tmp_path / "checkpoints").glob("ckpt_0000004"))  # no storage was involved
 
 
+def test_memory_overhead_per_node_is_what_each_node_holds(tmp_path):
+    ctx = driver(tmp_path, "memory_checkpoint", every=1, copies=1)
+    step(ctx)
+    # Node k: its own host snapshot and the snapshot of stage k-1 (mod S).
+    assert ctx.engine.held_bytes_per_node() == [shard_bytes(ctx, k) + shard_bytes(ctx, (k - 1) % S) for k in range(S)]
+    two = driver(tmp_path / "two", "snapshot_restore", every=1, copies=2)
+    step(two)
+    assert two.engine.held_bytes_per_node() == [shard_bytes(two, (k - 1) % S) + shard_bytes(two, (k - 2) % S)
+                                                for k in range(S)]
+    assert two.engine.held_bytes() == 2 * sum(shard_bytes(two, k) for k in range(S))
+
+
 def test_memory_checkpoint_falls_back_to_storage_when_every_copy_died(tmp_path):
     ctx = driver(tmp_path, "memory_checkpoint", every=2, storage_every=3, copies=1)
     for _ in range(3):

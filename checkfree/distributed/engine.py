@@ -192,6 +192,9 @@ class ProcessEngine:
     def held_bytes(self) -> int:
         return sum(self.held)
 
+    def held_bytes_per_node(self) -> list[int]:
+        return list(self.held)
+
     def _gather(self) -> list[dict[str, Any]]:
         """Replica 0's whole state of every stage (a resumable save, the export); a stage lost meanwhile is a
         ``StagesLost`` like any other, and the trainer recovers it and asks again."""
