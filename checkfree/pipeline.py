@@ -221,7 +221,8 @@ class LocalEngine:
         self.lost = set()
         # Copies re-made after every rebuild, so none copies a stage that was still to be rebuilt.
         for rebuild, report in zip(plan.rebuilds, reports):
-            report.bytes_moved += sum(self._refresh(held) for held in rebuild.fetch)
+            report.bytes_moved += sum(n for held, n in ((h, self._refresh(h)) for h in rebuild.fetch)
+                                      if not held.what.background)
         for held in plan.refresh:
             self._refresh(held)
         # A rollback from memory rebuilds the survivors too (each from its snapshot): only the lost are reported.

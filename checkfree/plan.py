@@ -137,7 +137,9 @@ class Rebuild:
     transforms: tuple[str, ...] = ()
     lr: float | None = None
     fetch: tuple[Held, ...] = ()
-    """Copies this stage holds, re-made as part of its rebuild: their bytes count towards its recovery."""
+    """Copies this stage holds, re-made as part of its rebuild: their bytes count towards its recovery, except
+    those of copies kept in the background (``CopyKind.background``: a snapshot is re-sent off the recovery's
+    critical path, as it is refreshed)."""
     details: dict[str, Any] = field(default_factory=dict)
     """What the strategy wants recorded (neighbour weights, replica staleness, the new lr, ...)."""
 

@@ -346,7 +346,7 @@ class StageWorker:
         pending.wait()
         fetched = [h for r in plan.rebuilds for h in r.fetch]
         got = self._refresh([*fetched, *plan.refresh])
-        received += sum(n for held, n in got.items() if held in fetched)
+        received += sum(n for held, n in got.items() if held in fetched and not held.what.background)
         return {"received_bytes": received, "lr": self.compute.lr, "held_bytes": self.held_bytes()}
 
     def cmd_upkeep(self, refresh: list[Held], checkpoint: str | None, in_background: bool = False) -> dict:
