@@ -50,6 +50,8 @@ class Clock:
         self.cost = CostModel(priced, cfg.trainer.micro_batches, micro_batch_size, cfg.network, flops_per_s=flops,
                               replicas=cfg.engine.replicas)
         self.paper = cfg.trainer.clock == "paper_table2"
+        self.priced_recovery = cfg.trainer.paper_recovery == "priced"
+        """On paper_table2: price recoveries by the bytes they move (``trainer.paper_recovery``)."""
         self.incident_s = paper_table2.RECOVERY_S if self.paper else cfg.network.replacement_delay_s
         """Losses closer together than this (a recovery's time) strike the pipeline together."""
         if self.paper:
@@ -67,7 +69,7 @@ class Clock:
     def recovery_seconds(self, report: RecoveryReport) -> float:
         """Replacement delay + the bytes the replacement receives. A rollback downloads every stage's shard in
         parallel, so the largest shard bounds its time."""
-        if self.paper:
+        if self.paper and not self.priced_recovery:
             return paper_table2.RECOVERY_S
         n_bytes = report.details.get("largest_shard_bytes", report.bytes_moved) if report.from_storage \
             else report.bytes_moved

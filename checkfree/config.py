@@ -71,6 +71,11 @@ class TrainerConfig:
     iterations, so simulated hours are paper hours: see checkfree.clock)."""
     paper_T: int | None = None
     """clock=paper_table2: T, the no-failure run's iterations to target_loss, measured by a calibration run."""
+    paper_recovery: str = "measured"
+    """clock=paper_table2: what a recovery costs. 'measured': the paper's ~30 s, whatever it moves (its testbed's
+    links). 'priced': network.replacement_delay_s + the bytes the recovery moves (at clock_preset's size) over
+    the network preset's links or storage, as the cost_model clock prices it — for experiments that vary the
+    bandwidth, where restoring a 1.5 GB snapshot over 10 Mb/s cannot take 30 s."""
     stop_at_target: bool = False
     """Stop at the first validation that reaches target_loss (time to target is what a sweep compares)."""
     export: bool = True
@@ -233,6 +238,8 @@ def validate_trainer(cfg: TrainerConfig) -> None:
     require(cfg.paper_T is None or (isinstance(cfg.paper_T, int) and not isinstance(cfg.paper_T, bool)
                                     and cfg.paper_T >= 1), "trainer.paper_T", cfg.paper_T,
             "it is T, the calibrated iterations to target: allowed is null or an integer >= 1")
+    require(cfg.paper_recovery in ("measured", "priced"), "trainer.paper_recovery", cfg.paper_recovery,
+            "allowed is measured or priced")
     require(cfg.clock != "paper_table2" or cfg.paper_T is not None, "trainer.paper_T",
             cfg.paper_T, "trainer.clock=paper_table2 needs T, the calibrated iterations to target: an integer >= 1")
     require(not cfg.stop_at_target or cfg.target_loss is not None, "trainer.stop_at_target", cfg.stop_at_target,

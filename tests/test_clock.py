@@ -126,3 +126,22 @@ def test_a_twelve_stage_run_with_failures_completes(small_run, tmp_path):
 
     clock = Clock(clock_cfg, clock_cfg.model.with_vocab(300), build_strategy(clock_cfg.strategy, 12))
     assert len(clock.byte_scale) == 12
+
+
+def test_paper_recovery_priced_charges_the_bytes_a_recovery_moves(small_run):
+    """trainer.paper_recovery=priced: on the paper clock a recovery costs the replacement delay plus its bytes
+    (at the clock preset's size) over the link, instead of the paper's flat 30 s."""
+    from checkfree.plan import RecoveryReport
+    from checkfree.recovery import build_strategy
+
+    cfg = small_run(strategy={"name": "snapshot_restore"},
+                    network={"name": "single_cluster", "bandwidth_Bps": 1e7, "latency_s": 0.0},
+                    trainer={"clock": "paper_table2", "paper_T": 500, "paper_recovery": "priced"})
+    model = cfg.model.with_vocab(300)
+    clock = Clock(cfg, model, build_strategy(cfg.strategy, model.n_stages))
+    report = RecoveryReport(2, "snapshot_restore", "snapshot", [3], [1.0], bytes_moved=100_000)
+    scaled = int(100_000 * clock.byte_scale[2])  # the tiny stage's bytes as llama_500m's stage would have them
+    assert clock.recovery_seconds(report) == pytest.approx(30.0 + scaled / 1e7)
+    assert scaled / 1e7 > 60  # a minute of transfer on top of the delay: far from the flat 30 s
+    measured = small_run(strategy={"name": "snapshot_restore"}, trainer={"clock": "paper_table2", "paper_T": 500})
+    assert Clock(measured, model, build_strategy(measured.strategy, model.n_stages)).recovery_seconds(report) == 30.0
