@@ -50,6 +50,8 @@ class Clock:
         self.cost = CostModel(priced, cfg.trainer.micro_batches, micro_batch_size, cfg.network, flops_per_s=flops,
                               replicas=cfg.engine.replicas)
         self.paper = cfg.trainer.clock == "paper_table2"
+        self.saves_in_paper_time = strategy.table2_column == "checkpointing"
+        """On paper_table2: the strategy's measured iteration time includes its synchronous checkpoint saves."""
         self.priced_recovery = cfg.trainer.paper_recovery == "priced"
         """On paper_table2: price recoveries by the bytes they move (``trainer.paper_recovery``)."""
         self.incident_s = paper_table2.RECOVERY_S if self.paper else cfg.network.replacement_delay_s
@@ -90,7 +92,11 @@ class Clock:
             background = max(background, self.cost.flush_stall_seconds(shard, window))
             shard = 0  # not uploaded on the step's time
         if self.paper:
-            return background  # 0 for the paper's strategies (checkpointing: 91.35 vs 91.32 s per iteration)
+            # 0 for the paper's strategies (checkpointing: 91.35 vs 91.32 s per iteration, its saves included);
+            # a strategy priced at another column pays the synchronous saves it makes (memory_checkpoint's
+            # fall-back to storage).
+            own_saves = 0.0 if self.saves_in_paper_time else self.cost.storage_seconds(shard)
+            return background + own_saves
         overhead = StepOverhead(storage_upload_bytes=shard,
                                 replica_sync_bytes={k: int(v * scale) for k, v in traffic.sent.items()})
         return self.cost.overhead_seconds(overhead) + background

@@ -306,3 +306,25 @@ def test_every_auto_is_the_smallest_period_the_bandwidth_sustains(small_run, tmp
     assert parts.strategy.cfg.every == sustained_period(flush, parts.clock.iteration_s) == 2
     summary = train(run, tmp_path / "run")
     assert summary["strategy_every"] == parts.strategy.cfg.every
+
+
+def test_on_the_paper_clock_memory_checkpoint_pays_for_its_storage_saves(small_run, tmp_path):
+    """The paper's checkpointing time includes its saves; memory_checkpoint is priced at CheckFree's, so its
+    synchronous fall-back saves to storage are charged on top (and a checkpoint strategy's are not)."""
+    from checkfree.checkpoints import load_file
+    from checkfree.clock import Clock
+    from checkfree.recovery import build_strategy
+
+    cfg = small_run(strategy={"name": "memory_checkpoint", "every": 5, "storage_every": 2},
+                    trainer={"iterations": 4, "eval_every": 4, "clock": "paper_table2", "paper_T": 500})
+    train(cfg, tmp_path / "run")
+    records = {r["iteration"]: r for r in read_metrics(tmp_path / "run" / "metrics.jsonl")}
+    shards = load_file(tmp_path / "run" / "checkpoints" / "ckpt_0000004" / "meta.pt")["shard_bytes"]
+    clock = Clock(cfg, cfg.model.with_vocab(300), build_strategy(cfg.strategy, 4))
+    upload = clock.cost.storage_seconds(int(max(shards) * max(clock.byte_scale)))
+    assert upload > 1.0
+    assert [records[i]["overhead_sim_s"] for i in (1, 2, 3, 4)] == [0.0, pytest.approx(upload), 0.0,
+                                                                    pytest.approx(upload)]
+    checkpoint = small_run(strategy={"name": "checkpoint", "every": 2},
+                           trainer={"iterations": 4, "eval_every": 4, "clock": "paper_table2", "paper_T": 500})
+    assert train(checkpoint, tmp_path / "checkpoint")["overhead_sim_s"] == 0.0
