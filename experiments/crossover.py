@@ -53,11 +53,12 @@ RATE = 0.16
 
 
 def points(strategies: list[str], bandwidths: list[float], seeds: int) -> list[tuple[str, int, list[str]]]:
-    """Every (strategy, bandwidth, seed): a point's index names its run directory, whatever subset runs."""
+    """Every (strategy, bandwidth, seed): a point's index names its run directory. Seed-major, so that a later
+    invocation with more ``--seeds`` keeps the earlier seeds' directories (and does not run them again)."""
     out = []
-    for b in bandwidths:
-        for name in strategies:
-            for seed in range(seeds):
+    for seed in range(seeds):
+        for b in bandwidths:
+            for name in strategies:
                 bps = b * 1e6 / 8
                 overrides = [f"strategy={name}", f"network.bandwidth_Bps={bps:g}",
                              f"network.storage_bandwidth_Bps={bps:g}", f"seed={seed}"]
