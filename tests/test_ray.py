@@ -31,7 +31,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 ray = pytest.importorskip("ray", reason="the Ray launcher needs Ray: pip install 'checkfree[ray]'")
 
 from checkfree.config import RayConfig  # noqa: E402
-from checkfree.distributed.cluster import WorkersDied  # noqa: E402
+from checkfree.distributed import messages as msg  # noqa: E402
+from checkfree.distributed.pool import WorkersDied  # noqa: E402
 from checkfree.distributed.ray_pool import RayLaunchError, RayPool  # noqa: E402
 from checkfree.distributed.worker import WorkerSpec  # noqa: E402
 from checkfree.presets import preset  # noqa: E402
@@ -290,8 +291,8 @@ def test_pool_raises_stage_lost_when_an_actor_dies_in_rendezvous_or_respawn(thre
         # Then a clean recovery: every stage alive, in one new generation.
         pool.respawn([0])
         pool.rendezvous()
-        replies = pool.broadcast("get_state")
-        assert sorted(reply["generation"] for reply in replies.values()) == [pool.generation] * 3
+        replies = pool.broadcast(msg.GetState())
+        assert sorted(reply.generation for reply in replies.values()) == [pool.generation] * 3
     finally:
         pool.shutdown()
         assert_our_placement_groups_removed()

@@ -9,9 +9,11 @@ Modules, one idea each:
 
 * ``programs`` — which stage runs which forward / backward pass, in which order (GPipe, 1F1B)
 * ``transfer`` — (nested) states point to point
-* ``worker`` — the stage process and the commands it serves
+* ``messages`` — the typed commands and replies of the control channel
+* ``worker`` — the stage worker and the commands it serves
 * ``rendezvous`` — the store and its generations
-* ``cluster`` — starting, commanding, watching, replacing and stopping the processes
+* ``pool`` — what the engine asks of the workers (``WorkerPool``) and the supervisor every launcher shares
+* ``cluster`` — the local launcher: starting, watching, replacing and stopping one process per stage
 * ``launchers`` — which pool starts the workers: local processes or Ray actors (``engine.launcher``)
 * ``ray_pool``, ``ray_actor`` — the same pool with one Ray actor per stage, on one machine or a cluster
 * ``engine`` — the engine the trainer drives: steps, validation, the plan executor

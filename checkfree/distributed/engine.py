@@ -35,8 +35,9 @@ import torch
 from checkfree.checkpoints import CheckpointStore, DamagedCheckpoint
 from checkfree.compute import StepResult
 from checkfree.config import EngineConfig
-from checkfree.distributed.cluster import WorkerError, WorkerPool, WorkersDied, raise_errors
+from checkfree.distributed import messages as msg
 from checkfree.distributed.launchers import make_pool
+from checkfree.distributed.pool import WorkerError, WorkerPool, WorkersDied, raise_errors
 from checkfree.distributed.programs import replica_micro_batches
 from checkfree.distributed.worker import WorkerSpec, from_bytes, rank_of, to_bytes
 from checkfree.engine import Outcome, StagesLost
@@ -94,35 +95,33 @@ class ProcessEngine:
         messages = {}
         for rank, handle in pool.handles.items():
             mbs = replica_micro_batches(len(batches), self.replicas, handle.replica)
-            messages[rank] = {
-                "cmd": "step",
-                "inputs": {m: batches[m][:, :-1].numpy() for m in mbs} if handle.stage == 0 else {},
-                "targets": {m: batches[m][:, 1:].numpy() for m in mbs} if handle.stage == last else {},
-            }
+            messages[rank] = msg.Step(
+                inputs={m: batches[m][:, :-1].numpy() for m in mbs} if handle.stage == 0 else {},
+                targets={m: batches[m][:, 1:].numpy() for m in mbs} if handle.stage == last else {})
         try:
             ready = pool.request(messages, "step")
         except WorkersDied as exc:
             self._abort(exc.replies)
             raise self.lost(exc) from None
-        if any("ready" not in reply for reply in ready.values()):
+        if not all(isinstance(reply, msg.Ready) for reply in ready.values()):
             # Aborted with every process alive (a timeout): not a failure that a replacement can cure.
             self._abort(ready)
             raise_errors(ready, pool.handles, "step")
-            reasons = sorted({r["error"] for r in ready.values() if r.get("aborted")})
+            reasons = sorted({r.error for r in ready.values() if isinstance(r, msg.Aborted)})
             raise WorkerError(f"an iteration was aborted with every stage alive: {reasons}; raise engine.timeout_s "
                               "if the stages are just slow.")
         first = [ready[rank] for rank in self.first_ranks()]
         losses = [ready[rank_of(last, r, self.n_stages)] for r in range(self.replicas)]
-        result = StepResult(loss=sum(r["loss_sum"] for r in losses) / len(batches),
-                            grad_norm=[r["grad_norm"] for r in first],
-                            grad_norm_post=[r["grad_norm_post"] for r in first],
-                            tokens=sum(r["tokens"] for r in losses))
+        result = StepResult(loss=sum(r.loss_sum for r in losses) / len(batches),
+                            grad_norm=[r.grad_norm for r in first],
+                            grad_norm_post=[r.grad_norm_post for r in first],
+                            tokens=sum(r.tokens for r in losses))
         if skip_nonfinite and not result.finite:
             self._abort(ready)
             result.stepped = False
             return result
         try:
-            committed = pool.request({rank: {"cmd": "commit"} for rank in ready}, "commit")
+            committed = pool.request({rank: msg.Commit() for rank in ready}, "commit")
         except WorkersDied as exc:  # the survivors stepped: their step stands, the lost stage is rebuilt now
             self._note_commit(exc.replies)
             raise self.lost(exc, result) from None
@@ -130,20 +129,20 @@ class ProcessEngine:
         self._note_commit(committed)
         return result
 
-    def _note_commit(self, replies: dict[int, dict]) -> None:
+    def _note_commit(self, replies: dict[int, msg.Reply]) -> None:
         self.finite = [True] * self.n_stages
         for rank, reply in replies.items():
             stage = self.pool.handles[rank].stage
-            self.lrs[stage] = reply["lr"]
-            self.finite[stage] = self.finite[stage] and reply["finite"]
+            self.lrs[stage] = reply.lr
+            self.finite[stage] = self.finite[stage] and reply.finite
 
-    def _abort(self, replies: dict[int, dict]) -> None:
+    def _abort(self, replies: dict[int, msg.Reply]) -> None:
         """Survivors that computed their gradients drop them (none of them stepped)."""
         holding = [rank for rank, reply in replies.items()
-                   if reply.get("ready") and rank in self.pool.handles and self.pool.alive(rank)]
+                   if isinstance(reply, msg.Ready) and rank in self.pool.handles and self.pool.alive(rank)]
         if holding:
             try:
-                self.pool.request({rank: {"cmd": "abort"} for rank in holding}, "abort")
+                self.pool.request({rank: msg.Abort() for rank in holding}, "abort")
             except WorkersDied:
                 pass  # recovery follows anyway; whoever died here is replaced with the others
 
@@ -151,17 +150,17 @@ class ProcessEngine:
 
     def evaluate(self, sequences: torch.Tensor, batch_size: int) -> float:
         reply = self._eval(sequences, batch_size, per_sequence=False)
-        return reply["loss_sum"] / reply["count"]
+        return reply.loss_sum / reply.count
 
     def sequence_losses(self, sequences: torch.Tensor, batch_size: int) -> list[float]:
-        return self._eval(sequences, batch_size, per_sequence=True)["sequences"]
+        return self._eval(sequences, batch_size, per_sequence=True).sequences
 
-    def _eval(self, sequences: torch.Tensor, batch_size: int, per_sequence: bool) -> dict:
+    def _eval(self, sequences: torch.Tensor, batch_size: int, per_sequence: bool) -> msg.Evaluated:
         last = self.n_stages - 1
-        messages = {rank_of(k, 0, self.n_stages): {
-            "cmd": "eval", "n": sequences.shape[0], "batch_size": batch_size, "per_sequence": per_sequence,
-            "inputs": sequences[:, :-1].numpy() if k == 0 else None,
-            "targets": sequences[:, 1:].numpy() if k == last else None} for k in range(self.n_stages)}
+        messages = {rank_of(k, 0, self.n_stages): msg.Eval(
+            inputs=sequences[:, :-1].numpy() if k == 0 else None,
+            targets=sequences[:, 1:].numpy() if k == last else None,
+            n=sequences.shape[0], batch_size=batch_size, per_sequence=per_sequence) for k in range(self.n_stages)}
         try:
             replies = self.pool.request(messages, "eval")
         except WorkersDied as exc:
@@ -171,14 +170,13 @@ class ProcessEngine:
 
     def first_nonfinite_output(self, input_ids: torch.Tensor, order: tuple[int, ...]) -> int | None:
         """As ``LocalEngine.first_nonfinite_output``, from a forward probe on the workers."""
-        messages = {rank_of(k, 0, self.n_stages): {"cmd": "probe", "order": tuple(order),
-                                                   "inputs": input_ids.numpy() if k == 0 else None,
-                                                   "size": input_ids.shape[0]} for k in range(self.n_stages)}
+        messages = {rank_of(k, 0, self.n_stages): msg.Probe(tuple(order), input_ids.numpy() if k == 0 else None,
+                                                            input_ids.shape[0]) for k in range(self.n_stages)}
         try:
-            replies = self.pool.broadcast_each(messages, "probe")
+            replies = self.pool.broadcast_each(messages)
         except WorkersDied as exc:
             raise self.lost(exc) from None
-        outputs = sorted(entry for reply in replies.values() for entry in reply["outputs"])
+        outputs = sorted(entry for reply in replies.values() for entry in reply.outputs)
         return next((stage for _, stage, finite in outputs if not finite), None)
 
     # --- what the trainer reads ----------------------------------------------------------------------
@@ -199,10 +197,10 @@ class ProcessEngine:
         """Replica 0's whole state of every stage (a resumable save, the export); a stage lost meanwhile is a
         ``StagesLost`` like any other, and the trainer recovers it and asks again."""
         try:
-            replies = self.pool.broadcast("get_state", ranks=self.first_ranks())
+            replies = self.pool.broadcast(msg.GetState(), ranks=self.first_ranks())
         except WorkersDied as exc:
             raise self.lost(exc) from None
-        return [from_bytes(replies[rank]["state"]) for rank in self.first_ranks()]
+        return [from_bytes(replies[rank].state) for rank in self.first_ranks()]
 
     def stage_states(self) -> list[dict[str, torch.Tensor]]:
         return [state["weights"] for state in self._gather()]
@@ -236,11 +234,11 @@ class ProcessEngine:
                 reports = rollback_reports(plan, progress, restored)
             else:
                 restored = None
-                replies = pool.broadcast("recover", plan=plan)
+                replies = pool.broadcast(msg.Recover(plan))
                 self._note_held(replies)
                 for rank, reply in replies.items():
-                    self.lrs[pool.handles[rank].stage] = reply["lr"]
-                reports = [rebuild_report(plan, r, replies[rank_of(r.stage, 0, self.n_stages)]["received_bytes"])
+                    self.lrs[pool.handles[rank].stage] = reply.lr
+                reports = [rebuild_report(plan, r, replies[rank_of(r.stage, 0, self.n_stages)].received_bytes)
                            for r in plan.rebuilds if r.stage in plan.lost]
         except WorkersDied as exc:
             raise self.lost(exc) from None
@@ -256,12 +254,12 @@ class ProcessEngine:
         return Outcome(reports, restored)
 
     def _load_checkpoint(self, checkpoint: Path, meta: dict[str, Any]) -> None:
-        replies = self.pool.broadcast("load", checkpoint=str(checkpoint), meta_digests=meta["digests"])
-        damaged = [reply for reply in replies.values() if "damaged" in reply]
+        replies = self.pool.broadcast(msg.Load(str(checkpoint), meta["digests"]))
+        damaged = [reply for reply in replies.values() if isinstance(reply, msg.Damaged)]
         if damaged:  # every stage falls back together: the next candidate is loaded by all of them
-            raise DamagedCheckpoint(Path(damaged[0]["damaged"]), damaged[0]["cause"])
+            raise DamagedCheckpoint(Path(damaged[0].path), damaged[0].cause)
         for rank, reply in replies.items():
-            self.lrs[self.pool.handles[rank].stage] = reply["lr"]
+            self.lrs[self.pool.handles[rank].stage] = reply.lr
 
     def upkeep(self, upkeep: Upkeep, meta: dict[str, Any]) -> Traffic:
         traffic = Traffic()
@@ -272,24 +270,24 @@ class ProcessEngine:
         saving = self.store.writing(meta["progress"]) if upkeep.checkpoint else contextlib.nullcontext()
         with saving as directory:
             try:
-                replies = self.pool.broadcast("upkeep", refresh=list(upkeep.refresh),
-                                              checkpoint=str(directory) if directory is not None else None,
-                                              in_background=upkeep.in_background)
+                replies = self.pool.broadcast(msg.Upkeep(list(upkeep.refresh),
+                                                         str(directory) if directory is not None else None,
+                                                         upkeep.in_background))
             except WorkersDied as exc:
                 raise self.lost(exc) from None
             self._note_held(replies)
             for rank in self.first_ranks():
-                for key, n_bytes in replies[rank]["received"]:
+                for key, n_bytes in replies[rank].received:
                     sent_into(traffic, Held(*key), n_bytes)
             if directory is not None:
                 firsts = [replies[rank] for rank in self.first_ranks()]
-                traffic.shard_bytes = [r["shard_bytes"] for r in firsts]
+                traffic.shard_bytes = [r.shard_bytes for r in firsts]
                 traffic.shards_in_background = upkeep.in_background
                 meta = {**meta, "shard_bytes": traffic.shard_bytes}
                 if upkeep.in_background:  # published once every stage's writer is done (finish_flush)
                     self.flushing = (directory, copy.deepcopy(meta), upkeep.keep)
                 else:
-                    digests = {f"stage{k}.pt": r["digest"] for k, r in enumerate(firsts)}
+                    digests = {f"stage{k}.pt": r.digest for k, r in enumerate(firsts)}
                     self.store.commit(directory, {**meta, "digests": digests}, upkeep.keep)
         return traffic
 
@@ -301,17 +299,17 @@ class ProcessEngine:
             return
         (directory, meta, keep), self.flushing = self.flushing, None
         try:
-            replies = self.pool.broadcast("flushed", ranks=self.first_ranks())
+            replies = self.pool.broadcast(msg.Flushed(), ranks=self.first_ranks())
         except WorkersDied as exc:
             shutil.rmtree(directory, ignore_errors=True)
             raise self.lost(exc) from None
-        digests = {f"stage{k}.pt": replies[rank]["digest"] for k, rank in enumerate(self.first_ranks())}
+        digests = {f"stage{k}.pt": replies[rank].digest for k, rank in enumerate(self.first_ranks())}
         self.store.commit(directory, {**meta, "digests": digests}, keep)
 
-    def _note_held(self, replies: dict[int, dict]) -> None:
+    def _note_held(self, replies: dict[int, msg.Reply]) -> None:
         for rank in self.first_ranks():
             if rank in replies:
-                self.held[self.pool.handles[rank].stage] = replies[rank]["held_bytes"]
+                self.held[self.pool.handles[rank].stage] = replies[rank].held_bytes
 
     # --- resume --------------------------------------------------------------------------------------
 
@@ -329,8 +327,8 @@ class ProcessEngine:
         for rank, handle in self.pool.handles.items():
             k = handle.stage
             held = [(key, copy) for key, copy in state["held"] if Held(*key).holder == k]
-            messages[rank] = {"cmd": "set_state", "state": to_bytes(
-                {"weights": state["stages"][k], "optimizer": state["optimizers"][k], "held": held})}
+            messages[rank] = msg.SetState(to_bytes(
+                {"weights": state["stages"][k], "optimizer": state["optimizers"][k], "held": held}))
         lost: set[int] = set()
         for _ in range(REPLACE_ATTEMPTS):
             try:
@@ -339,7 +337,7 @@ class ProcessEngine:
                     self.pool.respawn(sorted(lost))
                     self.pool.rendezvous()
                     lost = set()
-                replies = self.pool.broadcast_each(messages, "set_state")
+                replies = self.pool.broadcast_each(messages)
                 break
             except WorkersDied as exc:
                 lost |= exc.stages
@@ -347,6 +345,6 @@ class ProcessEngine:
             raise WorkerError(f"stage processes {sorted(lost)} were lost {REPLACE_ATTEMPTS} times in a row while "
                               "the saved state was being set; giving up.")
         for rank, reply in replies.items():
-            self.lrs[self.pool.handles[rank].stage] = reply["lr"]
+            self.lrs[self.pool.handles[rank].stage] = reply.lr
         self._note_held(replies)
         self.store.load_state_dict(state["checkpoints"])

@@ -1,7 +1,8 @@
 """Which launcher starts the process engine's stage workers: ``engine.launcher=processes | ray``.
 
-Both launchers give the supervisor the same pool (``cluster.WorkerPool``'s interface): local processes on
-this machine, or Ray actors on one machine or a cluster (``ray_pool.RayPool``). Ray is imported only when
+Both launchers give the supervisor a ``pool.WorkerPool`` (each a ``pool.Supervisor`` over its own handles):
+local processes on this machine (``cluster.ProcessPool``), or Ray actors on one machine or a cluster
+(``ray_pool.RayPool``). Ray is imported only when
 it is asked for, so the processes launcher never needs it installed.
 """
 
@@ -11,7 +12,8 @@ import os
 from pathlib import Path
 
 from checkfree.config import ConfigError, EngineConfig
-from checkfree.distributed.cluster import WorkerPool
+from checkfree.distributed.cluster import ProcessPool
+from checkfree.distributed.pool import WorkerPool
 from checkfree.distributed.worker import WorkerSpec
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -21,7 +23,7 @@ LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 def make_pool(spec: WorkerSpec, engine: EngineConfig, run_dir: Path) -> WorkerPool:
     """The pool of stage workers for ``engine.launcher`` (not started yet: the supervisor calls ``start``)."""
     if engine.launcher == "processes":
-        return WorkerPool(spec, engine.timeout_s, run_dir)
+        return ProcessPool(spec, engine.timeout_s, run_dir)
     if engine.ray.address is None:
         # A Ray of our own on this machine: loopback, like the processes launcher. Only effective before the
         # first `import ray` in this process (Ray reads it once).

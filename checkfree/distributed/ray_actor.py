@@ -1,4 +1,4 @@
-"""A stage worker as a Ray actor: the same ``StageWorker`` and command loop as a stage process.
+"""A stage worker as a Ray actor: the same ``worker.run`` (stage, hello, command loop) as a stage process.
 
 The actor runs ``worker.serve`` in one thread of its own, fed through a mailbox: ``call(message)`` puts
 the command in and returns the worker's reply, so every command runs on the same thread (CUDA's current
@@ -14,30 +14,28 @@ instead of the seconds a fresh interpreter needs (the forkserver's role for loca
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import queue
 import signal
 import threading
-import time
 
 import ray
-import torch
 
-from checkfree.distributed.rendezvous import is_loopback
-from checkfree.distributed.worker import StageWorker, WorkerSpec, serve
+from checkfree.distributed import messages as msg
+from checkfree.distributed.worker import WorkerSpec, run
 
 
 class Mailbox:
-    """The control pipe's two methods that ``serve`` uses, between the actor's calls and its worker thread."""
+    """The worker's ``Channel`` between the actor's calls and its worker thread."""
 
     def __init__(self) -> None:
         self.commands: queue.Queue = queue.Queue()
         self.replies: queue.Queue = queue.Queue()
 
-    def recv(self) -> dict:
+    def recv(self) -> msg.Command:
         return self.commands.get()
 
-    def send(self, reply: dict) -> None:
+    def send(self, reply: msg.Reply) -> None:
         self.replies.put(reply)
 
 
@@ -55,47 +53,31 @@ class StageActor:
             pass
 
     @ray.method(concurrency_group="commands")
-    def start(self, spec: WorkerSpec) -> dict:
+    def start(self, spec: WorkerSpec) -> msg.Hello | msg.Failed:
         """Build the stage (in the worker thread) and say hello: PID and the node this actor runs on."""
         self.spec = spec
-        self.thread = threading.Thread(target=self._run, name=f"checkfree-stage{self.spec.stage}", daemon=True)
+        self.thread = threading.Thread(target=run, args=(self.mailbox, spec), name=f"checkfree-stage{spec.stage}",
+                                       daemon=True)
         self.thread.start()
         hello = self._reply()
-        context = ray.get_runtime_context()
-        return {**hello, "node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+        if not isinstance(hello, msg.Hello):
+            return hello
+        return dataclasses.replace(hello, node_id=ray.get_runtime_context().get_node_id(),
+                                   node_ip=ray.util.get_node_ip_address())
 
     @ray.method(concurrency_group="commands")
-    def call(self, message: dict) -> dict:
-        self.mailbox.commands.put(dict(message))
+    def call(self, command: msg.Command) -> msg.Reply:
+        self.mailbox.commands.put(command)
         return self._reply()
 
     @ray.method(concurrency_group="watch")
     def watch(self) -> None:
         threading.Event().wait()  # forever: only the actor's death resolves this call
 
-    def _reply(self) -> dict:
+    def _reply(self) -> msg.Reply:
         while True:
             try:
                 return self.mailbox.replies.get(timeout=1.0)
             except queue.Empty:
                 if self.thread is None or not self.thread.is_alive():
-                    return {"error": f"stage {self.spec.stage}'s worker thread has stopped"}
-
-    def _run(self) -> None:
-        """As ``worker.main`` after the fork: environment, threads, the stage, hello, then the command loop."""
-        spec = self.spec
-        if is_loopback(spec.store_addr):  # gloo would otherwise pick the interface of the machine's hostname
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        torch.set_num_threads(spec.threads)
-        start = time.perf_counter()
-        try:
-            worker = StageWorker(spec)
-        except Exception as exc:
-            self.mailbox.send({"error": f"building stage {spec.stage} failed: {type(exc).__name__}: {exc}"})
-            return
-        self.mailbox.send({"hello": True, "pid": os.getpid(), "build_s": time.perf_counter() - start})
-        try:
-            serve(self.mailbox, worker)
-        finally:
-            worker.close()
-
+                    return msg.Failed(f"stage {self.spec.stage}'s worker thread has stopped")

@@ -2,8 +2,8 @@
 
 ``engine=ray`` (``engine.launcher=ray``) keeps all of the process engine (commands, the two-phase
 iteration, the per-generation rendezvous, recovery) and changes only how workers are started, watched,
-killed and stopped: ``RayPool`` is ``cluster.WorkerPool`` with one ``ray_actor.StageActor`` per stage x
-replica where that has one OS process.
+killed and stopped: ``RayPool`` is a ``pool.Supervisor`` with one ``ray_actor.StageActor`` per stage x
+replica where ``cluster.ProcessPool`` has one OS process.
 
 * Placement: a placement group with one bundle per actor (``engine.ray.placement``: SPREAD by default, so
   the stages land on different nodes where there are nodes to spread over); rank ``r`` runs in bundle ``r``.
@@ -12,7 +12,7 @@ replica where that has one OS process.
   which each actor gets in the spec of its ``start`` call (Ray's channel, trusted as Ray trusts its network).
 * Detection: every actor has a call in flight that never returns (``watch``); Ray fails it the moment the
   actor is gone (``ray.kill``, a crash, a SIGKILL from outside, its node lost). It is the
-  actor's sentinel, as the process sentinel is for ``WorkerPool``, so ``request`` raises ``WorkersDied`` with
+  actor's sentinel, as the process sentinel is for a local process, so ``request`` raises ``WorkersDied`` with
   the same bounds (after the first loss the others answer within ``engine.timeout_s`` + ``GRACE_S`` or are
   killed and counted as lost).
 * Injected failures: ``kill`` ends the actors with ``ray.kill``, which Ray keeps quiet about, so that its
@@ -42,17 +42,18 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ray
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from checkfree.config import ConfigError, RayConfig, first_line
-from checkfree.distributed.cluster import GRACE_S, Handle, WorkerError, WorkerPool, WorkersDied
+from checkfree.distributed import messages as msg
+from checkfree.distributed.pool import GRACE_S, Handle, Supervisor, WorkerError, WorkersDied
 from checkfree.distributed.ray_actor import StageActor
 from checkfree.distributed.rendezvous import new_secret, open_store
 from checkfree.distributed.worker import WorkerSpec, rank_of
-from checkfree.runlog import write_json_atomic
 
 BUNDLE_WAIT_S = 10.0
 """After a node is lost: how long a replacement waits for Ray to move its bundle to a live node before it
@@ -75,38 +76,22 @@ class Node:
     ip: str
 
 
-@dataclass
-class RayHandle(Handle):
-    node: Node | None = None
-    """The node the actor runs on (known once it said hello)."""
-    previous_node: Node | None = None
-    """For a replacement: the node the stage's previous actor ran on."""
-    placement: str = ""
-    """'bundle <rank>' of the run's placement group, or 'outside the placement group'."""
-
-
-class ActorProcess:
-    """What the pool asks of a worker process (``multiprocessing.Process``'s names), answered for an actor."""
+class Actor:
+    """A stage actor (or a standby) and its sentinel: a call that never returns, which Ray fails when the actor
+    is gone."""
 
     def __init__(self, actor: ray.actor.ActorHandle) -> None:
         self.actor = actor
-        self.pid = -1
         self.sentinel = actor.watch.remote()
-        """Never returns; Ray fails it when the actor is gone."""
-        self._exitcode: int | None = None
+        self.exited = False
 
-    @property
-    def exitcode(self) -> int | None:
-        """None while Ray has not reported the actor gone; then -1 (the real code stays on its node)."""
+    def gone(self) -> bool:
         self.join(0)
-        return self._exitcode
-
-    def is_alive(self) -> bool:
-        return self.exitcode is None
+        return self.exited
 
     def join(self, timeout: float | None = None) -> None:
-        if self._exitcode is None and ray.wait([self.sentinel], timeout=timeout)[0]:
-            self._exitcode = -1
+        if not self.exited and ray.wait([self.sentinel], timeout=timeout)[0]:
+            self.exited = True
 
     def kill(self) -> None:
         try:
@@ -114,39 +99,52 @@ class ActorProcess:
         except Exception:  # already gone, or its node is
             pass
 
-    terminate = kill
 
-
-class ActorChannel:
-    """The control pipe's methods over actor calls: ``send`` starts a call, ``recv`` returns its reply.
+@dataclass(eq=False)
+class RayHandle(Handle):
+    """A stage actor: commands are its ``call``s (at most one in flight, as on a pipe).
 
     Ray pickles these calls and their replies between nodes (cloudpickle): the channel is as trusted as the
     Ray cluster's network, which Ray requires to be private (README: What the process engine and Ray trust)."""
 
-    def __init__(self, actor: ray.actor.ActorHandle) -> None:
-        self.actor = actor
-        self.pending: ray.ObjectRef | None = None
-        """The call in flight (the hello while starting), at most one at a time as on a pipe."""
+    actor: Actor | None = None
+    pending: ray.ObjectRef | None = None
+    """The call in flight (the hello while starting)."""
+    node: Node | None = None
+    """The node the actor runs on (known once it said hello)."""
+    previous_node: Node | None = None
+    """For a replacement: the node the stage's previous actor ran on."""
+    placement: str = ""
+    """'bundle <rank>' of the run's placement group, or 'outside the placement group'."""
 
-    def send(self, message: dict) -> None:
-        self.pending = self.actor.call.remote(message)
+    def send(self, command: msg.Command) -> None:
+        self.pending = self.actor.actor.call.remote(command)
 
-    def recv(self) -> dict:
+    def recv(self) -> msg.Reply:
         """The reply; ``EOFError`` when the actor is gone, as a pipe whose process died."""
         ref, self.pending = self.pending, None
         try:
             return ray.get(ref)
         except ray.exceptions.RayTaskError as exc:  # the actor's own code failed, not a lost stage
-            return {"error": f"{type(exc.cause).__name__}: {exc.cause}", "traceback": str(exc)}
+            return msg.Failed(f"{type(exc.cause).__name__}: {exc.cause}", str(exc))
         except ray.exceptions.RayError as exc:
             raise EOFError(first_line(exc) or type(exc).__name__) from exc
+
+    def gone(self) -> bool:
+        return self.actor.gone()
+
+    def join(self, timeout: float | None = None) -> None:
+        self.actor.join(timeout)
+
+    def kill(self) -> None:
+        self.actor.kill()
 
     def close(self) -> None:
         self.pending = None
 
 
-class RayPool(WorkerPool):
-    """All stage actors (S stages x W replicas) of one run; the interface of ``WorkerPool``."""
+class RayPool(Supervisor):
+    """All stage actors (S stages x W replicas) of one run."""
 
     def __init__(self, spec: WorkerSpec, timeout_s: float, run_dir: Path, cfg: RayConfig) -> None:
         if spec.device == "cuda" and cfg.gpus_per_stage == 0:
@@ -159,7 +157,7 @@ class RayPool(WorkerPool):
         self.owns_ray = False
         """We called ray.init (a local Ray, or a connection to a cluster), so we call ray.shutdown."""
         self.moves: list[dict] = []
-        self.standbys: dict[str, ActorProcess] = {}
+        self.standbys: dict[str, Actor] = {}
         """node id -> a warm spare actor there (engine.ray.standby)."""
 
     # --- lifecycle ---------------------------------------------------------------------------------
@@ -172,7 +170,7 @@ class RayPool(WorkerPool):
         self._place()
         for stage in range(self.n_stages):
             for replica in range(self.replicas):
-                self._spawn(stage, replica, fresh=False)
+                self.spawn(stage, replica, fresh=False)
         self._await_start(list(self.handles), replacing=False)
         self.rendezvous()
         self._replenish_standbys()
@@ -221,14 +219,14 @@ class RayPool(WorkerPool):
                 f"{_resources(ray.cluster_resources())} in all, {_resources(ray.available_resources())} free); "
                 "add nodes, lower engine.ray.cpus_per_stage / gpus_per_stage, or use placement SPREAD or PACK.")
 
-    def _spawn(self, stage: int, replica: int, fresh: bool) -> RayHandle:
+    def spawn(self, stage: int, replica: int, fresh: bool) -> RayHandle:
         rank = rank_of(stage, replica, self.n_stages)
         spec = dataclasses.replace(self.spec, stage=stage, replica=replica, fresh=fresh)
         node = self._bundle_node(rank)
         standby = self.standbys.pop(node, None) if node is not None else None
-        if standby is not None and standby.is_alive():
+        if standby is not None and not standby.gone():
             # The bundle's node has a warm spare: it runs the stage in place of the bundle's reservation.
-            process, where = standby, f"bundle {rank}, standby"
+            actor, where = standby, f"bundle {rank}, standby"
         else:
             if node is not None:
                 strategy, where = PlacementGroupSchedulingStrategy(
@@ -237,12 +235,12 @@ class RayPool(WorkerPool):
                 spread = self.cfg.placement in ("SPREAD", "STRICT_SPREAD")
                 strategy, where = ("SPREAD" if spread else "DEFAULT"), "outside the placement group"
             resources = self.actor_resources()
-            process = ActorProcess(StageActor.options(
+            actor = Actor(StageActor.options(
                 num_cpus=resources.pop("CPU"), num_gpus=resources.pop("GPU", 0.0), resources=resources,
                 scheduling_strategy=strategy, max_restarts=0, max_task_retries=0,
             ).remote())
-        handle = RayHandle(stage, replica, rank, process, ActorChannel(process.actor), -1, placement=where)
-        handle.conn.pending = process.actor.start.remote(spec)
+        handle = RayHandle(stage, replica, rank, -1, actor=actor, placement=where)
+        handle.pending = actor.actor.start.remote(spec)
         self.handles[rank] = handle
         return handle
 
@@ -270,8 +268,8 @@ class RayPool(WorkerPool):
             return
         for node in sorted({h.node.id for h in self.handles.values() if h.node is not None}):
             spare = self.standbys.get(node)
-            if spare is None or not spare.is_alive():
-                self.standbys[node] = ActorProcess(StageActor.options(
+            if spare is None or spare.gone():
+                self.standbys[node] = Actor(StageActor.options(
                     num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
                     max_restarts=0).remote())
 
@@ -282,7 +280,7 @@ class RayPool(WorkerPool):
         recovery), a ``WorkerError`` at the run's start. One that never came up (no node had room for it, or
         it hung) is killed and named in a ``RayLaunchError``."""
         deadline = time.perf_counter() + self.cfg.start_timeout_s
-        waiting = {self.handles[r].conn.pending: r for r in ranks}
+        waiting = {self.handles[r].pending: r for r in ranks}
         lost, errors = set(), {}
         while waiting:
             ready, _ = ray.wait(list(waiting), num_returns=len(waiting),
@@ -292,19 +290,19 @@ class RayPool(WorkerPool):
             for ref in ready:
                 handle = self.handles[waiting.pop(ref)]
                 try:
-                    reply = handle.conn.recv()
+                    reply = handle.recv()
                 except EOFError:
                     lost.add(handle.rank)
                     continue
-                if "error" in reply:
-                    errors[handle.rank] = reply["error"]
-                else:
+                if isinstance(reply, msg.Hello):
                     self._started(handle, reply)
+                else:
+                    errors[handle.rank] = reply.error
         self.write_workers()
         if waiting:
             handles = [self.handles[r] for r in sorted(waiting.values())]
             for handle in handles:
-                handle.process.kill()
+                handle.kill()
             names = ", ".join(f"stage {h.stage} replica {h.replica} ({h.placement})" for h in handles)
             raise RayLaunchError(
                 f"{names} had no actor up within engine.ray.start_timeout_s={self.cfg.start_timeout_s} s: no live "
@@ -319,9 +317,9 @@ class RayPool(WorkerPool):
             raise WorkerError(f"the actor(s) of stage(s) {sorted(stages)} died while starting; see the Ray logs "
                               "(/tmp/ray/session_latest/logs on their node).")
 
-    def _started(self, handle: RayHandle, hello: dict) -> None:
-        handle.pid = handle.process.pid = hello["pid"]
-        handle.node = Node(hello["node_id"], hello["node_ip"])
+    def _started(self, handle: RayHandle, hello: msg.Hello) -> None:
+        handle.pid = hello.pid
+        handle.node = Node(hello.node_id, hello.node_ip)
         self.history.append({"stage": handle.stage, "replica": handle.replica, "rank": handle.rank,
                              "pid": handle.pid, "node_id": handle.node.id, "node_ip": handle.node.ip,
                              "placement": handle.placement, "started": handle.started})
@@ -339,56 +337,49 @@ class RayPool(WorkerPool):
         start = time.perf_counter()
         ranks = self.stage_ranks(stages)
         old = {rank: self.handles[rank] for rank in ranks}
-        self._await_exit(list(old.values()), grace_s=0.0)  # a replaced actor is gone, and its bundle free
+        self.await_exit(list(old.values()), grace_s=0.0)  # a replaced actor is gone, and its bundle free
         for handle in old.values():
-            new = self._spawn(handle.stage, handle.replica, fresh=True)
+            new = self.spawn(handle.stage, handle.replica, fresh=True)
             new.previous_node = handle.node or handle.previous_node
         self._await_start(ranks, replacing=True)
-        gone = {h.stage for rank, h in self.handles.items() if rank not in old and not h.process.is_alive()}
+        gone = {h.stage for rank, h in self.handles.items() if rank not in old and h.gone()}
         if gone:
             raise WorkersDied(gone, {}, "respawn", 0.0)
         elapsed = time.perf_counter() - start
         self._replenish_standbys()
         return elapsed
 
-    def kill(self, stages: list[int]) -> float | None:
-        """As ``WorkerPool.kill`` (every replica of ``stages`` really exits; returns the seconds until the
-        supervisor saw them gone), but by ``ray.kill`` rather than the ``die`` order: Ray takes an actor's own
-        ``os._exit`` for a crash and prints a ~600-character 'A worker died or was killed ... OOM killer'
-        warning on the driver's terminal for each injected failure, while ``ray.kill`` is an end it expects.
-        A death we did not cause (a crash, a SIGKILL from outside, a lost node) still gets Ray's warning."""
-        start = time.perf_counter()
-        targets = [self.handles[r] for r in self.stage_ranks(stages) if self.handles[r].process.is_alive()]
-        if not targets:
-            return None
-        for handle in targets:
-            handle.process.kill()
-        self._await_exit(targets)
-        return time.perf_counter() - start
+    def end(self, handles: list[Handle]) -> None:
+        """By ``ray.kill`` rather than a ``Die`` order: Ray takes an actor's own ``os._exit`` for a crash and prints
+        a ~600-character 'A worker died or was killed ... OOM killer' warning on the driver's terminal for each
+        injected failure, while ``ray.kill`` is an end it expects. A death we did not cause (a crash, a SIGKILL
+        from outside, a lost node) still gets Ray's warning."""
+        for handle in handles:
+            handle.kill()
 
-    def _await_exit(self, handles: list[Handle], grace_s: float = GRACE_S) -> None:
-        waiting = {h.process.sentinel: h for h in handles if h.process.is_alive()}
+    def await_exit(self, handles: list[Handle], grace_s: float = GRACE_S) -> None:
+        waiting = {h.actor.sentinel: h for h in handles if not h.gone()}
         if waiting and grace_s > 0:
             ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=grace_s)
             for ref in ready:
-                waiting.pop(ref).process.join(0)
+                waiting.pop(ref).join(0)
         for handle in waiting.values():  # did not obey: Ray ends it
-            handle.process.kill()
+            handle.kill()
         for handle in waiting.values():
-            handle.process.join(5)
+            handle.join(5)
 
     def shutdown(self) -> None:
         """Every actor leaves its group (``stop``) and is killed; the placement group goes; Ray too if ours."""
         if ray.is_initialized():
-            alive = [h for h in self.handles.values() if h.process.is_alive()]
+            alive = [h for h in self.handles.values() if not h.gone()]
             for handle in alive:
-                handle.conn.send({"cmd": "stop"})
+                handle.send(msg.Stop())
             if alive:
-                ray.wait([h.conn.pending for h in alive], num_returns=len(alive), timeout=STOP_S)
-            processes = [h.process for h in self.handles.values()] + list(self.standbys.values())
-            for process in processes:
-                process.kill()
-            sentinels = [process.sentinel for process in processes]
+                ray.wait([h.pending for h in alive], num_returns=len(alive), timeout=STOP_S)
+            actors = [h.actor for h in self.handles.values()] + list(self.standbys.values())
+            for actor in actors:
+                actor.kill()
+            sentinels = [actor.sentinel for actor in actors]
             if sentinels:
                 ray.wait(sentinels, num_returns=len(sentinels), timeout=STOP_S)
             if self.placement_group is not None:
@@ -401,17 +392,12 @@ class RayPool(WorkerPool):
             ray.shutdown()
             self.owns_ray = False
 
-    def write_workers(self) -> None:
-        if not self.run_dir.exists():
-            return
-        live = [{"stage": h.stage, "replica": h.replica, "rank": h.rank, "pid": h.pid,
-                 "node_id": h.node.id if h.node else None, "node_ip": h.node.ip if h.node else None,
-                 "placement": h.placement}
-                for h in sorted(self.handles.values(), key=lambda h: h.rank)]
-        write_json_atomic(self.run_dir / "workers.json", {
-            "launcher": "ray", "generation": self.generation, "supervisor_pid": os.getpid(), "workers": live,
-            "history": self.history, "moves": self.moves, "standby_nodes": sorted(self.standbys),
-        })
+    def entry(self, handle: RayHandle) -> dict[str, Any]:
+        return {**super().entry(handle), "node_id": handle.node.id if handle.node else None,
+                "node_ip": handle.node.ip if handle.node else None, "placement": handle.placement}
+
+    def about(self) -> dict[str, Any]:
+        return {"launcher": "ray", "moves": self.moves, "standby_nodes": sorted(self.standbys)}
 
     def node(self, stage: int, replica: int = 0) -> Node | None:
         """The node the stage's actor runs on (what a recovery record names as the stage's new home)."""
@@ -425,10 +411,9 @@ class RayPool(WorkerPool):
 
     # --- commands ----------------------------------------------------------------------------------
 
-    def _wait(self, handles: list[Handle], timeout: float) -> tuple[list[Handle], list[Handle]]:
-        """Block until a reply or a death: (handles with a reply waiting, handles whose actor is gone)."""
-        replies = {h.conn.pending: h for h in handles if h.conn.pending is not None}
-        sentinels = {h.process.sentinel: h for h in handles}
+    def wait(self, handles: list[Handle], timeout: float) -> tuple[list[Handle], list[Handle]]:
+        replies = {h.pending: h for h in handles if h.pending is not None}
+        sentinels = {h.actor.sentinel: h for h in handles}
         refs = [*replies, *sentinels]
         ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
         if ready:  # everything else that is ready too

@@ -30,7 +30,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -39,12 +39,13 @@ import torch.distributed as dist
 from checkfree.checkpoints import BackgroundWriter, CheckpointStore, DamagedCheckpoint, nbytes, shard_bytes
 from checkfree.compute import StageCompute, causal_lm_loss, clone_state, host_copy, per_sequence_loss
 from checkfree.config import first_line
+from checkfree.distributed import messages as msg
 from checkfree.distributed.programs import message_tag, replica_micro_batches, stage_program
 from checkfree.distributed.rendezvous import connect_store, is_loopback, join_generation
 from checkfree.distributed.rollcall import CalledOff, answer
 from checkfree.distributed.transfer import Pending, isend_state, recv_state, wire_device
 from checkfree.model import Stage
-from checkfree.plan import Held, RecoveryPlan
+from checkfree.plan import Held
 from checkfree.presets import ModelConfig
 from checkfree.routes import blame, in_order, route
 from checkfree.schedule import build_schedule
@@ -161,16 +162,16 @@ class StageWorker:
 
     # --- group membership ------------------------------------------------------------------------
 
-    def cmd_rendezvous(self, generation: int) -> dict:
-        """Leave the old group (if any) and join generation ``generation`` of the rendezvous."""
-        spec = self.spec
+    def rendezvous(self, command: msg.Rendezvous) -> msg.Joined | msg.Aborted:
+        """Leave the old group (if any) and join the command's generation of the rendezvous."""
+        spec, generation = self.spec, command.generation
         self.leave_group()
         if self.store is None:
             self.store = connect_store(spec.store_addr, spec.store_port, spec.timeout_s, f"stage {spec.stage}")
         try:
             answer(self.store, generation, spec.world_size, spec.timeout_s, spec.secret)
         except CalledOff as exc:  # a peer was lost before all had answered: no group to wait for
-            return {"aborted": True, "error": str(exc)}
+            return msg.Aborted(str(exc))
         join_generation(self.store, generation, spec.backend, spec.rank, spec.world_size, spec.timeout_s,
                         spec.secret)
         if spec.replicas > 1:
@@ -180,30 +181,30 @@ class StageWorker:
                 if k == spec.stage:
                     self.stage_group = group
         self.generation = generation
-        return {"generation": generation}
+        return msg.Joined(generation)
 
     # --- one iteration ---------------------------------------------------------------------------
 
-    def cmd_step(self, inputs: dict[int, np.ndarray], targets: dict[int, np.ndarray]) -> dict:
+    def step(self, command: msg.Step) -> msg.Ready | msg.Aborted:
         self.compute.train()
         try:
-            loss_sum, tokens = self._run_program(inputs, targets)
+            loss_sum, tokens = self._run_program(command.inputs, command.targets)
             self._allreduce_gradients()
         except Exception as exc:  # a lost peer (connection closed) or a timeout: discard the iteration
             self.compute.drop_gradients()
             self.leave_group()
-            return {"aborted": True, "error": f"{type(exc).__name__}: {first_line(exc)}"}
+            return msg.Aborted(f"{type(exc).__name__}: {first_line(exc)}")
         pre, post = self.compute.clip()
-        return {"ready": True, "loss_sum": loss_sum, "tokens": tokens, "grad_norm": pre, "grad_norm_post": post}
+        return msg.Ready(loss_sum, tokens, pre, post)
 
-    def cmd_commit(self) -> dict:
+    def commit(self, command: msg.Commit) -> msg.Committed:
         self.compute.step()
         self.compute.drop_gradients()  # a stage process holds nothing between iterations it need not
-        return {"lr": self.compute.lr, "finite": self.compute.finite()}
+        return msg.Committed(self.compute.lr, self.compute.finite())
 
-    def cmd_abort(self) -> dict:
+    def abort(self, command: msg.Abort) -> msg.Done:
         self.compute.drop_gradients()
-        return {}
+        return msg.Done()
 
     def _run_program(self, inputs: dict[int, np.ndarray], targets: dict[int, np.ndarray]) -> tuple[float, int]:
         spec = self.spec
@@ -260,10 +261,10 @@ class StageWorker:
     # --- validation ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def cmd_eval(self, inputs: np.ndarray | None, targets: np.ndarray | None, n: int, batch_size: int,
-                 per_sequence: bool = False) -> dict:
+    def eval(self, command: msg.Eval) -> msg.Evaluated:
         """In-order forward of the held-out sequences (replica 0 of every stage takes part); the last stage
         also reports each sequence's loss when ``per_sequence``."""
+        inputs, targets, n, batch_size = command.inputs, command.targets, command.n, command.batch_size
         self.compute.stage.eval()
         [visit] = [v for v in in_order(self.n) if v.stage == self.spec.stage]
         total, count, sequences = 0.0, 0, []
@@ -278,7 +279,7 @@ class StageWorker:
             out = self.compute.forward(visit.ops, x.to(self.device))
             if visit.next is None:
                 target = torch.as_tensor(targets[start:start + size]).to(self.device)
-                if per_sequence:
+                if command.per_sequence:
                     sequences += per_sequence_loss(out, target).tolist()
                 else:
                     total += causal_lm_loss(out, target).item() * size
@@ -286,12 +287,13 @@ class StageWorker:
             else:
                 pending.add(out.to(self.wire), self.rank(visit.next), message_tag(b, visit.position, False, self.n))
         pending.wait()
-        return {"loss_sum": total, "count": count, "sequences": sequences}
+        return msg.Evaluated(total, count, sequences)
 
     @torch.no_grad()
-    def cmd_probe(self, order: tuple[int, ...], inputs: np.ndarray | None, size: int) -> dict:
+    def probe(self, command: msg.Probe) -> msg.Probed:
         """Forward one micro-batch of ``size`` sequences along ``order``; report, per op, whether its output is
         finite (a diagnosis of a non-finite loss: whose output went bad first)."""
+        order, inputs, size = command.order, command.inputs, command.size
         outputs, index, pending = [], 0, Pending()
         for v in route(order, self.n):
             if v.stage != self.spec.stage:
@@ -309,14 +311,14 @@ class StageWorker:
             if v.next is not None:
                 pending.add(h.to(self.wire), self.rank(v.next), message_tag(0, v.position, False, self.n))
         pending.wait()
-        return {"outputs": outputs}
+        return msg.Probed(outputs)
 
     # --- recovery --------------------------------------------------------------------------------
 
-    def cmd_recover(self, plan: RecoveryPlan) -> dict:
-        """This stage's part of ``plan``: send what it is a source of, rebuild itself if it is lost, then
+    def recover(self, command: msg.Recover) -> msg.Recovered:
+        """This stage's part of the plan: send what it is a source of, rebuild itself if it is lost, then
         take part in re-making held copies. Replies the bytes this stage received for its rebuild."""
-        me, pending = self.spec.stage, Pending()
+        plan, me, pending = command.plan, self.spec.stage, Pending()
         for rebuild in plan.rebuilds:
             if any(src == me for src, _ in rebuild.sources):
                 pending.extend(isend_state(self.compute.stage.body_state(), self.rank(rebuild.stage), TAG_BODY,
@@ -347,28 +349,28 @@ class StageWorker:
         fetched = [h for r in plan.rebuilds for h in r.fetch]
         got = self._refresh([*fetched, *plan.refresh])
         received += sum(n for held, n in got.items() if held in fetched and not held.what.background)
-        return {"received_bytes": received, "lr": self.compute.lr, "held_bytes": self.held_bytes()}
+        return msg.Recovered(received, self.compute.lr, self.held_bytes())
 
-    def cmd_upkeep(self, refresh: list[Held], checkpoint: str | None, in_background: bool = False) -> dict:
+    def upkeep(self, command: msg.Upkeep) -> msg.KeptUp:
         """Re-make held copies; write this stage's checkpoint shard into ``checkpoint`` (replica 0 writes) —
         ``in_background``: copy it to host memory, reply, and let this process's writer thread persist it
-        while training goes on (``cmd_flushed`` waits for it)."""
-        got = self._refresh(refresh)
-        reply = {"received": [((h.kind, h.owner, h.holder), n) for h, n in got.items()],
-                 "held_bytes": self.held_bytes()}
-        if checkpoint is not None and self.spec.replica == 0 and in_background:
-            state, stage = host_copy(self.compute.state()), self.spec.stage
+        while training goes on (``flushed`` waits for it)."""
+        got = self._refresh(command.refresh)
+        received = [((h.kind, h.owner, h.holder), n) for h, n in got.items()]
+        checkpoint, stage = command.checkpoint, self.spec.stage
+        if checkpoint is None or self.spec.replica != 0:
+            return msg.KeptUp(received, self.held_bytes())
+        if command.in_background:
+            state = host_copy(self.compute.state())
             self.writer.submit(lambda: CheckpointStore.write_shard(Path(checkpoint), stage, state))
-            reply["shard_bytes"] = shard_bytes(state)
-        elif checkpoint is not None and self.spec.replica == 0:
-            reply["shard_bytes"], reply["digest"] = CheckpointStore.write_shard(Path(checkpoint), self.spec.stage,
-                                                                                self.compute.state())
-        return reply
+            return msg.KeptUp(received, self.held_bytes(), shard_bytes(state))
+        size, digest = CheckpointStore.write_shard(Path(checkpoint), stage, self.compute.state())
+        return msg.KeptUp(received, self.held_bytes(), size, digest)
 
-    def cmd_flushed(self) -> dict:
+    def flushed(self, command: msg.Flushed) -> msg.Persisted:
         """The digest of the shard this stage persisted in the background, once it is written."""
         result = self.writer.wait()
-        return {"digest": result[1] if result is not None else None}
+        return msg.Persisted(result[1] if result is not None else None)
 
     def _refresh(self, copies: list[Held]) -> dict[Held, int]:
         """Owners send, holders receive (every send is posted before any receive, so a ring of shadows cannot
@@ -390,35 +392,35 @@ class StageWorker:
     def held_bytes(self) -> int:
         return sum(nbytes(copy) for copy in self.held.values())
 
-    def cmd_load(self, checkpoint: str, meta_digests: dict[str, str]) -> dict:
+    def load(self, command: msg.Load) -> msg.Loaded | msg.Damaged:
         """Roll back to this stage's shard of ``checkpoint`` (a replacement downloads it the same way)."""
         try:
             # Read onto the CPU, as the local engine does: load_state moves the weights and Adam's moments to
             # the stage's device, while Adam's step counts stay on the CPU, where Adam keeps them (read onto a
             # GPU they would stay there, and every step would wait on the GPU to read each one back).
-            shard = CheckpointStore.read_shard(Path(checkpoint), self.spec.stage, {"digests": meta_digests})
+            shard = CheckpointStore.read_shard(Path(command.checkpoint), self.spec.stage,
+                                               {"digests": command.meta_digests})
         except DamagedCheckpoint as exc:
-            return {"damaged": str(exc.path), "cause": exc.cause}
+            return msg.Damaged(str(exc.path), exc.cause)
         self.compute.load_state(shard)
-        return {"lr": self.compute.lr}
+        return msg.Loaded(self.compute.lr)
 
     # --- whole state: resume and export ----------------------------------------------------------
 
-    def cmd_get_state(self) -> dict:
+    def get_state(self, command: msg.GetState) -> msg.State:
         held = [((h.kind, h.owner, h.holder), copy) for h, copy in self.held.items()]
-        return {"state": to_bytes({**self.compute.state(), "held": held}), "lr": self.compute.lr,
-                "generation": self.generation}
+        return msg.State(to_bytes({**self.compute.state(), "held": held}), self.compute.lr, self.generation)
 
-    def cmd_set_state(self, state: bytes) -> dict:
-        loaded = from_bytes(state)
+    def set_state(self, command: msg.SetState) -> msg.StateSet:
+        loaded = from_bytes(command.state)
         self.compute.load_state(loaded)
         self.held = {Held(*key): copy for key, copy in loaded["held"]}
-        return {"lr": self.compute.lr, "held_bytes": self.held_bytes()}
+        return msg.StateSet(self.compute.lr, self.held_bytes())
 
     # --- lifecycle -------------------------------------------------------------------------------
 
-    def cmd_die(self, code: int = 70) -> dict:
-        os._exit(code)  # a real, abrupt exit: no cleanup, no reply, connections closed by the kernel
+    def die(self, command: msg.Die) -> None:
+        os._exit(command.code)  # a real, abrupt exit: no cleanup, no reply, connections closed by the kernel
 
     def leave_group(self) -> None:
         """Close every connection of this generation at once. A peer blocked on a receive from *us* then
@@ -435,14 +437,25 @@ class StageWorker:
         self.writer.close()
         self.leave_group()
 
-    def handle(self, message: dict) -> dict:
+    def handle(self, command: msg.Command) -> msg.Reply:
         """One command: its reply, or the error it raised (after leaving the group, so no peer waits on us)."""
-        command = message.pop("cmd")
         try:
-            return getattr(self, f"cmd_{command}")(**message)
+            handler = HANDLERS[type(command)]
+        except KeyError:
+            return msg.Failed(f"stage {self.spec.stage} has no handler for {command!r}")
+        try:
+            return handler(self, command)
         except Exception as exc:
             self.leave_group()
-            return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=8)}
+            return msg.Failed(f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=8))
+
+
+HANDLERS = {msg.Rendezvous: StageWorker.rendezvous, msg.Step: StageWorker.step, msg.Commit: StageWorker.commit,
+            msg.Abort: StageWorker.abort, msg.Eval: StageWorker.eval, msg.Probe: StageWorker.probe,
+            msg.Recover: StageWorker.recover, msg.Upkeep: StageWorker.upkeep, msg.Flushed: StageWorker.flushed,
+            msg.Load: StageWorker.load, msg.GetState: StageWorker.get_state, msg.SetState: StageWorker.set_state,
+            msg.Die: StageWorker.die}
+"""The method that serves each command (``Stop`` ends ``serve``'s loop instead)."""
 
 
 def _die_with_parent() -> None:
@@ -454,43 +467,53 @@ def _die_with_parent() -> None:
             pass
 
 
-def prepare_process(spec: WorkerSpec) -> None:
-    """Process-wide settings of a stage process: threads, loopback gloo, Ctrl-C left to the supervisor."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor stops workers in order
+class Channel(Protocol):
+    """The worker's end of the control channel: a pipe's end for a local process, the actor's mailbox on Ray."""
+
+    def recv(self) -> msg.Command: ...
+
+    def send(self, reply: msg.Reply) -> None: ...
+
+
+def run(channel: Channel, spec: WorkerSpec) -> None:
+    """A stage worker's life, whatever started it (``main`` for a local process, ``ray_actor`` for an actor):
+    process-wide settings, the stage, hello, then commands until ``Stop`` or the supervisor is gone."""
     if is_loopback(spec.store_addr):  # gloo would otherwise pick the interface of the machine's hostname
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(spec.threads)
-
-
-def main(conn: Any, spec: WorkerSpec) -> None:
-    """Process entry point: build the stage, say hello, then serve commands until ``stop``."""
-    _die_with_parent()
-    prepare_process(spec)
     start = time.perf_counter()
     try:
         worker = StageWorker(spec)
     except Exception as exc:
-        conn.send({"error": f"building stage {spec.stage} failed: {type(exc).__name__}: {exc}"})
+        channel.send(msg.Failed(f"building stage {spec.stage} failed: {type(exc).__name__}: {exc}"))
         return
-    conn.send({"hello": True, "pid": os.getpid(), "build_s": time.perf_counter() - start})
+    channel.send(msg.Hello(os.getpid(), time.perf_counter() - start))
     try:
-        serve(conn, worker)
+        serve(channel, worker)
     finally:
         worker.close()
 
 
-def serve(conn: Any, worker: StageWorker) -> None:
+def main(conn: Any, spec: WorkerSpec) -> None:
+    """Entry point of a local stage process: dies with its parent, leaves Ctrl-C to the supervisor (which
+    stops the workers in order), then ``run``."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    run(conn, spec)
+
+
+def serve(channel: Channel, worker: StageWorker) -> None:
     while True:
         try:
-            message = conn.recv()
+            command = channel.recv()
         except (EOFError, OSError):  # the supervisor is gone
             return
-        if message.get("cmd") == "stop":
+        if isinstance(command, msg.Stop):
             worker.close()  # leave the group before saying so: the supervisor may exit right after
-            conn.send({})
+            channel.send(msg.Done())
             return
-        reply = worker.handle(message)
+        reply = worker.handle(command)
         try:
-            conn.send(reply)
+            channel.send(reply)
         except (BrokenPipeError, OSError):
             return

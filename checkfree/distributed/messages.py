@@ -1,0 +1,258 @@
+"""What the supervisor and a stage worker say to each other on the control channel: one typed command in,
+one typed reply out.
+
+Every command is a frozen dataclass; the worker serves it by its type (``worker.HANDLERS``), so a new command
+is a class here and a method there, and a misspelt one fails where it is built, not in a remote process. The
+replies name their outcome by their type too: ``Failed`` (the worker's own code raised: a bug or a bad
+setting, never a failure to recover from), ``Aborted`` (a peer was lost or timed out mid-command), or the
+command's own result.
+
+Only commands, token ids, plans and small replies travel here (pickled between the supervisor and its own
+workers: a pipe, or Ray's calls); tensors go between the workers over ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from checkfree.plan import Held, RecoveryPlan
+
+# --- commands --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Leave the old process group and join generation ``generation``."""
+
+    generation: int
+
+
+@dataclass(frozen=True)
+class Step:
+    """Phase one of an iteration: run the stage's program and all-reduce its gradients; do not step."""
+
+    inputs: dict[int, np.ndarray]
+    """Token ids per micro-batch (the first stage's only)."""
+    targets: dict[int, np.ndarray]
+    """Next-token targets per micro-batch (the last stage's only)."""
+
+
+@dataclass(frozen=True)
+class Commit:
+    """Phase two: step the optimizer with the gradients of the last ``Step``."""
+
+
+@dataclass(frozen=True)
+class Abort:
+    """Drop the gradients of the last ``Step`` (an iteration discarded everywhere)."""
+
+
+@dataclass(frozen=True)
+class Eval:
+    """In-order forward of held-out sequences (replica 0 of every stage)."""
+
+    inputs: np.ndarray | None
+    targets: np.ndarray | None
+    n: int
+    batch_size: int
+    per_sequence: bool = False
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Forward one micro-batch along ``order``, reporting which op's output went non-finite first."""
+
+    order: tuple[int, ...]
+    inputs: np.ndarray | None
+    size: int
+
+
+@dataclass(frozen=True)
+class Recover:
+    """This stage's part of a recovery plan."""
+
+    plan: RecoveryPlan
+
+
+@dataclass(frozen=True)
+class Upkeep:
+    """Re-make held copies; write this stage's checkpoint shard into ``checkpoint`` (in the background when
+    ``in_background``)."""
+
+    refresh: list[Held]
+    checkpoint: str | None
+    in_background: bool = False
+
+
+@dataclass(frozen=True)
+class Flushed:
+    """Wait for the shard being persisted in the background; reply its digest."""
+
+
+@dataclass(frozen=True)
+class Load:
+    """Roll back to this stage's shard of ``checkpoint``."""
+
+    checkpoint: str
+    meta_digests: dict[str, str]
+
+
+@dataclass(frozen=True)
+class GetState:
+    """The stage's whole state (weights, optimizer, held copies) for a resumable save or the export."""
+
+
+@dataclass(frozen=True)
+class SetState:
+    """Take the stage's part of a saved state (``torch.save`` bytes)."""
+
+    state: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Die:
+    """Exit at once, as a machine that is lost (no cleanup, no reply)."""
+
+    code: int = 70
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Leave the process group and end the command loop."""
+
+
+Command = (Rendezvous | Step | Commit | Abort | Eval | Probe | Recover | Upkeep | Flushed | Load | GetState | SetState
+           | Die | Stop)
+
+
+def name(command: Command) -> str:
+    """The command's name in errors and ``WorkersDied`` ('step', 'get_state', ...)."""
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in type(command).__name__).lstrip("_")
+
+
+# --- replies ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The worker's code raised: a bug or a bad setting, not a failure (the pool raises ``WorkerError``)."""
+
+    error: str
+    traceback: str = ""
+
+
+@dataclass(frozen=True)
+class Aborted:
+    """A peer was lost or timed out while the command ran; the worker left the group."""
+
+    error: str
+
+
+@dataclass(frozen=True)
+class Hello:
+    """A worker has built its stage and serves commands."""
+
+    pid: int
+    build_s: float
+    node_id: str | None = None
+    """The Ray node an actor runs on (None for a local process)."""
+    node_ip: str | None = None
+
+
+@dataclass(frozen=True)
+class Joined:
+    generation: int
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Phase one done: the gradients wait for ``Commit``."""
+
+    loss_sum: float
+    tokens: int
+    grad_norm: float
+    grad_norm_post: float
+
+
+@dataclass(frozen=True)
+class Committed:
+    lr: float
+    finite: bool
+
+
+@dataclass(frozen=True)
+class Done:
+    """A command with nothing to report (``Abort``, ``Stop``)."""
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    loss_sum: float
+    count: int
+    sequences: list[float]
+
+
+@dataclass(frozen=True)
+class Probed:
+    outputs: list[tuple[int, int, bool]]
+    """(op index along the route, the stage blamed for it, whether its output was finite)."""
+
+
+@dataclass(frozen=True)
+class Recovered:
+    received_bytes: int
+    lr: float
+    held_bytes: int
+
+
+@dataclass(frozen=True)
+class KeptUp:
+    received: list[tuple[tuple[str, int, int], int]]
+    """((kind, owner, holder) of a held copy, the bytes this stage received for it)."""
+    held_bytes: int
+    shard_bytes: int | None = None
+    digest: str | None = None
+    """Of a shard written in the step (None when none was, or when it is persisted in the background)."""
+
+
+@dataclass(frozen=True)
+class Persisted:
+    digest: str | None
+
+
+@dataclass(frozen=True)
+class Loaded:
+    lr: float
+
+
+@dataclass(frozen=True)
+class Damaged:
+    """The shard to roll back to is damaged (every stage then falls back to the checkpoint before)."""
+
+    path: str
+    cause: str
+
+
+@dataclass(frozen=True)
+class State:
+    state: bytes = field(repr=False)
+    lr: float
+    generation: int
+
+
+@dataclass(frozen=True)
+class StateSet:
+    lr: float
+    held_bytes: int
+
+
+Reply = (Failed | Aborted | Hello | Joined | Ready | Committed | Done | Evaluated | Probed | Recovered | KeptUp
+         | Persisted | Loaded | Damaged | State | StateSet)
+
+
+def troubled(reply: Any) -> bool:
+    """A reply that says the command did not do its work (the pool then bounds how long the others get)."""
+    return isinstance(reply, (Failed, Aborted))
