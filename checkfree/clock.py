@@ -56,8 +56,12 @@ class Clock:
         """On paper_table2: price recoveries by the bytes they move (``trainer.paper_recovery``)."""
         self.incident_s = paper_table2.RECOVERY_S if self.paper else cfg.network.replacement_delay_s
         """Losses closer together than this (a recovery's time) strike the pipeline together."""
+        busy_s = self.cost.pipeline_busy_seconds(strategy.schedule_name)
         if self.paper:
-            self.sub_iteration_s = paper_table2.iteration_seconds(strategy.table2_column, cfg.failure.hourly_rate)
+            # The paper's measured time, or the time its own activations need on the network preset's busiest
+            # interface, whichever is longer: a slow enough link cannot carry the paper's pipeline in its time.
+            self.sub_iteration_s = max(
+                paper_table2.iteration_seconds(strategy.table2_column, cfg.failure.hourly_rate), busy_s)
             self.iteration_s = paper_table2.PAPER_T / cfg.trainer.paper_T * self.sub_iteration_s
         elif cfg.trainer.clock == "fixed":
             self.iteration_s = self.sub_iteration_s = cfg.failure.iteration_seconds
@@ -67,6 +71,9 @@ class Clock:
         """``iteration_s``: simulated seconds of one CPU iteration's work. ``sub_iteration_s``: of the iterations
         it stands for (a paper iteration on ``paper_table2``; the iteration itself otherwise): a loss throws
         away the unfinished one of them (README "The simulated clock")."""
+        self.link_busy = min(1.0, busy_s / self.sub_iteration_s) if self.sub_iteration_s > 0 else 0.0
+        """The fraction of an iteration the busiest node's interface carries the pipeline's own activations and
+        gradients (``CostModel.pipeline_busy_seconds``); what a node sends in the background gets the rest."""
 
     def recovery_seconds(self, report: RecoveryReport) -> float:
         """Replacement delay + the bytes the replacement receives. A rollback downloads every stage's shard in
@@ -85,7 +92,7 @@ class Clock:
         background stall is added: the paper's iteration times already include its checkpoint saves and replica
         refreshes, and it measured neither snapshots nor asynchronous checkpoints, so those are priced by the
         cost model at the preset's size (``trainer.clock_preset``)."""
-        scale, window = max(self.byte_scale), period * self.iteration_s
+        scale, window = max(self.byte_scale), self.background_window(period)
         shard = int(max(traffic.shard_bytes, default=0) * scale)
         background = self.cost.background_seconds({k: int(v * scale) for k, v in traffic.background.items()}, window)
         if traffic.shards_in_background:
@@ -101,11 +108,25 @@ class Clock:
                                 replica_sync_bytes={k: int(v * scale) for k, v in traffic.sent.items()})
         return self.cost.overhead_seconds(overhead) + background
 
+    def background_window(self, period: int = 1) -> float:
+        """Seconds a copy made every ``period`` iterations has to reach its place in the background: the
+        period's iterations, less the share of them the pipeline's own traffic holds the interface."""
+        return period * self.iteration_s * (1.0 - self.link_busy)
+
     def sustained_period(self, strategy: RecoveryStrategy) -> int:
         """``strategy.every: auto``: the smallest period at which its background copies (of the preset's size,
-        over the network preset's links) never pile up (``checkfree.cost.sustained_period``)."""
-        return sustained_period(self.cost.background_copy_seconds(strategy.sends_in_background), self.iteration_s)
+        over the network preset's links, in the time the pipeline leaves them) never pile up
+        (``checkfree.cost.sustained_period``)."""
+        return sustained_period(self.cost.background_copy_seconds(strategy.sends_in_background),
+                                self.background_window())
 
     def flush_seconds(self, traffic: Traffic) -> float:
-        """Simulated seconds from the end of a step until its asynchronous checkpoint is persisted."""
-        return self.cost.flush_seconds(int(max(traffic.shard_bytes, default=0) * max(self.byte_scale)))
+        """Simulated seconds from the end of a step until its asynchronous checkpoint is persisted: the upload
+        shares the interface with the pipeline's traffic (``link_busy``), unless that leaves it nothing, when
+        it is paid as a stall at the full link (``upkeep_seconds``)."""
+        n_bytes = int(max(traffic.shard_bytes, default=0) * max(self.byte_scale))
+        if n_bytes <= 0:
+            return 0.0
+        upload = self.cost.storage_seconds(n_bytes)
+        share = 1.0 - self.link_busy if self.link_busy < 1.0 else 1.0
+        return n_bytes / self.cost.network.host_bandwidth_Bps + upload / share

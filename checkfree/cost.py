@@ -55,7 +55,12 @@ def activation_bytes(micro_batch: int, seq_len: int, d_model: int, dtype_bytes: 
 
 def sustained_period(background_s: float, iteration_s: float) -> int:
     """The smallest period, in iterations, at which copies that take ``background_s`` to reach their place never
-    pile up: one ends before the next begins (CheckFreq's rule), ``ceil(background_s / iteration_s)``, >= 1."""
+    pile up: one ends before the next begins (CheckFreq's rule), ``ceil(background_s / iteration_s)``, >= 1.
+    ``iteration_s`` is the part of an iteration the copy may use; 0 (the pipeline's own traffic fills the
+    link) gives 1: no period hides the copies, each is paid as a stall (``background_seconds``), and the
+    most recent copy is the one worth paying for."""
+    if iteration_s <= 0:
+        return 1
     return max(1, math.ceil(background_s / iteration_s - 1e-9))
 
 
@@ -429,6 +434,21 @@ class CostModel:
         also computes a shadow of its successor (what redundant computation keeps up)."""
         return self._pipe(schedule, shadows) + self.allreduce_seconds()
 
+    def pipeline_busy_seconds(self, schedule: str = "in_order") -> float:
+        """Seconds per iteration that the busiest node spends sending the pipeline's own traffic: each hop of a
+        micro-batch's route sends its activations forward and, on the way back, their gradient the other way
+        (micro-batch ``m`` takes the ``m % R``-th of the schedule's ``R`` distinct routes). A node has one
+        network interface: what it sends in the background (snapshots, checkpoint uploads) gets the rest of
+        the iteration (``background_seconds``)."""
+        s, busy = self.model.n_stages, defaultdict(float)
+        orders = [build_schedule(schedule, s).order(m) for m in range(2)]
+        for m in range(self.micro_batches):
+            for v in route(orders[m % 2], s):
+                if v.prev is not None:
+                    busy[v.prev] += p2p_seconds(self.act_bytes, stage_link(self.network, v.prev, v.stage))
+                    busy[v.stage] += p2p_seconds(self.act_bytes, stage_link(self.network, v.stage, v.prev))
+        return max(busy.values(), default=0.0)
+
     def stage_bytes(self, stage: int, with_optimizer: bool = False) -> int:
         """Bytes of a stage's fp32 weights (4 B/param), + Adam's two fp32 moments (8 B/param)."""
         per_param = FP32_BYTES * (1 + (ADAM_STATES if with_optimizer else 0))
@@ -466,7 +486,8 @@ class CostModel:
         the holder over their link while training goes on. The send must end before the next refresh of the
         same copy begins (CheckFreq's rule: one in flight at a time), ``window_s`` later: what it needs beyond
         that window stalls the run. So a stage's stall is ``host copy + max(0, send - window)``; the slowest
-        owner sets the run's."""
+        owner sets the run's. ``window_s`` is the time the owner's interface is free of the pipeline's own
+        traffic (``Clock``: the period's iterations times the idle fraction of ``pipeline_busy_seconds``)."""
         stalls = [n / self.network.host_bandwidth_Bps
                   + max(0.0, p2p_seconds(n, stage_link(self.network, a, b)) - window_s)
                   for (a, b), n in copies.items() if n > 0]

@@ -250,6 +250,7 @@ class Run:
             "hourly_rate": cfg.failure.hourly_rate, "seed": cfg.seed, "model": cfg.model.name,
             "engine": cfg.engine.name, "iterations": t.iterations, "tokens": t.tokens,
             "total_sim_time_s": t.sim_time_s, "iteration_sim_s": self.trainer.clock.iteration_s,
+            "link_busy_fraction": self.trainer.clock.link_busy,
             "recovery_sim_s": t.recovery_sim_s, "overhead_sim_s": t.overhead_sim_s,
             "lost_work_sim_s": t.lost_work_sim_s,
             "total_wall_time_s": self.trainer.wall_time(),

@@ -145,3 +145,44 @@ def test_paper_recovery_priced_charges_the_bytes_a_recovery_moves(small_run):
     assert scaled / 1e7 > 60  # a minute of transfer on top of the delay: far from the flat 30 s
     measured = small_run(strategy={"name": "snapshot_restore"}, trainer={"clock": "paper_table2", "paper_T": 500})
     assert Clock(measured, model, build_strategy(measured.strategy, model.n_stages)).recovery_seconds(report) == 30.0
+
+
+def test_the_pipeline_s_own_traffic_is_the_busiest_node_sending_activations_and_gradients(small_run):
+    """A middle stage sends each micro-batch's activations forward and its gradient back: 2 M hops of
+    ``latency + bytes / bandwidth``; an edge stage sends M. The busiest node sets the figure."""
+    from checkfree.recovery import build_strategy
+
+    cfg = small_run(network={"name": "single_cluster", "bandwidth_Bps": 1e8, "latency_s": 0.01})
+    clock = Clock(cfg, cfg.model.with_vocab(300), build_strategy(cfg.strategy, 4))
+    act = 16 * 1024 * 1024 * 2  # llama_500m's micro-batch of 16 x 1024 tokens x d=1024, bf16 on the wire
+    assert clock.cost.act_bytes == act
+    assert clock.cost.pipeline_busy_seconds() == pytest.approx(2 * 2 * (0.01 + act / 1e8))
+    # CheckFree+'s swapped route (1, 0, 2, 3 ... on odd micro-batches) still has the busiest node send two
+    # messages per micro-batch.
+    assert clock.cost.pipeline_busy_seconds("out_of_order") == pytest.approx(2 * 2 * (0.01 + act / 1e8))
+
+
+def test_on_a_slow_link_the_paper_s_iteration_takes_as_long_as_its_activations_need(small_run):
+    """paper_table2: the paper's measured time, or the busiest interface's share of its own pipeline traffic,
+    whichever is longer; background copies get the part of the iteration the pipeline leaves them."""
+    from checkfree.recovery import build_strategy
+
+    def clock_at(bandwidth):
+        cfg = small_run(network={"name": "single_cluster", "bandwidth_Bps": bandwidth, "latency_s": 0.0},
+                        trainer={"clock": "paper_table2", "paper_T": 500})
+        return Clock(cfg, cfg.model.with_vocab(300), build_strategy(cfg.strategy, 4))
+
+    act = 16 * 1024 * 1024 * 2
+    fast, slow = clock_at(1e8), clock_at(1.25e6)  # 800 Mb/s, 10 Mb/s
+    paper = TABLE2_ITERATION_S["checkfree"][0]  # the paper's CheckFree iteration at failure.hourly_rate 5 %
+    assert fast.sub_iteration_s == pytest.approx(paper)
+    assert fast.link_busy == pytest.approx(4 * act / 1e8 / paper)
+    assert fast.background_window(3) == pytest.approx(3 * 20 * paper * (1 - 4 * act / 1e8 / paper))
+    # At 10 Mb/s four 33.6 MB messages take 107.4 s, longer than the paper's 94 s: the link sets the time,
+    # and nothing is left for background copies (each is paid as a stall, and every: auto copies every time).
+    assert slow.sub_iteration_s == pytest.approx(4 * act / 1.25e6) == pytest.approx(107.37, abs=0.01)
+    assert slow.iteration_s == pytest.approx(20 * slow.sub_iteration_s)
+    assert (slow.link_busy, slow.background_window(5)) == (1.0, 0.0)
+    from checkfree.cost import sustained_period
+
+    assert sustained_period(800.0, slow.background_window()) == 1
