@@ -3,8 +3,6 @@ work it threw away, a rollback discards this iteration's work too, and every str
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from checkfree.clock import Clock, priced_as
@@ -12,14 +10,13 @@ from checkfree.paper_table2 import ITERATION_S as TABLE2_ITERATION_S
 from checkfree.presets import preset, stage_param_counts
 from checkfree.runlog import read_metrics
 from checkfree.train import train
+from tests.processes import write_trace
 
 RECOVERY_S = 30.0  # the paper clock's recovery
 
 
-def trace(tmp_path, events) -> str:
-    path = tmp_path / "trace.json"
-    path.write_text(json.dumps(events))
-    return str(path)
+def trace(tmp_path, events: list[dict]) -> str:
+    return write_trace(tmp_path / "trace.json", events)
 
 
 def paper_run(small_run, tmp_path, events, strategy="checkfree", iterations=2, **strategy_keys):

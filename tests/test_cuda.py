@@ -27,6 +27,7 @@ from checkfree.runconfig import load_run_config
 from checkfree.runlog import read_metrics
 from checkfree.train import build_run
 from tests.conftest import Hooked, hooked_run, pipeline_logits, small_run_dict
+from tests.processes import losses
 from tests.test_distributed import assert_no_strays, kill_mid_step
 
 pytestmark = pytest.mark.cuda
@@ -66,10 +67,6 @@ class Snapshots(Hooked):
         states = self.engine.stage_states()
         self.after.append({r.stage: clone([states[r.stage]])[0] for r in outcome.reports})
         return outcome
-
-
-def losses(run_dir) -> list[tuple[int, float | None, float | None]]:
-    return [(r["iteration"], r.get("train_loss"), r.get("val_loss")) for r in read_metrics(run_dir / "metrics.jsonl")]
 
 
 def assert_close_losses(a, b) -> None:

@@ -28,6 +28,15 @@ from checkfree.runlog import deterministic_view, read_metrics
 from checkfree.schedule import InOrder, OutOfOrder
 from checkfree.train import build_run, train
 from tests.conftest import captured_run, hooked_run
+from tests.processes import (
+    assert_same_losses,
+    children,
+    eventually,
+    listed_alive,
+    losses,
+    workers_file,
+    write_trace,
+)
 
 DIST = {"name": "distributed", "timeout_s": 20}
 
@@ -37,40 +46,13 @@ DIST = {"name": "distributed", "timeout_s": 20}
 def stray_processes(run_dir: Path | None = None) -> list[int]:
     """Live processes this test may have left: children of pytest other than multiprocessing's helpers,
     and every worker PID the run ever listed in workers.json."""
-    helpers = ("multiprocessing.forkserver", "multiprocessing.resource_tracker")
-    me = psutil.Process()
-    strays = set()
-    for child in me.children(recursive=True):
-        try:
-            if child.status() != psutil.STATUS_ZOMBIE and not any(h in " ".join(child.cmdline()) for h in helpers):
-                strays.add(child.pid)
-        except psutil.NoSuchProcess:
-            pass
-    if run_dir is not None and (run_dir / "workers.json").exists():
-        for entry in json.loads((run_dir / "workers.json").read_text())["history"]:
-            try:
-                if psutil.Process(entry["pid"]).status() != psutil.STATUS_ZOMBIE:
-                    strays.add(entry["pid"])
-            except psutil.NoSuchProcess:
-                pass
-    return sorted(strays)
+    return sorted(set(children()) | listed_alive(run_dir))
 
 
 def assert_no_strays(run_dir: Path | None = None) -> None:
-    deadline = time.monotonic() + 5  # a process that just got SIGKILL may take a moment to be reaped
-    while stray_processes(run_dir) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert stray_processes(run_dir) == []
+    # A process that just got SIGKILL may take a moment to be reaped.
+    assert eventually(lambda: stray_processes(run_dir), seconds=5) == []
     assert multiprocessing.active_children() == []
-
-
-def losses(run_dir: Path) -> list[tuple[int, float | None, float | None]]:
-    return [(r["iteration"], r.get("train_loss"), r.get("val_loss")) for r in read_metrics(run_dir / "metrics.jsonl")]
-
-
-def assert_same_losses(local: Path, distributed: Path) -> None:
-    """Bit for bit: the engines share every rule of the per-stage compute and execute the same plans."""
-    assert losses(local) == losses(distributed)
 
 
 def assert_same_values(a, b, where: str = "") -> None:
@@ -89,16 +71,8 @@ def assert_same_values(a, b, where: str = "") -> None:
         assert a == b, where
 
 
-def write_trace(path: Path, events: list[dict]) -> str:
-    path.write_text(json.dumps(events))
-    return str(path)
-
-
 def workers(run_dir: Path) -> list[dict]:
-    try:
-        return json.loads((run_dir / "workers.json").read_text())["workers"]
-    except (FileNotFoundError, ValueError):
-        return []
+    return workers_file(run_dir).get("workers", [])
 
 
 # --- programs: pure functions ---------------------------------------------------------------------------

@@ -12,7 +12,6 @@ Ray's own processes where the test (or the pool) started Ray.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import signal
@@ -39,36 +38,27 @@ from checkfree.presets import preset  # noqa: E402
 from checkfree.runlog import deterministic_view, read_metrics  # noqa: E402
 from checkfree.train import train  # noqa: E402
 from tests.conftest import hooked_run  # noqa: E402
+from tests.processes import (  # noqa: E402
+    assert_same_losses,
+    children,
+    eventually,
+    listed_alive,
+    live,
+    workers_file,
+    write_trace,
+)
 
 RAY = {"name": "distributed", "launcher": "ray", "timeout_s": 20}
-HELPERS = ("multiprocessing.forkserver", "multiprocessing.resource_tracker")
 
 
 # --- helpers ------------------------------------------------------------------------------------------
 
-def losses(run_dir: Path) -> list[tuple[int, float | None, float | None]]:
-    return [(r["iteration"], r.get("train_loss"), r.get("val_loss")) for r in read_metrics(run_dir / "metrics.jsonl")]
-
-
-def assert_same_losses(local: Path, other: Path) -> None:
-    """Bit for bit: the engines share the per-stage compute and execute the same plans, whatever the launcher."""
-    assert losses(local) == losses(other)
-
-
 def workers(run_dir: Path) -> dict:
-    return json.loads((run_dir / "workers.json").read_text())
+    return workers_file(run_dir)
 
 
 def trace(path: Path, events: list[dict]) -> dict:
-    path.write_text(json.dumps(events))
-    return {"name": "trace", "path": str(path)}
-
-
-def live(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    return {"name": "trace", "path": write_trace(path, events)}
 
 
 def our_actors(run_dir: Path | None = None) -> list[int]:
@@ -78,30 +68,7 @@ def our_actors(run_dir: Path | None = None) -> list[int]:
     for process in psutil.process_iter(["cmdline"]):
         if (process.info["cmdline"] or [""])[0].startswith("ray::StageActor") and live(process.pid):
             pids.add(process.pid)
-    if run_dir is not None and (run_dir / "workers.json").exists():
-        pids |= {entry["pid"] for entry in workers(run_dir)["history"] if live(entry["pid"])}
-    return sorted(pids)
-
-
-def children() -> list[int]:
-    """Live children of this pytest process (Ray's gcs_server, raylet, workers...), multiprocessing's
-    helpers aside."""
-    found = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if live(child.pid) and not any(h in " ".join(child.cmdline()) for h in HELPERS):
-                found.append(child.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return found
-
-
-def eventually(check, seconds: float = 10.0):
-    """``check()`` once it is falsy, or its last value after ``seconds`` (a killed process takes a moment)."""
-    deadline = time.monotonic() + seconds
-    while (value := check()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return value
+    return sorted(pids | listed_alive(run_dir))
 
 
 def assert_our_placement_groups_removed() -> None:

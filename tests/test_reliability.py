@@ -26,6 +26,7 @@ from checkfree.runconfig import load_run_config
 from checkfree.runlog import deterministic_view as strip
 from checkfree.runlog import read_metrics
 from checkfree.train import build_run, train
+from tests.processes import write_trace
 
 from .conftest import hooked_run, small_run_dict
 
@@ -72,10 +73,8 @@ def poison(at: int, stage: int):
     return hook
 
 
-def trace(tmp_path: Path, events: list[dict]) -> str:
-    path = tmp_path / "trace.json"
-    path.write_text(json.dumps(events))
-    return str(path)
+def trace(tmp_path, events: list[dict]) -> str:
+    return write_trace(tmp_path / "trace.json", events)
 
 
 # --- resume ----------------------------------------------------------------------------------------------

@@ -9,11 +9,7 @@ import pytest
 from checkfree.runlog import deterministic_view as strip
 from checkfree.runlog import read_metrics
 from checkfree.train import train
-
-
-def write_trace(path, events):
-    path.write_text(json.dumps(events))
-    return str(path)
+from tests.processes import write_trace
 
 
 def test_same_seed_gives_identical_metrics(small_run, tmp_path):
