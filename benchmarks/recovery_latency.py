@@ -113,7 +113,7 @@ def bench_strategy(name: str, stages_to_fail: list[int], args: argparse.Namespac
     step_times = []
     for iteration in range(1, args.steps + 1):
         record = trainer.iteration(iteration)
-        step_times.append(record["tokens"] / record["throughput_tok_s"])
+        step_times.append(record.outcome["tokens"] / record.outcome["throughput_tok_s"])
     after_step_s = time_upkeep(trainer, args.reps)
     rows = []
     for k in stages_to_fail:

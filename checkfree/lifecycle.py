@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from checkfree.atomic import os_error_behind, signals_to
+from checkfree.records import IterationRecord
 from checkfree.resume import save_state, state_path, truncate_metrics
 from checkfree.rundir import owned
 from checkfree.runlog import RunLog
@@ -121,11 +122,10 @@ class Run:
     def train(self) -> None:
         t, cfg = self.trainer, self.cfg.trainer
         if self.resume_state is None:
-            record = {"iteration": 0, "progress": 0, "sim_time_s": 0.0, "wall_time_s": 0.0, "failed_stages": [],
-                      "recoveries": [], "recovery_sim_s": 0.0, "lost_work_sim_s": 0.0, "failure_times_s": [],
-                      "lr": t.engine.stage_lrs()}
-            t.totals.initial_val_loss = record["val_loss"] = t.evaluate(record)
-            self.log.log(record)
+            record = IterationRecord(0)
+            record.stepped(progress=0, sim_time_s=0.0, wall_time_s=0.0, lr=t.engine.stage_lrs())
+            t.totals.initial_val_loss = record.val_loss = t.evaluate(record)
+            self.log.log(record.to_dict())
             first = 1
         else:
             first = self.resume_state["iteration"] + 1
@@ -140,10 +140,11 @@ class Run:
             record = t.iteration(iteration)
             over_budget = cfg.sim_time_budget_s is not None and t.totals.sim_time_s >= cfg.sim_time_budget_s
             if iteration % cfg.eval_every == 0 or iteration == cfg.iterations or over_budget:
-                record["val_loss"] = t.evaluate(record)
-            self.log.log(record)
+                record.val_loss = t.evaluate(record)
+            line = record.to_dict()
+            self.log.log(line)
             self.consistent_at = iteration
-            self.log.progress(record, len(t.totals.failures))
+            self.log.progress(line, len(t.totals.failures))
             if cfg.save_every and iteration % cfg.save_every == 0:
                 self.save_state()
             if over_budget or (cfg.stop_at_target and t.totals.time_to_target_s is not None):

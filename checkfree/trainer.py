@@ -41,6 +41,7 @@ from checkfree.plan import (
     rolled_back_in_memory,
 )
 from checkfree.presets import ModelConfig
+from checkfree.records import IterationRecord
 from checkfree.recovery import RecoveryStrategy, build_strategy
 from checkfree.runconfig import RunConfig
 from checkfree.schedule import Schedule, build_schedule
@@ -78,12 +79,6 @@ class Totals:
     overhead_sim_s: float = 0.0
     lost_work_sim_s: float = 0.0
     """Simulated seconds of work that losses threw away (unfinished iterations, rolled-back work within one)."""
-
-
-def new_record(iteration: int) -> dict:
-    """An iteration's metrics record before anything has happened in it."""
-    return {"iteration": iteration, "failed_stages": [], "recoveries": [], "recovery_sim_s": 0.0,
-            "lost_work_sim_s": 0.0, "failure_times_s": []}
 
 
 @dataclass
@@ -125,15 +120,15 @@ class Trainer:
         self.loss_at_s: float | None = None
         """The simulated time of the loss being recovered (None: now, the clock's current time)."""
         self.start = time.perf_counter()
-        self.carried: dict | None = None
+        self.carried: IterationRecord | None = None
         """The next iteration's record, begun early by a stage lost between two iterations (``between``)."""
 
     # --- one iteration -------------------------------------------------------------------------------
 
-    def iteration(self, iteration: int) -> dict:
+    def iteration(self, iteration: int) -> IterationRecord:
         """Failures -> recovery -> step -> guard -> upkeep -> clock. Returns the iteration's metrics record."""
         self.iteration_no = iteration
-        record, self.carried = self.carried or new_record(iteration), None
+        record, self.carried = self.carried or IterationRecord(iteration), None
         self.strike(iteration, record)
 
         batches = self.next_batches()
@@ -160,18 +155,16 @@ class Trainer:
         self.totals.sim_time_s += overhead_s
         self.totals.iterations, self.totals.tokens = iteration, self.totals.tokens + result.tokens
         self.totals.overhead_sim_s += overhead_s
-        record.update({
-            "progress": self.progress, "sim_time_s": self.totals.sim_time_s, "wall_time_s": self.wall_time(),
-            "train_loss": result.loss, "lr": self.engine.stage_lrs(),
-            "grad_norm": result.grad_norm, "grad_norm_post": result.grad_norm_post, "tokens": result.tokens,
-            "throughput_tok_s": result.tokens / step_wall if step_wall > 0 else 0.0,
-            "iteration_sim_s": self.clock.iteration_s, "overhead_sim_s": overhead_s,
-        })
-        if nonfinite or not result.stepped:
-            record.update(step_skipped=not result.stepped, nonfinite_stages=nonfinite)
+        skipped = {"step_skipped": not result.stepped, "nonfinite_stages": nonfinite} \
+            if nonfinite or not result.stepped else {}
+        record.stepped(progress=self.progress, sim_time_s=self.totals.sim_time_s, wall_time_s=self.wall_time(),
+                       train_loss=result.loss, lr=self.engine.stage_lrs(), grad_norm=result.grad_norm,
+                       grad_norm_post=result.grad_norm_post, tokens=result.tokens,
+                       throughput_tok_s=result.tokens / step_wall if step_wall > 0 else 0.0,
+                       iteration_sim_s=self.clock.iteration_s, overhead_sim_s=overhead_s, **skipped)
         return record
 
-    def strike(self, iteration: int, record: dict) -> None:
+    def strike(self, iteration: int, record: IterationRecord) -> None:
         """The iteration's work meets the failures of its simulated time, one incident after another.
 
         The work (``clock.iteration_s``) starts at the current simulated time; an incident interrupts it at
@@ -189,7 +182,6 @@ class Trainer:
                 return
             ran = done + (incident.time_s - t)
             self.totals.failures += incident.records
-            record["failure_times_s"] += [e.time_s for e in incident.events]
             self.engine.lose(incident.stages)
             reports = self.recover(set(incident.stages), incident.time_s)
             rolled_back = any("rolled_back_to" in r.details for r in reports)
@@ -197,7 +189,7 @@ class Trainer:
             lost = ran - done
             self.totals.sim_time_s += lost
             self.totals.lost_work_sim_s += lost
-            record["lost_work_sim_s"] += lost
+            record.struck([e.time_s for e in incident.events], lost)
             recovery_s = max(r.sim_seconds for r in reports)
             self.note(record, reports, recovery_s)
             t = incident.time_s + recovery_s
@@ -241,14 +233,14 @@ class Trainer:
         self.totals.lost_iterations += progress - self.progress
         return outcome.reports
 
-    def step(self, batches: list[torch.Tensor], record: dict):
+    def step(self, batches: list[torch.Tensor], record: IterationRecord):
         """The engine's optimizer step; a discarded attempt costs its iteration on the clock, and a rollback
         rewinds the data stream, so the redone step reads the checkpoint's next micro-batches."""
         return self.survive(lambda: self.engine.train_step(batches, self.schedule, skip_nonfinite=True), record,
                             attempt_s=self.clock.iteration_s,
                             rolled_back=lambda: batches.__setitem__(slice(None), self.next_batches()))
 
-    def upkeep(self, upkeep: Upkeep, record: dict | None = None) -> Traffic:
+    def upkeep(self, upkeep: Upkeep, record: IterationRecord | None = None) -> Traffic:
         """Refresh held copies / save a checkpoint; the copies it refreshed are now current. (After a rollback
         the state it was for is gone: nothing left to keep.)"""
         progress = self.progress
@@ -262,7 +254,7 @@ class Trainer:
             self.memory.commit(self.checkpoint_meta())
         return traffic
 
-    def survive(self, call, record: dict | None, attempt_s: float = 0.0, rolled_back=None):
+    def survive(self, call, record: IterationRecord | None, attempt_s: float = 0.0, rolled_back=None):
         """``call()`` on the engine. A stage process lost meanwhile (not drawn by the failure model: killed from
         outside, or its node gone) is recorded, recovered like any loss and the call redone; lost during a
         step's commit, the survivors' step stands and is the result."""
@@ -275,8 +267,7 @@ class Trainer:
                 reports = self.recover(set(lost.stages))
                 if record is not None:
                     spent = 0.0 if lost.result is not None else attempt_s
-                    self.note(record, reports, max(r.sim_seconds for r in reports) + spent)
-                    record["lr"] = self.engine.stage_lrs()
+                    self.note(record, reports, max(r.sim_seconds for r in reports) + spent, self.engine.stage_lrs())
                 if lost.result is not None:
                     return lost.result
                 if self.progress != progress and rolled_back is not None and (answer := rolled_back()) is not None:
@@ -290,13 +281,13 @@ class Trainer:
         would be: it is recovered at once (planned as at that iteration), the call redone, and the recovery goes
         into that iteration's record."""
         done = self.iteration_no
-        record = self.carried or new_record(done + 1)
+        record = self.carried or IterationRecord(done + 1)
         self.iteration_no = done + 1
         try:
             answer = self.survive(call, record)
         finally:
             self.iteration_no = done
-        if record["failed_stages"]:
+        if record.failed_stages:
             self.carried = record
         return answer
 
@@ -305,16 +296,13 @@ class Trainer:
             self.totals.failures.append({"iteration": self.iteration_no, "stage": k, "time_s": self.totals.sim_time_s,
                                          "cause": f"process exited during {lost.command}"})
 
-    def note(self, record: dict, reports: list[RecoveryReport], seconds: float) -> None:
-        """Add recoveries (one per lost stage, cascades included) that took ``seconds`` of simulated time to an
-        iteration's record and the clock."""
-        record["failed_stages"] = sorted(set(record["failed_stages"]) | {r.stage for r in reports})
-        record["recoveries"] += [r.to_dict() for r in reports]
-        record["recovery_sim_s"] += seconds
+    def note(self, record: IterationRecord, reports: list[RecoveryReport], seconds: float,
+             lr: list[float] | None = None) -> None:
+        """Recoveries (one per lost stage, cascades included) that took ``seconds`` of simulated time: on the
+        clock, and in the iteration's record."""
         self.totals.sim_time_s += seconds
         self.totals.recovery_sim_s += seconds
-        if "sim_time_s" in record:
-            record["sim_time_s"] = self.totals.sim_time_s
+        record.recovered(reports, seconds, self.totals.sim_time_s, lr)
 
     # --- what the strategy and the engine read -------------------------------------------------------
 
@@ -353,7 +341,7 @@ class Trainer:
             "totals": asdict(self.totals), "progress": self.progress, "grad_norm": self.grad_norm,
             "grad_norm_post": self.grad_norm_post, "iteration_s": self.clock.iteration_s,
             "held_since": [((h.kind, h.owner, h.holder), p) for h, p in self.held_since.items()],
-            "carried": self.carried, "memory": self.memory.state_dict(), "flushing": self.flushing,
+            "carried": self.carried.to_dict() if self.carried is not None else None, "memory": self.memory.state_dict(), "flushing": self.flushing,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -374,14 +362,15 @@ class Trainer:
         if "memory" in state:  # absent from states saved before in-memory and asynchronous checkpoints existed
             self.memory.load_state_dict(state["memory"])
             self.flushing = None if state["flushing"] is None else tuple(state["flushing"])
-        self.carried = state.get("carried")  # absent from states saved before losses between iterations were kept
+        carried = state.get("carried")  # absent from states saved before losses between iterations were kept
+        self.carried = IterationRecord.from_dict(carried) if carried is not None else None
 
     def wall_time(self) -> float:
         return time.perf_counter() - self.start
 
     # --- validation ----------------------------------------------------------------------------------
 
-    def evaluate(self, record: dict | None = None) -> float:
+    def evaluate(self, record: IterationRecord | None = None) -> float:
         """Validation loss (a stage lost meanwhile is recovered into ``record``); updates the totals."""
         loss = self.survive(lambda: self.engine.evaluate(self.corpus.val, self.cfg.trainer.eval_batch_size), record)
         t = self.totals
