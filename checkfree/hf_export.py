@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from checkfree.corpora import DataConfig
 from checkfree.data import load_corpus
 from checkfree.export_paths import ExportError, check_replaceable, clear_stale_exports, latest_checkpoint
+from checkfree.init_from import WEIGHTS_FILE
 from checkfree.model import stage_to_hf_key
 from checkfree.presets import ModelConfig
 
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
 __all__ = ["to_causal_lm_state", "export_model", "sample", "held_out_loss",
            "read_checkpoint_stages", "load_run", "model_config_of", "export_run"]
 
-WEIGHTS_FILE = "model.safetensors"
 DEFAULT_TEMPERATURE = 0.8
 """A little below 1: small models sampled at full temperature wander off into rare tokens."""
 DEFAULT_TOP_K = 50

@@ -113,6 +113,7 @@ def build_stages(cfg: ModelConfig, seed: int, device: torch.device | str = "cpu"
     return stages
 
 
+
 def hf_key_to_stage(key: str, cfg: ModelConfig) -> tuple[int, str]:
     """Map a ``LlamaForCausalLM`` state-dict key to (stage index, key inside that stage)."""
     if key == "model.embed_tokens.weight":

@@ -41,6 +41,9 @@ class ModelConfig:
     """Standard deviation of the N(0, std) init of every Linear and Embedding weight."""
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    init_from: str | None = None
+    """A ``LlamaForCausalLM`` (Hugging Face directory, or a run directory with an exported ``model/``) whose
+    weights the stages start from, cut into this split (``checkfree.init_from``); None: the seeded init."""
 
     @property
     def n_layers(self) -> int:

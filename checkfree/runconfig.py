@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from checkfree import init_from
 from checkfree.config import (
     ConfigError,
     EngineConfig,
@@ -109,6 +110,7 @@ def load_run_config(cfg: DictConfig | dict) -> RunConfig:
 def validate_run_config(run: RunConfig) -> None:
     n = run.model.n_stages
     validate_model_config(run.model)
+    init_from.check(run.model)
     validate_strategy_config(run.strategy, n)
     # A run that saves its state may be continued with more iterations (trainer.resume), where later trace
     # events do happen; one that saves nothing ends at trainer.iterations.

@@ -88,6 +88,7 @@ def build_run(cfg: RunConfig, run_dir: Path) -> Run:
     import torch
 
     from checkfree.data import load_corpus
+    from checkfree.init_from import check_vocab as check_init_vocab
     from checkfree.lifecycle import Run
     from checkfree.resume import check_resume
     from checkfree.trainer import RunParts, Trainer
@@ -103,6 +104,7 @@ def build_run(cfg: RunConfig, run_dir: Path) -> Run:
     corpus = load_corpus(cfg.data, cfg.model.seq_len, batch_seed=cfg.seed)
     check_vocab(cfg.model, cfg.data, tokenizer_size=corpus.vocab_size)  # a pretrained tokenizer: known only now
     model = cfg.model.with_vocab(corpus.vocab_size)
+    check_init_vocab(model)
     parts = RunParts.build(cfg, model)  # strategy, schedule, failure model and clock: once
     engine = build_engine(cfg, model, device, parts.strategy.schedule_name)
     return Run(Trainer(cfg, engine, corpus, model, run_dir, parts), resume_state)
@@ -115,10 +117,11 @@ def build_engine(cfg: RunConfig, model: ModelConfig, device, schedule: str | Non
 
     autocast = torch.bfloat16 if cfg.trainer.precision == "bf16" else None
     if cfg.engine.name == "local":
+        from checkfree.init_from import start_from
         from checkfree.model import build_stages
         from checkfree.pipeline import LocalEngine
 
-        stages = build_stages(model, cfg.seed, device)
+        stages = [start_from(stage, model, k) for k, stage in enumerate(build_stages(model, cfg.seed, device))]
         return LocalEngine(stages, cfg.trainer.lr, cfg.trainer.clip, autocast_dtype=autocast,
                            fuse=cfg.trainer.fuse_micro_batches, compile=cfg.trainer.compile)
     from checkfree.distributed.engine import ProcessEngine

@@ -44,6 +44,7 @@ from checkfree.distributed.programs import message_tag, replica_micro_batches, s
 from checkfree.distributed.rendezvous import connect_store, is_loopback, join_generation
 from checkfree.distributed.rollcall import CalledOff, answer
 from checkfree.distributed.transfer import Pending, isend_state, recv_state, wire_device
+from checkfree.init_from import start_from
 from checkfree.model import Stage
 from checkfree.plan import Held
 from checkfree.presets import ModelConfig
@@ -116,7 +117,7 @@ def seeded_stage(cfg: ModelConfig, seed: int, index: int) -> Stage:
         Stage(cfg, j).reset_parameters(generator)
     stage = Stage(cfg, index)
     stage.reset_parameters(generator)
-    return stage
+    return start_from(stage, cfg, index)
 
 
 def to_bytes(obj: Any) -> bytes:
