@@ -16,11 +16,12 @@ when a stage is lost. So there is a crossover, and this experiment finds it:
   CheckFree (edges copied, as Table 2's row) and CheckFree+;
 * recoveries priced by what they move (``trainer.paper_recovery=priced``: the replacement delay + the bytes,
   at llama_500m's size, over the link or from storage) — at 10 Mb/s a snapshot cannot come back in 30 s, and
-  neither can CheckFree's neighbours' weights. Iterations cost the paper's measured CheckFree time, plus what
-  the cost model charges for the background copies and synchronous saves (see ``checkfree/clock.py``).
-
-What does not change with ``b`` here: the pipeline's own activation traffic (inside the paper's measured
-iteration time, the same for every strategy).
+  neither can CheckFree's neighbours' weights. Iterations cost the paper's measured CheckFree time — or, on a
+  link too slow to carry the pipeline's own activations in that time, what they need (215 s per paper
+  iteration at 10 Mb/s) — plus what the cost model charges for background copies and synchronous saves.
+  Background copies get only the part of each iteration the pipeline's traffic leaves the node's interface
+  (``Clock.link_busy``; docs/design.md, 'The simulated clock'), so at 10 Mb/s, where the pipeline fills the
+  link, every snapshot and upload is paid in full as a stall.
 
 Writes ``crossover.csv`` (one row per run), ``crossover.md`` (hours to target per strategy and bandwidth,
 mean ± 95 % CI over seeds; CheckFree's paired speed-up over each baseline; the crossover bandwidth) and
