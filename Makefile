@@ -17,12 +17,8 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/python -m checkfree.train $(ARGS)
 
-# Two workers, one test file each at a time (a file's module-scoped fixtures stay in one process); ARGS
-# replaces that, e.g. `make test ARGS=tests/test_clock.py`.
-TEST_ARGS ?= -n 2 --dist loadfile
-
 test: $(STAMP)
-	$(BIN)/python -m pytest $(or $(ARGS),$(TEST_ARGS))
+	$(BIN)/python -m pytest $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check checkfree tests benchmarks experiments
