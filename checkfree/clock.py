@@ -125,8 +125,4 @@ class Clock:
         shares the interface with the pipeline's traffic (``link_busy``), unless that leaves it nothing, when
         it is paid as a stall at the full link (``upkeep_seconds``)."""
         n_bytes = int(max(traffic.shard_bytes, default=0) * max(self.byte_scale))
-        if n_bytes <= 0:
-            return 0.0
-        upload = self.cost.storage_seconds(n_bytes)
-        share = 1.0 - self.link_busy if self.link_busy < 1.0 else 1.0
-        return n_bytes / self.cost.network.host_bandwidth_Bps + upload / share
+        return self.cost.flush_seconds(n_bytes, share=1.0 - self.link_busy if self.link_busy < 1.0 else 1.0)

@@ -503,9 +503,11 @@ class CostModel:
                    + p2p_seconds(self.stage_bytes(k, True), stage_link(self.network, k, (k + 1) % n))
                    for k in range(n))
 
-    def flush_seconds(self, n_bytes: float) -> float:
-        """An asynchronous checkpoint shard from the device to host memory, then from there to storage."""
-        return n_bytes / self.network.host_bandwidth_Bps + self.storage_seconds(n_bytes) if n_bytes > 0 else 0.0
+    def flush_seconds(self, n_bytes: float, share: float = 1.0) -> float:
+        """An asynchronous checkpoint shard from the device to host memory, then from there to storage with
+        ``share`` of the node's interface (the rest carries the pipeline's own traffic)."""
+        return n_bytes / self.network.host_bandwidth_Bps + self.storage_seconds(n_bytes) / share if n_bytes > 0 \
+            else 0.0
 
     def flush_stall_seconds(self, n_bytes: float, window_s: float) -> float:
         """What an asynchronous checkpoint (largest shard ``n_bytes``; stages flush in parallel) costs the run:

@@ -53,10 +53,6 @@ RAY = {"name": "distributed", "launcher": "ray", "timeout_s": 20}
 
 # --- helpers ------------------------------------------------------------------------------------------
 
-def workers(run_dir: Path) -> dict:
-    return workers_file(run_dir)
-
-
 def trace(path: Path, events: list[dict]) -> dict:
     return {"name": "trace", "path": write_trace(path, events)}
 
@@ -89,7 +85,7 @@ def test_an_address_with_no_cluster_is_one_clear_error_at_once(tmp_path):
 
 
 def pid_of(run_dir: Path, stage: int) -> int:
-    [pid] = [w["pid"] for w in workers(run_dir)["workers"] if w["stage"] == stage]
+    [pid] = [w["pid"] for w in workers_file(run_dir)["workers"] if w["stage"] == stage]
     return pid
 
 
@@ -135,7 +131,7 @@ def test_traced_cascading_and_sigkilled_failures_recover_like_local(small_run, t
                          train_step=mid_step).run()
 
     assert summary["status"] == "completed" and summary["iterations"] == 6
-    listed = workers(run_dir)
+    listed = workers_file(run_dir)
     assert summary["recoveries"] == local["recoveries"]
     assert [(r["stage"], r["method"]) for r in summary["recoveries"]] == [
         (0, "copy+replica"), (3, "copy+replica"), (2, "copy")]
@@ -287,7 +283,7 @@ def test_lost_node_its_stage_moves_to_another_node(three_nodes, small_run, tmp_p
     while not (run_dir / "metrics.jsonl").exists() or len(read_metrics(run_dir / "metrics.jsonl")) < 3:
         assert thread.is_alive() and time.monotonic() < deadline, "the run stopped before the node loss"
         time.sleep(0.05)
-    [lost_stage] = [w["stage"] for w in workers(run_dir)["workers"] if w["node_id"] == small.node_id]
+    [lost_stage] = [w["stage"] for w in workers_file(run_dir)["workers"] if w["node_id"] == small.node_id]
     cluster.remove_node(small)
     thread.join(180)
     assert not thread.is_alive(), "the run hung after the node loss"
@@ -300,7 +296,7 @@ def test_lost_node_its_stage_moves_to_another_node(three_nodes, small_run, tmp_p
     # Up to the node loss (after iteration 2's record), bit for bit the local engine's run.
     assert deterministic_view(read_metrics(run_dir / "metrics.jsonl"))[:3] == \
         deterministic_view(read_metrics(tmp_path / "local" / "metrics.jsonl"))[:3]
-    listed = workers(run_dir)
+    listed = workers_file(run_dir)
     assert {e["node_ip"] for e in listed["history"]} == {"127.0.0.1"}  # loopback, three nodes
     assert len({e["node_id"] for e in listed["history"]}) == 3
     [move] = listed["moves"]
