@@ -22,6 +22,7 @@ from dataclasses import replace
 
 from checkfree import paper_table2
 from checkfree.cost import CostModel, StepOverhead, measure_flops, sustained_period
+from checkfree.placement import Placement
 from checkfree.plan import RecoveryReport, Traffic
 from checkfree.presets import ModelConfig, preset, stage_param_counts
 from checkfree.recovery import RecoveryStrategy
@@ -49,24 +50,39 @@ class Clock:
         self.byte_scale = [p / a for p, a in zip(stage_param_counts(priced), stage_param_counts(model))]
         self.cost = CostModel(priced, cfg.trainer.micro_batches, micro_batch_size, cfg.network, flops_per_s=flops,
                               replicas=cfg.engine.replicas)
-        self.paper = cfg.trainer.clock == "paper_table2"
+        self.paper, self.paper_T = cfg.trainer.clock == "paper_table2", cfg.trainer.paper_T
         self.saves_in_paper_time = strategy.table2_column == "checkpointing"
         """On paper_table2: the strategy's measured iteration time includes its synchronous checkpoint saves."""
         self.priced_recovery = cfg.trainer.paper_recovery == "priced"
         """On paper_table2: price recoveries by the bytes they move (``trainer.paper_recovery``)."""
         self.incident_s = paper_table2.RECOVERY_S if self.paper else cfg.network.replacement_delay_s
         """Losses closer together than this (a recovery's time) strike the pipeline together."""
-        busy_s = self.cost.pipeline_busy_seconds(strategy.schedule_name)
+        self.schedule, self.shadows = strategy.schedule_name, strategy.redundant_compute
+        self.paper_s = paper_table2.iteration_seconds(strategy.table2_column, cfg.failure.hourly_rate) \
+            if self.paper else None
+        self.fixed_s = cfg.failure.iteration_seconds if cfg.trainer.clock == "fixed" else None
+        self._price(None)
+        self.home = (self.iteration_s, self.sub_iteration_s, self.link_busy)
+        """The prices with every stage on its own node (what ``place`` returns to, exactly)."""
+
+    def _price(self, placement: Placement | None) -> None:
+        busy_s = self.cost.pipeline_busy_seconds(self.schedule, placement)
+        # On the paper's and the fixed clock a placement scales the measured (given) time by the bottleneck host's
+        # share of the work against every stage at home (``CostModel.bottleneck_seconds``, at the preset's size):
+        # two like stages on one host, twice the time. Compute only: what the paper's time spent on its network
+        # is unknown, and the floor below already holds it to what the placement's own hops need.
+        scale = 1.0 if placement is None else \
+            self.cost.bottleneck_seconds(self.schedule, self.shadows, placement) / \
+            self.cost.bottleneck_seconds(self.schedule, self.shadows)
         if self.paper:
             # The paper's measured time, or the time its own activations need on the network preset's busiest
             # interface, whichever is longer: a slow enough link cannot carry the paper's pipeline in its time.
-            self.sub_iteration_s = max(
-                paper_table2.iteration_seconds(strategy.table2_column, cfg.failure.hourly_rate), busy_s)
-            self.iteration_s = paper_table2.PAPER_T / cfg.trainer.paper_T * self.sub_iteration_s
-        elif cfg.trainer.clock == "fixed":
-            self.iteration_s = self.sub_iteration_s = cfg.failure.iteration_seconds
-        else:
-            self.iteration_s = self.cost.iteration_seconds(strategy.schedule_name, shadows=strategy.redundant_compute)
+            self.sub_iteration_s = max(self.paper_s * scale, busy_s)
+            self.iteration_s = paper_table2.PAPER_T / self.paper_T * self.sub_iteration_s
+        elif self.fixed_s is not None:
+            self.iteration_s = self.sub_iteration_s = self.fixed_s * scale
+        else:  # the cost model prices the placement's pipeline whole: compute per host, and the hops that remain
+            self.iteration_s = self.cost.iteration_seconds(self.schedule, self.shadows, placement)
             self.sub_iteration_s = self.iteration_s
         """``iteration_s``: simulated seconds of one CPU iteration's work. ``sub_iteration_s``: of the iterations
         it stands for (a paper iteration on ``paper_table2``; the iteration itself otherwise): a loss throws
@@ -74,6 +90,19 @@ class Clock:
         self.link_busy = min(1.0, busy_s / self.sub_iteration_s) if self.sub_iteration_s > 0 else 0.0
         """The fraction of an iteration the busiest node's interface carries the pipeline's own activations and
         gradients (``CostModel.pipeline_busy_seconds``); what a node sends in the background gets the rest."""
+
+    def place(self, placement: Placement) -> None:
+        """Re-price the iteration for ``placement`` (stages that share a host share its compute; no hop between
+        them); every stage at home gives back the run's own prices, exactly."""
+        if placement.at_home:
+            self.iteration_s, self.sub_iteration_s, self.link_busy = self.home
+        else:
+            self._price(placement)
+
+    def move_seconds(self, moves: dict[int, tuple[int, int]]) -> float:
+        """Stages moving between hosts (their weights + Adam at the priced model's size; ``CostModel.move_seconds``)
+        — on every clock from the cost model, as the paper measured no moves."""
+        return self.cost.move_seconds(moves)
 
     def recovery_seconds(self, report: RecoveryReport) -> float:
         """Replacement delay + the bytes the replacement receives. A rollback downloads every stage's shard in

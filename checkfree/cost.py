@@ -26,6 +26,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from checkfree.config import require
+from checkfree.placement import Placement
 from checkfree.presets import ModelConfig, stage_param_counts
 from checkfree.routes import BODY, HEAD, route
 from checkfree.schedule import build_schedule
@@ -364,8 +365,12 @@ class CostModel:
     def _hop(self, a: int, b: int) -> list[tuple]:
         return _hop_ops(a, b, p2p_seconds(self.act_bytes, stage_link(self.network, a, b)))
 
-    def _routes(self, schedule: str, shadows: bool, hops: bool = True) -> list[list[tuple]]:
+    def _routes(self, schedule: str, shadows: bool, hops: bool = True,
+                placement: Placement | None = None) -> list[list[tuple]]:
         s = self.model.n_stages
+        # The host of each stage: its own node, unless a placement puts several stages on one host, whose compute
+        # they then share (one resource) and between which a micro-batch makes no hop.
+        host = placement.hosts if placement is not None else range(s)
         require(schedule in SCHEDULES, "schedule", schedule, f"allowed: {list(SCHEDULES)}")
         require(
             schedule == "in_order" or s >= 4,
@@ -377,7 +382,7 @@ class CostModel:
         body[-1] += self.head_params  # in order, the head runs right after stage S-1's body
 
         def hop(a: int, b: int) -> list[tuple]:
-            return self._hop(a, b) if hops else []
+            return self._hop(host[a], host[b]) if hops and host[a] != host[b] else []
 
         def visit(k: int, params: int, shadow: bool = True) -> tuple:
             # Bamboo: stage k also runs the forward of its shadow (k+1) mod S once per micro-batch,
@@ -390,9 +395,9 @@ class CostModel:
                 successor = (k + 1) % s
                 extra_fwd = self._fwd(body[successor])
                 if self.network.redundant_backward:
-                    grad_hop = p2p_seconds(self.act_bytes, stage_link(self.network, (k + 2) % s, k))
+                    grad_hop = p2p_seconds(self.act_bytes, stage_link(self.network, host[(k + 2) % s], host[k]))
                     extra_bwd = self._bwd(body[successor]) + grad_hop
-            return ("stage", k), self._fwd(params) + extra_fwd, self._bwd(params) + extra_bwd
+            return ("stage", host[k]), self._fwd(params) + extra_fwd, self._bwd(params) + extra_bwd
 
         # One priced route per distinct micro-batch path (checkfree.routes): each visit's compute (the embedding
         # is a gather, no matmul FLOPs), a hop between consecutive visits, and Bamboo's shadow work on visits
@@ -409,9 +414,21 @@ class CostModel:
             priced.append(ops)
         return priced
 
-    def _pipe(self, schedule: str, shadows: bool, hops: bool = True) -> float:
-        routes = self._routes(schedule, shadows, hops)
+    def _pipe(self, schedule: str, shadows: bool, hops: bool = True, placement: Placement | None = None) -> float:
+        routes = self._routes(schedule, shadows, hops, placement)
         return _pipeline(routes, self.micro_batches, self.network.pipeline)
+
+    def bottleneck_seconds(self, schedule: str = "in_order", shadows: bool = False,
+                           placement: Placement | None = None) -> float:
+        """The busiest host's compute (forward + backward) per micro-batch, hops left out: what each further
+        micro-batch adds to a pipeline once it is full, so a placement's share of the work against every stage
+        at home is the ratio of the two (the paper clock's rule; ``checkfree.clock``)."""
+        routes = self._routes(schedule, shadows, hops=False, placement=placement)
+        load: dict = defaultdict(float)
+        for m in range(self.micro_batches):
+            for resource, f, b in routes[m % len(routes)]:
+                load[resource] += (f + b) / self.micro_batches
+        return max(load.values())
 
     def allreduce_seconds(self) -> float:
         """Gradient ring all-reduce over the W replicas of each stage; stages run theirs in parallel.
@@ -429,25 +446,36 @@ class CostModel:
         allreduce = self.allreduce_seconds()
         return {"compute": compute, "p2p": p2p, "allreduce": allreduce, "total": compute + p2p + allreduce}
 
-    def iteration_seconds(self, schedule: str = "in_order", shadows: bool = False) -> float:
+    def iteration_seconds(self, schedule: str = "in_order", shadows: bool = False,
+                          placement: Placement | None = None) -> float:
         """Simulated seconds of one iteration (M micro-batches + gradient all-reduce); ``shadows``: every stage
-        also computes a shadow of its successor (what redundant computation keeps up)."""
-        return self._pipe(schedule, shadows) + self.allreduce_seconds()
+        also computes a shadow of its successor (what redundant computation keeps up); ``placement``: stages
+        on hosts other than their own (a host running two stages does both stages' compute in turn)."""
+        return self._pipe(schedule, shadows, placement=placement) + self.allreduce_seconds()
 
-    def pipeline_busy_seconds(self, schedule: str = "in_order") -> float:
+    def pipeline_busy_seconds(self, schedule: str = "in_order", placement: Placement | None = None) -> float:
         """Seconds per iteration that the busiest node spends sending the pipeline's own traffic: each hop of a
         micro-batch's route sends its activations forward and, on the way back, their gradient the other way
         (micro-batch ``m`` takes the ``m % R``-th of the schedule's ``R`` distinct routes). A node has one
         network interface: what it sends in the background (snapshots, checkpoint uploads) gets the rest of
         the iteration (``background_seconds``)."""
         s, busy = self.model.n_stages, defaultdict(float)
+        host = placement.hosts if placement is not None else range(s)
         orders = [build_schedule(schedule, s).order(m) for m in range(2)]
         for m in range(self.micro_batches):
             for v in route(orders[m % 2], s):
-                if v.prev is not None:
-                    busy[v.prev] += p2p_seconds(self.act_bytes, stage_link(self.network, v.prev, v.stage))
-                    busy[v.stage] += p2p_seconds(self.act_bytes, stage_link(self.network, v.stage, v.prev))
+                a, b = (host[v.prev], host[v.stage]) if v.prev is not None else (None, None)
+                if a is not None and a != b:
+                    busy[a] += p2p_seconds(self.act_bytes, stage_link(self.network, a, b))
+                    busy[b] += p2p_seconds(self.act_bytes, stage_link(self.network, b, a))
         return max(busy.values(), default=0.0)
+
+    def move_seconds(self, moves: dict[int, tuple[int, int]]) -> float:
+        """Stages that change host (``stage -> (from, to)``; a stage moving back to a node that arrived) send
+        their weights + Adam state over the link between the two hosts, all in parallel: the slowest sets
+        the time. The pipeline is paused meanwhile (a stage cannot train while its state is on the way)."""
+        return max((p2p_seconds(self.stage_bytes(k, with_optimizer=True), stage_link(self.network, a, b))
+                    for k, (a, b) in moves.items()), default=0.0)
 
     def stage_bytes(self, stage: int, with_optimizer: bool = False) -> int:
         """Bytes of a stage's fp32 weights (4 B/param), + Adam's two fp32 moments (8 B/param)."""
