@@ -146,6 +146,11 @@ class EngineConfig:
     """0 picks a free port."""
     timeout_s: float = 60.0
     """Bound on any collective or point-to-point wait; nothing hangs longer."""
+    no_replacement: str = "wait"
+    """A lost node whose replacement has not arrived (``failure.replacement``; ``checkfree.elastic``): wait (the
+    pipeline stalls until it is there) | shrink (its stages run on a neighbouring host meanwhile)."""
+    min_hosts: int | None = None
+    """shrink: the fewest live nodes the pipeline runs on (fewer: it waits); null = ceil(S / 2)."""
     ray: RayConfig = field(default_factory=RayConfig)
     """The Ray launcher's settings (engine=ray)."""
 
@@ -267,6 +272,10 @@ def validate_engine(cfg: EngineConfig) -> None:
     require(cfg.launcher in ("processes", "ray"), "engine.launcher", cfg.launcher, "allowed is processes or ray")
     require(cfg.launcher == "processes" or cfg.name == "distributed", "engine.launcher", cfg.launcher,
             f"it launches the process engine, not engine.name={cfg.name!r}; use engine=ray (engine.name=distributed)")
+    require(cfg.no_replacement in ("wait", "shrink"), "engine.no_replacement", cfg.no_replacement,
+            "allowed is wait or shrink")
+    require(cfg.min_hosts is None or cfg.no_replacement == "shrink", "engine.min_hosts", cfg.min_hosts,
+            f"only engine.no_replacement=shrink reads it, and this run has {cfg.no_replacement}; set it to null")
     validate_ray(cfg.ray)
 
 

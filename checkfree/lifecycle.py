@@ -34,7 +34,7 @@ from checkfree.records import IterationRecord
 from checkfree.resume import save_state, state_path, truncate_metrics
 from checkfree.rundir import owned
 from checkfree.runlog import RunLog
-from checkfree.trainer import Trainer
+from checkfree.trainer import SimTimeSpent, Trainer
 
 DIVERGED_FACTOR = 1.1
 """A run whose final validation loss ends above this factor times its initial one has diverged."""
@@ -137,7 +137,10 @@ class Run:
             if cfg.sim_time_budget_s is not None and t.totals.sim_time_s >= cfg.sim_time_budget_s:
                 break  # only a resumed run gets here: a fresh one stops right after the iteration that crossed
             self.consistent_at = None  # from here until its record is logged, the run is mid-iteration
-            record = t.iteration(iteration)
+            try:
+                record = t.iteration(iteration)
+            except SimTimeSpent:  # the budget ran out before the iteration could finish: it never happened
+                break
             over_budget = cfg.sim_time_budget_s is not None and t.totals.sim_time_s >= cfg.sim_time_budget_s
             if iteration % cfg.eval_every == 0 or iteration == cfg.iterations or over_budget:
                 record.val_loss = t.evaluate(record)
@@ -250,10 +253,13 @@ class Run:
             "run_dir": str(self.run_dir), "strategy": cfg.strategy.name, "failure": cfg.failure.name,
             "hourly_rate": cfg.failure.hourly_rate, "seed": cfg.seed, "model": cfg.model.name,
             "engine": cfg.engine.name, "iterations": t.iterations, "tokens": t.tokens,
-            "total_sim_time_s": t.sim_time_s, "iteration_sim_s": self.trainer.clock.iteration_s,
+            "total_sim_time_s": t.sim_time_s, "iteration_sim_s": self.trainer.clock.home[0],
             "link_busy_fraction": self.trainer.clock.link_busy,
             "recovery_sim_s": t.recovery_sim_s, "overhead_sim_s": t.overhead_sim_s,
             "lost_work_sim_s": t.lost_work_sim_s,
+            # Without replacement nodes (failure.replacement): the pipeline's stalls, and its time on fewer hosts.
+            "waiting_sim_s": t.waiting_sim_s, "moving_sim_s": t.moving_sim_s, "shrunk_sim_s": t.shrunk_sim_s,
+            "min_live_hosts": self.trainer.hosts.min_live,
             "total_wall_time_s": self.trainer.wall_time(),
             "n_failures": len(t.failures), "n_recoveries": len(t.recoveries), "recoveries_by_method": by_method,
             "lost_iterations": t.lost_iterations, "failures": t.failures, "recoveries": t.recoveries,

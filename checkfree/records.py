@@ -29,6 +29,14 @@ class IterationRecord:
     outcome: dict[str, Any] = field(default_factory=dict)
     """The step's results (progress, time, loss, norms, ...), once the step has run."""
     val_loss: float | None = None
+    hosts: list[int] | None = None
+    """The host of each logical stage after the step; set (and written) only in runs whose nodes may be missing
+    (``failure.replacement`` other than immediate), with the three fields below."""
+    waiting_sim_s: float = 0.0
+    """Simulated seconds the pipeline stood still waiting for replacement nodes."""
+    moving_sim_s: float = 0.0
+    """Simulated seconds it stood still while stages moved between hosts."""
+    moves: list[dict] = field(default_factory=list)
 
     def struck(self, times: list[float], lost_work_s: float) -> None:
         """Losses drawn by the failure model struck at ``times``, throwing away ``lost_work_s`` of work."""
@@ -49,6 +57,12 @@ class IterationRecord:
         elif lr is not None:
             self.lr = lr
 
+    def placed(self, wait_s: float, move_s: float, moves: dict[int, tuple[int, int]]) -> None:
+        """The pipeline waited ``wait_s`` for nodes, then ``moves`` (stage -> (from, to) host) took ``move_s``."""
+        self.waiting_sim_s += wait_s
+        self.moving_sim_s += move_s
+        self.moves += [{"stage": k, "from": a, "to": b} for k, (a, b) in sorted(moves.items())]
+
     def stepped(self, **outcome: Any) -> None:
         """The step's results (``lr`` among them), in the order ``to_dict`` writes them."""
         self.outcome, self.lr = dict(outcome), None
@@ -61,6 +75,9 @@ class IterationRecord:
         if self.lr is not None:
             record["lr"] = self.lr
         record.update(self.outcome)
+        if self.hosts is not None:
+            record.update(hosts=list(self.hosts), waiting_sim_s=self.waiting_sim_s, moving_sim_s=self.moving_sim_s,
+                          moves=list(self.moves))
         if self.val_loss is not None:
             record["val_loss"] = self.val_loss
         return record

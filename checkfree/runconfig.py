@@ -138,6 +138,7 @@ def validate_run_config(run: RunConfig) -> None:
     require(run.seed + run.failure.seed_offset >= 0, "failure.seed_offset", run.failure.seed_offset,
             f"the failure RNG is seeded with seed + failure.seed_offset, so with seed={run.seed} allowed is an "
             f"integer >= {-run.seed}")
+    validate_placement(run)
     check_vocab(run.model, run.data)
     if run.engine.backend == "nccl":
         require(run.trainer.device != "cpu", "engine.backend", "nccl",
@@ -146,3 +147,23 @@ def validate_run_config(run: RunConfig) -> None:
         raise ConfigError("logger.wandb.mode='online' needs WANDB_API_KEY in the environment (we never prompt "
                           "for a login); set it, or use logger.wandb.mode=offline.")
 
+
+def validate_placement(run: RunConfig) -> None:
+    """What a loss without a replacement node may do, against the model and the engine."""
+    n, engine = run.model.n_stages, run.engine
+    if engine.no_replacement == "shrink":
+        require(n >= 2, "engine.no_replacement", "shrink",
+                f"a stage can only move to a neighbouring host, and model.n_stages={n} has none; allowed here: wait")
+        require(engine.name == "local", "engine.no_replacement", "shrink",
+                "only engine=local places two stages on one host so far (the process engine would restart the "
+                "stage's process and price a placement it does not run); allowed here: wait")
+        require(engine.min_hosts is None or 1 <= engine.min_hosts <= n, "engine.min_hosts", engine.min_hosts,
+                f"allowed is null or 1..{n} (model.n_stages)")
+    elif run.failure.replacement == "never":
+        raise ConfigError("failure.replacement=never with engine.no_replacement=wait would wait for ever at the "
+                          "first loss; use engine.no_replacement=shrink, or a replacement delay.")
+
+
+def min_hosts(run: RunConfig) -> int:
+    """``engine.min_hosts``, its default (ceil(S / 2): two stages per host on average) filled in."""
+    return run.engine.min_hosts if run.engine.min_hosts is not None else -(-run.model.n_stages // 2)

@@ -17,6 +17,7 @@ asks which one either is. How a run starts and ends — result files, resume, si
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -26,6 +27,7 @@ import torch
 
 from checkfree.clock import Clock
 from checkfree.data import Corpus
+from checkfree.elastic import Change, Hosts
 from checkfree.engine import Engine, StagesLost
 from checkfree.failures import FailureDraws
 from checkfree.guard import check
@@ -43,13 +45,19 @@ from checkfree.plan import (
 from checkfree.presets import ModelConfig
 from checkfree.records import IterationRecord
 from checkfree.recovery import RecoveryStrategy, build_strategy
-from checkfree.runconfig import RunConfig
+from checkfree.replacements import Replacements
+from checkfree.runconfig import RunConfig, min_hosts
 from checkfree.schedule import Schedule, build_schedule
 
 MAX_ATTEMPTS = 5
 """A step (or validation) interrupted by stage losses more often than this in a row stops the run."""
 MAX_INCIDENTS = 1000
 """An iteration whose work is interrupted this often never finishes: the run stops and says why."""
+
+
+class SimTimeSpent(Exception):
+    """``trainer.sim_time_budget_s`` ran out in the middle of an iteration (e.g. a pipeline that mostly stood
+    waiting for nodes): the iteration never finished, and the run ends there, as at the budget."""
 
 
 @dataclass
@@ -79,6 +87,12 @@ class Totals:
     overhead_sim_s: float = 0.0
     lost_work_sim_s: float = 0.0
     """Simulated seconds of work that losses threw away (unfinished iterations, rolled-back work within one)."""
+    waiting_sim_s: float = 0.0
+    """Simulated seconds the pipeline stood still waiting for replacement nodes (``checkfree.elastic``)."""
+    moving_sim_s: float = 0.0
+    """Simulated seconds the pipeline stood still while stages moved between hosts."""
+    shrunk_sim_s: float = 0.0
+    """Simulated seconds of work done on fewer hosts than stages."""
 
 
 @dataclass
@@ -90,6 +104,7 @@ class RunParts:
     schedule: Schedule
     failures: FailureDraws
     clock: Clock
+    hosts: Hosts
 
     @classmethod
     def build(cls, cfg: RunConfig, model: ModelConfig) -> RunParts:
@@ -98,7 +113,10 @@ class RunParts:
         clock = Clock(cfg, model, strategy)
         if cfg.strategy.every == "auto":  # the smallest period the bandwidth sustains, from the clock's prices
             strategy = build_strategy(replace(cfg.strategy, every=clock.sustained_period(strategy)), n)
-        return cls(strategy, build_schedule(strategy.schedule_name, n), FailureDraws(cfg.failure, n, cfg.seed), clock)
+        replacements = Replacements(cfg.failure.replacement, cfg.failure.replacement_mean_h, n,
+                                    cfg.seed + cfg.failure.seed_offset)
+        return cls(strategy, build_schedule(strategy.schedule_name, n), FailureDraws(cfg.failure, n, cfg.seed), clock,
+                   Hosts(n, cfg.engine.no_replacement, min_hosts(cfg), replacements))
 
 
 class Trainer:
@@ -106,8 +124,8 @@ class Trainer:
                  parts: RunParts | None = None) -> None:
         self.cfg, self.engine, self.corpus, self.model, self.run_dir = cfg, engine, corpus, model, Path(run_dir)
         parts = parts if parts is not None else RunParts.build(cfg, model)
-        self.strategy, self.schedule, self.failures, self.clock = (parts.strategy, parts.schedule, parts.failures,
-                                                                   parts.clock)
+        self.strategy, self.schedule, self.failures, self.clock, self.hosts = (
+            parts.strategy, parts.schedule, parts.failures, parts.clock, parts.hosts)
         self.totals = Totals()
         self.iteration_no, self.progress = 0, 0
         self.grad_norm: list[float] | None = None
@@ -129,7 +147,7 @@ class Trainer:
         """Failures -> recovery -> step -> guard -> upkeep -> clock. Returns the iteration's metrics record."""
         self.iteration_no = iteration
         record, self.carried = self.carried or IterationRecord(iteration), None
-        self.strike(iteration, record)
+        work_s = self.strike(iteration, record)
 
         batches = self.next_batches()
         wall = time.perf_counter()
@@ -151,8 +169,10 @@ class Trainer:
                 done_s = self.totals.sim_time_s + self.clock.iteration_s + self.clock.flush_seconds(traffic)
                 self.flushing = (self.progress, done_s)
 
-        self.totals.sim_time_s += self.clock.iteration_s
+        self.totals.sim_time_s += work_s
         self.totals.sim_time_s += overhead_s
+        if not self.hosts.placement.at_home:
+            self.totals.shrunk_sim_s += work_s
         self.totals.iterations, self.totals.tokens = iteration, self.totals.tokens + result.tokens
         self.totals.overhead_sim_s += overhead_s
         skipped = {"step_skipped": not result.stepped, "nonfinite_stages": nonfinite} \
@@ -161,10 +181,12 @@ class Trainer:
                        train_loss=result.loss, lr=self.engine.stage_lrs(), grad_norm=result.grad_norm,
                        grad_norm_post=result.grad_norm_post, tokens=result.tokens,
                        throughput_tok_s=result.tokens / step_wall if step_wall > 0 else 0.0,
-                       iteration_sim_s=self.clock.iteration_s, overhead_sim_s=overhead_s, **skipped)
+                       iteration_sim_s=work_s, overhead_sim_s=overhead_s, **skipped)
+        if self.hosts.elastic:
+            record.hosts = list(self.hosts.placement.hosts)
         return record
 
-    def strike(self, iteration: int, record: IterationRecord) -> None:
+    def strike(self, iteration: int, record: IterationRecord) -> float:
         """The iteration's work meets the failures of its simulated time, one incident after another.
 
         The work (``clock.iteration_s``) starts at the current simulated time; an incident interrupts it at
@@ -173,29 +195,81 @@ class Trainer:
         a paper iteration when a CPU iteration stands for many) — or, when the recovery rolled back, all of this
         iteration's work so far, which the rollback discards with the rest since the checkpoint. So every
         loss counts, at the granularity of the iterations the clock stands for. (The weights follow at CPU
-        granularity: the step itself runs after the iteration's last recovery.)"""
+        granularity: the step itself runs after the iteration's last recovery.)
+
+        Without replacement nodes (``checkfree.elastic``) a loss may also stall the pipeline until nodes
+        arrive, or change the placement, and a node that arrives takes its stage back at the end of the
+        sub-iteration under way; a placement change re-prices the rest of the work. Returns the simulated
+        seconds of the work kept (``clock.iteration_s`` when the price never changed)."""
         work_s, sub_s = self.clock.iteration_s, self.clock.sub_iteration_s
         t, done = self.totals.sim_time_s, 0.0  # where the work (re)starts, and how much of it is kept so far
-        for _ in range(MAX_INCIDENTS):
-            incident = self.failures.next_incident(iteration, t, t + work_s - done, self.clock.incident_s)
+        paid = 0.0  # what the kept work cost at earlier prices beyond what it counts for at the current one
+        budget = self.cfg.trainer.sim_time_budget_s
+        # Without a budget of simulated time, a cap on the incidents keeps an iteration that can never finish
+        # from running for ever; with one, the budget does (each incident moves the time on).
+        for _ in range(MAX_INCIDENTS) if budget is None else itertools.count():
+            end = stop = t + work_s - done
+            arrival = self.hosts.next_arrival()
+            if arrival is not None:  # the move waits for the end of the sub-iteration under way
+                boundary = t + math.ceil((done + arrival - t) / sub_s - 1e-9) * sub_s - done
+                stop = min(end, max(t, boundary))
+            incident = self.failures.next_incident(iteration, t, stop, self.clock.incident_s)
             if incident is None:
-                return
+                if stop >= end:
+                    return work_s + paid
+                done += stop - t
+                t = stop + self.place(self.hosts.arrive(stop), record)
+                work_s, sub_s, done, paid = self.repriced(work_s, done, paid)
+                continue
+            hosts, stages = self.hosts.struck(sorted({e.stage for e in incident.events}))
+            nonfinite = [r["stage"] for r in incident.records if r.get("cause") == "nonfinite"]
+            stages = sorted(set(stages) | set(nonfinite))
+            if not stages:  # only nodes that are not there were drawn: nothing is lost, the work goes on
+                continue
             ran = done + (incident.time_s - t)
-            self.totals.failures += incident.records
-            self.engine.lose(incident.stages)
-            reports = self.recover(set(incident.stages), incident.time_s)
+            self.totals.failures += [r for r in incident.records if r.get("cause") == "nonfinite"
+                                     or r["stage"] in hosts]
+            self.engine.lose(stages)
+            reports = self.recover(set(stages), incident.time_s)
             rolled_back = any("rolled_back_to" in r.details for r in reports)
             done = 0.0 if rolled_back else math.floor(ran / sub_s + 1e-9) * sub_s
-            lost = ran - done
+            lost = ran - done + (paid if rolled_back else 0.0)
+            paid = 0.0 if rolled_back else paid
             self.totals.sim_time_s += lost
             self.totals.lost_work_sim_s += lost
-            record.struck([e.time_s for e in incident.events], lost)
+            record.struck([e.time_s for e in incident.events if e.stage in hosts], lost)
             recovery_s = max(r.sim_seconds for r in reports)
             self.note(record, reports, recovery_s)
             t = incident.time_s + recovery_s
+            if hosts and self.hosts.elastic:
+                when = {e.stage: e.time_s for e in incident.events if e.stage in hosts}  # each node's own loss
+                t += self.place(self.hosts.replace(when, incident.time_s, self.clock.incident_s), record)
+                work_s, sub_s, done, paid = self.repriced(work_s, done, paid)
+            if budget is not None and self.totals.sim_time_s >= budget:
+                raise SimTimeSpent(f"the simulated time budget ran out during iteration {iteration}")
         raise RuntimeError(f"iteration {iteration} was interrupted by {MAX_INCIDENTS} incidents and never finished: "
                            "at this failure rate no stretch of work of one iteration outlasts the time between "
                            "failures; lower failure.hourly_rate or the simulated iteration time.")
+
+    def place(self, change: Change, record: IterationRecord) -> float:
+        """A wait for replacement nodes and stages moving between hosts: the pipeline stands still meanwhile
+        (the seconds, returned, are on the clock); then the clock prices the new placement."""
+        move_s = self.clock.move_seconds(change.moves)
+        self.totals.sim_time_s += change.wait_s + move_s
+        self.totals.waiting_sim_s += change.wait_s
+        self.totals.moving_sim_s += move_s
+        record.placed(change.wait_s, move_s, change.moves)
+        self.clock.place(self.hosts.placement)
+        return change.wait_s + move_s
+
+    def repriced(self, work_s: float, done: float, paid: float) -> tuple[float, float, float, float]:
+        """The work's price after a placement change: the ``done`` seconds kept so far count at the new price,
+        and ``paid`` keeps what they really cost beyond that."""
+        new_s = self.clock.iteration_s
+        if new_s == work_s:
+            return work_s, self.clock.sub_iteration_s, done, paid
+        scaled = done * new_s / work_s
+        return new_s, self.clock.sub_iteration_s, scaled, paid + done - scaled
 
     def recover(self, lost: set[int], at_s: float | None = None) -> list[RecoveryReport]:
         """The strategy plans, the engine executes; a stage lost while that is under way joins the recovery.
@@ -341,7 +415,8 @@ class Trainer:
             "totals": asdict(self.totals), "progress": self.progress, "grad_norm": self.grad_norm,
             "grad_norm_post": self.grad_norm_post, "iteration_s": self.clock.iteration_s,
             "held_since": [((h.kind, h.owner, h.holder), p) for h, p in self.held_since.items()],
-            "carried": self.carried.to_dict() if self.carried is not None else None, "memory": self.memory.state_dict(), "flushing": self.flushing,
+            "carried": self.carried.to_dict() if self.carried is not None else None, "memory": self.memory.state_dict(),
+            "flushing": self.flushing, "hosts": self.hosts.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -355,6 +430,9 @@ class Trainer:
         self.iteration_no, self.progress = state["iteration"], state["progress"]
         self.grad_norm, self.grad_norm_post = state["grad_norm"], state["grad_norm_post"]
         self.held_since = {Held(*key): p for key, p in state["held_since"]}
+        if "hosts" in state:  # absent from states saved before nodes could be missing
+            self.hosts.load_state_dict(state["hosts"])
+            self.clock.place(self.hosts.placement)
         # Kept, not recomputed: a measured device throughput would give another clock on another machine.
         self.clock.iteration_s = state["iteration_s"]
         # Wall time goes on from where the interrupted run stopped, so wall_time_s stays monotone.

@@ -105,14 +105,21 @@ RESUME_CASES = {
     "snapshot_restore-trace": dict(strategy={"name": "snapshot_restore", "every": 3},
                                    failure=[{"iteration": 4, "stage": 1}, {"iteration": 9, "stage": 2}],
                                    save_every=1, stop_at=8),
+    # No replacement node for 0.04 h: stage 2 runs on host 1 when the run stops, its node arrives after the
+    # resume (the placement, the absent node's arrival and the replacement draws travel with the state).
+    "shrink-trace": dict(strategy={"name": "checkfree"}, engine={"no_replacement": "shrink"},
+                         replacement={"replacement": "fixed", "replacement_mean_h": 0.04},
+                         failure=[{"iteration": 3, "stage": 2}, {"iteration": 10, "stage": 1}],
+                         save_every=1, stop_at=8),
 }
 
 
 def _resume_cfg(data_cache: str, tmp_path: Path, case: dict, **trainer) -> object:
     failure = case["failure"]
     if isinstance(failure, list):
-        failure = {"name": "trace", "path": trace(tmp_path, failure)}
+        failure = {"name": "trace", "path": trace(tmp_path, failure), **case.get("replacement", {})}
     return load_run_config(small_run_dict(data_cache, strategy=case["strategy"], failure=failure,
+                                          engine=case.get("engine", {}),
                                           trainer={"iterations": 12, "save_every": case["save_every"], **trainer}))
 
 
@@ -145,6 +152,10 @@ def test_resume_after_interruption_gives_the_uninterrupted_run(name, data_cache,
     assert any(f["iteration"] > saved for f in before["failures"]), "the case must lose a stage after the resume"
     if name.startswith(("checkpoint", "memory_checkpoint")):
         assert before["lost_iterations"] > 0
+    if name.startswith("shrink"):  # stopped on three hosts, back on four after the resume
+        hosts = {r["iteration"]: r["hosts"] for r in b if "hosts" in r}
+        assert hosts[case["stop_at"] - 1] == [0, 1, 1, 3] and hosts[10] == [0, 0, 2, 3]  # stage 2 home, 1 shrunk
+        assert [r["moves"] for r in b if r.get("moves")][0] == [{"stage": 2, "from": 1, "to": 2}]
 
 
 def test_a_finished_run_trains_on_with_more_iterations(data_cache, tmp_path):

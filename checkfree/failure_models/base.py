@@ -57,6 +57,11 @@ class FailureConfig:
     """Fixed simulated seconds per iteration, used only until a cost model sets the clock."""
     seed_offset: int = 1000
     """The failure RNG is seeded with run seed + seed_offset: its own stream, the same for every strategy."""
+    replacement: str = "immediate"
+    """When a lost node's replacement arrives (``checkfree.replacements``): immediate (after the recovery's own
+    time, as every run so far) | fixed | exponential (``replacement_mean_h``) | never."""
+    replacement_mean_h: float = 0.0
+    """fixed / exponential: the replacement delay (its mean), in simulated hours."""
 
 
 class FailureModel:

@@ -1,0 +1,118 @@
+"""The run's nodes: which are live, when the absent ones' replacements arrive, and where the stages run.
+
+The failure model draws its losses per node slot (slot ``h`` is stage ``h``'s home). A loss takes every
+logical stage its node runs; a node that is not there cannot be lost (an event on an absent slot strikes
+nothing). After a loss, ``failure.replacement`` says when the new node comes (``checkfree.replacements``), and
+``engine.no_replacement`` what the pipeline does until then:
+
+* ``wait`` (default) — it stalls until every lost node's replacement is there; the idle time is on the
+  clock. With ``failure.replacement=immediate`` that is no stall at all: every run so far.
+* ``shrink`` — the strategy's rebuild of a lost stage runs on a surviving neighbour host
+  (``checkfree.placement``), which then runs two (or more) logical stages; the clock re-prices the slower
+  pipeline. When a node arrives, its home stage moves back to it (weights and Adam state sent over the link
+  between the two hosts, priced). Fewer live hosts than ``engine.min_hosts``: the run waits for arrivals.
+
+The strategies decide *how* a stage is rebuilt and never *where*: placement is the engine's side, and on the
+local engine it changes only the clock (every stage computes in this process either way).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from checkfree.placement import Placement
+from checkfree.replacements import Replacements
+
+
+class NoHostsLeft(RuntimeError):
+    """Too few nodes to place the pipeline on, and no replacement will ever arrive."""
+
+
+@dataclass
+class Change:
+    """What replacing lost nodes did: the stall until nodes arrived, and stages that changed host."""
+
+    wait_s: float = 0.0
+    moves: dict[int, tuple[int, int]] = field(default_factory=dict)
+    """Stage -> (from host, to host), for stages that survived and run elsewhere now (their state is sent)."""
+
+
+class Hosts:
+    def __init__(self, n_stages: int, policy: str, floor: int, replacements: Replacements) -> None:
+        self.n, self.policy, self.floor, self.replacements = n_stages, policy, floor, replacements
+        self.absent: dict[int, float] = {}
+        """Node slot -> the simulated time its replacement arrives (inf: never)."""
+        self.placement = Placement.home(n_stages)
+        self.min_live = n_stages
+        """The fewest live nodes the run has had."""
+
+    @property
+    def elastic(self) -> bool:
+        """Whether nodes can ever be missing (otherwise the run is priced and placed as every run so far)."""
+        return not self.replacements.immediate
+
+    def struck(self, hosts: list[int]) -> tuple[list[int], list[int]]:
+        """(the lost nodes that are there, the logical stages they ran): an absent node is not lost again."""
+        live = [h for h in hosts if h not in self.absent]
+        return live, sorted(k for h in live for k in self.placement.stages_on(h))
+
+    def replace(self, lost: dict[int, float], now_s: float, recovery_s: float) -> Change:
+        """The nodes ``lost`` (node -> the time it was lost) strike the pipeline at ``now_s``; each one's
+        replacement is asked for when it was lost and takes at least ``recovery_s``. Under ``wait``: the stall,
+        beyond the recovery, until the last one is there. Under ``shrink``: the nodes that take longer are absent
+        until they arrive, and the pipeline is placed on the others."""
+        ready = {h: t + self.replacements.delay(h, recovery_s) for h, t in sorted(lost.items())}
+        late = {h: t for h, t in ready.items() if t > now_s + recovery_s}
+        if not late:
+            return Change()
+        if self.policy == "wait":
+            last = max(late.values())
+            if math.isinf(last):
+                raise NoHostsLeft(f"node(s) {sorted(late)} lost and failure.replacement={self.replacements.kind} "
+                                  "brings no replacement, so engine.no_replacement=wait would wait for ever")
+            return Change(wait_s=last - now_s - recovery_s)
+        rebuilt = {k for h in lost for k in self.placement.stages_on(h)}
+        self.absent.update(late)
+        change = self._place(now_s + recovery_s)
+        change.moves = {k: move for k, move in change.moves.items() if k not in rebuilt}  # rebuilt where placed
+        return change
+
+    def next_arrival(self) -> float | None:
+        """When the next absent node arrives (None: none is absent or none will come)."""
+        soonest = min(self.absent.values(), default=math.inf)
+        return None if math.isinf(soonest) else soonest
+
+    def arrive(self, now_s: float) -> Change:
+        """The absent nodes whose replacements are there at ``now_s`` join; the stages move to their places."""
+        self.absent = {h: t for h, t in self.absent.items() if t > now_s}
+        return self._place(now_s)
+
+    def _place(self, now_s: float) -> Change:
+        """The placement on the live nodes; below the floor, waiting (from ``now_s``) for enough arrivals."""
+        before, wait_s = self.placement, 0.0
+        while (placement := Placement.of(set(range(self.n)) - set(self.absent), self.n, self.floor)) is None:
+            soonest = self.next_arrival()
+            if soonest is None:
+                raise NoHostsLeft(f"only {self.n - len(self.absent)} node(s) live, below engine.min_hosts="
+                                  f"{self.floor}, and failure.replacement={self.replacements.kind} brings no more")
+            wait_s = max(wait_s, soonest - now_s)
+            self.absent = {h: t for h, t in self.absent.items() if t > soonest}
+        self.placement = placement
+        self.min_live = min(self.min_live, len(placement.live))
+        return Change(wait_s, before.moves(placement))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"absent": {str(h): t for h, t in self.absent.items()}, "min_live": self.min_live,
+                "replacements": self.replacements.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.absent = {int(h): float(t) for h, t in state["absent"].items()}
+        self.min_live = state["min_live"]
+        self.replacements.load_state_dict(state["replacements"])
+        placement = Placement.of(set(range(self.n)) - set(self.absent), self.n, self.floor)
+        self.placement = placement if placement is not None else Placement.home(self.n)
+
+
+__all__ = ["Change", "Hosts", "NoHostsLeft"]

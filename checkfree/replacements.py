@@ -1,0 +1,55 @@
+"""When a replacement node arrives after a node is lost (``failure.replacement``; docs/design.md, "Placement").
+
+Every strategy so far assumed a replacement node ~30 s after every loss. On spot and volunteer machines it
+often does not come for minutes or hours. The delay from a loss to its replacement's arrival is
+
+* ``immediate`` (default) — the recovery's own time (``network.replacement_delay_s``; on the paper clock its
+  30 s recovery): today's behaviour, nothing is drawn;
+* ``fixed`` — ``failure.replacement_mean_h`` simulated hours, every time;
+* ``exponential`` — drawn with mean ``failure.replacement_mean_h`` hours;
+* ``never`` — no node ever arrives (only ``engine.no_replacement=shrink`` can keep training).
+
+A node cannot take over sooner than a recovery takes, so the delay used is at least the recovery's. Draws come
+from the failure model's seed, one stream per node slot (the ``j``-th loss of slot ``h`` gets the ``j``-th
+draw of stream ``h``): every strategy sees the same arrivals after the same losses.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+KINDS = ("immediate", "fixed", "exponential", "never")
+STREAM = 3
+"""Tag in the RNG seed, apart from the failure models' own (poisson 0, bernoulli 1, zone 2)."""
+
+
+class Replacements:
+    def __init__(self, kind: str, mean_h: float, n_hosts: int, seed: int) -> None:
+        self.kind, self.mean_s = kind, mean_h * 3600.0
+        self._rngs = [np.random.default_rng([seed, STREAM, h]) for h in range(n_hosts)]
+
+    @property
+    def immediate(self) -> bool:
+        return self.kind == "immediate"
+
+    def delay(self, host: int, recovery_s: float) -> float:
+        """Simulated seconds from the loss of ``host``'s node until its replacement is there (inf: never)."""
+        if self.kind == "immediate":
+            return recovery_s
+        if self.kind == "never":
+            return math.inf
+        drawn = self.mean_s if self.kind == "fixed" else float(self._rngs[host].exponential(self.mean_s))
+        return max(drawn, recovery_s)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rngs": [rng.bit_generator.state for rng in self._rngs]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for rng, rng_state in zip(self._rngs, state["rngs"], strict=True):
+            rng.bit_generator.state = rng_state
+
+
+__all__ = ["KINDS", "Replacements"]
