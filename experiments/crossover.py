@@ -33,7 +33,6 @@ mean ± 95 % CI over seeds; CheckFree's paired speed-up over each baseline; the 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -42,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pandas as pd  # noqa: E402
-from table2 import CAP, ROOT, fmt, run_all, run_seconds  # noqa: E402
+from table2 import CAP, calibrated_arguments, calibration_of, fmt, run_seconds, runs_of  # noqa: E402
 
 from checkfree.table2 import ci95  # noqa: E402
 
@@ -208,33 +207,16 @@ def plot(frame: pd.DataFrame, path: Path, rate: float = RATE) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="pydocs", help="corpus (a conf/data option)")
-    parser.add_argument("--calibration", type=Path, default=None,
-                        help="calibration.json of experiments/table2.py on that corpus (T and target); default: "
-                             "results/table2_<data>/calibration.json")
+    calibrated_arguments(parser, "crossover")
     parser.add_argument("--bandwidths", default=",".join(map(str, BANDWIDTHS_MBPS)), help="Mb/s, comma-separated")
     parser.add_argument("--strategies", default=",".join((*BASELINES, *CHECKFREE)))
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "crossover")
     parser.add_argument("--rate", type=float, default=RATE, help="hourly failure rate per stage")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--report-only", action="store_true", help="write the report from the runs there are")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     args = parser.parse_args(argv)
-    calibration_file = args.calibration or ROOT / "results" / f"table2_{args.data}" / "calibration.json"
-    if not calibration_file.is_file():
-        raise SystemExit(f"{calibration_file} does not exist: run experiments/table2.py --data {args.data} "
-                         "--target auto first (its calibration fixes T and the target), or pass --calibration")
-    calibration = json.loads(calibration_file.read_text())
-    T, target = calibration["T"], calibration["target"]
+    T, target = calibration_of(args)
     start, out = time.perf_counter(), args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     grid = points(args.strategies.split(","), [float(b) for b in args.bandwidths.split(",")], args.seeds)
-    extra = [*regime(T, target, args.data, args.rate), *args.set]
-    if args.report_only:
-        runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*/summary.json"))]
-    else:
-        runs = run_all(grid, out / "runs", extra, args.jobs)
+    runs = runs_of(args, out, grid, regime(T, target, args.data, args.rate))
     frame = records(runs, T)
     frame.to_csv(out / "crossover.csv", index=False)
     minutes = None if args.report_only else (time.perf_counter() - start) / 60

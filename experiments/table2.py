@@ -392,6 +392,38 @@ def interpolate(curve: list[tuple[int, float]], x: float) -> float:
     return curve[-1][1]
 
 
+def calibrated_arguments(parser: argparse.ArgumentParser, out: str) -> None:
+    """The options of an experiment run in the calibrated Table 2 regime of a corpus (``crossover.py``,
+    ``replacement.py``): its corpus and calibration, where the runs go, how many seeds and jobs."""
+    parser.add_argument("--data", default="pydocs", help="corpus (a conf/data option)")
+    parser.add_argument("--calibration", type=Path, default=None,
+                        help="calibration.json of experiments/table2.py on that corpus (T and target); default: "
+                             "results/table2_<data>/calibration.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / out)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--report-only", action="store_true", help="write the report from the runs there are")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
+
+
+def calibration_of(args: argparse.Namespace) -> tuple[int, float]:
+    """(T, target) of ``args.data``'s calibration, or a one-line exit saying how to make it."""
+    path = args.calibration or ROOT / "results" / f"table2_{args.data}" / "calibration.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} does not exist: run experiments/table2.py --data {args.data} --target auto "
+                         "first (its calibration fixes T and the target), or pass --calibration")
+    calibration = json.loads(path.read_text())
+    return calibration["T"], calibration["target"]
+
+
+def runs_of(args: argparse.Namespace, out: Path, points: list[tuple[str, int, list[str]]],
+            extra: list[str]) -> list[dict]:
+    """Every point's summary: run now (resuming), or with ``--report-only`` read from the runs there are."""
+    if args.report_only:
+        return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*/summary.json"))]
+    return run_all(points, out / "runs", [*extra, *args.set], args.jobs)
+
+
 def fmt(values: list[float], spec: str = ".4f") -> str:
     half = ci95(values)
     return f"{statistics.fmean(values):{spec}}" + (f" ± {half:{spec.lstrip('+')}}" if math.isfinite(half) else "")
