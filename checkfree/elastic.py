@@ -47,6 +47,8 @@ class Hosts:
         self.placement = Placement.home(n_stages)
         self.min_live = n_stages
         """The fewest live nodes the run has had."""
+        self.most_per_host = 1
+        """The most logical stages one host has run (what its memory had to hold)."""
 
     @property
     def elastic(self) -> bool:
@@ -101,15 +103,16 @@ class Hosts:
             self.absent = {h: t for h, t in self.absent.items() if t > soonest}
         self.placement = placement
         self.min_live = min(self.min_live, len(placement.live))
+        self.most_per_host = max(self.most_per_host, placement.max_stages_per_host())
         return Change(wait_s, before.moves(placement))
 
     def state_dict(self) -> dict[str, Any]:
         return {"absent": {str(h): t for h, t in self.absent.items()}, "min_live": self.min_live,
-                "replacements": self.replacements.state_dict()}
+                "most_per_host": self.most_per_host, "replacements": self.replacements.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.absent = {int(h): float(t) for h, t in state["absent"].items()}
-        self.min_live = state["min_live"]
+        self.min_live, self.most_per_host = state["min_live"], state["most_per_host"]
         self.replacements.load_state_dict(state["replacements"])
         placement = Placement.of(set(range(self.n)) - set(self.absent), self.n, self.floor)
         self.placement = placement if placement is not None else Placement.home(self.n)

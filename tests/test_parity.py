@@ -44,3 +44,20 @@ def test_every_strategy_is_bitwise_equal_on_both_engines(name, small_run, tmp_pa
         assert local["n_recoveries"] == len(EVENTS)
         assert all(r.get("process", {}).get("new_pid") for rec in read_metrics(tmp_path / "process" / "metrics.jsonl")
                    for r in rec["recoveries"])
+
+
+def test_waiting_for_late_replacements_is_bitwise_equal_on_both_engines(small_run, tmp_path):
+    """``engine.no_replacement=wait`` changes only the clock: the process engine replaces the lost processes as
+    always, and both engines write the same stalls, times and losses."""
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps(EVENTS))
+    sections = {"strategy": {"name": "checkfree_plus", "unrecoverable": "reinit"},
+                "failure": {"name": "trace", "path": str(trace), "replacement": "exponential",
+                            "replacement_mean_h": 0.2},
+                "trainer": {"iterations": 7, "eval_every": 3}}
+    local = train(small_run(**sections), tmp_path / "local")
+    process = train(small_run(**sections, engine={"name": "distributed", "timeout_s": 20}), tmp_path / "process")
+    a = deterministic_view(read_metrics(tmp_path / "local" / "metrics.jsonl"))
+    assert a == deterministic_view(read_metrics(tmp_path / "process" / "metrics.jsonl"))
+    assert local["waiting_sim_s"] == process["waiting_sim_s"] > 0 and sum(r["waiting_sim_s"] for r in a[1:]) > 0
+    assert local["total_sim_time_s"] == process["total_sim_time_s"]

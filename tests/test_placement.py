@@ -67,7 +67,7 @@ def test_shrink_places_lost_nodes_on_neighbours_and_waits_below_the_floor():
     assert hosts.placement.hosts == (0, 0, 3, 3, 4, 5) and hosts.absent == {2: 3700.0, 1: 3800.0}
     # A third node lost leaves 3 of 6, below the floor of 4: the pipeline waits for node 2 (at 3700 s).
     change = hosts.replace({4: 300.0}, now_s=300.0, recovery_s=30.0)
-    assert change.wait_s == 3700.0 - 330.0 and hosts.absent == {1: 3800.0, 4: 3900.0}
+    assert change.wait_s == 3700.0 - 330.0 and hosts.absent == {1: 3800.0, 4: 3900.0} and hosts.most_per_host == 2
     assert hosts.placement.hosts == (0, 0, 2, 3, 3, 5) and change.moves == {2: (3, 2)}  # 4 was rebuilt, not moved
     change = hosts.arrive(3800.0)
     assert hosts.placement.hosts == (0, 1, 2, 3, 3, 5) and change.moves == {1: (0, 1)} and hosts.min_live == 4
