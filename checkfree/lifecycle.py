@@ -53,6 +53,18 @@ def interrupted(signum: int) -> Interrupted:
     return exc
 
 
+_requested: list[int] = []
+"""The signal the command line's handler raised on (``request_stop``), in case its exception never arrives."""
+
+
+def request_stop(signum: int) -> None:
+    """A stop asked by a signal handler that also raises: Python drops an exception raised while the main
+    thread runs a finalizer (``__del__``, a weakref callback: "Exception ignored in ..."), and the run would
+    train on with the signals ignored. The next iteration boundary stops it then (``Run._stop_if_asked``)."""
+    if not _requested:
+        _requested.append(signum)
+
+
 class Run:
     """One run of a trainer into its run directory."""
 
@@ -216,9 +228,10 @@ class Run:
     # --- signals -----------------------------------------------------------------------------------------
 
     def _stop_if_asked(self) -> None:
-        if self.stop_signal is not None:
+        signum = self.stop_signal if self.stop_signal is not None else next(iter(_requested), None)
+        if signum is not None:
             self.save_state()
-            raise interrupted(self.stop_signal)
+            raise interrupted(signum)
 
     @contextlib.contextmanager
     def _stop_between_iterations(self) -> Iterator[None]:

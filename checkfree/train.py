@@ -59,9 +59,10 @@ def _raise_interrupted(signum: int, frame: object) -> None:
     are ignored, since the run is then writing its summary, closing and exiting with 128 + signum (a second
     Ctrl-C must not turn that into "killed by SIGINT"). While the run trains with ``save_every``, its own
     handler comes first (``Run._stop_between_iterations``: a second signal there still stops at once)."""
-    from checkfree.lifecycle import interrupted
+    from checkfree.lifecycle import interrupted, request_stop
 
     _ignore_signals()
+    request_stop(signum)  # should the exception be dropped (raised inside a finalizer), the loop still stops
     raise interrupted(signum)  # carries signum: the exit status says which signal stopped the run
 
 

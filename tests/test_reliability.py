@@ -386,6 +386,28 @@ def test_a_second_signal_while_the_run_stops_still_exits_with_the_first_ones_sta
         assert [r["iteration"] for r in records] == list(range(len(records)))
 
 
+def test_a_stop_whose_exception_was_dropped_still_stops_at_the_next_iteration(data_cache, tmp_path):
+    """The CLI's signal handler raises, and Python drops an exception raised while the main thread runs a
+    finalizer; the stop it also asked for (``lifecycle.request_stop``) ends the run at the next iteration."""
+    from checkfree import lifecycle
+
+    def asked_but_dropped(n, engine):
+        if n == 3:
+            lifecycle.request_stop(signal.SIGTERM)  # what the handler does before its exception is lost
+
+    run = hooked_run(load_run_config(small_run_dict(data_cache, trainer={"iterations": 12})), tmp_path / "run",
+                     train_step=asked_but_dropped)
+    try:
+        with pytest.raises(KeyboardInterrupt) as stopped:
+            run.run()
+    finally:
+        lifecycle._requested.clear()  # a process's CLI asks once; this test process goes on
+    assert stopped.value.signum == signal.SIGTERM
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["iterations"] == 3
+    assert [r["iteration"] for r in strict_metrics(tmp_path / "run" / "metrics.jsonl")] == [0, 1, 2, 3]
+
+
 def _bad_corpus(tmp: Path) -> str:
     path = tmp / "corpus.jsonl"
     good = "\n".join(json.dumps({"text": f"story number {i} about a cat."}) for i in range(5))
