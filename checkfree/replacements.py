@@ -7,7 +7,9 @@ often does not come for minutes or hours. The delay from a loss to its replaceme
   30 s recovery): today's behaviour, nothing is drawn;
 * ``fixed`` — ``failure.replacement_mean_h`` simulated hours, every time;
 * ``exponential`` — drawn with mean ``failure.replacement_mean_h`` hours;
-* ``never`` — no node ever arrives (only ``engine.no_replacement=shrink`` can keep training).
+* ``never`` — no node ever arrives (only ``engine.no_replacement=shrink`` can keep training);
+* ``trace`` — the delays of each node slot's successive replacements, from ``failure.replacement_path``
+  (``trace_files.read_delays``); once a slot's records are used up, its replacements are immediate.
 
 A node cannot take over sooner than a recovery takes, so the delay used is at least the recovery's. Draws come
 from the failure model's seed, one stream per node slot (the ``j``-th loss of slot ``h`` gets the ``j``-th
@@ -21,15 +23,18 @@ from typing import Any
 
 import numpy as np
 
-KINDS = ("immediate", "fixed", "exponential", "never")
 STREAM = 3
 """Tag in the RNG seed, apart from the failure models' own (poisson 0, bernoulli 1, zone 2)."""
 
 
 class Replacements:
-    def __init__(self, kind: str, mean_h: float, n_hosts: int, seed: int) -> None:
+    def __init__(self, kind: str, mean_h: float, n_hosts: int, seed: int,
+                 trace: dict[int, list[float]] | None = None) -> None:
         self.kind, self.mean_s = kind, mean_h * 3600.0
         self._rngs = [np.random.default_rng([seed, STREAM, h]) for h in range(n_hosts)]
+        self._trace = {h: [d * 3600.0 for d in delays] for h, delays in (trace or {}).items()}
+        self._used = [0] * n_hosts
+        """How many of each slot's traced delays its losses have taken."""
 
     @property
     def immediate(self) -> bool:
@@ -41,15 +46,19 @@ class Replacements:
             return recovery_s
         if self.kind == "never":
             return math.inf
+        if self.kind == "trace":
+            traced, self._used[host] = self._trace.get(host, []), self._used[host] + 1
+            return max(traced[self._used[host] - 1], recovery_s) if self._used[host] <= len(traced) else recovery_s
         drawn = self.mean_s if self.kind == "fixed" else float(self._rngs[host].exponential(self.mean_s))
         return max(drawn, recovery_s)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rngs": [rng.bit_generator.state for rng in self._rngs]}
+        return {"rngs": [rng.bit_generator.state for rng in self._rngs], "used": list(self._used)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for rng, rng_state in zip(self._rngs, state["rngs"], strict=True):
             rng.bit_generator.state = rng_state
+        self._used = list(state["used"])
 
 
-__all__ = ["KINDS", "Replacements"]
+__all__ = ["Replacements"]

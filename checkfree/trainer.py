@@ -29,6 +29,7 @@ from checkfree.clock import Clock
 from checkfree.data import Corpus
 from checkfree.elastic import Change, Hosts
 from checkfree.engine import Engine, StagesLost
+from checkfree.failure_models.trace_files import read_delays
 from checkfree.failures import FailureDraws
 from checkfree.guard import check
 from checkfree.memory_store import MemoryStore
@@ -113,8 +114,9 @@ class RunParts:
         clock = Clock(cfg, model, strategy)
         if cfg.strategy.every == "auto":  # the smallest period the bandwidth sustains, from the clock's prices
             strategy = build_strategy(replace(cfg.strategy, every=clock.sustained_period(strategy)), n)
+        trace = read_delays(cfg.failure.replacement_path, n) if cfg.failure.replacement == "trace" else None
         replacements = Replacements(cfg.failure.replacement, cfg.failure.replacement_mean_h, n,
-                                    cfg.seed + cfg.failure.seed_offset)
+                                    cfg.seed + cfg.failure.seed_offset, trace)
         return cls(strategy, build_schedule(strategy.schedule_name, n), FailureDraws(cfg.failure, n, cfg.seed), clock,
                    Hosts(n, cfg.engine.no_replacement, min_hosts(cfg), replacements))
 

@@ -56,6 +56,29 @@ def test_replacement_delays_are_seeded_per_node_and_never_shorter_than_a_recover
     assert math.isinf(Replacements("never", 0.0, 4, 0).delay(1, 30.0))
 
 
+def test_a_replacement_trace_gives_each_node_its_delays_in_order(tmp_path):
+    from checkfree.failure_models.trace_files import read_delays
+
+    (tmp_path / "r.json").write_text(json.dumps([{"stage": 2, "delay_h": 0.5}, {"stage": 1, "delay_h": None},
+                                                 {"stage": 2, "delay_h": 0}]))
+    (tmp_path / "r.csv").write_text("stage,delay_h\n2,0.5\n1,\n\n2,0\n")
+    for name in ("r.json", "r.csv"):
+        assert read_delays(tmp_path / name, 4) == {2: [0.5, 0.0], 1: [math.inf]}
+    (tmp_path / "bad.json").write_text(json.dumps([{"stage": 1, "delay_h": 1}, {"stage": 9, "delay_h": 1}]))
+    with pytest.raises(ConfigError, match=r"bad.json record 1 is \{'stage': 9, 'delay_h': 1\}; allowed \{stage: 0..3"):
+        read_delays(tmp_path / "bad.json", 4)
+    (tmp_path / "bad.csv").write_text("stage,delay_h\n1,-2\n")
+    with pytest.raises(ConfigError, match=r"bad.csv line 2 has delay_h=-2.0; allowed simulated hours >= 0"):
+        read_delays(tmp_path / "bad.csv", 4)
+    traced = Replacements("trace", 0.0, 4, 0, read_delays(tmp_path / "r.json", 4))
+    # Node 2's first loss waits 0.5 h, its second no longer than a recovery, its third (no record) is immediate.
+    assert [traced.delay(2, 30.0) for _ in range(3)] == [1800.0, 30.0, 30.0]
+    assert math.isinf(traced.delay(1, 30.0)) and traced.delay(1, 30.0) == 30.0 and traced.delay(0, 30.0) == 30.0
+    resumed = Replacements("trace", 0.0, 4, 0, read_delays(tmp_path / "r.json", 4))
+    resumed.load_state_dict(traced.state_dict())
+    assert resumed.delay(2, 30.0) == 30.0 and resumed.state_dict()["used"] == [1, 2, 4, 0]
+
+
 def test_shrink_places_lost_nodes_on_neighbours_and_waits_below_the_floor():
     hosts = Hosts(6, "shrink", 4, Replacements("fixed", 1.0, 6, 0))
     assert hosts.struck([2]) == ([2], [2])
@@ -135,6 +158,11 @@ def test_wait_stalls_the_pipeline_until_the_node_arrives(small_run, tmp_path):
     assert losses(tmp_path / "now") == losses(tmp_path / "waited")  # the same training, only later
     assert waited["waiting_sim_s"] == pytest.approx(1800.0 - 30.0) and now["waiting_sim_s"] == 0.0
     assert waited["total_sim_time_s"] == pytest.approx(now["total_sim_time_s"] + 1770.0, rel=1e-12)
+    # The same delay from a replacement trace (node 2's first replacement after 0.5 h).
+    (tmp_path / "delays.csv").write_text("stage,delay_h\n2,0.5\n")
+    traced, _ = run_with(small_run, tmp_path, "traced", events,
+                         failure={"replacement": "trace", "replacement_path": str(tmp_path / "delays.csv")})
+    assert traced["total_sim_time_s"] == waited["total_sim_time_s"]
     third = next(m for m in metrics if m["iteration"] == 3)
     assert third["waiting_sim_s"] == pytest.approx(1770.0) and third["hosts"] == [0, 1, 2, 3]
     assert all("hosts" not in m for m in read_metrics(tmp_path / "now" / "metrics.jsonl"))  # today's records
@@ -191,6 +219,12 @@ def test_shrink_keeps_training_on_a_neighbour_reprices_and_moves_the_stage_back(
      r"^failure.replacement_mean_h=2.0 is invalid: only failure.replacement=fixed\|exponential reads it"),
     ({"failure": {"replacement": "never"}}, r"^failure.replacement=never with engine.no_replacement=wait would wait"),
     ({"failure": {"replacement": "sometimes"}}, r"^failure.replacement='sometimes' is invalid: allowed immediate, "),
+    ({"failure": {"replacement": "trace"}}, r"^failure.replacement_path=None is invalid: failure.replacement=trace "
+                                            r"needs it"),
+    ({"failure": {"replacement_path": "r.json"}},
+     r"^failure.replacement_path='r.json' is invalid: only failure.replacement=trace reads it"),
+    ({"failure": {"replacement": "trace", "replacement_path": "/nonexistent/r.json"}},
+     r"^failure.replacement_path=/nonexistent/r.json is invalid: no such file"),
     ({"engine": {"no_replacement": "shrink"}, "model": {"n_stages": 1}, "strategy": {"name": "checkpoint", "every": 4}},
      r"^engine.no_replacement='shrink' is invalid: a stage can only move to a neighbouring host"),
     ({"engine": {"name": "distributed", "no_replacement": "shrink"}},

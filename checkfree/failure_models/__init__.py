@@ -30,8 +30,8 @@ from dataclasses import fields
 from functools import cache
 
 from checkfree.config import require
-from checkfree.failure_models.base import FailureConfig, FailureModel, is_int, is_real, plain
-from checkfree.replacements import KINDS
+from checkfree.failure_models.base import REPLACEMENTS, FailureConfig, FailureModel, is_int, is_real, plain
+from checkfree.failure_models.trace_files import read_delays
 
 MAX_ITERATION_SECONDS = 1e6
 _NOT_MODELS = ("base", "trace_files")
@@ -89,13 +89,20 @@ def validate_failure_config(cfg: FailureConfig, n_stages: int, horizon: int | No
             "failure.iteration_seconds", cfg.iteration_seconds,
             f"allowed a number of seconds > 0 and at most {MAX_ITERATION_SECONDS:.0e} (11.6 days)")
     require(is_int(cfg.seed_offset), "failure.seed_offset", cfg.seed_offset, "allowed an integer")
-    require(cfg.replacement in KINDS, "failure.replacement", cfg.replacement, f"allowed {', '.join(KINDS)}")
+    require(cfg.replacement in REPLACEMENTS, "failure.replacement", cfg.replacement,
+            f"allowed {', '.join(REPLACEMENTS)}")
     drawn = cfg.replacement in ("fixed", "exponential")
     require(is_real(cfg.replacement_mean_h) and math.isfinite(cfg.replacement_mean_h)
             and (cfg.replacement_mean_h > 0 if drawn else cfg.replacement_mean_h == 0),
             "failure.replacement_mean_h", cfg.replacement_mean_h,
             "allowed a number of simulated hours > 0 (the delay, or its mean)" if drawn else
             f"only failure.replacement=fixed|exponential reads it, and this run has {cfg.replacement}; set it to 0")
+    require((cfg.replacement_path is not None) == (cfg.replacement == "trace"), "failure.replacement_path",
+            cfg.replacement_path, "failure.replacement=trace needs it (a JSON or CSV file of {stage, delay_h})"
+            if cfg.replacement == "trace" else f"only failure.replacement=trace reads it, and this run has "
+            f"{cfg.replacement}; set it to null")
+    if cfg.replacement == "trace":
+        read_delays(cfg.replacement_path, n_stages)
     # Settings of one model given to another are silently ignored: a trace path under failure=poisson
     # would run Poisson failures while the user believes the trace is replayed.
     for key, (unset, readers) in _read_only_by_some().items():

@@ -59,9 +59,16 @@ class FailureConfig:
     """The failure RNG is seeded with run seed + seed_offset: its own stream, the same for every strategy."""
     replacement: str = "immediate"
     """When a lost node's replacement arrives (``checkfree.replacements``): immediate (after the recovery's own
-    time, as every run so far) | fixed | exponential (``replacement_mean_h``) | never."""
+    time, as every run so far) | fixed | exponential (``replacement_mean_h``) | never | trace
+    (``replacement_path``)."""
     replacement_mean_h: float = 0.0
     """fixed / exponential: the replacement delay (its mean), in simulated hours."""
+    replacement_path: str | None = None
+    """replacement=trace: a JSON or CSV file of ``{stage, delay_h}`` records (``trace_files.read_delays``)."""
+
+
+REPLACEMENTS = ("immediate", "fixed", "exponential", "never", "trace")
+"""The allowed ``failure.replacement`` values."""
 
 
 class FailureModel:

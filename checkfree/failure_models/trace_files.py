@@ -30,19 +30,27 @@ def read_trace(path: str | Path) -> list[FailureEvent]:
 
 def read_trace_records(path: str | Path) -> list[tuple[str, FailureEvent]]:
     """(location in the file, event) pairs, so later checks can point at the offending record."""
-    path = Path(path)
     where = f"failure.path={path}"
+    kind, text = read_text_file(path, "failure.path")
+    return _read_json(text, where) if kind == "json" else _read_csv(text, where)
+
+
+def read_text_file(path: str | Path, key: str) -> tuple[str, str]:
+    """('json' | 'csv', the text) of the JSON or CSV file that config key ``key`` names, or a ConfigError that
+    says why it is not one (missing, a directory or device, another extension, binary, not UTF-8)."""
+    path = Path(path)
+    where = f"{key}={path}"
     if path.is_dir():
-        raise ConfigError(f"{where} is invalid: it is a directory; point failure.path at a JSON or CSV trace file.")
+        raise ConfigError(f"{where} is invalid: it is a directory; point {key} at a JSON or CSV trace file.")
     if not path.exists():
-        raise ConfigError(f"{where} is invalid: no such file; point failure.path at a JSON or CSV trace.")
+        raise ConfigError(f"{where} is invalid: no such file; point {key} at a JSON or CSV trace.")
     if not path.is_file():  # a device or a FIFO: reading it would never end
-        raise ConfigError(f"{where} is invalid: it is not a regular file; point failure.path at a JSON or CSV "
+        raise ConfigError(f"{where} is invalid: it is not a regular file; point {key} at a JSON or CSV "
                           "trace file.")
     if path.suffix.lower() == ".json":
-        return _read_json(_read_text(path, where, "utf-8"), where)
+        return "json", _read_text(path, where, "utf-8")
     if path.suffix.lower() == ".csv":
-        return _read_csv(_read_text(path, where, "utf-8-sig"), where)  # -sig: spreadsheets often prepend a BOM
+        return "csv", _read_text(path, where, "utf-8-sig")  # -sig: spreadsheets often prepend a BOM
     raise ConfigError(f"{where} is invalid: unknown extension {path.suffix!r}, allowed .json or .csv.")
 
 
@@ -135,3 +143,59 @@ def _event(record: dict[str, Any], where: str, loc: str) -> FailureEvent:
         raise ConfigError(f"{where} {loc} has time_s={_short(time_s)}; allowed finite simulated seconds >= 0.")
     return FailureEvent(int(stage), None if iteration is None else int(iteration),
                         None if time_s is None else float(time_s))
+
+
+DELAY_FIELDS = ("stage", "delay_h")
+
+
+def read_delays(path: str | Path, n_stages: int) -> dict[int, list[float]]:
+    """``failure.replacement=trace``: node slot -> the delays, in simulated hours, of its successive
+    replacements (the ``j``-th record of a slot is its ``j``-th loss's; ``inf``: that one never comes).
+
+    JSON: ``[{"stage": 2, "delay_h": 1.5}, {"stage": 2, "delay_h": null}]`` (null: never); CSV: a header
+    ``stage,delay_h``, then one record per line (an empty delay: never). A malformed record is refused with a
+    ConfigError naming it."""
+    key = "failure.replacement_path"
+    where = f"{key}={path}"
+    kind, text = read_text_file(path, key)
+    records: list[tuple[str, dict[str, Any]]] = []
+    if kind == "json":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}.") from None
+        if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+            raise ConfigError(f'{where} must hold a JSON list of objects such as [{{"stage": 2, "delay_h": 1.5}}].')
+        records = [(f"record {i}", r) for i, r in enumerate(raw)]
+    else:
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = [h.strip() for h in next(reader, [])]
+        if sorted(header) != sorted(DELAY_FIELDS):
+            raise ConfigError(f"{where} line 1 has header {_short(','.join(header))}; allowed 'stage,delay_h'.")
+        for row in reader:
+            if any(cell.strip() for cell in row):
+                cells = dict(zip(header, (c.strip() for c in row)))
+                records.append((f"line {reader.line_num}", {
+                    "stage": int(cells["stage"]) if cells.get("stage", "").lstrip("-").isdigit()
+                    else cells.get("stage"),
+                    "delay_h": _number(cells.get("delay_h", ""))}))
+    delays: dict[int, list[float]] = {}
+    for loc, record in records:
+        stage, delay = record.get("stage"), record.get("delay_h", "missing")
+        if set(record) - set(DELAY_FIELDS) or not is_int(stage) or not 0 <= stage < n_stages:
+            raise ConfigError(f"{where} {loc} is {_short(record)}; allowed {{stage: 0..{n_stages - 1}, delay_h: "
+                              "hours >= 0 or null for never}.")
+        if delay is not None and not (is_real(delay) and 0 <= delay < math.inf):
+            raise ConfigError(f"{where} {loc} has delay_h={_short(delay)}; allowed simulated hours >= 0, or null "
+                              "(an empty cell) for a replacement that never comes.")
+        delays.setdefault(int(stage), []).append(math.inf if delay is None else float(delay))
+    return delays
+
+
+def _number(cell: str) -> float | str | None:
+    if not cell:
+        return None
+    try:
+        return float(cell)
+    except ValueError:
+        return cell
