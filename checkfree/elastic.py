@@ -37,13 +37,19 @@ class Change:
     wait_s: float = 0.0
     moves: dict[int, tuple[int, int]] = field(default_factory=dict)
     """Stage -> (from host, to host), for stages that survived and run elsewhere now (their state is sent)."""
+    arrivals: dict[int, float] = field(default_factory=dict)
+    """Lost node -> the simulated time its replacement is there."""
 
 
 class Hosts:
     def __init__(self, n_stages: int, policy: str, floor: int, replacements: Replacements) -> None:
         self.n, self.policy, self.floor, self.replacements = n_stages, policy, floor, replacements
         self.absent: dict[int, float] = {}
-        """Node slot -> the simulated time its replacement arrives (inf: never)."""
+        """Node slot -> the simulated time its replacement arrives (inf: never), while the pipeline runs without
+        it (``shrink``)."""
+        self.back_at: dict[int, float] = {}
+        """Node slot -> when its latest late replacement arrived or arrives: a loss drawn for the slot before
+        then strikes no node (under ``wait`` too, where the pipeline stands still meanwhile)."""
         self.placement = Placement.home(n_stages)
         self.min_live = n_stages
         """The fewest live nodes the run has had."""
@@ -55,9 +61,10 @@ class Hosts:
         """Whether nodes can ever be missing (otherwise the run is priced and placed as every run so far)."""
         return not self.replacements.immediate
 
-    def struck(self, hosts: list[int]) -> tuple[list[int], list[int]]:
-        """(the lost nodes that are there, the logical stages they ran): an absent node is not lost again."""
-        live = [h for h in hosts if h not in self.absent]
+    def struck(self, losses: dict[int, float]) -> tuple[list[int], list[int]]:
+        """(the nodes lost that were there, the logical stages they ran) for ``losses`` (node slot -> time):
+        a slot whose replacement had not arrived by then has no node to lose."""
+        live = [h for h, t in sorted(losses.items()) if h not in self.absent and t >= self.back_at.get(h, -math.inf)]
         return live, sorted(k for h in live for k in self.placement.stages_on(h))
 
     def replace(self, lost: dict[int, float], now_s: float, recovery_s: float) -> Change:
@@ -68,17 +75,19 @@ class Hosts:
         ready = {h: t + self.replacements.delay(h, recovery_s) for h, t in sorted(lost.items())}
         late = {h: t for h, t in ready.items() if t > now_s + recovery_s}
         if not late:
-            return Change()
+            return Change(arrivals=ready)
+        self.back_at.update(late)
         if self.policy == "wait":
             last = max(late.values())
             if math.isinf(last):
                 raise NoHostsLeft(f"node(s) {sorted(late)} lost and failure.replacement={self.replacements.kind} "
                                   "brings no replacement, so engine.no_replacement=wait would wait for ever")
-            return Change(wait_s=last - now_s - recovery_s)
+            return Change(wait_s=last - now_s - recovery_s, arrivals=ready)
         rebuilt = {k for h in lost for k in self.placement.stages_on(h)}
         self.absent.update(late)
         change = self._place(now_s + recovery_s)
         change.moves = {k: move for k, move in change.moves.items() if k not in rebuilt}  # rebuilt where placed
+        change.arrivals = ready
         return change
 
     def next_arrival(self) -> float | None:
@@ -107,11 +116,13 @@ class Hosts:
         return Change(wait_s, before.moves(placement))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"absent": {str(h): t for h, t in self.absent.items()}, "min_live": self.min_live,
+        return {"absent": {str(h): t for h, t in self.absent.items()},
+                "back_at": {str(h): t for h, t in self.back_at.items()}, "min_live": self.min_live,
                 "most_per_host": self.most_per_host, "replacements": self.replacements.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.absent = {int(h): float(t) for h, t in state["absent"].items()}
+        self.back_at = {int(h): float(t) for h, t in state["back_at"].items()}
         self.min_live, self.most_per_host = state["min_live"], state["most_per_host"]
         self.replacements.load_state_dict(state["replacements"])
         placement = Placement.of(set(range(self.n)) - set(self.absent), self.n, self.floor)

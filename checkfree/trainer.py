@@ -223,14 +223,14 @@ class Trainer:
                 t = stop + self.place(self.hosts.arrive(stop), record)
                 work_s, sub_s, done, paid = self.repriced(work_s, done, paid)
                 continue
-            hosts, stages = self.hosts.struck(sorted({e.stage for e in incident.events}))
+            hosts, stages = self.hosts.struck({e.stage: e.time_s for e in incident.events})
             nonfinite = [r["stage"] for r in incident.records if r.get("cause") == "nonfinite"]
             stages = sorted(set(stages) | set(nonfinite))
             if not stages:  # only nodes that are not there were drawn: nothing is lost, the work goes on
                 continue
             ran = done + (incident.time_s - t)
-            self.totals.failures += [r for r in incident.records if r.get("cause") == "nonfinite"
-                                     or r["stage"] in hosts]
+            struck = [r for r in incident.records if r.get("cause") == "nonfinite" or r["stage"] in hosts]
+            self.totals.failures += struck
             self.engine.lose(stages)
             reports = self.recover(set(stages), incident.time_s)
             rolled_back = any("rolled_back_to" in r.details for r in reports)
@@ -245,7 +245,11 @@ class Trainer:
             t = incident.time_s + recovery_s
             if hosts and self.hosts.elastic:
                 when = {e.stage: e.time_s for e in incident.events if e.stage in hosts}  # each node's own loss
-                t += self.place(self.hosts.replace(when, incident.time_s, self.clock.incident_s), record)
+                change = self.hosts.replace(when, incident.time_s, self.clock.incident_s)
+                for failure in struck:  # when each lost node's replacement is there, in the summary
+                    if failure.get("cause") != "nonfinite":
+                        failure["replaced_at_s"] = change.arrivals[failure["stage"]]
+                t += self.place(change, record)
                 work_s, sub_s, done, paid = self.repriced(work_s, done, paid)
             if budget is not None and self.totals.sim_time_s >= budget:
                 raise SimTimeSpent(f"the simulated time budget ran out during iteration {iteration}")

@@ -81,11 +81,11 @@ def test_a_replacement_trace_gives_each_node_its_delays_in_order(tmp_path):
 
 def test_shrink_places_lost_nodes_on_neighbours_and_waits_below_the_floor():
     hosts = Hosts(6, "shrink", 4, Replacements("fixed", 1.0, 6, 0))
-    assert hosts.struck([2]) == ([2], [2])
+    assert hosts.struck({2: 100.0}) == ([2], [2])
     change = hosts.replace({2: 100.0}, now_s=100.0, recovery_s=30.0)
     assert hosts.placement.hosts == (0, 1, 1, 3, 4, 5) and change.wait_s == 0.0 and change.moves == {}
     assert hosts.absent == {2: 3700.0} and hosts.next_arrival() == 3700.0
-    assert hosts.struck([2, 1]) == ([1], [1, 2])  # node 2 is not there to lose; node 1 runs stages 1 and 2
+    assert hosts.struck({2: 150.0, 1: 150.0}) == ([1], [1, 2])  # node 2 is not there; node 1 runs stages 1, 2
     hosts.replace({1: 200.0}, now_s=200.0, recovery_s=30.0)
     assert hosts.placement.hosts == (0, 0, 3, 3, 4, 5) and hosts.absent == {2: 3700.0, 1: 3800.0}
     # A third node lost leaves 3 of 6, below the floor of 4: the pipeline waits for node 2 (at 3700 s).
@@ -98,6 +98,8 @@ def test_shrink_places_lost_nodes_on_neighbours_and_waits_below_the_floor():
     # of node 1's loss, which struck with it at 60 s): the pipeline waits for the later one, beyond the recovery.
     waits = Hosts(6, "wait", 3, Replacements("fixed", 1.0, 6, 0))
     assert waits.replace({1: 0.0, 2: 40.0}, now_s=60.0, recovery_s=30.0).wait_s == 3640.0 - 90.0
+    # A loss drawn for node 2 while the pipeline waits for its replacement strikes no node; one after it does.
+    assert waits.struck({2: 3000.0, 3: 3000.0}) == ([3], [3]) and waits.struck({2: 3640.0}) == ([2], [2])
     with pytest.raises(NoHostsLeft, match="wait for ever"):
         Hosts(6, "wait", 3, Replacements("never", 0.0, 6, 0)).replace({1: 0.0}, 0.0, 30.0)
     gone = Hosts(2, "shrink", 1, Replacements("never", 0.0, 2, 0))
@@ -171,6 +173,25 @@ def test_wait_stalls_the_pipeline_until_the_node_arrives(small_run, tmp_path):
                               failure={"replacement": "fixed", "replacement_mean_h": 0.5})
     assert spent["status"] == "completed" and spent["iterations"] == 2 and [m["iteration"] for m in metrics] == [0, 1, 2]
     assert spent["total_sim_time_s"] > 500.0 and spent["waiting_sim_s"] == pytest.approx(1770.0)
+
+
+def test_replacements_arrive_at_the_same_times_for_every_strategy_and_policy(small_run, tmp_path):
+    """Poisson losses strike every strategy at the same simulated times; each node's j-th replacement is drawn
+    from its own stream, so it arrives at the same time too, however the strategies' clocks differ."""
+    arrivals = {}
+    for strategy, policy in (("checkfree", "wait"), ("checkpoint", "wait"), ("checkfree", "shrink")):
+        cfg = small_run(strategy={"name": strategy, "every": 4} if strategy == "checkpoint"
+                        else {"name": strategy, "unrecoverable": "reinit"},
+                        failure={"name": "poisson", "hourly_rate": 0.999, "replacement": "exponential",
+                                 "replacement_mean_h": 0.05},
+                        engine={"no_replacement": policy}, trainer={"iterations": 30, "eval_every": 10})
+        summary = train(cfg, tmp_path / f"{strategy}-{policy}")
+        arrivals[strategy, policy] = {(f["stage"], f["time_s"]): f["replaced_at_s"] for f in summary["failures"]}
+    first = arrivals["checkfree", "wait"]
+    assert len(first) >= 5 and sum(a - t > 30.0 for (_, t), a in first.items()) >= len(first) / 2  # drawn delays
+    for other in arrivals.values():  # every loss both runs met, with its replacement at the same time
+        common = first.keys() & other.keys()
+        assert len(common) >= 3 and all(other[k] == first[k] for k in common)
 
 
 def test_immediate_replacement_is_todays_run_under_either_policy(small_run, tmp_path):
