@@ -57,8 +57,8 @@ MAX_INCIDENTS = 1000
 
 
 class SimTimeSpent(Exception):
-    """``trainer.sim_time_budget_s`` ran out in the middle of an iteration (e.g. a pipeline that mostly stood
-    waiting for nodes): the iteration never finished, and the run ends there, as at the budget."""
+    """``trainer.sim_time_budget_s`` ran out in the middle of an iteration of a run whose nodes may be missing
+    (a pipeline that mostly stood waiting for them): the iteration never finished, and the run ends there."""
 
 
 @dataclass
@@ -206,9 +206,10 @@ class Trainer:
         work_s, sub_s = self.clock.iteration_s, self.clock.sub_iteration_s
         t, done = self.totals.sim_time_s, 0.0  # where the work (re)starts, and how much of it is kept so far
         paid = 0.0  # what the kept work cost at earlier prices beyond what it counts for at the current one
-        budget = self.cfg.trainer.sim_time_budget_s
-        # Without a budget of simulated time, a cap on the incidents keeps an iteration that can never finish
-        # from running for ever; with one, the budget does (each incident moves the time on).
+        # A cap on the incidents keeps an iteration that can never finish from running for ever. A run whose
+        # nodes may be missing can stand still for long (waiting for them): there the budget of simulated time,
+        # if any, ends it instead, mid-iteration (each incident moves the time on). Every other run is as before.
+        budget = self.cfg.trainer.sim_time_budget_s if self.hosts.elastic else None
         for _ in range(MAX_INCIDENTS) if budget is None else itertools.count():
             end = stop = t + work_s - done
             arrival = self.hosts.next_arrival()
