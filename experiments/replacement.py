@@ -85,8 +85,8 @@ def label(summary: dict) -> str:
 def records(runs: list[dict], T: int) -> pd.DataFrame:
     rows = []
     for r in runs:
-        if "config" not in r:
-            continue  # a run that never started (its failure is in its run directory)
+        if "config" not in r or r.get("status") not in ("completed", "error"):
+            continue  # a run that never started (its failure is in its run directory), or one cut short
         hours = r.get("time_to_target_interp_s")
         rows.append({"delay": label(r), "policy": r["config"]["engine"]["no_replacement"], "seed": r["seed"],
                      "reached": hours is not None, "hours_to_target": hours / 3600 if hours is not None else None,
