@@ -464,10 +464,11 @@ class CostModel:
         orders = [build_schedule(schedule, s).order(m) for m in range(2)]
         for m in range(self.micro_batches):
             for v in route(orders[m % 2], s):
-                a, b = (host[v.prev], host[v.stage]) if v.prev is not None else (None, None)
-                if a is not None and a != b:
-                    busy[a] += p2p_seconds(self.act_bytes, stage_link(self.network, a, b))
-                    busy[b] += p2p_seconds(self.act_bytes, stage_link(self.network, b, a))
+                if v.prev is None or host[v.prev] == host[v.stage]:
+                    continue  # the route's start, or no hop: both stages on one host
+                a, b = host[v.prev], host[v.stage]
+                busy[a] += p2p_seconds(self.act_bytes, stage_link(self.network, a, b))
+                busy[b] += p2p_seconds(self.act_bytes, stage_link(self.network, b, a))
         return max(busy.values(), default=0.0)
 
     def move_seconds(self, moves: dict[int, tuple[int, int]]) -> float:

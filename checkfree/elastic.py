@@ -103,7 +103,7 @@ class Hosts:
     def _place(self, now_s: float) -> Change:
         """The placement on the live nodes; below the floor, waiting (from ``now_s``) for enough arrivals."""
         before, wait_s = self.placement, 0.0
-        while (placement := Placement.of(set(range(self.n)) - set(self.absent), self.n, self.floor)) is None:
+        while (placement := self._on_live_nodes()) is None:
             soonest = self.next_arrival()
             if soonest is None:
                 raise NoHostsLeft(f"only {self.n - len(self.absent)} node(s) live, below engine.min_hosts="
@@ -125,8 +125,10 @@ class Hosts:
         self.back_at = {int(h): float(t) for h, t in state["back_at"].items()}
         self.min_live, self.most_per_host = state["min_live"], state["most_per_host"]
         self.replacements.load_state_dict(state["replacements"])
-        placement = Placement.of(set(range(self.n)) - set(self.absent), self.n, self.floor)
-        self.placement = placement if placement is not None else Placement.home(self.n)
+        self.placement = self._on_live_nodes() or Placement.home(self.n)
+
+    def _on_live_nodes(self) -> Placement | None:
+        return Placement.of(set(range(self.n)) - set(self.absent), self.n, self.floor)
 
 
 __all__ = ["Change", "Hosts", "NoHostsLeft"]

@@ -47,9 +47,13 @@ class Replacements:
         if self.kind == "never":
             return math.inf
         if self.kind == "trace":
-            traced, self._used[host] = self._trace.get(host, []), self._used[host] + 1
-            return max(traced[self._used[host] - 1], recovery_s) if self._used[host] <= len(traced) else recovery_s
-        drawn = self.mean_s if self.kind == "fixed" else float(self._rngs[host].exponential(self.mean_s))
+            traced, j = self._trace.get(host, []), self._used[host]
+            self._used[host] += 1
+            drawn = traced[j] if j < len(traced) else recovery_s  # past its records: immediate
+        elif self.kind == "fixed":
+            drawn = self.mean_s
+        else:
+            drawn = float(self._rngs[host].exponential(self.mean_s))
         return max(drawn, recovery_s)
 
     def state_dict(self) -> dict[str, Any]:

@@ -224,7 +224,8 @@ class Trainer:
                 t = stop + self.place(self.hosts.arrive(stop), record)
                 work_s, sub_s, done, paid = self.repriced(work_s, done, paid)
                 continue
-            hosts, stages = self.hosts.struck({e.stage: e.time_s for e in incident.events})
+            losses = {e.stage: e.time_s for e in incident.events}  # node slot -> when it was lost
+            hosts, stages = self.hosts.struck(losses)
             nonfinite = [r["stage"] for r in incident.records if r.get("cause") == "nonfinite"]
             stages = sorted(set(stages) | set(nonfinite))
             if not stages:  # only nodes that are not there were drawn: nothing is lost, the work goes on
@@ -245,8 +246,7 @@ class Trainer:
             self.note(record, reports, recovery_s)
             t = incident.time_s + recovery_s
             if hosts and self.hosts.elastic:
-                when = {e.stage: e.time_s for e in incident.events if e.stage in hosts}  # each node's own loss
-                change = self.hosts.replace(when, incident.time_s, self.clock.incident_s)
+                change = self.hosts.replace({h: losses[h] for h in hosts}, incident.time_s, self.clock.incident_s)
                 for failure in struck:  # when each lost node's replacement is there, in the summary
                     if failure.get("cause") != "nonfinite":
                         failure["replaced_at_s"] = change.arrivals[failure["stage"]]
