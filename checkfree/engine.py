@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from checkfree.compute import StepResult
+from checkfree.placement import Placement
 from checkfree.plan import RecoveryPlan, RecoveryReport, Traffic, Upkeep
 from checkfree.schedule import Schedule
 
@@ -69,6 +70,11 @@ class Engine(Protocol):
     def lose(self, stages: list[int]) -> None:
         """The failure model lost ``stages``: their state is gone (processes exit). Returns nothing: the process
         engine keeps the seconds until it saw them gone for the next recovery's report."""
+
+    def place(self, placement: Placement) -> None:
+        """Run the logical stages on the hosts ``placement`` says (``checkfree.elastic``). Called right after
+        ``lose`` when a loss changes the placement (the ``execute`` that follows puts the lost stages where it
+        says), and on its own when a node arrives (the stages move to it)."""
 
     def execute(self, plan: RecoveryPlan, progress: int) -> Outcome:
         """Carry out a recovery plan; may raise ``StagesLost`` (a cascade: lost while recovering)."""

@@ -31,6 +31,7 @@ from checkfree.compute import (
 )
 from checkfree.engine import Outcome
 from checkfree.model import Stage
+from checkfree.placement import Placement
 from checkfree.plan import Held, RecoveryPlan, Traffic, Upkeep, rebuild_report, rollback_reports, sent_into
 from checkfree.routes import blame, route
 from checkfree.schedule import Schedule
@@ -194,6 +195,9 @@ class LocalEngine:
         self.writer.wait()
         self.lost |= set(stages)
         self.held = {h: copy for h, copy in self.held.items() if h.holder not in self.lost}
+
+    def place(self, placement: Placement) -> None:
+        """Every stage computes in this process wherever it is placed: a placement changes only the clock."""
 
     def execute(self, plan: RecoveryPlan, progress: int) -> Outcome:
         self.writer.wait()  # a flush in flight is finished first: the simulated clock decides whether it counts

@@ -154,9 +154,12 @@ def validate_placement(run: RunConfig) -> None:
     if engine.no_replacement == "shrink":
         require(n >= 2, "engine.no_replacement", "shrink",
                 f"a stage can only move to a neighbouring host, and model.n_stages={n} has none; allowed here: wait")
-        require(engine.name == "local", "engine.no_replacement", "shrink",
-                "only engine=local places two stages on one host so far (the process engine would restart the "
-                "stage's process and price a placement it does not run); allowed here: wait")
+        require(engine.name == "local" or (engine.launcher == "processes" and engine.replicas == 1),
+                "engine.no_replacement", "shrink",
+                f"a process that runs two stages is built for one pipeline of local processes, and engine.launcher="
+                f"{engine.launcher} with engine.replicas={engine.replicas} is not that (Ray actors and data-parallel "
+                "replicas keep one stage each); allowed here: wait, or engine.launcher=processes with "
+                "engine.replicas=1")
         require(engine.min_hosts is None or 1 <= engine.min_hosts <= n, "engine.min_hosts", engine.min_hosts,
                 f"allowed is null or 1..{n} (model.n_stages)")
     elif run.failure.replacement == "never":

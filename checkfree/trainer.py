@@ -27,7 +27,7 @@ import torch
 
 from checkfree.clock import Clock
 from checkfree.data import Corpus
-from checkfree.elastic import Change, Hosts
+from checkfree.elastic import Change, Hosts, NoHostsLeft
 from checkfree.engine import Engine, StagesLost
 from checkfree.failure_models.trace_files import read_delays
 from checkfree.failures import FailureDraws
@@ -234,6 +234,14 @@ class Trainer:
             struck = [r for r in incident.records if r.get("cause") == "nonfinite" or r["stage"] in hosts]
             self.totals.failures += struck
             self.engine.lose(stages)
+            change, no_hosts = None, None
+            if hosts and self.hosts.elastic:  # where the lost stages are rebuilt: the engine must know first
+                try:
+                    change = self.hosts.replace({h: losses[h] for h in hosts}, incident.time_s,
+                                                self.clock.incident_s)
+                    self.engine.place(self.hosts.placement)
+                except NoHostsLeft as exc:  # the run ends, once this loss is recovered and on the clock
+                    no_hosts = exc
             reports = self.recover(set(stages), incident.time_s)
             rolled_back = any("rolled_back_to" in r.details for r in reports)
             done = 0.0 if rolled_back else math.floor(ran / sub_s + 1e-9) * sub_s
@@ -245,8 +253,9 @@ class Trainer:
             recovery_s = max(r.sim_seconds for r in reports)
             self.note(record, reports, recovery_s)
             t = incident.time_s + recovery_s
-            if hosts and self.hosts.elastic:
-                change = self.hosts.replace({h: losses[h] for h in hosts}, incident.time_s, self.clock.incident_s)
+            if no_hosts is not None:
+                raise no_hosts
+            if change is not None:
                 for failure in struck:  # when each lost node's replacement is there, in the summary
                     if failure.get("cause") != "nonfinite":
                         failure["replaced_at_s"] = change.arrivals[failure["stage"]]
@@ -267,6 +276,7 @@ class Trainer:
         self.totals.moving_sim_s += move_s
         record.placed(change.wait_s, move_s, change.moves)
         self.clock.place(self.hosts.placement)
+        self.engine.place(self.hosts.placement)
         return change.wait_s + move_s
 
     def repriced(self, work_s: float, done: float, paid: float) -> tuple[float, float, float, float]:
@@ -440,6 +450,7 @@ class Trainer:
         if "hosts" in state:  # absent from states saved before nodes could be missing
             self.hosts.load_state_dict(state["hosts"])
             self.clock.place(self.hosts.placement)
+            self.engine.place(self.hosts.placement)
         # Kept, not recomputed: a measured device throughput would give another clock on another machine.
         self.clock.iteration_s = state["iteration_s"]
         # Wall time goes on from where the interrupted run stopped, so wall_time_s stays monotone.

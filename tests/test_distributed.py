@@ -20,7 +20,7 @@ import psutil
 import pytest
 import torch
 
-from checkfree.distributed.programs import gpipe_program, one_f_one_b_program, stage_program
+from checkfree.distributed.programs import gpipe_program, host_program, one_f_one_b_program, stage_program
 from checkfree.distributed.rendezvous import RendezvousError
 from checkfree.recovery.base import UnrecoverableFailure
 from checkfree.routes import route
@@ -99,6 +99,26 @@ def test_programs_gpipe_and_1f1b():
     assert [("B" if p.backward else "F") + str(p.micro_batch) for p in last] == ["F0", "B0", "F1", "B1", "F2", "B2"]
     # Out-of-order routes visit stage 0 twice: GPipe it is, whatever was asked for.
     assert stage_program(0, OutOfOrder(4), [0, 1], "1f1b") == gpipe_program(0, OutOfOrder(4), [0, 1])
+
+
+
+def test_a_process_running_two_stages_interleaves_their_programs_in_one_deadlock_free_order():
+    """After a shrink one process runs stages 1 and 2 (1F1B, S=4, M=4): each stage's passes keep their own order
+    (so its gradients accumulate as when it runs alone), stage 2 runs each forward right after stage 1's, and each
+    backward of stage 1 right after stage 2's — one global order of all four stages' programs, cut to these two."""
+    def names(program):
+        return [("B" if p.backward else "F") + f"{p.micro_batch}s{p.visit.stage}" for p in program]
+
+    merged = host_program([1, 2], InOrder(4), [0, 1, 2, 3], "1f1b")
+    assert names(merged) == ["F0s1", "F0s2", "F1s1", "F1s2", "F2s1", "B0s2", "B0s1", "F2s2", "F3s1", "B1s2",
+                             "B1s1", "F3s2", "B2s2", "B2s1", "B3s2", "B3s1"]
+    for k in (1, 2):
+        assert [p for p in merged if p.visit.stage == k] == one_f_one_b_program(k, InOrder(4), [0, 1, 2, 3])
+    # CheckFree+'s swapped route on one process running stages 0 and 1: micro-batch 1 goes 0 -> 1 -> 0.
+    swapped = host_program([0, 1], OutOfOrder(4), [0, 1], "gpipe")
+    assert [n + f"p{p.visit.position}" for n, p in zip(names(swapped), swapped)] == [
+        "F0s0p0", "F0s1p1", "F1s0p0", "F1s1p1", "F1s0p2", "B0s1p1", "B0s0p0", "B1s0p2", "B1s1p1", "B1s0p0"]
+    assert host_program([2], InOrder(4), [0, 1], "1f1b") == stage_program(2, InOrder(4), [0, 1], "1f1b")
 
 
 # --- the engine against the local engine --------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from checkfree.recovery import STRATEGIES
 from checkfree.runlog import deterministic_view, read_metrics
@@ -61,3 +62,62 @@ def test_waiting_for_late_replacements_is_bitwise_equal_on_both_engines(small_ru
     assert a == deterministic_view(read_metrics(tmp_path / "process" / "metrics.jsonl"))
     assert local["waiting_sim_s"] == process["waiting_sim_s"] > 0 and sum(r["waiting_sim_s"] for r in a[1:]) > 0
     assert local["total_sim_time_s"] == process["total_sim_time_s"]
+
+
+def shrink_sections(trace, replacement: dict, strategy: dict, iterations: int) -> dict:
+    return {"strategy": {"unrecoverable": "reinit", **strategy},
+            "failure": {"name": "trace", "path": str(trace), **replacement},
+            "trainer": {"iterations": iterations, "eval_every": 4}}
+
+
+def export_weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("strategy, replacement, iterations", [
+    # CheckFree+ (GPipe, swapped routes, embedding / head replicas): node 2 is back 0.02 h later.
+    ({"name": "checkfree_plus"}, {"replacement": "fixed", "replacement_mean_h": 0.02}, 12),
+    # CheckFree (1F1B): node 2 never comes back; the run ends on three processes.
+    ({"name": "checkfree"}, {"replacement": "never"}, 8),
+])
+def test_a_shrunk_pipeline_runs_two_stages_in_one_process_bitwise_as_the_local_engine(
+        strategy, replacement, iterations, small_run, tmp_path):
+    """Node 2 is lost at iteration 3 with no replacement yet: stage 2 is rebuilt inside the process of node 1,
+    which runs stages 1 and 2 (their activations and gradients handed over in memory); when node 2 arrives, a
+    new process takes stage 2 back, its weights and Adam state sent over. Metrics and exported weights equal the
+    local engine's bit for bit (where a stage runs never changes its math)."""
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps([{"iteration": 3, "stage": 2}]))
+    sections = shrink_sections(trace, replacement, strategy, iterations)
+    local = train(small_run(**sections, engine={"no_replacement": "shrink"}), tmp_path / "local")
+    process = train(small_run(**sections, engine={"name": "distributed", "timeout_s": 20,
+                                                  "no_replacement": "shrink"}), tmp_path / "process")
+    records = read_metrics(tmp_path / "process" / "metrics.jsonl")
+    assert deterministic_view(read_metrics(tmp_path / "local" / "metrics.jsonl")) == deterministic_view(records)
+    for key in ("failures", "recoveries", "final_val_loss", "shrunk_sim_s", "moving_sim_s", "min_live_hosts",
+                "total_sim_time_s"):
+        assert process[key] == local[key], key
+    assert process["min_live_hosts"] == 3 and process["shrunk_sim_s"] > 0
+    a, b = export_weights(tmp_path / "local"), export_weights(tmp_path / "process")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    workers = json.loads((tmp_path / "process" / "workers.json").read_text())
+    first_pid = {w["stage"]: w["pid"] for w in reversed(workers["history"])}  # each slot's first process
+    [rebuild] = [r for rec in records for r in rec["recoveries"]]
+    assert rebuild["stage"] == 2 and rebuild["process"]["new_pid"] == first_pid[1]  # rebuilt in node 1's process
+    shrunk = workers["placements"][0]
+    assert shrunk["hosts"] == [0, 1, 1, 3]
+    assert [(w["stage"], w["stages"], w["pid"]) for w in shrunk["workers"]] == [
+        (0, [0], first_pid[0]), (1, [1, 2], first_pid[1]), (3, [3], first_pid[3])]
+    if replacement["replacement"] == "never":
+        assert len(workers["placements"]) == 1 and len(workers["history"]) == 4  # no process ever started again
+        assert [r["hosts"] for r in records[1:]][-1] == [0, 1, 1, 3]
+    else:  # node 2 arrives: a new process (a new PID) runs stage 2 again
+        back = workers["placements"][1]
+        assert back["hosts"] == [0, 1, 2, 3] and back["generation"] > shrunk["generation"]
+        new = [w for w in workers["history"] if w["stage"] == 2][-1]
+        assert new["pid"] != first_pid[2] and len(workers["history"]) == 5
+        assert [(w["stage"], w["stages"], w["pid"]) for w in back["workers"]][2] == (2, [2], new["pid"])
+        assert [m["moves"] for m in records if m.get("moves")] == [[{"stage": 2, "from": 1, "to": 2}]]

@@ -49,6 +49,12 @@ def strict_metrics(path: Path) -> list[dict]:
 
 
 def weights(run) -> list[dict[str, torch.Tensor]]:
+    """The run's final weights: the local engine's stages, or (the process engine's workers are stopped by
+    now) the model it exported from them."""
+    if run.cfg.engine.name != "local":
+        from safetensors.torch import load_file
+
+        return [load_file(str(run.run_dir / "model" / "model.safetensors"))]
     return [{k: v.clone() for k, v in state.items()} for state in run.trainer.engine.stage_states()]
 
 
@@ -111,6 +117,13 @@ RESUME_CASES = {
                          replacement={"replacement": "fixed", "replacement_mean_h": 0.04},
                          failure=[{"iteration": 3, "stage": 2}, {"iteration": 10, "stage": 1}],
                          save_every=1, stop_at=8),
+    # The same on the process engine: stopped while node 1's process runs stages 1 and 2; the resumed run starts
+    # a process per node, moves stage 2 into node 1's process and stops node 2's until its node arrives.
+    "shrink-process-trace": dict(strategy={"name": "checkfree"},
+                                 engine={"name": "distributed", "timeout_s": 20, "no_replacement": "shrink"},
+                                 replacement={"replacement": "fixed", "replacement_mean_h": 0.04},
+                                 failure=[{"iteration": 3, "stage": 2}, {"iteration": 10, "stage": 1}],
+                                 save_every=1, stop_at=8),
 }
 
 

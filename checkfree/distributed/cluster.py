@@ -135,15 +135,18 @@ class ProcessPool(Supervisor):
             handle.join(5)
 
     def respawn(self, stages: list[int]) -> float:
-        """Start replacement processes (new PIDs) for every replica of ``stages`` whose process is gone (the
-        caller kills the others first); returns the seconds."""
+        """Start replacement processes (new PIDs) for every replica of ``stages`` (node slots) whose process is
+        gone or that have none (a node that arrives after the pipeline shrank); the caller kills the others
+        first. Returns the seconds."""
         start = time.perf_counter()
-        ranks = [rank for rank in self.stage_ranks(stages) if not self.alive(rank)]
+        ranks = [rank for rank in self.stage_ranks(stages) if rank not in self.handles or not self.alive(rank)]
         for rank in ranks:
-            old = self.handles[rank]
-            old.close()
-            old.join(0)
-            self.spawn(old.stage, old.replica, fresh=True)
+            old = self.handles.get(rank)
+            if old is not None:
+                old.close()
+                old.join(0)
+            # (a slot with no handle: the node that arrives after the pipeline shrank)
+            self.spawn(rank % self.n_stages, rank // self.n_stages, fresh=True)
         self.await_hello(ranks, replacing=True)
         return time.perf_counter() - start
 

@@ -41,6 +41,7 @@ from checkfree.distributed.pool import WorkerError, WorkerPool, WorkersDied, rai
 from checkfree.distributed.programs import replica_micro_batches
 from checkfree.distributed.worker import WorkerSpec, from_bytes, rank_of, to_bytes
 from checkfree.engine import Outcome, StagesLost
+from checkfree.placement import Placement
 from checkfree.plan import Held, RecoveryPlan, Traffic, Upkeep, rebuild_report, rollback_reports, sent_into
 from checkfree.schedule import Schedule
 
@@ -64,6 +65,12 @@ class ProcessEngine:
         self.recovering_since: float | None = None
         """When the first attempt of the recovery under way began (a cascade re-plans and executes again)."""
         self.attempts = 0
+        self.running = Placement.home(self.n_stages)
+        """Where the processes run the stages now (``checkfree.placement``)."""
+        self.placement = self.running
+        """Where the trainer wants them (``place``); differs from ``running`` while a loss is being recovered."""
+        self.dead: set[int] = set()
+        """Node slots whose processes ``lose`` ended, until ``execute`` has recovered their stages."""
 
     def start(self, run_dir: Path | str, fresh: bool = True) -> None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)  # workers.json lists the processes from the start
@@ -78,13 +85,25 @@ class ProcessEngine:
             self.pool.shutdown()  # success, error or Ctrl-C: every worker is stopped and joined
 
     def first_ranks(self) -> list[int]:
-        """Replica 0 of every stage: the pipeline that validates, reports and saves."""
-        return [rank_of(k, 0, self.n_stages) for k in range(self.n_stages)]
+        """The processes of replica 0: the pipeline that validates, reports and saves."""
+        return sorted(key for key, handle in self.pool.handles.items() if handle.replica == 0)
+
+    def first_replies(self, replies: dict[int, msg.Reply], field: str) -> dict[int, Any]:
+        """Replica 0's per-stage ``field`` of ``replies``, merged over its processes: stage -> value."""
+        return {k: v for rank in self.first_ranks() if rank in replies
+                for k, v in getattr(replies[rank], field).items()}
+
+    def runs(self, stage: int, replica: int = 0) -> int:
+        """The process (pool key) that runs ``stage`` of pipeline ``replica``."""
+        return self.pool.host_of(stage, replica)
 
     def lost(self, exc: WorkersDied, result: StepResult | None = None) -> StagesLost:
-        """The pool's news for the trainer; its detection time goes into the recovery that follows."""
+        """The pool's news for the trainer: the logical stages the dead processes ran (while stages are moving,
+        those of either placement); its detection time goes into the recovery that follows."""
         self.detect_s = exc.detect_s
-        return StagesLost(exc.stages, exc.command, exc.detect_s, result)
+        stages = {k for k in range(self.n_stages)
+                  if self.running.hosts[k] in exc.stages or self.placement.hosts[k] in exc.stages}
+        return StagesLost(stages, exc.command, exc.detect_s, result)
 
     # --- training ------------------------------------------------------------------------------------
 
@@ -95,9 +114,10 @@ class ProcessEngine:
         messages = {}
         for rank, handle in pool.handles.items():
             mbs = replica_micro_batches(len(batches), self.replicas, handle.replica)
+            stages = pool.stages_of(handle)
             messages[rank] = msg.Step(
-                inputs={m: batches[m][:, :-1].numpy() for m in mbs} if handle.stage == 0 else {},
-                targets={m: batches[m][:, 1:].numpy() for m in mbs} if handle.stage == last else {})
+                inputs={m: batches[m][:, :-1].numpy() for m in mbs} if 0 in stages else {},
+                targets={m: batches[m][:, 1:].numpy() for m in mbs} if last in stages else {})
         try:
             ready = pool.request(messages, "step")
         except WorkersDied as exc:
@@ -110,11 +130,11 @@ class ProcessEngine:
             reasons = sorted({r.error for r in ready.values() if isinstance(r, msg.Aborted)})
             raise WorkerError(f"an iteration was aborted with every stage alive: {reasons}; raise engine.timeout_s "
                               "if the stages are just slow.")
-        first = [ready[rank] for rank in self.first_ranks()]
-        losses = [ready[rank_of(last, r, self.n_stages)] for r in range(self.replicas)]
+        pre, post = self.first_replies(ready, "grad_norm"), self.first_replies(ready, "grad_norm_post")
+        losses = [ready[self.runs(last, r)] for r in range(self.replicas)]
         result = StepResult(loss=sum(r.loss_sum for r in losses) / len(batches),
-                            grad_norm=[r.grad_norm for r in first],
-                            grad_norm_post=[r.grad_norm_post for r in first],
+                            grad_norm=[pre[k] for k in range(self.n_stages)],
+                            grad_norm_post=[post[k] for k in range(self.n_stages)],
                             tokens=sum(r.tokens for r in losses))
         if skip_nonfinite and not result.finite:
             self._abort(ready)
@@ -131,10 +151,10 @@ class ProcessEngine:
 
     def _note_commit(self, replies: dict[int, msg.Reply]) -> None:
         self.finite = [True] * self.n_stages
-        for rank, reply in replies.items():
-            stage = self.pool.handles[rank].stage
-            self.lrs[stage] = reply.lr
-            self.finite[stage] = self.finite[stage] and reply.finite
+        for reply in replies.values():
+            for stage, lr in reply.lr.items():
+                self.lrs[stage] = lr
+                self.finite[stage] = self.finite[stage] and reply.finite[stage]
 
     def _abort(self, replies: dict[int, msg.Reply]) -> None:
         """Survivors that computed their gradients drop them (none of them stepped)."""
@@ -156,22 +176,23 @@ class ProcessEngine:
         return self._eval(sequences, batch_size, per_sequence=True).sequences
 
     def _eval(self, sequences: torch.Tensor, batch_size: int, per_sequence: bool) -> msg.Evaluated:
-        last = self.n_stages - 1
-        messages = {rank_of(k, 0, self.n_stages): msg.Eval(
-            inputs=sequences[:, :-1].numpy() if k == 0 else None,
-            targets=sequences[:, 1:].numpy() if k == last else None,
-            n=sequences.shape[0], batch_size=batch_size, per_sequence=per_sequence) for k in range(self.n_stages)}
+        last, pool = self.n_stages - 1, self.pool
+        messages = {rank: msg.Eval(
+            inputs=sequences[:, :-1].numpy() if 0 in pool.stages_of(pool.handles[rank]) else None,
+            targets=sequences[:, 1:].numpy() if last in pool.stages_of(pool.handles[rank]) else None,
+            n=sequences.shape[0], batch_size=batch_size, per_sequence=per_sequence) for rank in self.first_ranks()}
         try:
-            replies = self.pool.request(messages, "eval")
+            replies = pool.request(messages, "eval")
         except WorkersDied as exc:
             raise self.lost(exc) from None
-        raise_errors(replies, self.pool.handles, "eval")
-        return replies[rank_of(last, 0, self.n_stages)]
+        raise_errors(replies, pool.handles, "eval")
+        return replies[self.runs(last)]
 
     def first_nonfinite_output(self, input_ids: torch.Tensor, order: tuple[int, ...]) -> int | None:
         """As ``LocalEngine.first_nonfinite_output``, from a forward probe on the workers."""
-        messages = {rank_of(k, 0, self.n_stages): msg.Probe(tuple(order), input_ids.numpy() if k == 0 else None,
-                                                            input_ids.shape[0]) for k in range(self.n_stages)}
+        pool = self.pool
+        messages = {rank: msg.Probe(tuple(order), input_ids.numpy() if 0 in pool.stages_of(pool.handles[rank])
+                                    else None, input_ids.shape[0]) for rank in self.first_ranks()}
         try:
             replies = self.pool.broadcast_each(messages)
         except WorkersDied as exc:
@@ -200,7 +221,8 @@ class ProcessEngine:
             replies = self.pool.broadcast(msg.GetState(), ranks=self.first_ranks())
         except WorkersDied as exc:
             raise self.lost(exc) from None
-        return [from_bytes(replies[rank].state) for rank in self.first_ranks()]
+        states = {k: state for rank in self.first_ranks() for k, state in from_bytes(replies[rank].state).items()}
+        return [states[k] for k in range(self.n_stages)]
 
     def stage_states(self) -> list[dict[str, torch.Tensor]]:
         return [state["weights"] for state in self._gather()]
@@ -208,13 +230,61 @@ class ProcessEngine:
     # --- recovery: the plan executor over processes ---------------------------------------------------
 
     def lose(self, stages: list[int]) -> None:
-        """The stages' processes exit for real (every replica); the seconds until the supervisor saw them all
-        gone are the next recovery's detection time."""
+        """The processes that run the stages exit for real (every replica); the seconds until the supervisor
+        saw them all gone are the next recovery's detection time."""
         self.finish_flush()  # the simulated clock decides whether a flush in flight counts: it is finished first
-        self.detect_s = self.pool.kill(stages) or 0.0
+        slots = self.hosts_lost(stages)
+        self.dead |= set(slots)
+        self.detect_s = self.pool.kill(slots) or 0.0
+
+    def hosts_lost(self, stages: set[int] | list[int]) -> list[int]:
+        """The node slots whose every stage is among ``stages``: their processes go. A stage lost alone from a
+        process that runs others too (a non-finite stage on a shrunk host) is rebuilt in that process, which
+        is what a new one would do: a rebuild sets its weights and optimizer anew."""
+        return sorted(h for h in {self.running.hosts[k] for k in stages}
+                      if set(self.running.stages_on(h)) <= set(stages))
+
+    def place(self, placement: Placement) -> None:
+        """Run the stages where ``placement`` says from now on (``checkfree.elastic``). Right after a loss the
+        lost processes are replaced by the recovery (``execute``) that follows; otherwise now: a process for
+        each node that arrived, each stage moved to its host (weights, Adam state and held copies, sent)."""
+        self.placement = placement
+        if not self.dead and placement != self.running:
+            try:
+                self.finish_flush()  # a stage's shard is persisted by the process that runs it
+                self._arrange(set())
+            except WorkersDied as exc:
+                raise self.lost(exc) from None
+
+    def _arrange(self, lost: set[int]) -> tuple[float, float]:
+        """The processes for ``self.placement``: the ``lost`` node slots' processes ended (replicas of theirs
+        that still run, too), a new one for every live node slot without one, a new generation of the group,
+        surviving stages moved to their host, and the processes of node slots that run nothing any more
+        stopped. Returns the seconds of the respawn and of the rendezvous."""
+        pool, target, before = self.pool, self.placement, self.running
+        live = set(target.live) if self.replicas == 1 else set(range(self.n_stages))
+        pool.kill(sorted(lost))
+        pool.drop(sorted(lost - live))  # no node for them now: the pipeline runs without them
+        missing = [slot for slot in sorted(live) if any(key not in pool.handles or not pool.alive(key)
+                                                        for key in pool.stage_ranks([slot]))]
+        respawn_s = pool.respawn(missing) if missing else 0.0
+        leaving = sorted({h.stage for h in pool.handles.values()} - live)
+        pool.placement = target
+        rendezvous_s = pool.rendezvous()
+        ranks = pool.group_ranks()
+        moves = tuple((k, ranks[rank_of(a, 0, self.n_stages)], ranks[rank_of(b, 0, self.n_stages)])
+                      for k, (a, b) in before.moves(target).items() if a not in lost)
+        if moves:
+            pool.broadcast(msg.Move(moves))
+        if leaving:
+            pool.retire(leaving)
+            rendezvous_s += pool.rendezvous()
+        self.running = target
+        return respawn_s, rendezvous_s
 
     def execute(self, plan: RecoveryPlan, progress: int) -> Outcome:
-        """Replace the lost stages' processes, re-form the group, then move what the plan says."""
+        """Replace the lost stages' processes (or place them on others: a shrink), re-form the group, then move
+        what the plan says."""
         pool = self.pool
         # A cascade's earlier attempts are part of this recovery's wall time: the record says what it really took.
         start = self.recovering_since = self.recovering_since or time.perf_counter()
@@ -225,9 +295,7 @@ class ProcessEngine:
         except StagesLost:
             pass  # its checkpoint never counts; the stages are replaced right here
         try:
-            pool.kill(list(plan.lost))  # replicas of a lost stage that still run are lost with it
-            respawn_s = pool.respawn(list(plan.lost))
-            rendezvous_s = pool.rendezvous()
+            respawn_s, rendezvous_s = self._arrange(set(self.hosts_lost(plan.lost)))
             t = time.perf_counter()
             if plan.reads_storage:
                 restored = self.store.restore(self._load_checkpoint, plan.unpersisted)
@@ -236,10 +304,9 @@ class ProcessEngine:
                 restored = None
                 replies = pool.broadcast(msg.Recover(plan))
                 self._note_held(replies)
-                for rank, reply in replies.items():
-                    self.lrs[pool.handles[rank].stage] = reply.lr
-                reports = [rebuild_report(plan, r, replies[rank_of(r.stage, 0, self.n_stages)].received_bytes)
-                           for r in plan.rebuilds if r.stage in plan.lost]
+                self._note_lrs(replies)
+                received = self.first_replies(replies, "received_bytes")
+                reports = [rebuild_report(plan, r, received[r.stage]) for r in plan.rebuilds if r.stage in plan.lost]
         except WorkersDied as exc:
             raise self.lost(exc) from None
         transfer_s = time.perf_counter() - t
@@ -251,6 +318,7 @@ class ProcessEngine:
                               **{f"old_{k}": v for k, v in old[report.stage].items()},
                               **{f"new_{k}": v for k, v in pool.describe(report.stage).items()}}
         self.detect_s, self.recovering_since, self.attempts = 0.0, None, 0
+        self.dead = set()
         return Outcome(reports, restored)
 
     def _load_checkpoint(self, checkpoint: Path, meta: dict[str, Any]) -> None:
@@ -258,8 +326,12 @@ class ProcessEngine:
         damaged = [reply for reply in replies.values() if isinstance(reply, msg.Damaged)]
         if damaged:  # every stage falls back together: the next candidate is loaded by all of them
             raise DamagedCheckpoint(Path(damaged[0].path), damaged[0].cause)
-        for rank, reply in replies.items():
-            self.lrs[self.pool.handles[rank].stage] = reply.lr
+        self._note_lrs(replies)
+
+    def _note_lrs(self, replies: dict[int, msg.Reply]) -> None:
+        for reply in replies.values():
+            for stage, lr in reply.lr.items():
+                self.lrs[stage] = lr
 
     def upkeep(self, upkeep: Upkeep, meta: dict[str, Any]) -> Traffic:
         traffic = Traffic()
@@ -280,14 +352,14 @@ class ProcessEngine:
                 for key, n_bytes in replies[rank].received:
                     sent_into(traffic, Held(*key), n_bytes)
             if directory is not None:
-                firsts = [replies[rank] for rank in self.first_ranks()]
-                traffic.shard_bytes = [r.shard_bytes for r in firsts]
+                sizes = self.first_replies(replies, "shard_bytes")
+                traffic.shard_bytes = [sizes[k] for k in range(self.n_stages)]
                 traffic.shards_in_background = upkeep.in_background
                 meta = {**meta, "shard_bytes": traffic.shard_bytes}
                 if upkeep.in_background:  # published once every stage's writer is done (finish_flush)
                     self.flushing = (directory, copy.deepcopy(meta), upkeep.keep)
                 else:
-                    digests = {f"stage{k}.pt": r.digest for k, r in enumerate(firsts)}
+                    digests = {f"stage{k}.pt": d for k, d in sorted(self.first_replies(replies, "digest").items())}
                     self.store.commit(directory, {**meta, "digests": digests}, upkeep.keep)
         return traffic
 
@@ -303,13 +375,12 @@ class ProcessEngine:
         except WorkersDied as exc:
             shutil.rmtree(directory, ignore_errors=True)
             raise self.lost(exc) from None
-        digests = {f"stage{k}.pt": replies[rank].digest for k, rank in enumerate(self.first_ranks())}
+        digests = {f"stage{k}.pt": d for k, d in sorted(self.first_replies(replies, "digest").items())}
         self.store.commit(directory, {**meta, "digests": digests}, keep)
 
     def _note_held(self, replies: dict[int, msg.Reply]) -> None:
-        for rank in self.first_ranks():
-            if rank in replies:
-                self.held[self.pool.handles[rank].stage] = replies[rank].held_bytes
+        for stage, n_bytes in self.first_replies(replies, "held_bytes").items():
+            self.held[stage] = n_bytes
 
     # --- resume --------------------------------------------------------------------------------------
 
@@ -323,12 +394,12 @@ class ProcessEngine:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Every process takes its stage's part of a saved state. A process lost meanwhile loses nothing (the
         whole state comes from the file): it is replaced and the state set again, with no recovery."""
-        messages = {}
-        for rank, handle in self.pool.handles.items():
-            k = handle.stage
+        def part(k: int) -> dict[str, Any]:
             held = [(key, copy) for key, copy in state["held"] if Held(*key).holder == k]
-            messages[rank] = msg.SetState(to_bytes(
-                {"weights": state["stages"][k], "optimizer": state["optimizers"][k], "held": held}))
+            return {"weights": state["stages"][k], "optimizer": state["optimizers"][k], "held": held}
+
+        messages = {rank: msg.SetState(to_bytes({k: part(k) for k in self.pool.stages_of(handle)}))
+                    for rank, handle in self.pool.handles.items()}
         lost: set[int] = set()
         for _ in range(REPLACE_ATTEMPTS):
             try:
@@ -344,7 +415,6 @@ class ProcessEngine:
         else:
             raise WorkerError(f"stage processes {sorted(lost)} were lost {REPLACE_ATTEMPTS} times in a row while "
                               "the saved state was being set; giving up.")
-        for rank, reply in replies.items():
-            self.lrs[self.pool.handles[rank].stage] = reply.lr
+        self._note_lrs(replies)
         self._note_held(replies)
         self.store.load_state_dict(state["checkpoints"])

@@ -25,9 +25,16 @@ from checkfree.plan import Held, RecoveryPlan
 
 @dataclass(frozen=True)
 class Rendezvous:
-    """Leave the old process group and join generation ``generation``."""
+    """Leave the old process group and join generation ``generation`` as ``rank`` of ``world_size``.
+
+    ``ranks[k]``: the rank of the process that runs logical stage ``k`` of this worker's pipeline in this
+    generation (``checkfree.placement``: after a shrink one process runs several stages). A worker builds a
+    fresh stage for every stage it is given and does not have yet (rebuilt or moved to it next)."""
 
     generation: int
+    rank: int
+    world_size: int
+    ranks: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,14 @@ class Eval:
     n: int
     batch_size: int
     per_sequence: bool = False
+
+
+@dataclass(frozen=True)
+class Move:
+    """Stages that change process: ``(stage, from rank, to rank)``. The sender sends the stage's weights, Adam
+    state and the copies it holds, then drops them; the receiver takes them, bitwise."""
+
+    moves: tuple[tuple[int, int, int], ...]
 
 
 @dataclass(frozen=True)
@@ -124,7 +139,7 @@ class Stop:
     """Leave the process group and end the command loop."""
 
 
-Command = (Rendezvous | Step | Commit | Abort | Eval | Probe | Recover | Upkeep | Flushed | Load | GetState | SetState
+Command = (Rendezvous | Step | Commit | Abort | Eval | Move | Probe | Recover | Upkeep | Flushed | Load | GetState | SetState
            | Die | Stop)
 
 
@@ -134,6 +149,7 @@ def name(command: Command) -> str:
 
 
 # --- replies ---------------------------------------------------------------------------------------------
+# A worker runs one or more logical stages: what it reports per stage is a dict keyed by the stage.
 
 
 @dataclass(frozen=True)
@@ -173,14 +189,14 @@ class Ready:
 
     loss_sum: float
     tokens: int
-    grad_norm: float
-    grad_norm_post: float
+    grad_norm: dict[int, float]
+    grad_norm_post: dict[int, float]
 
 
 @dataclass(frozen=True)
 class Committed:
-    lr: float
-    finite: bool
+    lr: dict[int, float]
+    finite: dict[int, bool]
 
 
 @dataclass(frozen=True)
@@ -203,29 +219,36 @@ class Probed:
 
 @dataclass(frozen=True)
 class Recovered:
+    received_bytes: dict[int, int]
+    """Per stage rebuilt here: the bytes it read from its sources (a source in this process counts too: the
+    records are the local engine's, whatever the placement)."""
+    lr: dict[int, float]
+    held_bytes: dict[int, int]
+
+
+@dataclass(frozen=True)
+class Moved:
     received_bytes: int
-    lr: float
-    held_bytes: int
 
 
 @dataclass(frozen=True)
 class KeptUp:
     received: list[tuple[tuple[str, int, int], int]]
-    """((kind, owner, holder) of a held copy, the bytes this stage received for it)."""
-    held_bytes: int
-    shard_bytes: int | None = None
-    digest: str | None = None
-    """Of a shard written in the step (None when none was, or when it is persisted in the background)."""
+    """((kind, owner, holder) of a held copy, the bytes its holder received for it)."""
+    held_bytes: dict[int, int]
+    shard_bytes: dict[int, int] = field(default_factory=dict)
+    digest: dict[int, str] = field(default_factory=dict)
+    """Of the shards written in the step (none when none was, or when they are persisted in the background)."""
 
 
 @dataclass(frozen=True)
 class Persisted:
-    digest: str | None
+    digest: dict[int, str]
 
 
 @dataclass(frozen=True)
 class Loaded:
-    lr: float
+    lr: dict[int, float]
 
 
 @dataclass(frozen=True)
@@ -239,18 +262,18 @@ class Damaged:
 @dataclass(frozen=True)
 class State:
     state: bytes = field(repr=False)
-    lr: float
+    """``torch.save`` bytes of {stage: its weights, optimizer and held copies}."""
     generation: int
 
 
 @dataclass(frozen=True)
 class StateSet:
-    lr: float
-    held_bytes: int
+    lr: dict[int, float]
+    held_bytes: dict[int, int]
 
 
-Reply = (Failed | Aborted | Hello | Joined | Ready | Committed | Done | Evaluated | Probed | Recovered | KeptUp
-         | Persisted | Loaded | Damaged | State | StateSet)
+Reply = (Failed | Aborted | Hello | Joined | Ready | Committed | Done | Evaluated | Probed | Recovered | Moved
+         | KeptUp | Persisted | Loaded | Damaged | State | StateSet)
 
 
 def troubled(reply: Any) -> bool:

@@ -23,6 +23,7 @@ from checkfree.distributed import messages as msg
 from checkfree.distributed.rendezvous import RendezvousError
 from checkfree.distributed.rollcall import call_off
 from checkfree.distributed.worker import WorkerSpec, rank_of
+from checkfree.placement import Placement
 from checkfree.runlog import write_json_atomic
 
 GRACE_S = 10.0
@@ -97,6 +98,10 @@ class WorkerPool(Protocol):
 
     def rendezvous(self) -> float: ...
 
+    def retire(self, slots: list[int]) -> None: ...
+
+    def drop(self, slots: list[int]) -> None: ...
+
     def kill(self, stages: list[int]) -> float | None: ...
 
     def respawn(self, stages: list[int]) -> float: ...
@@ -120,6 +125,13 @@ class Supervisor(abc.ABC):
         self.generation = -1
         self.store = None
         self.history: list[dict] = []
+        self.placement = Placement.home(self.n_stages)
+        """Which worker runs which logical stage (``checkfree.placement``): the engine sets it before a
+        rendezvous; a worker's ``stage`` is its node slot, the home of the stage it runs first."""
+        self.placements: list[dict] = []
+        """Every change of placement, as ``workers.json`` lists it: the generation from which the workers ran
+        which stages (a shrink, a stage moved back)."""
+        self.placed = self.placement
 
     # --- what a launcher provides ------------------------------------------------------------------
 
@@ -149,8 +161,10 @@ class Supervisor(abc.ABC):
         """Wait up to ``grace_s`` for the workers to be gone; kill those that are not."""
 
     def entry(self, handle: Handle) -> dict[str, Any]:
-        """A live worker as ``workers.json`` lists it (launchers add where it runs)."""
-        return {"stage": handle.stage, "replica": handle.replica, "rank": handle.rank, "pid": handle.pid}
+        """A live worker as ``workers.json`` lists it (launchers add where it runs): ``stages``, the logical
+        stages it runs (its own, ``stage``, alone unless the pipeline shrank)."""
+        return {"stage": handle.stage, "stages": self.stages_of(handle), "replica": handle.replica, "rank": handle.rank,
+                "pid": handle.pid}
 
     def about(self) -> dict[str, Any]:
         """What ``workers.json`` says of the launcher beyond its workers."""
@@ -164,8 +178,24 @@ class Supervisor(abc.ABC):
     def alive(self, rank: int) -> bool:
         return not self.handles[rank].gone()
 
+    def host_of(self, stage: int, replica: int = 0) -> int:
+        """The key (node slot x replica) of the worker that runs logical stage ``stage``."""
+        return rank_of(self.placement.hosts[stage], replica, self.n_stages)
+
     def pid(self, stage: int, replica: int = 0) -> int:
-        return self.handles[rank_of(stage, replica, self.n_stages)].pid
+        return self.handles[self.host_of(stage, replica)].pid
+
+    def stages_of(self, handle: Handle) -> list[int]:
+        """The logical stages a worker runs (its own alone unless the pipeline shrank)."""
+        return self.placement.stages_on(handle.stage) if self.replicas == 1 else [handle.stage]
+
+    def group_ranks(self) -> dict[int, int]:
+        """Each worker's rank in the next generation of the group. With replicas every worker runs its own
+        stage (rank = its key); a single pipeline numbers its live workers in pipeline order, so a shrunk one
+        (fewer workers than stages) still forms a group of consecutive ranks."""
+        if self.replicas > 1:
+            return {key: key for key in self.handles}
+        return {key: i for i, key in enumerate(sorted(self.handles))}
 
     def describe(self, stage: int, replica: int = 0) -> dict[str, Any]:
         """What a recovery record says about the worker hosting a stage (its PID; launchers add more)."""
@@ -175,13 +205,21 @@ class Supervisor(abc.ABC):
         """A new generation of the process group with every current worker; returns the seconds it took."""
         start = time.perf_counter()
         self.generation += 1
-        generation = self.generation
-        replies = self.request({r: msg.Rendezvous(generation) for r in self.handles}, "rendezvous",
+        generation, ranks = self.generation, self.group_ranks()
+        tables = {r: tuple(ranks[self.host_of(k, r)] for k in range(self.n_stages)) for r in range(self.replicas)}
+        commands = {key: msg.Rendezvous(generation, ranks[key], len(ranks), tables[h.replica])
+                    for key, h in self.handles.items()}
+        replies = self.request(commands, "rendezvous",
                                on_loss=lambda: call_off(self.store, generation, self.spec.secret))
         errors = [reply.error for reply in replies.values() if msg.troubled(reply)]
         if errors:
             raise RendezvousError(f"generation {self.generation} of the rendezvous at {self.spec.store_addr}:"
                                   f"{self.spec.store_port} failed: {errors[0]}")
+        if self.placement != self.placed:
+            self.placed = self.placement
+            self.placements.append({"generation": generation, "hosts": list(self.placement.hosts),
+                                    "workers": [self.entry(h) for h in sorted(self.handles.values(),
+                                                                              key=lambda h: h.rank)]})
         self.write_workers()
         return time.perf_counter() - start
 
@@ -189,12 +227,33 @@ class Supervisor(abc.ABC):
         """Make every replica of ``stages`` exit for real; returns the seconds from the order until the
         supervisor saw every worker gone (detection), None if all were gone already."""
         start = time.perf_counter()
-        targets = [self.handles[r] for r in self.stage_ranks(stages) if not self.handles[r].gone()]
+        targets = [self.handles[r] for r in self.stage_ranks(stages) if r in self.handles and not self.handles[r].gone()]
         if not targets:
             return None
         self.end(targets)
         self.await_exit(targets)
         return time.perf_counter() - start
+
+    def retire(self, slots: list[int]) -> None:
+        """Stop the workers of node slots that run no stage any more (their stages moved off first) and forget
+        them: a node the placement no longer uses (resuming a shrunk run)."""
+        keys = [key for key in self.stage_ranks(slots) if key in self.handles]
+        try:  # each leaves the group and says so before it goes
+            self.request({key: msg.Stop() for key in keys}, "stop")
+        except WorkersDied:
+            pass  # gone already: it was leaving anyway
+        handles = [self.handles[key] for key in keys]
+        self.end(handles)  # a local process has exited by now; an actor outlives its loop until it is killed
+        self.await_exit(handles)
+        self.drop(slots)
+
+    def drop(self, slots: list[int]) -> None:
+        """Forget the (gone) workers of node slots that have no node now: the pipeline runs without them."""
+        for key in self.stage_ranks(slots):
+            handle = self.handles.pop(key, None)
+            if handle is not None:
+                handle.join(1)
+                handle.close()
 
     def request(self, commands: dict[int, msg.Command | None], command: str, deadline: float | None = None,
                 on_loss: Callable[[], Any] | None = None) -> dict[int, msg.Reply]:
@@ -274,13 +333,14 @@ class Supervisor(abc.ABC):
             (self.run_dir / "workers.json").unlink(missing_ok=True)
 
     def write_workers(self) -> None:
-        """``workers.json``: the live workers, every worker ever started (``history``), the generation."""
+        """``workers.json``: the live workers, every worker ever started (``history``), the generation, and each
+        change of placement (``placements``; none while every stage runs on its own node)."""
         if not self.run_dir.exists():
             return
         live = [self.entry(h) for h in sorted(self.handles.values(), key=lambda h: h.rank)]
         write_json_atomic(self.run_dir / "workers.json", {
             **self.about(), "generation": self.generation, "supervisor_pid": os.getpid(), "workers": live,
-            "history": self.history,
+            "history": self.history, **({"placements": self.placements} if self.placements else {}),
         })
 
 

@@ -69,6 +69,40 @@ def stage_program(stage: int, schedule: Schedule, micro_batches: list[int], pipe
     return gpipe_program(stage, schedule, micro_batches)
 
 
+def host_program(stages: list[int], schedule: Schedule, micro_batches: list[int], pipeline: str) -> list[Pass]:
+    """The passes of a process that runs several consecutive stages (a shrunk pipeline), in one order.
+
+    Every stage's program is run in order, and the stages are interleaved as one global run of every stage's
+    program would interleave them (each step, each stage runs its next pass if what it needs is done). So each
+    stage's passes stay in their own order (its gradients bitwise as when it runs alone) and the process's
+    order is a subsequence of one valid global order: with sends that never block, no set of processes can
+    deadlock. One stage: its program, unchanged."""
+    if len(stages) == 1:
+        return stage_program(stages[0], schedule, micro_batches, pipeline)
+    programs = [stage_program(k, schedule, micro_batches, pipeline) for k in range(schedule.n_stages)]
+    done: set[tuple[bool, int, int]] = set()
+    cursor = [0] * len(programs)
+    order: list[Pass] = []
+    while any(c < len(p) for c, p in zip(cursor, programs)):
+        progressed = False
+        for k, program in enumerate(programs):
+            if cursor[k] == len(program):
+                continue
+            p = program[cursor[k]]
+            pos = p.visit.position
+            need = ((True, p.micro_batch, pos + 1) if p.visit.next is not None else (False, p.micro_batch, pos)) \
+                if p.backward else ((False, p.micro_batch, pos - 1) if p.visit.prev is not None else None)
+            if need is None or need in done:
+                done.add((p.backward, p.micro_batch, pos))
+                cursor[k] += 1
+                progressed = True
+                if k in stages:
+                    order.append(p)
+        if not progressed:
+            raise RuntimeError(f"the stage programs of {pipeline} deadlock")  # no schedule we build does
+    return order
+
+
 def message_tag(micro_batch: int, position: int, backward: bool, n_stages: int) -> int:
     """A tag unique to one activation or gradient message of an iteration (routes have <= S + 2 visits)."""
     return (micro_batch * (n_stages + 2) + position) * 2 + int(backward)

@@ -40,7 +40,8 @@ from checkfree.checkpoints import BackgroundWriter, CheckpointStore, DamagedChec
 from checkfree.compute import StageCompute, causal_lm_loss, clone_state, host_copy, per_sequence_loss
 from checkfree.config import first_line
 from checkfree.distributed import messages as msg
-from checkfree.distributed.programs import message_tag, replica_micro_batches, stage_program
+from checkfree.distributed.courier import Courier
+from checkfree.distributed.programs import host_program, message_tag, replica_micro_batches
 from checkfree.distributed.rendezvous import connect_store, is_loopback, join_generation
 from checkfree.distributed.rollcall import CalledOff, answer
 from checkfree.distributed.transfer import Pending, isend_state, recv_state, wire_device
@@ -53,7 +54,7 @@ from checkfree.schedule import build_schedule
 
 # Tags of whole-state transfers (activation tags come from programs.message_tag and never collide with
 # these: each kind of traffic runs in its own command).
-TAG_BODY, TAG_RESTORE, TAG_REFRESH = 1, 2, 3
+TAG_BODY, TAG_RESTORE, TAG_REFRESH, TAG_MOVE = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,8 @@ def from_bytes(data: bytes) -> Any:
 
 
 class StageWorker:
-    """One replica of one stage: its compute, the copies it holds, and the commands it serves."""
+    """One process of the pipeline: the logical stage(s) it runs (one, or several consecutive ones after a
+    shrink), their compute, the copies they hold, and the commands it serves."""
 
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
@@ -146,34 +148,56 @@ class StageWorker:
         self.wire = wire_device(spec.backend, self.device)
         """Where this process's point-to-point tensors travel (the CPU under gloo, whatever ``device`` is)."""
         stage = Stage(spec.model, spec.stage) if spec.fresh else seeded_stage(spec.model, spec.seed, spec.stage)
-        autocast = torch.bfloat16 if spec.precision == "bf16" else None
-        self.compute = StageCompute(stage.to(self.device), spec.lr, spec.clip, autocast_dtype=autocast,
-                                    compile=spec.compile)
+        self.computes: dict[int, StageCompute] = {spec.stage: self._compute(stage)}
+        """The logical stages this process runs (its home stage ``spec.stage`` unless that moved away)."""
         self.schedule = build_schedule(spec.schedule, self.n)
+        self.courier = Courier(self.n, self.wire, self.device)
+        self.courier.place(tuple(self.rank_of(k) for k in range(self.n)), spec.rank)
         self.store: dist.TCPStore | None = None
         self.stage_group = None
         self.generation = -1
         self.held: dict[Held, dict[str, Any]] = {}
-        """Copies of stages this node keeps (a replica of the embedding / head, a shadow, snapshots)."""
-        self.writer = BackgroundWriter()
-        """Persists this stage's shard of an asynchronous checkpoint while training goes on."""
+        """Copies that this process's stages keep (``Held.holder``): a replica of the embedding / head, a shadow,
+        snapshots."""
+        self.writers: dict[int, BackgroundWriter] = {}
+        """Per stage: persists its shard of an asynchronous checkpoint while training goes on."""
 
-    def rank(self, stage: int) -> int:
+    def rank_of(self, stage: int) -> int:
         return rank_of(stage, self.spec.replica, self.n)
+
+    def _compute(self, stage: Stage) -> StageCompute:
+        autocast = torch.bfloat16 if self.spec.precision == "bf16" else None
+        return StageCompute(stage.to(self.device), self.spec.lr, self.spec.clip, autocast_dtype=autocast,
+                            compile=self.spec.compile)
+
+    @property
+    def mine(self) -> list[int]:
+        """The stages this process runs in this generation, in pipeline order."""
+        return [k for k in range(self.n) if self.courier.here(k)]
+
+    def held_by(self, stage: int) -> dict[Held, dict[str, Any]]:
+        return {h: copy for h, copy in self.held.items() if h.holder == stage}
+
+    def held_bytes(self) -> dict[int, int]:
+        return {k: sum(nbytes(copy) for copy in self.held_by(k).values()) for k in self.mine}
+
+    def lrs(self) -> dict[int, float]:
+        return {k: self.computes[k].lr for k in self.mine}
 
     # --- group membership ------------------------------------------------------------------------
 
     def rendezvous(self, command: msg.Rendezvous) -> msg.Joined | msg.Aborted:
-        """Leave the old group (if any) and join the command's generation of the rendezvous."""
+        """Leave the old group (if any), join the command's generation, and take up the stages it gives this
+        process: a stage new here starts fresh (a rebuild or a move fills it next)."""
         spec, generation = self.spec, command.generation
         self.leave_group()
         if self.store is None:
             self.store = connect_store(spec.store_addr, spec.store_port, spec.timeout_s, f"stage {spec.stage}")
         try:
-            answer(self.store, generation, spec.world_size, spec.timeout_s, spec.secret)
+            answer(self.store, generation, command.world_size, spec.timeout_s, spec.secret)
         except CalledOff as exc:  # a peer was lost before all had answered: no group to wait for
             return msg.Aborted(str(exc))
-        join_generation(self.store, generation, spec.backend, spec.rank, spec.world_size, spec.timeout_s,
+        join_generation(self.store, generation, spec.backend, command.rank, command.world_size, spec.timeout_s,
                         spec.secret)
         if spec.replicas > 1:
             # Every rank creates every stage's group, in the same order (new_group is collective).
@@ -181,70 +205,106 @@ class StageWorker:
                 group = dist.new_group([rank_of(k, r, self.n) for r in range(spec.replicas)])
                 if k == spec.stage:
                     self.stage_group = group
+        self.courier.place(command.ranks, command.rank)
+        for k in self.mine:
+            if k not in self.computes:
+                self.computes[k] = self._compute(Stage(spec.model, k))
         self.generation = generation
         return msg.Joined(generation)
+
+    def move(self, command: msg.Move) -> msg.Moved:
+        """Stages that change process: the sender sends each one's whole state (weights, Adam, lr, the copies it
+        holds) and lets it go; the receiver takes it, bitwise."""
+        pending, received = Pending(), 0
+        for stage, src, _ in command.moves:
+            if src == self.courier.me and stage in self.computes:
+                held = [[h.kind, h.owner, h.holder, copy] for h, copy in self.held_by(stage).items()]
+                pending.extend(isend_state({"state": self.computes[stage].state(), "held": held},
+                                           self.courier.ranks[stage], self.courier.state_tag(TAG_MOVE, stage, stage),
+                                           self.wire))
+        for stage, src, dst in command.moves:
+            if dst == self.courier.me:
+                moved, n_bytes = recv_state(src, self.courier.state_tag(TAG_MOVE, stage, stage), self.wire,
+                                            self.device)
+                self.computes[stage].load_state(moved["state"])
+                self.held.update({Held(kind, owner, holder): copy for kind, owner, holder, copy in moved["held"]})
+                received += n_bytes
+        pending.wait()
+        for stage in [k for k in self.computes if not self.courier.here(k)]:
+            self._let_go(stage)
+        return msg.Moved(received)
+
+    def _let_go(self, stage: int) -> None:
+        del self.computes[stage]
+        self.held = {h: copy for h, copy in self.held.items() if h.holder != stage}
+        writer = self.writers.pop(stage, None)
+        if writer is not None:
+            writer.close()
 
     # --- one iteration ---------------------------------------------------------------------------
 
     def step(self, command: msg.Step) -> msg.Ready | msg.Aborted:
-        self.compute.train()
+        for k in self.mine:
+            self.computes[k].train()
         try:
             loss_sum, tokens = self._run_program(command.inputs, command.targets)
             self._allreduce_gradients()
         except Exception as exc:  # a lost peer (connection closed) or a timeout: discard the iteration
-            self.compute.drop_gradients()
+            for k in self.mine:
+                self.computes[k].drop_gradients()
             self.leave_group()
             return msg.Aborted(f"{type(exc).__name__}: {first_line(exc)}")
-        pre, post = self.compute.clip()
-        return msg.Ready(loss_sum, tokens, pre, post)
+        norms = {k: self.computes[k].clip() for k in self.mine}
+        return msg.Ready(loss_sum, tokens, {k: pre for k, (pre, _) in norms.items()},
+                         {k: post for k, (_, post) in norms.items()})
 
     def commit(self, command: msg.Commit) -> msg.Committed:
-        self.compute.step()
-        self.compute.drop_gradients()  # a stage process holds nothing between iterations it need not
-        return msg.Committed(self.compute.lr, self.compute.finite())
+        for k in self.mine:
+            self.computes[k].step()
+            self.computes[k].drop_gradients()  # a stage process holds nothing between iterations it need not
+        return msg.Committed(self.lrs(), {k: self.computes[k].finite() for k in self.mine})
 
     def abort(self, command: msg.Abort) -> msg.Done:
-        self.compute.drop_gradients()
+        for k in self.mine:
+            self.computes[k].drop_gradients()
         return msg.Done()
 
     def _run_program(self, inputs: dict[int, np.ndarray], targets: dict[int, np.ndarray]) -> tuple[float, int]:
-        spec = self.spec
+        spec, courier = self.spec, self.courier
         mbs = replica_micro_batches(spec.micro_batches, spec.replicas, spec.replica)
-        program = stage_program(spec.stage, self.schedule, mbs, spec.pipeline)
+        program = host_program(self.mine, self.schedule, mbs, spec.pipeline)
         shape = (spec.micro_batch_size, spec.model.seq_len, spec.model.d_model)
         saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
         pending = Pending()
         loss_sum, tokens = 0.0, 0
         for p in program:
             m, v = p.micro_batch, p.visit
+            compute = self.computes[v.stage]
             if not p.backward:
                 if v.prev is None:
                     x, leaf = torch.as_tensor(inputs[m]).to(self.device), None
                 else:
-                    x = torch.empty(shape, device=self.wire)
-                    dist.recv(x, src=self.rank(v.prev), tag=message_tag(m, v.position - 1, False, self.n))
-                    leaf = x.to(self.device).requires_grad_(True)
-                    x = leaf
-                out = self.compute.forward(v.ops, x)
+                    x = courier.recv(shape, v.prev, v.stage, message_tag(m, v.position - 1, False, self.n))
+                    leaf = x.requires_grad_(True)
+                out = compute.forward(v.ops, x)
                 if v.next is None:
                     target = torch.as_tensor(targets[m]).to(self.device)
                     out = causal_lm_loss(out, target)
                     loss_sum += out.item()
                     tokens += target.numel()
                 else:
-                    pending.add(out.detach().to(self.wire), self.rank(v.next),
-                                message_tag(m, v.position, False, self.n))
+                    courier.send(out, v.stage, v.next, message_tag(m, v.position, False, self.n), pending)
                 saved[(m, v.position)] = (leaf, out)
             else:
                 leaf, out = saved.pop((m, v.position))
                 if v.next is None:
                     StageCompute.backward_loss(out, spec.micro_batches)
                 else:
-                    grad = torch.empty_like(out, device=self.wire)
-                    dist.recv(grad, src=self.rank(v.next), tag=message_tag(m, v.position + 1, True, self.n))
-                    out.backward(grad.to(self.device))
+                    grad = courier.recv(tuple(out.shape), v.next, v.stage,
+                                        message_tag(m, v.position + 1, True, self.n), out.dtype)
+                    out.backward(grad)
                 if leaf is not None:
-                    pending.add(leaf.grad.to(self.wire), self.rank(v.prev), message_tag(m, v.position, True, self.n))
+                    courier.send(leaf.grad, v.stage, v.prev, message_tag(m, v.position, True, self.n), pending)
         pending.wait()
         return loss_sum, tokens
 
@@ -252,7 +312,7 @@ class StageWorker:
         """Sum the replicas' gradients (each already scaled by 1/M, so the sum is the local engine's)."""
         if self.stage_group is None:
             return
-        params = list(self.compute.stage.parameters())
+        params = list(self.computes[self.spec.stage].stage.parameters())
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads]).to(self.wire)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.stage_group)
@@ -263,30 +323,33 @@ class StageWorker:
 
     @torch.no_grad()
     def eval(self, command: msg.Eval) -> msg.Evaluated:
-        """In-order forward of the held-out sequences (replica 0 of every stage takes part); the last stage
-        also reports each sequence's loss when ``per_sequence``."""
+        """In-order forward of the held-out sequences (replica 0 of every stage takes part); the process that
+        runs the last stage also reports each sequence's loss when ``per_sequence``."""
         inputs, targets, n, batch_size = command.inputs, command.targets, command.n, command.batch_size
-        self.compute.stage.eval()
-        [visit] = [v for v in in_order(self.n) if v.stage == self.spec.stage]
+        visits = [v for v in in_order(self.n) if self.courier.here(v.stage)]
+        for v in visits:
+            self.computes[v.stage].stage.eval()
         total, count, sequences = 0.0, 0, []
         pending = Pending()
         for b, start in enumerate(range(0, n, batch_size)):
             size = min(batch_size, n - start)
-            if visit.prev is None:
-                x = torch.as_tensor(inputs[start:start + size]).to(self.device)
-            else:
-                x = torch.empty((size, self.spec.model.seq_len, self.spec.model.d_model), device=self.wire)
-                dist.recv(x, src=self.rank(visit.prev), tag=message_tag(b, visit.position - 1, False, self.n))
-            out = self.compute.forward(visit.ops, x.to(self.device))
-            if visit.next is None:
-                target = torch.as_tensor(targets[start:start + size]).to(self.device)
-                if command.per_sequence:
-                    sequences += per_sequence_loss(out, target).tolist()
+            for visit in visits:
+                if visit.prev is None:
+                    x = torch.as_tensor(inputs[start:start + size]).to(self.device)
                 else:
-                    total += causal_lm_loss(out, target).item() * size
-                count += size
-            else:
-                pending.add(out.to(self.wire), self.rank(visit.next), message_tag(b, visit.position, False, self.n))
+                    x = self.courier.recv((size, self.spec.model.seq_len, self.spec.model.d_model), visit.prev,
+                                          visit.stage, message_tag(b, visit.position - 1, False, self.n))
+                out = self.computes[visit.stage].forward(visit.ops, x)
+                if visit.next is None:
+                    target = torch.as_tensor(targets[start:start + size]).to(self.device)
+                    if command.per_sequence:
+                        sequences += per_sequence_loss(out, target).tolist()
+                    else:
+                        total += causal_lm_loss(out, target).item() * size
+                    count += size
+                else:
+                    self.courier.send(out, visit.stage, visit.next,
+                                      message_tag(b, visit.position, False, self.n), pending)
         pending.wait()
         return msg.Evaluated(total, count, sequences)
 
@@ -297,126 +360,140 @@ class StageWorker:
         order, inputs, size = command.order, command.inputs, command.size
         outputs, index, pending = [], 0, Pending()
         for v in route(order, self.n):
-            if v.stage != self.spec.stage:
+            if not self.courier.here(v.stage):
                 index += len(v.ops)
                 continue
             if v.prev is None:
                 h = torch.as_tensor(inputs).to(self.device)
             else:
-                h = torch.empty((size, self.spec.model.seq_len, self.spec.model.d_model), device=self.wire)
-                dist.recv(h, src=self.rank(v.prev), tag=message_tag(0, v.position - 1, False, self.n))
-            h, finite = self.compute.probe(v.ops, h.to(self.device))
+                h = self.courier.recv((size, self.spec.model.seq_len, self.spec.model.d_model), v.prev, v.stage,
+                                      message_tag(0, v.position - 1, False, self.n))
+            h, finite = self.computes[v.stage].probe(v.ops, h)
             for op, ok in finite:
                 outputs.append((index, blame(op, v.stage, self.n), ok))
                 index += 1
             if v.next is not None:
-                pending.add(h.to(self.wire), self.rank(v.next), message_tag(0, v.position, False, self.n))
+                self.courier.send(h, v.stage, v.next, message_tag(0, v.position, False, self.n), pending)
         pending.wait()
         return msg.Probed(outputs)
 
     # --- recovery --------------------------------------------------------------------------------
 
     def recover(self, command: msg.Recover) -> msg.Recovered:
-        """This stage's part of the plan: send what it is a source of, rebuild itself if it is lost, then
-        take part in re-making held copies. Replies the bytes this stage received for its rebuild."""
-        plan, me, pending = command.plan, self.spec.stage, Pending()
+        """This process's part of the plan: its stages send what they are a source of, the lost ones among
+        them are rebuilt, then they take part in re-making held copies. Replies the bytes each rebuilt stage
+        read."""
+        plan, courier, pending = command.plan, self.courier, Pending()
         for rebuild in plan.rebuilds:
-            if any(src == me for src, _ in rebuild.sources):
-                pending.extend(isend_state(self.compute.stage.body_state(), self.rank(rebuild.stage), TAG_BODY,
-                                           self.wire))
-            if rebuild.restore is not None and rebuild.restore.holder == me != rebuild.stage:
-                pending.extend(isend_state(self.held[rebuild.restore], self.rank(rebuild.stage), TAG_RESTORE,
-                                           self.wire))
-        received = 0
-        for rebuild in plan.rebuilds:
-            if rebuild.stage != me:
-                continue
-            bodies = []
             for src, _ in rebuild.sources:
-                body, n_bytes = recv_state(self.rank(src), TAG_BODY, self.wire, self.device)
+                if courier.here(src):
+                    courier.send_state(self.computes[src].stage.body_state(), src, rebuild.stage, TAG_BODY, pending)
+            holder = rebuild.restore.holder if rebuild.restore is not None else None
+            if holder is not None and holder != rebuild.stage and courier.here(holder):
+                courier.send_state(self.held[rebuild.restore], holder, rebuild.stage, TAG_RESTORE, pending)
+        received: dict[int, int] = {}
+        for rebuild in plan.rebuilds:
+            stage = rebuild.stage
+            if not courier.here(stage):
+                continue
+            bodies, received[stage] = [], 0
+            for src, _ in rebuild.sources:
+                body, n_bytes = courier.recv_state(src, stage, TAG_BODY)
                 bodies.append(body)
-                received += n_bytes
+                received[stage] += n_bytes
             restored = None
-            if rebuild.restore is not None and rebuild.restore.holder == me:
+            if rebuild.restore is not None and rebuild.restore.holder == stage:
                 restored = self.held[rebuild.restore]  # in this node's own host memory: nothing moves
             elif rebuild.restore is not None:
-                restored, n_bytes = recv_state(self.rank(rebuild.restore.holder), TAG_RESTORE, self.wire,
-                                               self.device)
-                received += n_bytes
-            self.compute.apply(rebuild, bodies, restored)
-            if me in plan.lost:
-                self.held = {}  # a new node holds nothing until the plan's fetch / refresh
+                restored, n_bytes = courier.recv_state(rebuild.restore.holder, stage, TAG_RESTORE)
+                received[stage] += n_bytes
+            self.computes[stage].apply(rebuild, bodies, restored)
+            if stage in plan.lost:  # a new node holds nothing until the plan's fetch / refresh
+                self.held = {h: copy for h, copy in self.held.items() if h.holder != stage}
         pending.wait()
         fetched = [h for r in plan.rebuilds for h in r.fetch]
         got = self._refresh([*fetched, *plan.refresh])
-        received += sum(n for held, n in got.items() if held in fetched and not held.what.background)
-        return msg.Recovered(received, self.compute.lr, self.held_bytes())
+        for held, n_bytes in got.items():
+            if held in fetched and not held.what.background:
+                received[held.holder] = received.get(held.holder, 0) + n_bytes
+        return msg.Recovered(received, self.lrs(), self.held_bytes())
 
     def upkeep(self, command: msg.Upkeep) -> msg.KeptUp:
-        """Re-make held copies; write this stage's checkpoint shard into ``checkpoint`` (replica 0 writes) —
-        ``in_background``: copy it to host memory, reply, and let this process's writer thread persist it
-        while training goes on (``flushed`` waits for it)."""
+        """Re-make held copies; write this process's stages' checkpoint shards into ``checkpoint`` (replica 0
+        writes) — ``in_background``: copy them to host memory, reply, and let each stage's writer thread persist
+        its shard while training goes on (``flushed`` waits for them)."""
         got = self._refresh(command.refresh)
         received = [((h.kind, h.owner, h.holder), n) for h, n in got.items()]
-        checkpoint, stage = command.checkpoint, self.spec.stage
+        checkpoint = command.checkpoint
         if checkpoint is None or self.spec.replica != 0:
             return msg.KeptUp(received, self.held_bytes())
-        if command.in_background:
-            state = host_copy(self.compute.state())
-            self.writer.submit(lambda: CheckpointStore.write_shard(Path(checkpoint), stage, state))
-            return msg.KeptUp(received, self.held_bytes(), shard_bytes(state))
-        size, digest = CheckpointStore.write_shard(Path(checkpoint), stage, self.compute.state())
-        return msg.KeptUp(received, self.held_bytes(), size, digest)
+        sizes, digests = {}, {}
+        for k in self.mine:
+            if command.in_background:
+                state = host_copy(self.computes[k].state())
+                writer = self.writers.setdefault(k, BackgroundWriter())
+                writer.submit(lambda k=k, state=state: CheckpointStore.write_shard(Path(checkpoint), k, state))
+                sizes[k] = shard_bytes(state)
+            else:
+                sizes[k], digests[k] = CheckpointStore.write_shard(Path(checkpoint), k, self.computes[k].state())
+        return msg.KeptUp(received, self.held_bytes(), sizes, digests)
 
     def flushed(self, command: msg.Flushed) -> msg.Persisted:
-        """The digest of the shard this stage persisted in the background, once it is written."""
-        result = self.writer.wait()
-        return msg.Persisted(result[1] if result is not None else None)
+        """The digests of the shards this process's stages persisted in the background, once written."""
+        digests = {}
+        for k in self.mine:
+            result = self.writers[k].wait() if k in self.writers else None
+            if result is not None:
+                digests[k] = result[1]
+        return msg.Persisted(digests)
 
     def _refresh(self, copies: list[Held]) -> dict[Held, int]:
         """Owners send, holders receive (every send is posted before any receive, so a ring of shadows cannot
-        deadlock). Returns the bytes this stage received, per copy it holds."""
-        me, pending, received = self.spec.stage, Pending(), {}
+        deadlock). Returns the bytes received, per copy this process's stages hold (a copy handed over from a
+        stage of this process counts its bytes: it crossed from one logical node to another)."""
+        courier, pending, received = self.courier, Pending(), {}
         for held in copies:
-            if held.owner == held.holder == me:  # a copy in this node's own host memory: nothing is sent
-                self.held[held], received[held] = clone_state(self.compute.held_copy(held)), 0
-            elif held.owner == me:
-                pending.extend(isend_state(self.compute.held_copy(held), self.rank(held.holder), TAG_REFRESH,
-                                           self.wire))
+            if held.owner == held.holder and courier.here(held.owner):  # in the owner node's own host memory
+                self.held[held], received[held] = clone_state(self.computes[held.owner].held_copy(held)), 0
+            elif courier.here(held.owner):
+                courier.send_state(self.computes[held.owner].held_copy(held), held.owner, held.holder, TAG_REFRESH,
+                                   pending)
         for held in copies:
-            if held.holder == me != held.owner:
-                copy, received[held] = recv_state(self.rank(held.owner), TAG_REFRESH, self.wire, self.device)
-                self.held[held] = copy
+            if held.owner != held.holder and courier.here(held.holder):
+                self.held[held], received[held] = courier.recv_state(held.owner, held.holder, TAG_REFRESH)
         pending.wait()
         return received
 
-    def held_bytes(self) -> int:
-        return sum(nbytes(copy) for copy in self.held.values())
-
     def load(self, command: msg.Load) -> msg.Loaded | msg.Damaged:
-        """Roll back to this stage's shard of ``checkpoint`` (a replacement downloads it the same way)."""
+        """Roll back to this process's stages' shards of ``checkpoint`` (a replacement downloads them the same
+        way). Every shard is read (and verified) before any is applied."""
         try:
             # Read onto the CPU, as the local engine does: load_state moves the weights and Adam's moments to
             # the stage's device, while Adam's step counts stay on the CPU, where Adam keeps them (read onto a
             # GPU they would stay there, and every step would wait on the GPU to read each one back).
-            shard = CheckpointStore.read_shard(Path(command.checkpoint), self.spec.stage,
-                                               {"digests": command.meta_digests})
+            shards = {k: CheckpointStore.read_shard(Path(command.checkpoint), k, {"digests": command.meta_digests})
+                      for k in self.mine}
         except DamagedCheckpoint as exc:
             return msg.Damaged(str(exc.path), exc.cause)
-        self.compute.load_state(shard)
-        return msg.Loaded(self.compute.lr)
+        for k, shard in shards.items():
+            self.computes[k].load_state(shard)
+        return msg.Loaded(self.lrs())
 
     # --- whole state: resume and export ----------------------------------------------------------
 
     def get_state(self, command: msg.GetState) -> msg.State:
-        held = [((h.kind, h.owner, h.holder), copy) for h, copy in self.held.items()]
-        return msg.State(to_bytes({**self.compute.state(), "held": held}), self.compute.lr, self.generation)
+        states = {k: {**self.computes[k].state(),
+                      "held": [((h.kind, h.owner, h.holder), copy) for h, copy in self.held_by(k).items()]}
+                  for k in self.mine}
+        return msg.State(to_bytes(states), self.generation)
 
     def set_state(self, command: msg.SetState) -> msg.StateSet:
         loaded = from_bytes(command.state)
-        self.compute.load_state(loaded)
-        self.held = {Held(*key): copy for key, copy in loaded["held"]}
-        return msg.StateSet(self.compute.lr, self.held_bytes())
+        for k in self.mine:
+            self.computes[k].load_state(loaded[k])
+            self.held = {h: copy for h, copy in self.held.items() if h.holder != k}
+            self.held.update({Held(*key): copy for key, copy in loaded[k]["held"]})
+        return msg.StateSet(self.lrs(), self.held_bytes())
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -435,7 +512,8 @@ class StageWorker:
                 pass
 
     def close(self) -> None:
-        self.writer.close()
+        for writer in self.writers.values():
+            writer.close()
         self.leave_group()
 
     def handle(self, command: msg.Command) -> msg.Reply:
@@ -453,9 +531,9 @@ class StageWorker:
 
 HANDLERS = {msg.Rendezvous: StageWorker.rendezvous, msg.Step: StageWorker.step, msg.Commit: StageWorker.commit,
             msg.Abort: StageWorker.abort, msg.Eval: StageWorker.eval, msg.Probe: StageWorker.probe,
-            msg.Recover: StageWorker.recover, msg.Upkeep: StageWorker.upkeep, msg.Flushed: StageWorker.flushed,
-            msg.Load: StageWorker.load, msg.GetState: StageWorker.get_state, msg.SetState: StageWorker.set_state,
-            msg.Die: StageWorker.die}
+            msg.Move: StageWorker.move, msg.Recover: StageWorker.recover, msg.Upkeep: StageWorker.upkeep,
+            msg.Flushed: StageWorker.flushed, msg.Load: StageWorker.load, msg.GetState: StageWorker.get_state,
+            msg.SetState: StageWorker.set_state, msg.Die: StageWorker.die}
 """The method that serves each command (``Stop`` ends ``serve``'s loop instead)."""
 
 

@@ -1,0 +1,83 @@
+"""Point to point between logical stages, whichever processes run them.
+
+A worker runs one logical stage, or several after a shrink (``checkfree.placement``). What one stage sends
+another goes over the process group when another process runs the receiver, and is handed over in memory
+when this process runs both: the same call either way, so a program, a recovery or a refresh is written once
+in terms of stages. A hand-over is a copy taken when it is sent (as a send reads its buffer then), so a later
+in-place change of the sender's tensors never reaches the receiver: what the receiver gets is bitwise what it
+would have got over the wire.
+
+Tags: an activation's tag (``programs.message_tag``) is unique in its iteration. A whole state's tag adds the
+(sender, receiver) stage pair to its kind, because two stages of one process may each receive the same kind
+from two stages of another; states of one kind between one pair arrive in the order they were sent.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from checkfree.checkpoints import nbytes
+from checkfree.compute import clone_state
+from checkfree.distributed.transfer import Pending, isend_state, recv_state
+
+
+class Courier:
+    def __init__(self, n_stages: int, wire: torch.device, device: torch.device) -> None:
+        self.n, self.wire, self.device = n_stages, wire, device
+        self.ranks: tuple[int, ...] = tuple(range(n_stages))
+        """The rank of the process running each stage (this generation)."""
+        self.me = 0
+        """This process's rank."""
+        self.box: defaultdict[tuple[int, int, int], deque] = defaultdict(deque)
+        """Hand-overs in this process: (from stage, to stage, tag) -> what was sent, oldest first."""
+
+    def place(self, ranks: tuple[int, ...], me: int) -> None:
+        self.ranks, self.me = tuple(ranks), me
+        self.box.clear()  # nothing handed over in one generation is read in the next
+
+    def here(self, stage: int) -> bool:
+        return self.ranks[stage] == self.me
+
+    # --- activations and gradients ------------------------------------------------------------------
+
+    def send(self, tensor: torch.Tensor, src: int, dst: int, tag: int, pending: Pending) -> None:
+        if self.here(dst):
+            self.box[(src, dst, tag)].append(tensor.detach().clone())
+        else:
+            pending.add(tensor.detach().to(self.wire), self.ranks[dst], tag)
+
+    def recv(self, shape: tuple[int, ...], src: int, dst: int, tag: int,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The tensor ``src`` sent ``dst``, as ``dtype`` on this process's compute device (over the wire it
+        arrives in a buffer of that dtype; a hand-over is cast the same way)."""
+        if self.here(src):
+            return self.box[(src, dst, tag)].popleft().to(self.device, dtype)
+        x = torch.empty(shape, dtype=dtype, device=self.wire)
+        dist.recv(x, src=self.ranks[src], tag=tag)
+        return x.to(self.device)
+
+    # --- whole states ---------------------------------------------------------------------------------
+
+    def state_tag(self, kind: int, src: int, dst: int) -> int:
+        return kind + 4 * (src * self.n + dst)
+
+    def send_state(self, state: Any, src: int, dst: int, kind: int, pending: Pending) -> None:
+        if self.here(dst):
+            self.box[(src, dst, -kind)].append(clone_state(state))
+        else:
+            pending.extend(isend_state(state, self.ranks[dst], self.state_tag(kind, src, dst), self.wire))
+
+    def recv_state(self, src: int, dst: int, kind: int) -> tuple[Any, int]:
+        """The state ``src`` sent ``dst`` and its tensor bytes (a hand-over counts its bytes too: the records
+        say what a stage read, wherever its source ran)."""
+        if self.here(src):
+            state = self.box[(src, dst, -kind)].popleft()
+            return state, nbytes(state)
+        return recv_state(self.ranks[src], self.state_tag(kind, src, dst), self.wire, self.device)
+
+
+__all__ = ["Courier"]
