@@ -154,12 +154,9 @@ def validate_placement(run: RunConfig) -> None:
     if engine.no_replacement == "shrink":
         require(n >= 2, "engine.no_replacement", "shrink",
                 f"a stage can only move to a neighbouring host, and model.n_stages={n} has none; allowed here: wait")
-        require(engine.name == "local" or (engine.launcher == "processes" and engine.replicas == 1),
-                "engine.no_replacement", "shrink",
-                f"a process that runs two stages is built for one pipeline of local processes, and engine.launcher="
-                f"{engine.launcher} with engine.replicas={engine.replicas} is not that (Ray actors and data-parallel "
-                "replicas keep one stage each); allowed here: wait, or engine.launcher=processes with "
-                "engine.replicas=1")
+        require(engine.name == "local" or engine.replicas == 1, "engine.no_replacement", "shrink",
+                f"a worker runs several stages of one pipeline only, and engine.replicas={engine.replicas} keeps a "
+                "data-parallel replica of each stage in its own worker; allowed here: wait, or engine.replicas=1")
         require(engine.min_hosts is None or 1 <= engine.min_hosts <= n, "engine.min_hosts", engine.min_hosts,
                 f"allowed is null or 1..{n} (model.n_stages)")
     elif run.failure.replacement == "never":

@@ -311,3 +311,58 @@ def test_lost_node_its_stage_moves_to_another_node(three_nodes, small_run, tmp_p
     finally:
         ray.shutdown()
     assert eventually(lambda: our_actors(run_dir)) == []
+
+
+def test_no_free_node_the_pipeline_shrinks_onto_fewer_actors_and_an_added_node_takes_its_stage_back(
+        small_run, tmp_path):
+    """Three stages, one actor per one-slot node (the head has no slot for them). A trace loses stage 1 at
+    iteration 3 and its replacement is 0.05 h away (``engine.no_replacement=shrink``): stage 1 is rebuilt inside
+    stage 0's actor, and the run goes on with two actors. Before iteration 6 its node leaves the cluster, so no
+    free node is left, and a new node is added (``Cluster.add_node``); when the replacement is due, a new actor
+    there takes stage 1 back, its weights and Adam state sent from stage 0's actor. Metrics equal the local
+    engine's bit for bit."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    surgery: dict = {}
+
+    def replace_the_node(n, engine):
+        if n != 6:
+            return
+        first = {e["stage"]: e for e in reversed(workers_file(run_dir)["history"])}
+        [gone] = [node for node in cluster.worker_nodes if node.node_id == first[1]["node_id"]]
+        cluster.remove_node(gone)
+        assert not eventually(lambda: gone.node_id in {n["NodeID"] for n in ray.nodes() if n["Alive"]}, 60)
+        surgery.update(first=first, added=cluster.add_node(num_cpus=1, resources={"slot": 1}))
+        cluster.wait_for_nodes()
+
+    try:
+        for _ in range(3):
+            cluster.add_node(num_cpus=1, resources={"slot": 1})
+        cluster.wait_for_nodes()
+        run_dir = tmp_path / "ray"
+        sections = {"model": {"n_stages": 3}, "strategy": {"name": "checkfree"},
+                    "failure": {**trace(tmp_path / "trace.json", [{"iteration": 3, "stage": 1}]),
+                                "replacement": "fixed", "replacement_mean_h": 0.05},
+                    "trainer": {"iterations": 20, "eval_every": 10}}
+        local = train(small_run(**sections, engine={"no_replacement": "shrink"}), tmp_path / "local")
+        engine = {**RAY, "no_replacement": "shrink",
+                  "ray": {"address": cluster.address, "standby": False, "resources": {"slot": 1}}}
+        summary = hooked_run(small_run(**sections, engine=engine), run_dir, train_step=replace_the_node).run()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert summary["status"] == "completed" and summary["min_live_hosts"] == 2
+    assert deterministic_view(read_metrics(run_dir / "metrics.jsonl")) == \
+        deterministic_view(read_metrics(tmp_path / "local" / "metrics.jsonl"))
+    assert summary["final_val_loss"] == local["final_val_loss"]
+    first, added, listed = surgery["first"], surgery["added"], workers_file(run_dir)
+    shrunk, back = listed["placements"]
+    assert shrunk["hosts"] == [0, 0, 2] and back["hosts"] == [0, 1, 2]
+    assert [(w["stage"], w["stages"]) for w in shrunk["workers"]] == [(0, [0, 1]), (2, [2])]
+    [rebuild] = [r for record in read_metrics(run_dir / "metrics.jsonl") for r in record["recoveries"]]
+    assert rebuild["stage"] == 1 and rebuild["process"]["new_pid"] == first[0]["pid"]  # in stage 0's actor
+    returned = [e for e in listed["history"] if e["stage"] == 1][-1]
+    assert returned["node_id"] == added.node_id != first[1]["node_id"]
+    assert [(m["stage"], m["from"]["id"], m["to"]["id"]) for m in listed["moves"]] == \
+        [(1, first[1]["node_id"], added.node_id)]

@@ -159,6 +159,8 @@ class RayPool(Supervisor):
         self.moves: list[dict] = []
         self.standbys: dict[str, Actor] = {}
         """node id -> a warm spare actor there (engine.ray.standby)."""
+        self.departed: dict[int, Node] = {}
+        """Node slot -> the node of its last actor, while the pipeline runs without it (a shrink)."""
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -336,18 +338,26 @@ class RayPool(Supervisor):
         Raises ``WorkersDied`` when a replacement, or any other actor, died meanwhile."""
         start = time.perf_counter()
         ranks = self.stage_ranks(stages)
-        old = {rank: self.handles[rank] for rank in ranks}
+        old = {rank: self.handles[rank] for rank in ranks if rank in self.handles}
         self.await_exit(list(old.values()), grace_s=0.0)  # a replaced actor is gone, and its bundle free
-        for handle in old.values():
-            new = self.spawn(handle.stage, handle.replica, fresh=True)
-            new.previous_node = handle.node or handle.previous_node
+        for rank in ranks:  # (a slot with no actor: the node that arrives after the pipeline shrank)
+            handle = old.get(rank)
+            new = self.spawn(rank % self.n_stages, rank // self.n_stages, fresh=True)
+            new.previous_node = (handle.node or handle.previous_node) if handle else self.departed.pop(rank, None)
         self._await_start(ranks, replacing=True)
-        gone = {h.stage for rank, h in self.handles.items() if rank not in old and h.gone()}
+        gone = {h.stage for rank, h in self.handles.items() if rank not in ranks and h.gone()}
         if gone:
             raise WorkersDied(gone, {}, "respawn", 0.0)
         elapsed = time.perf_counter() - start
         self._replenish_standbys()
         return elapsed
+
+    def drop(self, slots: list[int]) -> None:
+        for key in self.stage_ranks(slots):
+            handle = self.handles.get(key)
+            if handle is not None and (handle.node or handle.previous_node) is not None:
+                self.departed[key] = handle.node or handle.previous_node
+        super().drop(slots)
 
     def end(self, handles: list[Handle]) -> None:
         """By ``ray.kill`` rather than a ``Die`` order: Ray takes an actor's own ``os._exit`` for a crash and prints
@@ -401,11 +411,11 @@ class RayPool(Supervisor):
 
     def node(self, stage: int, replica: int = 0) -> Node | None:
         """The node the stage's actor runs on (what a recovery record names as the stage's new home)."""
-        return self.handles[rank_of(stage, replica, self.n_stages)].node
+        return self.handles[self.host_of(stage, replica)].node
 
     def describe(self, stage: int, replica: int = 0) -> dict:
         """A recovery record's view of a stage's actor: its PID and the node it runs (or ran) on."""
-        node = self.node(stage, replica) or self.handles[rank_of(stage, replica, self.n_stages)].previous_node
+        node = self.node(stage, replica) or self.handles[self.host_of(stage, replica)].previous_node
         return {**super().describe(stage, replica), "node_id": node.id if node else None,
                 "node_ip": node.ip if node else None}
 
