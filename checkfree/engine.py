@@ -1,7 +1,8 @@
 """What the trainer asks of an engine, whichever runs the stages (docs/design.md, 'Engines and launchers').
 
 * ``engine=local`` (``checkfree.pipeline.LocalEngine``): every stage in this process.
-* the process engine (``checkfree.distributed.engine.ProcessEngine``): one OS process per stage x replica,
+* the process engine (``checkfree.distributed.engine.ProcessEngine``): one OS process per stage x replica (per
+  node slot after a shrink, which may run several stages),
   started as local processes or as Ray actors; a failure is real (the processes exit) and recovery moves
   tensors between processes.
 

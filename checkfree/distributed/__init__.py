@@ -1,4 +1,5 @@
-"""The process engine: one OS process per pipeline stage (x data-parallel replica) on torch.distributed.
+"""The process engine: one OS process per pipeline stage (x data-parallel replica) on torch.distributed; after a
+shrink (``engine.no_replacement=shrink``) one process runs several consecutive stages.
 
 ``engine=distributed`` runs the same trainer with every stage in its own process (gloo on CPU, NCCL on GPU),
 activations and gradients sent point to point, and failures that are real: the stage's process exits, a
@@ -9,6 +10,7 @@ Modules, one idea each:
 
 * ``programs`` — which stage runs which forward / backward pass, in which order (GPipe, 1F1B)
 * ``transfer`` — (nested) states point to point
+* ``courier`` — stage to stage, over the group or handed over in memory when one worker runs both
 * ``messages`` — the typed commands and replies of the control channel
 * ``worker`` — the stage worker and the commands it serves
 * ``rendezvous`` — the store and its generations

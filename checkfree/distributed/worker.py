@@ -1,8 +1,12 @@
-"""A stage worker: the OS process (or Ray actor) that hosts one replica of one pipeline stage.
+"""A stage worker: the OS process (or Ray actor) of one node slot, hosting one replica of its pipeline stage —
+or, after a shrink (``checkfree.placement``), several consecutive logical stages of the one pipeline, which
+it then runs as one (``programs.host_program``; what its stages send each other is handed over in memory,
+``courier``).
 
-It builds its stage exactly as the local engine does (same seeded init, so losses match), keeps it in a
+It builds its home stage exactly as the local engine does (same seeded init, so losses match), keeps it in a
 ``StageCompute`` (the per-stage compute every engine shares: precision rule, 1/M scaling, clipping,
-stepping, rebuilding from a plan) and obeys the supervisor's commands, one dict in, one dict out.
+stepping, rebuilding from a plan) and obeys the supervisor's commands, one typed command in, one typed reply
+out (``messages``).
 Activations, gradients and weights go to the other stages point to point over ``torch.distributed``; the
 control channel carries only commands, token ids, plans and small replies.
 
@@ -16,7 +20,8 @@ and waits for the supervisor to re-form the group.
 Recovery: ``recover`` carries out the worker's part of a ``RecoveryPlan`` — a survivor sends what the plan
 reads from it (its blocks, a held copy), a replacement receives and applies ``StageCompute.apply``, then
 owners send the held copies the plan re-makes. Survivors only send and replacements only receive, in a
-fixed order, so a recovery cannot deadlock.
+fixed order, so a recovery cannot deadlock. ``move`` sends a stage whole to the worker that runs it now (a
+node that arrived takes its stage back).
 """
 
 from __future__ import annotations
