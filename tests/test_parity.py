@@ -8,6 +8,7 @@ replacements) must write identical metrics: losses, gradient norms, learning rat
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 from checkfree.recovery import STRATEGIES
 from checkfree.runlog import deterministic_view, read_metrics
 from checkfree.train import train
+from tests.conftest import hooked_run
 
 # Losses at an intermediate stage, then at an edge and an intermediate stage together (two at once), then
 # two adjacent stages together, one of them the other edge; strategies that cannot rebuild a stage re-initialise
@@ -70,6 +72,17 @@ def shrink_sections(trace, replacement: dict, strategy: dict, iterations: int) -
             "trainer": {"iterations": iterations, "eval_every": 4}}
 
 
+def equal_states(a, b) -> bool:
+    """Nested states (dicts, lists, tuples of tensors and plain values) equal bit for bit."""
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(equal_states(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return isinstance(b, list | tuple) and len(a) == len(b) and all(map(equal_states, a, b))
+    return a == b
+
+
 def export_weights(run_dir):
     from safetensors.torch import load_file
 
@@ -91,9 +104,18 @@ def test_a_shrunk_pipeline_runs_two_stages_in_one_process_bitwise_as_the_local_e
     trace = tmp_path / "trace.json"
     trace.write_text(json.dumps([{"iteration": 3, "stage": 2}]))
     sections = shrink_sections(trace, replacement, strategy, iterations)
-    local = train(small_run(**sections, engine={"no_replacement": "shrink"}), tmp_path / "local")
-    process = train(small_run(**sections, engine={"name": "distributed", "timeout_s": 20,
-                                                  "no_replacement": "shrink"}), tmp_path / "process")
+    states: dict[str, list] = {"local": [], "process": []}
+
+    def run(name: str, engine: dict) -> dict:
+        def keep(n, e):  # before each step: every stage's weights and Adam state, wherever it runs
+            state = e.state_dict()
+            states[name].append(copy.deepcopy((state["stages"], state["optimizers"])))  # the local one's are live
+        return hooked_run(small_run(**sections, engine=engine), tmp_path / name, train_step=keep).run()
+
+    local = run("local", {"no_replacement": "shrink"})
+    process = run("process", {"name": "distributed", "timeout_s": 20, "no_replacement": "shrink"})
+    # Bitwise at every step: after the rebuild inside node 1's process and after the move back (Adam included).
+    assert len(states["process"]) == iterations and equal_states(states["local"], states["process"])
     records = read_metrics(tmp_path / "process" / "metrics.jsonl")
     assert deterministic_view(read_metrics(tmp_path / "local" / "metrics.jsonl")) == deterministic_view(records)
     for key in ("failures", "recoveries", "final_val_loss", "shrunk_sim_s", "moving_sim_s", "min_live_hosts",
