@@ -94,6 +94,12 @@ def export_weights(run_dir):
     ({"name": "checkfree_plus"}, {"replacement": "fixed", "replacement_mean_h": 0.02}, 12),
     # CheckFree (1F1B): node 2 never comes back; the run ends on three processes.
     ({"name": "checkfree"}, {"replacement": "never"}, 8),
+    # Rollbacks on a shrunk pipeline: node 1's process loads the shards of stages 1 and 2 from storage.
+    ({"name": "checkpoint", "every": 2}, {"replacement": "fixed", "replacement_mean_h": 0.06}, 12),
+    # Peer snapshots in RAM whose holder moves with its stage, and a rollback from memory (the snapshots over
+    # the WAN make its iterations long: its node comes back later in simulated time).
+    ({"name": "memory_checkpoint", "every": 2, "storage_every": 100},
+     {"replacement": "fixed", "replacement_mean_h": 0.15}, 12),
 ])
 def test_a_shrunk_pipeline_runs_two_stages_in_one_process_bitwise_as_the_local_engine(
         strategy, replacement, iterations, small_run, tmp_path):
