@@ -276,7 +276,8 @@ class Trainer:
         self.totals.moving_sim_s += move_s
         record.placed(change.wait_s, move_s, change.moves)
         self.clock.place(self.hosts.placement)
-        self.engine.place(self.hosts.placement)
+        # A process lost while stages move (the arriving node's, say) is recovered like any loss from outside.
+        self.survive(lambda: self.engine.place(self.hosts.placement), record)
         return change.wait_s + move_s
 
     def repriced(self, work_s: float, done: float, paid: float) -> tuple[float, float, float, float]:
@@ -450,7 +451,6 @@ class Trainer:
         if "hosts" in state:  # absent from states saved before nodes could be missing
             self.hosts.load_state_dict(state["hosts"])
             self.clock.place(self.hosts.placement)
-            self.engine.place(self.hosts.placement)
         # Kept, not recomputed: a measured device throughput would give another clock on another machine.
         self.clock.iteration_s = state["iteration_s"]
         # Wall time goes on from where the interrupted run stopped, so wall_time_s stays monotone.
@@ -460,6 +460,9 @@ class Trainer:
             self.flushing = None if state["flushing"] is None else tuple(state["flushing"])
         carried = state.get("carried")  # absent from states saved before losses between iterations were kept
         self.carried = IterationRecord.from_dict(carried) if carried is not None else None
+        # The stages go where the saved run had them (absent nodes' stages to their neighbours), as between two
+        # iterations: a process lost meanwhile is recovered at the start of the next.
+        self.between(lambda: self.engine.place(self.hosts.placement))
 
     def wall_time(self) -> float:
         return time.perf_counter() - self.start

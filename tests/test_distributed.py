@@ -8,6 +8,7 @@ resource tracker are helpers of this pytest process, not workers, and are not co
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -522,3 +523,36 @@ def test_resume_on_processes_gives_the_uninterrupted_local_run(small_run, tmp_pa
     x, y = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("full", "run"))
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
     assert_no_strays(tmp_path / "run")
+
+
+def test_a_process_lost_while_a_stage_moves_back_is_recovered_like_any_loss(small_run, tmp_path):
+    """Node 2 is lost at iteration 3 with its replacement 0.02 h away: node 1's process runs stages 1 and 2.
+    Just as node 2 arrives, node 1's process is SIGKILLed from outside: both its stages are lost with it, the
+    trainer recovers them (rebuilt from stages 0 and 3) and the stages take their places on the new processes;
+    the run goes on to its end on four processes."""
+    trace = write_trace(tmp_path / "trace.json", [{"iteration": 3, "stage": 2}])
+    run_dir = tmp_path / "dist"
+    killed: list[int] = []
+
+    def kill_node_1(n, engine):
+        if n == 3:  # the arrival (calls 1 and 2 came with the loss: before its recovery and after it)
+            pid = engine.pool.handles[1].pid
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            assert not eventually(lambda: not engine.pool.handles[1].gone())
+
+    cfg = small_run(strategy={"name": "checkfree", "unrecoverable": "reinit"},
+                    failure={"name": "trace", "path": trace, "replacement": "fixed", "replacement_mean_h": 0.02},
+                    engine={**DIST, "no_replacement": "shrink"}, trainer={"iterations": 12, "eval_every": 4})
+    summary = hooked_run(cfg, run_dir, place=kill_node_1).run()
+
+    assert summary["status"] == "completed" and killed
+    assert [(f["stage"], f.get("cause")) for f in summary["failures"]] == [
+        (2, None), (1, "process exited during rendezvous"), (2, "process exited during rendezvous")]
+    assert [(r["stage"], r["method"]) for r in summary["recoveries"][1:]] == [(1, "interpolate"), (2, "interpolate")]
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert all(math.isfinite(r["train_loss"]) for r in records[1:]) and records[-1]["hosts"] == [0, 1, 2, 3]
+    listed = json.loads((run_dir / "workers.json").read_text())
+    assert [p["hosts"] for p in listed["placements"]] == [[0, 1, 1, 3], [0, 1, 2, 3]]
+    assert killed[0] not in [w["pid"] for w in listed["placements"][1]["workers"]]
+    assert_no_strays(run_dir)

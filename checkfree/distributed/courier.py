@@ -32,8 +32,9 @@ class Courier:
         """The rank of the process running each stage (this generation)."""
         self.me = 0
         """This process's rank."""
-        self.box: defaultdict[tuple[int, int, int], deque] = defaultdict(deque)
-        """Hand-overs in this process: (from stage, to stage, tag) -> what was sent, oldest first."""
+        self.box: defaultdict[tuple[int, int, Any], deque] = defaultdict(deque)
+        """Hand-overs in this process: (from stage, to stage, tag or ("state", kind)) -> what was sent, oldest
+        first."""
 
     def place(self, ranks: tuple[int, ...], me: int) -> None:
         self.ranks, self.me = tuple(ranks), me
@@ -67,7 +68,7 @@ class Courier:
 
     def send_state(self, state: Any, src: int, dst: int, kind: int, pending: Pending) -> None:
         if self.here(dst):
-            self.box[(src, dst, -kind)].append(clone_state(state))
+            self.box[(src, dst, ("state", kind))].append(clone_state(state))
         else:
             pending.extend(isend_state(state, self.ranks[dst], self.state_tag(kind, src, dst), self.wire))
 
@@ -75,7 +76,7 @@ class Courier:
         """The state ``src`` sent ``dst`` and its tensor bytes (a hand-over counts its bytes too: the records
         say what a stage read, wherever its source ran)."""
         if self.here(src):
-            state = self.box[(src, dst, -kind)].popleft()
+            state = self.box[(src, dst, ("state", kind))].popleft()
             return state, nbytes(state)
         return recv_state(self.ranks[src], self.state_tag(kind, src, dst), self.wire, self.device)
 

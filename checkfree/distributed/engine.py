@@ -1,4 +1,5 @@
-"""The process engine: the trainer's engine, with every stage (x replica) in its own OS process.
+"""The process engine: the trainer's engine, with every stage (x replica) in its own OS process (after a shrink,
+one process per live node, which may run several consecutive stages: ``place``).
 
 It answers the trainer exactly as the local engine does (``checkfree.engine.Engine``) and executes the same
 plans, but over processes: a ``WorkerPool`` starts, commands, watches, replaces and stops them (local
@@ -71,6 +72,8 @@ class ProcessEngine:
         """Where the trainer wants them (``place``); differs from ``running`` while a loss is being recovered."""
         self.dead: set[int] = set()
         """Node slots whose processes ``lose`` ended, until ``execute`` has recovered their stages."""
+        self.old_workers: dict[int, dict[str, Any]] = {}
+        """Lost stage -> the worker that ran it (PID, node), for the recovery's record."""
 
     def start(self, run_dir: Path | str, fresh: bool = True) -> None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)  # workers.json lists the processes from the start
@@ -250,19 +253,27 @@ class ProcessEngine:
         each node that arrived, each stage moved to its host (weights, Adam state and held copies, sent)."""
         self.placement = placement
         if not self.dead and placement != self.running:
+            self.finish_flush()  # a stage's shard is persisted by the process that runs it
             try:
-                self.finish_flush()  # a stage's shard is persisted by the process that runs it
                 self._arrange(set())
-            except WorkersDied as exc:
+            except WorkersDied as exc:  # (the trainer recovers the stages and calls again)
                 raise self.lost(exc) from None
 
-    def _arrange(self, lost: set[int]) -> tuple[float, float]:
-        """The processes for ``self.placement``: the ``lost`` node slots' processes ended (replicas of theirs
-        that still run, too), a new one for every live node slot without one, a new generation of the group,
-        surviving stages moved to their host, and the processes of node slots that run nothing any more
-        stopped. Returns the seconds of the respawn and of the rendezvous."""
+    def _arrange(self, lost_stages: set[int]) -> tuple[float, float]:
+        """The processes for ``self.placement`` when ``lost_stages`` are being recovered: the processes of the
+        node slots that ran only lost stages ended (replicas of theirs that still run, too), a new one for every
+        live node slot without one, a new generation of the group, surviving stages moved to their host, and
+        the processes of node slots that run nothing any more stopped. A worker found gone that ran a stage
+        this recovery does not know of is a loss for the trainer to add (``WorkersDied``), before anything
+        changes: it is never replaced by an empty process behind the recovery's back. Returns the seconds of
+        the respawn and of the rendezvous."""
         pool, target, before = self.pool, self.placement, self.running
         live = set(target.live) if self.replicas == 1 else set(range(self.n_stages))
+        dead = {h.stage for key, h in pool.handles.items() if not pool.alive(key)}
+        unknown = {s for s in dead if not set(before.stages_on(s)) | set(target.stages_on(s)) <= lost_stages}
+        if unknown:  # found gone while the group is re-formed: what the rendezvous itself would report
+            raise WorkersDied(unknown, {}, "rendezvous", 0.0)
+        lost = set(self.hosts_lost(lost_stages)) | dead
         pool.kill(sorted(lost))
         pool.drop(sorted(lost - live))  # no node for them now: the pipeline runs without them
         missing = [slot for slot in sorted(live) if any(key not in pool.handles or not pool.alive(key)
@@ -273,7 +284,7 @@ class ProcessEngine:
         rendezvous_s = pool.rendezvous()
         ranks = pool.group_ranks()
         moves = tuple((k, ranks[rank_of(a, 0, self.n_stages)], ranks[rank_of(b, 0, self.n_stages)])
-                      for k, (a, b) in before.moves(target).items() if a not in lost)
+                      for k, (a, b) in before.moves(target).items() if k not in lost_stages and a not in lost)
         if moves:
             pool.broadcast(msg.Move(moves))
         if leaving:
@@ -289,13 +300,15 @@ class ProcessEngine:
         # A cascade's earlier attempts are part of this recovery's wall time: the record says what it really took.
         start = self.recovering_since = self.recovering_since or time.perf_counter()
         self.attempts += 1
-        old = {k: pool.describe(k) for k in plan.lost}
+        for k in plan.lost:  # where each stage ran when it was lost (a cascade's later attempts keep it)
+            self.old_workers.setdefault(k, pool.describe(k) if pool.host_of(k) in pool.handles else {})
+        old = self.old_workers
         try:
             self.finish_flush()  # a stage killed from outside may take a flush in flight with it
         except StagesLost:
             pass  # its checkpoint never counts; the stages are replaced right here
         try:
-            respawn_s, rendezvous_s = self._arrange(set(self.hosts_lost(plan.lost)))
+            respawn_s, rendezvous_s = self._arrange(set(plan.lost))
             t = time.perf_counter()
             if plan.reads_storage:
                 restored = self.store.restore(self._load_checkpoint, plan.unpersisted)
@@ -318,7 +331,7 @@ class ProcessEngine:
                               **{f"old_{k}": v for k, v in old[report.stage].items()},
                               **{f"new_{k}": v for k, v in pool.describe(report.stage).items()}}
         self.detect_s, self.recovering_since, self.attempts = 0.0, None, 0
-        self.dead = set()
+        self.dead, self.old_workers = set(), {}
         return Outcome(reports, restored)
 
     def _load_checkpoint(self, checkpoint: Path, meta: dict[str, Any]) -> None:

@@ -57,8 +57,9 @@ from checkfree.presets import ModelConfig
 from checkfree.routes import blame, in_order, route
 from checkfree.schedule import build_schedule
 
-# Tags of whole-state transfers (activation tags come from programs.message_tag and never collide with
-# these: each kind of traffic runs in its own command).
+# Kinds of whole-state transfers; ``Courier.state_tag`` makes a kind and the (sender, receiver) stage pair one
+# tag (activation tags come from programs.message_tag and never meet these: each kind of traffic runs in its
+# own command).
 TAG_BODY, TAG_RESTORE, TAG_REFRESH, TAG_MOVE = 0, 1, 2, 3
 
 
@@ -100,10 +101,6 @@ class WorkerSpec:
     @property
     def n_stages(self) -> int:
         return self.model.n_stages
-
-    @property
-    def world_size(self) -> int:
-        return self.n_stages * self.replicas
 
     @property
     def rank(self) -> int:
