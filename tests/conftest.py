@@ -32,8 +32,19 @@ def no_cuda_reason() -> str | None:
     return f"needs CUDA: torch {torch.__version__} sees no CUDA device (CUDA_VISIBLE_DEVICES, driver)"
 
 
+SLOWEST_MODULES = ("test_ray.py", "test_reliability.py", "test_config.py", "test_parity.py", "test_dead_runs.py",
+                   "test_distributed.py", "test_compile.py")
+"""Modules that take longest (each 10-160 s on 2 cores), longest first. ``make test`` runs pytest-xdist with
+``--dist loadfile``: each worker takes whole modules, in collection order, as it becomes free (a module's tests
+share its fixtures, the Ray cluster among them, and Ray allows one cluster per driver). Starting with the
+longest keeps one of them from running alone at the end while the other worker idles."""
+
+
 def pytest_collection_modifyitems(config, items):
-    """``@pytest.mark.cuda`` tests skip, saying why, wherever torch sees no CUDA device."""
+    """The slowest modules first (``SLOWEST_MODULES``; a stable sort keeps each module's own order); and
+    ``@pytest.mark.cuda`` tests skip, saying why, wherever torch sees no CUDA device."""
+    first = {name: rank for rank, name in enumerate(SLOWEST_MODULES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))
     reason = no_cuda_reason()
     if reason is not None:
         for item in items:
