@@ -12,11 +12,12 @@ $(STAMP): pyproject.toml
 	# not look there), so no resolver pulls the multi-GB CUDA wheels.
 	$(BIN)/pip install -q --no-compile "torch==2.13.0" uv || $(BIN)/pip install -q --no-compile torch uv
 	# The rest with uv, keeping that torch (parallel downloads: ~35 s with bytecode instead of pip's ~85 s on
-	# 2 cores); with pip where uv cannot be had. Bytecode is compiled here, in parallel, torch's too: where
-	# PYTHONDONTWRITEBYTECODE is set (as on CI) every interpreter would otherwise compile what it imports.
-	# (torch ships a Python 3.12-only test file that 3.11 cannot compile, as pip's own compile step skips it.)
+	# 2 cores); with pip where uv cannot be had. Then bytecode for what pip installed (torch, sympy: ~18,000
+	# modules in all, in parallel): where PYTHONDONTWRITEBYTECODE is set, as on CI, every interpreter would
+	# otherwise compile what it imports (sympy alone costs each worker seconds). compileall skips what is
+	# compiled already, and fails only on a Python 3.12-only test file torch ships, which pip skips too.
 	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e ".[dev]" || $(BIN)/pip install -q -e ".[dev]"
-	$(BIN)/python -m compileall -q -j 0 "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/torch" > /dev/null || true
+	$(BIN)/python -m compileall -q -j 0 "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" > /dev/null || true
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -25,7 +26,7 @@ run: $(STAMP)
 # Several pytest workers (JOBS=0 for none): many tests wait on processes they start or on timeouts, so one
 # pytest leaves the cores idle. Whole modules per worker (their tests share module fixtures, the Ray cluster
 # among them), slowest first (tests/conftest.py). (pytest 9.2 ignores xdist's --dist loadgroup marks.)
-JOBS ?= 3
+JOBS ?= 2
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile $(ARGS)
 
