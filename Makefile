@@ -17,10 +17,15 @@ $(STAMP): pyproject.toml
 	# Pin the CPU build of torch first, with pip, which finds the wheel this workplace keeps on disk (uv does
 	# not look there), so no resolver pulls the multi-GB CUDA wheels.
 	$(BIN)/pip install -q --no-compile "torch==2.13.0" uv || $(BIN)/pip install -q --no-compile torch uv
-	# The rest with uv, keeping that torch (parallel downloads); with pip where uv cannot be had. No bytecode is
-	# compiled here: compiling all ~18,000 modules installed took ~60 s on 2 cores, and an interpreter that
-	# imports torch, transformers and Ray uses ~3,000 of them (cached on first use: see above).
+	# The rest with uv, keeping that torch (parallel downloads); with pip where uv cannot be had.
 	$(BIN)/uv pip install -q --python $(BIN)/python -e ".[dev]" || $(BIN)/pip install -q --no-compile -e ".[dev]"
+	# Bytecode for the ~4,000 modules a run and the suite import (torch, transformers, Ray, Hydra, datasets,
+	# wandb, ...), by importing them, in two processes: ~21 s, where compiling all ~18,000 installed took ~60 s
+	# on 2 cores. Without it the suite's first interpreters, started together, would each compile the same ones.
+	$(BIN)/python -c "import checkfree.lifecycle, checkfree.distributed.worker; \
+	    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM" & first=$$!; \
+	$(BIN)/python -c "import checkfree.train, checkfree.analysis, checkfree.distributed.ray_pool, datasets, \
+	    tokenizers, hydra, wandb, matplotlib.pyplot, pytest, xdist" && wait $$first
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -299,8 +299,8 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.communicate()
-        pytest.fail(f"{proc.args} hung for {timeout} s")
+        _, err = proc.communicate()  # what it said before it hung: where it was stuck
+        pytest.fail(f"{proc.args} hung for {timeout} s; its stderr ended with:\n{err[-3000:]}")
     return proc.returncode, out, err
 
 
