@@ -6,26 +6,18 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint bench device-check clean
 
-# Bytecode is cached on first import, into the venv and the gitignored __pycache__ folders, for whatever the
-# recipes below start (pytest's workers, the CLI runs, stage processes, Ray actors all inherit it). Where the
-# environment sets PYTHONDONTWRITEBYTECODE (CI does), every interpreter would compile torch, transformers and
-# sympy again from source: ~20 s of CPU each, against ~8 s for an import from the cache. (Empty = unset.)
-export PYTHONDONTWRITEBYTECODE :=
-
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	# Pin the CPU build of torch first, with pip, which finds the wheel this workplace keeps on disk (uv does
 	# not look there), so no resolver pulls the multi-GB CUDA wheels.
 	$(BIN)/pip install -q --no-compile "torch==2.13.0" uv || $(BIN)/pip install -q --no-compile torch uv
-	# The rest with uv, keeping that torch (parallel downloads); with pip where uv cannot be had.
-	$(BIN)/uv pip install -q --python $(BIN)/python -e ".[dev]" || $(BIN)/pip install -q --no-compile -e ".[dev]"
-	# Bytecode for the ~4,000 modules a run and the suite import (torch, transformers, Ray, Hydra, datasets,
-	# wandb, ...), by importing them, in two processes: ~21 s, where compiling all ~18,000 installed took ~60 s
-	# on 2 cores. Without it the suite's first interpreters, started together, would each compile the same ones.
-	$(BIN)/python -c "import checkfree.lifecycle, checkfree.distributed.worker; \
-	    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM" & first=$$!; \
-	$(BIN)/python -c "import checkfree.train, checkfree.analysis, checkfree.distributed.ray_pool, datasets, \
-	    tokenizers, hydra, wandb, matplotlib.pyplot, pytest, xdist" && wait $$first
+	# The rest with uv, keeping that torch (parallel downloads: ~35 s with bytecode instead of pip's ~85 s on
+	# 2 cores); with pip where uv cannot be had. Then bytecode for what pip installed (torch, sympy: ~18,000
+	# modules in all, in parallel): where PYTHONDONTWRITEBYTECODE is set, as on CI, every interpreter would
+	# otherwise compile what it imports (sympy alone costs each worker seconds). compileall skips what is
+	# compiled already, and fails only on a Python 3.12-only test file torch ships, which pip skips too.
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e ".[dev]" || $(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/python -m compileall -q -j 0 "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" > /dev/null || true
 	touch $(STAMP)
 
 run: $(STAMP)
