@@ -35,13 +35,17 @@ from checkfree import paper_table2
 from checkfree.analysis import find_run_dirs, load_runs, plot_val_loss
 from checkfree.recovery import strategy_class
 
-STRATEGIES = ("checkpoint", "redundant", "checkfree", "checkfree_plus")
+STRATEGIES = ("checkpoint", "redundant", "checkfree", "checkfree_plus", "async_checkpoint", "memory_checkpoint",
+              "snapshot_restore")
+"""The table's rows, in this order: the paper's four, then the modern checkpointing baselines (which the paper
+did not run: their paper columns stay empty)."""
 COLUMNS = ["strategy", "hourly_rate", "seeds", "reached", "hours_to_target", "hours_ci95",
            "iterations_to_target_over_T", "iterations_ci95", "failures_before_target",
            "failures_per_stage_per_T", "speedup_vs_checkpoint", "speedup_vs_checkpoint_ci95",
            "speedup_vs_redundant", "speedup_vs_redundant_ci95", "cost_model_hours_to_target",
            "paper_hours_to_target", "paper_iterations_over_T", "paper_speedup_vs_checkpoint",
-           "paper_speedup_vs_redundant", "time_over_T", "time_ci95"]
+           "paper_speedup_vs_redundant", "time_over_T", "time_ci95", "lost_iterations",
+           "memory_overhead_mb_per_node"]
 
 # Two-sided 95 % Student t quantiles by degrees of freedom (n - 1); a CI over n seeds is mean +- t * s / sqrt(n).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -76,6 +80,9 @@ def load(paths: Sequence[str | Path]) -> pd.DataFrame:
             "n_failures": len(failures), "n_recoveries": s["n_recoveries"],
             "recoveries_by_method": s.get("recoveries_by_method"), "final_val_loss_se": s.get("final_val_loss_se"),
             "val_sequences": s.get("val_sequences"), "target": s.get("target_loss"),
+            "lost_iterations": s.get("lost_iterations", 0),
+            # The busiest node's extra memory (held copies, snapshots), as the summary reports it per node.
+            "memory_overhead_mb_per_node": max(s.get("memory_overhead_bytes_per_node") or [0]) / 1e6,
         })
     return pd.DataFrame(rows)
 
@@ -123,6 +130,7 @@ def comparison(runs: pd.DataFrame) -> pd.DataFrame:
             vs_red = paired_speedups(runs, "redundant", strategy, rate) if strategy in ("checkfree", "checkfree_plus") \
                 else []
             per_T = [r.n_failures / r.n_stages / (r.iterations / T) for r in mine.itertuples()]
+            paper_hours = paper_table2.HOURS.get(strategy, (math.nan,) * 3)[i]  # the paper ran four strategies
             rows.append({
                 "strategy": strategy, "hourly_rate": rate, "seeds": len(mine), "reached": len(reached),
                 "hours_to_target": statistics.fmean(hours) if hours else math.nan, "hours_ci95": ci95(hours),
@@ -137,11 +145,13 @@ def comparison(runs: pd.DataFrame) -> pd.DataFrame:
                 # The same iterations to target, each priced by our cost model (in paper iterations).
                 "cost_model_hours_to_target": (statistics.fmean(its) * paper_table2.PAPER_T * cost_model_seconds(strategy) / 3600
                                                if its else math.nan),
-                "paper_hours_to_target": paper_table2.HOURS[strategy][i],
-                "paper_iterations_over_T": paper_table2.HOURS[strategy][i] * 3600 / paper_iteration_seconds(strategy, i) / paper_table2.PAPER_T,
+                "paper_hours_to_target": paper_hours,
+                "paper_iterations_over_T": paper_hours * 3600 / paper_iteration_seconds(strategy, i) / paper_table2.PAPER_T,
                 "paper_speedup_vs_checkpoint": paper_table2.SPEEDUP_VS_CHECKPOINT.get(strategy, (math.nan,) * 3)[i],
                 "paper_speedup_vs_redundant": paper_table2.SPEEDUP_VS_REDUNDANT.get(strategy, (math.nan,) * 3)[i],
                 "time_over_T": statistics.fmean(times) if times else math.nan, "time_ci95": ci95(times),
+                "lost_iterations": statistics.fmean(mine["lost_iterations"]),
+                "memory_overhead_mb_per_node": statistics.fmean(mine["memory_overhead_mb_per_node"]),
             })
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -166,18 +176,21 @@ def markdown(table: pd.DataFrame, runs: pd.DataFrame, calibration: dict[str, Any
                   f"range {se.min():.4f}-{se.max():.4f}).", ""]
     lines += ["| strategy | rate | reached | hours to target (ours) | paper | time to target / T (ours) | paper "
               "| CPU iterations / T (ours) | failures before target | failures / stage / T "
-              "| speed-up vs ckpt (ours) | paper | vs redundant (ours) | paper | hours, our cost model |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| speed-up vs ckpt (ours) | paper | vs redundant (ours) | paper | hours, our cost model "
+              "| lost iterations | memory overhead / node (MB) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table.itertuples():
         lines.append(
             f"| {r.strategy} | {r.hourly_rate:.0%} | {r.reached}/{r.seeds} | {_pm(r.hours_to_target, r.hours_ci95, '.0f')} "
-            f"| {r.paper_hours_to_target:.0f} | {_pm(r.time_over_T, r.time_ci95, '.2f')} "
-            f"| {r.paper_iterations_over_T:.2f} | {_pm(r.iterations_to_target_over_T, r.iterations_ci95, '.2f')} "
+            f"| {_pm(r.paper_hours_to_target, math.nan, '.0f')} | {_pm(r.time_over_T, r.time_ci95, '.2f')} "
+            f"| {_pm(r.paper_iterations_over_T, math.nan, '.2f')} "
+            f"| {_pm(r.iterations_to_target_over_T, r.iterations_ci95, '.2f')} "
             f"| {r.failures_before_target:.0f} | {r.failures_per_stage_per_T:.1f} "
             f"| {_pm(r.speedup_vs_checkpoint, r.speedup_vs_checkpoint_ci95, '.2f')} "
             f"| {_pm(r.paper_speedup_vs_checkpoint, math.nan, '.2f')} "
             f"| {_pm(r.speedup_vs_redundant, r.speedup_vs_redundant_ci95, '.2f')} "
-            f"| {_pm(r.paper_speedup_vs_redundant, math.nan, '.2f')} | {_pm(r.cost_model_hours_to_target, math.nan, '.0f')} |")
+            f"| {_pm(r.paper_speedup_vs_redundant, math.nan, '.2f')} | {_pm(r.cost_model_hours_to_target, math.nan, '.0f')} "
+            f"| {r.lost_iterations:.0f} | {r.memory_overhead_mb_per_node:.2f} |")
     lines += ["", "Time to target / T: hours to target over the no-failure time (T iterations at the strategy's "
               "paper price), as the paper's 'iterations / T' column; CPU iterations / T leaves out the work that "
               "losses threw away and the recoveries.", "Mean ± 95 % CI over seeds (Student t). Speed-ups are per-seed ratios of hours to target (the same "

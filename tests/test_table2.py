@@ -36,7 +36,8 @@ def test_paper_clock_prices_each_strategy_as_the_paper_measured(small_run, tmp_p
 
 
 def fake_run(root: Path, strategy: str, rate: float, seed: int, hours: float | None, iterations: int,
-             failure_hours: list[float], T: int = 100, n_stages: int = 6) -> None:
+             failure_hours: list[float], T: int = 100, n_stages: int = 6, lost: int = 0,
+             held: list[int] | None = None) -> None:
     run = root / f"{strategy}_{rate}_{seed}"
     run.mkdir(parents=True)
     (run / "metrics.jsonl").write_text(json.dumps({"iteration": 0, "sim_time_s": 0.0, "val_loss": 5.0}) + "\n")
@@ -47,7 +48,8 @@ def fake_run(root: Path, strategy: str, rate: float, seed: int, hours: float | N
         "iterations_to_target_interp": iterations if hours is not None else None,
         "total_sim_time_s": 999 * 3600.0, "n_recoveries": len(failure_hours),
         "failures": [{"stage": 1, "time_s": h * 3600} for h in failure_hours],
-        "final_val_loss_se": 0.004, "val_sequences": 512, "target_loss": 0.78,
+        "final_val_loss_se": 0.004, "val_sequences": 512, "target_loss": 0.78, "lost_iterations": lost,
+        "memory_overhead_bytes_per_node": held or [0] * n_stages,
         "config": {"trainer": {"paper_T": T}, "model": {"n_stages": n_stages}}}))
 
 
@@ -57,6 +59,10 @@ def test_comparison_means_cis_paired_speedups_and_failure_counts(tmp_path):
         fake_run(tmp_path, "checkpoint", 0.16, seed, ckpt, 250, [10.0, 280.0, 400.0])
         fake_run(tmp_path, "checkfree", 0.16, seed, cf, 150, [10.0, 180.0, 250.0])
     fake_run(tmp_path, "redundant", 0.16, 0, None, 400, [1.0] * 24)  # never reached the target
+    # A baseline the paper did not run: no paper columns; its lost iterations and its busiest node's copies.
+    for seed, lost in enumerate((3, 5)):
+        fake_run(tmp_path, "memory_checkpoint", 0.16, seed, 250.0, 120, [10.0], lost=lost,
+                 held=[2_000_000, 3_500_000, 0, 0, 0, 0])
     runs = table2.load([tmp_path])
     table = table2.comparison(runs).set_index("strategy")
 
@@ -82,11 +88,19 @@ def test_comparison_means_cis_paired_speedups_and_failure_counts(tmp_path):
     assert red["failures_per_stage_per_T"] == pytest.approx(24 / 6 / 4)
     assert math.isnan(cf["speedup_vs_redundant"])  # no redundant run reached the target to pair with
 
+    mem = table.loc["memory_checkpoint"]
+    assert mem["lost_iterations"] == 4.0 and mem["memory_overhead_mb_per_node"] == 3.5
+    assert math.isnan(mem["paper_hours_to_target"]) and math.isnan(mem["paper_iterations_over_T"])
+    assert mem["speedup_vs_checkpoint"] == pytest.approx((300 / 250 + 330 / 250) / 2)  # seeds 0 and 1 paired
+    assert (cf["lost_iterations"], cf["memory_overhead_mb_per_node"]) == (0.0, 0.0)
+
     out = tmp_path / "report"
     table2.write_report([tmp_path], out, {"T": 100, "target": 0.78, "iterations": [95, 105], "seeds": 2})
     csv = (out / "comparison.csv").read_text().splitlines()
     assert csv[0].startswith("strategy,hourly_rate,seeds,reached,hours_to_target,hours_ci95,iterations_to_target_over_T")
-    assert "| checkfree | 16% | 3/3 | 203 ± " in (out / "comparison.md").read_text()
+    report = (out / "comparison.md").read_text()
+    assert "| checkfree | 16% | 3/3 | 203 ± " in report
+    assert "| memory_checkpoint | 16% | 2/2 | 250 ± 0 | — | " in report and report.count("| 4 | 3.50 |") == 1
     assert (out / "val_loss_vs_hours.png").stat().st_size > 0
 
 
