@@ -13,9 +13,10 @@ run is interrupted or fails *between* iterations (a state caught mid-iteration i
 iteration and appended to, ``summary.json`` is rewritten, checkpoints stay where they are. The result is
 the same, record for record and weight for weight, as a run that never stopped.
 
-Signals: with ``save_every`` > 0, a SIGINT/SIGTERM arriving mid-iteration lets that iteration finish, so
-the state saved on the way out is the one at the signal; a second signal stops at once. Once the run is on
-its way out (saving, exporting, writing the summary, closing wandb and the engine), signals are dropped.
+Signals: a SIGINT/SIGTERM while the run trains lets the iteration under way finish and stops before the next
+(with ``save_every`` > 0 the state saved on the way out is the one at the signal); a second signal stops at
+once. Once the run is on its way out (saving, exporting, writing the summary, closing wandb and the engine),
+signals are dropped.
 """
 
 from __future__ import annotations
@@ -230,22 +231,27 @@ class Run:
     def _stop_if_asked(self) -> None:
         signum = self.stop_signal if self.stop_signal is not None else next(iter(_requested), None)
         if signum is not None:
-            self.save_state()
+            if self.cfg.trainer.save_every:
+                self.save_state()
             raise interrupted(signum)
 
     @contextlib.contextmanager
     def _stop_between_iterations(self) -> Iterator[None]:
-        """With ``save_every`` > 0, SIGINT/SIGTERM arriving mid-iteration let that iteration finish, so the
-        state saved on the way out is the one at the signal rather than at the last periodic save; a second
-        signal, or one between iterations, stops at once. (Without saving there is nothing to wait for.)"""
-        if not self.cfg.trainer.save_every or threading.current_thread() is not threading.main_thread():
+        """A first SIGINT/SIGTERM is noted, never raised: the run stops at the top of the next iteration
+        (``_stop_if_asked``), so the state saved on the way out (``save_every`` > 0) is the one at the signal
+        rather than at the last periodic save. Raised at whatever instruction the main thread is at, the
+        KeyboardInterrupt could land inside a library's lock (wandb's logging, an import under way) and leave
+        it held for the teardown to wait on forever (the likely cause of a silent hang after a Ctrl-C, seen
+        twice in fresh-clone test runs with wandb offline and no saving). A second signal still stops at once."""
+        if threading.current_thread() is not threading.main_thread():
             yield  # handlers can only be set from the main thread
             return
 
         def handler(signum: int, frame: object) -> None:
-            if self.consistent_at is None and self.stop_signal is None:
+            if self.stop_signal is None:
                 self.stop_signal = signum
-                print(f"signal {signum}: finishing iteration {self.trainer.iteration_no}, saving, then stopping "
+                saving = "saving, " if self.cfg.trainer.save_every else ""
+                print(f"signal {signum}: finishing iteration {self.trainer.iteration_no}, {saving}then stopping "
                       "(send it again to stop at once)", file=sys.stderr, flush=True)
                 return
             raise interrupted(signum)

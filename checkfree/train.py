@@ -57,7 +57,7 @@ _job_started = False
 def _raise_interrupted(signum: int, frame: object) -> None:
     """The command line's SIGINT and SIGTERM handler: the first signal stops the run, and the ones after it
     are ignored, since the run is then writing its summary, closing and exiting with 128 + signum (a second
-    Ctrl-C must not turn that into "killed by SIGINT"). While the run trains with ``save_every``, its own
+    Ctrl-C must not turn that into "killed by SIGINT"). While the run trains, its own
     handler comes first (``Run._stop_between_iterations``: a second signal there still stops at once)."""
     from checkfree.lifecycle import interrupted, request_stop
 
