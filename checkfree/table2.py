@@ -104,6 +104,12 @@ def paper_iteration_seconds(strategy: str, i: int) -> float:
     return paper_table2.ITERATION_S[strategy_class(strategy).table2_column][i]
 
 
+def paper_value(column: dict[str, tuple[float, ...]], strategy: str, i: int) -> float:
+    """The paper's Table 2 figure of ``strategy`` at ``paper_table2.RATES[i]`` from one of its columns; NaN
+    where the paper has none (it ran four strategies, and compared only some of them)."""
+    return column.get(strategy, (math.nan,) * len(paper_table2.RATES))[i]
+
+
 def paired_speedups(runs: pd.DataFrame, base: str, strategy: str, rate: float) -> list[float]:
     """Per seed: hours of ``base`` / hours of ``strategy`` (the same failure times strike both at a seed)."""
     a = runs[(runs.strategy == base) & (runs.hourly_rate == rate) & runs.reached].set_index("seed")["hours"]
@@ -130,7 +136,7 @@ def comparison(runs: pd.DataFrame) -> pd.DataFrame:
             vs_red = paired_speedups(runs, "redundant", strategy, rate) if strategy in ("checkfree", "checkfree_plus") \
                 else []
             per_T = [r.n_failures / r.n_stages / (r.iterations / T) for r in mine.itertuples()]
-            paper_hours = paper_table2.HOURS.get(strategy, (math.nan,) * 3)[i]  # the paper ran four strategies
+            paper_hours = paper_value(paper_table2.HOURS, strategy, i)
             rows.append({
                 "strategy": strategy, "hourly_rate": rate, "seeds": len(mine), "reached": len(reached),
                 "hours_to_target": statistics.fmean(hours) if hours else math.nan, "hours_ci95": ci95(hours),
@@ -147,8 +153,8 @@ def comparison(runs: pd.DataFrame) -> pd.DataFrame:
                                                if its else math.nan),
                 "paper_hours_to_target": paper_hours,
                 "paper_iterations_over_T": paper_hours * 3600 / paper_iteration_seconds(strategy, i) / paper_table2.PAPER_T,
-                "paper_speedup_vs_checkpoint": paper_table2.SPEEDUP_VS_CHECKPOINT.get(strategy, (math.nan,) * 3)[i],
-                "paper_speedup_vs_redundant": paper_table2.SPEEDUP_VS_REDUNDANT.get(strategy, (math.nan,) * 3)[i],
+                "paper_speedup_vs_checkpoint": paper_value(paper_table2.SPEEDUP_VS_CHECKPOINT, strategy, i),
+                "paper_speedup_vs_redundant": paper_value(paper_table2.SPEEDUP_VS_REDUNDANT, strategy, i),
                 "time_over_T": statistics.fmean(times) if times else math.nan, "time_ci95": ci95(times),
                 "lost_iterations": statistics.fmean(mine["lost_iterations"]),
                 "memory_overhead_mb_per_node": statistics.fmean(mine["memory_overhead_mb_per_node"]),
