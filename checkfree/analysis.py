@@ -36,7 +36,7 @@ import pandas as pd
 
 from checkfree.config import finite
 from checkfree.rundir import reported_status
-from checkfree.runlog import SkippedLines, read_metrics
+from checkfree.runlog import KEPT_METRICS, SkippedLines, run_metrics
 
 # Table/plot order: the method under study first, then baselines, ablations, and the failure-free run.
 STRATEGY_ORDER = ["checkfree", "checkfree_plus", "checkpoint", "redundant", "copy", "uniform", "random",
@@ -59,7 +59,8 @@ def _natural_key(path: Path) -> list[Any]:
 
 
 def _is_run_dir(path: Path) -> bool:
-    return any((path / name).is_file() for name in ("metrics.jsonl", "summary.json", ".hydra/config.yaml"))
+    return any((path / name).is_file() for name in ("metrics.jsonl", KEPT_METRICS, "summary.json",
+                                                     ".hydra/config.yaml"))
 
 
 def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
@@ -121,7 +122,7 @@ def _float(x: Any) -> float:
 def load_run(run_dir: str | Path) -> dict[str, Any]:
     """One run as a flat dict (see ``load_runs`` for the keys)."""
     run_dir = Path(run_dir)
-    records = read_metrics(run_dir / "metrics.jsonl", bad="warn")
+    records = run_metrics(run_dir, bad="warn")
     summary = _read_mapping(run_dir / "summary.json")
     # The summary's own fields win, then its resolved config, then Hydra's copy of the config.
     cfg = summary.get("config")

@@ -342,6 +342,10 @@ class TokenBatches:
         self.epoch, self.index = 0, 0
         self._order = self._permutation()
 
+    def sha256(self) -> str:
+        """Digest of the packed training tokens (their order on disk, not an epoch's shuffle)."""
+        return hashlib.sha256(self._rows.contiguous().numpy().tobytes()).hexdigest()
+
     @property
     def tokens_per_epoch(self) -> int:
         """Tokens served per epoch: n_sequences * (seq_len + 1)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import math
 import signal
 import sys
@@ -31,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from checkfree.atomic import os_error_behind, signals_to
+from checkfree.provenance import environment
 from checkfree.records import IterationRecord
 from checkfree.resume import save_state, state_path, truncate_metrics
 from checkfree.rundir import owned
@@ -261,6 +263,11 @@ class Run:
 
     # --- the summary -------------------------------------------------------------------------------------
 
+    @functools.cached_property
+    def environment(self) -> dict[str, str]:
+        """Library versions and the tokens' digest (``checkfree.provenance``): hashed once per run."""
+        return environment(self.trainer.corpus)
+
     def summary(self) -> dict:
         t, cfg, log = self.trainer.totals, self.cfg, self.log
         by_method: dict[str, int] = {}
@@ -298,6 +305,8 @@ class Run:
             "wandb_dir": str(log.wandb_dir) if log is not None and log.wandb_dir is not None else None,
             "wandb_url": log.wandb_url if log is not None else None,
             "config": cfg.to_dict(),
+            # Library versions and the tokens' digest: what the numbers depend on beyond the config.
+            "environment": self.environment,
             # strategy.every=auto: the period the bandwidth sustains, as the run worked it out.
             **({"strategy_every": self.trainer.strategy.cfg.every} if cfg.strategy.every == "auto" else {}),
         }

@@ -144,6 +144,31 @@ def read_metrics(path: Path, bad: str = "skip") -> list[dict]:
     return records
 
 
+KEPT_METRICS = "metrics_kept.jsonl"
+"""The rows of a run's metrics.jsonl that its reports read, small enough to keep in git (experiments' run
+directories are git-ignored but for this file and summary.json, so a fresh clone resumes a sweep)."""
+
+
+def keep_metrics(run_dir: Path) -> Path | None:
+    """Write KEPT_METRICS: the first and last record, every validation and every iteration that lost a stage
+    (the loss curve and the failure marks of ``checkfree.analysis``); None where the run left no metrics."""
+    records = read_metrics(Path(run_dir) / "metrics.jsonl")
+    if not records:
+        return None
+    kept = [r for i, r in enumerate(records)
+            if i in (0, len(records) - 1) or "val_loss" in r or r.get("failed_stages")]
+    path = Path(run_dir) / KEPT_METRICS
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return path
+
+
+def run_metrics(run_dir: Path, bad: str = "skip") -> list[dict]:
+    """A run's records: its metrics.jsonl, or where that is absent (a clone holds only the kept rows) its
+    KEPT_METRICS. ``bad`` as ``read_metrics``."""
+    full = Path(run_dir) / "metrics.jsonl"
+    return read_metrics(full if full.is_file() else Path(run_dir) / KEPT_METRICS, bad)
+
+
 class SkippedLines(RuntimeWarning):
     """``read_metrics(bad="warn")`` skipped ``count`` unparsable lines of ``path`` (``first`` says where)."""
 

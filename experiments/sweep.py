@@ -24,6 +24,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from checkfree.runlog import keep_metrics
+
 ROOT = Path(__file__).resolve().parent.parent
 SWEEPS = ROOT / "conf" / "sweep"
 
@@ -51,6 +53,7 @@ def run_point(name: str, index: int, overrides: list[str], out: Path, extra: lis
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "stdout.log", "w") as log:
         code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    keep_metrics(run_dir)  # what git keeps of the run (with its summary): a fresh clone resumes from it
     return str(run_dir), code, time.perf_counter() - start
 
 

@@ -312,14 +312,14 @@ def records_as_runs(records: list[dict]) -> list[dict]:
 def so_far(points: list[tuple[str, int, list[str]]], out: Path) -> list[dict]:
     """Each point's summary as it stands, without running anything (``--report-only``): a run not finished
     yet also says how many iterations it has done (the last line of its metrics)."""
-    from checkfree.runlog import read_metrics
+    from checkfree.runlog import run_metrics
 
     runs = []
     for name, i, overrides in points:
         matches = sorted((out / name).glob(f"{i:03d}_*/summary.json"))
         summary = json.loads(matches[0].read_text()) if matches else {"not_started": True}
         if summary.get("status") != "completed" and matches:
-            records = read_metrics(matches[0].parent / "metrics.jsonl")
+            records = run_metrics(matches[0].parent)
             summary["iterations_so_far"] = records[-1]["iteration"] if records else 0
         summary.setdefault("strategy", overrides[0].split("=", 1)[1])
         runs.append(summary)
@@ -361,14 +361,14 @@ def run_seconds(runs: list[dict]) -> float:
 
 def ablation_rows(width: int, calibration: dict, runs: list[dict]) -> tuple[list[str], list[dict]]:
     """The table's rows for one width, and every run's own figures (for runs.csv)."""
-    from checkfree.runlog import read_metrics
+    from checkfree.runlog import run_metrics
 
     T, rows, records, finals = calibration["T"], [], [], {}
     for rule in ("checkfree", "uniform", "copy", "random", "zero"):
         mine = sorted((r for r in runs if r.get("strategy") == rule), key=lambda r: r["seed"])
         at_T, at_end, its = [], [], []
         for r in mine:
-            curve = [(m["iteration"], m["val_loss"]) for m in read_metrics(Path(r["run_dir"]) / "metrics.jsonl")
+            curve = [(m["iteration"], m["val_loss"]) for m in run_metrics(Path(r["run_dir"]))
                      if "val_loss" in m]
             at_T.append(interpolate(curve, T))
             at_end.append(curve[-1][1])

@@ -235,3 +235,27 @@ def test_notebook_runs_headless(sweep: Path, tmp_path: Path, monkeypatch: pytest
         assert (sweep / "analysis" / name).is_file(), name
     outputs = [o for cell in nb.cells for o in cell.get("outputs", [])]
     assert any("image/png" in o.get("data", {}) for o in outputs)
+
+
+def test_a_run_kept_in_git_loads_as_the_run_did(sweep: Path, tmp_path: Path) -> None:
+    """An experiment's run directory keeps summary.json and metrics_kept.jsonl in git: a clone (no
+    metrics.jsonl, no .hydra) loads to the same row, curve and failure marks as the run's full directory."""
+    from checkfree.runlog import KEPT_METRICS, keep_metrics, read_metrics, run_metrics
+
+    full = sweep / "0"  # checkfree seed 0: 3 validations, a stage lost at 99 s
+    kept = keep_metrics(full)
+    records = read_metrics(full / "metrics.jsonl")
+    # The first and last records, every validation, every lost stage: 7 records -> 5 (two train-only ones go).
+    assert [r["iteration"] for r in read_metrics(kept)] == [0, 2, 3, 4, 6]
+    assert [r["iteration"] for r in records] == [0, 1, 2, 3, 4, 5, 6]
+    clone = tmp_path / "clone" / "0"
+    clone.mkdir(parents=True)
+    for name in ("summary.json", KEPT_METRICS):
+        (clone / name).write_text((full / name).read_text())
+    assert run_metrics(clone) == read_metrics(kept) and run_metrics(full) == records
+    a, b = load_runs([full]).iloc[0], load_runs([clone]).iloc[0]
+    for column in ("strategy", "hourly_rate", "seed", "status", "iterations", "n_failures", "final_val_loss",
+                   "time_to_target_s", "total_sim_time_s", "curve", "failure_times"):
+        assert a[column] == b[column], column
+    assert b["curve"] == [(0.0, 7.0), (50.0, 3.5), (100.0, 3.0), (150.0, 2.8)] and b["failure_times"] == [99.0]
+    assert keep_metrics(sweep / "9") is None  # crashed before training: no metrics, nothing to keep

@@ -1,0 +1,37 @@
+"""What a run's numbers depend on beyond its config: the libraries' versions and the exact tokens it saw.
+
+One config gives the same numbers to the digit only in the same environment: a newer ``tokenizers`` may train
+another BPE on the same documents, a newer ``transformers`` may initialise Llama blocks differently. (Both are
+unpinned ranges in pyproject.toml; ``constraints.txt`` pins what the committed results were made with.) Every
+summary carries this record, so a report that puts runs side by side can tell when they were not made alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from importlib import metadata
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from checkfree.data import Corpus
+
+PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "numpy")
+"""The libraries whose version changes a run's numbers (its model, its tokens or their order)."""
+
+
+def versions() -> dict[str, str]:
+    """Python's and each of PACKAGES' installed version."""
+    return {"python": platform.python_version(), **{name: metadata.version(name) for name in PACKAGES}}
+
+
+def tokens_sha256(train_sha256: str, val: torch.Tensor) -> str:
+    """One digest of the training tokens' digest and the validation tokens: equal digests, equal data."""
+    return hashlib.sha256(train_sha256.encode() + val.contiguous().numpy().tobytes()).hexdigest()
+
+
+def environment(corpus: Corpus) -> dict[str, str]:
+    """The record a summary carries: versions and the digest of the corpus's tokens (train and validation)."""
+    return {**versions(), "tokens_sha256": tokens_sha256(corpus.train.sha256(), corpus.val)}

@@ -1,0 +1,42 @@
+"""checkfree.provenance: a summary says which libraries and which tokens made its numbers."""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import metadata
+
+import torch
+
+from checkfree.data import TokenBatches
+from checkfree.provenance import PACKAGES, environment, tokens_sha256, versions
+
+
+def test_the_training_digest_is_sha256_of_the_packed_rows_and_changes_with_one_token():
+    tokens = torch.arange(23, dtype=torch.int64)  # seq_len 4: rows of 5, the ragged tail of 3 is dropped
+    batches = TokenBatches(tokens, seq_len=4)
+    assert batches.sha256() == hashlib.sha256(tokens[:20].numpy().tobytes()).hexdigest()
+    batches.next_batch(3)  # serving batches moves the epoch's order, not the digest
+    assert batches.sha256() == hashlib.sha256(tokens[:20].numpy().tobytes()).hexdigest()
+    changed = tokens.clone()
+    changed[7] = 99
+    assert TokenBatches(changed, seq_len=4).sha256() != batches.sha256()
+    assert TokenBatches(tokens, seq_len=4, batch_seed=5).sha256() == batches.sha256()  # the order is the seed's
+
+
+def test_the_record_joins_train_and_validation_and_names_each_library_version():
+    val = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    joined = tokens_sha256("ab", val)
+    assert joined == hashlib.sha256(b"ab" + val.numpy().tobytes()).hexdigest()
+    assert tokens_sha256("ab", val + 1) != joined and tokens_sha256("ac", val) != joined
+    assert versions() == {"python": versions()["python"], **{p: metadata.version(p) for p in PACKAGES}}
+    assert set(PACKAGES) >= {"torch", "transformers", "tokenizers"}
+
+
+def test_a_run_summary_carries_the_environment_of_its_corpus(small_run, tmp_path):
+    from checkfree.train import build_run
+
+    run = build_run(small_run(trainer={"iterations": 1, "eval_every": 1}), tmp_path / "run")
+    summary = run.run()
+    corpus = run.trainer.corpus
+    assert summary["environment"] == {**versions(), "tokens_sha256": tokens_sha256(corpus.train.sha256(), corpus.val)}
+    assert environment(corpus) == summary["environment"]
