@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import platform
+from collections import Counter
 from importlib import metadata
 from typing import TYPE_CHECKING
 
@@ -35,3 +36,21 @@ def tokens_sha256(train_sha256: str, val: torch.Tensor) -> str:
 def environment(corpus: Corpus) -> dict[str, str]:
     """The record a summary carries: versions and the digest of the corpus's tokens (train and validation)."""
     return {**versions(), "tokens_sha256": tokens_sha256(corpus.train.sha256(), corpus.val)}
+
+
+def label(env: dict[str, str] | None) -> str:
+    """One line for one environment record (None: a run made before summaries carried one)."""
+    if not env:
+        return "not recorded (made before summaries carried their environment)"
+    libraries = ", ".join(f"{name} {version}" for name, version in env.items() if name != "tokens_sha256")
+    return f"{libraries}; tokens sha256 {env.get('tokens_sha256', '?')[:12]}"
+
+
+def describe(envs: list[dict[str, str] | None]) -> str:
+    """A report's sentence on the environments of its runs: the one they share, or a warning that lists each
+    with its number of runs (their numbers are then not comparable to the digit)."""
+    counts = Counter(label(env) for env in envs)
+    if len(counts) == 1:
+        return f"Environment of every run: {next(iter(counts))}."
+    return (f"Warning: these {len(envs)} runs were made in {len(counts)} environments, so their numbers do not "
+            "compare to the digit: " + "; ".join(f"{n} run(s) with {text}" for text, n in counts.most_common()) + ".")

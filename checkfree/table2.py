@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ import pandas as pd
 
 from checkfree import paper_table2
 from checkfree.analysis import find_run_dirs, load_runs, plot_val_loss
+from checkfree.provenance import describe
 from checkfree.recovery import strategy_class
 
 STRATEGIES = ("checkpoint", "redundant", "checkfree", "checkfree_plus", "async_checkpoint", "memory_checkpoint",
@@ -83,6 +85,7 @@ def load(paths: Sequence[str | Path]) -> pd.DataFrame:
             "lost_iterations": s.get("lost_iterations", 0),
             # The busiest node's extra memory (held copies, snapshots), as the summary reports it per node.
             "memory_overhead_mb_per_node": max(s.get("memory_overhead_bytes_per_node") or [0]) / 1e6,
+            "environment": s.get("environment"),  # library versions and the tokens' digest (checkfree.provenance)
         })
     return pd.DataFrame(rows)
 
@@ -170,6 +173,8 @@ def _pm(mean: float, half: float, fmt: str = ".3g") -> str:
 
 def markdown(table: pd.DataFrame, runs: pd.DataFrame, calibration: dict[str, Any] | None) -> str:
     lines = []
+    # Every run and the calibration in one environment, or a warning that says which runs were not.
+    lines += [describe([*runs["environment"], *([calibration.get("environment")] if calibration else [])]), ""]
     if calibration:
         lines += [f"Calibration (no failures, {len(calibration['iterations'])} seeds): T = {calibration['T']} "
                   f"iterations to validation loss {calibration['target']} (per seed: "
@@ -209,12 +214,17 @@ def write_report(paths: Sequence[str | Path], out: str | Path, calibration: dict
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = load(paths)
+    if runs.empty:
+        raise SystemExit(f"no run summaries under {', '.join(map(str, paths))}: nothing to report")
     table = comparison(runs[runs.strategy != "none"])
     table.to_csv(out / "comparison.csv", index=False, float_format="%.6g")
     # Every run's own figures, so the table can be checked (and re-derived) without the run directories.
-    runs.drop(columns=["recoveries_by_method"]).sort_values(["strategy", "hourly_rate", "seed"]).to_csv(
+    runs.drop(columns=["recoveries_by_method", "environment"]).sort_values(["strategy", "hourly_rate", "seed"]).to_csv(
         out / "runs.csv", index=False, float_format="%.6g")
-    (out / "comparison.md").write_text(markdown(table, runs, calibration))
+    text = markdown(table, runs, calibration)
+    if text.startswith("Warning:"):
+        print(text.splitlines()[0], file=sys.stderr)
+    (out / "comparison.md").write_text(text)
     df = load_runs(paths)
     target = calibration["target"] if calibration else None
     plot_val_loss(df[df.strategy.isin(STRATEGIES)], out / "val_loss_vs_hours.png", target)

@@ -87,7 +87,9 @@ def calibrate(out: Path, seeds: int, jobs: int, extra: list[str]) -> dict:
     T = round(statistics.fmean(iterations))
     calibration = {"T": T, "target": target, "iterations": iterations, "ci95": ci95(iterations),
                    "val_loss_se": [r.get("final_val_loss_se") for r in runs], "seeds": seeds,
-                   "run_seconds": run_seconds(runs)}
+                   "run_seconds": run_seconds(runs),
+                   # The environment the calibration ran in: the report flags grid runs made in another.
+                   "environment": runs[0].get("environment")}
     (out / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
     print(f"calibration: T = {T} iterations to {target} (per seed {[round(i) for i in iterations]})", flush=True)
     return calibration

@@ -8,7 +8,7 @@ from importlib import metadata
 import torch
 
 from checkfree.data import TokenBatches
-from checkfree.provenance import PACKAGES, environment, tokens_sha256, versions
+from checkfree.provenance import PACKAGES, describe, environment, tokens_sha256, versions
 
 
 def test_the_training_digest_is_sha256_of_the_packed_rows_and_changes_with_one_token():
@@ -40,3 +40,14 @@ def test_a_run_summary_carries_the_environment_of_its_corpus(small_run, tmp_path
     corpus = run.trainer.corpus
     assert summary["environment"] == {**versions(), "tokens_sha256": tokens_sha256(corpus.train.sha256(), corpus.val)}
     assert environment(corpus) == summary["environment"]
+
+
+def test_a_report_names_the_one_environment_or_warns_with_each_and_its_count():
+    a = {"python": "3.11.7", "torch": "2.13.0+cpu", "tokens_sha256": "76f6a63991f93c16"}
+    b = {**a, "tokens_sha256": "0123456789abcdef"}
+    assert describe([a, dict(a)]) == "Environment of every run: python 3.11.7, torch 2.13.0+cpu; tokens sha256 76f6a63991f9."
+    assert describe([a, b, a, None]) == (
+        "Warning: these 4 runs were made in 3 environments, so their numbers do not compare to the digit: "
+        "2 run(s) with python 3.11.7, torch 2.13.0+cpu; tokens sha256 76f6a63991f9; "
+        "1 run(s) with python 3.11.7, torch 2.13.0+cpu; tokens sha256 0123456789ab; "
+        "1 run(s) with not recorded (made before summaries carried their environment).")
