@@ -20,7 +20,7 @@ trained to 1.25 T; ``ablations.md`` gives the validation loss at T and at the en
 Points run as separate processes (one torch thread each), ``--jobs`` at a time; a finished point is not run
 again, so an interrupted sweep resumes where it stopped.
 
-    python experiments/table2.py [--out results/table2] [--seeds 3] [--jobs 2]
+    python experiments/table2.py [--out results/table2] [--seeds 3] [--jobs 2] [--rates 0.16] [--widths 128]
     python experiments/table2.py ablations [--widths 64,128] [--out results/table2_ablations]
 """
 
@@ -152,6 +152,11 @@ def corpus_overrides(args: argparse.Namespace) -> list[str]:
     return [*extra, *args.set]
 
 
+def model_width(width: int) -> list[str]:
+    """The overrides of a model ``width`` wide (d_model): the same depth, heads of 16 dimensions."""
+    return [f"model.d_model={width}", f"model.n_heads={max(1, width // 16)}"]
+
+
 def regime(T: int, length: float) -> list[str]:
     """The overrides that put a run in the paper's regime for calibrated T."""
     return [f"trainer.paper_T={T}", f"++strategy.every={max(1, round(T / 100))}",
@@ -160,7 +165,12 @@ def regime(T: int, length: float) -> list[str]:
 
 def main_table(args: argparse.Namespace) -> None:
     start = time.perf_counter()
+    if args.widths is not None and not args.widths.isdigit():  # before the probe or any run
+        raise SystemExit(f"--widths={args.widths} is invalid for the main table: one d_model (e.g. 128) at a time, "
+                         "each into its own --out (the ablations take several)")
     extra = corpus_overrides(args)
+    if args.widths is not None:  # another width: the same target, its own calibrated T
+        extra = [*model_width(int(args.widths)), *extra]
     calibration = calibrate(args.out, args.seeds, args.jobs, extra)
     strategies = args.strategies.split(",") if args.strategies else None
     points = [("table2", i, o) for i, o in enumerate(grid("table2")) if int(o[-1].split("=")[1]) < args.seeds
@@ -206,8 +216,8 @@ def edge_protocols(args: argparse.Namespace, calibration: dict, extra: list[str]
 def ablations(args: argparse.Namespace) -> None:
     start, lines, records, seconds = time.perf_counter(), [], [], 0.0
     extra = corpus_overrides(args)  # one target for every width, as the paper's one target for its rules
-    for width in [int(w) for w in args.widths.split(",")]:
-        shape = [f"model.d_model={width}", f"model.n_heads={max(1, width // 16)}"]
+    for width in [int(w) for w in (args.widths or "64,128").split(",")]:
+        shape = model_width(width)
         out = args.out / f"d{width}"
         calibration = calibrate(out, args.seeds, args.jobs, [*shape, *extra])
         points = [("table2_ablations", i, o) for i, o in enumerate(grid("table2_ablations"))
@@ -452,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--widths", default="64,128", help="ablations: comma-separated d_model values")
+    parser.add_argument("--widths", default=None, help="ablations: comma-separated d_model values (default "
+                        "64,128); main: one d_model (default: the sweep's, 64), calibrated on its own")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     args = parser.parse_args(argv)
     default = {"main": "table2", "ablations": "table2_ablations", "granularity": "granularity"}[args.what]

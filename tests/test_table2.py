@@ -176,6 +176,17 @@ def test_each_point_gets_only_the_strategy_keys_its_strategy_reads():
     assert script.read_by(["seed=0"], extra) == extra  # the strategy is the config's: nothing to decide on
 
 
+def test_the_main_table_runs_at_one_other_width_and_refuses_several_before_any_run(tmp_path):
+    """--widths 128: every run (calibration, grid, edge protocols) gets d_model 128 with heads of 16 dimensions;
+    two widths at once are refused before the probe or any run starts (nothing is written)."""
+    script = experiment_script()
+    assert script.model_width(128) == ["model.d_model=128", "model.n_heads=8"]
+    assert script.model_width(8) == ["model.d_model=8", "model.n_heads=1"]
+    with pytest.raises(SystemExit, match=r"--widths=64,128 is invalid for the main table: one d_model"):
+        script.main(["--widths", "64,128", "--target", "auto", "--data", "pydocs", "--out", str(tmp_path / "t")])
+    assert not (tmp_path / "t").exists()
+
+
 def experiment_script():
     """experiments/table2.py as a module (it imports its sibling experiments/sweep.py)."""
     import importlib
