@@ -10,15 +10,18 @@ $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	# Pin the CPU build of torch first, with pip, which finds the wheel this workplace keeps on disk (uv does
 	# not look there), so no resolver pulls the multi-GB CUDA wheels.
-	$(BIN)/pip install -q --no-compile -c constraints.txt "torch==2.13.0" uv || $(BIN)/pip install -q --no-compile torch uv
+	$(BIN)/pip install -q --no-compile "torch==2.13.0" "uv==0.13.9" || $(BIN)/pip install -q --no-compile torch uv
 	# The rest with uv, keeping that torch (parallel downloads: ~35 s with bytecode instead of pip's ~85 s on
 	# 2 cores); with pip where uv cannot be had. Then bytecode for what pip installed (torch, sympy: ~18,000
 	# modules in all, in parallel): where PYTHONDONTWRITEBYTECODE is set, as on CI, every interpreter would
 	# otherwise compile what it imports (sympy alone costs each worker seconds). compileall skips what is
 	# compiled already, and fails only on a Python 3.12-only test file torch ships, which pip skips too.
-	# Every version as constraints.txt pins it: the versions the committed results were made with.
-	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -c constraints.txt -e ".[dev]" \
-		|| $(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	# Every version as constraints.txt pins it (what the regenerated results ran) where the interpreter is the
+	# Python 3.11 they ran on; another Python gets pyproject's ranges, and a warning.
+	C=$$($(BIN)/python -c 'import sys; print("-c constraints.txt" if sys.version_info[:2] == (3, 11) else "")'); \
+	test -n "$$C" || echo "warning: not Python 3.11: installing without constraints.txt (results may not regenerate to the digit)"; \
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python $$C -e ".[dev]" \
+		|| $(BIN)/pip install -q $$C -e ".[dev]"
 	$(BIN)/python -m compileall -q -j 0 "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" > /dev/null || true
 	touch $(STAMP)
 

@@ -14,8 +14,10 @@ and ``time_to_target.png`` into ``OUT`` (default: ``<first dir>/analysis``). Fro
     df = load_runs(["multirun"]); table = comparison_table(df); write_report(df, "out")
 
 A run directory holds the trainer's ``metrics.jsonl`` and ``summary.json`` (docs/design.md, 'What a run leaves')
-and Hydra's ``.hydra/config.yaml``. Any of them may be missing or cut short: a killed run is analysed from
-what is left, and a run without a single metrics record is reported as a *missing point*.
+and Hydra's ``.hydra/config.yaml``; a clone of an experiment's run holds ``summary.json`` and the kept rows of its
+metrics (``metrics_kept.jsonl``, ``checkfree.runlog.keep_metrics``) instead. Any of them may be missing or cut
+short: a killed run is analysed from what is left, and a run without a single metrics record is reported as a
+*missing point*.
 """
 
 from __future__ import annotations
@@ -486,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"note: skipped {sum(w.count for w in skipped)} unparsable metrics line(s) in {len(skipped)} run(s) "
               f"(first: {skipped[0].first})", file=sys.stderr)
     if df.empty:
-        print(f"error: no run directories (metrics.jsonl, summary.json or .hydra/config.yaml) under "
+        print(f"error: no run directories (metrics.jsonl, {KEPT_METRICS}, summary.json or .hydra/config.yaml) under "
               f"{', '.join(map(str, args.dirs))}", file=sys.stderr)
         return 2
     paths = write_report(df, args.out or args.dirs[0] / "analysis", args.target)

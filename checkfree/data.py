@@ -344,7 +344,7 @@ class TokenBatches:
 
     def sha256(self) -> str:
         """Digest of the packed training tokens (their order on disk, not an epoch's shuffle)."""
-        return hashlib.sha256(self._rows.contiguous().numpy().tobytes()).hexdigest()
+        return hashlib.sha256(self._rows.contiguous().numpy()).hexdigest()  # the buffer itself: no copy
 
     @property
     def tokens_per_epoch(self) -> int:

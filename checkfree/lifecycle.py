@@ -98,6 +98,7 @@ class Run:
         """Train; whatever happens, leave metrics.jsonl and a summary.json that says how it ended."""
         exit_code, t = 1, self.trainer
         try:
+            _ = self.environment  # the tokens hashed before the engine's workers start waiting for work
             t.engine.start(self.run_dir, fresh=self.resume_state is None)
             if self.resume_state is not None:
                 from checkfree.export_paths import clear_stale_exports

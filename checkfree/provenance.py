@@ -25,12 +25,21 @@ PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "numpy")
 
 def versions() -> dict[str, str]:
     """Python's and each of PACKAGES' installed version."""
-    return {"python": platform.python_version(), **{name: metadata.version(name) for name in PACKAGES}}
+    return {"python": platform.python_version(), **{name: _version(name) for name in PACKAGES}}
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:  # a build without its distribution's metadata (some source builds)
+        return "unknown"
 
 
 def tokens_sha256(train_sha256: str, val: torch.Tensor) -> str:
     """One digest of the training tokens' digest and the validation tokens: equal digests, equal data."""
-    return hashlib.sha256(train_sha256.encode() + val.contiguous().numpy().tobytes()).hexdigest()
+    digest = hashlib.sha256(train_sha256.encode())
+    digest.update(val.contiguous().numpy())  # the buffer itself: no copy of the tokens
+    return digest.hexdigest()
 
 
 def environment(corpus: Corpus) -> dict[str, str]:
@@ -46,11 +55,13 @@ def label(env: dict[str, str] | None) -> str:
     return f"{libraries}; tokens sha256 {env.get('tokens_sha256', '?')[:12]}"
 
 
-def describe(envs: list[dict[str, str] | None]) -> str:
-    """A report's sentence on the environments of its runs: the one they share, or a warning that lists each
-    with its number of runs (their numbers are then not comparable to the digit)."""
-    counts = Counter(label(env) for env in envs)
+def describe(envs: list[dict[str, str] | None], calibration: list[dict[str, str] | None] = ()) -> str:
+    """A report's sentence on the environments of its runs (and of the calibration runs that fixed its T): the
+    one they share, or a warning that lists each with its number of runs (their numbers then do not compare to
+    the digit)."""
+    counts = Counter(label(env) for env in [*envs, *calibration])
+    what = f"{len(envs)} runs" + (f" and {len(calibration)} calibration runs" if calibration else "")
     if len(counts) == 1:
-        return f"Environment of every run: {next(iter(counts))}."
-    return (f"Warning: these {len(envs)} runs were made in {len(counts)} environments, so their numbers do not "
-            "compare to the digit: " + "; ".join(f"{n} run(s) with {text}" for text, n in counts.most_common()) + ".")
+        return f"Environment of all {what}: {next(iter(counts))}."
+    return (f"Warning: these {what} were made in {len(counts)} environments, so their numbers do not compare to "
+            "the digit: " + "; ".join(f"{n} with {text}" for text, n in counts.most_common()) + ".")

@@ -145,21 +145,26 @@ def read_metrics(path: Path, bad: str = "skip") -> list[dict]:
 
 
 KEPT_METRICS = "metrics_kept.jsonl"
-"""The rows of a run's metrics.jsonl that its reports read, small enough to keep in git (experiments' run
-directories are git-ignored but for this file and summary.json, so a fresh clone resumes a sweep)."""
+"""The rows and fields of a run's metrics.jsonl that its reports read, small enough to keep in git (experiments'
+run directories are git-ignored but for this file and summary.json, so a fresh clone resumes a sweep)."""
+KEPT_FIELDS = ("iteration", "progress", "sim_time_s", "wall_time_s", "val_loss", "failed_stages")
+"""What ``checkfree.analysis.load_run`` and the experiments' reports read of a record (the curve, the failure
+marks, how far a run got); the rest (recoveries, per-stage lr and gradient norms) stays in metrics.jsonl, and
+the summary has every recovery."""
 
 
 def keep_metrics(run_dir: Path) -> Path | None:
-    """Write KEPT_METRICS: the first and last record, every validation and every iteration that lost a stage
-    (the loss curve and the failure marks of ``checkfree.analysis``); None where the run left no metrics."""
+    """Write KEPT_METRICS (atomically): KEPT_FIELDS of the first and last record, every validation and every
+    iteration that lost a stage; None where the run left no metrics."""
+    from checkfree.atomic import write_atomic
+
     records = read_metrics(Path(run_dir) / "metrics.jsonl")
     if not records:
         return None
-    kept = [r for i, r in enumerate(records)
+    kept = [{k: r[k] for k in KEPT_FIELDS if k in r} for i, r in enumerate(records)
             if i in (0, len(records) - 1) or "val_loss" in r or r.get("failed_stages")]
-    path = Path(run_dir) / KEPT_METRICS
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    return path
+    text = "".join(json.dumps(r) + "\n" for r in kept).encode()
+    return write_atomic(Path(run_dir) / KEPT_METRICS, lambda f: f.write(text))
 
 
 def run_metrics(run_dir: Path, bad: str = "skip") -> list[dict]:

@@ -174,7 +174,9 @@ def _pm(mean: float, half: float, fmt: str = ".3g") -> str:
 def markdown(table: pd.DataFrame, runs: pd.DataFrame, calibration: dict[str, Any] | None) -> str:
     lines = []
     # Every run and the calibration in one environment, or a warning that says which runs were not.
-    lines += [describe([*runs["environment"], *([calibration.get("environment")] if calibration else [])]), ""]
+    # (A run that failed before it trained has no environment to tell: it is left out.)
+    lines += [describe(list(runs.loc[runs["iterations"] > 0, "environment"]),
+                       (calibration or {}).get("environments", [])), ""]
     if calibration:
         lines += [f"Calibration (no failures, {len(calibration['iterations'])} seeds): T = {calibration['T']} "
                   f"iterations to validation loss {calibration['target']} (per seed: "

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from checkfree.runlog import keep_metrics
+from checkfree.runlog import KEPT_METRICS, keep_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEPS = ROOT / "conf" / "sweep"
@@ -45,7 +45,10 @@ def run_point(name: str, index: int, overrides: list[str], out: Path, extra: lis
     label = "_".join(o.split("=", 1)[1] for o in overrides)
     run_dir = out / name / f"{index:03d}_{label}"
     if (run_dir / "summary.json").exists() and '"completed"' in (run_dir / "summary.json").read_text():
+        if not (run_dir / KEPT_METRICS).exists():  # finished before run directories kept their rows
+            keep(run_dir)
         return str(run_dir), 0, 0.0  # already done: sweeps can be resumed by running them again
+    (run_dir / KEPT_METRICS).unlink(missing_ok=True)  # a previous attempt's rows must not outlive it
     cmd = [sys.executable, "-m", "checkfree.train", f"+sweep={name}", *overrides, *extra,
            f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
@@ -53,8 +56,18 @@ def run_point(name: str, index: int, overrides: list[str], out: Path, extra: lis
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "stdout.log", "w") as log:
         code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    keep_metrics(run_dir)  # what git keeps of the run (with its summary): a fresh clone resumes from it
+    keep(run_dir)
     return str(run_dir), code, time.perf_counter() - start
+
+
+def keep(run_dir: Path) -> None:
+    """What git keeps of a run (with its summary), so that a fresh clone resumes from it. A failure to write it
+    (a full disk) is a warning: one point never stops the sweep."""
+    try:
+        keep_metrics(run_dir)
+    except OSError as exc:
+        print(f"warning: {run_dir / KEPT_METRICS} not written ({exc}); a clone will run this point again",
+              file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,7 +59,9 @@ def run_all(points: list[tuple[str, int, list[str]]], out: Path, extra: list[str
             print(f"[{done}/{len(points)}] {Path(run_dir).name}: {'ok' if code == 0 else f'FAILED (exit {code})'} "
                   f"in {seconds:.0f} s", flush=True)
             summary = Path(run_dir) / "summary.json"
-            results.append(json.loads(summary.read_text()) if summary.exists() else {"run_dir": run_dir})
+            # run_dir: where the run is now (its summary names where it ran, maybe another clone's path).
+            results.append({**json.loads(summary.read_text()), "run_dir": run_dir} if summary.exists()
+                           else {"run_dir": run_dir})
     return results
 
 
@@ -88,8 +90,8 @@ def calibrate(out: Path, seeds: int, jobs: int, extra: list[str]) -> dict:
     calibration = {"T": T, "target": target, "iterations": iterations, "ci95": ci95(iterations),
                    "val_loss_se": [r.get("final_val_loss_se") for r in runs], "seeds": seeds,
                    "run_seconds": run_seconds(runs),
-                   # The environment the calibration ran in: the report flags grid runs made in another.
-                   "environment": runs[0].get("environment")}
+                   # Each seed's environment: the report flags grid runs made in another.
+                   "environments": [r.get("environment") for r in runs]}
     (out / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
     print(f"calibration: T = {T} iterations to {target} (per seed {[round(i) for i in iterations]})", flush=True)
     return calibration
@@ -237,7 +239,7 @@ def ablations(args: argparse.Namespace) -> None:
         f"(calibration included, {args.jobs} at a time); this invocation {(time.perf_counter() - start) / 60:.1f} "
         "min of wall time.\n")
     (args.out / "ablations.md").write_text(text)
-    # Per run, what the table averages (the run directories themselves are not kept in git).
+    # Per run, what the table averages (git keeps only each run directory's summary and kept metrics rows).
     pd.DataFrame(records).to_csv(args.out / "runs.csv", index=False)
     print(text)
 

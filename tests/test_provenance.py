@@ -45,9 +45,23 @@ def test_a_run_summary_carries_the_environment_of_its_corpus(small_run, tmp_path
 def test_a_report_names_the_one_environment_or_warns_with_each_and_its_count():
     a = {"python": "3.11.7", "torch": "2.13.0+cpu", "tokens_sha256": "76f6a63991f93c16"}
     b = {**a, "tokens_sha256": "0123456789abcdef"}
-    assert describe([a, dict(a)]) == "Environment of every run: python 3.11.7, torch 2.13.0+cpu; tokens sha256 76f6a63991f9."
-    assert describe([a, b, a, None]) == (
-        "Warning: these 4 runs were made in 3 environments, so their numbers do not compare to the digit: "
-        "2 run(s) with python 3.11.7, torch 2.13.0+cpu; tokens sha256 76f6a63991f9; "
-        "1 run(s) with python 3.11.7, torch 2.13.0+cpu; tokens sha256 0123456789ab; "
-        "1 run(s) with not recorded (made before summaries carried their environment).")
+    assert describe([a, dict(a)]) == "Environment of all 2 runs: python 3.11.7, torch 2.13.0+cpu; tokens sha256 76f6a63991f9."
+    assert describe([a], [a, a]) == ("Environment of all 1 runs and 2 calibration runs: python 3.11.7, torch "
+                                     "2.13.0+cpu; tokens sha256 76f6a63991f9.")
+    assert describe([a, b, a], [None]) == (
+        "Warning: these 3 runs and 1 calibration runs were made in 3 environments, so their numbers do not compare "
+        "to the digit: 2 with python 3.11.7, torch 2.13.0+cpu; tokens sha256 76f6a63991f9; "
+        "1 with python 3.11.7, torch 2.13.0+cpu; tokens sha256 0123456789ab; "
+        "1 with not recorded (made before summaries carried their environment).")
+
+
+def test_a_package_without_metadata_is_unknown_not_an_error(monkeypatch):
+    real = metadata.version
+
+    def version(name):
+        if name == "tokenizers":
+            raise metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(metadata, "version", version)
+    assert versions()["tokenizers"] == "unknown" and versions()["torch"] == real("torch")

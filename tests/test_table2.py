@@ -103,7 +103,7 @@ def test_comparison_means_cis_paired_speedups_and_failure_counts(tmp_path):
     assert "| memory_checkpoint | 16% | 2/2 | 250 ± 0 | — | " in report and report.count("| 4 | 3.50 |") == 1
     assert (out / "val_loss_vs_hours.png").stat().st_size > 0
     # These hand-made summaries carry no environment record: the report says so, once, for every run.
-    assert report.startswith("Environment of every run: not recorded (made before summaries carried")
+    assert report.startswith("Environment of all 9 runs: not recorded (made before summaries carried")
 
 
 def test_gpu_throughput_benchmark_smoke_mode_runs_on_the_cpu(capsys):
