@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from checkfree.atomic import os_error_behind, signals_to
-from checkfree.provenance import environment
+from checkfree.provenance import environment, label
 from checkfree.records import IterationRecord
 from checkfree.resume import save_state, state_path, truncate_metrics
 from checkfree.rundir import owned
@@ -188,12 +188,21 @@ class Run:
         """Everything the next iteration depends on, at an iteration boundary (see ``save_state``): the
         trainer's state, and the run's own (where it is, its config, when it was resumed)."""
         return {**self.trainer.state_dict(), "iteration": self.consistent_at, "config": self.cfg.to_dict(),
-                "resumed_at": list(self.resumed_at)}
+                "resumed_at": list(self.resumed_at), "environment": self.environment}
 
     def load_state_dict(self, state: dict) -> None:
         self.trainer.load_state_dict(state)
         self.resumed_at = [*state["resumed_at"], state["iteration"]]
         self.saved_at = state["iteration"]
+        saved = state.get("environment")  # None: a state saved before states carried it
+        if saved is not None and saved != self.environment:
+            # Allowed (a resume on an upgraded machine is legitimate), but the summary names one environment:
+            # the iterations before the resume ran in another, and must not pass for this one's.
+            text = (f"resumed in another environment: the iterations up to {state['iteration']} ran with "
+                    f"{label(saved)}, the rest with {label(self.environment)}; the run's numbers need not "
+                    "match either environment's to the digit.")
+            self.warnings.append(text)
+            print(f"warning: {text}", file=sys.stderr)
 
     def save_state(self) -> None:
         """Write the resumable state, if the run is at an iteration boundary (never a mid-iteration one)."""

@@ -41,3 +41,29 @@ def test_a_run_saves_at_boundaries_and_counts_what_happened(small_run, tmp_path)
     assert [r["iteration"] for r in records] == [0, 1, 2, 3, 4, 5]
     assert [r["iteration"] for r in records if "val_loss" in r] == [0, 2, 4, 5]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
+
+
+def test_a_resume_in_another_environment_is_a_warning_that_names_both(small_run, tmp_path):
+    import torch
+
+    from checkfree.provenance import label
+    from checkfree.resume import state_path
+    from checkfree.train import build_run
+
+    first = build_run(small_run(trainer={"iterations": 3, "eval_every": 3, "save_every": 1}), tmp_path / "run")
+    here = first.run()["environment"]
+    state = torch.load(state_path(tmp_path / "run"), weights_only=False)
+    assert state["environment"] == here  # the state carries the environment it was saved in
+    older = {**here, "transformers": "4.48.0"}
+    torch.save({**state, "environment": older}, state_path(tmp_path / "run"))
+    resumed = build_run(small_run(trainer={"iterations": 5, "eval_every": 3, "save_every": 1,
+                                           "resume": str(tmp_path / "run")}), tmp_path / "elsewhere")
+    summary = resumed.run()
+    assert summary["status"] == "completed" and summary["environment"] == here
+    assert summary["warnings"] == [f"resumed in another environment: the iterations up to 3 ran with {label(older)}, "
+                                   f"the rest with {label(here)}; the run's numbers need not match either "
+                                   "environment's to the digit."]
+    torch.save(state, state_path(tmp_path / "run"))  # the same environment again: no warning
+    again = build_run(small_run(trainer={"iterations": 6, "eval_every": 3, "save_every": 1,
+                                         "resume": str(tmp_path / "run")}), tmp_path / "elsewhere")
+    assert again.run()["warnings"] == []
