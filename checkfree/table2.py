@@ -36,6 +36,7 @@ from checkfree import paper_table2
 from checkfree.analysis import find_run_dirs, load_runs, plot_val_loss
 from checkfree.provenance import describe
 from checkfree.recovery import strategy_class
+from checkfree.rundir import reported_status
 
 STRATEGIES = ("checkpoint", "redundant", "checkfree", "checkfree_plus", "async_checkpoint", "memory_checkpoint",
               "snapshot_restore")
@@ -73,7 +74,9 @@ def load(paths: Sequence[str | Path]) -> pd.DataFrame:
         ttt = s.get("time_to_target_interp_s")
         failures = s.get("failures") or []
         rows.append({
-            "run_dir": str(run_dir), "strategy": s["strategy"], "seed": s["seed"], "status": s["status"],
+            # "running" only while a process holds the run; a killed one's summary reads "killed".
+            "run_dir": str(run_dir), "strategy": s["strategy"], "seed": s["seed"],
+            "status": reported_status(run_dir, s["status"]),
             "hourly_rate": 0.0 if s["failure"] == "none" else s["hourly_rate"], "T": t,
             "n_stages": (cfg.get("model") or {}).get("n_stages"), "iterations": s["iterations"],
             "reached": ttt is not None, "hours": ttt / 3600 if ttt is not None else s["total_sim_time_s"] / 3600,
@@ -121,7 +124,9 @@ def paired_speedups(runs: pd.DataFrame, base: str, strategy: str, rate: float) -
 
 
 def comparison(runs: pd.DataFrame) -> pd.DataFrame:
-    rows = []
+    """One row per (strategy, rate) of the runs there are; a run still under way is not a seed's result yet and
+    is left out (a report written mid-sweep says how many: ``markdown``)."""
+    rows, runs = [], runs[runs.status != "running"]
     for strategy in STRATEGIES:
         for i, rate in enumerate(paper_table2.RATES):
             mine = runs[(runs.strategy == strategy) & (runs.hourly_rate == rate)]
@@ -138,7 +143,7 @@ def comparison(runs: pd.DataFrame) -> pd.DataFrame:
             vs_ckpt = paired_speedups(runs, "checkpoint", strategy, rate) if strategy != "checkpoint" else []
             vs_red = paired_speedups(runs, "redundant", strategy, rate) if strategy in ("checkfree", "checkfree_plus") \
                 else []
-            per_T = [r.n_failures / r.n_stages / (r.iterations / T) for r in mine.itertuples()]
+            per_T = [r.n_failures / r.n_stages / (r.iterations / T) for r in mine.itertuples() if r.iterations]
             paper_hours = paper_value(paper_table2.HOURS, strategy, i)
             rows.append({
                 "strategy": strategy, "hourly_rate": rate, "seeds": len(mine), "reached": len(reached),
@@ -146,7 +151,7 @@ def comparison(runs: pd.DataFrame) -> pd.DataFrame:
                 "iterations_to_target_over_T": statistics.fmean(its) if its else math.nan,
                 "iterations_ci95": ci95(its),
                 "failures_before_target": statistics.fmean(reached["failures_before_target"]) if hours else math.nan,
-                "failures_per_stage_per_T": statistics.fmean(per_T),
+                "failures_per_stage_per_T": statistics.fmean(per_T) if per_T else math.nan,
                 "speedup_vs_checkpoint": statistics.fmean(vs_ckpt) if vs_ckpt else math.nan,
                 "speedup_vs_checkpoint_ci95": ci95(vs_ckpt),
                 "speedup_vs_redundant": statistics.fmean(vs_red) if vs_red else math.nan,
@@ -187,6 +192,9 @@ def markdown(table: pd.DataFrame, runs: pd.DataFrame, calibration: dict[str, Any
         lines += [f"Validation set: {int(runs['val_sequences'].dropna().iloc[0])} sequences; standard error of the "
                   f"validation loss (per-sequence losses) {se.median():.4f} (median over runs, "
                   f"range {se.min():.4f}-{se.max():.4f}).", ""]
+    running = int((runs.status == "running").sum())
+    if running:
+        lines += [f"{running} run(s) still running, left out of the table below.", ""]
     lines += ["| strategy | rate | reached | hours to target (ours) | paper | time to target / T (ours) | paper "
               "| CPU iterations / T (ours) | failures before target | failures / stage / T "
               "| speed-up vs ckpt (ours) | paper | vs redundant (ours) | paper | hours, our cost model "

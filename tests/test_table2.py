@@ -176,6 +176,36 @@ def test_each_point_gets_only_the_strategy_keys_its_strategy_reads():
     assert script.read_by(["seed=0"], extra) == extra  # the strategy is the config's: nothing to decide on
 
 
+def test_a_report_written_mid_sweep_leaves_out_the_runs_still_under_way_and_says_how_many(tmp_path):
+    """A run under way (its process holds run.lock; iterations 0 when it has just started) is not a seed's
+    result yet; the same summary with nobody holding the lock is a killed run, which counts as not reached."""
+    from checkfree.rundir import owned
+
+    for seed, hours in enumerate((200.0, 220.0)):
+        fake_run(tmp_path, "checkfree", 0.16, seed, hours, 150, [10.0])
+    fake_run(tmp_path, "checkfree", 0.16, 2, None, 0, [])
+    under_way = tmp_path / "checkfree_0.16_2"
+    summary = json.loads((under_way / "summary.json").read_text())
+    (under_way / "summary.json").write_text(json.dumps({**summary, "status": "running"}))
+    with owned(under_way, resume=False):
+        runs = table2.load([tmp_path])
+        assert sorted(runs.status) == ["completed", "completed", "running"]
+        row = table2.comparison(runs).iloc[0]
+        assert (row.seeds, row.reached, row.hours_to_target) == (2, 2, 210.0)
+        table2.write_report([tmp_path], tmp_path / "report")
+        assert "1 run(s) still running, left out of the table below." in (tmp_path / "report" / "comparison.md").read_text()
+    killed = table2.load([tmp_path])
+    assert sorted(killed.status) == ["completed", "completed", "killed"]
+    # A killed run is a seed that did not reach the target; killed before its first iteration, it has no
+    # failures per T to count.
+    row = table2.comparison(killed).iloc[0]
+    assert (row.seeds, row.reached, row.failures_per_stage_per_T) == (3, 2, pytest.approx(1 / 6 / 1.5))
+    summary["iterations"] = 40
+    (under_way / "summary.json").write_text(json.dumps({**summary, "status": "running"}))
+    row = table2.comparison(table2.load([tmp_path])).iloc[0]
+    assert (row.seeds, row.reached) == (3, 2)
+
+
 def test_the_main_table_runs_at_one_other_width_and_refuses_several_before_any_run(tmp_path):
     """--widths 128: every run (calibration, grid, edge protocols) gets d_model 128 with heads of 16 dimensions;
     two widths at once are refused before the probe or any run starts (nothing is written)."""
