@@ -160,8 +160,13 @@ def model_width(width: int) -> list[str]:
 
 
 def regime(T: int, length: float) -> list[str]:
-    """The overrides that put a run in the paper's regime for calibrated T."""
-    return [f"trainer.paper_T={T}", f"++strategy.every={max(1, round(T / 100))}",
+    """The overrides that put a run in the paper's regime for calibrated T: checkpoints (and snapshots) every
+    T / 100 iterations, as the paper's every 100 of its 10,000, and memory_checkpoint's fall-back to storage
+    as often as the checkpointing baseline saves (paying for those saves: ``Clock.upkeep_seconds``). Its
+    default, every 500 iterations (~T here), would roll a lost stage that took its snapshot's holder with it
+    back to the start of the run: no Gemini-style system keeps its storage checkpoint a whole run stale."""
+    period = max(1, round(T / 100))
+    return [f"trainer.paper_T={T}", f"++strategy.every={period}", f"++strategy.storage_every={period}",
             f"trainer.iterations={math.ceil(length * T)}"]
 
 

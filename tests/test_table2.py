@@ -170,7 +170,11 @@ def test_each_point_gets_only_the_strategy_keys_its_strategy_reads():
     """regime() sets checkpointing's strategy.every for the whole grid; the other strategies would refuse it."""
     script = experiment_script()
     extra = [*script.regime(480, 4.0), "data=pydocs", "+strategy.keep=3"]
-    assert script.read_by(["strategy=checkpoint", "seed=0"], extra) == extra
+    assert script.regime(480, 4.0) == ["trainer.paper_T=480", "++strategy.every=5", "++strategy.storage_every=5",
+                                       "trainer.iterations=1920"]
+    assert script.read_by(["strategy=memory_checkpoint", "seed=0"], extra) == extra
+    assert script.read_by(["strategy=checkpoint", "seed=0"], extra) == [
+        "trainer.paper_T=480", "++strategy.every=5", "trainer.iterations=1920", "data=pydocs", "+strategy.keep=3"]
     assert script.read_by(["strategy=checkfree_plus", "seed=0"], extra) == [
         "trainer.paper_T=480", "trainer.iterations=1920", "data=pydocs"]
     assert script.read_by(["seed=0"], extra) == extra  # the strategy is the config's: nothing to decide on
