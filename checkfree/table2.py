@@ -5,9 +5,9 @@ so simulated hours are paper hours) and writes, into ``--out``:
 
 * ``comparison.csv`` — one row per (strategy, hourly rate): seeds, how many reached the target, hours to
   target (mean and 95 % CI half-width over seeds), iterations to target over T, stage failures met before
-  the target, failures per stage per T, speed-ups vs checkpointing and vs redundant computation (per-seed
-  ratios: every strategy meets the same failure times at a seed), the same hours priced by our own cost
-  model, and the paper's published numbers beside ours;
+  the target, failures per stage per T, every strategy's speed-ups vs checkpointing and vs redundant
+  computation (per-seed ratios: every strategy meets the same failure times at a seed), the same hours priced
+  by our own cost model, and the paper's published numbers beside ours;
 * ``comparison.md`` — the same as a Markdown table with the paper's values, and the validation loss's
   standard error; ``runs.csv`` — every run's own figures (hours, iterations and failures to target);
 * ``val_loss_vs_hours.png`` — validation loss against paper hours, one panel per rate.
@@ -141,8 +141,7 @@ def comparison(runs: pd.DataFrame) -> pd.DataFrame:
             # iterations / T do not.
             times = [h * 3600 / (paper_iteration_seconds(strategy, i) * paper_table2.PAPER_T) for h in hours]
             vs_ckpt = paired_speedups(runs, "checkpoint", strategy, rate) if strategy != "checkpoint" else []
-            vs_red = paired_speedups(runs, "redundant", strategy, rate) if strategy in ("checkfree", "checkfree_plus") \
-                else []
+            vs_red = paired_speedups(runs, "redundant", strategy, rate) if strategy != "redundant" else []
             per_T = [r.n_failures / r.n_stages / (r.iterations / T) for r in mine.itertuples() if r.iterations]
             paper_hours = paper_value(paper_table2.HOURS, strategy, i)
             rows.append({

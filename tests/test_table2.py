@@ -180,6 +180,17 @@ def test_each_point_gets_only_the_strategy_keys_its_strategy_reads():
     assert script.read_by(["seed=0"], extra) == extra  # the strategy is the config's: nothing to decide on
 
 
+def test_every_strategy_but_redundant_computation_is_paired_with_it_by_seed(tmp_path):
+    for seed, (red, ckpt, snap) in enumerate([(400.0, 300.0, 250.0), (440.0, None, 200.0)]):
+        fake_run(tmp_path, "redundant", 0.16, seed, red, 110, [10.0])
+        fake_run(tmp_path, "checkpoint", 0.16, seed, ckpt, 250, [10.0])
+        fake_run(tmp_path, "snapshot_restore", 0.16, seed, snap, 105, [10.0])
+    table = table2.comparison(table2.load([tmp_path])).set_index("strategy")
+    assert table.loc["snapshot_restore", "speedup_vs_redundant"] == pytest.approx((400 / 250 + 440 / 200) / 2)
+    assert table.loc["checkpoint", "speedup_vs_redundant"] == pytest.approx(400 / 300)  # seed 1 never reached
+    assert math.isnan(table.loc["redundant", "speedup_vs_redundant"])
+
+
 def test_a_report_written_mid_sweep_leaves_out_the_runs_still_under_way_and_says_how_many(tmp_path):
     """A run under way (its process holds run.lock; iterations 0 when it has just started) is not a seed's
     result yet; the same summary with nobody holding the lock is a killed run, which counts as not reached."""
