@@ -7,6 +7,7 @@ body, head) forward and backward once; everything after that runs the compiled c
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 
@@ -20,10 +21,11 @@ LOSS_TOL = 1e-5
 """Compiled and eager losses (about ln 64 = 4.2) may differ by this much: inductor fuses and reorders float
 sums (a rounding of ~1e-7 relative per op), and five steps at lr 1e-3 cannot grow that past 1e-5. (Measured
 here: equal to the last printed digit.)"""
-WEIGHT_TOL = 1e-5
+WEIGHT_TOL = 5e-5
 """On every weight after the steps and the recovery: Adam divides by sqrt(v) + eps, so a gradient component
-near zero turns its rounding difference into an update difference of up to lr * rounding / eps; 1e-5 is half
-a percent of an update of lr = 1e-3. (Measured here: 2.8e-6.)"""
+near zero turns its rounding difference into an update difference of up to lr * rounding / eps; 5e-5 is 5 %
+of one update of lr = 1e-3, where a wrong compiled op would be off by whole updates. (Measured: 2.8e-6 on one
+2-core machine, 1.25e-5 on another, whose inductor vectorises the reductions differently.)"""
 
 
 def drivers(tmp_path):
@@ -50,7 +52,9 @@ def test_compiled_stages_equal_eager_and_a_recovery_compiles_nothing(tmp_path):
     eager.iteration += 1
     compiled.iteration += 1
     [report] = compiled.recover({2})
-    assert eager.recover({2})[0].coefficients == report.coefficients  # the same norms chose the same average
+    # The gradient norms that weight the average differ by the sums' rounding (~1e-7 relative; exactly equal on
+    # one machine, not on another whose inductor vectorises the reductions differently): so do the weights.
+    assert eager.recover({2})[0].coefficients == pytest.approx(report.coefficients, rel=1e-5, abs=0)
     # Nothing may compile from here on: a recompile raises, and the graph count must stay where it was.
     with torch._dynamo.config.patch(error_on_recompile=True):
         for b in batches[3:]:
