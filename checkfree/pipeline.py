@@ -51,6 +51,10 @@ class LocalEngine:
         self.store: CheckpointStore | None = None
         self.writer = BackgroundWriter()
         """Persists asynchronous checkpoints while training goes on (``Upkeep.in_background``)."""
+        self.staged: dict[int, int] = {}
+        """Stage -> bytes of the host-memory buffer its asynchronous checkpoints are copied into before the
+        writer persists them. A real system keeps this (pinned) buffer for the whole run and reuses it
+        (CheckFreq, DataStates-LLM), so it counts as held memory from the first background checkpoint on."""
         self.lost: set[int] = set()
 
     @property
@@ -179,8 +183,8 @@ class LocalEngine:
         return sum(self.held_bytes_per_node())
 
     def held_bytes_per_node(self) -> list[int]:
-        """The same, node by node (the holder of each copy)."""
-        per_node = [0] * self.n_stages
+        """The same, node by node (the holder of each copy, and each stage's own staging buffer)."""
+        per_node = [self.staged.get(k, 0) for k in range(self.n_stages)]
         for held, copy_ in self.held.items():
             per_node[held.holder] += nbytes(copy_)
         return per_node
@@ -195,6 +199,7 @@ class LocalEngine:
         self.writer.wait()
         self.lost |= set(stages)
         self.held = {h: copy for h, copy in self.held.items() if h.holder not in self.lost}
+        self.staged = {k: n for k, n in self.staged.items() if k not in self.lost}
 
     def place(self, placement: Placement) -> None:
         """Every stage computes in this process wherever it is placed: a placement changes only the clock."""
@@ -255,7 +260,9 @@ class LocalEngine:
             return self._persist(states, meta, keep)
         states, meta = [host_copy(state) for state in states], copy.deepcopy(meta)
         self.writer.submit(lambda: self._persist(states, meta, keep))
-        return [shard_bytes(state) for state in states]
+        sizes = [shard_bytes(state) for state in states]
+        self.staged = dict(enumerate(sizes))
+        return sizes
 
     def _persist(self, states: list[dict[str, Any]], meta: dict[str, Any], keep: int) -> list[int]:
         with self.store.writing(meta["progress"]) as tmp:
@@ -278,12 +285,13 @@ class LocalEngine:
         self.writer.wait()
         return {"stages": self.stage_states(), "optimizers": [c.optimizer.state_dict() for c in self.computes],
                 "held": [((h.kind, h.owner, h.holder), copy) for h, copy in self.held.items()],
-                "checkpoints": self.store.state_dict() if self.store is not None else None}
+                "staged": dict(self.staged), "checkpoints": self.store.state_dict() if self.store is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for compute, weights, optimizer in zip(self.computes, state["stages"], state["optimizers"], strict=True):
             compute.load_state({"weights": weights, "optimizer": optimizer})
         self.held = {Held(*key): copy for key, copy in state["held"]}
+        self.staged = dict(state.get("staged", {}))  # absent from resume files written before it was counted
         if state["checkpoints"] is not None:
             self.store.load_state_dict(state["checkpoints"])
 

@@ -246,6 +246,26 @@ def test_a_rollback_skips_a_checkpoint_whose_flush_had_not_finished(tmp_path):
     assert ctx.engine.store.retained == [2]
 
 
+def test_async_checkpoint_holds_each_stage_s_host_staging_buffer(tmp_path):
+    """The host buffer a background checkpoint is copied into is memory the node keeps: counted from the first
+    background checkpoint on, on the stage's own node, and gone with a lost node (its replacement allocates
+    one at its first background checkpoint)."""
+    ctx = driver(tmp_path, "async_checkpoint", every=2, keep=2)
+    assert ctx.engine.held_bytes_per_node() == [0] * S  # setup's save is synchronous: no host copy
+    step(ctx)
+    assert ctx.engine.held_bytes() == 0
+    step(ctx)  # the first background checkpoint
+    staged = [shard_bytes(ctx, k) for k in range(S)]
+    assert ctx.engine.held_bytes_per_node() == staged and min(staged) > 0
+    ctx.engine.lose([1])
+    assert ctx.engine.held_bytes_per_node() == [0 if k == 1 else staged[k] for k in range(S)]
+    # A resumable save carries the buffers, so a resumed run reports what an uninterrupted one does.
+    state = ctx.engine.state_dict()
+    ctx.engine.staged = {}
+    ctx.engine.load_state_dict(state)
+    assert ctx.engine.held_bytes_per_node() == [0 if k == 1 else staged[k] for k in range(S)]
+
+
 def test_flush_stall_is_host_copy_plus_what_the_window_cannot_hide():
     network = NetworkConfig(storage_bandwidth_Bps=1e8, storage_latency_s=0.05, host_bandwidth_Bps=1e9)
     cost = CostModel(preset("tiny"), 2, 2, network)

@@ -401,15 +401,17 @@ class ProcessEngine:
         self.finish_flush()
         states = self._gather()
         held = [item for state in states for item in state["held"]]
+        staged = {k: s["staged"] for k, s in enumerate(states) if s["staged"]}
         return {"stages": [s["weights"] for s in states], "optimizers": [s["optimizer"] for s in states],
-                "held": held, "checkpoints": self.store.state_dict()}
+                "held": held, "staged": staged, "checkpoints": self.store.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Every process takes its stage's part of a saved state. A process lost meanwhile loses nothing (the
         whole state comes from the file): it is replaced and the state set again, with no recovery."""
         def part(k: int) -> dict[str, Any]:
             held = [(key, copy) for key, copy in state["held"] if Held(*key).holder == k]
-            return {"weights": state["stages"][k], "optimizer": state["optimizers"][k], "held": held}
+            return {"weights": state["stages"][k], "optimizer": state["optimizers"][k], "held": held,
+                    "staged": state.get("staged", {}).get(k, 0)}
 
         messages = {rank: msg.SetState(to_bytes({k: part(k) for k in self.pool.stages_of(handle)}))
                     for rank, handle in self.pool.handles.items()}

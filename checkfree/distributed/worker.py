@@ -163,6 +163,9 @@ class StageWorker:
         snapshots."""
         self.writers: dict[int, BackgroundWriter] = {}
         """Per stage: persists its shard of an asynchronous checkpoint while training goes on."""
+        self.staged: dict[int, int] = {}
+        """Per stage: bytes of the host buffer its asynchronous checkpoints are copied into (kept for the run,
+        as ``LocalEngine.staged`` says), moved and saved with the stage."""
 
     def rank_of(self, stage: int) -> int:
         return rank_of(stage, self.spec.replica, self.n)
@@ -181,7 +184,7 @@ class StageWorker:
         return {h: copy for h, copy in self.held.items() if h.holder == stage}
 
     def held_bytes(self) -> dict[int, int]:
-        return {k: sum(nbytes(copy) for copy in self.held_by(k).values()) for k in self.mine}
+        return {k: self.staged.get(k, 0) + sum(nbytes(copy) for copy in self.held_by(k).values()) for k in self.mine}
 
     def lrs(self) -> dict[int, float]:
         return {k: self.computes[k].lr for k in self.mine}
@@ -221,7 +224,8 @@ class StageWorker:
         for stage, src, _ in command.moves:
             if src == self.courier.me and stage in self.computes:
                 held = [[h.kind, h.owner, h.holder, copy] for h, copy in self.held_by(stage).items()]
-                pending.extend(isend_state({"state": self.computes[stage].state(), "held": held},
+                pending.extend(isend_state({"state": self.computes[stage].state(), "held": held,
+                                            "staged": self.staged.get(stage, 0)},
                                            self.courier.ranks[stage], self.courier.state_tag(TAG_MOVE, stage, stage),
                                            self.wire))
         for stage, src, dst in command.moves:
@@ -230,15 +234,23 @@ class StageWorker:
                                             self.device)
                 self.computes[stage].load_state(moved["state"])
                 self.held.update({Held(kind, owner, holder): copy for kind, owner, holder, copy in moved["held"]})
+                self._stage_buffer(stage, moved["staged"])
                 received += n_bytes
         pending.wait()
         for stage in [k for k in self.computes if not self.courier.here(k)]:
             self._let_go(stage)
         return msg.Moved(received)
 
+    def _stage_buffer(self, stage: int, n_bytes: int) -> None:
+        """``stage``'s host staging buffer, as it arrives with the stage (none: it has made no background copy)."""
+        self.staged.pop(stage, None)
+        if n_bytes:
+            self.staged[stage] = n_bytes
+
     def _let_go(self, stage: int) -> None:
         del self.computes[stage]
         self.held = {h: copy for h, copy in self.held.items() if h.holder != stage}
+        self.staged.pop(stage, None)
         writer = self.writers.pop(stage, None)
         if writer is not None:
             writer.close()
@@ -435,7 +447,7 @@ class StageWorker:
                 state = host_copy(self.computes[k].state())
                 writer = self.writers.setdefault(k, BackgroundWriter())
                 writer.submit(lambda k=k, state=state: CheckpointStore.write_shard(Path(checkpoint), k, state))
-                sizes[k] = shard_bytes(state)
+                sizes[k] = self.staged[k] = shard_bytes(state)
             else:
                 sizes[k], digests[k] = CheckpointStore.write_shard(Path(checkpoint), k, self.computes[k].state())
         return msg.KeptUp(received, self.held_bytes(), sizes, digests)
@@ -484,7 +496,7 @@ class StageWorker:
     # --- whole state: resume and export ----------------------------------------------------------
 
     def get_state(self, command: msg.GetState) -> msg.State:
-        states = {k: {**self.computes[k].state(),
+        states = {k: {**self.computes[k].state(), "staged": self.staged.get(k, 0),
                       "held": [((h.kind, h.owner, h.holder), copy) for h, copy in self.held_by(k).items()]}
                   for k in self.mine}
         return msg.State(to_bytes(states), self.generation)
@@ -495,6 +507,7 @@ class StageWorker:
             self.computes[k].load_state(loaded[k])
             self.held = {h: copy for h, copy in self.held.items() if h.holder != k}
             self.held.update({Held(*key): copy for key, copy in loaded[k]["held"]})
+            self._stage_buffer(k, loaded[k].get("staged", 0))
         return msg.StateSet(self.lrs(), self.held_bytes())
 
     # --- lifecycle -------------------------------------------------------------------------------
