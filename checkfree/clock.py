@@ -105,13 +105,11 @@ class Clock:
         return self.cost.move_seconds(moves)
 
     def recovery_seconds(self, report: RecoveryReport) -> float:
-        """Replacement delay + the bytes the replacement receives. A rollback downloads every stage's shard in
-        parallel, so the largest shard bounds its time."""
+        """Replacement delay + the bytes that bound the recovery (``RecoveryReport.priced_bytes``), from where the
+        report says they come."""
         if self.paper and not self.priced_recovery:
             return paper_table2.RECOVERY_S
-        n_bytes = report.details.get("largest_shard_bytes", report.bytes_moved) if report.from_storage \
-            else report.bytes_moved
-        n_bytes = int(n_bytes * self.byte_scale[report.stage])
+        n_bytes = int(report.priced_bytes * self.byte_scale[report.stage])
         return self.cost.recovery_seconds(report.stage, report.sources, n_bytes, from_storage=report.from_storage)
 
     def upkeep_seconds(self, traffic: Traffic, period: int = 1) -> float:

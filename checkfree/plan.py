@@ -269,6 +269,14 @@ class RecoveryReport:
     process: dict[str, Any] = field(default_factory=dict)
     """Process engine only: pids, nodes and the recovery's phases (detect, respawn, rendezvous, transfer)."""
 
+    @property
+    def priced_bytes(self) -> int:
+        """The bytes that bound this recovery's time: a rollback from storage downloads every stage's shard in
+        parallel, so the largest shard; any other recovery, what this stage's replacement receives."""
+        if self.from_storage:
+            return self.details.get("largest_shard_bytes", self.bytes_moved)
+        return self.bytes_moved
+
     def to_dict(self) -> dict:
         record = asdict(self)
         if not self.process:

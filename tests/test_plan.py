@@ -12,6 +12,7 @@ from checkfree.plan import (
     Held,
     Rebuild,
     RecoveryPlan,
+    RecoveryReport,
     Upkeep,
     rebuild_report,
     rollback_reports,
@@ -48,6 +49,9 @@ def test_rollback_reports_one_record_per_lost_stage():
                "damaged": ["ckpt_9"]}
     assert [(r.stage, r.method, r.bytes_moved, r.lost_iterations, r.from_storage, r.details) for r in reports] == [
         (1, "rollback", 30, 4, True, details), (2, "rollback", 20, 4, True, details)]
+    # Every shard downloads in parallel: the largest bounds each record's time; a rebuild's is what it received.
+    assert [r.priced_bytes for r in reports] == [30, 30]
+    assert RecoveryReport(1, "checkfree", "weighted_avg", [0, 2], [0.5, 0.5], 40).priced_bytes == 40
 
 
 def test_upkeep_is_true_only_when_there_is_work():
