@@ -8,7 +8,9 @@ counts only once every stage's shard is persisted, which the simulated clock dec
 the data position and the RNG back to the latest *persisted* checkpoint; a loss while a flush is under way
 falls back to the one before (``RecoveryPlan.unpersisted``), so ``keep`` is at least 2. Its cost: the host
 copy, and whatever part of the upload the ``every`` iterations until the next checkpoint cannot hide
-(``CostModel.flush_stall_seconds``: CheckFreq's rule that one flush ends before the next begins).
+(``CostModel.flush_stall_seconds``: CheckFreq's rule that one flush ends before the next begins). Its memory:
+the host buffer each node copies its stage's state into, one stage state (weights + Adam) per node from the
+first background checkpoint on (``memory_overhead_bytes``).
 """
 
 from __future__ import annotations
