@@ -98,25 +98,55 @@ def records(runs: list[dict], T: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def paired_speedups(frame: pd.DataFrame, baseline: str, b: float) -> list[float]:
-    """Per seed, the best CheckFree variant's speed-up over ``baseline`` at bandwidth ``b`` (the same failure
-    times strike both at a seed): baseline hours / CheckFree hours; a baseline that never reached the target
-    counts at its cap (a lower bound of its speed-up) — such seeds are named in the table."""
+def paired_by_seed(frame: pd.DataFrame, baseline: str, b: float) -> dict[int, float]:
+    """Seed -> the best CheckFree variant's speed-up over ``baseline`` at bandwidth ``b`` (the same failure
+    times strike both at a seed): baseline hours / CheckFree hours. A seed whose baseline, or both of whose
+    CheckFree variants, missed the target within the cap has no ratio (the table counts who reached it)."""
     here = frame[frame.bandwidth_mbps == b]
-    out = []
+    out = {}
     for seed in sorted(set(here.seed)):
         mine = here[here.seed == seed]
         cf = mine[mine.strategy.isin(CHECKFREE) & mine.reached].hours_to_target
         base = mine[(mine.strategy == baseline) & mine.reached].hours_to_target
         if len(cf) and len(base):
-            out.append(float(base.iloc[0]) / float(cf.min()))
+            out[int(seed)] = float(base.iloc[0]) / float(cf.min())
+    return out
+
+
+def paired_speedups(frame: pd.DataFrame, baseline: str, b: float) -> list[float]:
+    return list(paired_by_seed(frame, baseline, b).values())
+
+
+def log_crossing(curve: list[tuple[float, float]]) -> tuple[float, float, float] | None:
+    """The first place where a speed-up against bandwidth crosses 1, interpolated linearly in log bandwidth
+    between the two points around it: (bandwidth, the point below, the point above); None without a crossing.
+    Missing points (NaN) are skipped."""
+    points = [(b, m) for b, m in curve if m == m]
+    for (b0, m0), (b1, m1) in zip(points, points[1:]):
+        if (m0 - 1) * (m1 - 1) < 0:
+            x = math.log(b0) + (1 - m0) / (m1 - m0) * (math.log(b1) - math.log(b0))
+            return math.exp(x), b0, b1
+    return None
+
+
+def seed_crossings(frame: pd.DataFrame, baseline: str) -> dict[int, float | None]:
+    """Each seed's own crossover bandwidth (its paired speed-ups against bandwidth; ``log_crossing``): the
+    spread of these is the crossover's uncertainty."""
+    bandwidths = sorted(set(frame.bandwidth_mbps))
+    by_b = {b: paired_by_seed(frame, baseline, b) for b in bandwidths}
+    seeds = sorted({seed for ratios in by_b.values() for seed in ratios})
+    out = {}
+    for seed in seeds:
+        crossing = log_crossing([(b, by_b[b].get(seed, math.nan)) for b in bandwidths])
+        out[seed] = crossing[0] if crossing else None
     return out
 
 
 def crossover(frame: pd.DataFrame, baseline: str) -> str:
     """The bandwidth below which CheckFree(+) reaches the target first: where the mean paired speed-up crosses
-    1, interpolated on the log scale between the two bandwidths around it; with the bandwidths whose 95 % CI
-    of the speed-up contains 1 (where the data cannot tell)."""
+    1, interpolated on the log scale between the two bandwidths around it; its uncertainty as each seed's own
+    crossing and, with two or more, their geometric mean ± the 95 % CI of the mean log; and the bandwidths
+    whose 95 % CI of the speed-up contains 1 (where the data cannot tell)."""
     bandwidths = sorted(set(frame.bandwidth_mbps))
     means, unsure = [], []
     for b in bandwidths:
@@ -125,9 +155,8 @@ def crossover(frame: pd.DataFrame, baseline: str) -> str:
         half = ci95(ratios)
         if ratios and math.isfinite(half) and abs(means[-1] - 1) <= half:
             unsure.append(b)
-    crossings = [(b0, b1, m0, m1) for b0, b1, m0, m1 in zip(bandwidths, bandwidths[1:], means, means[1:])
-                 if (m0 - 1) * (m1 - 1) < 0]
-    if not crossings:
+    crossing = log_crossing(list(zip(bandwidths, means)))
+    if crossing is None:
         side = "faster" if all(m > 1 for m in means if m == m) else "slower" if all(m < 1 for m in means if m == m) \
             else "mixed"
         text = {"faster": f"CheckFree(+) reaches the target first at every bandwidth tried ({bandwidths[0]:g} to "
@@ -135,9 +164,18 @@ def crossover(frame: pd.DataFrame, baseline: str) -> str:
                 "slower": f"{baseline} reaches the target first at every bandwidth tried",
                 "mixed": "no clean crossing (missing points)"}[side]
     else:
-        b0, b1, m0, m1 = crossings[0]
-        x = math.log(b0) + (1 - m0) / (m1 - m0) * (math.log(b1) - math.log(b0))
-        text = f"~{math.exp(x):.0f} Mb/s (between {b0:g} and {b1:g})"
+        text = f"~{crossing[0]:.0f} Mb/s (between {crossing[1]:g} and {crossing[2]:g})"
+    per_seed = seed_crossings(frame, baseline)
+    if crossing is not None and per_seed:
+        text += "; per seed " + " / ".join(f"{b:.0f}" if b is not None else "none" for b in per_seed.values())
+        logs = [math.log(b) for b in per_seed.values() if b is not None]
+        half = ci95(logs)
+        if math.isfinite(half):
+            centre = statistics.fmean(logs)
+            text += (f" Mb/s (geometric mean {math.exp(centre):.0f}, 95 % CI {math.exp(centre - half):.0f} to "
+                     f"{math.exp(centre + half):.0f})")
+        else:
+            text += " Mb/s"
     if unsure:
         text += f"; the 95 % CI of the speed-up contains 1 at {', '.join(f'{b:g}' for b in unsure)} Mb/s"
     return text
