@@ -2,7 +2,7 @@
 
 One config gives the same numbers to the digit only in the same environment: a newer ``tokenizers`` may train
 another BPE on the same documents, a newer ``transformers`` may initialise Llama blocks differently. (Both are
-unpinned ranges in pyproject.toml; ``constraints.txt`` pins the versions Table 2 was regenerated with.) Every
+unpinned ranges in pyproject.toml; ``constraints.txt`` pins the versions Table 2 and the crossover were regenerated with.) Every
 summary carries this record, so a report that puts runs side by side can tell when they were not made alike.
 """
 

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pandas as pd  # noqa: E402
 from table2 import CAP, calibrated_arguments, calibration_of, fmt, run_seconds, runs_of  # noqa: E402
 
+from checkfree.provenance import describe  # noqa: E402
 from checkfree.table2 import ci95  # noqa: E402
 
 BANDWIDTHS_MBPS = (10, 56, 316, 1778, 10000)
@@ -182,7 +183,7 @@ def crossover(frame: pd.DataFrame, baseline: str) -> str:
 
 
 def report(frame: pd.DataFrame, T: int, target: float, out: Path, minutes: float | None, jobs: int,
-           rate: float = RATE) -> str:
+           rate: float = RATE, environment: str = "") -> str:
     bandwidths = sorted(set(frame.bandwidth_mbps))
     strategies = [s for s in (*BASELINES, *CHECKFREE) if s in set(frame.strategy)]
     header = "| strategy | " + " | ".join(f"{b:g} Mb/s" for b in bandwidths) + " |"
@@ -212,7 +213,7 @@ def report(frame: pd.DataFrame, T: int, target: float, out: Path, minutes: float
         "strike both). "
         + (f"Wall time of this invocation {minutes:.1f} min ({jobs} jobs); " if minutes is not None
            else "Written from the runs there (their wall time: wall_time.txt); ")
-        + f"{frame.wall_s.fillna(0).sum() / 60:.1f} run-minutes in all.\n")
+        + f"{frame.wall_s.fillna(0).sum() / 60:.1f} run-minutes in all.\n" + (f"\n{environment}\n" if environment else ""))
     (out / "crossover.md").write_text(text)
     return text
 
@@ -258,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     frame = records(runs, T)
     frame.to_csv(out / "crossover.csv", index=False)
     minutes = None if args.report_only else (time.perf_counter() - start) / 60
-    text = report(frame, T, target, out, minutes, args.jobs, args.rate)
+    environment = describe([r.get("environment") for r in runs if "config" in r])
+    text = report(frame, T, target, out, minutes, args.jobs, args.rate, environment)
     plot(frame, out / "crossover.png", args.rate)
     print(text)
     print(f"{len(runs)} runs; {run_seconds(runs) / 60:.1f} run-minutes")
