@@ -49,6 +49,22 @@ def test_every_strategy_is_bitwise_equal_on_both_engines(name, small_run, tmp_pa
                    for r in rec["recoveries"])
 
 
+def test_a_loss_after_the_last_background_checkpoint_leaves_the_same_held_memory_on_both_engines(small_run, tmp_path):
+    """async_checkpoint's host staging buffers: the lost node's goes with it and no checkpoint comes after the
+    rollback, so on both engines the run ends with every buffer but the lost stage's."""
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps([{"iteration": 7, "stage": 0}]))
+    sections = {"strategy": {"name": "async_checkpoint", "every": 3, "keep": 2},
+                "failure": {"name": "trace", "path": str(trace)}, "trainer": {"iterations": 8, "eval_every": 4}}
+    local = train(small_run(**sections), tmp_path / "local")
+    process = train(small_run(**sections, engine={"name": "distributed", "timeout_s": 20}), tmp_path / "process")
+    per_node = local["memory_overhead_bytes_per_node"]
+    assert process["memory_overhead_bytes_per_node"] == per_node
+    assert per_node[0] == 0 and min(per_node[1:]) > 0 and local["n_recoveries"] == 1
+    assert deterministic_view(read_metrics(tmp_path / "local" / "metrics.jsonl")) == \
+        deterministic_view(read_metrics(tmp_path / "process" / "metrics.jsonl"))
+
+
 def test_waiting_for_late_replacements_is_bitwise_equal_on_both_engines(small_run, tmp_path):
     """``engine.no_replacement=wait`` changes only the clock: the process engine replaces the lost processes as
     always, and both engines write the same stalls, times and losses."""

@@ -28,6 +28,7 @@ import contextlib
 import copy
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -311,7 +312,7 @@ class ProcessEngine:
             respawn_s, rendezvous_s = self._arrange(set(plan.lost))
             t = time.perf_counter()
             if plan.reads_storage:
-                restored = self.store.restore(self._load_checkpoint, plan.unpersisted)
+                restored = self.store.restore(partial(self._load_checkpoint, lost=plan.lost), plan.unpersisted)
                 reports = rollback_reports(plan, progress, restored)
             else:
                 restored = None
@@ -334,12 +335,13 @@ class ProcessEngine:
         self.dead, self.old_workers = set(), {}
         return Outcome(reports, restored)
 
-    def _load_checkpoint(self, checkpoint: Path, meta: dict[str, Any]) -> None:
-        replies = self.pool.broadcast(msg.Load(str(checkpoint), meta["digests"]))
+    def _load_checkpoint(self, checkpoint: Path, meta: dict[str, Any], lost: tuple[int, ...]) -> None:
+        replies = self.pool.broadcast(msg.Load(str(checkpoint), meta["digests"], tuple(lost)))
         damaged = [reply for reply in replies.values() if isinstance(reply, msg.Damaged)]
         if damaged:  # every stage falls back together: the next candidate is loaded by all of them
             raise DamagedCheckpoint(Path(damaged[0].path), damaged[0].cause)
         self._note_lrs(replies)
+        self._note_held(replies)
 
     def _note_lrs(self, replies: dict[int, msg.Reply]) -> None:
         for reply in replies.values():

@@ -109,10 +109,12 @@ class Flushed:
 
 @dataclass(frozen=True)
 class Load:
-    """Roll back to this stage's shard of ``checkpoint``."""
+    """Roll back to this stage's shard of ``checkpoint``; ``lost``: the stages that were lost (a process that
+    keeps running one of them, beside stages it runs too, lets go of what a new node would not have)."""
 
     checkpoint: str
     meta_digests: dict[str, str]
+    lost: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -249,6 +251,7 @@ class Persisted:
 @dataclass(frozen=True)
 class Loaded:
     lr: dict[int, float]
+    held_bytes: dict[int, int]
 
 
 @dataclass(frozen=True)

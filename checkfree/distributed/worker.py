@@ -247,10 +247,16 @@ class StageWorker:
         if n_bytes:
             self.staged[stage] = n_bytes
 
-    def _let_go(self, stage: int) -> None:
-        del self.computes[stage]
+    def _forget(self, stage: int) -> None:
+        """What ``stage``'s node held (copies, the staging buffer) is gone: a lost stage rebuilt in a process
+        that runs others too holds, like a new node, nothing until the plan's fetch / refresh or its next
+        background checkpoint."""
         self.held = {h: copy for h, copy in self.held.items() if h.holder != stage}
         self.staged.pop(stage, None)
+
+    def _let_go(self, stage: int) -> None:
+        del self.computes[stage]
+        self._forget(stage)
         writer = self.writers.pop(stage, None)
         if writer is not None:
             writer.close()
@@ -423,7 +429,7 @@ class StageWorker:
                 received[stage] += n_bytes
             self.computes[stage].apply(rebuild, bodies, restored)
             if stage in plan.lost:  # a new node holds nothing until the plan's fetch / refresh
-                self.held = {h: copy for h, copy in self.held.items() if h.holder != stage}
+                self._forget(stage)
         pending.wait()
         fetched = [h for r in plan.rebuilds for h in r.fetch]
         got = self._refresh([*fetched, *plan.refresh])
@@ -491,7 +497,9 @@ class StageWorker:
             return msg.Damaged(str(exc.path), exc.cause)
         for k, shard in shards.items():
             self.computes[k].load_state(shard)
-        return msg.Loaded(self.lrs())
+        for k in set(command.lost) & set(shards):
+            self._forget(k)
+        return msg.Loaded(self.lrs(), self.held_bytes())
 
     # --- whole state: resume and export ----------------------------------------------------------
 
@@ -507,7 +515,8 @@ class StageWorker:
             self.computes[k].load_state(loaded[k])
             self.held = {h: copy for h, copy in self.held.items() if h.holder != k}
             self.held.update({Held(*key): copy for key, copy in loaded[k]["held"]})
-            self._stage_buffer(k, loaded[k].get("staged", 0))
+            # Only replica 0 writes checkpoints, so only it has a staging buffer.
+            self._stage_buffer(k, loaded[k].get("staged", 0) if self.spec.replica == 0 else 0)
         return msg.StateSet(self.lrs(), self.held_bytes())
 
     # --- lifecycle -------------------------------------------------------------------------------
