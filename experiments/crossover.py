@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pandas as pd  # noqa: E402
-from table2 import CAP, calibrated_arguments, calibration_of, fmt, run_seconds, runs_of  # noqa: E402
+from table2 import CAP, calibrated_arguments, calibration_file, calibration_of, fmt, run_seconds, runs_of  # noqa: E402
 
 from checkfree.provenance import describe  # noqa: E402
 from checkfree.table2 import ci95  # noqa: E402
@@ -124,7 +124,7 @@ def log_crossing(curve: list[tuple[float, float]]) -> tuple[float, float, float]
     Missing points (NaN) are skipped."""
     points = [(b, m) for b, m in curve if m == m]
     for (b0, m0), (b1, m1) in zip(points, points[1:]):
-        if (m0 - 1) * (m1 - 1) < 0:
+        if (m0 - 1) * (m1 - 1) < 0 or (m1 == 1 and m0 != 1):  # an exact 1 is a crossing at that point
             x = math.log(b0) + (1 - m0) / (m1 - m0) * (math.log(b1) - math.log(b0))
             return math.exp(x), b0, b1
     return None
@@ -165,18 +165,19 @@ def crossover(frame: pd.DataFrame, baseline: str) -> str:
                 "slower": f"{baseline} reaches the target first at every bandwidth tried",
                 "mixed": "no clean crossing (missing points)"}[side]
     else:
-        text = f"~{crossing[0]:.0f} Mb/s (between {crossing[1]:g} and {crossing[2]:g})"
+        text = f"~{crossing[0]:.0f} Mb/s (the mean speed-up's, between {crossing[1]:g} and {crossing[2]:g})"
     per_seed = seed_crossings(frame, baseline)
     if crossing is not None and per_seed:
-        text += "; per seed " + " / ".join(f"{b:.0f}" if b is not None else "none" for b in per_seed.values())
+        text += "; the seeds' own: " + " / ".join(f"{b:.0f}" if b is not None else "none"
+                                                  for b in per_seed.values()) + " Mb/s"
         logs = [math.log(b) for b in per_seed.values() if b is not None]
         half = ci95(logs)
-        if math.isfinite(half):
+        if None in per_seed.values():  # a seed that never crosses has no place in a mean of crossings
+            text += f" ({len(logs)} of {len(per_seed)} seeds cross)"
+        elif math.isfinite(half):
             centre = statistics.fmean(logs)
-            text += (f" Mb/s (geometric mean {math.exp(centre):.0f}, 95 % CI {math.exp(centre - half):.0f} to "
-                     f"{math.exp(centre + half):.0f})")
-        else:
-            text += " Mb/s"
+            text += (f" (geometric mean {math.exp(centre):.0f}, 95 % CI of the mean log {math.exp(centre - half):.0f} "
+                     f"to {math.exp(centre + half):.0f})")
     if unsure:
         text += f"; the 95 % CI of the speed-up contains 1 at {', '.join(f'{b:g}' for b in unsure)} Mb/s"
     return text
@@ -259,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     frame = records(runs, T)
     frame.to_csv(out / "crossover.csv", index=False)
     minutes = None if args.report_only else (time.perf_counter() - start) / 60
-    environment = describe([r.get("environment") for r in runs if "config" in r])
+    environment = describe([r.get("environment") for r in runs if "config" in r],
+                           calibration_file(args).get("environments", []))
     text = report(frame, T, target, out, minutes, args.jobs, args.rate, environment)
     plot(frame, out / "crossover.png", args.rate)
     print(text)

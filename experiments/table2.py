@@ -428,13 +428,19 @@ def calibrated_arguments(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
 
 
-def calibration_of(args: argparse.Namespace) -> tuple[int, float]:
-    """(T, target) of ``args.data``'s calibration, or a one-line exit saying how to make it."""
+def calibration_file(args: argparse.Namespace) -> dict:
+    """``args.data``'s calibration.json (T, target, the calibration runs' environments), or a one-line exit
+    saying how to make it."""
     path = args.calibration or ROOT / "results" / f"table2_{args.data}" / "calibration.json"
     if not path.is_file():
         raise SystemExit(f"{path} does not exist: run experiments/table2.py --data {args.data} --target auto "
                          "first (its calibration fixes T and the target), or pass --calibration")
-    calibration = json.loads(path.read_text())
+    return json.loads(path.read_text())
+
+
+def calibration_of(args: argparse.Namespace) -> tuple[int, float]:
+    """(T, target) of ``args.data``'s calibration."""
+    calibration = calibration_file(args)
     return calibration["T"], calibration["target"]
 
 

@@ -61,6 +61,7 @@ def test_the_crossover_and_each_seed_s_own_crossing_give_its_uncertainty():
     assert xo.log_crossing([(10, 2.0), (100, math.nan), (1000, 0.5)])[0] == pytest.approx(
         log_interpolated(10, 2.0, 1000, 0.5))  # a missing point is skipped
     assert xo.log_crossing([(10, 2.0), (100, 1.5)]) is None
+    assert xo.log_crossing([(10, 2.0), (100, 1.0), (1000, 0.5)]) == pytest.approx((100, 10, 100))  # exact 1: a crossing
 
     seeds = xo.seed_crossings(frame(), "async_checkpoint")
     expected = [log_interpolated(10, 2.0, 100, 0.8), log_interpolated(100, 1.2, 1000, 0.5),
@@ -72,10 +73,22 @@ def test_the_crossover_and_each_seed_s_own_crossing_give_its_uncertainty():
     half = 4.303 * pd.Series(logs).std() / math.sqrt(3)
     centre = sum(logs) / 3
     text = xo.crossover(frame(), "async_checkpoint")
-    assert text == (f"~{mean:.0f} Mb/s (between 10 and 100); per seed 68 / 193 / 90 Mb/s (geometric mean "
-                    f"{math.exp(centre):.0f}, 95 % CI {math.exp(centre - half):.0f} to {math.exp(centre + half):.0f}); "
-                    "the 95 % CI of the speed-up contains 1 at 10, 100 Mb/s")
+    assert text == (f"~{mean:.0f} Mb/s (the mean speed-up's, between 10 and 100); the seeds' own: 68 / 193 / 90 Mb/s "
+                    f"(geometric mean {math.exp(centre):.0f}, 95 % CI of the mean log {math.exp(centre - half):.0f} to "
+                    f"{math.exp(centre + half):.0f}); the 95 % CI of the speed-up contains 1 at 10, 100 Mb/s")
     assert text.startswith("~94 Mb/s")
+
+
+def test_a_seed_that_never_crosses_is_named_and_left_out_of_no_mean():
+    """Seed 1's baseline stays behind at every bandwidth (speed-ups 1.5 / 1.2 / 1.1): no crossing of its own, so
+    no geometric mean or CI of the seeds' crossings is given (the others alone would look surer than they are)."""
+    xo = script()
+    data = frame()
+    slower = (data.strategy == "async_checkpoint") & (data.seed == 1) & (data.bandwidth_mbps == 1000)
+    data.loc[slower, "hours_to_target"] = 110.0
+    assert xo.seed_crossings(data, "async_checkpoint")[1] is None
+    text = xo.crossover(data, "async_checkpoint")
+    assert "; the seeds' own: 68 / none / 90 Mb/s (2 of 3 seeds cross);" in text and "geometric" not in text
 
 
 def test_a_baseline_that_wins_everywhere_has_no_crossover():
