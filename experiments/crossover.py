@@ -166,15 +166,14 @@ def crossover(frame: pd.DataFrame, baseline: str) -> str:
                 "mixed": "no clean crossing (missing points)"}[side]
     else:
         text = f"~{crossing[0]:.0f} Mb/s (the mean speed-up's, between {crossing[1]:g} and {crossing[2]:g})"
-    per_seed = seed_crossings(frame, baseline)
-    if crossing is not None and per_seed:
+    per_seed = seed_crossings(frame, baseline) if crossing is not None else {}
+    if per_seed:
         text += "; the seeds' own: " + " / ".join(f"{b:.0f}" if b is not None else "none"
                                                   for b in per_seed.values()) + " Mb/s"
         logs = [math.log(b) for b in per_seed.values() if b is not None]
-        half = ci95(logs)
         if None in per_seed.values():  # a seed that never crosses has no place in a mean of crossings
             text += f" ({len(logs)} of {len(per_seed)} seeds cross)"
-        elif math.isfinite(half):
+        elif math.isfinite(half := ci95(logs)):
             centre = statistics.fmean(logs)
             text += (f" (geometric mean {math.exp(centre):.0f}, 95 % CI of the mean log {math.exp(centre - half):.0f} "
                      f"to {math.exp(centre + half):.0f})")

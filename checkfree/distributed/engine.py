@@ -336,7 +336,7 @@ class ProcessEngine:
         return Outcome(reports, restored)
 
     def _load_checkpoint(self, checkpoint: Path, meta: dict[str, Any], lost: tuple[int, ...]) -> None:
-        replies = self.pool.broadcast(msg.Load(str(checkpoint), meta["digests"], tuple(lost)))
+        replies = self.pool.broadcast(msg.Load(str(checkpoint), meta["digests"], lost))
         damaged = [reply for reply in replies.values() if isinstance(reply, msg.Damaged)]
         if damaged:  # every stage falls back together: the next candidate is loaded by all of them
             raise DamagedCheckpoint(Path(damaged[0].path), damaged[0].cause)

@@ -165,7 +165,7 @@ class StageWorker:
         """Per stage: persists its shard of an asynchronous checkpoint while training goes on."""
         self.staged: dict[int, int] = {}
         """Per stage: bytes of the host buffer its asynchronous checkpoints are copied into (kept for the run,
-        as ``LocalEngine.staged`` says), moved and saved with the stage."""
+        as ``LocalEngine.staged`` says; 0 or absent: none yet), moved and saved with the stage."""
 
     def rank_of(self, stage: int) -> int:
         return rank_of(stage, self.spec.replica, self.n)
@@ -234,18 +234,12 @@ class StageWorker:
                                             self.device)
                 self.computes[stage].load_state(moved["state"])
                 self.held.update({Held(kind, owner, holder): copy for kind, owner, holder, copy in moved["held"]})
-                self._stage_buffer(stage, moved["staged"])
+                self.staged[stage] = moved["staged"]
                 received += n_bytes
         pending.wait()
         for stage in [k for k in self.computes if not self.courier.here(k)]:
             self._let_go(stage)
         return msg.Moved(received)
-
-    def _stage_buffer(self, stage: int, n_bytes: int) -> None:
-        """``stage``'s host staging buffer, as it arrives with the stage (none: it has made no background copy)."""
-        self.staged.pop(stage, None)
-        if n_bytes:
-            self.staged[stage] = n_bytes
 
     def _forget(self, stage: int) -> None:
         """What ``stage``'s node held (copies, the staging buffer) is gone: a lost stage rebuilt in a process
@@ -513,10 +507,10 @@ class StageWorker:
         loaded = from_bytes(command.state)
         for k in self.mine:
             self.computes[k].load_state(loaded[k])
-            self.held = {h: copy for h, copy in self.held.items() if h.holder != k}
+            self._forget(k)
             self.held.update({Held(*key): copy for key, copy in loaded[k]["held"]})
             # Only replica 0 writes checkpoints, so only it has a staging buffer.
-            self._stage_buffer(k, loaded[k].get("staged", 0) if self.spec.replica == 0 else 0)
+            self.staged[k] = loaded[k].get("staged", 0) if self.spec.replica == 0 else 0
         return msg.StateSet(self.lrs(), self.held_bytes())
 
     # --- lifecycle -------------------------------------------------------------------------------
