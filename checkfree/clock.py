@@ -21,12 +21,24 @@ from __future__ import annotations
 from dataclasses import replace
 
 from checkfree import paper_table2
-from checkfree.cost import CostModel, StepOverhead, measure_flops, sustained_period
+from checkfree.cost import CostModel, StepOverhead, measure_flops, p2p_seconds, stage_link, sustained_period
 from checkfree.placement import Placement
-from checkfree.plan import RecoveryReport, Traffic
+from checkfree.plan import BODY, EDGES, RecoveryReport, Traffic, Transfer
 from checkfree.presets import ModelConfig, preset, stage_param_counts
 from checkfree.recovery import RecoveryStrategy
 from checkfree.runconfig import RunConfig
+
+
+def _edge_params(model: ModelConfig, stage: int) -> int:
+    """Parameters of ``stage``'s (de)embedding: the embedding on the first stage, the final norm and the head on
+    the last (``checkfree.presets.stage_param_counts``' split), none elsewhere (a one-stage model has both)."""
+    v, d = model.vocab_size, model.d_model
+    return (v * d if stage == 0 else 0) + (v * d + d if stage == model.n_stages - 1 else 0)
+
+
+def _body_params(model: ModelConfig, stage: int) -> int:
+    """Parameters of ``stage``'s decoder blocks: the stage's, less its (de)embedding."""
+    return stage_param_counts(model)[stage] - _edge_params(model, stage)
 
 
 def priced_as(paper: ModelConfig, n_stages: int) -> ModelConfig:
@@ -48,6 +60,15 @@ class Clock:
             micro_batch_size = cfg.trainer.clock_micro_batch_size or micro_batch_size
         flops = measure_flops() if cfg.network.device == "measured" else None
         self.byte_scale = [p / a for p, a in zip(stage_param_counts(priced), stage_param_counts(model))]
+        """Per stage: the priced model's parameters over the trained model's. A stage's copy, shard or state is
+        priced at its own stage's size (an edge stage's (de)embedding makes its scale another than a middle
+        stage's)."""
+        self.edge_scale = [_edge_params(priced, k) / _edge_params(model, k) if _edge_params(model, k) else 0.0
+                           for k in range(model.n_stages)]
+        """Per stage: the scale of its (de)embedding alone (what a CheckFree+ replica holds; 0 for a middle
+        stage, which has none)."""
+        self.body_scale = [_body_params(priced, k) / _body_params(model, k) for k in range(model.n_stages)]
+        """Per stage: the scale of its decoder blocks alone (what a CheckFree source sends)."""
         self.cost = CostModel(priced, cfg.trainer.micro_batches, micro_batch_size, cfg.network, flops_per_s=flops,
                               replicas=cfg.engine.replicas)
         self.paper, self.paper_T = cfg.trainer.clock == "paper_table2", cfg.trainer.paper_T
@@ -62,11 +83,12 @@ class Clock:
             if self.paper else None
         self.fixed_s = cfg.failure.iteration_seconds if cfg.trainer.clock == "fixed" else None
         self._price(None)
-        self.home = (self.iteration_s, self.sub_iteration_s, self.link_busy)
+        self.home = (self.iteration_s, self.sub_iteration_s, self.link_busy, self.stage_busy, self.floor_bound)
         """The prices with every stage on its own node (what ``place`` returns to, exactly)."""
 
     def _price(self, placement: Placement | None) -> None:
-        busy_s = self.cost.pipeline_busy_seconds(self.schedule, placement)
+        node_busy = self.cost.node_busy_seconds(self.schedule, placement)
+        busy_s = max(node_busy.values(), default=0.0)
         # On the paper's and the fixed clock a placement scales the measured (given) time by the bottleneck host's
         # share of the work against every stage at home (``CostModel.bottleneck_seconds``, at the preset's size):
         # two like stages on one host, twice the time. Compute only: what the paper's time spent on its network
@@ -87,15 +109,24 @@ class Clock:
         """``iteration_s``: simulated seconds of one CPU iteration's work. ``sub_iteration_s``: of the iterations
         it stands for (a paper iteration on ``paper_table2``; the iteration itself otherwise): a loss throws
         away the unfinished one of them (README "The simulated clock")."""
-        self.link_busy = min(1.0, busy_s / self.sub_iteration_s) if self.sub_iteration_s > 0 else 0.0
-        """The fraction of an iteration the busiest node's interface carries the pipeline's own activations and
-        gradients (``CostModel.pipeline_busy_seconds``); what a node sends in the background gets the rest."""
+        self.floor_bound = self.paper and busy_s > self.paper_s * scale
+        """On paper_table2: the activations' floor, not the paper's measured time, sets the iteration (a link too
+        slow to carry the paper's pipeline in its time); what the paper's time included (its replica refreshes)
+        is then priced on its own (``upkeep_seconds``)."""
+        hosts = placement.hosts if placement is not None else range(len(self.byte_scale))
+        fraction = {h: min(1.0, b / self.sub_iteration_s) if self.sub_iteration_s > 0 else 0.0
+                    for h, b in node_busy.items()}
+        self.stage_busy = [fraction.get(h, 0.0) for h in hosts]
+        """Per stage: the fraction of an iteration its node's interface carries the pipeline's own activations
+        and gradients (``CostModel.node_busy_seconds``); what the node sends in the background gets the rest."""
+        self.link_busy = max(self.stage_busy, default=0.0)
+        """The busiest node's ``stage_busy`` (the summary's ``link_busy_fraction``)."""
 
     def place(self, placement: Placement) -> None:
         """Re-price the iteration for ``placement`` (stages that share a host share its compute; no hop between
         them); every stage at home gives back the run's own prices, exactly."""
         if placement.at_home:
-            self.iteration_s, self.sub_iteration_s, self.link_busy = self.home
+            self.iteration_s, self.sub_iteration_s, self.link_busy, self.stage_busy, self.floor_bound = self.home
         else:
             self._price(placement)
 
@@ -105,51 +136,89 @@ class Clock:
         return self.cost.move_seconds(moves)
 
     def recovery_seconds(self, report: RecoveryReport) -> float:
-        """Replacement delay + the bytes that bound the recovery (``RecoveryReport.priced_bytes``), from where the
-        report says they come."""
+        """Replacement delay + the bytes that bound the recovery, each piece at its own stage's size: a rollback
+        from storage downloads every stage's shard in parallel (the slowest sets it); a rebuild receives its
+        pieces (``RecoveryReport.transfers``) from each sending node in parallel, each over its own link."""
         if self.paper and not self.priced_recovery:
             return paper_table2.RECOVERY_S
-        n_bytes = int(report.priced_bytes * self.byte_scale[report.stage])
-        return self.cost.recovery_seconds(report.stage, report.sources, n_bytes, from_storage=report.from_storage)
+        if report.from_storage:
+            shards = self.shard_bytes_of(report.details["shard_bytes"])
+            return self.cost.recovery_seconds(report.stage, [], max(shards), from_storage=True)
+        by_node: dict[int, int] = {}  # what each sending node sends, one piece after another on its link
+        for piece in report.transfers:
+            by_node[piece.src] = by_node.get(piece.src, 0) + int(piece.n_bytes * self.piece_scale(piece))
+        return self.cost.network.replacement_delay_s + max(
+            (p2p_seconds(n, stage_link(self.cost.network, src, report.stage)) for src, n in by_node.items() if n > 0),
+            default=0.0)
+
+    def piece_scale(self, piece: Transfer) -> float:
+        """The priced model's bytes per byte of one received piece: a source's blocks at its blocks' size, a
+        replica at its owner's (de)embedding's, a stage's weights or state at that stage's."""
+        if piece.holds == BODY:
+            return self.body_scale[piece.owner]
+        return self.edge_scale[piece.owner] if piece.holds == EDGES else self.byte_scale[piece.owner]
 
     def upkeep_seconds(self, traffic: Traffic, period: int = 1) -> float:
-        """Checkpoint upload (largest shard; stages upload in parallel) + refreshes the owners wait for (in
+        """Checkpoint upload (stages upload their own shards in parallel) + refreshes the owners wait for (in
         parallel) + the stall of what is sent or flushed in the background, which may take ``period``
-        iterations (``CostModel.background_seconds`` / ``flush_stall_seconds``). On ``paper_table2`` only the
-        background stall is added: the paper's iteration times already include its checkpoint saves and replica
-        refreshes, and it measured neither snapshots nor asynchronous checkpoints, so those are priced by the
-        cost model at the preset's size (``trainer.clock_preset``)."""
-        scale, window = max(self.byte_scale), self.background_window(period)
-        shard = int(max(traffic.shard_bytes, default=0) * scale)
-        background = self.cost.background_seconds({k: int(v * scale) for k, v in traffic.background.items()}, window)
+        iterations (``CostModel.background_seconds`` / ``flush_stall_seconds``). Every copy and shard is priced
+        at its own stage's size (``byte_scale``; a replica at its (de)embedding's, ``edge_scale``) and hides in
+        its own node's free link time. On ``paper_table2`` the paper's iteration times already include its
+        checkpoint saves and replica refreshes -- unless the activations' floor set the iteration
+        (``floor_bound``), when the refreshes are priced as on the cost model; it measured neither snapshots
+        nor asynchronous checkpoints, so those are priced by the cost model at the preset's size
+        (``trainer.clock_preset``)."""
+        shards = self.shard_bytes(traffic)
+        windows = [self.background_window(period, k) for k in range(len(self.byte_scale))]
+        background = self.cost.background_seconds(
+            {key: self.copy_bytes(key, n, traffic) for key, n in traffic.background.items()}, dict(enumerate(windows)))
+        upload = max(shards, default=0)
         if traffic.shards_in_background:
-            background = max(background, self.cost.flush_stall_seconds(shard, window))
-            shard = 0  # not uploaded on the step's time
+            background = max(background, self.cost.flush_stall_seconds(shards, windows))
+            upload = 0  # not uploaded on the step's time
+        syncs = {key: self.copy_bytes(key, n, traffic) for key, n in traffic.sent.items()}
         if self.paper:
             # 0 for the paper's strategies (checkpointing: 91.35 vs 91.32 s per iteration, its saves included);
             # a strategy priced at another column pays the synchronous saves it makes (memory_checkpoint's
             # fall-back to storage).
-            own_saves = 0.0 if self.saves_in_paper_time else self.cost.storage_seconds(shard)
-            return background + own_saves
-        overhead = StepOverhead(storage_upload_bytes=shard,
-                                replica_sync_bytes={k: int(v * scale) for k, v in traffic.sent.items()})
-        return self.cost.overhead_seconds(overhead) + background
+            own_saves = 0.0 if self.saves_in_paper_time else self.cost.storage_seconds(upload)
+            refreshes = self.cost.overhead_seconds(StepOverhead(replica_sync_bytes=syncs)) if self.floor_bound else 0.0
+            return background + own_saves + refreshes
+        return self.cost.overhead_seconds(StepOverhead(storage_upload_bytes=upload, replica_sync_bytes=syncs)) \
+            + background
 
-    def background_window(self, period: int = 1) -> float:
+    def shard_bytes(self, traffic: Traffic) -> list[int]:
+        """Each stage's checkpoint shard at the priced model's size of that stage."""
+        return self.shard_bytes_of(traffic.shard_bytes)
+
+    def shard_bytes_of(self, shards: list[int]) -> list[int]:
+        return [int(n * self.byte_scale[k]) for k, n in enumerate(shards)]
+
+    def copy_bytes(self, key: tuple[int, int], n_bytes: int, traffic: Traffic) -> int:
+        """A refreshed copy (``key`` = (owner, holder)) at the priced model's size of what it holds: the owner's
+        (de)embedding for a replica, the owner's stage otherwise."""
+        owner = key[0]
+        scale = self.edge_scale[owner] if traffic.holds.get(key) == EDGES else self.byte_scale[owner]
+        return int(n_bytes * scale)
+
+    def background_window(self, period: int = 1, stage: int | None = None) -> float:
         """Seconds a copy made every ``period`` iterations has to reach its place in the background: the
-        period's iterations, less the share of them the pipeline's own traffic holds the interface."""
-        return period * self.iteration_s * (1.0 - self.link_busy)
+        period's iterations, less the share of them the pipeline's own traffic holds the interface of
+        ``stage``'s node (None: the busiest node's)."""
+        busy = self.link_busy if stage is None else self.stage_busy[stage]
+        return period * self.iteration_s * (1.0 - busy)
 
     def sustained_period(self, strategy: RecoveryStrategy) -> int:
-        """``strategy.every: auto``: the smallest period at which its background copies (of the preset's size,
-        over the network preset's links, in the time the pipeline leaves them) never pile up
-        (``checkfree.cost.sustained_period``)."""
-        return sustained_period(self.cost.background_copy_seconds(strategy.sends_in_background),
-                                self.background_window())
+        """``strategy.every: auto``: the smallest period at which every stage's background copies (of the
+        preset's size, over the network preset's links, in the time the pipeline leaves that stage's node)
+        never pile up (``checkfree.cost.sustained_period``)."""
+        copies = self.cost.background_copy_seconds(strategy.sends_in_background)
+        return max(sustained_period(seconds, self.background_window(1, k)) for k, seconds in enumerate(copies))
 
     def flush_seconds(self, traffic: Traffic) -> float:
-        """Simulated seconds from the end of a step until its asynchronous checkpoint is persisted: the upload
-        shares the interface with the pipeline's traffic (``link_busy``), unless that leaves it nothing, when
-        it is paid as a stall at the full link (``upkeep_seconds``)."""
-        n_bytes = int(max(traffic.shard_bytes, default=0) * max(self.byte_scale))
-        return self.cost.flush_seconds(n_bytes, share=1.0 - self.link_busy if self.link_busy < 1.0 else 1.0)
+        """Simulated seconds from the end of a step until its asynchronous checkpoint is persisted: each stage's
+        upload shares its node's interface with the pipeline's traffic (``stage_busy``), unless that leaves it
+        nothing, when it is paid as a stall at the full link (``upkeep_seconds``); the last stage to finish
+        sets it."""
+        return max((self.cost.flush_seconds(n, share=1.0 - busy if busy < 1.0 else 1.0)
+                    for n, busy in zip(self.shard_bytes(traffic), self.stage_busy)), default=0.0)

@@ -454,13 +454,20 @@ class CostModel:
         return self._pipe(schedule, shadows, placement=placement) + self.allreduce_seconds()
 
     def pipeline_busy_seconds(self, schedule: str = "in_order", placement: Placement | None = None) -> float:
-        """Seconds per iteration that the busiest node spends sending the pipeline's own traffic: each hop of a
-        micro-batch's route sends its activations forward and, on the way back, their gradient the other way
-        (micro-batch ``m`` takes the ``m % R``-th of the schedule's ``R`` distinct routes). A node has one
-        network interface: what it sends in the background (snapshots, checkpoint uploads) gets the rest of
-        the iteration (``background_seconds``)."""
-        s, busy = self.model.n_stages, defaultdict(float)
+        """Seconds per iteration that the busiest node spends sending the pipeline's own traffic
+        (``node_busy_seconds``' largest)."""
+        return max(self.node_busy_seconds(schedule, placement).values(), default=0.0)
+
+    def node_busy_seconds(self, schedule: str = "in_order", placement: Placement | None = None) -> dict[int, float]:
+        """Seconds per iteration each host spends sending the pipeline's own traffic: each hop of a micro-batch's
+        route sends its activations forward and, on the way back, their gradient the other way (micro-batch
+        ``m`` takes the ``m % R``-th of the schedule's ``R`` distinct routes). A node has one network interface:
+        what it sends in the background (snapshots, checkpoint uploads) gets the rest of the iteration
+        (``background_seconds``) -- its own rest: an edge node sends half of what a middle one does. A host that
+        sends nothing is 0."""
+        s = self.model.n_stages
         host = placement.hosts if placement is not None else range(s)
+        busy = dict.fromkeys(host, 0.0)
         orders = [build_schedule(schedule, s).order(m) for m in range(2)]
         for m in range(self.micro_batches):
             for v in route(orders[m % 2], s):
@@ -469,7 +476,7 @@ class CostModel:
                 a, b = host[v.prev], host[v.stage]
                 busy[a] += p2p_seconds(self.act_bytes, stage_link(self.network, a, b))
                 busy[b] += p2p_seconds(self.act_bytes, stage_link(self.network, b, a))
-        return max(busy.values(), default=0.0)
+        return busy
 
     def move_seconds(self, moves: dict[int, tuple[int, int]]) -> float:
         """Stages that change host (``stage -> (from, to)``; a stage moving back to a node that arrived) send
@@ -508,29 +515,29 @@ class CostModel:
         share = n_bytes / len(sources)
         return delay + max(p2p_seconds(share, stage_link(self.network, src, stage)) for src in sources)
 
-    def background_seconds(self, copies: dict[tuple[int, int], int], window_s: float) -> float:
+    def background_seconds(self, copies: dict[tuple[int, int], int], windows: dict[int, float]) -> float:
         """The stall of copies sent in the background (snapshots to a peer's RAM), all owners in parallel.
 
         Each owner waits for its copy to reach host memory (``bytes / host_bandwidth_Bps``), then sends it to
         the holder over their link while training goes on. The send must end before the next refresh of the
-        same copy begins (CheckFreq's rule: one in flight at a time), ``window_s`` later: what it needs beyond
-        that window stalls the run. So a stage's stall is ``host copy + max(0, send - window)``; the slowest
-        owner sets the run's. ``window_s`` is the time the owner's interface is free of the pipeline's own
-        traffic (``Clock``: the period's iterations times the idle fraction of ``pipeline_busy_seconds``)."""
+        same copy begins (CheckFreq's rule: one in flight at a time), ``windows[owner]`` later: what it needs
+        beyond that window stalls the run. So a stage's stall is ``host copy + max(0, send - window)``; the
+        slowest owner sets the run's. An owner's window is the time its own interface is free of the pipeline's
+        traffic (``Clock.background_window``)."""
         stalls = [n / self.network.host_bandwidth_Bps
-                  + max(0.0, p2p_seconds(n, stage_link(self.network, a, b)) - window_s)
+                  + max(0.0, p2p_seconds(n, stage_link(self.network, a, b)) - windows[a])
                   for (a, b), n in copies.items() if n > 0]
         return max(stalls, default=0.0)
 
-    def background_copy_seconds(self, to: str) -> float:
-        """How long the slowest stage's whole state (weights + Adam) takes to reach ``to`` in the background:
-        'storage' (host copy + upload) or 'peer' (host copy + the send to the next stage)."""
+    def background_copy_seconds(self, to: str) -> list[float]:
+        """How long each stage's whole state (weights + Adam) takes to reach ``to`` in the background: 'storage'
+        (host copy + upload) or 'peer' (host copy + the send to the next stage)."""
         n = self.model.n_stages
         if to == "storage":
-            return max(self.flush_seconds(self.stage_bytes(k, with_optimizer=True)) for k in range(n))
-        return max(self.stage_bytes(k, True) / self.network.host_bandwidth_Bps
-                   + p2p_seconds(self.stage_bytes(k, True), stage_link(self.network, k, (k + 1) % n))
-                   for k in range(n))
+            return [self.flush_seconds(self.stage_bytes(k, with_optimizer=True)) for k in range(n)]
+        return [self.stage_bytes(k, True) / self.network.host_bandwidth_Bps
+                + p2p_seconds(self.stage_bytes(k, True), stage_link(self.network, k, (k + 1) % n))
+                for k in range(n)]
 
     def flush_seconds(self, n_bytes: float, share: float = 1.0) -> float:
         """An asynchronous checkpoint shard from the device to host memory, then from there to storage with
@@ -538,13 +545,12 @@ class CostModel:
         return n_bytes / self.network.host_bandwidth_Bps + self.storage_seconds(n_bytes) / share if n_bytes > 0 \
             else 0.0
 
-    def flush_stall_seconds(self, n_bytes: float, window_s: float) -> float:
-        """What an asynchronous checkpoint (largest shard ``n_bytes``; stages flush in parallel) costs the run:
-        the copy to host memory, and the part of the flush to storage that the ``window_s`` until the next
-        checkpoint cannot hide (CheckFreq's rule, as ``background_seconds``)."""
-        if n_bytes <= 0:
-            return 0.0
-        return n_bytes / self.network.host_bandwidth_Bps + max(0.0, self.storage_seconds(n_bytes) - window_s)
+    def flush_stall_seconds(self, shards: list[float], windows: list[float]) -> float:
+        """What an asynchronous checkpoint costs the run: each stage copies its shard (``shards[k]`` bytes) to
+        host memory, and the part of its flush to storage that ``windows[k]`` (until the next checkpoint) cannot
+        hide (CheckFreq's rule, as ``background_seconds``); stages flush in parallel, the slowest sets it."""
+        return max((n / self.network.host_bandwidth_Bps + max(0.0, self.storage_seconds(n) - w)
+                    for n, w in zip(shards, windows) if n > 0), default=0.0)
 
     def overhead_seconds(self, overhead: StepOverhead) -> float:
         """Checkpoint upload (largest shard, stages in parallel) + replica syncs (in parallel: max)."""

@@ -32,7 +32,17 @@ from checkfree.compute import (
 from checkfree.engine import Outcome
 from checkfree.model import Stage
 from checkfree.placement import Placement
-from checkfree.plan import Held, RecoveryPlan, Traffic, Upkeep, rebuild_report, rollback_reports, sent_into
+from checkfree.plan import (
+    Held,
+    RecoveryPlan,
+    Traffic,
+    Upkeep,
+    fetch_transfer,
+    rebuild_report,
+    rebuild_transfers,
+    rollback_reports,
+    sent_into,
+)
 from checkfree.routes import blame, route
 from checkfree.schedule import Schedule
 
@@ -217,21 +227,23 @@ class LocalEngine:
         missing = self.lost - {r.stage for r in plan.rebuilds}
         if missing:
             raise RuntimeError(f"the {plan.strategy} plan leaves lost stage(s) {sorted(missing)} unrebuilt")
-        reports = []
+        received = {}
         for rebuild in plan.rebuilds:
             start = time.perf_counter()
             bodies = [self.computes[s].stage.body_state() for s, _ in rebuild.sources]
             restored = self.held[rebuild.restore] if rebuild.restore is not None else None
             self.computes[rebuild.stage].apply(rebuild, bodies, restored)
-            n_bytes = sum(nbytes(b) for b in bodies) + (nbytes(restored) if restored is not None else 0)
-            report = rebuild_report(plan, rebuild, n_bytes)
-            report.wall_s = time.perf_counter() - start
-            reports.append(report)
+            received[rebuild.stage] = (rebuild_transfers(rebuild, [nbytes(b) for b in bodies], nbytes(restored)),
+                                       time.perf_counter() - start)
         self.lost = set()
         # Copies re-made after every rebuild, so none copies a stage that was still to be rebuilt.
-        for rebuild, report in zip(plan.rebuilds, reports):
-            report.bytes_moved += sum(n for held, n in ((h, self._refresh(h)) for h in rebuild.fetch)
-                                      if not held.what.background)
+        reports = []
+        for rebuild in plan.rebuilds:
+            transfers, wall_s = received[rebuild.stage]
+            fetched = (fetch_transfer(h, self._refresh(h)) for h in rebuild.fetch)
+            report = rebuild_report(plan, rebuild, [*transfers, *(t for t in fetched if t is not None)])
+            report.wall_s = wall_s
+            reports.append(report)
         for held in plan.refresh:
             self._refresh(held)
         # A rollback from memory rebuilds the survivors too (each from its snapshot): only the lost are reported.

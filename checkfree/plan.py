@@ -268,26 +268,56 @@ class RecoveryReport:
     details: dict[str, Any] = field(default_factory=dict)
     process: dict[str, Any] = field(default_factory=dict)
     """Process engine only: pids, nodes and the recovery's phases (detect, respawn, rendezvous, transfer)."""
-
-    @property
-    def priced_bytes(self) -> int:
-        """The bytes that bound this recovery's time: a rollback from storage downloads every stage's shard in
-        parallel, so the largest shard; any other recovery, what this stage's replacement receives."""
-        if self.from_storage:
-            return self.details.get("largest_shard_bytes", self.bytes_moved)
-        return self.bytes_moved
+    transfers: list[Transfer] = field(default_factory=list)
+    """A rebuild: what the replacement received, piece by piece (``rebuild_report``); the clock prices each
+    piece at its own stage's size on its own link. None for a rollback."""
 
     def to_dict(self) -> dict:
         record = asdict(self)
         if not self.process:
             del record["process"]
+        if not self.transfers:
+            del record["transfers"]
         return record
 
 
-def rebuild_report(plan: RecoveryPlan, rebuild: Rebuild, n_bytes: int) -> RecoveryReport:
-    """The record of one rebuild, as both engines write it."""
+BODY = "body"
+"""What a CheckFree source sends: its decoder blocks (``Transfer.holds``; the held copies' are ``CopyKind.holds``)."""
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One piece of what a rebuilt stage's node receives: ``n_bytes`` of stage ``owner``'s ``holds`` (BODY, or
+    a held copy's EDGES / WEIGHTS / STATE) from ``src``'s node over their link. The clock prices each piece at
+    its own stage's size on its own link (pieces from different nodes arrive in parallel)."""
+
+    src: int
+    owner: int
+    holds: str
+    n_bytes: int
+
+
+def rebuild_transfers(rebuild: Rebuild, body_bytes: list[int], restored_bytes: int) -> list[Transfer]:
+    """What ``rebuild``'s replacement receives before it computes: each source's blocks, and the held copy it
+    restores unless that lives in its own host memory (then nothing moves)."""
+    pieces = [Transfer(src, src, BODY, n) for (src, _), n in zip(rebuild.sources, body_bytes)]
+    if rebuild.restore is not None and rebuild.restore.holder != rebuild.stage:
+        held = rebuild.restore
+        pieces.append(Transfer(held.holder, held.owner, held.what.holds, restored_bytes))
+    return pieces
+
+
+def fetch_transfer(held: Held, n_bytes: int) -> Transfer | None:
+    """A copy the rebuilt stage held, made anew from its owner (none for one kept in the background: a snapshot
+    is re-sent off the recovery's critical path, as it is refreshed)."""
+    return None if held.what.background else Transfer(held.owner, held.owner, held.what.holds, n_bytes)
+
+
+def rebuild_report(plan: RecoveryPlan, rebuild: Rebuild, transfers: list[Transfer]) -> RecoveryReport:
+    """The record of one rebuild, as both engines write it: its bytes are the sum of what its node received."""
     return RecoveryReport(rebuild.stage, plan.strategy, rebuild.method, rebuild.record_sources,
-                          rebuild.record_coefficients, n_bytes, details=dict(rebuild.details))
+                          rebuild.record_coefficients, sum(t.n_bytes for t in transfers),
+                          details=dict(rebuild.details), transfers=list(transfers))
 
 
 def rollback_reports(plan: RecoveryPlan, progress_before: int, restored: dict[str, Any]) -> list[RecoveryReport]:
@@ -298,7 +328,7 @@ def rollback_reports(plan: RecoveryPlan, progress_before: int, restored: dict[st
     shards = restored["shard_bytes"]
     # The checkpoint by its directory name (not its path: the records of two engines' runs must be equal).
     details: dict[str, Any] = {"rolled_back_to": restored["progress"], "checkpoint": Path(restored["path"]).name,
-                               "all_stages": True, "largest_shard_bytes": max(shards)}
+                               "all_stages": True, "largest_shard_bytes": max(shards), "shard_bytes": list(shards)}
     if restored.get("damaged"):
         details["damaged"] = list(restored["damaged"])
     return [RecoveryReport(k, plan.strategy, "rollback", [], [], shards[k],
@@ -328,9 +358,13 @@ class Traffic:
     """Each stage's checkpoint shard, when a checkpoint was saved (stages upload in parallel)."""
     shards_in_background: bool = False
     """The shards were copied to host memory and are being flushed to storage in the background."""
+    holds: dict[tuple[int, int], str] = field(default_factory=dict)
+    """(owner, holder) -> what each sent copy holds (``CopyKind.holds``): the clock prices a replica at the size
+    of the owner's (de)embedding, anything else at the owner's stage's."""
 
 
 def sent_into(traffic: Traffic, held: Held, n_bytes: int) -> None:
     """Count one refreshed copy's bytes as the traffic its kind makes (none for a recomputed one)."""
     if held.what.sent:
         (traffic.background if held.what.background else traffic.sent)[(held.owner, held.holder)] = n_bytes
+        traffic.holds[(held.owner, held.holder)] = held.what.holds

@@ -117,7 +117,8 @@ def test_checkpoint_rollback_is_exact_and_replays_the_same_losses(tmp_path):
     assert report.bytes_moved == shard_bytes(ctx, 1)
     assert report.lost_iterations == 2
     assert report.details == {"rolled_back_to": 3, "checkpoint": "ckpt_0000003", "all_stages": True,
-                              "largest_shard_bytes": shard_bytes(ctx, 3)}
+                              "largest_shard_bytes": shard_bytes(ctx, 3),
+                              "shard_bytes": [shard_bytes(ctx, k) for k in range(4)]}
     assert report.wall_s > 0
     assert [step(ctx)[0] for _ in range(2)] == after_save  # bit-for-bit the same training
 

@@ -128,7 +128,7 @@ def test_a_twelve_stage_run_with_failures_completes(small_run, tmp_path):
 def test_paper_recovery_priced_charges_the_bytes_a_recovery_moves(small_run):
     """trainer.paper_recovery=priced: on the paper clock a recovery costs the replacement delay plus its bytes
     (at the clock preset's size) over the link, instead of the paper's flat 30 s."""
-    from checkfree.plan import RecoveryReport
+    from checkfree.plan import STATE, RecoveryReport, Transfer
     from checkfree.recovery import build_strategy
 
     cfg = small_run(strategy={"name": "snapshot_restore"},
@@ -136,7 +136,9 @@ def test_paper_recovery_priced_charges_the_bytes_a_recovery_moves(small_run):
                     trainer={"clock": "paper_table2", "paper_T": 500, "paper_recovery": "priced"})
     model = cfg.model.with_vocab(300)
     clock = Clock(cfg, model, build_strategy(cfg.strategy, model.n_stages))
-    report = RecoveryReport(2, "snapshot_restore", "snapshot", [3], [1.0], bytes_moved=100_000)
+    # Stage 2's snapshot (its whole state), held by stage 3's node, sent to the replacement.
+    report = RecoveryReport(2, "snapshot_restore", "snapshot", [3], [1.0], bytes_moved=100_000,
+                            transfers=[Transfer(3, 2, STATE, 100_000)])
     scaled = int(100_000 * clock.byte_scale[2])  # the tiny stage's bytes as llama_500m's stage would have them
     assert clock.recovery_seconds(report) == pytest.approx(30.0 + scaled / 1e7)
     assert scaled / 1e7 > 60  # a minute of transfer on top of the delay: far from the flat 30 s
@@ -183,3 +185,83 @@ def test_on_a_slow_link_the_paper_s_iteration_takes_as_long_as_its_activations_n
     from checkfree.cost import sustained_period
 
     assert sustained_period(800.0, slow.background_window()) == 1
+
+
+# --- bytes at their own stage's size (llama_500m cut into cpu_sweep's 6 stages, 10 Mb/s) ---------------------
+
+def llama_500m_clock(small_run, strategy: str = "snapshot_restore", bandwidth: float = 1.25e6):
+    """The Table 2 regime's model (6 stages x 1 block, d=64, pydocs' 1,024 tokens) priced as llama_500m on a
+    single-cluster network of ``bandwidth`` (10 Mb/s by default), on the paper clock with priced recoveries."""
+    from checkfree.recovery import build_strategy
+
+    cfg = small_run(model={"name": "cpu_sweep", "n_stages": 6, "layers_per_stage": 1, "d_model": 64, "n_heads": 4,
+                           "seq_len": 64},
+                    strategy={"name": strategy},
+                    network={"name": "single_cluster", "bandwidth_Bps": bandwidth, "latency_s": 0.0},
+                    trainer={"clock": "paper_table2", "paper_T": 486, "paper_recovery": "priced"})
+    model = cfg.model.with_vocab(1024)
+    return Clock(cfg, model, build_strategy(cfg.strategy, 6)), stage_param_counts(model)
+
+
+def test_every_copy_is_priced_at_its_own_stage_s_size(small_run):
+    """llama_500m in 6 stages: an edge stage's state (weights + Adam, 12 B/param) is 1.199 GB, a middle one's
+    805 MB; at 10 Mb/s the edge's copy takes 959 s to send, not the 1,288 s of a middle stage's scale."""
+    from checkfree.plan import EDGES, STATE, Traffic
+
+    clock, trained = llama_500m_clock(small_run)
+    edge, middle = 12 * trained[0], 12 * trained[1]  # the trained stages' states, in bytes
+    traffic = Traffic(background={(0, 1): edge, (2, 3): middle}, holds={(0, 1): STATE, (2, 3): STATE})
+    assert clock.copy_bytes((0, 1), edge, traffic) == pytest.approx(1_198_620_672, rel=1e-9)
+    assert clock.copy_bytes((2, 3), middle, traffic) == pytest.approx(805_404_672, rel=1e-9)
+    assert clock.cost.background_seconds({(0, 1): 1_198_620_672}, {0: 0.0}) == pytest.approx(
+        1_198_620_672 / 16e9 + 958.9, abs=0.1)
+    # A replica holds its owner's (de)embedding alone: 1,024 x 64 fp32 weights scale to llama_500m's
+    # 32,000 x 1,024 (131 MB), not to the whole edge stage's 761x.
+    embedding = 4 * 1024 * 64
+    assert clock.copy_bytes((0, 1), embedding, Traffic(holds={(0, 1): EDGES})) == 4 * 32_000 * 1024
+
+
+def test_a_background_copy_hides_in_its_own_node_s_free_link_time(small_run):
+    """At 10 Mb/s the pipeline's activations fill a middle node's link (the iteration is the activations'
+    floor), while an edge node sends only half as much: the edge's 1.2 GB snapshot hides in its idle half of the
+    iteration (the stall is its host copy), the middle stage's 805 MB does not (host copy + its whole send)."""
+    from checkfree.plan import STATE, Traffic
+
+    clock, trained = llama_500m_clock(small_run)
+    assert clock.floor_bound and clock.stage_busy == [0.5, 1.0, 1.0, 1.0, 1.0, 0.5] and clock.link_busy == 1.0
+    assert clock.background_window(1, 0) == pytest.approx(0.5 * clock.iteration_s)
+    assert clock.background_window(1, 0) > 959 and clock.background_window(1, 2) == 0.0
+    edge_only = Traffic(background={(0, 1): 12 * trained[0]}, holds={(0, 1): STATE})
+    assert clock.upkeep_seconds(edge_only) == pytest.approx(1_198_620_672 / 16e9, rel=1e-6)
+    middle = Traffic(background={(2, 3): 12 * trained[2]}, holds={(2, 3): STATE})
+    assert clock.upkeep_seconds(middle) == pytest.approx(805_404_672 / 16e9 + 805_404_672 / 1.25e6, rel=1e-6)
+
+
+def test_replica_refreshes_are_priced_where_no_measured_time_holds_them(small_run):
+    """The paper's measured iterations include CheckFree+'s replica refreshes; on a link so slow that the
+    activations set the iteration, they are priced: the embedding's 131 MB at 10 Mb/s, 104.9 s."""
+    from checkfree.plan import EDGES, Traffic
+
+    slow, _ = llama_500m_clock(small_run, "checkfree_plus")
+    fast, _ = llama_500m_clock(small_run, "checkfree_plus", bandwidth=1e9)
+    sync = Traffic(sent={(0, 1): 4 * 1024 * 64, (5, 4): 4 * (1024 * 64 + 64)}, holds={(0, 1): EDGES, (5, 4): EDGES})
+    assert not fast.floor_bound and fast.upkeep_seconds(sync) == 0.0
+    assert slow.upkeep_seconds(sync) == pytest.approx(4 * (32_000 * 1024 + 1024) / 1.25e6)  # the head's, larger
+
+
+def test_a_recovery_prices_each_piece_at_its_size_on_its_own_link(small_run):
+    """snapshot_restore rebuilding stage 1: its snapshot (805 MB) from stage 2's node and the embedding replica it
+    held (131 MB) made anew by stage 0, in parallel: the delay + the slower, 644 s. A rollback downloads every
+    shard at its own stage's size in parallel: the edge's 1.199 GB sets it."""
+    from checkfree.plan import EDGES, STATE, RecoveryReport, Transfer
+
+    clock, trained = llama_500m_clock(small_run)
+    delay = clock.cost.network.replacement_delay_s
+    rebuild = RecoveryReport(1, "snapshot_restore", "snapshot", [2], [1.0], 0,
+                             transfers=[Transfer(2, 1, STATE, 12 * trained[1]), Transfer(0, 0, EDGES, 4 * 1024 * 64)])
+    assert clock.recovery_seconds(rebuild) == pytest.approx(delay + 805_404_672 / 1.25e6, rel=1e-6)
+    rollback = RecoveryReport(2, "checkpoint", "rollback", [], [], 12 * trained[2], from_storage=True,
+                              details={"shard_bytes": [12 * p for p in trained]})
+    storage = clock.cost.network
+    assert clock.recovery_seconds(rollback) == pytest.approx(
+        delay + storage.storage_latency_s + 1_198_632_960 / storage.storage_bandwidth_Bps, rel=1e-6)

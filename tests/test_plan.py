@@ -5,16 +5,23 @@ from __future__ import annotations
 import pytest
 
 from checkfree.plan import (
+    BODY,
+    EDGES,
+    HOST_SNAPSHOT,
     REPLICA,
     SHADOW,
+    SNAPSHOT,
+    STATE,
     STORAGE,
     ZERO_DOWN_PROJ,
     Held,
     Rebuild,
     RecoveryPlan,
-    RecoveryReport,
+    Transfer,
     Upkeep,
+    fetch_transfer,
     rebuild_report,
+    rebuild_transfers,
     rollback_reports,
 )
 
@@ -28,10 +35,27 @@ def test_a_rebuild_records_its_sources_or_its_holder():
     assert fresh.record_sources == [] and fresh.record_coefficients == []
     plan = RecoveryPlan("checkfree", (2, 0), (averaged, shadow, fresh))
     assert plan.sources == {1, 3}
-    report = rebuild_report(plan, averaged, 4096)
+    report = rebuild_report(plan, averaged, rebuild_transfers(averaged, [2048, 2048], 0))
     assert report.to_dict() == {"stage": 2, "strategy": "checkfree", "method": "average", "sources": [1, 3],
                                 "coefficients": [0.25, 0.75], "bytes_moved": 4096, "wall_s": 0.0,
-                                "sim_seconds": 0.0, "lost_iterations": 0, "from_storage": False, "details": {"k": 1}}
+                                "sim_seconds": 0.0, "lost_iterations": 0, "from_storage": False, "details": {"k": 1},
+                                "transfers": [{"src": 1, "owner": 1, "holds": BODY, "n_bytes": 2048},
+                                              {"src": 3, "owner": 3, "holds": BODY, "n_bytes": 2048}]}
+
+
+def test_a_rebuild_s_pieces_say_who_sends_what_of_whose():
+    """Each source sends its own blocks; a restored copy comes from its holder and is its owner's; a copy the new
+    node held is re-made by its owner, unless it is kept in the background (off the recovery's path); a copy in
+    the stage's own host memory moves nothing."""
+    shadow = Rebuild(2, "shadow", fresh_seed=7, restore=Held(SHADOW, 2, 3), fetch=(Held(REPLICA, 1, 2),))
+    assert rebuild_transfers(shadow, [], 900) == [Transfer(3, 2, STATE, 900)]
+    assert fetch_transfer(Held(REPLICA, 1, 2), 50) == Transfer(1, 1, EDGES, 50)
+    assert fetch_transfer(Held(SNAPSHOT, 1, 2), 900) is None
+    own = Rebuild(2, "snapshot", fresh_seed=7, restore=Held(HOST_SNAPSHOT, 2, 2), lr=None)
+    assert rebuild_transfers(own, [], 900) == []
+    report = rebuild_report(RecoveryPlan("redundant", (2,), (shadow,)), shadow,
+                            [Transfer(3, 2, STATE, 900), Transfer(1, 1, EDGES, 50)])
+    assert report.bytes_moved == 950
 
 
 def test_a_rebuild_refuses_unknown_transforms_and_a_kept_optimizer_without_a_shadow():
@@ -46,12 +70,9 @@ def test_rollback_reports_one_record_per_lost_stage():
     restored = {"progress": 6, "path": "/runs/a/checkpoints/ckpt_6", "shard_bytes": [10, 30, 20], "damaged": ["ckpt_9"]}
     reports = rollback_reports(RecoveryPlan("checkpoint", (1, 2), rollback=STORAGE), 10, restored)
     details = {"rolled_back_to": 6, "checkpoint": "ckpt_6", "all_stages": True, "largest_shard_bytes": 30,
-               "damaged": ["ckpt_9"]}
+               "shard_bytes": [10, 30, 20], "damaged": ["ckpt_9"]}
     assert [(r.stage, r.method, r.bytes_moved, r.lost_iterations, r.from_storage, r.details) for r in reports] == [
         (1, "rollback", 30, 4, True, details), (2, "rollback", 20, 4, True, details)]
-    # Every shard downloads in parallel: the largest bounds each record's time; a rebuild's is what it received.
-    assert [r.priced_bytes for r in reports] == [30, 30]
-    assert RecoveryReport(1, "checkfree", "weighted_avg", [0, 2], [0.5, 0.5], 40).priced_bytes == 40
 
 
 def test_upkeep_is_true_only_when_there_is_work():

@@ -69,11 +69,13 @@ def test_background_stall_is_host_copy_plus_what_the_window_cannot_hide():
     network = NetworkConfig(bandwidth_Bps=1e8, latency_s=0.01, host_bandwidth_Bps=1e9)
     cost = CostModel(preset("tiny"), 2, 2, network)
     # 1e9 bytes: 1 s to host memory, 0.01 + 10 s to the peer.
-    assert cost.background_seconds({(0, 1): 10**9}, window_s=4.0) == pytest.approx(1.0 + 6.01)
-    assert cost.background_seconds({(0, 1): 10**9}, window_s=20.0) == pytest.approx(1.0)
+    assert cost.background_seconds({(0, 1): 10**9}, {0: 4.0}) == pytest.approx(1.0 + 6.01)
+    assert cost.background_seconds({(0, 1): 10**9}, {0: 20.0}) == pytest.approx(1.0)
     # Owners send in parallel: the slowest sets the stall; nothing to send costs nothing.
-    assert cost.background_seconds({(0, 1): 10**9, (1, 2): 2 * 10**9}, window_s=4.0) == pytest.approx(2.0 + 16.01)
-    assert cost.background_seconds({}, window_s=1.0) == 0.0
+    assert cost.background_seconds({(0, 1): 10**9, (1, 2): 2 * 10**9}, {0: 4.0, 1: 4.0}) == pytest.approx(2.0 + 16.01)
+    # Each owner hides its copy in its own node's free time: a node with more of it stalls less.
+    assert cost.background_seconds({(0, 1): 10**9, (1, 2): 2 * 10**9}, {0: 20.0, 1: 19.0}) == pytest.approx(2.0 + 1.01)
+    assert cost.background_seconds({}, {}) == 0.0
 
 
 # --- snapshot_restore ------------------------------------------------------------------------------
@@ -271,9 +273,12 @@ def test_flush_stall_is_host_copy_plus_what_the_window_cannot_hide():
     cost = CostModel(preset("tiny"), 2, 2, network)
     # 1e9 bytes: 1 s to host memory, 0.05 + 10 s to storage.
     assert cost.flush_seconds(10**9) == pytest.approx(11.05)
-    assert cost.flush_stall_seconds(10**9, window_s=4.0) == pytest.approx(1.0 + 6.05)
-    assert cost.flush_stall_seconds(10**9, window_s=60.0) == pytest.approx(1.0)
-    assert cost.flush_stall_seconds(0, window_s=1.0) == cost.flush_seconds(0) == 0.0
+    assert cost.flush_stall_seconds([10**9], [4.0]) == pytest.approx(1.0 + 6.05)
+    assert cost.flush_stall_seconds([10**9], [60.0]) == pytest.approx(1.0)
+    # Stages flush their own shards in parallel, each in its own node's window: the slowest sets the stall.
+    assert cost.flush_stall_seconds([10**9, 5 * 10**8], [60.0, 10.0]) == pytest.approx(1.0)  # 1.0 vs 0.5
+    assert cost.flush_stall_seconds([10**9, 2 * 10**9], [4.0, 60.0]) == pytest.approx(1.0 + 6.05)  # vs 2.0
+    assert cost.flush_stall_seconds([0], [1.0]) == cost.flush_seconds(0) == 0.0
 
 
 def test_async_checkpoint_through_the_trainer_falls_back_while_a_flush_is_under_way(small_run, tmp_path):
@@ -347,7 +352,8 @@ def test_on_the_paper_clock_memory_checkpoint_pays_for_its_storage_saves(small_r
     records = {r["iteration"]: r for r in read_metrics(tmp_path / "run" / "metrics.jsonl")}
     shards = load_file(tmp_path / "run" / "checkpoints" / "ckpt_0000004" / "meta.pt")["shard_bytes"]
     clock = Clock(cfg, cfg.model.with_vocab(300), build_strategy(cfg.strategy, 4))
-    upload = clock.cost.storage_seconds(int(max(shards) * max(clock.byte_scale)))
+    # Each stage uploads its own shard at its own stage's size, in parallel: the slowest sets the time.
+    upload = clock.cost.storage_seconds(max(int(n * scale) for n, scale in zip(shards, clock.byte_scale)))
     assert upload > 1.0
     assert [records[i]["overhead_sim_s"] for i in (1, 2, 3, 4)] == [0.0, pytest.approx(upload), 0.0,
                                                                     pytest.approx(upload)]

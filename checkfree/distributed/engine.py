@@ -319,7 +319,7 @@ class ProcessEngine:
                 replies = pool.broadcast(msg.Recover(plan))
                 self._note_held(replies)
                 self._note_lrs(replies)
-                received = self.first_replies(replies, "received_bytes")
+                received = self.first_replies(replies, "received")
                 reports = [rebuild_report(plan, r, received[r.stage]) for r in plan.rebuilds if r.stage in plan.lost]
         except WorkersDied as exc:
             raise self.lost(exc) from None

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from checkfree.plan import Held, RecoveryPlan
+from checkfree.plan import Held, RecoveryPlan, Transfer
 
 # --- commands --------------------------------------------------------------------------------------------
 
@@ -221,9 +221,9 @@ class Probed:
 
 @dataclass(frozen=True)
 class Recovered:
-    received_bytes: dict[int, int]
-    """Per stage rebuilt here: the bytes it read from its sources (a source in this process counts too: the
-    records are the local engine's, whatever the placement)."""
+    received: dict[int, list[Transfer]]
+    """Per stage rebuilt here: what it read from its sources, piece by piece (a source in this process counts too:
+    the records are the local engine's, whatever the placement)."""
     lr: dict[int, float]
     held_bytes: dict[int, int]
 

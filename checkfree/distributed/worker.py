@@ -52,7 +52,7 @@ from checkfree.distributed.rollcall import CalledOff, answer
 from checkfree.distributed.transfer import Pending, isend_state, recv_state, wire_device
 from checkfree.init_from import start_from
 from checkfree.model import Stage
-from checkfree.plan import Held
+from checkfree.plan import Held, Transfer, fetch_transfer, rebuild_transfers
 from checkfree.presets import ModelConfig
 from checkfree.routes import blame, in_order, route
 from checkfree.schedule import build_schedule
@@ -405,22 +405,22 @@ class StageWorker:
             holder = rebuild.restore.holder if rebuild.restore is not None else None
             if holder is not None and holder != rebuild.stage and courier.here(holder):
                 courier.send_state(self.held[rebuild.restore], holder, rebuild.stage, TAG_RESTORE, pending)
-        received: dict[int, int] = {}
+        received: dict[int, list[Transfer]] = {}
         for rebuild in plan.rebuilds:
             stage = rebuild.stage
             if not courier.here(stage):
                 continue
-            bodies, received[stage] = [], 0
+            bodies, body_bytes = [], []
             for src, _ in rebuild.sources:
                 body, n_bytes = courier.recv_state(src, stage, TAG_BODY)
                 bodies.append(body)
-                received[stage] += n_bytes
-            restored = None
+                body_bytes.append(n_bytes)
+            restored, restored_bytes = None, 0
             if rebuild.restore is not None and rebuild.restore.holder == stage:
                 restored = self.held[rebuild.restore]  # in this node's own host memory: nothing moves
             elif rebuild.restore is not None:
-                restored, n_bytes = courier.recv_state(rebuild.restore.holder, stage, TAG_RESTORE)
-                received[stage] += n_bytes
+                restored, restored_bytes = courier.recv_state(rebuild.restore.holder, stage, TAG_RESTORE)
+            received[stage] = rebuild_transfers(rebuild, body_bytes, restored_bytes)
             self.computes[stage].apply(rebuild, bodies, restored)
             if stage in plan.lost:  # a new node holds nothing until the plan's fetch / refresh
                 self._forget(stage)
@@ -428,8 +428,9 @@ class StageWorker:
         fetched = [h for r in plan.rebuilds for h in r.fetch]
         got = self._refresh([*fetched, *plan.refresh])
         for held, n_bytes in got.items():
-            if held in fetched and not held.what.background:
-                received[held.holder] = received.get(held.holder, 0) + n_bytes
+            piece = fetch_transfer(held, n_bytes) if held in fetched else None
+            if piece is not None:
+                received.setdefault(held.holder, []).append(piece)
         return msg.Recovered(received, self.lrs(), self.held_bytes())
 
     def upkeep(self, command: msg.Upkeep) -> msg.KeptUp:
