@@ -51,7 +51,8 @@ COLUMNS = ["strategy", "hourly_rate", "seeds", "reached", "hours_to_target", "ho
            "memory_overhead_mb_per_node"]
 
 # Two-sided 95 % Student t quantiles by degrees of freedom (n - 1); a CI over n seeds is mean +- t * s / sqrt(n).
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+       11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086}
 
 
 def ci95(values: Sequence[float]) -> float:

@@ -39,29 +39,40 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pandas as pd  # noqa: E402
 from sweep import ROOT, grid, run_point  # noqa: E402  (the sibling script: one way of running a point)
 
+from checkfree.paper_table2 import PAPER_T, RATES  # noqa: E402
 from checkfree.recovery import strategy_class  # noqa: E402
-from checkfree.table2 import ci95, write_report  # noqa: E402
+from checkfree.table2 import T95, ci95, paper_iteration_seconds, write_report  # noqa: E402
 
 CAP = 4.0
 """A run that has not reached the target after CAP x T iterations stops (and counts as not reached)."""
+RATE_16 = RATES.index(0.16)
+"""The column of the paper's Table 2 that the granularity study runs (16 %/h)."""
 ABLATION_LENGTH = 1.25
 """Ablation runs train to 1.25 T: the validation loss is compared at T (as the paper's Fig. 2) and at the end."""
 
 
 def run_all(points: list[tuple[str, int, list[str]]], out: Path, extra: list[str], jobs: int) -> list[dict]:
     """Run every (sweep, index, overrides) point; returns each run's summary (or its failure)."""
-    results = []
+    [runs] = run_groups([(points, out, extra)], jobs)
+    return runs
+
+
+def run_groups(groups: list[tuple[list[tuple[str, int, list[str]]], Path, list[str]]], jobs: int) -> list[list[dict]]:
+    """Run the points of several groups (each its points, its directory, its overrides) in one pool, so that no
+    core waits for one group to finish; returns each group's summaries, in its points' order."""
+    results: list[list[dict]] = [[] for _ in groups]
+    total = sum(len(points) for points, _, _ in groups)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(run_point, name, i, overrides, out, read_by(overrides, extra))
-                   for name, i, overrides in points]
-        for done, future in enumerate(futures, 1):
+        futures = [(g, pool.submit(run_point, name, i, overrides, out, read_by(overrides, extra)))
+                   for g, (points, out, extra) in enumerate(groups) for name, i, overrides in points]
+        for done, (g, future) in enumerate(futures, 1):
             run_dir, code, seconds = future.result()
-            print(f"[{done}/{len(points)}] {Path(run_dir).name}: {'ok' if code == 0 else f'FAILED (exit {code})'} "
+            print(f"[{done}/{total}] {Path(run_dir).name}: {'ok' if code == 0 else f'FAILED (exit {code})'} "
                   f"in {seconds:.0f} s", flush=True)
             summary = Path(run_dir) / "summary.json"
             # run_dir: where the run is now (its summary names where it ran, maybe another clone's path).
-            results.append({**json.loads(summary.read_text()), "run_dir": run_dir} if summary.exists()
-                           else {"run_dir": run_dir})
+            results[g].append({**json.loads(summary.read_text()), "run_dir": run_dir} if summary.exists()
+                              else {"run_dir": run_dir})
     return results
 
 
@@ -76,34 +87,57 @@ def read_by(overrides: list[str], extra: list[str]) -> list[str]:
                                      and o.lstrip("+").split("=", 1)[0].split(".", 1)[1] not in reads)]
 
 
+CALIBRATION_POINTS = "strategy=none", "failure.name=none", "failure.hourly_rate=0.0"
+
+
+def calibration_points(seeds: int) -> list[tuple[str, int, list[str]]]:
+    """The no-failure runs that fix T: one per seed."""
+    return [("table2", i, [*CALIBRATION_POINTS, f"seed={s}"]) for i, s in enumerate(range(seeds))]
+
+
+def calibration_overrides(extra: list[str], iterations: int = 5000) -> list[str]:
+    # A generous cap: the calibration finds T, it must not be cut short by a guess of it.
+    return ["trainer.clock=fixed", f"trainer.iterations={iterations}", *extra]
+
+
 def calibrate(out: Path, seeds: int, jobs: int, extra: list[str]) -> dict:
     """T: the mean iterations to target of ``seeds`` no-failure runs of the table2 setup."""
-    points = [("table2", i, ["strategy=none", "failure.name=none", "failure.hourly_rate=0.0", f"seed={s}"])
-              for i, s in enumerate(range(seeds))]
-    # A generous cap: the calibration finds T, it must not be cut short by a guess of it.
-    runs = run_all(points, out / "calibration", ["trainer.clock=fixed", "trainer.iterations=5000", *extra], jobs)
+    runs = run_all(calibration_points(seeds), out / "calibration", calibration_overrides(extra), jobs)
+    return write_calibration(out, runs)
+
+
+def write_calibration(out: Path, runs: list[dict]) -> dict:
+    """``out/calibration.json`` from the no-failure runs: T (their mean iterations to target) and the target."""
     iterations = [r.get("iterations_to_target_interp") for r in runs]
     if any(i is None for i in iterations):
         raise SystemExit(f"a calibration run did not reach the target: {iterations}; see {out / 'calibration'}")
     target = runs[0]["target_loss"]
     T = round(statistics.fmean(iterations))
     calibration = {"T": T, "target": target, "iterations": iterations, "ci95": ci95(iterations),
-                   "val_loss_se": [r.get("final_val_loss_se") for r in runs], "seeds": seeds,
+                   "val_loss_se": [r.get("final_val_loss_se") for r in runs], "seeds": len(runs),
                    "run_seconds": run_seconds(runs),
                    # Each seed's environment: the report flags grid runs made in another.
                    "environments": [r.get("environment") for r in runs]}
+    out.mkdir(parents=True, exist_ok=True)
     (out / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
     print(f"calibration: T = {T} iterations to {target} (per seed {[round(i) for i in iterations]})", flush=True)
     return calibration
 
 
-PROBE_ITERATIONS = 2000
-"""The probe (one no-failure run) trains this long: its curve fixes the targets of a new corpus."""
-GRANULARITY = (20, 10, 5)
-"""Paper iterations per CPU iteration in the granularity study: targets the probe reaches after 10,000 / K."""
-GRANULARITY_CAP = 3.5
-"""The granularity study's runs stop after 3.5 T (the paper's slowest, checkpointing at 16 %, needed 2.84 T at
-its own granularity): at K = 5 a run of 4 T would be 8,000 iterations."""
+PROBE_ITERATIONS = 600
+"""The probe (one no-failure run) trains this long: 1.2 x TARGET_AT, enough to read its loss there (the
+validations come every 50)."""
+TARGET_AT = 500
+"""``--target auto``: the target is the probe's validation loss after this many iterations (K = 20 paper
+iterations per CPU iteration: the regime of the synthetic corpus, T ~ 500)."""
+GRANULARITY_SIZES = (8, 4, 2, 1)
+"""The granularity study's micro-batch sizes: the Table 2 regime's 8 sequences (4 micro-batches x 8 x 64 tokens
+per CPU iteration, K ~ 20), halved, quartered and an eighth (each CPU iteration stands for fewer paper
+iterations because it trains on fewer tokens; on pydocs K = 20.6, 13.3, 7.8 and ~4.5: smaller batches need
+fewer tokens to the target, so K falls slower than the batch). Everything else is fixed: the target, the model, the 4
+micro-batches, the learning rate (1e-3: the rule is a constant learning rate, so that K is the only change)."""
+GRANULARITY_MAX_ITERATIONS = 5000
+"""The calibration's cap at micro-batch size 8 (``calibrate``), scaled by 8 / size at the finer levels."""
 
 
 def probe_dir(args: argparse.Namespace) -> Path:
@@ -117,8 +151,7 @@ def probe(out: Path, extra: list[str], iterations: int = PROBE_ITERATIONS) -> li
 
     A new corpus has no target yet: the probe fixes it from a no-failure run alone, before any failure is
     drawn — the loss it reaches after 500 iterations puts the corpus in the same regime as the synthetic one
-    (T ~ 500, 20 paper iterations per CPU iteration), and the losses after 1,000 and 2,000 give the
-    granularity study its finer clocks (K = 10, 5)."""
+    (T ~ 500, 20 paper iterations per CPU iteration). A longer probe of the same corpus serves as well."""
     from checkfree.runlog import read_metrics
 
     longer = [int(p.name.removeprefix("probe")) for p in out.glob("probe*") if p.name[5:].isdigit()
@@ -146,8 +179,8 @@ def corpus_overrides(args: argparse.Namespace) -> list[str]:
     extra = [f"data={args.data}"] if args.data else []
     if args.target == "auto":
         # 1.2 x 500 iterations: enough to read the loss at 500 (the validations come every 50).
-        target = target_at(probe(probe_dir(args), [*extra, *args.set], 600), 10_000 / GRANULARITY[0])
-        print(f"target {target}: the probe's validation loss after {10_000 // GRANULARITY[0]} iterations", flush=True)
+        target = target_at(probe(probe_dir(args), [*extra, *args.set]), TARGET_AT)
+        print(f"target {target}: the probe's validation loss after {TARGET_AT} iterations", flush=True)
         extra.append(f"trainer.target_loss={target}")
     elif args.target is not None:
         extra.append(f"trainer.target_loss={float(args.target)}")
@@ -249,79 +282,127 @@ def ablations(args: argparse.Namespace) -> None:
     print(text)
 
 
+def level_overrides(size: int, target: float, extra: list[str]) -> list[str]:
+    """One level of the granularity study: ``size`` sequences per micro-batch, validations every T / 10 (50 CPU
+    iterations at the Table 2 regime's 8, scaled by 8 / size), the one target."""
+    scale = GRANULARITY_SIZES[0] / size
+    return [f"trainer.micro_batch_size={size}", f"trainer.eval_every={round(50 * scale)}",
+            f"trainer.target_loss={target}", *extra]
+
+
 def granularity(args: argparse.Namespace) -> None:
-    """The same strategies at 16 %/h with one CPU iteration standing for K = 20, 10 and 5 paper iterations:
-    each K has its own target (the probe's loss after 10,000 / K iterations) and its own T (the probe's
-    iterations to it), so a finer clock is a longer run towards a lower loss. Iterations to target / T should
-    not depend on K if the clock is honest at the coarsest one."""
+    """The same strategies at 16 %/h with K changed alone: the target fixed (the main table's), each CPU iteration
+    trained on fewer tokens (``GRANULARITY_SIZES``), each level calibrated on its own T (so K = 10,000 / T is
+    measured, not assumed). Hours to target / T (the paper's metric, as Table 2's) should not depend on K once
+    the clock is fine enough; where it does, the report extrapolates it to the paper's K = 1."""
     start = time.perf_counter()
-    extra = [f"data={args.data}"] if args.data else []
-    curve = probe(probe_dir(args), [*extra, *args.set])
-    strategies = (args.strategies or "checkpoint,redundant,checkfree,checkfree_plus").split(",")
-    points, regimes = [], {}
-    for K in GRANULARITY:
-        target = target_at(curve, 10_000 // K)
-        T = round(first_crossing(curve, target))  # the probe's own (interpolated) iterations to that target
-        regimes[K] = (T, target)
-        points += [(K, name, seed, [f"strategy={name}", "failure.hourly_rate=0.16", f"seed={seed}",
-                                    f"trainer.target_loss={target}", *regime(T, GRANULARITY_CAP)])
-                   for name in strategies for seed in range(args.seeds)]
-    # All points at once, the finest clock (the longest runs) first, so that no core waits for a K to finish;
-    # a point's index (its run directory) does not depend on which --granularities this invocation runs.
-    points.sort(key=lambda p: p[0])
-    wanted = {int(k) for k in args.granularities.split(",")}
-    indexed = [("table2", i, o) for i, (K, _, _, o) in enumerate(points) if K in wanted or args.report_only]
-    points = [p for p in points if p[0] in wanted or args.report_only]
-    runs = (so_far(indexed, args.out / "runs") if args.report_only
-            else run_all(indexed, args.out / "runs", [*extra, *args.set], args.jobs))
-    records = []
-    for (K, _, _, _), r in zip(points, runs):
-        T, target = regimes[K]
-        reached = r.get("iterations_to_target_interp")
-        if r.get("status") != "completed" and reached is None:  # still running (or not started): a lower bound
-            reached_by = math.nan if r.get("not_started") else r.get("iterations_so_far", 0) / T
-            records.append({"K": K, "T": T, "target": target, "strategy": r.get("strategy"), "seed": r.get("seed"),
-                            "unfinished_beyond_T": reached_by, "not_started": bool(r.get("not_started")),
-                            "wall_s": r.get("total_wall_time_s")})
-            continue
-        records.append({"K": K, "paper_iterations_per_cpu_iteration": 10_000 / T, "T": T, "target": target,
-                        "strategy": r.get("strategy"), "seed": r.get("seed"), "failures": r.get("n_failures"),
-                        "iterations_to_target_over_T": reached / T if reached is not None else None,
-                        "hours_to_target": (r["time_to_target_interp_s"] / 3600
-                                            if r.get("time_to_target_interp_s") is not None else None),
-                        "lost_work_h": (r.get("lost_work_sim_s") or 0.0) / 3600,
-                        "wall_s": r.get("total_wall_time_s")})
-    rows = []
+    sizes = [int(b) for b in args.sizes.split(",")]
+    target = float(args.target) if args.target not in (None, "auto") else calibration_file(args)["target"]
+    extra = [*([f"data={args.data}"] if args.data else []), *args.set]
+    levels = {b: level_overrides(b, target, extra) for b in sizes}
+    calibrations = {}
+    if args.report_only:
+        calibrations = {b: json.loads((args.out / f"b{b}" / "calibration.json").read_text()) for b in sizes
+                        if (args.out / f"b{b}" / "calibration.json").is_file()}
+    else:
+        groups = [(calibration_points(args.seeds), args.out / f"b{b}" / "calibration",
+                   calibration_overrides(levels[b], GRANULARITY_MAX_ITERATIONS * GRANULARITY_SIZES[0] // b))
+                  for b in sizes]
+        for b, runs in zip(sizes, run_groups(groups, args.jobs)):
+            calibrations[b] = write_calibration(args.out / f"b{b}", runs)
+    strategies = (args.strategies or "checkpoint,checkfree,checkfree_plus,snapshot_restore").split(",")
+    points = [("table2", i, [f"strategy={name}", "failure.hourly_rate=0.16", f"seed={seed}"])
+              for i, (name, seed) in enumerate((n, s) for n in strategies for s in range(args.seeds))]
+    # The finest level (the longest runs) first, so that no core waits at the end for one long run.
+    order = sorted(calibrations, key=lambda b: -calibrations[b]["T"])
+    groups = [(points, args.out / f"b{b}" / "runs", [*regime(calibrations[b]["T"], CAP), *levels[b]])
+              for b in order]
+    grids = [so_far(p, out) for p, out, _ in groups] if args.report_only else run_groups(groups, args.jobs)
+    records = [granularity_record(b, calibrations[b], r) for b, runs in zip(order, grids) for r in runs]
     frame = pd.DataFrame(records)
-    for column in ("iterations_to_target_over_T", "unfinished_beyond_T", "not_started"):  # absent when no run
-        if column not in frame:                                                           # got that far
-            frame[column] = math.nan
+    args.out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(args.out / "granularity.csv", index=False)
-    for name in strategies:
-        cells = []
-        for K in GRANULARITY:
-            mine = frame[(frame.strategy == name) & (frame.K == K)]
-            values = [v for v in mine.iterations_to_target_over_T if v is not None and v == v]
-            unfinished = [v for v in mine.unfinished_beyond_T if v == v]
-            if unfinished:  # --report-only while runs go on: how far they got without reaching the target
-                cells.append(f"> {min(unfinished):.2f} (unfinished)")
-            elif len(mine) and mine.not_started.eq(True).all():  # NaN (a run that started) is not True
-                cells.append("not run yet")
-            else:
-                cells.append(f"{fmt(values, '.2f')} ({len(values)}/{len(mine)})" if values
-                             else f"> {GRANULARITY_CAP:g} (0/{len(mine)})")
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    Ts = sorted(set(frame["T"]), reverse=True)
-    text = "\n".join([
-        "| strategy | " + " | ".join(f"K = {10_000 / T:.1f} (T = {T})" for T in sorted(Ts)) + " |",
-        "|---|" + "---|" * len(Ts), *rows]) + (
-        f"\n\nIterations to target / T at 16 %/h (mean ± 95 % CI over {args.seeds} seed(s); in brackets the runs that "
-        f"reached the target within {GRANULARITY_CAP:g} T). K: paper iterations per CPU iteration. This invocation "
-        f"{(time.perf_counter() - start) / 60:.1f} min of wall time; {run_seconds(records_as_runs(records)) / 60:.1f} "
-        "run-minutes.\n")
+    text = granularity_report(frame, calibrations, strategies) + (
+        f"\nThis invocation {(time.perf_counter() - start) / 60:.1f} min of wall time; "
+        f"{(run_seconds([c for c in calibrations.values()]) + run_seconds(records_as_runs(records))) / 60:.1f} "
+        "run-minutes, calibration included.\n")
     (args.out / "granularity.md").write_text(text)
     plot_granularity(frame, args.out / "granularity.png")
     print(text)
+
+
+def granularity_record(size: int, calibration: dict, run: dict) -> dict:
+    """One run of the granularity study as a row: its level (micro-batch size, T, K) and its time to target / T
+    in the paper's units (hours over the no-failure time of 10,000 paper iterations at the strategy's price)."""
+    T = calibration["T"]
+    seconds = run.get("time_to_target_interp_s")
+    strategy = run.get("strategy")
+    return {"micro_batch_size": size, "T": T, "K": PAPER_T / T, "strategy": strategy, "seed": run.get("seed"),
+            "status": run.get("status"), "failures": run.get("n_failures"),
+            "hours_to_target": seconds / 3600 if seconds is not None else None,
+            "time_over_T": (seconds / (paper_iteration_seconds(strategy, RATE_16) * PAPER_T)
+                            if seconds is not None else None),
+            "iterations_to_target_over_T": (run["iterations_to_target_interp"] / T
+                                            if run.get("iterations_to_target_interp") is not None else None),
+            "iterations_so_far": run.get("iterations_so_far"), "wall_s": run.get("total_wall_time_s")}
+
+
+def extrapolate(points: list[tuple[float, float]], at: float = 1.0) -> tuple[float, float, float]:
+    """The least-squares line through (K, value) points (every seed of every level), evaluated at ``at``: the
+    value, the 95 % half-width of that prediction of the mean (Student t on n - 2 degrees of freedom), and the
+    slope. A line in K is the simplest model that says 'the value moves as the clock gets finer'; it is an
+    extrapolation beyond the finest K measured, and the half-width says only how well the line is pinned."""
+    n = len(points)
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sxx
+    value = my + slope * (at - mx)
+    if n < 3:
+        return value, math.nan, slope
+    residual = math.sqrt(sum((y - my - slope * (x - mx)) ** 2 for x, y in points) / (n - 2))
+    return value, T95.get(n - 2, 1.96) * residual * math.sqrt(1 / n + (at - mx) ** 2 / sxx), slope
+
+
+def granularity_report(frame: pd.DataFrame, calibrations: dict[int, dict], strategies: list[str]) -> str:
+    """The table: each strategy's time to target / T at each level (mean ± 95 % CI, seeds that reached the target
+    within the cap), whether it moves with K, and its extrapolation to K = 1."""
+    sizes = sorted(calibrations, key=lambda b: calibrations[b]["T"])
+    head = ("| strategy | " + " | ".join(f"K = {PAPER_T / calibrations[b]['T']:.1f} (b = {b}, T = "
+                                          f"{calibrations[b]['T']})" for b in sizes)
+            + " | slope per unit K | extrapolated to K = 1 |")
+    rows = [head, "|---|" + "---|" * (len(sizes) + 2)]
+    for name in strategies:
+        cells, points = [], []
+        for b in sizes:
+            mine = frame[(frame.strategy == name) & (frame.micro_batch_size == b)] if len(frame) else frame
+            values = [v for v in mine.get("time_over_T", []) if v is not None and v == v]
+            done = [s for s in mine.get("status", []) if s == "completed"]
+            points += [(PAPER_T / calibrations[b]["T"], v) for v in values]
+            if not len(mine):
+                cells.append("not run yet")
+            elif len(done) < len(mine):
+                cells.append(f"{len(done)}/{len(mine)} runs finished")
+            else:
+                cells.append(f"{fmt(values, '.2f')} ({len(values)}/{len(mine)})" if values
+                             else f"not reached in {CAP:g} T (0/{len(mine)})")
+        Ks = {k for k, _ in points}
+        if len(Ks) >= 2:
+            value, half, slope = extrapolate(points)
+            cells += [f"{slope:+.4f}", f"{value:.2f}" + (f" ± {half:.2f}" if half == half else "")]
+        else:
+            cells += ["—", "—"]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    cal = "; ".join(f"b = {b}: T = {calibrations[b]['T']} ({', '.join(str(round(i)) for i in calibrations[b]['iterations'])})"
+                    for b in sizes)
+    return "\n".join(rows) + (
+        "\n\nTime to target / T at 16 %/h: hours to target over the no-failure time (10,000 paper iterations at the "
+        "strategy's paper price), as Table 2's column; mean ± 95 % CI over seeds, in brackets the seeds that reached "
+        f"the target within {CAP:g} T. K = 10,000 / T: paper iterations per CPU iteration, set by the tokens of one "
+        "CPU iteration alone (b sequences per micro-batch, 4 micro-batches of 64 tokens); the target "
+        f"({calibrations[sizes[0]]['target']}), the model and "
+        "the learning rate are the same at every level. Extrapolation: the least-squares line through every seed's "
+        f"value against K, at K = 1, with the 95 % half-width of that prediction. Calibration (no failures): {cal}.\n")
 
 
 def records_as_runs(records: list[dict]) -> list[dict]:
@@ -345,28 +426,22 @@ def so_far(points: list[tuple[str, int, list[str]]], out: Path) -> list[dict]:
     return runs
 
 
-def first_crossing(curve: list[tuple[int, float]], target: float) -> float:
-    """The first (interpolated) iteration at which the curve is at or below ``target``."""
-    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
-        if y1 <= target < y0:
-            return x0 + (y0 - target) / (y0 - y1) * (x1 - x0)
-    raise SystemExit(f"the probe never reaches {target}")
-
-
 def plot_granularity(frame: pd.DataFrame, path: Path) -> None:
+    """Time to target / T against K, one line per strategy (the mean over the seeds that reached the target)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, rows in frame.groupby("strategy"):
-        means = rows.groupby("K")["iterations_to_target_over_T"].mean().sort_index(ascending=False)
+    reached = frame.dropna(subset=["time_over_T"]) if "time_over_T" in frame else frame.iloc[0:0]
+    for name, rows in reached.groupby("strategy"):
+        means = rows.groupby("K")["time_over_T"].mean().sort_index()
         ax.plot(means.index, means.values, marker="o", label=name)
     ax.set_xlabel("paper iterations per CPU iteration (K)")
-    ax.set_ylabel("iterations to target / T")
-    ax.invert_xaxis()
-    ax.set_title("16 %/h: convergence as the CPU clock gets finer")
+    ax.set_ylabel("time to target / T (paper units)")
+    ax.set_xlim(left=0)
+    ax.set_title("16 %/h, target fixed: K changed by the tokens per CPU iteration")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -468,8 +543,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategies", default=None,
                         help="the strategies run (comma-separated); default: main, every one of the sweep's; "
                              "granularity, the paper's four")
-    parser.add_argument("--granularities", default=",".join(map(str, GRANULARITY)),
-                        help="granularity: run only these K (e.g. 20,10); the report covers every K")
+    parser.add_argument("--sizes", default=",".join(map(str, GRANULARITY_SIZES)),
+                        help="granularity: the micro-batch sizes, one level of K each (8 is the main table's)")
+    parser.add_argument("--calibration", type=Path, default=None,
+                        help="granularity: the main table's calibration.json, whose target the study keeps "
+                             "(default: results/table2_<data>/calibration.json; --target overrides it)")
     parser.add_argument("--report-only", action="store_true",
                         help="granularity: write the table from the runs as they stand, running nothing")
     parser.add_argument("--out", type=Path, default=None)

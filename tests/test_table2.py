@@ -7,9 +7,11 @@ import math
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from checkfree import table2
+from checkfree.paper_table2 import ITERATION_S as TABLE2_ITERATION_S
 from checkfree.paper_table2 import RECOVERY_S as PAPER_RECOVERY_S
 from checkfree.paper_table2 import iteration_seconds as table2_iteration_seconds
 
@@ -152,18 +154,60 @@ def test_ablation_rows_pair_each_rule_with_checkfree_by_seed(tmp_path):
     assert len(records) == 10 and script.run_seconds(runs) == 600.0
 
 
-def test_a_new_corpus_target_and_its_T_come_from_the_no_failure_probe():
-    """--target auto: the probe's loss after 500 iterations (rounded to 3 decimals) is the target; the
-    granularity study's T is the probe's own (interpolated) first crossing of each target."""
+def test_a_new_corpus_target_comes_from_the_no_failure_probe():
+    """--target auto: the probe's loss after 500 iterations (rounded to 3 decimals) is the target."""
     script = experiment_script()
     curve = [(0, 5.0), (450, 2.0), (550, 1.8), (1000, 1.5), (2000, 1.2345)]
-    assert script.target_at(curve, 500) == 1.9  # halfway between 2.0 and 1.8
+    assert script.target_at(curve, script.TARGET_AT) == 1.9  # halfway between 2.0 and 1.8
     assert script.target_at(curve, 2000) == 1.234
-    assert script.first_crossing(curve, 1.9) == pytest.approx(500.0)
-    assert script.first_crossing(curve, 1.65) == pytest.approx(550 + 0.15 / 0.3 * 450)
-    with pytest.raises(SystemExit, match="never reaches 1.1"):
-        script.first_crossing(curve, 1.1)
-    assert [10_000 // k for k in script.GRANULARITY] == [500, 1000, 2000]
+
+
+def test_the_granularity_study_changes_the_tokens_per_iteration_alone():
+    """A level: its micro-batch size, validations every T / 10 (50 iterations at 8 sequences, scaled), and the one
+    target; a run's time to target / T is in the paper's units (hours over 10,000 paper iterations at the
+    strategy's price at 16 %/h), whatever the level's T."""
+    script = experiment_script()
+    assert script.level_overrides(8, 3.671, ["data=pydocs"]) == [
+        "trainer.micro_batch_size=8", "trainer.eval_every=50", "trainer.target_loss=3.671", "data=pydocs"]
+    assert script.level_overrides(2, 3.671, [])[:2] == ["trainer.micro_batch_size=2", "trainer.eval_every=200"]
+    run = {"strategy": "checkfree", "seed": 1, "status": "completed", "n_failures": 40,
+           "time_to_target_interp_s": 1_500_000.0, "iterations_to_target_interp": 3000.0}
+    record = script.granularity_record(2, {"T": 2000}, run)
+    paper_s = TABLE2_ITERATION_S["checkfree"][2]  # its 16 %/h column
+    assert record["K"] == 5.0 and record["iterations_to_target_over_T"] == 1.5
+    assert record["time_over_T"] == pytest.approx(1_500_000.0 / (paper_s * 10_000))
+    assert script.granularity_record(2, {"T": 2000}, {"strategy": "checkfree"})["time_over_T"] is None
+
+
+def test_the_extrapolation_to_k_1_is_a_least_squares_line_with_its_prediction_interval():
+    script = experiment_script()
+    # Exactly on a line y = 2.2 - 0.035 K: no residual, no width.
+    value, half, slope = script.extrapolate([(20, 1.5), (10, 1.85), (5, 2.025)])
+    assert (value, half, slope) == (pytest.approx(2.165), pytest.approx(0.0, abs=1e-12), pytest.approx(-0.035))
+    # Flat with spread: slope 0, residual s = sqrt(4 x 0.25 / 2); half-width t(2) s sqrt(1/4 + (1-15)^2 / 100).
+    value, half, slope = script.extrapolate([(10, 1.0), (10, 2.0), (20, 1.0), (20, 2.0)])
+    assert (value, slope) == (pytest.approx(1.5), pytest.approx(0.0))
+    assert half == pytest.approx(4.303 * math.sqrt(0.5) * math.sqrt(0.25 + 196 / 100))
+
+
+def test_the_granularity_report_says_per_level_how_far_each_strategy_got(tmp_path):
+    script = experiment_script()
+    calibrations = {8: {"T": 500, "target": 3.671, "iterations": [490, 510]},
+                    2: {"T": 2000, "target": 3.671, "iterations": [1990, 2010]}}
+    frame = pd.DataFrame([
+        {"micro_batch_size": 8, "strategy": "checkfree", "status": "completed", "time_over_T": 1.4},
+        {"micro_batch_size": 8, "strategy": "checkfree", "status": "completed", "time_over_T": 1.6},
+        {"micro_batch_size": 2, "strategy": "checkfree", "status": "completed", "time_over_T": 2.0},
+        {"micro_batch_size": 2, "strategy": "checkfree", "status": "completed", "time_over_T": None},
+        {"micro_batch_size": 2, "strategy": "checkpoint", "status": "running", "time_over_T": None}])
+    text = script.granularity_report(frame, calibrations, ["checkfree", "checkpoint"])
+    lines = text.splitlines()
+    assert lines[0].startswith("| strategy | K = 20.0 (b = 8, T = 500) | K = 5.0 (b = 2, T = 2000) |")
+    cells = [c.strip() for c in lines[2].split("|")[1:-1]]
+    # Points (20, 1.4), (20, 1.6), (5, 2.0): slope -5 / 150, the line through (15, 5/3) gives 2.133 at K = 1.
+    assert cells[:4] == ["checkfree", "1.50 ± 1.27 (2/2)", "2.00 (1/2)", "-0.0333"]
+    assert cells[4].startswith("2.13 ± ")
+    assert [c.strip() for c in lines[3].split("|")[1:-1]] == ["checkpoint", "not run yet", "0/1 runs finished", "—", "—"]
 
 
 def test_each_point_gets_only_the_strategy_keys_its_strategy_reads():
