@@ -22,7 +22,7 @@ import os
 import random
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -41,6 +41,7 @@ from checkfree.corpora import (  # torch-free, so a config is validated without 
     validate_data_config,
 )
 from checkfree.debian_corpora import DEBIAN_CORPORA
+from checkfree.provenance import corpus_packages
 from checkfree.stories import generate_stories
 
 if TYPE_CHECKING:  # transformers is imported where it is used: validating a config must stay cheap
@@ -396,6 +397,9 @@ class Corpus:
     """[val_sequences, seq_len + 1] int64, packed from the held-out documents only."""
     n_train_documents: int
     n_val_documents: int
+    packages: dict[str, str] = field(default_factory=dict)
+    """A Debian corpus: the versions of the packages its documents were read from (``provenance.corpus_packages``),
+    or how they were read otherwise; empty for every other corpus."""
 
 
 def load_corpus(cfg: DataConfig, seq_len: int, batch_seed: int = 0) -> Corpus:
@@ -408,8 +412,9 @@ def load_corpus(cfg: DataConfig, seq_len: int, batch_seed: int = 0) -> Corpus:
             f"the {n_val} validation documents fill only {val_tokens.numel() // width} sequences of "
             f"{width} tokens; raise data.val_documents or lower data.val_sequences")
     val = val_tokens[: cfg.val_sequences * width].view(cfg.val_sequences, width).long()
+    packages = corpus_packages(cfg.name, cfg.path) if cfg.name in DEBIAN_CORPORA else {}
     return Corpus(tokenizer=tokenizer, vocab_size=len(tokenizer), train=TokenBatches(train_tokens, seq_len, batch_seed),
-                  val=val, n_train_documents=n_train, n_val_documents=n_val)
+                  val=val, n_train_documents=n_train, n_val_documents=n_val, packages=packages)
 
 
 def _packed_corpus(cfg: DataConfig) -> tuple[PreTrainedTokenizerFast, torch.Tensor, torch.Tensor, int, int]:

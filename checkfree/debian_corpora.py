@@ -183,6 +183,12 @@ class DebianCorpus:
 
     package: str
     """The Debian package that installs the files (named in the install hint)."""
+    packages: tuple[str, ...]
+    """Every package whose files the corpus reads (``package`` and its dependencies that ship documents): their
+    versions go into every summary's environment record (``checkfree.provenance``)."""
+    made_with: dict[str, str]
+    """The versions the committed results were made with (empty: not recorded when they were made); another
+    installed version is named in a warning (``version_warning``), as its tokens differ."""
     default_path: str
     """Where the package installs them (the YAML's data.path)."""
     what: str
@@ -192,8 +198,15 @@ class DebianCorpus:
 
 
 DEBIAN_CORPORA = {
-    "fortunes": DebianCorpus(package="fortunes", default_path="/usr/share/games/fortunes",
+    "fortunes": DebianCorpus(package="fortunes", packages=("fortunes", "fortunes-min"), made_with={},
+                             default_path="/usr/share/games/fortunes",
                              what="cookie files", files=cookie_files, read=read_fortunes),
-    "pydocs": DebianCorpus(package="python3.11-doc", default_path="/usr/share/doc/python3.11/html/_sources",
+    # Debian 12's point release (deb12u8) and its security update (deb12u9) ship the same files but for a few
+    # pages' text: the same counts of sections and tokens, other tokens (sha256 06d215304b1d... against
+    # a904ba57edda...), validation curves up to +-0.03 apart.
+    "pydocs": DebianCorpus(package="python3.11-doc", packages=("python3.11-doc",),
+                           made_with={"python3.11-doc": "3.11.2-6+deb12u8"},
+                           default_path="/usr/share/doc/python3.11/html/_sources",
                            what="reStructuredText sources (*.rst.txt)", files=rst_files, read=read_pydocs),
 }
+

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from checkfree.atomic import os_error_behind, signals_to
-from checkfree.provenance import environment, label
+from checkfree.provenance import environment, label, version_warning
 from checkfree.records import IterationRecord
 from checkfree.resume import save_state, state_path, truncate_metrics
 from checkfree.rundir import owned
@@ -99,6 +99,7 @@ class Run:
         exit_code, t = 1, self.trainer
         try:
             _ = self.environment  # the tokens hashed before the engine's workers start waiting for work
+            self.warn(version_warning(self.cfg.data.name, t.corpus.packages))
             t.engine.start(self.run_dir, fresh=self.resume_state is None)
             if self.resume_state is not None:
                 from checkfree.export_paths import clear_stale_exports
@@ -172,6 +173,12 @@ class Run:
             self.save_state()  # the final state: `trainer.iterations=<more> trainer.resume=DIR` trains on
         t.totals.final_val_loss_se = t.validation_se()
 
+    def warn(self, text: str | None) -> None:
+        """A warning for the summary and stderr (None: nothing to say)."""
+        if text:
+            self.warnings.append(text)
+            print(f"warning: {text}", file=sys.stderr)
+
     def check_divergence(self) -> None:
         t = self.trainer.totals
         if t.initial_val_loss is None or t.final_val_loss is None:
@@ -179,8 +186,7 @@ class Run:
         if not math.isfinite(t.final_val_loss) or t.final_val_loss > DIVERGED_FACTOR * t.initial_val_loss:
             text = (f"the run diverged: its validation loss ended at {t.final_val_loss:.4g}, above the "
                     f"{t.initial_val_loss:.4g} it started from; lower trainer.lr (now {self.cfg.trainer.lr:g}).")
-            self.warnings.append(text)
-            print(f"warning: {text}", file=sys.stderr)
+            self.warn(text)
 
     # --- resume ----------------------------------------------------------------------------------------
 
@@ -201,8 +207,7 @@ class Run:
             text = (f"resumed in another environment: the iterations up to {state['iteration']} ran with "
                     f"{label(saved)}, the rest with {label(self.environment)}; the run's numbers need not "
                     "match either environment's to the digit.")
-            self.warnings.append(text)
-            print(f"warning: {text}", file=sys.stderr)
+            self.warn(text)
 
     def save_state(self) -> None:
         """Write the resumable state, if the run is at an iteration boundary (never a mid-iteration one)."""

@@ -1,4 +1,5 @@
-"""What a run's numbers depend on beyond its config: the libraries' versions and the exact tokens it saw.
+"""What a run's numbers depend on beyond its config: the libraries' versions, the Debian packages a corpus was
+read from, and the exact tokens it saw.
 
 One config gives the same numbers to the digit only in the same environment: a newer ``tokenizers`` may train
 another BPE on the same documents, a newer ``transformers`` may initialise Llama blocks differently. (Both are
@@ -12,6 +13,7 @@ import hashlib
 import platform
 from collections import Counter
 from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -35,6 +37,52 @@ def _version(name: str) -> str:
         return "unknown"
 
 
+NOT_INSTALLED = "not installed"
+
+
+def installed_versions(packages: tuple[str, ...]) -> dict[str, str]:
+    """Each package's installed version as dpkg knows it; "not installed", or "unknown" without dpkg."""
+    import shutil
+    import subprocess
+
+    if shutil.which("dpkg-query") is None:
+        return dict.fromkeys(packages, "unknown")
+    versions = {}
+    for name in packages:
+        done = subprocess.run(["dpkg-query", "-W", "-f=${db:Status-Status} ${Version}", name],
+                              capture_output=True, text=True, check=False)
+        status, _, version = done.stdout.partition(" ")
+        versions[name] = version if done.returncode == 0 and status == "installed" and version else NOT_INSTALLED
+    return versions
+
+
+def corpus_packages(name: str, path: str | None) -> dict[str, str]:
+    """The environment record's entries of a Debian corpus read from ``path``: its packages' versions, when the
+    path is where they install their files; a copy elsewhere is recorded as such (its version cannot be
+    known)."""
+    from checkfree.debian_corpora import DEBIAN_CORPORA
+
+    source = DEBIAN_CORPORA[name]
+    if path is None or Path(path).expanduser().resolve() != Path(source.default_path).resolve():
+        return dict.fromkeys(source.packages, f"unknown (a copy at {path})")
+    return installed_versions(source.packages)
+
+
+def version_warning(name: str, versions: dict[str, str]) -> str | None:
+    """One sentence when a Debian corpus was read from other package versions than its committed results were
+    made with: both named, and how to install the committed one. None when they agree (or none is recorded)."""
+    from checkfree.debian_corpora import DEBIAN_CORPORA
+
+    made_with = DEBIAN_CORPORA[name].made_with if name in DEBIAN_CORPORA else {}
+    other = {p: v for p, v in versions.items() if p in made_with and v != made_with[p]}
+    if not other:
+        return None
+    return ("data={}: {} here, but the committed results were made with {}; its tokens differ, so numbers will "
+            "not regenerate to the digit (apt-get install {}).").format(
+        name, ", ".join(f"{p} {v}" for p, v in other.items()),
+        ", ".join(f"{p} {made_with[p]}" for p in other), " ".join(f"{p}={made_with[p]}" for p in other))
+
+
 def tokens_sha256(train_sha256: str, val: torch.Tensor) -> str:
     """One digest of the training tokens' digest and the validation tokens: equal digests, equal data."""
     digest = hashlib.sha256(train_sha256.encode())
@@ -43,8 +91,9 @@ def tokens_sha256(train_sha256: str, val: torch.Tensor) -> str:
 
 
 def environment(corpus: Corpus) -> dict[str, str]:
-    """The record a summary carries: versions and the digest of the corpus's tokens (train and validation)."""
-    return {**versions(), "tokens_sha256": tokens_sha256(corpus.train.sha256(), corpus.val)}
+    """The record a summary carries: versions (of the libraries, and of the Debian packages a corpus was read
+    from) and the digest of the corpus's tokens (train and validation)."""
+    return {**versions(), **corpus.packages, "tokens_sha256": tokens_sha256(corpus.train.sha256(), corpus.val)}
 
 
 def label(env: dict[str, str] | None) -> str:

@@ -264,6 +264,9 @@ def test_load_corpus_holds_out_validation_documents_from_training_and_tokenizer(
     on_all = load_tokenizer(replace(cfg, cache_dir=str(tmp_path / "all")), train + val)
     assert on_train.get_vocab() != on_all.get_vocab()
     assert corpus.tokenizer.get_vocab() == on_train.get_vocab()
+    # Read from a copy, not from where the package installs its files: no package version can be claimed.
+    packages = {"fortunes": ("fortunes", "fortunes-min"), "pydocs": ("python3.11-doc",)}[name]
+    assert corpus.packages == dict.fromkeys(packages, f"unknown (a copy at {cfg.path})")
 
 
 # ----------------------------------------------------------------------------------------------- Hydra

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
+import subprocess
 from importlib import metadata
 
 import torch
@@ -65,3 +67,30 @@ def test_a_package_without_metadata_is_unknown_not_an_error(monkeypatch):
 
     monkeypatch.setattr(metadata, "version", version)
     assert versions()["tokenizers"] == "unknown" and versions()["torch"] == real("torch")
+
+
+def test_a_debian_corpus_records_its_package_versions_and_names_another_one():
+    """The committed pydocs results were made with python3.11-doc 3.11.2-6+deb12u8; its security update gives
+    other tokens, and a run on it says so, naming both and the apt line that installs the committed one."""
+    from checkfree.provenance import NOT_INSTALLED, corpus_packages, installed_versions, version_warning
+
+    if shutil.which("dpkg-query"):
+        dpkg = installed_versions(("dpkg", "checkfree-no-such-package"))
+        assert dpkg["dpkg"] == metadata_free_dpkg_version() and dpkg["checkfree-no-such-package"] == NOT_INSTALLED
+    else:
+        assert installed_versions(("dpkg",)) == {"dpkg": "unknown"}
+    assert corpus_packages("pydocs", "/usr/share/doc/python3.11/html/_sources") == installed_versions(("python3.11-doc",))
+    assert corpus_packages("pydocs", "/tmp/docs") == {"python3.11-doc": "unknown (a copy at /tmp/docs)"}
+    assert version_warning("pydocs", {"python3.11-doc": "3.11.2-6+deb12u8"}) is None
+    assert version_warning("pydocs", {"python3.11-doc": "3.11.2-6+deb12u9"}) == (
+        "data=pydocs: python3.11-doc 3.11.2-6+deb12u9 here, but the committed results were made with python3.11-doc "
+        "3.11.2-6+deb12u8; its tokens differ, so numbers will not regenerate to the digit (apt-get install "
+        "python3.11-doc=3.11.2-6+deb12u8).")
+    assert version_warning("fortunes", {"fortunes": "1:1.99.1-7.3"}) is None  # no version recorded for it
+    assert version_warning("synthetic", {}) is None
+
+
+def metadata_free_dpkg_version() -> str:
+    """dpkg's own version, as dpkg --version prints it (its first line ends with it, before the architecture)."""
+    first = subprocess.run(["dpkg", "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
+    return first.split(" version ")[1].split()[0]
