@@ -117,10 +117,16 @@ def build_engine(cfg: RunConfig, model: ModelConfig, device, schedule: str | Non
     import torch
 
     autocast = torch.bfloat16 if cfg.trainer.precision == "bf16" else None
+    world = model.n_stages * cfg.engine.replicas
     if cfg.engine.name == "local":
         from checkfree.init_from import start_from
         from checkfree.model import build_stages
         from checkfree.pipeline import LocalEngine
+
+        # The thread count a stage process computes with: CPU kernels split their reductions by thread, so the
+        # same count makes the two engines' runs alike bit for bit (tests/test_parity.py), from the command line
+        # too. On 2 cores that is one thread, which is also the faster for models this small.
+        torch.set_num_threads(stage_threads(world))
 
         stages = [start_from(stage, model, k) for k, stage in enumerate(build_stages(model, cfg.seed, device))]
         return LocalEngine(stages, cfg.trainer.lr, cfg.trainer.clip, autocast_dtype=autocast,
@@ -130,7 +136,6 @@ def build_engine(cfg: RunConfig, model: ModelConfig, device, schedule: str | Non
     from checkfree.distributed.worker import WorkerSpec
     from checkfree.recovery import strategy_class
 
-    world = model.n_stages * cfg.engine.replicas
     spec = WorkerSpec(
         stage=0, replica=0, model=model, seed=cfg.seed, lr=cfg.trainer.lr, clip=cfg.trainer.clip,
         precision=cfg.trainer.precision, compile=cfg.trainer.compile, device=device.type,
@@ -139,9 +144,14 @@ def build_engine(cfg: RunConfig, model: ModelConfig, device, schedule: str | Non
         micro_batch_size=cfg.trainer.micro_batch_size, replicas=cfg.engine.replicas,
         backend=pick_backend(cfg.engine, device, world), store_addr=cfg.engine.master_addr,
         store_port=cfg.engine.master_port, timeout_s=cfg.engine.timeout_s,
-        threads=max(1, (os.cpu_count() or 1) // world),
+        threads=stage_threads(world),
     )
     return ProcessEngine(spec, cfg.engine)
+
+
+def stage_threads(world: int) -> int:
+    """The torch threads of one of ``world`` stage processes on this machine: its share of the cores."""
+    return max(1, (os.cpu_count() or 1) // world)
 
 
 def pick_device(name: str):

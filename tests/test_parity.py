@@ -165,3 +165,22 @@ def test_a_shrunk_pipeline_runs_two_stages_in_one_process_bitwise_as_the_local_e
         assert new["pid"] != first_pid[2] and len(workers["history"]) == 5
         assert [(w["stage"], w["stages"], w["pid"]) for w in back["workers"]][2] == (2, [2], new["pid"])
         assert [m["moves"] for m in records if m.get("moves")] == [[{"stage": 2, "from": 1, "to": 2}]]
+
+
+@pytest.mark.parametrize("cores, threads", [(2, 1), (16, 4), (64, 16)])
+def test_the_local_engine_computes_with_a_stage_process_s_threads(cores, threads, small_run, monkeypatch):
+    """CPU kernels split their reductions by thread, so the local engine uses the thread count a stage process
+    gets (its share of the cores: 4 stages on 16 cores, 4 each) instead of torch's default (every core): the
+    engines are then alike bit for bit from the command line, not only in tests that pin one thread."""
+    from checkfree import train as train_module
+    from checkfree.train import build_engine, stage_threads
+
+    monkeypatch.setattr(train_module.os, "cpu_count", lambda: cores)
+    cfg = small_run()  # 4 stages
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(cores)  # torch's default on such a machine
+        build_engine(cfg, cfg.model.with_vocab(300), torch.device("cpu"))
+        assert torch.get_num_threads() == stage_threads(4) == threads
+    finally:
+        torch.set_num_threads(before)
