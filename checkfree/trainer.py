@@ -338,8 +338,10 @@ class Trainer:
         progress = self.progress
         if upkeep.snapshot:  # half-refreshed snapshots are no checkpoint: until all are, there is none
             self.memory.clear()
+        # A rollback to an earlier progress makes the upkeep moot (its state is gone); one to this very progress
+        # (a save at the end of this step) restored the same state: the upkeep is redone.
         traffic = self.survive(lambda: self.engine.upkeep(upkeep, self.checkpoint_meta()), record,
-                               rolled_back=Traffic)
+                               rolled_back=lambda: Traffic() if self.progress != progress else None)
         for held in upkeep.refresh:
             self.held_since[held] = self.progress
         if upkeep.snapshot and self.progress == progress:  # not when a rollback meanwhile made it moot
@@ -349,9 +351,10 @@ class Trainer:
     def survive(self, call, record: IterationRecord | None, attempt_s: float = 0.0, rolled_back=None):
         """``call()`` on the engine. A stage process lost meanwhile (not drawn by the failure model: killed from
         outside, or its node gone) is recorded, recovered like any loss and the call redone; lost during a
-        step's commit, the survivors' step stands and is the result."""
+        step's commit, the survivors' step stands and is the result. When the recovery rolled back -- to an
+        earlier progress, or to a save of this very progress, which rewinds the data stream all the same --
+        ``rolled_back()`` says what becomes of the call: an answer ends it, None redoes it."""
         for _ in range(MAX_ATTEMPTS):
-            progress = self.progress
             try:
                 return call()
             except StagesLost as lost:
@@ -362,7 +365,8 @@ class Trainer:
                     self.note(record, reports, max(r.sim_seconds for r in reports) + spent, self.engine.stage_lrs())
                 if lost.result is not None:
                     return lost.result
-                if self.progress != progress and rolled_back is not None and (answer := rolled_back()) is not None:
+                rolled = any("rolled_back_to" in r.details for r in reports)
+                if rolled and rolled_back is not None and (answer := rolled_back()) is not None:
                     return answer
         raise RuntimeError(f"iteration {self.iteration_no} was interrupted by stage failures {MAX_ATTEMPTS} times "
                            "in a row; giving up.")

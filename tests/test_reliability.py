@@ -210,6 +210,37 @@ def test_resume_refuses_a_missing_state_or_a_changed_config(data_cache, tmp_path
     assert (tmp_path / "saved" / "metrics.jsonl").read_bytes() == metrics
 
 
+@pytest.mark.parametrize("strategy", [{"name": "checkpoint", "every": 1},
+                                      {"name": "memory_checkpoint", "every": 1, "storage_every": 1}])
+def test_a_loss_inside_a_step_right_after_a_save_redoes_it_on_the_same_batches_once(strategy, small_run, tmp_path):
+    """A stage lost during iteration 4's step (from outside the failure model, as a killed process) with the
+    rollback target saved at the end of iteration 3: the rollback rewinds the data stream to that save, so the
+    redone step draws iteration 4's batches again, once -- the run is the run without the loss (the same losses,
+    the same final weights and data position), plus the attempt's time, and no step is lost."""
+    from checkfree.engine import StagesLost
+
+    def kill_stage_1_in_step_4(n, engine):
+        if n == 4:
+            engine.lose([1])
+            raise StagesLost({1}, "step")
+
+    cfg = small_run(strategy=strategy, trainer={"iterations": 6, "eval_every": 6})
+    clean = build_run(cfg, tmp_path / "clean")
+    clean_summary = clean.run()
+    lossy = hooked_run(cfg, tmp_path / "lossy", train_step=kill_stage_1_in_step_4)
+    summary = lossy.run()
+    assert summary["status"] == "completed" and [f["stage"] for f in summary["failures"]] == [1]
+    assert summary["lost_iterations"] == 0 and summary["n_recoveries"] == 1
+    losses = [[(r["iteration"], r.get("train_loss")) for r in read_metrics(d / "metrics.jsonl")]
+              for d in (tmp_path / "clean", tmp_path / "lossy")]
+    assert losses[0] == losses[1]
+    assert summary["final_val_loss"] == clean_summary["final_val_loss"]
+    assert lossy.trainer.corpus.train.state_dict() == clean.trainer.corpus.train.state_dict()
+    weights = [run.trainer.engine.stage_states() for run in (clean, lossy)]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(*weights) for k in a)
+    assert summary["total_sim_time_s"] > clean_summary["total_sim_time_s"]  # the attempt and the recovery
+
+
 def test_truncate_metrics_keeps_one_whole_record_per_saved_iteration(tmp_path):
     from checkfree.resume import truncate_metrics
 
