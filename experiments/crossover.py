@@ -41,7 +41,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pandas as pd  # noqa: E402
-from table2 import CAP, calibrated_arguments, calibration_file, calibration_of, fmt, run_seconds, runs_of  # noqa: E402
+from table2 import (  # noqa: E402
+    CAP,
+    calibrated_arguments,
+    calibration_file,
+    calibration_of,
+    check_arguments,
+    fmt,
+    run_seconds,
+    runs_of,
+)
 
 from checkfree.provenance import describe  # noqa: E402
 from checkfree.table2 import ci95  # noqa: E402
@@ -251,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategies", default=",".join((*BASELINES, *CHECKFREE)))
     parser.add_argument("--rate", type=float, default=RATE, help="hourly failure rate per stage")
     args = parser.parse_args(argv)
+    check_arguments(args)
     T, target = calibration_of(args)
     start, out = time.perf_counter(), args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pandas as pd  # noqa: E402
-from table2 import CAP, calibrated_arguments, calibration_of, fmt, run_seconds, runs_of  # noqa: E402
+from table2 import CAP, calibrated_arguments, calibration_of, check_arguments, fmt, run_seconds, runs_of  # noqa: E402
 
 from checkfree import paper_table2  # noqa: E402
 from checkfree.table2 import ci95  # noqa: E402
@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     calibrated_arguments(parser, "replacement")
     args = parser.parse_args(argv)
+    check_arguments(args)
     T, target = calibration_of(args)
     start, out = time.perf_counter(), args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -141,9 +141,9 @@ GRANULARITY_MAX_ITERATIONS = 5000
 
 
 def probe_dir(args: argparse.Namespace) -> Path:
-    """One probe per corpus (and overrides), shared by the table, the ablations and the granularity study."""
+    """The probe of a corpus (and overrides), under the experiment's own ``--out``: nothing is written elsewhere."""
     label = "_".join([args.data or "synthetic", *(o.replace("=", "-") for o in args.set)])
-    return ROOT / "results" / "probes" / label
+    return args.out / "probes" / label
 
 
 def probe(out: Path, extra: list[str], iterations: int = PROBE_ITERATIONS) -> list[tuple[int, float]]:
@@ -527,6 +527,68 @@ def runs_of(args: argparse.Namespace, out: Path, points: list[tuple[str, int, li
     return run_all(points, out / "runs", [*extra, *args.set], args.jobs)
 
 
+def refuse(flag: str, value: object, allowed: str) -> None:
+    """Bad input: one sentence naming the flag, the value and what is allowed, on stderr; exit 2, nothing run."""
+    print(f"error: {flag}={value} is invalid: {allowed}.", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def numbers(flag: str, text: str, kind: type = float) -> list:
+    """A comma-separated list of numbers, or a refusal naming the flag."""
+    try:
+        values = [kind(v) for v in text.split(",")]
+    except ValueError:
+        refuse(flag, text, f"a comma-separated list of {'integers' if kind is int else 'numbers'}")
+    if not values or any(not math.isfinite(v) for v in values):
+        refuse(flag, text, "finite numbers")
+    return values
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every flag of an experiment script checked before any work (a probe, a calibration, a run): the ones
+    ``calibrated_arguments`` and ``main`` define, as far as the script has them."""
+    if args.seeds < 1:
+        refuse("--seeds", args.seeds, "at least 1")
+    if args.jobs < 1:
+        refuse("--jobs", args.jobs, "at least 1 run at a time")
+    if args.out.exists() and not args.out.is_dir():
+        refuse("--out", args.out, "a directory (this is a file)")
+    data = getattr(args, "data", None)
+    if data is not None and not (ROOT / "conf" / "data" / f"{data}.yaml").is_file():
+        refuse("--data", data, f"one of {sorted(p.stem for p in (ROOT / 'conf' / 'data').glob('*.yaml'))}")
+    bad = [o for o in args.set if "=" not in o]
+    if bad:
+        refuse("--set", bad[0], "KEY=VALUE overrides")
+    calibration = getattr(args, "calibration", None)
+    if calibration is not None and not calibration.is_file():
+        refuse("--calibration", calibration, "the calibration.json of experiments/table2.py (no such file)")
+    strategies = getattr(args, "strategies", None)
+    if strategies:
+        from checkfree.recovery import STRATEGIES
+
+        unknown = [n for n in strategies.split(",") if n not in STRATEGIES]
+        if unknown:
+            refuse("--strategies", strategies, f"names of {sorted(STRATEGIES)}")
+    for flag in ("rates", "rate"):
+        if getattr(args, flag, None) is not None:
+            text = str(getattr(args, flag))
+            if any(not 0 < r <= 1 for r in numbers(f"--{flag}", text)):
+                refuse(f"--{flag}", text, "hourly failure rates per stage in (0, 1]")
+    if getattr(args, "bandwidths", None) is not None and any(b <= 0 for b in numbers("--bandwidths", args.bandwidths)):
+        refuse("--bandwidths", args.bandwidths, "positive numbers of Mb/s")
+    if getattr(args, "sizes", None) is not None and any(b < 1 for b in numbers("--sizes", args.sizes, int)):
+        refuse("--sizes", args.sizes, "micro-batch sizes of at least 1")
+    if getattr(args, "widths", None) is not None and any(w < 16 for w in numbers("--widths", args.widths, int)):
+        refuse("--widths", args.widths, "d_model values of at least 16 (heads of 16 dimensions)")
+    target = getattr(args, "target", None)
+    if target not in (None, "auto"):
+        try:
+            if not float(target) > 0:
+                raise ValueError
+        except ValueError:
+            refuse("--target", target, "'auto' or a positive validation loss")
+
+
 def fmt(values: list[float], spec: str = ".4f") -> str:
     half = ci95(values)
     return f"{statistics.fmean(values):{spec}}" + (f" ± {half:{spec.lstrip('+')}}" if math.isfinite(half) else "")
@@ -559,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     default = {"main": "table2", "ablations": "table2_ablations", "granularity": "granularity"}[args.what]
     args.out = (args.out or ROOT / "results" / default).resolve()
+    check_arguments(args)
     {"main": main_table, "ablations": ablations, "granularity": granularity}[args.what](args)
     return 0
 

@@ -97,3 +97,17 @@ def test_a_baseline_that_wins_everywhere_has_no_crossover():
     data.loc[data.strategy == "async_checkpoint", "hours_to_target"] = 50.0
     assert xo.crossover(data, "async_checkpoint") == "async_checkpoint reaches the target first at every bandwidth tried"
     assert set(xo.seed_crossings(data, "async_checkpoint").values()) == {None}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bandwidths", "10,0"], "--bandwidths=10,0 is invalid: positive numbers of Mb/s."),
+    (["--rate", "1.5"], "--rate=1.5 is invalid: hourly failure rates per stage in (0, 1]."),
+    (["--strategies", "checkpointing"], "--strategies=checkpointing is invalid: names of ["),
+    (["--seeds", "0"], "--seeds=0 is invalid: at least 1."),
+])
+def test_the_crossover_s_flags_are_checked_before_any_work(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        script().main([*argv, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.startswith(f"error: {message}") and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()

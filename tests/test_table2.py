@@ -286,3 +286,42 @@ def experiment_script():
         return importlib.import_module("table2")
     finally:
         sys.path[:] = [p for p in sys.path if p != experiments]
+
+
+BAD_FLAGS = [
+    (["--seeds", "0"], "--seeds=0 is invalid: at least 1."),
+    (["--jobs", "0"], "--jobs=0 is invalid: at least 1 run at a time."),
+    (["--strategies", "checkfree,magic"], "--strategies=checkfree,magic is invalid: names of ["),
+    (["--rates", "0.1,1.5"], "--rates=0.1,1.5 is invalid: hourly failure rates per stage in (0, 1]."),
+    (["--rates", "0.1,x"], "--rates=0.1,x is invalid: a comma-separated list of numbers."),
+    (["--target", "-1"], "--target=-1 is invalid: 'auto' or a positive validation loss."),
+    (["--data", "nope"], "--data=nope is invalid: one of ["),
+    (["--set", "trainer.lr"], "--set=trainer.lr is invalid: KEY=VALUE overrides."),
+    (["granularity", "--sizes", "0,2"], "--sizes=0,2 is invalid: micro-batch sizes of at least 1."),
+    (["granularity", "--calibration", "/nonexistent.json"], "--calibration=/nonexistent.json is invalid: the "),
+    (["ablations", "--widths", "8"], "--widths=8 is invalid: d_model values of at least 16"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_every_flag_of_the_experiment_scripts_is_checked_before_any_work(argv, message, tmp_path, capsys):
+    """One sentence on stderr naming the flag, exit 2, and nothing written: no probe, no calibration, no run."""
+    script = experiment_script()
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        script.main([*argv, "--out", str(out)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {message}"), err
+    assert not out.exists()
+    # --out onto a file is refused as well, and the file left as it was.
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as exit_:
+        script.main(["--out", str(tmp_path / "file")])
+    assert exit_.value.code == 2 and (tmp_path / "file").read_text() == "x"
+
+
+def test_a_probe_is_written_under_the_experiment_s_own_out(tmp_path):
+    script = experiment_script()
+    args = script.argparse.Namespace(data="pydocs", set=["trainer.lr=0.001"], out=tmp_path / "table")
+    assert script.probe_dir(args) == tmp_path / "table" / "probes" / "pydocs_trainer.lr-0.001"
