@@ -28,6 +28,8 @@ from checkfree.config import ConfigError
 from checkfree.resume import state_path
 
 LOCK_FILE = "run.lock"
+_claimed: dict[Path, int] = {}
+"""Run directories this process already holds (``claim``), by resolved path: the lock's descriptor."""
 ALLOWED = "allowed is a directory this user can write, or a path where one can be created"
 
 
@@ -43,7 +45,9 @@ def owned(run_dir: Path | str, resume: bool, key: str | None = None) -> Iterator
         # would turn "no such directory" into the vaguer "no saved state".
         yield run_dir
         return
-    fd = _open_lock(run_dir, key)
+    fd = _claimed.pop(run_dir.resolve(), None)  # held since the command line claimed it: keep holding it
+    if fd is None:
+        fd = _open_lock(run_dir, key)
     try:
         _lock(fd, run_dir, key)
         if not resume:
@@ -52,6 +56,31 @@ def owned(run_dir: Path | str, resume: bool, key: str | None = None) -> Iterator
         yield run_dir
     finally:
         os.close(fd)  # releases the lock
+
+
+def claim(run_dir: Path | str, key: str = "hydra.run.dir") -> None:
+    """Hold ``run_dir`` from now until its run ends (``owned`` takes the claim over), or refuse it with a
+    ConfigError if another run holds it. The command line claims its run directory before Hydra writes its
+    ``.hydra/`` files there: of two runs started on one fresh directory together, exactly one gets it, and the
+    other writes nothing there."""
+    run_dir = Path(run_dir)
+    fd = _open_lock(run_dir, key)
+    try:
+        _lock(fd, run_dir, key)
+    except ConfigError:
+        os.close(fd)
+        raise
+    _record_owner(fd)
+    _claimed[run_dir.resolve()] = fd
+
+
+def release_claim(run_dir: Path | str) -> bool:
+    """Let go of a claim that no run took over (the run was refused before it started). False: this process
+    held no claim on ``run_dir`` (another run has it, perhaps: then nothing there is this one's to remove)."""
+    fd = _claimed.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)
+    return fd is not None
 
 
 def refuse_saved_state(run_dir: Path, key: str = "hydra.run.dir") -> None:

@@ -42,7 +42,7 @@ from checkfree.config import ConfigError, first_line
 from checkfree.preflight import CONF_DIR, Checked, check_command_line, check_machine
 from checkfree.recovery import check_strategy_overrides
 from checkfree.runconfig import RunConfig, check_vocab, load_run_config
-from checkfree.rundir import unusable
+from checkfree.rundir import claim, unusable
 
 if TYPE_CHECKING:
     from checkfree.lifecycle import Run
@@ -240,10 +240,12 @@ def _take_back(run_dir: Path) -> None:
     created = _checked.created if _checked is not None else ()
     if not created or run_dir.absolute() != created[-1]:
         return
+    from checkfree.rundir import LOCK_FILE, release_claim
+
     log = f"{HydraConfig.get().job.name}.log"
     hydra_files = {"config.yaml", "hydra.yaml", "overrides.yaml"}
     dot_hydra = run_dir / ".hydra"
-    if not ({p.name for p in run_dir.iterdir()} <= {".hydra", log}
+    if not ({p.name for p in run_dir.iterdir()} <= {".hydra", log, LOCK_FILE}
             and (not dot_hydra.is_dir() or {p.name for p in dot_hydra.iterdir()} <= hydra_files)):
         return  # something else was written there: leave it all as it is
     try:
@@ -252,10 +254,31 @@ def _take_back(run_dir: Path) -> None:
         if dot_hydra.exists():
             dot_hydra.rmdir()
         (run_dir / log).unlink(missing_ok=True)
+        if release_claim(run_dir):  # the directory this run created goes, its lock file with it
+            (run_dir / LOCK_FILE).unlink(missing_ok=True)
         for directory in reversed(created):
             directory.rmdir()  # fails (and stops) at the first one that holds something else
     except OSError:
         pass
+
+
+def _unclaim(checked: Checked | None) -> None:
+    """A run refused after its directory was claimed, before Hydra wrote there: the directories the claim
+    created go again while they hold nothing but the lock file."""
+    from checkfree.rundir import LOCK_FILE, release_claim
+
+    if checked is None or checked.run_dir is None or not release_claim(checked.run_dir):
+        return
+    run_dir = checked.run_dir.absolute()
+    if not checked.created or run_dir != checked.created[-1] or not run_dir.is_dir():
+        return
+    if {p.name for p in run_dir.iterdir()} <= {LOCK_FILE}:
+        try:
+            (run_dir / LOCK_FILE).unlink(missing_ok=True)
+            for directory in reversed(checked.created):
+                directory.rmdir()
+        except OSError:
+            pass
 
 
 def _recovered_from(recovery: dict) -> str:
@@ -316,14 +339,18 @@ def main() -> None:
         _checked = check_command_line(sys.argv[1:])
         if _checked is not None and _checked.run_dir is not None:
             _pin_run_dir(_checked.run_dir)
+            # Held from here, before Hydra writes into it: another run started on it meanwhile is refused.
+            claim(_checked.run_dir)
         hydra_main()
     except KeyboardInterrupt as exc:
         _ignore_signals()
         sys.exit(128 + getattr(exc, "signum", signal.SIGINT))
     except ConfigError as exc:
+        _unclaim(_checked)
         print(f"config error: {exc}", file=sys.stderr)
         sys.exit(2)
     except (HydraException, OmegaConfBaseException) as exc:
+        _unclaim(_checked)
         if wants_traceback:
             raise
         print(f"config error: {_one_sentence(exc)}", file=sys.stderr)
