@@ -388,9 +388,14 @@ class Trainer:
         return answer
 
     def note_failures(self, lost: StagesLost) -> None:
-        for k in sorted(lost.stages):
-            self.totals.failures.append({"iteration": self.iteration_no, "stage": k, "time_s": self.totals.sim_time_s,
-                                         "cause": f"process exited during {lost.command}"})
+        """Losses from outside the failure model, counted as drawn ones are: one per node lost (its slot in
+        ``stage``), however many logical stages its process ran (``stages``, when not only its own)."""
+        hosts = self.hosts.placement.hosts
+        for host in sorted({hosts[k] for k in lost.stages}):
+            ran = sorted(k for k in lost.stages if hosts[k] == host)
+            self.totals.failures.append({"iteration": self.iteration_no, "stage": host, "time_s": self.totals.sim_time_s,
+                                         "cause": f"process exited during {lost.command}",
+                                         **({"stages": ran} if ran != [host] else {})})
 
     def note(self, record: IterationRecord, reports: list[RecoveryReport], seconds: float,
              lr: list[float] | None = None) -> None:

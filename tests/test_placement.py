@@ -255,3 +255,17 @@ def test_shrink_keeps_training_on_a_neighbour_reprices_and_moves_the_stage_back(
 def test_bad_placement_input_is_refused_in_one_sentence(small_run, override, message):
     with pytest.raises(ConfigError, match=message):
         small_run(**override)
+
+
+def test_a_process_lost_from_outside_counts_once_per_node_however_many_stages_it_ran(small_run, tmp_path):
+    """One counting rule for n_failures: node slots. A drawn loss strikes a node; a process that dies from outside
+    while it runs stages 1 and 2 (its neighbour's, under shrink) is one node lost, not two."""
+    from checkfree.engine import StagesLost
+    from checkfree.train import build_run
+
+    trainer = build_run(small_run(), tmp_path / "run").trainer
+    trainer.hosts.placement = Placement((0, 1, 1, 3))  # node 2 absent: stage 2 runs on node 1
+    trainer.note_failures(StagesLost({1, 2}, "step"))
+    trainer.note_failures(StagesLost({3}, "upkeep"))
+    assert [(f["stage"], f.get("stages"), f["cause"]) for f in trainer.totals.failures] == [
+        (1, [1, 2], "process exited during step"), (3, None, "process exited during upkeep")]
