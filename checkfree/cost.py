@@ -231,6 +231,8 @@ class NetworkConfig:
 
 
 NETWORK_NAMES = ("single_cluster", "geo_distributed")
+MAX_DELAY_S = 1e9
+"""31 years: a larger latency or replacement delay is a typo that would only overflow the clock."""
 PIPELINES = ("gpipe", "1f1b")
 SCHEDULES = ("in_order", "out_of_order")
 
@@ -244,10 +246,13 @@ def validate_network_config(cfg: NetworkConfig, n_stages: int) -> None:
     require(cfg.pipeline in PIPELINES, "network.pipeline", cfg.pipeline, f"allowed: {list(PIPELINES)}")
     for key in ("bandwidth_Bps", "storage_bandwidth_Bps", "host_bandwidth_Bps"):
         value = getattr(cfg, key)
-        require(value > 0, f"network.{key}", value, "must be a positive number of bytes per second")
+        # At least a byte per second: a bandwidth of 1e-300 B/s made a transfer's time overflow to inf.
+        require(math.isfinite(value) and value >= 1, f"network.{key}", value,
+                "must be a finite number of bytes per second, at least 1")
     for key in ("latency_s", "storage_latency_s", "replacement_delay_s"):
         value = getattr(cfg, key)
-        require(value >= 0, f"network.{key}", value, "must be >= 0 seconds")
+        require(math.isfinite(value) and 0 <= value <= MAX_DELAY_S, f"network.{key}", value,
+                f"must be >= 0 seconds and at most {MAX_DELAY_S:.0e}")
     require(n_stages >= 1, "model.n_stages", n_stages, "must be >= 1")
 
 

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from checkfree.config import ConfigError, require
+from checkfree.config import ConfigError, first_line, require
 from checkfree.presets import ModelConfig
 
 if TYPE_CHECKING:
@@ -80,6 +80,47 @@ def check(cfg: ModelConfig) -> None:
     kv = hf.get("num_key_value_heads", hf.get("num_attention_heads"))
     require(kv == cfg.n_heads, "model.init_from", cfg.init_from,
             f"it has {kv} key/value heads for {cfg.n_heads} attention heads; allowed: no grouped-query attention")
+    check_weights(cfg, directory, hf)
+
+
+def check_weights(cfg: ModelConfig, directory: Path, hf: dict) -> None:
+    """The weights file is whole and holds what its config.json describes: a readable safetensors header, every
+    tensor's bytes inside the file (not truncated), and each tensor a stage reads in the shape the config gives
+    it. Reads the header only (no tensor, no torch), before the run starts."""
+    path = directory / WEIGHTS_FILE
+    where = f"model.init_from={cfg.init_from!r}: {path}"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= size - 8:
+                raise ValueError(f"its first 8 bytes give a header of {n} bytes in a file of {size}")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError) as exc:
+        raise ConfigError(f"{where} is unreadable as safetensors ({first_line(exc) or type(exc).__name__}); allowed: "
+                          "a model.safetensors as save_pretrained writes it.") from None
+    if 8 + n + end > size:
+        raise ConfigError(f"{where} is truncated: its header places tensor bytes up to {8 + n + end}, the file has "
+                          f"{size}; allowed: a whole model.safetensors (copy it again).")
+    d, v, ff = hf.get("hidden_size"), hf.get("vocab_size"), hf.get("intermediate_size")
+    expected = {"model.embed_tokens.weight": [v, d], "model.norm.weight": [d]}
+    if not hf.get("tie_word_embeddings", False):
+        expected["lm_head.weight"] = [v, d]
+    for i in range(cfg.n_layers):
+        layer = f"model.layers.{i}."
+        expected.update({layer + f"self_attn.{p}_proj.weight": [d, d] for p in "qkvo"})
+        expected.update({layer + "mlp.gate_proj.weight": [ff, d], layer + "mlp.up_proj.weight": [ff, d],
+                         layer + "mlp.down_proj.weight": [d, ff], layer + "input_layernorm.weight": [d],
+                         layer + "post_attention_layernorm.weight": [d]})
+    for key, shape in expected.items():
+        got = (header.get(key) or {}).get("shape")
+        if got != shape:
+            raise ConfigError(f"{where} holds {key} " + (f"of shape {got}" if got is not None else "nowhere") +
+                              f", where its config.json gives {shape}; allowed: the weights its config.json "
+                              "describes.")
 
 
 def check_vocab(cfg: ModelConfig) -> None:

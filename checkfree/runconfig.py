@@ -31,7 +31,7 @@ from checkfree.cost import NetworkConfig, validate_network_config
 from checkfree.failure_models import validate_failure_config
 from checkfree.failure_models.base import FailureConfig
 from checkfree.presets import PRESETS, ModelConfig, validate_model_config
-from checkfree.recovery import StrategyConfig, validate_strategy_config
+from checkfree.recovery import StrategyConfig, strategy_class, validate_strategy_config
 
 
 @dataclass(frozen=True)
@@ -126,12 +126,19 @@ def validate_run_config(run: RunConfig) -> None:
     if run.engine.launcher == "ray" and run.trainer.device == "cuda" and run.engine.ray.gpus_per_stage == 0:
         raise ConfigError("trainer.device='cuda' with engine.launcher=ray needs engine.ray.gpus_per_stage > 0: Ray "
                           "hides the GPUs from actors that reserve none; set engine.ray.gpus_per_stage=1 (or a fraction).")
-    if run.strategy.name == "checkpoint" and isinstance(run.strategy.every, int):
-        # Only the checkpoint taken before the first iteration would ever exist: every rollback would go back
-        # to the start, which is a different experiment than the one the key asks for.
-        require(run.strategy.every <= run.trainer.iterations, "strategy.every", run.strategy.every,
-                f"it is larger than the run (trainer.iterations={run.trainer.iterations}), so no checkpoint after "
-                f"the initial one would be saved; allowed is 1..{run.trainer.iterations}")
+    reads = strategy_class(run.strategy.name).reads
+    for key in ("every", "storage_every"):
+        value = getattr(run.strategy, key)
+        if key in reads and isinstance(value, int) and not isinstance(value, bool):
+            # Only the copy taken before the first iteration would ever exist: every restore would go back to
+            # the start, which is a different experiment than the one the key asks for.
+            require(value <= run.trainer.iterations, f"strategy.{key}", value,
+                    f"it is larger than the run (trainer.iterations={run.trainer.iterations}), so nothing after the "
+                    f"initial copy would be saved; allowed is 1..{run.trainer.iterations}")
+    require(run.trainer.paper_recovery == "measured" or run.trainer.clock == "paper_table2",
+            "trainer.paper_recovery", run.trainer.paper_recovery,
+            f"only trainer.clock=paper_table2 reads it (this run's clock is {run.trainer.clock}, which prices every "
+            "recovery by its bytes anyway); allowed here: measured")
     if run.strategy.name == "none" and run.failure.name != "none":
         raise ConfigError(f"strategy.name='none' recovers nothing, so failure.name={run.failure.name!r} would "
                           "stop the run at the first failure; use failure=none with strategy=none.")

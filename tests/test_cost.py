@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from pathlib import Path
 
@@ -216,9 +217,14 @@ def test_paper_preset_ordering_on_geo():
         ("device", "tpu", "network.device='tpu' is invalid: allowed: ["),
         ("pipeline", "zb", "network.pipeline='zb' is invalid: allowed: ['gpipe', '1f1b']"),
         ("dtype_bytes", 3, "network.dtype_bytes=3 is invalid: allowed: 1, 2 or 4"),
-        ("bandwidth_Bps", 0.0, "network.bandwidth_Bps=0.0 is invalid: must be a positive"),
+        ("bandwidth_Bps", 0.0, "network.bandwidth_Bps=0.0 is invalid: must be a finite number of bytes per second, "
+                               "at least 1"),
         ("storage_bandwidth_Bps", -1.0, "network.storage_bandwidth_Bps=-1.0 is invalid"),
+        ("storage_bandwidth_Bps", 1e-300, "network.storage_bandwidth_Bps=1e-300 is invalid: must be a finite number"),
+        ("host_bandwidth_Bps", math.inf, "network.host_bandwidth_Bps=inf is invalid: must be a finite number"),
         ("latency_s", -0.1, "network.latency_s=-0.1 is invalid: must be >= 0 seconds"),
+        ("replacement_delay_s", 1e300, "network.replacement_delay_s=1e+300 is invalid: must be >= 0 seconds and at "
+                                       "most 1e+09"),
     ],
 )
 def test_validate_network_config_errors(field, value, message):

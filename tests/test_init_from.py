@@ -86,3 +86,31 @@ def test_without_init_from_the_seeded_init_is_unchanged(small_run, tmp_path):
     b = build_run(small_run(model={"init_from": None}), tmp_path / "b").trainer.engine.stage_states()
     assert dataclasses.is_dataclass(small_run().model)
     assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncated", r"model.safetensors is truncated: its header places tensor bytes up to \d+, the file has \d+"),
+    ("random", r"model.safetensors is unreadable as safetensors \(its first 8 bytes give a header of"),
+    ("wider", r"model.safetensors holds model.embed_tokens.weight of shape \[300, 32\], where its config.json gives "
+              r"\[300, 64\]"),
+])
+def test_damaged_weights_are_refused_before_the_run_starts(damage, message, six_by_one, small_run, tmp_path):
+    """A truncated or random model.safetensors, or weights of another width under its config.json, are refused
+    while the config is checked (from the header alone), not after the run started."""
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(six_by_one / "model", model)
+    weights = model / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-1000])
+    elif damage == "random":
+        weights.write_bytes(bytes(range(256)) * 64)
+    else:  # the config of a model twice as wide over these weights
+        config = json.loads((model / "config.json").read_text())
+        config.update(hidden_size=64, intermediate_size=256)
+        (model / "config.json").write_text(json.dumps(config))
+    shape = {"d_model": 64} if damage == "wider" else {}
+    with pytest.raises(ConfigError, match=message):
+        small_run(model={**SIX, **shape, "init_from": str(model)})

@@ -114,7 +114,7 @@ def export_weights(run_dir):
     ({"name": "checkpoint", "every": 2}, {"replacement": "fixed", "replacement_mean_h": 0.06}, 12),
     # Peer snapshots in RAM whose holder moves with its stage, and a rollback from memory (the snapshots over
     # the WAN make its iterations long: its node comes back later in simulated time).
-    ({"name": "memory_checkpoint", "every": 2, "storage_every": 100},
+    ({"name": "memory_checkpoint", "every": 2, "storage_every": 12},
      {"replacement": "fixed", "replacement_mean_h": 0.15}, 12),
 ])
 def test_a_shrunk_pipeline_runs_two_stages_in_one_process_bitwise_as_the_local_engine(

@@ -70,6 +70,16 @@ def test_a_replacement_trace_gives_each_node_its_delays_in_order(tmp_path):
     (tmp_path / "bad.csv").write_text("stage,delay_h\n1,-2\n")
     with pytest.raises(ConfigError, match=r"bad.csv line 2 has delay_h=-2.0; allowed simulated hours >= 0"):
         read_delays(tmp_path / "bad.csv", 4)
+    # A short row is not "never replaced", a long one does not lose cells, an empty trace is not a trace.
+    for rows, message in (("2\n", r"line 2 has 1 cell\(s\) \('2'\); allowed 2: stage,delay_h"),
+                          ("2,0.5,9\n", r"line 2 has 3 cell\(s\) \('2,0.5,9'\); allowed 2"),
+                          ("", r"holds no record; allowed: at least one \{stage, delay_h\} record")):
+        (tmp_path / "odd.csv").write_text("stage,delay_h\n" + rows)
+        with pytest.raises(ConfigError, match=message):
+            read_delays(tmp_path / "odd.csv", 4)
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(ConfigError, match=r"empty.json holds no record"):
+        read_delays(tmp_path / "empty.json", 4)
     traced = Replacements("trace", 0.0, 4, 0, read_delays(tmp_path / "r.json", 4))
     # Node 2's first loss waits 0.5 h, its second no longer than a recovery, its third (no record) is immediate.
     assert [traced.delay(2, 30.0) for _ in range(3)] == [1800.0, 30.0, 30.0]
@@ -236,6 +246,15 @@ def test_shrink_keeps_training_on_a_neighbour_reprices_and_moves_the_stage_back(
     ({"engine": {"min_hosts": 2}}, r"^engine.min_hosts=2 is invalid: only engine.no_replacement=shrink reads it"),
     ({"failure": {"replacement": "exponential", "replacement_mean_h": -1.0}},
      r"^failure.replacement_mean_h=-1.0 is invalid: allowed a number of simulated hours > 0"),
+    ({"failure": {"replacement": "fixed", "replacement_mean_h": 1e306}},
+     r"^failure.replacement_mean_h=1e\+306 is invalid: allowed a number of simulated hours > 0 and at most 1e\+06"),
+    ({"strategy": {"name": "snapshot_restore", "every": 9}},
+     r"^strategy.every=9 is invalid: it is larger than the run \(trainer.iterations=8\)"),
+    ({"strategy": {"name": "memory_checkpoint", "every": 2, "storage_every": 12}},
+     r"^strategy.storage_every=12 is invalid: it is larger than the run"),
+    ({"strategy": {"name": "async_checkpoint", "every": 100}}, r"^strategy.every=100 is invalid: it is larger"),
+    ({"trainer": {"paper_recovery": "priced"}},
+     r"^trainer.paper_recovery='priced' is invalid: only trainer.clock=paper_table2 reads it"),
     ({"failure": {"replacement": "immediate", "replacement_mean_h": 2.0}},
      r"^failure.replacement_mean_h=2.0 is invalid: only failure.replacement=fixed\|exponential reads it"),
     ({"failure": {"replacement": "never"}}, r"^failure.replacement=never with engine.no_replacement=wait would wait"),

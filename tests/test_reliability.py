@@ -104,7 +104,7 @@ RESUME_CASES = {
                             save_every=1, stop_at=8),
     # An in-memory checkpoint taken before the stop (iteration 6) rolled back to after it: the snapshots in
     # the nodes' RAM and the run's position for them (the MemoryStore) travel with the resume.
-    "memory_checkpoint-trace": dict(strategy={"name": "memory_checkpoint", "every": 3, "storage_every": 100},
+    "memory_checkpoint-trace": dict(strategy={"name": "memory_checkpoint", "every": 3, "storage_every": 12},
                                     failure=[{"iteration": 4, "stage": 1}, {"iteration": 9, "stage": 2}],
                                     save_every=1, stop_at=8),
     # A stage restored after the resume from the peer snapshot taken before the stop.

@@ -347,7 +347,7 @@ def test_on_the_paper_clock_memory_checkpoint_pays_for_its_storage_saves(small_r
     from checkfree.recovery import build_strategy
 
     cfg = small_run(strategy={"name": "memory_checkpoint", "every": 5, "storage_every": 2},
-                    trainer={"iterations": 4, "eval_every": 4, "clock": "paper_table2", "paper_T": 500})
+                    trainer={"iterations": 5, "eval_every": 5, "clock": "paper_table2", "paper_T": 500})
     train(cfg, tmp_path / "run")
     records = {r["iteration"]: r for r in read_metrics(tmp_path / "run" / "metrics.jsonl")}
     shards = load_file(tmp_path / "run" / "checkpoints" / "ckpt_0000004" / "meta.pt")["shard_bytes"]

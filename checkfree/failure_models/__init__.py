@@ -76,6 +76,10 @@ def failing_stages(cfg: FailureConfig, n_stages: int) -> list[int]:
     return sorted(int(s) for s in stages)
 
 
+MAX_REPLACEMENT_H = 1e6
+"""114 years: a longer mean delay is failure.replacement=never (a delay of 1e306 h overflowed to inf seconds)."""
+
+
 def validate_failure_config(cfg: FailureConfig, n_stages: int, horizon: int | None = None) -> None:
     """Check every field (and read a trace) before any work starts; raise a one-sentence ConfigError.
     ``horizon``: the run's last iteration (trainer.iterations), after which no trace event may fall."""
@@ -93,9 +97,10 @@ def validate_failure_config(cfg: FailureConfig, n_stages: int, horizon: int | No
             f"allowed {', '.join(REPLACEMENTS)}")
     drawn = cfg.replacement in ("fixed", "exponential")
     require(is_real(cfg.replacement_mean_h) and math.isfinite(cfg.replacement_mean_h)
-            and (cfg.replacement_mean_h > 0 if drawn else cfg.replacement_mean_h == 0),
+            and (0 < cfg.replacement_mean_h <= MAX_REPLACEMENT_H if drawn else cfg.replacement_mean_h == 0),
             "failure.replacement_mean_h", cfg.replacement_mean_h,
-            "allowed a number of simulated hours > 0 (the delay, or its mean)" if drawn else
+            f"allowed a number of simulated hours > 0 and at most {MAX_REPLACEMENT_H:.0e} (the delay, or its mean; "
+            "failure.replacement=never is the one that never comes)" if drawn else
             f"only failure.replacement=fixed|exponential reads it, and this run has {cfg.replacement}; set it to 0")
     require((cfg.replacement_path is not None) == (cfg.replacement == "trace"), "failure.replacement_path",
             cfg.replacement_path, "failure.replacement=trace needs it (a JSON or CSV file of {stage, delay_h})"

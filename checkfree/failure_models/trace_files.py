@@ -174,11 +174,18 @@ def read_delays(path: str | Path, n_stages: int) -> dict[int, list[float]]:
             raise ConfigError(f"{where} line 1 has header {_short(','.join(header))}; allowed 'stage,delay_h'.")
         for row in reader:
             if any(cell.strip() for cell in row):
+                if len(row) != len(header):  # a short row would read as "never replaced", a long one lose cells
+                    raise ConfigError(f"{where} line {reader.line_num} has {len(row)} cell(s) "
+                                      f"({_short(','.join(row))}); allowed 2: stage,delay_h (an empty delay_h cell "
+                                      "for a replacement that never comes).")
                 cells = dict(zip(header, (c.strip() for c in row)))
                 records.append((f"line {reader.line_num}", {
                     "stage": int(cells["stage"]) if cells.get("stage", "").lstrip("-").isdigit()
                     else cells.get("stage"),
                     "delay_h": _number(cells.get("delay_h", ""))}))
+    if not records:  # as an empty failure trace is: it would mean "replaced at once", which is not a trace
+        raise ConfigError(f"{where} holds no record; allowed: at least one {{stage, delay_h}} record, or "
+                          "failure.replacement=immediate.")
     delays: dict[int, list[float]] = {}
     for loc, record in records:
         stage, delay = record.get("stage"), record.get("delay_h", "missing")
