@@ -360,3 +360,38 @@ def test_on_the_paper_clock_memory_checkpoint_pays_for_its_storage_saves(small_r
     checkpoint = small_run(strategy={"name": "checkpoint", "every": 2},
                            trainer={"iterations": 4, "eval_every": 4, "clock": "paper_table2", "paper_T": 500})
     assert train(checkpoint, tmp_path / "checkpoint")["overhead_sim_s"] == 0.0
+
+
+ENGINES = {"local": {"name": "local"}, "process": {"name": "distributed", "timeout_s": 20}}
+
+
+def test_both_engines_publish_the_last_background_checkpoint_when_the_run_ends(small_run, tmp_path):
+    """A run that ends while its last asynchronous checkpoint is being flushed publishes it, on stage processes
+    as the local engine's writer does: the same checkpoints, none half-written."""
+    listings = {}
+    for name, engine in ENGINES.items():
+        cfg = small_run(strategy={"name": "async_checkpoint", "every": 2, "keep": 2},
+                        trainer={"iterations": 4, "eval_every": 4}, engine=engine)
+        assert train(cfg, tmp_path / name)["status"] == "completed"
+        listings[name] = sorted(p.name for p in (tmp_path / name / "checkpoints").iterdir())
+    assert listings["local"] == listings["process"] and "ckpt_0000004" in listings["local"]
+    assert not [n for n in listings["local"] if n.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_a_background_flush_that_fills_the_disk_leaves_no_half_written_checkpoint(engine, small_run, tmp_path,
+                                                                                    tmpfs):
+    """The checkpoints live on a file system with room for the first checkpoint only: the background flush of
+    the next one fails (no space left). The run stops with one sentence in its summary (a stage process's
+    traceback goes to worker_errors.log, not the summary), and no ckpt_*.tmp is left behind."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    checkpoints = tmpfs("1400k", name="run/checkpoints")
+    cfg = small_run(strategy={"name": "async_checkpoint", "every": 2, "keep": 2},
+                    trainer={"iterations": 6, "eval_every": 6}, engine=ENGINES[engine])
+    with pytest.raises(Exception, match="No space left on device"):
+        train(cfg, run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "error" and "\n" not in summary["error"]
+    assert "No space left on device" in summary["error"] and "Traceback" not in summary["error"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["ckpt_0000000"]

@@ -86,7 +86,14 @@ class ProcessEngine:
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.shutdown()  # success, error or Ctrl-C: every worker is stopped and joined
+            try:
+                # The last background checkpoint is published when the run ends, as the local engine's writer
+                # does; one that cannot be finished (a lost or failed stage) leaves no half-written directory.
+                self.finish_flush()
+            except (StagesLost, WorkerError, WorkersDied):
+                pass
+            finally:
+                self.pool.shutdown()  # success, error or Ctrl-C: every worker is stopped and joined
 
     def first_ranks(self) -> list[int]:
         """The processes of replica 0: the pipeline that validates, reports and saves."""
@@ -130,7 +137,7 @@ class ProcessEngine:
         if not all(isinstance(reply, msg.Ready) for reply in ready.values()):
             # Aborted with every process alive (a timeout): not a failure that a replacement can cure.
             self._abort(ready)
-            raise_errors(ready, pool.handles, "step")
+            raise_errors(ready, pool.handles, "step", pool.run_dir)
             reasons = sorted({r.error for r in ready.values() if isinstance(r, msg.Aborted)})
             raise WorkerError(f"an iteration was aborted with every stage alive: {reasons}; raise engine.timeout_s "
                               "if the stages are just slow.")
@@ -149,7 +156,7 @@ class ProcessEngine:
         except WorkersDied as exc:  # the survivors stepped: their step stands, the lost stage is rebuilt now
             self._note_commit(exc.replies)
             raise self.lost(exc, result) from None
-        raise_errors(committed, pool.handles, "commit")
+        raise_errors(committed, pool.handles, "commit", pool.run_dir)
         self._note_commit(committed)
         return result
 
@@ -189,7 +196,7 @@ class ProcessEngine:
             replies = pool.request(messages, "eval")
         except WorkersDied as exc:
             raise self.lost(exc) from None
-        raise_errors(replies, pool.handles, "eval")
+        raise_errors(replies, pool.handles, "eval", pool.run_dir)
         return replies[self.runs(last)]
 
     def first_nonfinite_output(self, input_ids: torch.Tensor, order: tuple[int, ...]) -> int | None:
@@ -390,6 +397,9 @@ class ProcessEngine:
         except WorkersDied as exc:
             shutil.rmtree(directory, ignore_errors=True)
             raise self.lost(exc) from None
+        except WorkerError:  # a writer that failed (a full disk): its half-written checkpoint goes, as locally
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
         digests = {f"stage{k}.pt": d for k, d in sorted(self.first_replies(replies, "digest").items())}
         self.store.commit(directory, {**meta, "digests": digests}, keep)
 

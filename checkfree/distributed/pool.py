@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from checkfree.config import first_line
 from checkfree.distributed import messages as msg
 from checkfree.distributed.rendezvous import RendezvousError
 from checkfree.distributed.rollcall import call_off
@@ -321,7 +322,7 @@ class Supervisor(abc.ABC):
         """A command of its own to each rank; worker errors become ``WorkerError``."""
         name = msg.name(next(iter(commands.values()))) if commands else "nothing"
         replies = self.request(commands, name)
-        raise_errors(replies, self.handles, name)
+        raise_errors(replies, self.handles, name, self.run_dir)
         return replies
 
     def write_last_workers(self) -> None:
@@ -344,8 +345,23 @@ class Supervisor(abc.ABC):
         })
 
 
-def raise_errors(replies: dict[int, msg.Reply], handles: dict[int, Handle], command: str) -> None:
+WORKER_ERRORS = "worker_errors.log"
+"""Where a stage process's traceback goes (in the run directory): the error itself is one sentence."""
+
+
+def raise_errors(replies: dict[int, msg.Reply], handles: dict[int, Handle], command: str,
+                 run_dir: Path | None = None) -> None:
+    """A ``WorkerError`` of one sentence for the first worker that failed; its traceback is appended to the run
+    directory's ``worker_errors.log`` (named in the sentence), never put in the summary."""
     for rank, reply in sorted(replies.items()):
         if isinstance(reply, msg.Failed):
-            raise WorkerError(f"stage {handles[rank].stage} (replica {handles[rank].replica}) failed in "
-                              f"'{command}': {reply.error}\n{reply.traceback}")
+            who = f"stage {handles[rank].stage} (replica {handles[rank].replica}) failed in '{command}'"
+            where = ""
+            if run_dir is not None:
+                try:
+                    with open(Path(run_dir) / WORKER_ERRORS, "a") as log:
+                        log.write(f"{who}: {reply.error}\n{reply.traceback}\n")
+                    where = f" (traceback in {Path(run_dir) / WORKER_ERRORS})"
+                except OSError:  # a full disk: the sentence still says what failed
+                    pass
+            raise WorkerError(f"{who}: {first_line(reply.error, limit=500)}{where}")
