@@ -94,7 +94,32 @@ def _read_mapping(path: Path) -> dict[str, Any]:
     except Exception as exc:  # a half-written file must not stop the whole analysis
         warnings.warn(f"{path}: unreadable ({exc}); ignoring it", RuntimeWarning, stacklevel=2)
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        warnings.warn(f"{path}: a JSON {type(data).__name__}, not an object; ignoring it", RuntimeWarning,
+                      stacklevel=2)
+        return {}
+    return data
+
+
+NUMBERS = ("hourly_rate", "iterations", "n_failures", "n_recoveries", "lost_iterations", "initial_val_loss",
+           "final_val_loss", "time_to_target_s", "target_loss", "total_sim_time_s")
+"""Summary fields the tables compute with: a number or null, or the field is ignored (with a warning)."""
+TEXTS = ("strategy", "failure", "status", "error")
+"""Summary fields the tables print or compare as text."""
+
+
+def _typed(summary: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``summary`` without the fields of a wrong type (a hand-edited or foreign summary.json), each named in a
+    warning, so that one odd file never stops the analysis of the others."""
+    bad = [k for k in NUMBERS if summary.get(k) is not None and not _finite_number(summary[k])
+           and not (isinstance(summary[k], float) and math.isnan(summary[k]))]
+    bad += [k for k in TEXTS if summary.get(k) is not None and not isinstance(summary[k], str)]
+    bad += ["seed"] if summary.get("seed") is not None and not (isinstance(summary["seed"], int)
+                                                                and not isinstance(summary["seed"], bool)) else []
+    for key in bad:
+        warnings.warn(f"{path}: {key}={summary[key]!r} is not a {'text' if key in TEXTS else 'number'}; ignoring "
+                      "it", RuntimeWarning, stacklevel=2)
+    return {k: v for k, v in summary.items() if k not in bad}
 
 
 def _get(cfg: dict[str, Any], dotted: str) -> Any:
@@ -114,6 +139,11 @@ def _finite_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and finite(x)
 
 
+def _list(x: Any) -> list:
+    """A record's list field (failed_stages, recoveries), or none when it is absent or not a list."""
+    return x if isinstance(x, list) else []
+
+
 def _float(x: Any) -> float:
     try:
         return float(x)
@@ -125,7 +155,7 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     """One run as a flat dict (see ``load_runs`` for the keys)."""
     run_dir = Path(run_dir)
     records = run_metrics(run_dir, bad="warn")
-    summary = _read_mapping(run_dir / "summary.json")
+    summary = _typed(_read_mapping(run_dir / "summary.json"), run_dir / "summary.json")
     # The summary's own fields win, then its resolved config, then Hydra's copy of the config.
     cfg = summary.get("config")
     cfg = cfg if isinstance(cfg, dict) else _read_mapping(run_dir / ".hydra" / "config.yaml")
@@ -139,11 +169,11 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
         if _finite_number(rec.get("val_loss")):
             curve.append((float(t), float(rec["val_loss"])))
         # One entry per lost stage, stamped with the end of the iteration it was lost in.
-        failure_times.extend(float(t) for _ in rec.get("failed_stages") or [])
+        failure_times.extend(float(t) for _ in _list(rec.get("failed_stages")))
     if _finite_number(summary.get("initial_val_loss")) and not any(t == 0.0 for t, _ in curve):
         curve.insert(0, (0.0, float(summary["initial_val_loss"])))  # evaluated before iteration 1
     last = records[-1] if records else {}
-    recoveries = [r for rec in records for r in rec.get("recoveries") or [] if isinstance(r, dict)]
+    recoveries = [r for rec in records for r in _list(rec.get("recoveries")) if isinstance(r, dict)]
 
     # The trainer logs the initial evaluation as iteration 0: a run with nothing after it never trained.
     missing = not any(_float(rec.get("iteration", 1)) > 0 for rec in records)
@@ -477,6 +507,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = [str(d) for d in args.dirs if not d.is_dir()]
     if bad:
         print(f"error: not a directory: {', '.join(bad)}", file=sys.stderr)
+        return 2
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        print(f"error: --out={args.out} is invalid: it is a file; allowed is a directory (made if missing)",
+              file=sys.stderr)
         return 2
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SkippedLines)

@@ -259,3 +259,38 @@ def test_a_run_kept_in_git_loads_as_the_run_did(sweep: Path, tmp_path: Path) -> 
         assert a[column] == b[column], column
     assert b["curve"] == [(0.0, 7.0), (50.0, 3.5), (100.0, 3.0), (150.0, 2.8)] and b["failure_times"] == [99.0]
     assert keep_metrics(sweep / "9") is None  # crashed before training: no metrics, nothing to keep
+
+
+def test_garbage_run_directories_are_named_in_warnings_and_never_stop_the_report(
+        sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A summary field of the wrong type, failed_stages or recoveries that are not lists, a summary that is a
+    JSON list: each is named in a warning and left out; every other run is reported as before. --out onto a
+    file is refused in one line, exit 2."""
+    garbage = tmp_path / "garbage"
+    make_run(garbage / "a", "checkfree", 0.1, 0, [(50, 3.5), (100, 3.0)])
+    summary = json.loads((garbage / "a" / "summary.json").read_text())
+    (garbage / "a" / "summary.json").write_text(json.dumps({**summary, "n_failures": "three", "seed": [0],
+                                                            "strategy": 7, "final_val_loss": "low"}))
+    make_run(garbage / "b", "checkpoint", 0.1, 0, [(50, 3.5), (100, 3.0)])
+    lines = (garbage / "b" / "metrics.jsonl").read_text().splitlines()
+    lines[1] = json.dumps({**json.loads(lines[1]), "failed_stages": 2, "recoveries": "none"})
+    (garbage / "b" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    make_run(garbage / "c", "redundant", 0.1, 0, [(50, 3.5), (100, 3.0)])
+    (garbage / "c" / "summary.json").write_text("[1, 2]")
+    with pytest.warns(RuntimeWarning) as caught:
+        df = load_runs([garbage])
+    messages = [str(w.message) for w in caught]
+    assert any("n_failures='three' is not a number" in m for m in messages)
+    assert any("strategy=7 is not a text" in m for m in messages)
+    assert any("seed=[0] is not a number" in m for m in messages)
+    assert any(m.endswith("summary.json: a JSON list, not an object; ignoring it") for m in messages)
+    rows = df.set_index(df.run_dir.map(lambda d: Path(d).name))
+    assert rows.loc["a", "strategy"] == "checkfree"  # from its config, where the summary's field was odd
+    assert rows.loc["a", "n_failures"] == 0 and rows.loc["b", "n_failures"] == 0
+    assert rows.loc["c", "strategy"] == "redundant" and rows.loc["c", "status"] == "incomplete"
+    assert main([str(garbage), "--out", str(tmp_path / "report")]) == 0
+    (tmp_path / "file").write_text("x")
+    capsys.readouterr()
+    assert main([str(sweep), "--out", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --out={tmp_path / 'file'} is invalid: it is a file; allowed is a directory (made if missing)\n"
