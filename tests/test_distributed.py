@@ -556,3 +556,31 @@ def test_a_process_lost_while_a_stage_moves_back_is_recovered_like_any_loss(smal
     assert [p["hosts"] for p in listed["placements"]] == [[0, 1, 1, 3], [0, 1, 2, 3]]
     assert killed[0] not in [w["pid"] for w in listed["placements"][1]["workers"]]
     assert_no_strays(run_dir)
+
+
+def test_a_stage_paused_past_the_timeout_is_lost_and_recovered_with_its_detection_in_the_record(small_run,
+                                                                                                 tmp_path):
+    """Stage 1's process is stopped (SIGSTOP) inside iteration 3's step for twice engine.timeout_s, then let go:
+    its peers time out and abort, it answers late, and every process is alive. A hung stage is a loss whenever
+    it is noticed: stage 1 (the last to answer) is killed, rebuilt and the iteration redone -- the run completes
+    -- and the recovery's wall_s counts the wait that detected it."""
+    timeout_s, pause_s = 4.0, 8.0
+    run_dir = tmp_path / "dist"
+    paused: list[int] = []
+
+    def pause_stage_1(n, engine):
+        if n != 3:
+            return
+        pid = engine.pool.pid(1)
+        os.kill(pid, signal.SIGSTOP)
+        paused.append(pid)
+        threading.Timer(pause_s, lambda: os.kill(pid, signal.SIGCONT)).start()
+
+    cfg = small_run(trainer={"iterations": 4, "eval_every": 4}, engine={**DIST, "timeout_s": timeout_s})
+    summary = hooked_run(cfg, run_dir, train_step=pause_stage_1).run()
+    assert summary["status"] == "completed" and summary["iterations"] == 4
+    assert [(f["stage"], f["cause"]) for f in summary["failures"]] == [(1, "process exited during step")]
+    [rec] = read_metrics(run_dir / "metrics.jsonl")[3]["recoveries"]
+    assert rec["stage"] == 1 and rec["process"]["old_pid"] == paused[0]
+    assert rec["process"]["detect_s"] >= timeout_s / 2 and rec["wall_s"] >= rec["process"]["detect_s"]
+    assert_no_strays(run_dir)

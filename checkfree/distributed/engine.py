@@ -135,12 +135,12 @@ class ProcessEngine:
             self._abort(exc.replies)
             raise self.lost(exc) from None
         if not all(isinstance(reply, msg.Ready) for reply in ready.values()):
-            # Aborted with every process alive (a timeout): not a failure that a replacement can cure.
+            # Aborted with every process alive: a peer timed out on a stage that hung (paused, swapping, stuck)
+            # and came back too late. A hung stage is lost, whenever it is noticed: the one that answered last.
+            replied_at, trouble_at = dict(pool.replied_at), pool.trouble_at  # before the abort's own request
             self._abort(ready)
             raise_errors(ready, pool.handles, "step", pool.run_dir)
-            reasons = sorted({r.error for r in ready.values() if isinstance(r, msg.Aborted)})
-            raise WorkerError(f"an iteration was aborted with every stage alive: {reasons}; raise engine.timeout_s "
-                              "if the stages are just slow.")
+            raise self.lost(self._hung(ready, replied_at, trouble_at)) from None
         pre, post = self.first_replies(ready, "grad_norm"), self.first_replies(ready, "grad_norm_post")
         losses = [ready[self.runs(last, r)] for r in range(self.replicas)]
         result = StepResult(loss=sum(r.loss_sum for r in losses) / len(batches),
@@ -166,6 +166,16 @@ class ProcessEngine:
             for stage, lr in reply.lr.items():
                 self.lrs[stage] = lr
                 self.finite[stage] = self.finite[stage] and reply.finite[stage]
+
+    def _hung(self, replies: dict[int, msg.Reply], replied_at: dict[int, float],
+              trouble_at: float | None) -> WorkersDied:
+        """The stage processes that held an aborted iteration up -- those whose reply came last (within a second
+        of the last one) -- killed, as a loss whose detection took from the first trouble until now."""
+        last = max(replied_at.values())
+        slots = sorted({self.pool.handles[r].stage for r, t in replied_at.items() if t >= last - 1.0})
+        self.pool.kill(slots)
+        detect_s = time.perf_counter() - (trouble_at or last)
+        return WorkersDied(set(slots), replies, "step", detect_s)
 
     def _abort(self, replies: dict[int, msg.Reply]) -> None:
         """Survivors that computed their gradients drop them (none of them stepped)."""
@@ -306,7 +316,9 @@ class ProcessEngine:
         what the plan says."""
         pool = self.pool
         # A cascade's earlier attempts are part of this recovery's wall time: the record says what it really took.
-        start = self.recovering_since = self.recovering_since or time.perf_counter()
+        # It began when the loss was noticed: the wait that detected it counts (a cascade's later losses are
+        # noticed inside this recovery's time already).
+        start = self.recovering_since = self.recovering_since or time.perf_counter() - self.detect_s
         self.attempts += 1
         for k in plan.lost:  # where each stage ran when it was lost (a cascade's later attempts keep it)
             self.old_workers.setdefault(k, pool.describe(k) if pool.host_of(k) in pool.handles else {})

@@ -133,6 +133,10 @@ class Supervisor(abc.ABC):
         """Every change of placement, as ``workers.json`` lists it: the generation from which the workers ran
         which stages (a shrink, a stage moved back)."""
         self.placed = self.placement
+        self.replied_at: dict[int, float] = {}
+        """When each rank's reply to the last ``request`` came in (perf_counter)."""
+        self.trouble_at: float | None = None
+        """When the last ``request`` first met trouble (a death or a troubled reply), or None."""
 
     # --- what a launcher provides ------------------------------------------------------------------
 
@@ -269,6 +273,7 @@ class Supervisor(abc.ABC):
         replies: dict[int, msg.Reply] = {}
         dead: set[int] = set()
         first_trouble: float | None = None
+        self.replied_at, self.trouble_at = {}, None
         gone = {rank for rank, message in commands.items() if message is not None and self.handles[rank].gone()}
         if gone:  # died while idle: say so before the others start waiting on it
             raise WorkersDied({self.handles[r].stage for r in gone}, {}, command, 0.0)
@@ -293,6 +298,7 @@ class Supervisor(abc.ABC):
             for handle in replied:
                 try:
                     replies[handle.rank] = handle.recv()
+                    self.replied_at[handle.rank] = time.perf_counter()
                 except (EOFError, OSError):
                     gone_now.append(handle)
                 pending.discard(handle.rank)
@@ -308,6 +314,7 @@ class Supervisor(abc.ABC):
                     self.handles[rank].join(5)
                     dead.add(rank)
                 pending.clear()
+        self.trouble_at = first_trouble
         if dead:
             detect_s = time.perf_counter() - first_trouble if first_trouble is not None else 0.0
             raise WorkersDied({self.handles[r].stage for r in dead}, replies, command, detect_s)
