@@ -142,8 +142,10 @@ class EngineConfig:
     stage processes than this machine has GPUs (NCCL refuses two on one GPU; gloo carries their tensors through
     host memory)."""
     master_addr: str = "127.0.0.1"
+    """The interface the stage processes talk on (one machine), or the rendezvous store's host (Ray: the driver
+    node's). Never 0.0.0.0: the store has no authentication (``checkfree.distributed.rendezvous``)."""
     master_port: int = 0
-    """0 picks a free port."""
+    """Ray's rendezvous store's port; 0 picks a free one. (On one machine the store is a private file.)"""
     timeout_s: float = 60.0
     """Bound on any collective or point-to-point wait; nothing hangs longer."""
     no_replacement: str = "wait"
@@ -266,6 +268,11 @@ def validate_engine(cfg: EngineConfig) -> None:
     require(cfg.backend in ("auto", "gloo", "nccl"), "engine.backend", cfg.backend,
             "allowed is auto, gloo or nccl")
     require(0 <= cfg.master_port < 65536, "engine.master_port", cfg.master_port, "allowed is 0..65535")
+    # The rendezvous store has no authentication: on every interface, any host that reaches this one could read
+    # and change the run's state (checkfree.distributed.rendezvous).
+    require(str(cfg.master_addr).strip("[]") not in ("0.0.0.0", "::"), "engine.master_addr", cfg.master_addr,
+            "it would put the unauthenticated rendezvous store on every interface; allowed is the address of the "
+            "one interface the stage processes use (127.0.0.1 on one machine)")
     # It bounds every single wait of the process engine: a wait of more than a day hides a hang.
     require(0 < cfg.timeout_s <= 86400, "engine.timeout_s", cfg.timeout_s,
             "allowed is a number of seconds > 0 and at most 86400 (a day)")

@@ -297,8 +297,9 @@ def check_memory(run: RunConfig) -> None:
 
 
 # --- the process engine's rendezvous ---------------------------------------------------------------------
-# The supervisor hosts the TCP store on engine.master_addr:master_port and the workers connect to it. Which
-# addresses are right depends on who starts the workers: each launcher has its own check.
+# On one machine the stage processes meet in a private file (``rendezvous.open_file_store``) and talk to each
+# other on engine.master_addr's interface; across machines (Ray) the supervisor hosts a TCP store on the
+# driver's address. Which addresses are right depends on who starts the workers: each launcher has its own check.
 
 RESOLVE_TIMEOUT_S = 2.0
 
@@ -310,8 +311,9 @@ def check_rendezvous(engine: EngineConfig) -> None:
 
 
 def _local_processes(engine: EngineConfig) -> None:
-    """Workers on this machine: the address must be one of this machine's, and a fixed port must be free."""
-    addr, port = engine.master_addr, engine.master_port
+    """Workers on this machine: the address their sockets use must be one of this machine's. (engine.master_port
+    is Ray's: a one-machine run's store is a file, on no port.)"""
+    addr = engine.master_addr
     allowed = "allowed is an address of this machine, e.g. 127.0.0.1"
     family, host = _resolve(addr, allowed)
     with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -320,17 +322,6 @@ def _local_processes(engine: EngineConfig) -> None:
         except OSError as exc:
             raise ConfigError(f"engine.master_addr={addr!r} is invalid: it is not an address of this machine "
                               f"({exc.strerror}); {allowed}.") from None
-    if port == 0:
-        return
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        # SO_REUSEADDR as the store's own socket: a port left in TIME_WAIT by an earlier run is free for it.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise ConfigError(f"engine.master_port={port} is invalid: it cannot be bound on {addr} "
-                              f"({exc.strerror}); allowed is a free port (one >= 1024 without root), or 0 for "
-                              "any free port.") from None
 
 
 def _resolve(addr: str, allowed: str) -> tuple[int, str]:

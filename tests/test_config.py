@@ -278,8 +278,8 @@ BAD_INPUTS = [
                                                              r"an address of this machine"),
     (["engine=distributed", "engine.master_addr=nohost.invalid"], r"^engine.master_addr='nohost.invalid' is invalid: "
                                                                   r"it (does not resolve|did not resolve within)"),
-    (["engine=distributed", "engine.master_port={port}"], r"^engine.master_port=\d+ is invalid: it cannot be bound on "
-                                                           r"127.0.0.1 \(Address already in use\)"),
+    (["engine=distributed", "engine.master_addr=0.0.0.0"], r"^engine.master_addr='0.0.0.0' is invalid: it would put "
+                                                           r"the unauthenticated rendezvous store on every interface"),
     (["trainer.device=cuda", "+env=CUDA_VISIBLE_DEVICES="], r"^trainer.device='cuda' is invalid: torch will see no "
                                                             r"CUDA device, as CUDA_VISIBLE_DEVICES='' hides every GPU"),
 ]

@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -265,15 +266,16 @@ def test_unrecoverable_failure_stops_with_the_error_and_no_orphans(small_run, tm
     assert_no_strays(tmp_path / "dist")
 
 
-def test_port_in_use_is_a_clear_error(small_run, tmp_path):
+def test_a_tcp_store_on_a_port_in_use_is_a_clear_error():
+    """Ray's rendezvous store (a one-machine run's is a file, on no port)."""
+    from checkfree.distributed.rendezvous import open_store
+
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        cfg = small_run(engine={**DIST, "master_port": port})
         with pytest.raises(RendezvousError, match=f"127.0.0.1:{port}.*in use"):
-            train(cfg, tmp_path / "dist")
-    assert_no_strays(tmp_path / "dist")
+            open_store("127.0.0.1", port, 5.0)
 
 
 def listening(pid: int) -> set[tuple[str, int]]:
@@ -282,31 +284,42 @@ def listening(pid: int) -> set[tuple[str, int]]:
             if c.status == psutil.CONN_LISTEN}
 
 
-def test_a_local_run_listens_on_loopback_only_and_writes_no_secret(small_run, tmp_path):
-    """torch's TCPStore master listens on every interface; ours on engine.master_addr (127.0.0.1) alone, and
-    the gloo sockets of the stage processes on loopback too. The run's rendezvous secret reaches the workers
-    and no file of the run."""
+def test_a_local_run_s_rendezvous_is_a_private_file_and_its_sockets_are_on_loopback(small_run, tmp_path):
+    """On one machine the rendezvous store is a file in a directory only the run's user can open (mode 0700):
+    the supervisor listens on no port at all (a TCPStore answers any local user, list_keys() included, and with
+    the keys the run's secret), another user cannot open the store (checked as 'nobody' where this test runs as
+    root), the gloo sockets of the stage processes are on loopback, the secret reaches no file of the run, and
+    the store's directory is gone when the run ends."""
     before = listening(os.getpid())
     seen: dict = {}
 
     def snapshot(n, engine):  # the group formed and every pair connected by the first iteration
         if n == 2:
             pool = engine.pool
-            seen.update(port=pool.store.port, secret=pool.spec.secret, spec=repr(pool.spec),
-                        supervisor=listening(os.getpid()) - before,
+            path = Path(pool.spec.store_path)
+            seen.update(path=path, mode=path.parent.stat().st_mode & 0o777, owner=path.parent.stat().st_uid,
+                        secret=pool.spec.secret, spec=repr(pool.spec), supervisor=listening(os.getpid()) - before,
                         workers={h.pid: listening(h.pid) for h in pool.handles.values()})
+            if os.geteuid() == 0:  # root opens anything: ask as an unprivileged user
+                probe = subprocess.run(["cat", str(path)], capture_output=True, text=True, timeout=30, user=65534,
+                                       cwd="/")
+                seen["other_user"] = (probe.returncode, probe.stderr.strip())
 
     run_dir = tmp_path / "dist"
     summary = hooked_run(small_run(trainer={"iterations": 2, "eval_every": 2}, engine=DIST), run_dir,
                          train_step=snapshot).run()
     assert summary["status"] == "completed"
-    assert ("127.0.0.1", seen["port"]) in seen["supervisor"]
-    addresses = {ip for ip, _ in seen["supervisor"]} | {ip for s in seen["workers"].values() for ip, _ in s}
+    assert seen["supervisor"] == set(), seen["supervisor"]
+    assert seen["mode"] == 0o700 and seen["owner"] == os.geteuid() and seen["path"].name == "store"
+    if "other_user" in seen:
+        assert seen["other_user"][0] != 0 and "Permission denied" in seen["other_user"][1], seen["other_user"]
+    addresses = {ip for s in seen["workers"].values() for ip, _ in s}
     assert addresses == {"127.0.0.1"}, seen
     assert len(seen["workers"]) == 4
     assert len(seen["secret"]) == 32 and seen["secret"] not in seen["spec"]
     files = [p for p in run_dir.rglob("*") if p.is_file()]
     assert files and not [p for p in files if seen["secret"].encode() in p.read_bytes()]
+    assert not seen["path"].parent.exists()
     assert_no_strays(run_dir)
 
 

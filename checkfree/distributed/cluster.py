@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 from checkfree.distributed import messages as msg
 from checkfree.distributed import worker as worker_module
 from checkfree.distributed.pool import GRACE_S, Handle, Supervisor, WorkerError, WorkersDied
-from checkfree.distributed.rendezvous import new_secret, open_store
+from checkfree.distributed.rendezvous import new_secret, open_file_store, remove_file_store
 from checkfree.distributed.worker import WorkerSpec
 
 START_TIMEOUT_S = 300.0
@@ -76,8 +76,9 @@ class ProcessPool(Supervisor):
     # --- lifecycle ---------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.store = open_store(self.spec.store_addr, self.spec.store_port, self.timeout_s)
-        self.spec = dataclasses.replace(self.spec, store_port=self.store.port, secret=new_secret())
+        # A file only this user can open, not a TCP port any local user could connect to (``rendezvous``).
+        self.store, path = open_file_store(self.timeout_s)
+        self.spec = dataclasses.replace(self.spec, store_path=str(path), secret=new_secret())
         for stage in range(self.n_stages):
             for replica in range(self.replicas):
                 self.spawn(stage, replica, fresh=False)
@@ -170,6 +171,7 @@ class ProcessPool(Supervisor):
         self.handles = {}
         self.write_last_workers()
         self.store = None
+        remove_file_store(self.spec.store_path)
 
     # --- commands ----------------------------------------------------------------------------------
 

@@ -218,8 +218,8 @@ class Supervisor(abc.ABC):
                                on_loss=lambda: call_off(self.store, generation, self.spec.secret))
         errors = [reply.error for reply in replies.values() if msg.troubled(reply)]
         if errors:
-            raise RendezvousError(f"generation {self.generation} of the rendezvous at {self.spec.store_addr}:"
-                                  f"{self.spec.store_port} failed: {errors[0]}")
+            where = self.spec.store_path or f"{self.spec.store_addr}:{self.spec.store_port}"
+            raise RendezvousError(f"generation {self.generation} of the rendezvous at {where} failed: {errors[0]}")
         if self.placement != self.placed:
             self.placed = self.placement
             self.placements.append({"generation": generation, "hosts": list(self.placement.hosts),

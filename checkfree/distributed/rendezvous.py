@@ -1,15 +1,22 @@
-"""Where the stage processes meet: one TCP store hosted by the supervisor, one key prefix per generation.
+"""Where the stage processes meet: one store made by the supervisor, one key prefix per generation.
 
-The store lives in the supervisor, the one process that never fails, so it survives any stage's death.
+The store belongs to the supervisor, the one process that never fails, so it survives any stage's death.
 Each time the group is re-formed (a replacement joined) every worker leaves the old process group and
 joins ``checkfree/<secret>/generation<g>`` of the same store: a fresh rendezvous with the same world size,
 where no message or key of an older generation can be mistaken for a new one.
 
-Who can reach it: the store listens on ``engine.master_addr`` only (torch's own ``TCPStore`` master listens
-on every interface, so we bind the socket and hand it over), which keeps a one-machine run on loopback. The
-store has no authentication; what keeps a process the supervisor did not start out of a generation is the
-per-run secret in every key, made by the supervisor (``new_secret``) and handed to each worker at spawn: a
-process without it cannot name a single key of the run.
+Who can reach it. torch's stores have no authentication, and a ``TCPStore`` answers anyone who connects --
+``list_keys()`` included, which gives away every key and with it the per-run secret in them; any local user
+could then call a generation off and end the run. So:
+
+* **One machine** (``engine.launcher=processes``): a ``FileStore`` in a fresh private directory (mode 0700,
+  ``open_file_store``), which only the run's user can open; nothing listens on the network.
+* **Many machines** (Ray): a ``TCPStore`` on the driver node's address (never on every interface:
+  ``engine.master_addr=0.0.0.0`` is refused, and torch's own master socket, which listens everywhere, is
+  replaced by ours), with the per-run secret in every key (``new_secret``, handed to each worker at spawn).
+  Any process that can connect to that address and port can read and write the run's rendezvous state: the
+  network between the nodes must be trusted with it (a private network or VPN, or a firewall that admits only
+  the cluster's nodes to the port).
 """
 
 from __future__ import annotations
@@ -17,8 +24,11 @@ from __future__ import annotations
 import ipaddress
 import os
 import secrets
+import shutil
 import socket
+import tempfile
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -107,12 +117,40 @@ def _host_error(addr: str, port: int, cause: str) -> RendezvousError:
     return RendezvousError(f"cannot host the rendezvous store on {addr}:{port}: {cause}; {hint}.")
 
 
-def connect_store(addr: str, port: int, timeout_s: float, who: str) -> dist.TCPStore:
-    """A client connection to the rendezvous store, with an error that names the address."""
+STORE_FILE = "store"
+
+
+def open_file_store(timeout_s: float) -> tuple[dist.FileStore, Path]:
+    """A rendezvous store only this user can reach: a file in a new directory that ``mkdtemp`` makes with mode
+    0700. Returns the store and the file's path (for the workers; the caller removes its directory)."""
+    directory = Path(tempfile.mkdtemp(prefix="checkfree-rendezvous-"))
+    path = directory / STORE_FILE
     try:
+        store = dist.FileStore(str(path), -1)  # -1: no count of clients, so no client ever deletes the file
+        store.set_timeout(timedelta(seconds=timeout_s))
+    except Exception as exc:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise RendezvousError(f"cannot make the rendezvous store {path}: {first_line(exc)}.") from exc
+    return store, path
+
+
+def remove_file_store(path: str | Path | None) -> None:
+    """The private directory of ``open_file_store``, with the store in it (nothing else is there)."""
+    if path:
+        shutil.rmtree(Path(path).parent, ignore_errors=True)
+
+
+def connect_store(addr: str, port: int, timeout_s: float, who: str, path: str | None = None) -> dist.Store:
+    """A client of the rendezvous store -- the file at ``path`` when the run has one, else the TCP store at
+    ``addr:port`` -- with an error that names where it is."""
+    try:
+        if path:
+            store = dist.FileStore(path, -1)
+            store.set_timeout(timedelta(seconds=timeout_s))
+            return store
         return dist.TCPStore(addr, port, is_master=False, timeout=timedelta(seconds=timeout_s))
     except Exception as exc:
-        raise RendezvousError(f"{who} could not reach the rendezvous store at {addr}:{port} "
+        raise RendezvousError(f"{who} could not reach the rendezvous store at {path or f'{addr}:{port}'} "
                               f"({type(exc).__name__}: {first_line(exc)}).") from exc
 
 

@@ -85,6 +85,7 @@ class WorkerSpec:
     replicas: int
     backend: str
     store_addr: str
+    """The address the stage processes talk on (and the TCP store's, when the run has one)."""
     store_port: int
     timeout_s: float
     fresh: bool = False
@@ -92,6 +93,9 @@ class WorkerSpec:
     compile: bool = False
     """trainer.compile: the stage's training forward/backward through torch.compile."""
     threads: int = 1
+    store_path: str | None = None
+    """The rendezvous store's file, in a directory only the run's user can open (one-machine runs); None: the
+    TCP store at store_addr:store_port."""
     local_rank: int | None = None
     """The process's index on its machine, for picking a GPU; None: rank % GPUs."""
     secret: str = field(default="", repr=False)
@@ -155,7 +159,7 @@ class StageWorker:
         self.schedule = build_schedule(spec.schedule, self.n)
         self.courier = Courier(self.n, self.wire, self.device)
         self.courier.place(tuple(self.rank_of(k) for k in range(self.n)), spec.rank)
-        self.store: dist.TCPStore | None = None
+        self.store: dist.Store | None = None
         self.stage_group = None
         self.generation = -1
         self.held: dict[Held, dict[str, Any]] = {}
@@ -197,7 +201,8 @@ class StageWorker:
         spec, generation = self.spec, command.generation
         self.leave_group()
         if self.store is None:
-            self.store = connect_store(spec.store_addr, spec.store_port, spec.timeout_s, f"stage {spec.stage}")
+            self.store = connect_store(spec.store_addr, spec.store_port, spec.timeout_s, f"stage {spec.stage}",
+                                       spec.store_path)
         try:
             answer(self.store, generation, command.world_size, spec.timeout_s, spec.secret)
         except CalledOff as exc:  # a peer was lost before all had answered: no group to wait for
