@@ -133,8 +133,8 @@ def validate_run_config(run: RunConfig) -> None:
             # Only the copy taken before the first iteration would ever exist: every restore would go back to
             # the start, which is a different experiment than the one the key asks for.
             require(value <= run.trainer.iterations, f"strategy.{key}", value,
-                    f"it is larger than the run (trainer.iterations={run.trainer.iterations}), so nothing after the "
-                    f"initial copy would be saved; allowed is 1..{run.trainer.iterations}")
+                    f"it is larger than the run (trainer.iterations={run.trainer.iterations}), so no checkpoint after "
+                    f"the initial one would be saved; allowed is 1..{run.trainer.iterations}")
     require(run.trainer.paper_recovery == "measured" or run.trainer.clock == "paper_table2",
             "trainer.paper_recovery", run.trainer.paper_recovery,
             f"only trainer.clock=paper_table2 reads it (this run's clock is {run.trainer.clock}, which prices every "

@@ -131,7 +131,7 @@ def test_paper_recovery_priced_charges_the_bytes_a_recovery_moves(small_run):
     from checkfree.plan import STATE, RecoveryReport, Transfer
     from checkfree.recovery import build_strategy
 
-    cfg = small_run(strategy={"name": "snapshot_restore"},
+    cfg = small_run(strategy={"name": "snapshot_restore", "every": 4},
                     network={"name": "single_cluster", "bandwidth_Bps": 1e7, "latency_s": 0.0},
                     trainer={"clock": "paper_table2", "paper_T": 500, "paper_recovery": "priced"})
     model = cfg.model.with_vocab(300)
@@ -142,7 +142,8 @@ def test_paper_recovery_priced_charges_the_bytes_a_recovery_moves(small_run):
     scaled = int(100_000 * clock.byte_scale[2])  # the tiny stage's bytes as llama_500m's stage would have them
     assert clock.recovery_seconds(report) == pytest.approx(30.0 + scaled / 1e7)
     assert scaled / 1e7 > 60  # a minute of transfer on top of the delay: far from the flat 30 s
-    measured = small_run(strategy={"name": "snapshot_restore"}, trainer={"clock": "paper_table2", "paper_T": 500})
+    measured = small_run(strategy={"name": "snapshot_restore", "every": 4},
+                         trainer={"clock": "paper_table2", "paper_T": 500})
     assert Clock(measured, model, build_strategy(measured.strategy, model.n_stages)).recovery_seconds(report) == 30.0
 
 
@@ -196,7 +197,7 @@ def llama_500m_clock(small_run, strategy: str = "snapshot_restore", bandwidth: f
 
     cfg = small_run(model={"name": "cpu_sweep", "n_stages": 6, "layers_per_stage": 1, "d_model": 64, "n_heads": 4,
                            "seq_len": 64},
-                    strategy={"name": strategy},
+                    strategy={"name": strategy, **({"every": 4} if strategy == "snapshot_restore" else {})},
                     network={"name": "single_cluster", "bandwidth_Bps": bandwidth, "latency_s": 0.0},
                     trainer={"clock": "paper_table2", "paper_T": 486, "paper_recovery": "priced"})
     model = cfg.model.with_vocab(1024)

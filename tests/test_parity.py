@@ -31,8 +31,8 @@ def test_every_strategy_is_bitwise_equal_on_both_engines(name, small_run, tmp_pa
     trace = tmp_path / "trace.json"
     trace.write_text(json.dumps(EVENTS))
     failure = {"name": "none"} if name == "none" else {"name": "trace", "path": str(trace)}
-    sections = {"strategy": {"name": name, "unrecoverable": "reinit", "every": 3, "replica_sync_every": 2},
-                "failure": failure, "trainer": {"iterations": 7, "eval_every": 3}}
+    sections = {"strategy": {"name": name, "unrecoverable": "reinit", "every": 3, "replica_sync_every": 2,
+                             "storage_every": 6}, "failure": failure, "trainer": {"iterations": 7, "eval_every": 3}}
     local = train(small_run(**sections), tmp_path / "local")
     process = train(small_run(**sections, engine={"name": "distributed", "timeout_s": 20}), tmp_path / "process")
 

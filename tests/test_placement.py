@@ -136,7 +136,8 @@ def test_the_clock_reprices_a_placement_as_computed_by_hand(small_run):
     clock.place(shrunk)
     assert clock.iteration_s == pytest.approx(merged, rel=1e-12) and clock.iteration_s > clock.home[0]
     clock.place(Placement.home(4))
-    assert (clock.iteration_s, clock.sub_iteration_s, clock.link_busy) == clock.home  # exactly back
+    assert (clock.iteration_s, clock.sub_iteration_s, clock.link_busy, clock.stage_busy, clock.floor_bound) \
+        == clock.home  # exactly back
 
     paper = Clock(small_run(trainer={"clock": "paper_table2", "paper_T": 500}, failure={"hourly_rate": 0.16}),
                   cfg.model, build_strategy(cfg.strategy, 4))

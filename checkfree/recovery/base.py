@@ -56,7 +56,7 @@ class StrategyConfig:
     copies: int = 1
     """snapshot_restore, memory_checkpoint: how many peers hold each stage's snapshot (stages k+1 .. k+copies,
     mod S)."""
-    storage_every: int = 500
+    storage_every: int = 100
     """memory_checkpoint: save a checkpoint to storage every this many (wall) iterations, the fall-back when every
     copy of a lost stage's snapshot was lost with it."""
 
