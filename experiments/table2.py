@@ -17,11 +17,17 @@
 each of ``--widths`` (d_model; same depth, heads of 16 dimensions), each width calibrated on its own T and
 trained to 1.25 T; ``ablations.md`` gives the validation loss at T and at the end, and the time to target.
 
+``granularity``: checkpointing, CheckFree, CheckFree+ and snapshot restore at 16 %/h with K (paper iterations
+per CPU iteration) changed alone: the main table's target kept, each CPU iteration trained on 8, 4, 2 or 1
+sequences per micro-batch (``--sizes``), each level calibrated on its own T; ``granularity.md`` gives time to
+target / T per level and its least-squares extrapolation to the paper's K = 1.
+
 Points run as separate processes (one torch thread each), ``--jobs`` at a time; a finished point is not run
 again, so an interrupted sweep resumes where it stopped.
 
     python experiments/table2.py [--out results/table2] [--seeds 3] [--jobs 2] [--rates 0.16] [--widths 128]
     python experiments/table2.py ablations [--widths 64,128] [--out results/table2_ablations]
+    python experiments/table2.py granularity --data pydocs [--sizes 8,4,2,1] [--out results/granularity_pydocs]
 """
 
 from __future__ import annotations
@@ -136,6 +142,8 @@ per CPU iteration, K ~ 20), halved, quartered and an eighth (each CPU iteration 
 iterations because it trains on fewer tokens; on pydocs K = 20.6, 13.3, 7.8 and ~4.5: smaller batches need
 fewer tokens to the target, so K falls slower than the batch). Everything else is fixed: the target, the model, the 4
 micro-batches, the learning rate (1e-3: the rule is a constant learning rate, so that K is the only change)."""
+TOKENS_PER_SEQUENCE_BATCH = 4 * 64
+"""Tokens of one CPU iteration per sequence of micro-batch size: 4 micro-batches of 64-token sequences."""
 GRANULARITY_MAX_ITERATIONS = 5000
 """The calibration's cap at micro-batch size 8 (``calibrate``), scaled by 8 / size at the finer levels."""
 
@@ -304,6 +312,8 @@ def granularity(args: argparse.Namespace) -> None:
     if args.report_only:
         calibrations = {b: json.loads((args.out / f"b{b}" / "calibration.json").read_text()) for b in sizes
                         if (args.out / f"b{b}" / "calibration.json").is_file()}
+        if not calibrations:
+            raise SystemExit(f"{args.out} holds no calibrated level yet (b*/calibration.json): nothing to report")
     else:
         groups = [(calibration_points(args.seeds), args.out / f"b{b}" / "calibration",
                    calibration_overrides(levels[b], GRANULARITY_MAX_ITERATIONS * GRANULARITY_SIZES[0] // b))
@@ -393,8 +403,8 @@ def granularity_report(frame: pd.DataFrame, calibrations: dict[int, dict], strat
         else:
             cells += ["—", "—"]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    cal = "; ".join(f"b = {b}: T = {calibrations[b]['T']} ({', '.join(str(round(i)) for i in calibrations[b]['iterations'])})"
-                    for b in sizes)
+    cal = "; ".join(f"b = {b}: T = {calibrations[b]['T']} ({', '.join(str(round(i)) for i in calibrations[b]['iterations'])}), "
+                    f"{calibrations[b]['T'] * b * TOKENS_PER_SEQUENCE_BATCH / 1e6:.3f} M tokens" for b in sizes)
     return "\n".join(rows) + (
         "\n\nTime to target / T at 16 %/h: hours to target over the no-failure time (10,000 paper iterations at the "
         "strategy's paper price), as Table 2's column; mean ± 95 % CI over seeds, in brackets the seeds that reached "
@@ -402,7 +412,9 @@ def granularity_report(frame: pd.DataFrame, calibrations: dict[int, dict], strat
         "CPU iteration alone (b sequences per micro-batch, 4 micro-batches of 64 tokens); the target "
         f"({calibrations[sizes[0]]['target']}), the model and "
         "the learning rate are the same at every level. Extrapolation: the least-squares line through every seed's "
-        f"value against K, at K = 1, with the 95 % half-width of that prediction. Calibration (no failures): {cal}.\n")
+        f"value against K, at K = 1, with the 95 % half-width of that prediction. Calibration (no failures), T and the "
+        f"tokens it trains on: {cal} -- T would scale as 1 / b if every token taught as much at every batch size; "
+        "it grows slower where smaller batches reach the target on fewer tokens.\n")
 
 
 def records_as_runs(records: list[dict]) -> list[dict]:
