@@ -190,28 +190,40 @@ def test_the_cli_exits_2_with_one_sentence_for_a_held_saved_or_unusable_run_dir(
     assert "holds the resumable state" in (sweep / "1" / "config_error.txt").read_text()
 
 
-@pytest.mark.parametrize("apart_s", [0.0, 0.3, 1.5])
-def test_two_runs_started_on_one_fresh_directory_one_trains_and_the_other_writes_nothing(apart_s, data_cache,
-                                                                                           tmp_path):
+def test_two_runs_started_on_one_fresh_directory_one_trains_and_the_other_writes_nothing(data_cache, tmp_path):
     """The command line holds the run directory before Hydra writes into it: of two new runs on one fresh
-    directory, started together or a moment apart, exactly one trains; the other exits 2 with one sentence, and
-    every file there -- Hydra's .hydra/overrides.yaml included -- is the winner's (its seed)."""
+    directory, started together, 0.3 s or 1.5 s apart, exactly one trains; the other exits 2 with one sentence,
+    and every file there -- Hydra's .hydra/overrides.yaml included -- is the winner's (its seed). The three
+    races run at once (most of each run is its interpreter starting)."""
     import json
+    import threading
     import time
 
-    run_dir = tmp_path / "fresh" / "run"
-    procs = []
-    for seed in (1, 2):
-        procs.append((seed, cli(*tiny_overrides(data_cache), "trainer.iterations=6", f"seed={seed}",
-                                f"hydra.run.dir={run_dir}")))
-        time.sleep(apart_s)
-    results = {seed: finish(proc, timeout=180) for seed, proc in procs}
-    codes = sorted(rc for rc, _, _ in results.values())
-    assert codes == [0, 2], {seed: (rc, err[-800:]) for seed, (rc, _, err) in results.items()}
-    [winner] = [seed for seed, (rc, _, _) in results.items() if rc == 0]
-    [(_, _, err)] = [r for seed, r in results.items() if seed != winner]
-    assert re.fullmatch(rf"hydra.run.dir='{run_dir}' is in use by another run \(pid \d+ on [^)]+\); wait for it to "
-                        r"end, or set hydra.run.dir to another directory\.", _one_sentence(err))
-    assert json.loads((run_dir / "summary.json").read_text())["seed"] == winner
-    assert f"seed={winner}" in (run_dir / ".hydra" / "overrides.yaml").read_text()
-    assert f"seed={3 - winner}" not in "".join(p.read_text() for p in (run_dir / ".hydra").iterdir())
+    procs: dict[float, list] = {}
+
+    def race(apart_s: float) -> None:
+        run_dir = tmp_path / f"apart{apart_s}" / "run"
+        for seed in (1, 2):
+            procs[apart_s].append((seed, cli(*tiny_overrides(data_cache), "trainer.iterations=4", f"seed={seed}",
+                                             f"hydra.run.dir={run_dir}")))
+            time.sleep(apart_s)
+
+    threads = []
+    for apart_s in (0.0, 0.3, 1.5):
+        procs[apart_s] = []
+        threads.append(threading.Thread(target=race, args=(apart_s,)))
+        threads[-1].start()
+    for thread in threads:
+        thread.join()
+    for apart_s, pair in procs.items():
+        run_dir = tmp_path / f"apart{apart_s}" / "run"
+        results = {seed: finish(proc, timeout=240) for seed, proc in pair}
+        codes = sorted(rc for rc, _, _ in results.values())
+        assert codes == [0, 2], (apart_s, {seed: (rc, err[-800:]) for seed, (rc, _, err) in results.items()})
+        [winner] = [seed for seed, (rc, _, _) in results.items() if rc == 0]
+        [(_, _, err)] = [r for seed, r in results.items() if seed != winner]
+        assert re.fullmatch(rf"hydra.run.dir='{run_dir}' is in use by another run \(pid \d+ on [^)]+\); wait for it "
+                            r"to end, or set hydra.run.dir to another directory\.", _one_sentence(err))
+        assert json.loads((run_dir / "summary.json").read_text())["seed"] == winner
+        assert f"seed={winner}" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+        assert f"seed={3 - winner}" not in "".join(p.read_text() for p in (run_dir / ".hydra").iterdir())
