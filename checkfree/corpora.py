@@ -197,3 +197,32 @@ def _size(file: Path) -> int:
         return file.stat().st_size
     except OSError:
         return 0
+
+
+NOT_INSTALLED = "not installed"
+
+
+def installed_versions(packages: tuple[str, ...]) -> dict[str, str]:
+    """Each package's installed version as dpkg knows it; "not installed", or "unknown" without dpkg."""
+    import shutil
+    import subprocess
+
+    if shutil.which("dpkg-query") is None:
+        return dict.fromkeys(packages, "unknown")
+    versions = {}
+    for name in packages:
+        done = subprocess.run(["dpkg-query", "-W", "-f=${db:Status-Status} ${Version}", name],
+                              capture_output=True, text=True, check=False)
+        status, _, version = done.stdout.partition(" ")
+        versions[name] = version if done.returncode == 0 and status == "installed" and version else NOT_INSTALLED
+    return versions
+
+
+def corpus_packages(name: str, path: str | None) -> dict[str, str]:
+    """The environment record's entries of a Debian corpus read from ``path``: its packages' versions, when the
+    path is where they install their files; a copy elsewhere is recorded as such (its version cannot be
+    known)."""
+    source = DEBIAN_CORPORA[name]
+    if path is None or Path(path).expanduser().resolve() != Path(source.default_path).resolve():
+        return dict.fromkeys(source.packages, f"unknown (a copy at {path})")
+    return installed_versions(source.packages)

@@ -36,12 +36,12 @@ from checkfree.corpora import (  # torch-free, so a config is validated without 
     SAVED_DATASET_FILES,
     SUFFIX_BUILDERS,
     DataConfig,
+    corpus_packages,
     data_files,
     find_bad_json,
     validate_data_config,
 )
 from checkfree.debian_corpora import DEBIAN_CORPORA
-from checkfree.provenance import corpus_packages
 from checkfree.stories import generate_stories
 
 if TYPE_CHECKING:  # transformers is imported where it is used: validating a config must stay cheap

@@ -13,7 +13,6 @@ import hashlib
 import platform
 from collections import Counter
 from importlib import metadata
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -35,37 +34,6 @@ def _version(name: str) -> str:
         return metadata.version(name)
     except metadata.PackageNotFoundError:  # a build without its distribution's metadata (some source builds)
         return "unknown"
-
-
-NOT_INSTALLED = "not installed"
-
-
-def installed_versions(packages: tuple[str, ...]) -> dict[str, str]:
-    """Each package's installed version as dpkg knows it; "not installed", or "unknown" without dpkg."""
-    import shutil
-    import subprocess
-
-    if shutil.which("dpkg-query") is None:
-        return dict.fromkeys(packages, "unknown")
-    versions = {}
-    for name in packages:
-        done = subprocess.run(["dpkg-query", "-W", "-f=${db:Status-Status} ${Version}", name],
-                              capture_output=True, text=True, check=False)
-        status, _, version = done.stdout.partition(" ")
-        versions[name] = version if done.returncode == 0 and status == "installed" and version else NOT_INSTALLED
-    return versions
-
-
-def corpus_packages(name: str, path: str | None) -> dict[str, str]:
-    """The environment record's entries of a Debian corpus read from ``path``: its packages' versions, when the
-    path is where they install their files; a copy elsewhere is recorded as such (its version cannot be
-    known)."""
-    from checkfree.debian_corpora import DEBIAN_CORPORA
-
-    source = DEBIAN_CORPORA[name]
-    if path is None or Path(path).expanduser().resolve() != Path(source.default_path).resolve():
-        return dict.fromkeys(source.packages, f"unknown (a copy at {path})")
-    return installed_versions(source.packages)
 
 
 def version_warning(name: str, versions: dict[str, str]) -> str | None:

@@ -72,7 +72,8 @@ def test_a_package_without_metadata_is_unknown_not_an_error(monkeypatch):
 def test_a_debian_corpus_records_its_package_versions_and_names_another_one():
     """The committed pydocs results were made with python3.11-doc 3.11.2-6+deb12u8; its security update gives
     other tokens, and a run on it says so, naming both and the apt line that installs the committed one."""
-    from checkfree.provenance import NOT_INSTALLED, corpus_packages, installed_versions, version_warning
+    from checkfree.corpora import NOT_INSTALLED, corpus_packages, installed_versions
+    from checkfree.provenance import version_warning
 
     if shutil.which("dpkg-query"):
         dpkg = installed_versions(("dpkg", "checkfree-no-such-package"))
