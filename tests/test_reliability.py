@@ -567,7 +567,7 @@ def test_short_soak_every_strategy_survives_a_brutal_failure_rate(data_cache, tm
     for strategy in (name for name in STRATEGIES if name != "none"):  # every registered strategy
         # What each needs to survive every kind of loss: fresh weights where it cannot rebuild.
         cfg = load_run_config(small_run_dict(
-            data_cache, strategy={"name": strategy, "unrecoverable": "reinit", "every": 4},
+            data_cache, strategy={"name": strategy, "unrecoverable": "reinit", "every": 4, "storage_every": 20},
             failure={"name": "bernoulli", "p": 0.15, "stages": "all"},
             trainer={"iterations": 40, "eval_every": 20}))
         train(cfg, tmp_path / strategy)
