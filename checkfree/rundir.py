@@ -151,7 +151,10 @@ def _pseudo_file_system(path: Path) -> str | None:
 
 
 def check_free(run_dir: Path | str, key: str = "hydra.run.dir") -> None:
-    """Refuse ``run_dir`` if a live run holds it (``owned``); takes and drops the lock only for a moment."""
+    """Refuse ``run_dir`` if a live run holds it (``owned``); takes and drops the lock only for a moment. The
+    claim of this very process (``claim``: the command line's, for the run about to start) is no other run."""
+    if Path(run_dir).resolve() in _claimed:
+        return
     try:
         fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
