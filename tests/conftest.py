@@ -33,7 +33,7 @@ def no_cuda_reason() -> str | None:
 
 
 SLOWEST_MODULES = ("test_ray.py", "test_reliability.py", "test_config.py", "test_parity.py", "test_dead_runs.py",
-                   "test_distributed.py", "test_compile.py")
+                   "test_distributed.py", "test_rundir.py", "test_snapshots.py", "test_compile.py")
 """Modules that take longest (each 10-160 s on 2 cores), longest first. ``make test`` runs pytest-xdist with
 ``--dist loadfile``: each worker takes whole modules, in collection order, as it becomes free (a module's tests
 share its fixtures, the Ray cluster among them, and Ray allows one cluster per driver). Starting with the
