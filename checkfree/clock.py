@@ -24,21 +24,9 @@ from checkfree import paper_table2
 from checkfree.cost import CostModel, StepOverhead, measure_flops, p2p_seconds, stage_link, sustained_period
 from checkfree.placement import Placement
 from checkfree.plan import BODY, EDGES, RecoveryReport, Traffic, Transfer
-from checkfree.presets import ModelConfig, preset, stage_param_counts
+from checkfree.presets import ModelConfig, edge_param_count, preset, stage_param_counts
 from checkfree.recovery import RecoveryStrategy
 from checkfree.runconfig import RunConfig
-
-
-def _edge_params(model: ModelConfig, stage: int) -> int:
-    """Parameters of ``stage``'s (de)embedding: the embedding on the first stage, the final norm and the head on
-    the last (``checkfree.presets.stage_param_counts``' split), none elsewhere (a one-stage model has both)."""
-    v, d = model.vocab_size, model.d_model
-    return (v * d if stage == 0 else 0) + (v * d + d if stage == model.n_stages - 1 else 0)
-
-
-def _body_params(model: ModelConfig, stage: int) -> int:
-    """Parameters of ``stage``'s decoder blocks: the stage's, less its (de)embedding."""
-    return stage_param_counts(model)[stage] - _edge_params(model, stage)
 
 
 def priced_as(paper: ModelConfig, n_stages: int) -> ModelConfig:
@@ -63,11 +51,12 @@ class Clock:
         """Per stage: the priced model's parameters over the trained model's. A stage's copy, shard or state is
         priced at its own stage's size (an edge stage's (de)embedding makes its scale another than a middle
         stage's)."""
-        self.edge_scale = [_edge_params(priced, k) / _edge_params(model, k) if _edge_params(model, k) else 0.0
-                           for k in range(model.n_stages)]
+        self.edge_scale = [edge_param_count(priced, k) / edge_param_count(model, k) if edge_param_count(model, k)
+                           else 0.0 for k in range(model.n_stages)]
         """Per stage: the scale of its (de)embedding alone (what a CheckFree+ replica holds; 0 for a middle
         stage, which has none)."""
-        self.body_scale = [_body_params(priced, k) / _body_params(model, k) for k in range(model.n_stages)]
+        self.body_scale = [(p - edge_param_count(priced, k)) / (a - edge_param_count(model, k))
+                           for k, (p, a) in enumerate(zip(stage_param_counts(priced), stage_param_counts(model)))]
         """Per stage: the scale of its decoder blocks alone (what a CheckFree source sends)."""
         self.cost = CostModel(priced, cfg.trainer.micro_batches, micro_batch_size, cfg.network, flops_per_s=flops,
                               replicas=cfg.engine.replicas)
@@ -152,11 +141,14 @@ class Clock:
             default=0.0)
 
     def piece_scale(self, piece: Transfer) -> float:
-        """The priced model's bytes per byte of one received piece: a source's blocks at its blocks' size, a
-        replica at its owner's (de)embedding's, a stage's weights or state at that stage's."""
-        if piece.holds == BODY:
-            return self.body_scale[piece.owner]
-        return self.edge_scale[piece.owner] if piece.holds == EDGES else self.byte_scale[piece.owner]
+        return self.scale_of(piece.holds, piece.owner)
+
+    def scale_of(self, holds: str | None, owner: int) -> float:
+        """The priced model's bytes per byte of what ``owner``'s piece or copy ``holds``: its blocks at its
+        blocks' size, a replica at its (de)embedding's, its weights or state at its stage's."""
+        if holds == BODY:
+            return self.body_scale[owner]
+        return self.edge_scale[owner] if holds == EDGES else self.byte_scale[owner]
 
     def upkeep_seconds(self, traffic: Traffic, period: int = 1) -> float:
         """Checkpoint upload (stages upload their own shards in parallel) + refreshes the owners wait for (in
@@ -197,9 +189,7 @@ class Clock:
     def copy_bytes(self, key: tuple[int, int], n_bytes: int, traffic: Traffic) -> int:
         """A refreshed copy (``key`` = (owner, holder)) at the priced model's size of what it holds: the owner's
         (de)embedding for a replica, the owner's stage otherwise."""
-        owner = key[0]
-        scale = self.edge_scale[owner] if traffic.holds.get(key) == EDGES else self.byte_scale[owner]
-        return int(n_bytes * scale)
+        return int(n_bytes * self.scale_of(traffic.holds.get(key), key[0]))
 
     def background_window(self, period: int = 1, stage: int | None = None) -> float:
         """Seconds a copy made every ``period`` iterations has to reach its place in the background: the

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from checkfree.config import require
 from checkfree.placement import Placement
-from checkfree.presets import ModelConfig, stage_param_counts
+from checkfree.presets import ModelConfig, edge_param_count, stage_param_counts
 from checkfree.routes import BODY, HEAD, route
 from checkfree.schedule import build_schedule
 
@@ -352,10 +352,7 @@ class CostModel:
         self.params = stage_param_counts(model)
         d, v = model.d_model, model.vocab_size
         # Matmul parameters per stage: an embedding lookup is a gather, not FLOPs; the head is a matmul.
-        self.body_params = [
-            p - (v * d if k == 0 else 0) - (v * d + d if k == model.n_stages - 1 else 0)
-            for k, p in enumerate(self.params)
-        ]
+        self.body_params = [p - edge_param_count(model, k) for k, p in enumerate(self.params)]
         self.head_params = v * d + d
         self.tokens = micro_batch_size * model.seq_len
         self.act_bytes = activation_bytes(micro_batch_size, model.seq_len, d, network.dtype_bytes)

@@ -116,12 +116,15 @@ def param_count(cfg: ModelConfig) -> int:
 
 
 def stage_param_counts(cfg: ModelConfig) -> list[int]:
-    d, v = cfg.d_model, cfg.vocab_size
-    body = cfg.layers_per_stage * (4 * d * d + 3 * d * cfg.d_ff + 2 * d)
-    counts = [body] * cfg.n_stages
-    counts[0] += v * d
-    counts[-1] += v * d + d
-    return counts
+    body = cfg.layers_per_stage * (4 * cfg.d_model ** 2 + 3 * cfg.d_model * cfg.d_ff + 2 * cfg.d_model)
+    return [body + edge_param_count(cfg, k) for k in range(cfg.n_stages)]
+
+
+def edge_param_count(cfg: ModelConfig, stage: int) -> int:
+    """Parameters of ``stage``'s (de)embedding: the embedding on the first stage, the final norm and the head on
+    the last, none elsewhere (a one-stage model has both)."""
+    v, d = cfg.vocab_size, cfg.d_model
+    return (v * d if stage == 0 else 0) + (v * d + d if stage == cfg.n_stages - 1 else 0)
 
 
 def validate_model_config(cfg: ModelConfig) -> None:
