@@ -106,9 +106,9 @@ def calibration_overrides(extra: list[str], iterations: int = 5000) -> list[str]
     return ["trainer.clock=fixed", f"trainer.iterations={iterations}", *extra]
 
 
-def calibrate(out: Path, seeds: int, jobs: int, extra: list[str]) -> dict:
+def calibrate(out: Path, seeds: int, jobs: int, extra: list[str], iterations: int = 5000) -> dict:
     """T: the mean iterations to target of ``seeds`` no-failure runs of the table2 setup."""
-    runs = run_all(calibration_points(seeds), out / "calibration", calibration_overrides(extra), jobs)
+    runs = run_all(calibration_points(seeds), out / "calibration", calibration_overrides(extra, iterations), jobs)
     return write_calibration(out, runs)
 
 
@@ -219,7 +219,10 @@ def main_table(args: argparse.Namespace) -> None:
     extra = corpus_overrides(args)
     if args.widths is not None:  # another width: the same target, its own calibrated T
         extra = [*model_width(int(args.widths)), *extra]
-    calibration = calibrate(args.out, args.seeds, args.jobs, extra)
+    cap = GRANULARITY_MAX_ITERATIONS * GRANULARITY_SIZES[0] // args.size
+    if args.size != GRANULARITY_SIZES[0]:  # a finer clock: the granularity study's level, its own calibrated T
+        extra = [*size_overrides(args.size), *extra]
+    calibration = calibrate(args.out, args.seeds, args.jobs, extra, cap)
     strategies = args.strategies.split(",") if args.strategies else None
     points = [("table2", i, o) for i, o in enumerate(grid("table2")) if int(o[-1].split("=")[1]) < args.seeds
               and o[1].split("=")[1] in args.rates.split(",")
@@ -290,12 +293,15 @@ def ablations(args: argparse.Namespace) -> None:
     print(text)
 
 
+def size_overrides(size: int) -> list[str]:
+    """``size`` sequences per micro-batch, validations every T / 10 (50 CPU iterations at the Table 2 regime's 8,
+    scaled by 8 / size): one level of K, in the granularity study and in a main table made at that level."""
+    return [f"trainer.micro_batch_size={size}", f"trainer.eval_every={round(50 * GRANULARITY_SIZES[0] / size)}"]
+
+
 def level_overrides(size: int, target: float, extra: list[str]) -> list[str]:
-    """One level of the granularity study: ``size`` sequences per micro-batch, validations every T / 10 (50 CPU
-    iterations at the Table 2 regime's 8, scaled by 8 / size), the one target."""
-    scale = GRANULARITY_SIZES[0] / size
-    return [f"trainer.micro_batch_size={size}", f"trainer.eval_every={round(50 * scale)}",
-            f"trainer.target_loss={target}", *extra]
+    """One level of the granularity study: ``size_overrides`` and the one target."""
+    return [*size_overrides(size), f"trainer.target_loss={target}", *extra]
 
 
 def granularity(args: argparse.Namespace) -> None:
@@ -590,6 +596,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         refuse("--bandwidths", args.bandwidths, "positive numbers of Mb/s")
     if getattr(args, "sizes", None) is not None and any(b < 1 for b in numbers("--sizes", args.sizes, int)):
         refuse("--sizes", args.sizes, "micro-batch sizes of at least 1")
+    if getattr(args, "size", None) is not None and args.size < 1:
+        refuse("--size", args.size, "a micro-batch size of at least 1")
     if getattr(args, "widths", None) is not None and any(w < 16 for w in numbers("--widths", args.widths, int)):
         refuse("--widths", args.widths, "d_model values of at least 16 (heads of 16 dimensions)")
     target = getattr(args, "target", None)
@@ -619,6 +627,9 @@ def main(argv: list[str] | None = None) -> int:
                              "granularity, the paper's four")
     parser.add_argument("--sizes", default=",".join(map(str, GRANULARITY_SIZES)),
                         help="granularity: the micro-batch sizes, one level of K each (8 is the main table's)")
+    parser.add_argument("--size", type=int, default=GRANULARITY_SIZES[0],
+                        help="main: sequences per micro-batch, the clock's granularity (default 8: K ~ 20 paper "
+                             "iterations per CPU iteration; 2: K ~ 8, where the granularity study's ranking settles)")
     parser.add_argument("--calibration", type=Path, default=None,
                         help="granularity: the main table's calibration.json, whose target the study keeps "
                              "(default: results/table2_<data>/calibration.json; --target overrides it)")
