@@ -6,9 +6,11 @@ gradient norm before and after clipping, clips each stage on its own and steps e
 With ``fuse`` the micro-batches that take the same route run as one batch (same math up to float rounding,
 one forward and backward instead of several: the fast path of long CPU experiments).
 
-Recovery: ``execute`` applies a ``RecoveryPlan`` to the modules in process (the sources' tensors are read
-directly), ``upkeep`` refreshes held copies and writes checkpoints. The rules themselves — how a visit
-computes, how a stage is rebuilt — are ``checkfree.compute.StageCompute``'s, shared with the stage processes.
+Recovery: the local engine is a ``checkfree.host.StageHost`` that hosts every stage (its courier places them
+all in this process, so whatever a plan moves is handed over in memory): ``execute`` is the host's part of a
+``RecoveryPlan`` — the same executor a stage process runs — or a rollback from storage; ``upkeep`` refreshes
+held copies and writes checkpoints. The rules themselves — how a visit computes, how a stage is rebuilt — are
+``checkfree.compute.StageCompute``'s, shared with the stage processes.
 """
 
 from __future__ import annotations
@@ -20,64 +22,46 @@ from typing import Any
 
 import torch
 
-from checkfree.checkpoints import BackgroundWriter, CheckpointStore, nbytes, shard_bytes
-from checkfree.compute import (
-    StageCompute,
-    StepResult,
-    causal_lm_loss,
-    host_copy,
-    per_sequence_loss,
-    refresh_into,
-)
+from checkfree.checkpoints import BackgroundWriter, CheckpointStore
+from checkfree.compute import StageCompute, StepResult, causal_lm_loss, per_sequence_loss
+from checkfree.distributed.courier import Courier
 from checkfree.engine import Outcome
+from checkfree.host import StageHost
 from checkfree.model import Stage
 from checkfree.placement import Placement
-from checkfree.plan import (
-    Held,
-    RecoveryPlan,
-    Traffic,
-    Upkeep,
-    fetch_transfer,
-    rebuild_report,
-    rebuild_transfers,
-    rollback_reports,
-    sent_into,
-)
+from checkfree.plan import Held, RecoveryPlan, Traffic, Upkeep, rebuild_report, rollback_reports, sent_into
 from checkfree.routes import blame, route
 from checkfree.schedule import Schedule
 
 
-class LocalEngine:
-    """Stages + per-stage Adam, trained over micro-batches in one process."""
+class LocalEngine(StageHost):
+    """Stages + per-stage Adam, trained over micro-batches in one process: the stage host of every stage."""
 
     def __init__(self, stages: list[Stage], lr: float, clip: float = 1.0, autocast_dtype: torch.dtype | None = None,
                  fuse: bool = False, compile: bool = False) -> None:
-        self.computes = [StageCompute(stage, lr, clip, autocast_dtype=autocast_dtype, compile=compile)
-                         for stage in stages]
+        computes = [StageCompute(stage, lr, clip, autocast_dtype=autocast_dtype, compile=compile) for stage in stages]
+        courier = Courier(len(stages), torch.device("cpu"), computes[0].device)
+        courier.place((0,) * len(stages), 0)  # every stage here: what one sends another is handed over in memory
+        super().__init__(len(stages), courier)
+        self.computes.update(enumerate(computes))
         self.lr = lr
         self.fuse = fuse
-        self.held: dict[Held, dict[str, Any]] = {}
-        """Held copies (replicas, shadows) by what they are; in a real system each lives on its holder."""
         self.store: CheckpointStore | None = None
         self.writer = BackgroundWriter()
         """Persists asynchronous checkpoints while training goes on (``Upkeep.in_background``)."""
-        self.staged: dict[int, int] = {}
-        """Stage -> bytes of the host-memory buffer its asynchronous checkpoints are copied into before the
-        writer persists them. A real system keeps this (pinned) buffer for the whole run and reuses it
-        (CheckFreq, DataStates-LLM), so it counts as held memory from the first background checkpoint on."""
         self.lost: set[int] = set()
 
     @property
     def n_stages(self) -> int:
-        return len(self.computes)
+        return self.n
 
     @property
     def stages(self) -> list[Stage]:
-        return [c.stage for c in self.computes]
+        return [c.stage for c in self.computes.values()]
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [c.optimizer for c in self.computes]
+        return [c.optimizer for c in self.computes.values()]
 
     @property
     def device(self) -> torch.device:
@@ -101,7 +85,7 @@ class LocalEngine:
         (``StepResult.stepped`` is False): one bad stage's NaN would otherwise reach every other stage's
         weights through the backward pass and Adam's moments.
         """
-        for compute in self.computes:
+        for compute in self.computes.values():
             compute.train()
         losses, tokens, n = [], 0, len(micro_batches)
         for order, group in self._groups(micro_batches, schedule):
@@ -117,12 +101,12 @@ class LocalEngine:
         total = 0.0
         for value, (_, size) in zip(values, losses):
             total += value * size
-        norms = [compute.clip() for compute in self.computes]
+        norms = [compute.clip() for compute in self.computes.values()]
         result = StepResult(total / n, [pre for pre, _ in norms], [post for _, post in norms], tokens)
         if skip_nonfinite and not result.finite:
             result.stepped = False
             return result
-        for compute in self.computes:
+        for compute in self.computes.values():
             compute.step()
         return result
 
@@ -146,7 +130,7 @@ class LocalEngine:
     @torch.no_grad()
     def evaluate(self, sequences: torch.Tensor, batch_size: int) -> float:
         """Mean token cross-entropy over ``sequences`` (``[N, seq_len + 1]``), in order, no grad."""
-        for compute in self.computes:
+        for compute in self.computes.values():
             compute.stage.eval()
         order = tuple(range(self.n_stages))
         total, count = 0.0, 0
@@ -159,7 +143,7 @@ class LocalEngine:
     @torch.no_grad()
     def sequence_losses(self, sequences: torch.Tensor, batch_size: int) -> list[float]:
         """Each validation sequence's mean token cross-entropy (for the standard error of the validation loss)."""
-        for compute in self.computes:
+        for compute in self.computes.values():
             compute.stage.eval()
         order, out = tuple(range(self.n_stages)), []
         for start in range(0, sequences.shape[0], batch_size):
@@ -170,11 +154,11 @@ class LocalEngine:
     # --- what the trainer reads ----------------------------------------------------------------------
 
     def stage_lrs(self) -> list[float]:
-        return [compute.lr for compute in self.computes]
+        return [compute.lr for compute in self.computes.values()]
 
     def nonfinite_stages(self) -> list[int]:
         """Stages whose weights contain a non-finite value (empty when all are finite)."""
-        return [k for k, compute in enumerate(self.computes) if not compute.finite()]
+        return [k for k, compute in self.computes.items() if not compute.finite()]
 
     @torch.no_grad()
     def first_nonfinite_output(self, input_ids: torch.Tensor, order: tuple[int, ...]) -> int | None:
@@ -194,13 +178,11 @@ class LocalEngine:
 
     def held_bytes_per_node(self) -> list[int]:
         """The same, node by node (the holder of each copy, and each stage's own staging buffer)."""
-        per_node = [self.staged.get(k, 0) for k in range(self.n_stages)]
-        for held, copy_ in self.held.items():
-            per_node[held.holder] += nbytes(copy_)
-        return per_node
+        per_node = self.held_bytes_of()
+        return [per_node[k] for k in range(self.n_stages)]
 
     def stage_states(self) -> list[dict[str, torch.Tensor]]:
-        return [compute.stage.state_dict() for compute in self.computes]
+        return [compute.stage.state_dict() for compute in self.computes.values()]
 
     # --- recovery: the local executor ----------------------------------------------------------------
 
@@ -208,8 +190,8 @@ class LocalEngine:
         """The stages' nodes are gone, and the copies they held with them (a plan can never read those)."""
         self.writer.wait()
         self.lost |= set(stages)
-        self.held = {h: copy for h, copy in self.held.items() if h.holder not in self.lost}
-        self.staged = {k: n for k, n in self.staged.items() if k not in self.lost}
+        for stage in stages:
+            self.forget(stage)
 
     def place(self, placement: Placement) -> None:
         """Every stage computes in this process wherever it is placed: a placement changes only the clock."""
@@ -227,54 +209,32 @@ class LocalEngine:
         missing = self.lost - {r.stage for r in plan.rebuilds}
         if missing:
             raise RuntimeError(f"the {plan.strategy} plan leaves lost stage(s) {sorted(missing)} unrebuilt")
-        received = {}
-        for rebuild in plan.rebuilds:
-            start = time.perf_counter()
-            bodies = [self.computes[s].stage.body_state() for s, _ in rebuild.sources]
-            restored = self.held[rebuild.restore] if rebuild.restore is not None else None
-            self.computes[rebuild.stage].apply(rebuild, bodies, restored)
-            received[rebuild.stage] = (rebuild_transfers(rebuild, [nbytes(b) for b in bodies], nbytes(restored)),
-                                       time.perf_counter() - start)
+        start = time.perf_counter()
+        received = self.recover(plan)
         self.lost = set()
-        # Copies re-made after every rebuild, so none copies a stage that was still to be rebuilt.
-        reports = []
-        for rebuild in plan.rebuilds:
-            transfers, wall_s = received[rebuild.stage]
-            fetched = (fetch_transfer(h, self._refresh(h)) for h in rebuild.fetch)
-            report = rebuild_report(plan, rebuild, [*transfers, *(t for t in fetched if t is not None)])
-            report.wall_s = wall_s
-            reports.append(report)
-        for held in plan.refresh:
-            self._refresh(held)
         # A rollback from memory rebuilds the survivors too (each from its snapshot): only the lost are reported.
-        return Outcome([report for report in reports if report.stage in plan.lost])
+        reports = [rebuild_report(plan, r, received[r.stage]) for r in plan.rebuilds if r.stage in plan.lost]
+        for report in reports:
+            report.wall_s = time.perf_counter() - start
+        return Outcome(reports)
 
     def upkeep(self, upkeep: Upkeep, meta: dict[str, Any]) -> Traffic:
         traffic = Traffic()
-        for held in upkeep.refresh:
-            sent_into(traffic, held, self._refresh(held))
+        for held, n_bytes in self.refresh(list(upkeep.refresh)).items():
+            sent_into(traffic, held, n_bytes)
         if upkeep.checkpoint:
             traffic.shard_bytes = self._save_checkpoint(meta, upkeep.keep, upkeep.in_background)
             traffic.shards_in_background = upkeep.in_background
         return traffic
 
-    def _refresh(self, held: Held) -> int:
-        """Make the holder's copy of the owner anew (in place when it exists); returns the bytes the holder
-        received (none for a copy in the owner's own host memory)."""
-        self.held[held] = refresh_into(self.held.get(held), self.computes[held.owner].held_copy(held))
-        return nbytes(self.held[held]) if held.holder != held.owner else 0
-
     def _save_checkpoint(self, meta: dict[str, Any], keep: int, in_background: bool = False) -> list[int]:
         """Every stage's shard to storage; ``in_background``: copied to host memory now (what the step waits
         for), persisted by the background writer while training goes on. Returns each shard's bytes."""
-        states = [compute.state() for compute in self.computes]
         if not in_background:
-            return self._persist(states, meta, keep)
-        states, meta = [host_copy(state) for state in states], copy.deepcopy(meta)
+            return self._persist([compute.state() for compute in self.computes.values()], meta, keep)
+        states, meta = [self.stage_for_background(k) for k in range(self.n_stages)], copy.deepcopy(meta)
         self.writer.submit(lambda: self._persist(states, meta, keep))
-        sizes = [shard_bytes(state) for state in states]
-        self.staged = dict(enumerate(sizes))
-        return sizes
+        return [self.staged[k] for k in range(self.n_stages)]
 
     def _persist(self, states: list[dict[str, Any]], meta: dict[str, Any], keep: int) -> list[int]:
         with self.store.writing(meta["progress"]) as tmp:
@@ -288,19 +248,19 @@ class LocalEngine:
         # Every shard is read (and verified) before any is applied: a damaged one leaves the stages as they
         # were, and the store falls back to the older checkpoint.
         shards = [self.store.read_shard(checkpoint, k, meta) for k in range(self.n_stages)]
-        for compute, shard in zip(self.computes, shards):
+        for compute, shard in zip(self.computes.values(), shards):
             compute.load_state(shard)
 
     # --- resume --------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         self.writer.wait()
-        return {"stages": self.stage_states(), "optimizers": [c.optimizer.state_dict() for c in self.computes],
+        return {"stages": self.stage_states(), "optimizers": [c.optimizer.state_dict() for c in self.computes.values()],
                 "held": [((h.kind, h.owner, h.holder), copy) for h, copy in self.held.items()],
                 "staged": dict(self.staged), "checkpoints": self.store.state_dict() if self.store is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for compute, weights, optimizer in zip(self.computes, state["stages"], state["optimizers"], strict=True):
+        for compute, weights, optimizer in zip(self.computes.values(), state["stages"], state["optimizers"], strict=True):
             compute.load_state({"weights": weights, "optimizer": optimizer})
         self.held = {Held(*key): copy for key, copy in state["held"]}
         self.staged = dict(state.get("staged", {}))  # absent from resume files written before it was counted

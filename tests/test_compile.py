@@ -64,7 +64,7 @@ def test_compiled_stages_equal_eager_and_a_recovery_compiles_nothing(tmp_path):
     for k, (x, y) in enumerate(zip(eager.engine.stages, compiled.engine.stages)):
         for (name, u), v in zip(x.state_dict().items(), y.state_dict().values()):
             assert (u - v).abs().max().item() <= WEIGHT_TOL, (k, name)
-    assert all(c.compiled for c in compiled.engine.computes) and not any(c.compiled for c in eager.engine.computes)
+    assert all(c.compiled for c in compiled.engine.computes.values()) and not any(c.compiled for c in eager.engine.computes.values())
 
 
 def test_trainer_compile_reaches_every_stage(data_cache):
@@ -78,6 +78,6 @@ def test_trainer_compile_reaches_every_stage(data_cache):
         return build_engine(cfg, cfg.model.with_vocab(300), torch.device("cpu"))
 
     for flag in (True, False):
-        assert [c.compiled for c in engine(trainer={"compile": flag}).computes] == [flag] * 4
+        assert [c.compiled for c in engine(trainer={"compile": flag}).computes.values()] == [flag] * 4
     spec = engine(trainer={"compile": True}, engine={"name": "distributed"}).spec
     assert spec.compile is True and spec.backend == "gloo"

@@ -17,11 +17,10 @@ optimizer. When a peer dies mid-iteration every blocked receive fails (gloo clos
 connections) or times out after ``engine.timeout_s``; the worker drops its gradients, replies *aborted*
 and waits for the supervisor to re-form the group.
 
-Recovery: ``recover`` carries out the worker's part of a ``RecoveryPlan`` — a survivor sends what the plan
-reads from it (its blocks, a held copy), a replacement receives and applies ``StageCompute.apply``, then
-owners send the held copies the plan re-makes. Survivors only send and replacements only receive, in a
-fixed order, so a recovery cannot deadlock. ``move`` sends a stage whole to the worker that runs it now (a
-node that arrived takes its stage back).
+Recovery: a worker is a ``checkfree.host.StageHost`` — the plan executor and the bookkeeping of held copies
+the local engine runs too — whose courier reaches the other processes: ``recover`` is the host's part of a
+``RecoveryPlan``, ``upkeep`` re-makes held copies and writes checkpoint shards, ``move`` sends a stage whole
+(``StageHost.pack``) to the worker that runs it now (a node that arrived takes its stage back).
 """
 
 from __future__ import annotations
@@ -41,8 +40,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkfree.checkpoints import BackgroundWriter, CheckpointStore, DamagedCheckpoint, nbytes, shard_bytes
-from checkfree.compute import StageCompute, causal_lm_loss, clone_state, host_copy, per_sequence_loss
+from checkfree.checkpoints import BackgroundWriter, CheckpointStore, DamagedCheckpoint
+from checkfree.compute import StageCompute, causal_lm_loss, per_sequence_loss
 from checkfree.config import first_line
 from checkfree.distributed import messages as msg
 from checkfree.distributed.courier import Courier
@@ -50,17 +49,12 @@ from checkfree.distributed.programs import host_program, message_tag, replica_mi
 from checkfree.distributed.rendezvous import connect_store, is_loopback, join_generation
 from checkfree.distributed.rollcall import CalledOff, answer
 from checkfree.distributed.transfer import Pending, isend_state, recv_state, wire_device
+from checkfree.host import TAG_MOVE, StageHost
 from checkfree.init_from import start_from
 from checkfree.model import Stage
-from checkfree.plan import Held, Transfer, fetch_transfer, rebuild_transfers
 from checkfree.presets import ModelConfig
 from checkfree.routes import blame, in_order, route
 from checkfree.schedule import build_schedule
-
-# Kinds of whole-state transfers; ``Courier.state_tag`` makes a kind and the (sender, receiver) stage pair one
-# tag (activation tags come from programs.message_tag and never meet these: each kind of traffic runs in its
-# own command).
-TAG_BODY, TAG_RESTORE, TAG_REFRESH, TAG_MOVE = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -138,9 +132,9 @@ def from_bytes(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-class StageWorker:
-    """One process of the pipeline: the logical stage(s) it runs (one, or several consecutive ones after a
-    shrink), their compute, the copies they hold, and the commands it serves."""
+class StageWorker(StageHost):
+    """One process of the pipeline: the stage host of the logical stage(s) it runs (one, or several consecutive
+    ones after a shrink), and the commands it serves."""
 
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
@@ -153,45 +147,27 @@ class StageWorker:
             self.device = torch.device("cpu")
         self.wire = wire_device(spec.backend, self.device)
         """Where this process's point-to-point tensors travel (the CPU under gloo, whatever ``device`` is)."""
-        stage = Stage(spec.model, spec.stage) if spec.fresh else seeded_stage(spec.model, spec.seed, spec.stage)
-        self.computes: dict[int, StageCompute] = {spec.stage: self._compute(stage)}
-        """The logical stages this process runs (its home stage ``spec.stage`` unless that moved away)."""
-        self.schedule = build_schedule(spec.schedule, self.n)
-        self.courier = Courier(self.n, self.wire, self.device)
+        super().__init__(spec.n_stages, Courier(spec.n_stages, self.wire, self.device))
         self.courier.place(tuple(self.rank_of(k) for k in range(self.n)), spec.rank)
+        stage = Stage(spec.model, spec.stage) if spec.fresh else seeded_stage(spec.model, spec.seed, spec.stage)
+        self.computes[spec.stage] = self._compute(stage)  # its home stage, unless that moves away
+        self.schedule = build_schedule(spec.schedule, self.n)
         self.store: dist.Store | None = None
         self.stage_group = None
         self.generation = -1
-        self.held: dict[Held, dict[str, Any]] = {}
-        """Copies that this process's stages keep (``Held.holder``): a replica of the embedding / head, a shadow,
-        snapshots."""
         self.writers: dict[int, BackgroundWriter] = {}
         """Per stage: persists its shard of an asynchronous checkpoint while training goes on."""
-        self.staged: dict[int, int] = {}
-        """Per stage: bytes of the host buffer its asynchronous checkpoints are copied into (kept for the run,
-        as ``LocalEngine.staged`` says; 0 or absent: none yet), moved and saved with the stage."""
 
     def rank_of(self, stage: int) -> int:
         return rank_of(stage, self.spec.replica, self.n)
+
+    def held_bytes(self) -> dict[int, int]:
+        return self.held_bytes_of()
 
     def _compute(self, stage: Stage) -> StageCompute:
         autocast = torch.bfloat16 if self.spec.precision == "bf16" else None
         return StageCompute(stage.to(self.device), self.spec.lr, self.spec.clip, autocast_dtype=autocast,
                             compile=self.spec.compile)
-
-    @property
-    def mine(self) -> list[int]:
-        """The stages this process runs in this generation, in pipeline order."""
-        return [k for k in range(self.n) if self.courier.here(k)]
-
-    def held_by(self, stage: int) -> dict[Held, dict[str, Any]]:
-        return {h: copy for h, copy in self.held.items() if h.holder == stage}
-
-    def held_bytes(self) -> dict[int, int]:
-        return {k: self.staged.get(k, 0) + sum(nbytes(copy) for copy in self.held_by(k).values()) for k in self.mine}
-
-    def lrs(self) -> dict[int, float]:
-        return {k: self.computes[k].lr for k in self.mine}
 
     # --- group membership ------------------------------------------------------------------------
 
@@ -228,34 +204,22 @@ class StageWorker:
         pending, received = Pending(), 0
         for stage, src, _ in command.moves:
             if src == self.courier.me and stage in self.computes:
-                held = [[h.kind, h.owner, h.holder, copy] for h, copy in self.held_by(stage).items()]
-                pending.extend(isend_state({"state": self.computes[stage].state(), "held": held,
-                                            "staged": self.staged.get(stage, 0)},
-                                           self.courier.ranks[stage], self.courier.state_tag(TAG_MOVE, stage, stage),
-                                           self.wire))
+                pending.extend(isend_state(self.pack(stage), self.courier.ranks[stage],
+                                           self.courier.state_tag(TAG_MOVE, stage, stage), self.wire))
         for stage, src, dst in command.moves:
             if dst == self.courier.me:
                 moved, n_bytes = recv_state(src, self.courier.state_tag(TAG_MOVE, stage, stage), self.wire,
                                             self.device)
-                self.computes[stage].load_state(moved["state"])
-                self.held.update({Held(kind, owner, holder): copy for kind, owner, holder, copy in moved["held"]})
-                self.staged[stage] = moved["staged"]
+                self.unpack(stage, moved)
                 received += n_bytes
         pending.wait()
         for stage in [k for k in self.computes if not self.courier.here(k)]:
             self._let_go(stage)
         return msg.Moved(received)
 
-    def _forget(self, stage: int) -> None:
-        """What ``stage``'s node held (copies, the staging buffer) is gone: a lost stage rebuilt in a process
-        that runs others too holds, like a new node, nothing until the plan's fetch / refresh or its next
-        background checkpoint."""
-        self.held = {h: copy for h, copy in self.held.items() if h.holder != stage}
-        self.staged.pop(stage, None)
-
     def _let_go(self, stage: int) -> None:
         del self.computes[stage]
-        self._forget(stage)
+        self.forget(stage)
         writer = self.writers.pop(stage, None)
         if writer is not None:
             writer.close()
@@ -398,51 +362,16 @@ class StageWorker:
 
     # --- recovery --------------------------------------------------------------------------------
 
-    def recover(self, command: msg.Recover) -> msg.Recovered:
-        """This process's part of the plan: its stages send what they are a source of, the lost ones among
-        them are rebuilt, then they take part in re-making held copies. Replies the bytes each rebuilt stage
-        read."""
-        plan, courier, pending = command.plan, self.courier, Pending()
-        for rebuild in plan.rebuilds:
-            for src, _ in rebuild.sources:
-                if courier.here(src):
-                    courier.send_state(self.computes[src].stage.body_state(), src, rebuild.stage, TAG_BODY, pending)
-            holder = rebuild.restore.holder if rebuild.restore is not None else None
-            if holder is not None and holder != rebuild.stage and courier.here(holder):
-                courier.send_state(self.held[rebuild.restore], holder, rebuild.stage, TAG_RESTORE, pending)
-        received: dict[int, list[Transfer]] = {}
-        for rebuild in plan.rebuilds:
-            stage = rebuild.stage
-            if not courier.here(stage):
-                continue
-            bodies, body_bytes = [], []
-            for src, _ in rebuild.sources:
-                body, n_bytes = courier.recv_state(src, stage, TAG_BODY)
-                bodies.append(body)
-                body_bytes.append(n_bytes)
-            restored, restored_bytes = None, 0
-            if rebuild.restore is not None and rebuild.restore.holder == stage:
-                restored = self.held[rebuild.restore]  # in this node's own host memory: nothing moves
-            elif rebuild.restore is not None:
-                restored, restored_bytes = courier.recv_state(rebuild.restore.holder, stage, TAG_RESTORE)
-            received[stage] = rebuild_transfers(rebuild, body_bytes, restored_bytes)
-            self.computes[stage].apply(rebuild, bodies, restored)
-            if stage in plan.lost:  # a new node holds nothing until the plan's fetch / refresh
-                self._forget(stage)
-        pending.wait()
-        fetched = [h for r in plan.rebuilds for h in r.fetch]
-        got = self._refresh([*fetched, *plan.refresh])
-        for held, n_bytes in got.items():
-            piece = fetch_transfer(held, n_bytes) if held in fetched else None
-            if piece is not None:
-                received.setdefault(held.holder, []).append(piece)
+    def recover_command(self, command: msg.Recover) -> msg.Recovered:
+        """This process's part of the plan (``StageHost.recover``); replies the bytes each rebuilt stage read."""
+        received = self.recover(command.plan)
         return msg.Recovered(received, self.lrs(), self.held_bytes())
 
     def upkeep(self, command: msg.Upkeep) -> msg.KeptUp:
         """Re-make held copies; write this process's stages' checkpoint shards into ``checkpoint`` (replica 0
         writes) — ``in_background``: copy them to host memory, reply, and let each stage's writer thread persist
         its shard while training goes on (``flushed`` waits for them)."""
-        got = self._refresh(command.refresh)
+        got = self.refresh(command.refresh)
         received = [((h.kind, h.owner, h.holder), n) for h, n in got.items()]
         checkpoint = command.checkpoint
         if checkpoint is None or self.spec.replica != 0:
@@ -450,10 +379,10 @@ class StageWorker:
         sizes, digests = {}, {}
         for k in self.mine:
             if command.in_background:
-                state = host_copy(self.computes[k].state())
+                state = self.stage_for_background(k)
                 writer = self.writers.setdefault(k, BackgroundWriter())
                 writer.submit(lambda k=k, state=state: CheckpointStore.write_shard(Path(checkpoint), k, state))
-                sizes[k] = self.staged[k] = shard_bytes(state)
+                sizes[k] = self.staged[k]
             else:
                 sizes[k], digests[k] = CheckpointStore.write_shard(Path(checkpoint), k, self.computes[k].state())
         return msg.KeptUp(received, self.held_bytes(), sizes, digests)
@@ -466,23 +395,6 @@ class StageWorker:
             if result is not None:
                 digests[k] = result[1]
         return msg.Persisted(digests)
-
-    def _refresh(self, copies: list[Held]) -> dict[Held, int]:
-        """Owners send, holders receive (every send is posted before any receive, so a ring of shadows cannot
-        deadlock). Returns the bytes received, per copy this process's stages hold (a copy handed over from a
-        stage of this process counts its bytes: it crossed from one logical node to another)."""
-        courier, pending, received = self.courier, Pending(), {}
-        for held in copies:
-            if held.owner == held.holder and courier.here(held.owner):  # in the owner node's own host memory
-                self.held[held], received[held] = clone_state(self.computes[held.owner].held_copy(held)), 0
-            elif courier.here(held.owner):
-                courier.send_state(self.computes[held.owner].held_copy(held), held.owner, held.holder, TAG_REFRESH,
-                                   pending)
-        for held in copies:
-            if held.owner != held.holder and courier.here(held.holder):
-                self.held[held], received[held] = courier.recv_state(held.owner, held.holder, TAG_REFRESH)
-        pending.wait()
-        return received
 
     def load(self, command: msg.Load) -> msg.Loaded | msg.Damaged:
         """Roll back to this process's stages' shards of ``checkpoint`` (a replacement downloads them the same
@@ -498,25 +410,19 @@ class StageWorker:
         for k, shard in shards.items():
             self.computes[k].load_state(shard)
         for k in set(command.lost) & set(shards):
-            self._forget(k)
+            self.forget(k)
         return msg.Loaded(self.lrs(), self.held_bytes())
 
     # --- whole state: resume and export ----------------------------------------------------------
 
     def get_state(self, command: msg.GetState) -> msg.State:
-        states = {k: {**self.computes[k].state(), "staged": self.staged.get(k, 0),
-                      "held": [((h.kind, h.owner, h.holder), copy) for h, copy in self.held_by(k).items()]}
-                  for k in self.mine}
-        return msg.State(to_bytes(states), self.generation)
+        return msg.State(to_bytes({k: self.pack(k) for k in self.mine}), self.generation)
 
     def set_state(self, command: msg.SetState) -> msg.StateSet:
         loaded = from_bytes(command.state)
         for k in self.mine:
-            self.computes[k].load_state(loaded[k])
-            self._forget(k)
-            self.held.update({Held(*key): copy for key, copy in loaded[k]["held"]})
             # Only replica 0 writes checkpoints, so only it has a staging buffer.
-            self.staged[k] = loaded[k].get("staged", 0) if self.spec.replica == 0 else 0
+            self.unpack(k, loaded[k], staged=self.spec.replica == 0)
         return msg.StateSet(self.lrs(), self.held_bytes())
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -555,7 +461,7 @@ class StageWorker:
 
 HANDLERS = {msg.Rendezvous: StageWorker.rendezvous, msg.Step: StageWorker.step, msg.Commit: StageWorker.commit,
             msg.Abort: StageWorker.abort, msg.Eval: StageWorker.eval, msg.Probe: StageWorker.probe,
-            msg.Move: StageWorker.move, msg.Recover: StageWorker.recover, msg.Upkeep: StageWorker.upkeep,
+            msg.Move: StageWorker.move, msg.Recover: StageWorker.recover_command, msg.Upkeep: StageWorker.upkeep,
             msg.Flushed: StageWorker.flushed, msg.Load: StageWorker.load, msg.GetState: StageWorker.get_state,
             msg.SetState: StageWorker.set_state, msg.Die: StageWorker.die}
 """The method that serves each command (``Stop`` ends ``serve``'s loop instead)."""
