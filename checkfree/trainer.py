@@ -18,7 +18,6 @@ asks which one either is. How a run starts and ends — result files, resume, si
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -32,6 +31,7 @@ from checkfree.engine import Engine, StagesLost
 from checkfree.failure_models.trace_files import read_delays
 from checkfree.failures import FailureDraws
 from checkfree.guard import check
+from checkfree.ledger import Work
 from checkfree.memory_store import MemoryStore
 from checkfree.plan import (
     MEMORY,
@@ -201,28 +201,23 @@ class Trainer:
 
         Without replacement nodes (``checkfree.elastic``) a loss may also stall the pipeline until nodes
         arrive, or change the placement, and a node that arrives takes its stage back at the end of the
-        sub-iteration under way; a placement change re-prices the rest of the work. Returns the simulated
-        seconds of the work kept (``clock.iteration_s`` when the price never changed)."""
-        work_s, sub_s = self.clock.iteration_s, self.clock.sub_iteration_s
-        t, done = self.totals.sim_time_s, 0.0  # where the work (re)starts, and how much of it is kept so far
-        paid = 0.0  # what the kept work cost at earlier prices beyond what it counts for at the current one
+        sub-iteration under way; a placement change re-prices the rest of the work. The arithmetic of all this
+        is the time ledger's (``checkfree.ledger.Work``); here are the failures. Returns the simulated seconds of
+        the work kept (``clock.iteration_s`` when the price never changed)."""
+        work = Work(self.totals.sim_time_s, self.clock.iteration_s, self.clock.sub_iteration_s)
         # A cap on the incidents keeps an iteration that can never finish from running for ever. A run whose
         # nodes may be missing can stand still for long (waiting for them): there the budget of simulated time,
         # if any, ends it instead, mid-iteration (each incident moves the time on). Every other run is as before.
         budget = self.cfg.trainer.sim_time_budget_s if self.hosts.elastic else None
         for _ in range(MAX_INCIDENTS) if budget is None else itertools.count():
-            end = stop = t + work_s - done
-            arrival = self.hosts.next_arrival()
-            if arrival is not None:  # the move waits for the end of the sub-iteration under way
-                boundary = t + math.ceil((done + arrival - t) / sub_s - 1e-9) * sub_s - done
-                stop = min(end, max(t, boundary))
-            incident = self.failures.next_incident(iteration, t, stop, self.clock.incident_s)
+            stop = work.stop(self.hosts.next_arrival())
+            incident = self.failures.next_incident(iteration, work.t, stop, self.clock.incident_s)
             if incident is None:
-                if stop >= end:
-                    return work_s + paid
-                done += stop - t
-                t = stop + self.place(self.hosts.arrive(stop), record)
-                work_s, sub_s, done, paid = self.repriced(work_s, done, paid)
+                if stop >= work.end:
+                    return work.kept_s
+                work.reach(stop)
+                work.wait(self.place(self.hosts.arrive(stop), record))
+                work.reprice(self.clock.iteration_s, self.clock.sub_iteration_s)
                 continue
             losses = {e.stage: e.time_s for e in incident.events}  # node slot -> when it was lost
             hosts, stages = self.hosts.struck(losses)
@@ -230,7 +225,6 @@ class Trainer:
             stages = sorted(set(stages) | set(nonfinite))
             if not stages:  # only nodes that are not there were drawn: nothing is lost, the work goes on
                 continue
-            ran = done + (incident.time_s - t)
             struck = [r for r in incident.records if r.get("cause") == "nonfinite" or r["stage"] in hosts]
             self.totals.failures += struck
             self.engine.lose(stages)
@@ -244,23 +238,20 @@ class Trainer:
                     no_hosts = exc
             reports = self.recover(set(stages), incident.time_s)
             rolled_back = any("rolled_back_to" in r.details for r in reports)
-            done = 0.0 if rolled_back else math.floor(ran / sub_s + 1e-9) * sub_s
-            lost = ran - done + (paid if rolled_back else 0.0)
-            paid = 0.0 if rolled_back else paid
+            recovery_s = max(r.sim_seconds for r in reports)
+            lost = work.interrupt(incident.time_s, rolled_back, recovery_s)
             self.totals.sim_time_s += lost
             self.totals.lost_work_sim_s += lost
             record.struck([e.time_s for e in incident.events if e.stage in hosts], lost)
-            recovery_s = max(r.sim_seconds for r in reports)
             self.note(record, reports, recovery_s)
-            t = incident.time_s + recovery_s
             if no_hosts is not None:
                 raise no_hosts
             if change is not None:
                 for failure in struck:  # when each lost node's replacement is there, in the summary
                     if failure.get("cause") != "nonfinite":
                         failure["replaced_at_s"] = change.arrivals[failure["stage"]]
-                t += self.place(change, record)
-                work_s, sub_s, done, paid = self.repriced(work_s, done, paid)
+                work.wait(self.place(change, record))
+                work.reprice(self.clock.iteration_s, self.clock.sub_iteration_s)
             if budget is not None and self.totals.sim_time_s >= budget:
                 raise SimTimeSpent(f"the simulated time budget ran out during iteration {iteration}")
         raise RuntimeError(f"iteration {iteration} was interrupted by {MAX_INCIDENTS} incidents and never finished: "
@@ -279,15 +270,6 @@ class Trainer:
         # A process lost while stages move (the arriving node's, say) is recovered like any loss from outside.
         self.survive(lambda: self.engine.place(self.hosts.placement), record)
         return change.wait_s + move_s
-
-    def repriced(self, work_s: float, done: float, paid: float) -> tuple[float, float, float, float]:
-        """The work's price after a placement change: the ``done`` seconds kept so far count at the new price,
-        and ``paid`` keeps what they really cost beyond that."""
-        new_s = self.clock.iteration_s
-        if new_s == work_s:
-            return work_s, self.clock.sub_iteration_s, done, paid
-        scaled = done * new_s / work_s
-        return new_s, self.clock.sub_iteration_s, scaled, paid + done - scaled
 
     def recover(self, lost: set[int], at_s: float | None = None) -> list[RecoveryReport]:
         """The strategy plans, the engine executes; a stage lost while that is under way joins the recovery.
