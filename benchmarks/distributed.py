@@ -44,12 +44,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from checkfree.compute import causal_lm_loss
 from checkfree.distributed.rendezvous import open_store
 from checkfree.distributed.worker import seeded_stage
-from checkfree.presets import ModelConfig
-from checkfree.runconfig import load_run_config
-from checkfree.runlog import read_metrics
+from checkfree.model.presets import ModelConfig
+from checkfree.run.runconfig import load_run_config
+from checkfree.run.runlog import read_metrics
+from checkfree.stage.compute import causal_lm_loss
 from checkfree.train import train
 
 
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
         root, cache = Path(tmp), str(Path(tmp) / "cache")
         cfg = run_config(args, cache)
         # The same micro-batches, from the same stream, for the baselines.
-        from checkfree.data import load_corpus
+        from checkfree.data.loading import load_corpus
         from checkfree.distributed.rendezvous import pick_backend
 
         corpus = load_corpus(cfg.data, cfg.model.seq_len, batch_seed=cfg.seed)

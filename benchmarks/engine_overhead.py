@@ -26,11 +26,11 @@ import time
 
 import torch
 
-from checkfree.compute import causal_lm_loss
-from checkfree.model import build_stages
+from checkfree.model.llama import build_stages
+from checkfree.model.presets import preset
 from checkfree.pipeline import LocalEngine
-from checkfree.presets import preset
-from checkfree.schedule import InOrder
+from checkfree.stage.compute import causal_lm_loss
+from checkfree.stage.schedule import InOrder
 
 
 def plain_step(modules: torch.nn.ModuleList, opt: torch.optim.Optimizer, batches: list[torch.Tensor]) -> float:

@@ -23,10 +23,10 @@ import time
 
 import torch
 
-from checkfree.model import build_stages
+from checkfree.model.llama import build_stages
+from checkfree.model.presets import param_count, preset
 from checkfree.pipeline import LocalEngine
-from checkfree.presets import param_count, preset
-from checkfree.schedule import InOrder, OutOfOrder
+from checkfree.stage.schedule import InOrder, OutOfOrder
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets (no sparsity), FLOP/s.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,

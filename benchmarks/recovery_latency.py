@@ -38,7 +38,7 @@ from hydra import compose, initialize_config_dir
 
 from checkfree.plan import RecoveryReport
 from checkfree.recovery import STRATEGIES
-from checkfree.runconfig import load_run_config
+from checkfree.run.runconfig import load_run_config
 from checkfree.train import build_run
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -139,7 +139,7 @@ def bench_strategy(name: str, stages_to_fail: list[int], args: argparse.Namespac
 
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="cpu_small", help="model preset (checkfree/model.py PRESETS)")
+    parser.add_argument("--preset", default="cpu_small", help="model preset (checkfree/model/llama.py PRESETS)")
     parser.add_argument("--reps", type=int, default=9, help="timed repetitions of each recovery and upkeep period")
     parser.add_argument("--steps", type=int, default=5, help="training steps per strategy before the failure")
     parser.add_argument("--stage", type=int, default=None, help="intermediate stage to fail (default S // 2)")
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
-    from checkfree.presets import preset
+    from checkfree.model.presets import preset
 
     n_stages = preset(args.preset).n_stages
     k = n_stages // 2 if args.stage is None else args.stage

@@ -38,8 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from checkfree.audit import AuditFailure, check_run, parse_metrics
 from checkfree.recovery import STRATEGIES as REGISTERED
+from checkfree.run.audit import AuditFailure, check_run, parse_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = [name for name in REGISTERED if name != "none"]
@@ -63,7 +63,7 @@ def compose(args: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from checkfree.runconfig import load_run_config
+    from checkfree.run.runconfig import load_run_config
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return load_run_config(hydra_compose(config_name="config", overrides=args))
@@ -147,7 +147,7 @@ def main() -> None:
 
     import torch
 
-    from checkfree.runlog import deterministic_view
+    from checkfree.run.runlog import deterministic_view
 
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)

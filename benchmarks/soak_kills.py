@@ -7,7 +7,7 @@ validations, recoveries (cascades), and in the state saves. Half the kills are a
 follow right after a new metrics line, which the run writes just before it saves. A run ends by itself;
 runs follow one another until ``--kills`` kills in all.
 
-A crash is a run that does not exit 0 with a complete run directory (``checkfree.audit.check_run``: status
+A crash is a run that does not exit 0 with a complete run directory (``checkfree.run.audit.check_run``: status
 completed, one record per iteration, every lost stage matched by one recovery). The last line printed is
 one JSON object: kills, runs, crashes, failures and recoveries (per command the loss interrupted), wall
 time.
@@ -38,8 +38,8 @@ from pathlib import Path
 
 import psutil
 
-from checkfree.audit import AuditFailure, check_run
-from checkfree.runlog import read_metrics
+from checkfree.run.audit import AuditFailure, check_run
+from checkfree.run.runlog import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,7 +15,7 @@ and ``time_to_target.png`` into ``OUT`` (default: ``<first dir>/analysis``). Fro
 
 A run directory holds the trainer's ``metrics.jsonl`` and ``summary.json`` (docs/design.md, 'What a run leaves')
 and Hydra's ``.hydra/config.yaml``; a clone of an experiment's run holds ``summary.json`` and the kept rows of its
-metrics (``metrics_kept.jsonl``, ``checkfree.runlog.keep_metrics``) instead. Any of them may be missing or cut
+metrics (``metrics_kept.jsonl``, ``checkfree.run.runlog.keep_metrics``) instead. Any of them may be missing or cut
 short: a killed run is analysed from what is left, and a run without a single metrics record is reported as a
 *missing point*.
 """
@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from checkfree.config import finite
-from checkfree.rundir import reported_status
-from checkfree.runlog import KEPT_METRICS, SkippedLines, run_metrics
+from checkfree.run.config import finite
+from checkfree.run.rundir import reported_status
+from checkfree.run.runlog import KEPT_METRICS, SkippedLines, run_metrics
 
 # Table/plot order: the method under study first, then baselines, ablations, and the failure-free run.
 STRATEGY_ORDER = ["checkfree", "checkfree_plus", "checkpoint", "redundant", "copy", "uniform", "random",

@@ -7,7 +7,7 @@
   tensors between processes.
 
 Both execute the same ``RecoveryPlan`` and ``Upkeep`` (``checkfree.plan``) with the same per-stage compute
-(``checkfree.compute``), so at a seed they write the same metrics, bit for bit. The trainer holds an
+(``checkfree.stage.compute``), so at a seed they write the same metrics, bit for bit. The trainer holds an
 ``Engine`` and never asks which one it is.
 """
 
@@ -19,10 +19,10 @@ from typing import Any, Protocol
 
 import torch
 
-from checkfree.compute import StepResult
-from checkfree.placement import Placement
 from checkfree.plan import RecoveryPlan, RecoveryReport, Traffic, Upkeep
-from checkfree.schedule import Schedule
+from checkfree.simulation.placement import Placement
+from checkfree.stage.compute import StepResult
+from checkfree.stage.schedule import Schedule
 
 
 class StagesLost(RuntimeError):
@@ -73,7 +73,7 @@ class Engine(Protocol):
         engine keeps the seconds until it saw them gone for the next recovery's report."""
 
     def place(self, placement: Placement) -> None:
-        """Run the logical stages on the hosts ``placement`` says (``checkfree.elastic``). Called right after
+        """Run the logical stages on the hosts ``placement`` says (``checkfree.simulation.elastic``). Called right after
         ``lose`` when a loss changes the placement (the ``execute`` that follows puts the lost stages where it
         says), and on its own when a node arrives (the stages move to it)."""
 

@@ -1,11 +1,11 @@
 """``python -m checkfree.export RUN_DIR [--out DIR] [--sample] [--from resume|checkpoint]``: a run's model as a
-Hugging Face ``LlamaForCausalLM`` directory (the work is ``checkfree.hf_export``).
+Hugging Face ``LlamaForCausalLM`` directory (the work is ``checkfree.model.hf_export``).
 
 The weights come from ``RUN_DIR/resume/state.pt`` (``trainer.save_every``) or else from the newest
 checkpoint ``RUN_DIR/checkpoints/ckpt_<progress>/``; the model goes to ``RUN_DIR/model`` by default.
 Everything about the paths (a missing run directory, nothing to export, an output that is not an earlier
 export) is checked here before torch and transformers are imported, so a refusal takes a second, not the
-several seconds of those imports (the paths themselves: ``checkfree.export_paths``).
+several seconds of those imports (the paths themselves: ``checkfree.storage.export_paths``).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from checkfree.config import ConfigError
-from checkfree.export_paths import ExportError, check_replaceable, latest_checkpoint
-from checkfree.resume import torch_file_problem
-from checkfree.rundir import read_status
+from checkfree.run.config import ConfigError
+from checkfree.run.resume import torch_file_problem
+from checkfree.run.rundir import read_status
+from checkfree.storage.export_paths import ExportError, check_replaceable, latest_checkpoint
 
 
 def argv_checked(args: argparse.Namespace) -> bool:
@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from transformers.utils import logging as hf_logging
 
-    from checkfree.hf_export import export_run, sample
+    from checkfree.model.hf_export import export_run, sample
 
     hf_logging.disable_progress_bar()  # a command that prints one line per step has no use for load bars
     try:

@@ -31,12 +31,12 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from checkfree.atomic import os_error_behind, signals_to
-from checkfree.provenance import environment, label, version_warning
-from checkfree.records import IterationRecord
-from checkfree.resume import save_state, state_path, truncate_metrics
-from checkfree.rundir import owned
-from checkfree.runlog import RunLog
+from checkfree.run.provenance import environment, label, version_warning
+from checkfree.run.records import IterationRecord
+from checkfree.run.resume import save_state, state_path, truncate_metrics
+from checkfree.run.rundir import owned
+from checkfree.run.runlog import RunLog
+from checkfree.storage.atomic import os_error_behind, signals_to
 from checkfree.trainer import SimTimeSpent, Trainer
 
 DIVERGED_FACTOR = 1.1
@@ -90,7 +90,7 @@ class Run:
         """metrics.jsonl, summary.json, the progress bar and wandb: the run's, opened once the engine runs."""
 
     def run(self) -> dict:
-        """Own the run directory (one run at a time: ``checkfree.rundir``), then train."""
+        """Own the run directory (one run at a time: ``checkfree.run.rundir``), then train."""
         with owned(self.run_dir, resume=self.resume_state is not None):
             return self._run()
 
@@ -102,7 +102,7 @@ class Run:
             self.warn(version_warning(self.cfg.data.name, t.corpus.packages))
             t.engine.start(self.run_dir, fresh=self.resume_state is None)
             if self.resume_state is not None:
-                from checkfree.export_paths import clear_stale_exports
+                from checkfree.storage.export_paths import clear_stale_exports
 
                 clear_stale_exports(self.run_dir / "model")  # the killed run's half-written export, if any
                 self.load_state_dict(self.resume_state)
@@ -235,7 +235,7 @@ class Run:
         if not self.cfg.trainer.export or self.log is None or self.consistent_at is None or self.status == "error" \
                 or t.engine.nonfinite_stages():
             return
-        from checkfree.hf_export import export_model
+        from checkfree.model.hf_export import export_model
 
         try:
             self.model_dir = export_model(t.between(t.engine.stage_states), t.model, t.corpus.tokenizer,
@@ -280,7 +280,7 @@ class Run:
 
     @functools.cached_property
     def environment(self) -> dict[str, str]:
-        """Library versions and the tokens' digest (``checkfree.provenance``): hashed once per run."""
+        """Library versions and the tokens' digest (``checkfree.run.provenance``): hashed once per run."""
         return environment(self.trainer.corpus)
 
     def summary(self) -> dict:

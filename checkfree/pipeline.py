@@ -1,16 +1,16 @@
 """The local engine: every stage in one process, one optimizer per stage, and the local plan executor.
 
-One iteration runs ``M`` micro-batches, each along its route (``checkfree.routes``: embedding first, stage
+One iteration runs ``M`` micro-batches, each along its route (``checkfree.stage.routes``: embedding first, stage
 bodies in the schedule's order, head last), accumulates ``loss / M`` gradients, records each stage's
 gradient norm before and after clipping, clips each stage on its own and steps every stage's optimizer.
 With ``fuse`` the micro-batches that take the same route run as one batch (same math up to float rounding,
 one forward and backward instead of several: the fast path of long CPU experiments).
 
-Recovery: the local engine is a ``checkfree.host.StageHost`` that hosts every stage (its courier places them
+Recovery: the local engine is a ``checkfree.stage.host.StageHost`` that hosts every stage (its courier places them
 all in this process, so whatever a plan moves is handed over in memory): ``execute`` is the host's part of a
 ``RecoveryPlan`` — the same executor a stage process runs — or a rollback from storage; ``upkeep`` refreshes
 held copies and writes checkpoints. The rules themselves — how a visit computes, how a stage is rebuilt — are
-``checkfree.compute.StageCompute``'s, shared with the stage processes.
+``checkfree.stage.compute.StageCompute``'s, shared with the stage processes.
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ from typing import Any
 
 import torch
 
-from checkfree.checkpoints import BackgroundWriter, CheckpointStore
-from checkfree.compute import StageCompute, StepResult, causal_lm_loss, per_sequence_loss
 from checkfree.distributed.courier import Courier
 from checkfree.engine import Outcome
-from checkfree.host import StageHost
-from checkfree.model import Stage
-from checkfree.placement import Placement
+from checkfree.model.llama import Stage
 from checkfree.plan import Held, RecoveryPlan, Traffic, Upkeep, rebuild_report, rollback_reports, sent_into
-from checkfree.routes import blame, route
-from checkfree.schedule import Schedule
+from checkfree.simulation.placement import Placement
+from checkfree.stage.compute import StageCompute, StepResult, causal_lm_loss, per_sequence_loss
+from checkfree.stage.host import StageHost
+from checkfree.stage.routes import blame, route
+from checkfree.stage.schedule import Schedule
+from checkfree.storage.checkpoints import BackgroundWriter, CheckpointStore
 
 
 class LocalEngine(StageHost):

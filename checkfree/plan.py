@@ -10,7 +10,7 @@ A held copy says what it holds, how it is kept current and where it lives (``Cop
 where the state comes back from (``STORAGE`` or ``MEMORY``). The engines and the clock read those properties
 and never a strategy's or a kind's name. Held copies have one format for both engines: a nested dict of
 tensors, ``{"weights": state_dict}`` for weights only and ``{"weights": state_dict, "optimizer":
-optimizer_state_dict}`` for a whole state (as a checkpoint shard; see ``checkfree.compute``).
+optimizer_state_dict}`` for a whole state (as a checkpoint shard; see ``checkfree.stage.compute``).
 
 Everything here is frozen and picklable, and imports nothing heavier than the standard library.
 """

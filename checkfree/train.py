@@ -4,14 +4,14 @@ Config flows one way: Hydra composes ``conf/`` -> ``load_run_config`` validates 
 dataclasses before any work starts -> ``Trainer`` builds each part once and runs. The run directory is
 Hydra's output directory (``hydra.run.dir``); it receives ``metrics.jsonl`` and ``summary.json``.
 
-Before Hydra starts, ``checkfree.preflight`` composes the same config, validates it and checks the machine
+Before Hydra starts, ``checkfree.run.preflight`` composes the same config, validates it and checks the machine
 and the run directory, without importing torch: a bad value is refused in about a second and nothing is
 written. A config error found later, while setting up (a tokenizer that cannot be loaded), takes Hydra's
 files back out of a run directory Hydra created for it.
 
 Exit status: 0 done; 2 a bad config (one sentence on stderr, nothing written: Hydra's own composition
 errors are rephrased the same way), also for a run directory that another run holds, that holds a
-state to resume, or that cannot be written (``checkfree.rundir``); 1 a run that failed (its
+state to resume, or that cannot be written (``checkfree.run.rundir``); 1 a run that failed (its
 metrics.jsonl and summary.json stay); 128 + signal number when SIGINT/SIGTERM stopped it (summary.json
 says "interrupted"; with ``trainer.save_every`` the run can go on with ``trainer.resume=<run dir>``),
 however many more signals follow while it stops (``_raise_interrupted``).
@@ -37,16 +37,16 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from checkfree.atomic import os_error_behind
-from checkfree.config import ConfigError, first_line
-from checkfree.preflight import CONF_DIR, Checked, check_command_line, check_machine
 from checkfree.recovery import check_strategy_overrides
-from checkfree.runconfig import RunConfig, check_vocab, load_run_config
-from checkfree.rundir import claim, unusable
+from checkfree.run.config import ConfigError, first_line
+from checkfree.run.preflight import CONF_DIR, Checked, check_command_line, check_machine
+from checkfree.run.runconfig import RunConfig, check_vocab, load_run_config
+from checkfree.run.rundir import claim, unusable
+from checkfree.storage.atomic import os_error_behind
 
 if TYPE_CHECKING:
     from checkfree.lifecycle import Run
-    from checkfree.presets import ModelConfig
+    from checkfree.model.presets import ModelConfig
 
 _checked: Checked | None = None
 """What ``main`` checked before Hydra started: the run directory and the directories Hydra creates for it."""
@@ -88,10 +88,10 @@ def build_run(cfg: RunConfig, run_dir: Path) -> Run:
     """Everything a run needs, built once: the corpus, the engine (local or processes) and the trainer."""
     import torch
 
-    from checkfree.data import load_corpus
-    from checkfree.init_from import check_vocab as check_init_vocab
+    from checkfree.data.loading import load_corpus
     from checkfree.lifecycle import Run
-    from checkfree.resume import check_resume
+    from checkfree.model.init_from import check_vocab as check_init_vocab
+    from checkfree.run.resume import check_resume
     from checkfree.trainer import RunParts, Trainer
 
     resume_state = None
@@ -119,8 +119,8 @@ def build_engine(cfg: RunConfig, model: ModelConfig, device, schedule: str | Non
     autocast = torch.bfloat16 if cfg.trainer.precision == "bf16" else None
     world = model.n_stages * cfg.engine.replicas
     if cfg.engine.name == "local":
-        from checkfree.init_from import start_from
-        from checkfree.model import build_stages
+        from checkfree.model.init_from import start_from
+        from checkfree.model.llama import build_stages
         from checkfree.pipeline import LocalEngine
 
         # The thread count a stage process computes with: CPU kernels split their reductions by thread, so the
@@ -209,8 +209,8 @@ def _say_it_failed(run_dir: Path, run: RunConfig, exc: Exception) -> None:
     """A run that failed before it could write its own summary (while loading the corpus or building the
     model, or starting its engine: an unreachable Ray cluster) still leaves one that says so, with the cause.
     A summary the run wrote itself (status error, with its totals) is kept as it is."""
-    from checkfree.rundir import read_status
-    from checkfree.runlog import write_json_atomic
+    from checkfree.run.rundir import read_status
+    from checkfree.run.runlog import write_json_atomic
 
     if read_status(run_dir) not in (None, "killed"):
         return  # the run's own summary: it knows more than this one
@@ -240,7 +240,7 @@ def _take_back(run_dir: Path) -> None:
     created = _checked.created if _checked is not None else ()
     if not created or run_dir.absolute() != created[-1]:
         return
-    from checkfree.rundir import LOCK_FILE, release_claim
+    from checkfree.run.rundir import LOCK_FILE, release_claim
 
     log = f"{HydraConfig.get().job.name}.log"
     hydra_files = {"config.yaml", "hydra.yaml", "overrides.yaml"}
@@ -265,7 +265,7 @@ def _take_back(run_dir: Path) -> None:
 def _unclaim(checked: Checked | None) -> None:
     """A run refused after its directory was claimed, before Hydra wrote there: the directories the claim
     created go again while they hold nothing but the lock file."""
-    from checkfree.rundir import LOCK_FILE, release_claim
+    from checkfree.run.rundir import LOCK_FILE, release_claim
 
     if checked is None or checked.run_dir is None or not release_claim(checked.run_dir):
         return
@@ -289,7 +289,7 @@ def _recovered_from(recovery: dict) -> str:
 
 
 def _print_summary(summary: dict) -> None:
-    from checkfree.runlog import wandb_line
+    from checkfree.run.runlog import wandb_line
 
     print(f"\n{summary['strategy']} | {summary['iterations']} iterations | "
           f"val loss {summary['initial_val_loss']:.3f} -> {summary['final_val_loss']:.3f} | "
@@ -307,7 +307,7 @@ def _print_summary(summary: dict) -> None:
     if summary.get("model_dir"):
         from transformers.utils import logging as hf_logging
 
-        from checkfree.hf_export import sample
+        from checkfree.model.hf_export import sample
 
         hf_logging.disable_progress_bar()  # one summary, no load bars
         # What the model learned, in its own words: sampled from the exported Hugging Face model (fixed seed).
@@ -387,7 +387,7 @@ def _one_sentence(exc: Exception, overrides: list[str] | None = None) -> str:
     from hydra.errors import MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-    from checkfree.runconfig import SECTIONS
+    from checkfree.run.runconfig import SECTIONS
 
     cause = exc.__cause__
     if isinstance(exc, MissingConfigException) and "/" in (exc.missing_cfg_file or ""):

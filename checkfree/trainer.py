@@ -7,7 +7,7 @@ One iteration, top to bottom (``Trainer.iteration``):
 2. The engine runs ``M`` micro-batches in the strategy's schedule, clips per stage and steps. A stage
    process that dies meanwhile (from outside the failure model) is recovered the same way and the step
    is redone with the same micro-batches.
-3. The numeric guard checks that everything is finite (``checkfree.guard``).
+3. The numeric guard checks that everything is finite (``checkfree.stage.guard``).
 4. The strategy's upkeep runs (replica / shadow refresh, checkpoint save) and the clock prices it all.
 
 The trainer holds an engine (local or processes; built in ``checkfree.train``) and a strategy, and never
@@ -24,15 +24,10 @@ from pathlib import Path
 
 import torch
 
-from checkfree.clock import Clock
-from checkfree.data import Corpus
-from checkfree.elastic import Change, Hosts, NoHostsLeft
+from checkfree.data.loading import Corpus
 from checkfree.engine import Engine, StagesLost
 from checkfree.failure_models.trace_files import read_delays
-from checkfree.failures import FailureDraws
-from checkfree.guard import check
-from checkfree.ledger import Work
-from checkfree.memory_store import MemoryStore
+from checkfree.model.presets import ModelConfig
 from checkfree.plan import (
     MEMORY,
     Held,
@@ -43,12 +38,17 @@ from checkfree.plan import (
     Upkeep,
     rolled_back_in_memory,
 )
-from checkfree.presets import ModelConfig
-from checkfree.records import IterationRecord
 from checkfree.recovery import RecoveryStrategy, build_strategy
-from checkfree.replacements import Replacements
-from checkfree.runconfig import RunConfig, min_hosts
-from checkfree.schedule import Schedule, build_schedule
+from checkfree.run.records import IterationRecord
+from checkfree.run.runconfig import RunConfig, min_hosts
+from checkfree.simulation.clock import Clock
+from checkfree.simulation.elastic import Change, Hosts, NoHostsLeft
+from checkfree.simulation.failures import FailureDraws
+from checkfree.simulation.ledger import Work
+from checkfree.simulation.replacements import Replacements
+from checkfree.stage.guard import check
+from checkfree.stage.schedule import Schedule, build_schedule
+from checkfree.storage.memory_store import MemoryStore
 
 MAX_ATTEMPTS = 5
 """A step (or validation) interrupted by stage losses more often than this in a row stops the run."""
@@ -89,7 +89,7 @@ class Totals:
     lost_work_sim_s: float = 0.0
     """Simulated seconds of work that losses threw away (unfinished iterations, rolled-back work within one)."""
     waiting_sim_s: float = 0.0
-    """Simulated seconds the pipeline stood still waiting for replacement nodes (``checkfree.elastic``)."""
+    """Simulated seconds the pipeline stood still waiting for replacement nodes (``checkfree.simulation.elastic``)."""
     moving_sim_s: float = 0.0
     """Simulated seconds the pipeline stood still while stages moved between hosts."""
     shrunk_sim_s: float = 0.0
@@ -199,10 +199,10 @@ class Trainer:
         loss counts, at the granularity of the iterations the clock stands for. (The weights follow at CPU
         granularity: the step itself runs after the iteration's last recovery.)
 
-        Without replacement nodes (``checkfree.elastic``) a loss may also stall the pipeline until nodes
+        Without replacement nodes (``checkfree.simulation.elastic``) a loss may also stall the pipeline until nodes
         arrive, or change the placement, and a node that arrives takes its stage back at the end of the
         sub-iteration under way; a placement change re-prices the rest of the work. The arithmetic of all this
-        is the time ledger's (``checkfree.ledger.Work``); here are the failures. Returns the simulated seconds of
+        is the time ledger's (``checkfree.simulation.ledger.Work``); here are the failures. Returns the simulated seconds of
         the work kept (``clock.iteration_s`` when the price never changed)."""
         work = Work(self.totals.sim_time_s, self.clock.iteration_s, self.clock.sub_iteration_s)
         # A cap on the incidents keeps an iteration that can never finish from running for ever. A run whose

@@ -52,8 +52,8 @@ from table2 import (  # noqa: E402
     runs_of,
 )
 
-from checkfree.provenance import describe  # noqa: E402
-from checkfree.table2 import ci95  # noqa: E402
+from checkfree.reports.table2 import ci95  # noqa: E402
+from checkfree.run.provenance import describe  # noqa: E402
 
 BANDWIDTHS_MBPS = (10, 56, 316, 1778, 10000)
 """Per-node bandwidth in Mb/s: five points, evenly spaced on a log scale from 10 Mb/s to 10 Gb/s."""

@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pandas as pd  # noqa: E402
 from table2 import CAP, calibrated_arguments, calibration_of, check_arguments, fmt, run_seconds, runs_of  # noqa: E402
 
-from checkfree import paper_table2  # noqa: E402
-from checkfree.table2 import ci95  # noqa: E402
+from checkfree.reports.table2 import ci95  # noqa: E402
+from checkfree.simulation import paper_table2  # noqa: E402
 
 DELAYS = (("30 s", 30 / 3600), ("10 min", 10 / 60), ("1 h", 1.0), ("6 h", 6.0), ("never", None))
 """(label, mean replacement delay in hours; None: no replacement ever arrives)."""

@@ -31,8 +31,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from checkfree.engine import Outcome
-from checkfree.runconfig import load_run_config
-from checkfree.runlog import read_metrics
+from checkfree.run.runconfig import load_run_config
+from checkfree.run.runlog import read_metrics
 from checkfree.train import build_run
 
 REPO = Path(__file__).resolve().parent.parent

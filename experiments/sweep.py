@@ -24,7 +24,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from checkfree.runlog import KEPT_METRICS, keep_metrics
+from checkfree.run.runlog import KEPT_METRICS, keep_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEPS = ROOT / "conf" / "sweep"

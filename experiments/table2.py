@@ -10,7 +10,7 @@
    ``T / 100`` iterations, as the paper's every 100 of its 10,000.
 2. **The grid** — checkpointing, redundant computation, CheckFree and CheckFree+ at 5 / 10 / 16 %/h, each
    seed, each run stopped at the target or after ``--cap`` x T iterations.
-3. **The table** — ``checkfree.table2`` writes ``comparison.csv``, ``comparison.md`` and the loss-vs-hours
+3. **The table** — ``checkfree.reports.table2`` writes ``comparison.csv``, ``comparison.md`` and the loss-vs-hours
    plot into ``--out``.
 
 ``ablations``: the same regime at 16 %/h for the rebuild rules (checkfree, uniform, copy, random, zero), at
@@ -45,9 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pandas as pd  # noqa: E402
 from sweep import ROOT, grid, run_point  # noqa: E402  (the sibling script: one way of running a point)
 
-from checkfree.paper_table2 import PAPER_T, RATES  # noqa: E402
 from checkfree.recovery import strategy_class  # noqa: E402
-from checkfree.table2 import T95, ci95, paper_iteration_seconds, write_report  # noqa: E402
+from checkfree.reports.table2 import T95, ci95, paper_iteration_seconds, write_report  # noqa: E402
+from checkfree.simulation.paper_table2 import PAPER_T, RATES  # noqa: E402
 
 CAP = 4.0
 """A run that has not reached the target after CAP x T iterations stops (and counts as not reached)."""
@@ -160,7 +160,7 @@ def probe(out: Path, extra: list[str], iterations: int = PROBE_ITERATIONS) -> li
     A new corpus has no target yet: the probe fixes it from a no-failure run alone, before any failure is
     drawn — the loss it reaches after 500 iterations puts the corpus in the same regime as the synthetic one
     (T ~ 500, 20 paper iterations per CPU iteration). A longer probe of the same corpus serves as well."""
-    from checkfree.runlog import read_metrics
+    from checkfree.run.runlog import read_metrics
 
     longer = [int(p.name.removeprefix("probe")) for p in out.glob("probe*") if p.name[5:].isdigit()
               and int(p.name[5:]) >= iterations and (p / "table2").is_dir()]
@@ -430,7 +430,7 @@ def records_as_runs(records: list[dict]) -> list[dict]:
 def so_far(points: list[tuple[str, int, list[str]]], out: Path) -> list[dict]:
     """Each point's summary as it stands, without running anything (``--report-only``): a run not finished
     yet also says how many iterations it has done (the last line of its metrics)."""
-    from checkfree.runlog import run_metrics
+    from checkfree.run.runlog import run_metrics
 
     runs = []
     for name, i, overrides in points:
@@ -473,7 +473,7 @@ def run_seconds(runs: list[dict]) -> float:
 
 def ablation_rows(width: int, calibration: dict, runs: list[dict]) -> tuple[list[str], list[dict]]:
     """The table's rows for one width, and every run's own figures (for runs.csv)."""
-    from checkfree.runlog import run_metrics
+    from checkfree.run.runlog import run_metrics
 
     T, rows, records, finals = calibration["T"], [], [], {}
     for rule in ("checkfree", "uniform", "copy", "random", "zero"):

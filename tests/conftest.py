@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkfree.memory_store import MemoryStore
 from checkfree.plan import MEMORY, rolled_back_in_memory
+from checkfree.storage.memory_store import MemoryStore
 
 # Tests never talk to wandb's servers and never use more threads than the CI machine has.
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -54,14 +54,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def tiny_cfg():
-    from checkfree.presets import preset
+    from checkfree.model.presets import preset
 
     return preset("tiny").with_vocab(64)
 
 
 @pytest.fixture
 def tiny_stages(tiny_cfg):
-    from checkfree.model import build_stages
+    from checkfree.model.llama import build_stages
 
     return build_stages(tiny_cfg, seed=0)
 
@@ -112,7 +112,7 @@ def small_run_dict(cache_dir: str, **sections) -> dict:
 
 @pytest.fixture
 def small_run(data_cache):
-    from checkfree.runconfig import load_run_config
+    from checkfree.run.runconfig import load_run_config
 
     def make(**sections):
         return load_run_config(small_run_dict(data_cache, **sections))
@@ -125,7 +125,7 @@ class Driver:
     the age of held copies), so a test can fail stages at exact points and inspect every tensor."""
 
     def __init__(self, engine, strategy, lr: float, run_dir, data=None, seed: int = 0, schedule=None) -> None:
-        from checkfree.schedule import build_schedule
+        from checkfree.stage.schedule import build_schedule
 
         self.engine, self.strategy, self.lr, self.data, self.seed = engine, strategy, lr, data, seed
         self.schedule = schedule or build_schedule(strategy.schedule_name, engine.n_stages)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psutil
 
-from checkfree.runlog import read_metrics
+from checkfree.run.runlog import read_metrics
 
 HELPERS = ("multiprocessing.forkserver", "multiprocessing.resource_tracker")
 """Helpers of the pytest process itself (started once, shared by the tests), never counted as strays."""

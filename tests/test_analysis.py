@@ -240,7 +240,7 @@ def test_notebook_runs_headless(sweep: Path, tmp_path: Path, monkeypatch: pytest
 def test_a_run_kept_in_git_loads_as_the_run_did(sweep: Path, tmp_path: Path) -> None:
     """An experiment's run directory keeps summary.json and metrics_kept.jsonl in git: a clone (no
     metrics.jsonl, no .hydra) loads to the same row, curve and failure marks as the run's full directory."""
-    from checkfree.runlog import KEPT_METRICS, keep_metrics, read_metrics, run_metrics
+    from checkfree.run.runlog import KEPT_METRICS, keep_metrics, read_metrics, run_metrics
 
     full = sweep / "0"  # checkfree seed 0: 3 validations, a stage lost at 99 s
     kept = keep_metrics(full)

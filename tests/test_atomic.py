@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 
-from checkfree.atomic import WriteError, torch_save_atomic, write_atomic, write_error
+from checkfree.storage.atomic import WriteError, torch_save_atomic, write_atomic, write_error
 
 
 class Stop(Exception):

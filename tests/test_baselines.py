@@ -14,10 +14,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from checkfree.model import build_stages
+from checkfree.model.llama import build_stages
+from checkfree.model.presets import preset, stage_param_counts
 from checkfree.pipeline import LocalEngine
 from checkfree.plan import SHADOW, Held
-from checkfree.presets import preset, stage_param_counts
 from checkfree.recovery import StrategyConfig, build_strategy
 from checkfree.recovery.base import UnrecoverableFailure
 from checkfree.recovery.checkpoint import CheckpointRollback
@@ -178,7 +178,7 @@ def test_a_damaged_latest_checkpoint_rolls_back_to_the_older_one(tmp_path, damag
     """The latest checkpoint cannot be read (torn, a flipped byte, a missing shard): the rollback falls back to
     the older one that keep retained, says so in the record and names the damaged file; with none readable it
     fails with one sentence."""
-    from checkfree.checkpoints import NoReadableCheckpoint
+    from checkfree.storage.checkpoints import NoReadableCheckpoint
 
     ctx = strategy_for(CheckpointRollback, tmp_path, every=2, keep=2)
     step(ctx)

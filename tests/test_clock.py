@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from checkfree.clock import Clock, priced_as
-from checkfree.paper_table2 import ITERATION_S as TABLE2_ITERATION_S
-from checkfree.presets import preset, stage_param_counts
-from checkfree.runlog import read_metrics
+from checkfree.model.presets import preset, stage_param_counts
+from checkfree.run.runlog import read_metrics
+from checkfree.simulation.clock import Clock, priced_as
+from checkfree.simulation.paper_table2 import ITERATION_S as TABLE2_ITERATION_S
 from checkfree.train import train
 from tests.processes import write_trace
 
@@ -183,7 +183,7 @@ def test_on_a_slow_link_the_paper_s_iteration_takes_as_long_as_its_activations_n
     assert slow.sub_iteration_s == pytest.approx(4 * act / 1.25e6) == pytest.approx(107.37, abs=0.01)
     assert slow.iteration_s == pytest.approx(20 * slow.sub_iteration_s)
     assert (slow.link_busy, slow.background_window(5)) == (1.0, 0.0)
-    from checkfree.cost import sustained_period
+    from checkfree.simulation.cost import sustained_period
 
     assert sustained_period(800.0, slow.background_window()) == 1
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from checkfree.model import build_stages
+from checkfree.model.llama import build_stages
+from checkfree.model.presets import preset
 from checkfree.pipeline import LocalEngine
-from checkfree.presets import preset
 from checkfree.recovery import StrategyConfig, build_strategy
 from tests.conftest import Driver, random_batches, small_run_dict
 
@@ -70,7 +70,7 @@ def test_compiled_stages_equal_eager_and_a_recovery_compiles_nothing(tmp_path):
 def test_trainer_compile_reaches_every_stage(data_cache):
     """trainer.compile=true from the config to each StageCompute (the local engine; the process engine hands
     it on in its WorkerSpec)."""
-    from checkfree.runconfig import load_run_config
+    from checkfree.run.runconfig import load_run_config
     from checkfree.train import build_engine
 
     def engine(**sections):

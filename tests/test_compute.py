@@ -1,12 +1,12 @@
-"""checkfree.compute: one stage's rules (loss scaling, clipping, a rebuild, held copies), in exact numbers."""
+"""checkfree.stage.compute: one stage's rules (loss scaling, clipping, a rebuild, held copies), in exact numbers."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from checkfree.compute import StageCompute, refresh_into
 from checkfree.plan import ZERO_DOWN_PROJ, Rebuild
+from checkfree.stage.compute import StageCompute, refresh_into
 
 
 def test_a_micro_batch_counts_one_over_m_and_a_fused_group_n_over_m(tiny_stages):

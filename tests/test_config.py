@@ -11,9 +11,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from checkfree.config import ConfigError
-from checkfree.preflight import SWEEP_POINTS_CHECKED, check_command_line
-from checkfree.runconfig import load_run_config
+from checkfree.run.config import ConfigError
+from checkfree.run.preflight import SWEEP_POINTS_CHECKED, check_command_line
+from checkfree.run.runconfig import load_run_config
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ["model", "data", "strategy", "failure", "network", "engine"]
@@ -242,7 +242,7 @@ BAD_INPUTS = [
     (["failure.stages=[1,1]"], r"^failure.stages=\[1, 1\] is invalid: allowed is each stage at most once\.$"),
     (["failure.stages=[]"], r"^failure.stages=\[\] is invalid: an empty list lets no stage fail"),
     (["engine.backend=nccl", "trainer.device=cpu"], r"^engine.backend='nccl' is invalid: NCCL runs on CUDA"),
-    # What the values point at on this machine (checkfree.preflight): paths, files, addresses, memory.
+    # What the values point at on this machine (checkfree.run.preflight): paths, files, addresses, memory.
     (["hydra.run.dir=''"], r"^hydra.run.dir='' is invalid: it is empty; allowed is a directory"),
     (["hydra.run.dir={dir}/example.json/run"], r"^hydra.run.dir=.* is invalid: .*example.json is a file, not a dir"),
     (["data.cache_dir=/proc/checkfree-cache"], r"^data.cache_dir='/proc/checkfree-cache' is invalid: /proc is on a "
@@ -347,7 +347,7 @@ def test_bad_input_gives_one_clear_sentence(overrides, message, trace_dir, busy_
 
 def test_cuda_without_a_driver_is_refused_without_torch(monkeypatch):
     """On a machine without a GPU driver (this one, in CI) trainer.device=cuda is refused up front."""
-    from checkfree.preflight import no_cuda_reason
+    from checkfree.run.preflight import no_cuda_reason
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     if no_cuda_reason() is None:
@@ -358,7 +358,7 @@ def test_cuda_without_a_driver_is_refused_without_torch(monkeypatch):
 
 
 def load_run_config_and_machine(*overrides: str):
-    from checkfree.preflight import check_machine
+    from checkfree.run.preflight import check_machine
 
     run = load_run_config(composed(*overrides))
     check_machine(run)
@@ -427,7 +427,7 @@ def test_validating_a_config_imports_no_tensor_library():
 
     code = ("import sys, checkfree.train\n"
             "from hydra import compose, initialize_config_dir\n"
-            "from checkfree.runconfig import load_run_config\n"
+            "from checkfree.run.runconfig import load_run_config\n"
             f"with initialize_config_dir(config_dir={str(CONF)!r}, version_base='1.3'):\n"
             "    load_run_config(compose(config_name='config'))\n"
             "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))\n")
@@ -439,7 +439,7 @@ def test_validating_a_config_imports_no_tensor_library():
 def test_a_pretrained_tokenizers_size_is_checked_once_it_is_loaded():
     """Before loading, only a BPE's size is known (data.vocab_size, special tokens included); a pretrained
     tokenizer's is checked by build_run right after loading it (a ConfigError: exit 2, files taken back)."""
-    from checkfree.runconfig import check_vocab
+    from checkfree.run.runconfig import check_vocab
 
     run = load_run_config(composed("data.tokenizer=gpt2", "model.vocab_size=32000"))
     with pytest.raises(ConfigError, match=r"^model.vocab_size=32000 is invalid: the vocabulary comes from the "

@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from checkfree.recovery import StrategyConfig, build_strategy
-from checkfree.runlog import deterministic_view, read_metrics
+from checkfree.run.runlog import deterministic_view, read_metrics
 from tests.conftest import captured_run
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"

@@ -10,26 +10,28 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from checkfree.config import ConfigError
-from checkfree.cost import (
-    DEVICES,
-    GEO_LOCATIONS,
-    GEO_TABLE,
+from checkfree.model.presets import PRESETS, ModelConfig
+from checkfree.run.config import ConfigError
+from checkfree.simulation.cost import (
     CostModel,
-    Link,
-    NetworkConfig,
     StepOverhead,
     activation_bytes,
     compute_seconds,
     gpipe_seconds,
-    measure_flops,
     one_f_one_b_seconds,
     p2p_seconds,
     ring_allreduce_seconds,
+)
+from checkfree.simulation.networks import (
+    DEVICES,
+    GEO_LOCATIONS,
+    GEO_TABLE,
+    Link,
+    NetworkConfig,
+    measure_flops,
     stage_link,
     validate_network_config,
 )
-from checkfree.presets import PRESETS, ModelConfig
 
 GiB = 1024**3
 CONF = Path(__file__).resolve().parents[1] / "conf" / "network"

@@ -18,13 +18,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from checkfree.data import load_corpus
-from checkfree.hf_export import held_out_loss
-from checkfree.model import build_stages, load_causal_lm_weights
+from checkfree.data.loading import load_corpus
+from checkfree.model.hf_export import held_out_loss
+from checkfree.model.llama import build_stages, load_causal_lm_weights
 from checkfree.pipeline import LocalEngine
-from checkfree.routes import route
-from checkfree.runconfig import load_run_config
-from checkfree.runlog import read_metrics
+from checkfree.run.runconfig import load_run_config
+from checkfree.run.runlog import read_metrics
+from checkfree.stage.routes import route
 from checkfree.train import build_run
 from tests.conftest import Hooked, hooked_run, pipeline_logits, small_run_dict
 from tests.processes import losses
@@ -112,7 +112,7 @@ def test_stages_on_cuda_equal_unsplit_llama(tiny_cfg, precision):
 
 def test_bf16_training_precision_keeps_the_head_in_fp32(tiny_cfg):
     """trainer.precision=bf16 on the GPU: bodies under bf16 autocast, the head and the logits in fp32 (the rule
-    of checkfree.compute). Against the fp32 chain: bf16 keeps 8 significant bits, four blocks of it move the
+    of checkfree.stage.compute). Against the fp32 chain: bf16 keeps 8 significant bits, four blocks of it move the
     logits by a few 1e-3 of their range; 5e-2 of it is a loose bound that still catches a wrong scale."""
     stages = build_stages(tiny_cfg, seed=1, device=DEVICE)
     fp32, bf16 = (LocalEngine(copy.deepcopy(stages), lr=0.0, autocast_dtype=dtype) for dtype in (None, torch.bfloat16))

@@ -1,4 +1,4 @@
-"""Tests for checkfree.data: synthetic stories, disjoint splits, EOS packing, resumable batches, caches, loaders."""
+"""Tests for checkfree.data.loading: synthetic stories, disjoint splits, EOS packing, resumable batches, caches, loaders."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-from checkfree.config import ConfigError
-from checkfree.corpora import CORPORA, DataConfig, validate_data_config
-from checkfree.data import (
+from checkfree.data.corpora import CORPORA, DataConfig, validate_data_config
+from checkfree.data.loading import (
     TokenBatches,
     load_corpus,
     load_documents,
@@ -22,7 +21,8 @@ from checkfree.data import (
     pack_documents,
     split_documents,
 )
-from checkfree.stories import BOYS, COLOURS, GIRLS, OBJECTS, PET_KINDS, PET_NAMES, PETS, generate_stories
+from checkfree.data.stories import BOYS, COLOURS, GIRLS, OBJECTS, PET_KINDS, PET_NAMES, PETS, generate_stories
+from checkfree.run.config import ConfigError
 
 SEQ_LEN = 32
 

@@ -13,12 +13,12 @@ import pytest
 
 from checkfree.analysis import load_run
 from checkfree.analysis import main as analysis_main
-from checkfree.config import ConfigError
-from checkfree.export_paths import ExportError, clear_stale_exports
-from checkfree.hf_export import _torch_load
-from checkfree.preflight import check_command_line
-from checkfree.runconfig import load_run_config
-from checkfree.rundir import LOCK_FILE, is_held, read_status, refuse_saved_state
+from checkfree.model.hf_export import _torch_load
+from checkfree.run.config import ConfigError
+from checkfree.run.preflight import check_command_line
+from checkfree.run.runconfig import load_run_config
+from checkfree.run.rundir import LOCK_FILE, is_held, read_status, refuse_saved_state
+from checkfree.storage.export_paths import ExportError, clear_stale_exports
 from checkfree.train import train
 
 from .conftest import small_run_dict
@@ -140,7 +140,7 @@ def test_a_run_that_cannot_start_leaves_a_summary_that_says_why(data_cache, tmp_
 def test_a_disk_too_full_to_start_is_refused_up_front(data_cache, tmpfs):
     """A file system with less room than a run's start (its summary reserve first) refuses the run with one
     sentence saying how much it needs; nothing is written there."""
-    from checkfree.preflight import START_BYTES
+    from checkfree.run.preflight import START_BYTES
 
     disk = tmpfs("256k")
     with pytest.raises(ConfigError, match=rf"^hydra.run.dir='{disk}/run' is invalid: its file system has [\d,]+ bytes "

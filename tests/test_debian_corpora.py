@@ -1,4 +1,4 @@
-"""Tests for checkfree.debian_corpora: the fortunes and pydocs readers, their config checks, and loading them.
+"""Tests for checkfree.data.debian: the fortunes and pydocs readers, their config checks, and loading them.
 
 Every file is written into tmp_path: CI has neither the fortunes nor the python3.11-doc package.
 """
@@ -13,10 +13,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from checkfree.config import ConfigError
-from checkfree.corpora import DataConfig, check_data_files, validate_data_config
-from checkfree.data import load_corpus, load_documents, load_tokenizer, pack_documents, split_documents
-from checkfree.debian_corpora import (
+from checkfree.data.corpora import DataConfig, check_data_files, validate_data_config
+from checkfree.data.debian import (
     DEBIAN_CORPORA,
     cookie_files,
     read_fortunes,
@@ -25,7 +23,15 @@ from checkfree.debian_corpora import (
     split_cookies,
     split_sections,
 )
-from checkfree.runconfig import load_run_config
+from checkfree.data.loading import (
+    load_corpus,
+    load_documents,
+    load_tokenizer,
+    pack_documents,
+    split_documents,
+)
+from checkfree.run.config import ConfigError
+from checkfree.run.runconfig import load_run_config
 from tests.conftest import small_run_dict
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -25,9 +25,9 @@ import torch
 from checkfree.distributed.programs import gpipe_program, host_program, one_f_one_b_program, stage_program
 from checkfree.distributed.rendezvous import RendezvousError
 from checkfree.recovery.base import UnrecoverableFailure
-from checkfree.routes import route
-from checkfree.runlog import deterministic_view, read_metrics
-from checkfree.schedule import InOrder, OutOfOrder
+from checkfree.run.runlog import deterministic_view, read_metrics
+from checkfree.stage.routes import route
+from checkfree.stage.schedule import InOrder, OutOfOrder
 from checkfree.train import build_run, train
 from tests.conftest import captured_run, hooked_run
 from tests.processes import (
@@ -161,7 +161,7 @@ def test_data_parallel_replicas_match_local(small_run, tmp_path):
 @pytest.fixture(scope="module")
 def stage2_at_5(tmp_path_factory, data_cache):
     """The local engine with a trace event killing stage 2 at iteration 5: losses and recovered weights."""
-    from checkfree.runconfig import load_run_config
+    from checkfree.run.runconfig import load_run_config
     from tests.conftest import small_run_dict
 
     root = tmp_path_factory.mktemp("stage2_at_5")
@@ -174,7 +174,7 @@ def stage2_at_5(tmp_path_factory, data_cache):
 
 
 def test_trace_failure_replaces_the_process_and_recovers_like_local(stage2_at_5, tmp_path):
-    from checkfree.runconfig import load_run_config
+    from checkfree.run.runconfig import load_run_config
     from tests.conftest import small_run_dict
 
     cfg = load_run_config(small_run_dict(stage2_at_5["data_cache"], **stage2_at_5["sections"], engine=DIST))
@@ -231,7 +231,7 @@ def test_sigkill_mid_iteration_discards_and_redoes_it(stage2_at_5, tmp_path):
     process, which is blocked receiving from stage 1. The iteration is discarded, stage 2 is rebuilt from the
     norms of iteration 4 and the iteration redone: the result is the trace run's, where stage 2 died just
     before."""
-    from checkfree.runconfig import load_run_config
+    from checkfree.run.runconfig import load_run_config
     from tests.conftest import small_run_dict
 
     sections = {"trainer": stage2_at_5["sections"]["trainer"], "engine": DIST}
@@ -463,7 +463,7 @@ def test_a_stage_lost_while_the_state_is_saved_is_recovered_and_the_save_redone(
     (``get_state``). The loss is recovered like one at the start of iteration 4 and the save redone; the state
     saved before stays whole meanwhile. The run ends with the losses, weights, optimizer states and held copies
     of a local run whose trace fails stage 2 at iteration 4, bit for bit."""
-    from checkfree.resume import load_state
+    from checkfree.run.resume import load_state
 
     trace = write_trace(tmp_path / "trace.json", [{"iteration": 4, "stage": 2}])
     sections = {"trainer": {"iterations": 6, "eval_every": 3, "save_every": 1}}

@@ -12,21 +12,21 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from checkfree.corpora import DataConfig
-from checkfree.data import load_corpus
+from checkfree.data.corpora import DataConfig
+from checkfree.data.loading import load_corpus
 from checkfree.export import main
-from checkfree.export_paths import ExportError, latest_checkpoint
-from checkfree.hf_export import (
+from checkfree.model.hf_export import (
     export_model,
     held_out_loss,
     read_checkpoint_stages,
     sample,
     to_causal_lm_state,
 )
-from checkfree.model import build_stages, load_causal_lm_weights
+from checkfree.model.llama import build_stages, load_causal_lm_weights
+from checkfree.model.presets import preset
 from checkfree.pipeline import LocalEngine
-from checkfree.presets import preset
-from checkfree.schedule import OutOfOrder, swapped_order
+from checkfree.stage.schedule import OutOfOrder, swapped_order
+from checkfree.storage.export_paths import ExportError, latest_checkpoint
 from tests.conftest import pipeline_logits, small_run_dict
 
 SENTENCE = "Once upon a time, a little fox found a red ball in the garden."
@@ -159,7 +159,7 @@ def test_export_replaces_an_earlier_export_and_nothing_else(trained, corpus, tmp
 @pytest.fixture(scope="module")
 def run_dir(data_cache, tmp_path_factory):
     """A real tiny run that saved its resume state (trainer.save_every=1)."""
-    from checkfree.runconfig import load_run_config
+    from checkfree.run.runconfig import load_run_config
     from checkfree.train import train
 
     run = tmp_path_factory.mktemp("runs") / "run"

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from omegaconf import ListConfig, OmegaConf
 
-from checkfree.config import ConfigError
 from checkfree.failure_models import build_failure_model, failing_stages, validate_failure_config
 from checkfree.failure_models.base import FailureConfig, FailureEvent
 from checkfree.failure_models.bernoulli import BERNOULLI_PRESETS
 from checkfree.failure_models.trace_files import read_trace
+from checkfree.run.config import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "failure"
 S = 6
@@ -230,7 +230,7 @@ def test_losses_far_apart_within_one_iteration_are_separate_incidents(tmp_path):
     pipeline; a stage hit again strikes again (its replacement), and an arrival during a recovery strikes
     when the recovery ends."""
     from checkfree.failure_models.base import FailureConfig
-    from checkfree.failures import FailureDraws
+    from checkfree.simulation.failures import FailureDraws
 
     trace = tmp_path / "t.json"
     trace.write_text(json.dumps([{"time_s": 50.0, "stage": 1}, {"time_s": 75.0, "stage": 2},

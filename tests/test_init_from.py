@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from checkfree.config import ConfigError
+from checkfree.run.config import ConfigError
 from checkfree.train import build_run, train
 from tests.conftest import pipeline_logits
 from tests.test_distributed import assert_no_strays
@@ -19,7 +19,7 @@ SIX = {"n_stages": 6, "layers_per_stage": 1}
 @pytest.fixture(scope="module")
 def six_by_one(tmp_path_factory, data_cache):
     """A 6 x 1 run trained 3 iterations and exported (its run directory)."""
-    from checkfree.runconfig import load_run_config
+    from checkfree.run.runconfig import load_run_config
     from tests.conftest import small_run_dict
 
     run_dir = tmp_path_factory.mktemp("six") / "run"

@@ -1,11 +1,11 @@
-"""The time ledger (``checkfree.ledger.Work``) on hand-made times: what an interruption throws away, what a
+"""The time ledger (``checkfree.simulation.ledger.Work``) on hand-made times: what an interruption throws away, what a
 rollback does, where a node's arrival stops the work, and what a new placement's price does to kept work."""
 
 from __future__ import annotations
 
 import pytest
 
-from checkfree.ledger import Work
+from checkfree.simulation.ledger import Work
 
 
 def test_work_uninterrupted_is_its_price():

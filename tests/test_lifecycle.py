@@ -6,7 +6,7 @@ import json
 from types import SimpleNamespace
 
 from checkfree.lifecycle import DIVERGED_FACTOR, Run
-from checkfree.runlog import read_metrics
+from checkfree.run.runlog import read_metrics
 
 
 def test_divergence_is_a_warning_with_the_losses_and_the_lr(tmp_path, capsys):
@@ -46,8 +46,8 @@ def test_a_run_saves_at_boundaries_and_counts_what_happened(small_run, tmp_path)
 def test_a_resume_in_another_environment_is_a_warning_that_names_both(small_run, tmp_path):
     import torch
 
-    from checkfree.provenance import label
-    from checkfree.resume import state_path
+    from checkfree.run.provenance import label
+    from checkfree.run.resume import state_path
     from checkfree.train import build_run
 
     first = build_run(small_run(trainer={"iterations": 3, "eval_every": 3, "save_every": 1}), tmp_path / "run")

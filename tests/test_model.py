@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from checkfree.model import build_stages, hf_key_to_stage, load_causal_lm_weights, stage_to_hf_key
-from checkfree.presets import PRESETS, param_count, preset, stage_param_counts
+from checkfree.model.llama import build_stages, hf_key_to_stage, load_causal_lm_weights, stage_to_hf_key
+from checkfree.model.presets import PRESETS, param_count, preset, stage_param_counts
 from tests.conftest import pipeline_logits
 
 
@@ -90,7 +90,7 @@ def test_paper_preset_counts_by_hand():
 def test_meta_device_stages_build_without_memory():
     cfg = PRESETS["llama_1_5b"]
     with torch.device("meta"):
-        from checkfree.model import Stage
+        from checkfree.model.llama import Stage
 
         stages = [Stage(cfg, i) for i in range(cfg.n_stages)]
     assert sum(p.numel() for s in stages for p in s.parameters()) == param_count(cfg)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from checkfree.recovery import STRATEGIES
-from checkfree.runlog import deterministic_view, read_metrics
+from checkfree.run.runlog import deterministic_view, read_metrics
 from checkfree.train import train
 from tests.conftest import hooked_run
 

@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from checkfree.compute import causal_lm_loss
-from checkfree.model import build_stages
+from checkfree.model.llama import build_stages
 from checkfree.pipeline import LocalEngine
-from checkfree.schedule import InOrder, OutOfOrder, build_schedule, swapped_order
+from checkfree.stage.compute import causal_lm_loss
+from checkfree.stage.schedule import InOrder, OutOfOrder, build_schedule, swapped_order
 from tests.conftest import random_batches
 
 

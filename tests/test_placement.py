@@ -1,5 +1,5 @@
-"""Placement of logical stages on hosts, replacement arrivals, and the wait / shrink policies (checkfree.placement,
-checkfree.replacements, checkfree.elastic): the rule on hand-made live sets, the re-priced clock against a hand
+"""Placement of logical stages on hosts, replacement arrivals, and the wait / shrink policies (checkfree.simulation.placement,
+checkfree.simulation.replacements, checkfree.simulation.elastic): the rule on hand-made live sets, the re-priced clock against a hand
 computation, and whole runs whose losses stay bitwise those of the run with immediate replacements."""
 
 from __future__ import annotations
@@ -9,13 +9,14 @@ import math
 
 import pytest
 
-from checkfree.config import ConfigError
-from checkfree.cost import compute_seconds, p2p_seconds, stage_link
-from checkfree.elastic import Hosts, NoHostsLeft
-from checkfree.placement import Placement
-from checkfree.replacements import Replacements
-from checkfree.routes import in_order, route
-from checkfree.runlog import deterministic_view, read_metrics
+from checkfree.run.config import ConfigError
+from checkfree.run.runlog import deterministic_view, read_metrics
+from checkfree.simulation.cost import compute_seconds, p2p_seconds
+from checkfree.simulation.elastic import Hosts, NoHostsLeft
+from checkfree.simulation.networks import stage_link
+from checkfree.simulation.placement import Placement
+from checkfree.simulation.replacements import Replacements
+from checkfree.stage.routes import in_order, route
 from checkfree.train import train
 from tests.processes import losses, write_trace
 
@@ -119,8 +120,8 @@ def test_shrink_places_lost_nodes_on_neighbours_and_waits_below_the_floor():
 
 
 def test_the_clock_reprices_a_placement_as_computed_by_hand(small_run):
-    from checkfree.clock import Clock
     from checkfree.recovery import build_strategy
+    from checkfree.simulation.clock import Clock
 
     cfg = small_run(network={"name": "single_cluster", "latency_s": 0.0, "bandwidth_Bps": 1e30},
                     trainer={"micro_batches": 8})
@@ -227,8 +228,8 @@ def test_shrink_keeps_training_on_a_neighbour_reprices_and_moves_the_stage_back(
     assert shrunk_at and shrunk_at[0] == 2 and hosts[-1] == [0, 1, 2, 3] and shrunk["min_live_hosts"] == 3
     moved = [m for m in metrics if m["moves"]]
     assert [m["moves"] for m in moved] == [[{"stage": 2, "from": 1, "to": 2}]]
-    from checkfree.clock import Clock
     from checkfree.recovery import build_strategy
+    from checkfree.simulation.clock import Clock
 
     cfg = small_run(failure={"name": "none"})
     clock = Clock(cfg, cfg.model, build_strategy(cfg.strategy, 4))

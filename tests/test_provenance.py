@@ -1,4 +1,4 @@
-"""checkfree.provenance: a summary says which libraries and which tokens made its numbers."""
+"""checkfree.run.provenance: a summary says which libraries and which tokens made its numbers."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from importlib import metadata
 
 import torch
 
-from checkfree.data import TokenBatches
-from checkfree.provenance import PACKAGES, describe, environment, tokens_sha256, versions
+from checkfree.data.loading import TokenBatches
+from checkfree.run.provenance import PACKAGES, describe, environment, tokens_sha256, versions
 
 
 def test_the_training_digest_is_sha256_of_the_packed_rows_and_changes_with_one_token():
@@ -72,8 +72,8 @@ def test_a_package_without_metadata_is_unknown_not_an_error(monkeypatch):
 def test_a_debian_corpus_records_its_package_versions_and_names_another_one():
     """The committed pydocs results were made with python3.11-doc 3.11.2-6+deb12u8; its security update gives
     other tokens, and a run on it says so, naming both and the apt line that installs the committed one."""
-    from checkfree.corpora import NOT_INSTALLED, corpus_packages, installed_versions
-    from checkfree.provenance import version_warning
+    from checkfree.data.corpora import NOT_INSTALLED, corpus_packages, installed_versions
+    from checkfree.run.provenance import version_warning
 
     if shutil.which("dpkg-query"):
         dpkg = installed_versions(("dpkg", "checkfree-no-such-package"))

@@ -29,13 +29,13 @@ from safetensors.torch import load_file
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 ray = pytest.importorskip("ray", reason="the Ray launcher needs Ray: pip install 'checkfree[ray]'")
 
-from checkfree.config import RayConfig  # noqa: E402
 from checkfree.distributed import messages as msg  # noqa: E402
 from checkfree.distributed.pool import WorkersDied  # noqa: E402
 from checkfree.distributed.ray_pool import RayLaunchError, RayPool  # noqa: E402
 from checkfree.distributed.worker import WorkerSpec  # noqa: E402
-from checkfree.presets import preset  # noqa: E402
-from checkfree.runlog import deterministic_view, read_metrics  # noqa: E402
+from checkfree.model.presets import preset  # noqa: E402
+from checkfree.run.config import RayConfig  # noqa: E402
+from checkfree.run.runlog import deterministic_view, read_metrics  # noqa: E402
 from checkfree.train import train  # noqa: E402
 from tests.conftest import hooked_run  # noqa: E402
 from tests.processes import (  # noqa: E402

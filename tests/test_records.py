@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from checkfree.plan import RecoveryReport
-from checkfree.records import IterationRecord
+from checkfree.run.records import IterationRecord
 
 
 def report(stage: int) -> RecoveryReport:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from checkfree.averaging import weighted_state
-from checkfree.model import build_stages
+from checkfree.model.llama import build_stages
 from checkfree.pipeline import LocalEngine
 from checkfree.recovery import STRATEGIES, StrategyConfig, UnrecoverableFailure, build_strategy
 from checkfree.recovery.rules import interpolation_weights, nearest_survivors, norm_weight
+from checkfree.stage.averaging import weighted_state
 from tests.conftest import Driver, random_batches
 
 
@@ -170,7 +170,7 @@ def test_edge_rule_copy_copies_the_one_neighbour_and_restores_the_replica(tiny_c
 
 
 def test_checkfree_plus_copies_swap_partners_and_restores_replicas(tiny_cfg, drive):
-    from checkfree.schedule import OutOfOrder
+    from checkfree.stage.schedule import OutOfOrder
 
     cfg = five(tiny_cfg)
     pipe, driver = drive(cfg, StrategyConfig(name="checkfree_plus", replica_sync_every=2))  # synced at progress 2
@@ -245,7 +245,7 @@ def test_strategies_import_no_tensor_code():
     code = ("import sys, checkfree.recovery as r\n"
             "[r.strategy_class(n) for n in r.STRATEGIES]\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'numpy')"
-            " or m.startswith(('checkfree.pipeline', 'checkfree.distributed', 'checkfree.compute'))))")
+            " or m.startswith(('checkfree.pipeline', 'checkfree.distributed', 'checkfree.stage.compute'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -258,7 +258,7 @@ def test_registry_covers_every_strategy_yaml():
 
 
 def test_checkfree_plus_needs_four_stages():
-    from checkfree.config import ConfigError
+    from checkfree.run.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"model.n_stages=3 .*checkfree_plus.*at least 4"):
         build_strategy(StrategyConfig(name="checkfree_plus"), 3)

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkfree.config import ConfigError
-from checkfree.guard import NonFiniteError
-from checkfree.runconfig import load_run_config
-from checkfree.runlog import deterministic_view as strip
-from checkfree.runlog import read_metrics
+from checkfree.run.config import ConfigError
+from checkfree.run.runconfig import load_run_config
+from checkfree.run.runlog import deterministic_view as strip
+from checkfree.run.runlog import read_metrics
+from checkfree.stage.guard import NonFiniteError
 from checkfree.train import build_run, train
 from tests.processes import write_trace
 
@@ -242,7 +242,7 @@ def test_a_loss_inside_a_step_right_after_a_save_redoes_it_on_the_same_batches_o
 
 
 def test_truncate_metrics_keeps_one_whole_record_per_saved_iteration(tmp_path):
-    from checkfree.resume import truncate_metrics
+    from checkfree.run.resume import truncate_metrics
 
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"iteration": i}) for i in (0, 1, 2, 3, 2, 3, 4)] + ['{"iteration": 5, "tra']
@@ -292,7 +292,7 @@ def test_a_nonfinite_loss_with_finite_weights_names_the_stage_it_came_from(small
 
 def test_skip_nonfinite_leaves_every_stage_untouched(tiny_stages):
     from checkfree.pipeline import LocalEngine
-    from checkfree.schedule import InOrder
+    from checkfree.stage.schedule import InOrder
 
     from .conftest import random_batches
 
@@ -559,10 +559,10 @@ def test_a_failing_sweep_point_does_not_stop_the_others_and_analysis_reports_it(
 # --- short soak ------------------------------------------------------------------------------------------
 
 def test_short_soak_every_strategy_survives_a_brutal_failure_rate(data_cache, tmp_path):
-    """The soak of benchmarks/soak.py (its invariants are checkfree.audit's) on the tiny model: 40 iterations at p=0.15 per stage per iteration
+    """The soak of benchmarks/soak.py (its invariants are checkfree.run.audit's) on the tiny model: 40 iterations at p=0.15 per stage per iteration
     on every stage (edges included), so each strategy meets simultaneous and adjacent losses."""
-    from checkfree.audit import check_run
     from checkfree.recovery import STRATEGIES
+    from checkfree.run.audit import check_run
 
     for strategy in (name for name in STRATEGIES if name != "none"):  # every registered strategy
         # What each needs to survive every kind of loss: fresh weights where it cannot rebuild.

@@ -1,8 +1,8 @@
-"""checkfree.routes: a micro-batch's visits, in order and swapped, and which stage an op's output is charged to."""
+"""checkfree.stage.routes: a micro-batch's visits, in order and swapped, and which stage an op's output is charged to."""
 
 from __future__ import annotations
 
-from checkfree.routes import BODY, EMBED, HEAD, Visit, blame, in_order, route
+from checkfree.stage.routes import BODY, EMBED, HEAD, Visit, blame, in_order, route
 
 
 def test_in_order_route_is_one_visit_per_stage():

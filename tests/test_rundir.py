@@ -1,4 +1,4 @@
-"""One run per run directory (checkfree/rundir.py): the lock, the refusals, and the real CLI's exit 2."""
+"""One run per run directory (checkfree/run/rundir.py): the lock, the refusals, and the real CLI's exit 2."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from checkfree.config import ConfigError
-from checkfree.rundir import LOCK_FILE, check_creatable, check_free, owned
+from checkfree.run.config import ConfigError
+from checkfree.run.rundir import LOCK_FILE, check_creatable, check_free, owned
 
 from .test_reliability import cli, finish, tiny_overrides
 
@@ -40,7 +40,7 @@ def test_a_second_run_is_refused_while_the_first_holds_the_directory(tmp_path):
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from checkfree.rundir import owned
+    from checkfree.run.rundir import owned
     with owned(sys.argv[1], resume=False):
         print("held", flush=True)
         time.sleep(120)
@@ -102,7 +102,7 @@ def test_a_file_or_an_unwritable_place_is_a_config_error_not_a_traceback(tmp_pat
 
 
 def test_the_command_line_checks_a_run_directory_without_creating_or_holding_it(tmp_path, tmpfs):
-    """What ``python -m checkfree.train`` checks before Hydra writes anything (checkfree.preflight)."""
+    """What ``python -m checkfree.train`` checks before Hydra writes anything (checkfree.run.preflight)."""
     target = tmp_path / "a" / "b"
     assert check_creatable(target, "hydra.run.dir") == target and not (tmp_path / "a").exists()
     with pytest.raises(ConfigError, match=r"^data.cache_dir='' is invalid: it is empty; allowed is a directory"):

@@ -1,4 +1,4 @@
-"""A full disk (checkfree/runlog.py): metrics lines stay whole, summary.json still says "error" and why.
+"""A full disk (checkfree/run/runlog.py): metrics lines stay whole, summary.json still says "error" and why.
 
 Each case runs twice where it can: on a real tmpfs that fills up (skipped where mounting is not
 allowed), and with ``os.write`` patched to take half a line and then fail with ENOSPC (everywhere).
@@ -17,9 +17,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from checkfree import runlog
-from checkfree.atomic import WriteError
-from checkfree.runlog import RESERVE_FILE, RunLog
+from checkfree.run import runlog
+from checkfree.run.runlog import RESERVE_FILE, RunLog
+from checkfree.storage.atomic import WriteError
 from checkfree.train import train
 
 from .test_reliability import cli, finish, strict_metrics, tiny_overrides

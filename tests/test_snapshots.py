@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from checkfree.cost import CostModel, NetworkConfig
+from checkfree.model.presets import preset
 from checkfree.plan import (
     HOST_SNAPSHOT,
     REPLICA,
@@ -19,9 +19,10 @@ from checkfree.plan import (
     Traffic,
     sent_into,
 )
-from checkfree.presets import preset
 from checkfree.recovery import StrategyConfig
-from checkfree.runlog import read_metrics
+from checkfree.run.runlog import read_metrics
+from checkfree.simulation.cost import CostModel
+from checkfree.simulation.networks import NetworkConfig
 from checkfree.train import train
 from tests.test_baselines import S, assert_equal_state, make_ctx, shard_bytes, snapshot, step
 
@@ -202,7 +203,7 @@ def test_an_asynchronous_checkpoint_is_written_off_the_step(tmp_path, monkeypatc
     checkpoint is still unpublished; released, the writer publishes it whole."""
     import threading
 
-    from checkfree import checkpoints
+    from checkfree.storage import checkpoints
 
     release, real_save = threading.Event(), checkpoints.save_file
 
@@ -315,7 +316,7 @@ def test_async_checkpoint_through_the_trainer_falls_back_while_a_flush_is_under_
 
 
 def test_every_auto_is_the_smallest_period_the_bandwidth_sustains(small_run, tmp_path):
-    from checkfree.cost import sustained_period
+    from checkfree.simulation.cost import sustained_period
     from checkfree.trainer import RunParts
 
     # CheckFreq's rule on hand-made numbers: a 25 s flush over 10 s iterations needs a period of 3.
@@ -342,9 +343,9 @@ def test_every_auto_is_the_smallest_period_the_bandwidth_sustains(small_run, tmp
 def test_on_the_paper_clock_memory_checkpoint_pays_for_its_storage_saves(small_run, tmp_path):
     """The paper's checkpointing time includes its saves; memory_checkpoint is priced at CheckFree's, so its
     synchronous fall-back saves to storage are charged on top (and a checkpoint strategy's are not)."""
-    from checkfree.checkpoints import load_file
-    from checkfree.clock import Clock
     from checkfree.recovery import build_strategy
+    from checkfree.simulation.clock import Clock
+    from checkfree.storage.checkpoints import load_file
 
     cfg = small_run(strategy={"name": "memory_checkpoint", "every": 5, "storage_every": 2},
                     trainer={"iterations": 5, "eval_every": 5, "clock": "paper_table2", "paper_T": 500})

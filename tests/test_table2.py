@@ -10,10 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from checkfree import table2
-from checkfree.paper_table2 import ITERATION_S as TABLE2_ITERATION_S
-from checkfree.paper_table2 import RECOVERY_S as PAPER_RECOVERY_S
-from checkfree.paper_table2 import iteration_seconds as table2_iteration_seconds
+from checkfree.reports import table2
+from checkfree.simulation.paper_table2 import ITERATION_S as TABLE2_ITERATION_S
+from checkfree.simulation.paper_table2 import RECOVERY_S as PAPER_RECOVERY_S
+from checkfree.simulation.paper_table2 import iteration_seconds as table2_iteration_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -238,7 +238,7 @@ def test_every_strategy_but_redundant_computation_is_paired_with_it_by_seed(tmp_
 def test_a_report_written_mid_sweep_leaves_out_the_runs_still_under_way_and_says_how_many(tmp_path):
     """A run under way (its process holds run.lock; iterations 0 when it has just started) is not a seed's
     result yet; the same summary with nobody holding the lock is a killed run, which counts as not reached."""
-    from checkfree.rundir import owned
+    from checkfree.run.rundir import owned
 
     for seed, hours in enumerate((200.0, 220.0)):
         fake_run(tmp_path, "checkfree", 0.16, seed, hours, 150, [10.0])

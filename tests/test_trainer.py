@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from checkfree.runlog import deterministic_view as strip
-from checkfree.runlog import read_metrics
+from checkfree.run.runlog import deterministic_view as strip
+from checkfree.run.runlog import read_metrics
 from checkfree.train import train
 from tests.processes import write_trace
 
@@ -167,8 +167,8 @@ def test_a_diverging_run_says_so_and_best_counts_the_initial_evaluation(small_ru
 
 def test_the_exported_model_has_the_runs_final_validation_loss(small_run, data_cache, tmp_path):
     """AutoModelForCausalLM.from_pretrained(run_dir / "model") computes what the pipeline computed."""
-    from checkfree.data import load_corpus
-    from checkfree.hf_export import held_out_loss
+    from checkfree.data.loading import load_corpus
+    from checkfree.model.hf_export import held_out_loss
 
     cfg = small_run(strategy={"name": "checkfree_plus"})
     summary = train(cfg, tmp_path / "run")

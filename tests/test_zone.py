@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from checkfree.config import ConfigError
 from checkfree.failure_models import build_failure_model, validate_failure_config
 from checkfree.failure_models.base import FailureConfig
-from checkfree.failures import FailureDraws
-from checkfree.runlog import deterministic_view, read_metrics
+from checkfree.run.config import ConfigError
+from checkfree.run.runlog import deterministic_view, read_metrics
+from checkfree.simulation.failures import FailureDraws
 from checkfree.train import train
 
 

@@ -1,6 +1,6 @@
 """Point to point between logical stages, whichever processes run them.
 
-A worker runs one logical stage, or several after a shrink (``checkfree.placement``). What one stage sends
+A worker runs one logical stage, or several after a shrink (``checkfree.simulation.placement``). What one stage sends
 another goes over the process group when another process runs the receiver, and is handed over in memory
 when this process runs both: the same call either way, so a program, a recovery or a refresh is written once
 in terms of stages. A hand-over is a copy taken when it is sent (as a send reads its buffer then), so a later
@@ -20,9 +20,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from checkfree.checkpoints import nbytes
-from checkfree.compute import clone_state
 from checkfree.distributed.transfer import Pending, isend_state, recv_state
+from checkfree.stage.compute import clone_state
+from checkfree.storage.checkpoints import nbytes
 
 
 class Courier:

@@ -34,18 +34,18 @@ from typing import Any
 
 import torch
 
-from checkfree.checkpoints import CheckpointStore, DamagedCheckpoint
-from checkfree.compute import StepResult
-from checkfree.config import EngineConfig
 from checkfree.distributed import messages as msg
 from checkfree.distributed.launchers import make_pool
 from checkfree.distributed.pool import WorkerError, WorkerPool, WorkersDied, raise_errors
 from checkfree.distributed.programs import replica_micro_batches
 from checkfree.distributed.worker import WorkerSpec, from_bytes, rank_of, to_bytes
 from checkfree.engine import Outcome, StagesLost
-from checkfree.placement import Placement
 from checkfree.plan import Held, RecoveryPlan, Traffic, Upkeep, rebuild_report, rollback_reports, sent_into
-from checkfree.schedule import Schedule
+from checkfree.run.config import EngineConfig
+from checkfree.simulation.placement import Placement
+from checkfree.stage.compute import StepResult
+from checkfree.stage.schedule import Schedule
+from checkfree.storage.checkpoints import CheckpointStore, DamagedCheckpoint
 
 REPLACE_ATTEMPTS = 5
 """Losses in a row while a saved state is set (on resume) before the run gives up."""
@@ -68,7 +68,7 @@ class ProcessEngine:
         """When the first attempt of the recovery under way began (a cascade re-plans and executes again)."""
         self.attempts = 0
         self.running = Placement.home(self.n_stages)
-        """Where the processes run the stages now (``checkfree.placement``)."""
+        """Where the processes run the stages now (``checkfree.simulation.placement``)."""
         self.placement = self.running
         """Where the trainer wants them (``place``); differs from ``running`` while a loss is being recovered."""
         self.dead: set[int] = set()
@@ -266,7 +266,7 @@ class ProcessEngine:
                       if set(self.running.stages_on(h)) <= set(stages))
 
     def place(self, placement: Placement) -> None:
-        """Run the stages where ``placement`` says from now on (``checkfree.elastic``). Right after a loss the
+        """Run the stages where ``placement`` says from now on (``checkfree.simulation.elastic``). Right after a loss the
         lost processes are replaced by the recovery (``execute``) that follows; otherwise now: a process for
         each node that arrived, each stage moved to its host (weights, Adam state and held copies, sent)."""
         self.placement = placement

@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from checkfree.config import ConfigError, EngineConfig
 from checkfree.distributed.cluster import ProcessPool
 from checkfree.distributed.pool import WorkerPool
 from checkfree.distributed.worker import WorkerSpec
+from checkfree.run.config import ConfigError, EngineConfig
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 """Set to 0 before importing Ray: a Ray started here uses 127.0.0.1 (docs/design.md, 'Engines and launchers')."""

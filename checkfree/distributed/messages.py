@@ -28,7 +28,7 @@ class Rendezvous:
     """Leave the old process group and join generation ``generation`` as ``rank`` of ``world_size``.
 
     ``ranks[k]``: the rank of the process that runs logical stage ``k`` of this worker's pipeline in this
-    generation (``checkfree.placement``: after a shrink one process runs several stages). A worker builds a
+    generation (``checkfree.simulation.placement``: after a shrink one process runs several stages). A worker builds a
     fresh stage for every stage it is given and does not have yet (rebuilt or moved to it next)."""
 
     generation: int

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from checkfree.config import first_line
 from checkfree.distributed import messages as msg
 from checkfree.distributed.rendezvous import RendezvousError
 from checkfree.distributed.rollcall import call_off
 from checkfree.distributed.worker import WorkerSpec, rank_of
-from checkfree.placement import Placement
-from checkfree.runlog import write_json_atomic
+from checkfree.run.config import first_line
+from checkfree.run.runlog import write_json_atomic
+from checkfree.simulation.placement import Placement
 
 GRACE_S = 10.0
 """Extra seconds, beyond engine.timeout_s, that survivors get to report after a failure."""
@@ -127,7 +127,7 @@ class Supervisor(abc.ABC):
         self.store = None
         self.history: list[dict] = []
         self.placement = Placement.home(self.n_stages)
-        """Which worker runs which logical stage (``checkfree.placement``): the engine sets it before a
+        """Which worker runs which logical stage (``checkfree.simulation.placement``): the engine sets it before a
         rendezvous; a worker's ``stage`` is its node slot, the home of the stage it runs first."""
         self.placements: list[dict] = []
         """Every change of placement, as ``workers.json`` lists it: the generation from which the workers ran

@@ -1,6 +1,6 @@
 """Which stage process does what, in which order: per-stage programs built from the routes.
 
-A micro-batch's route (``checkfree.routes``) says which stages visit it and in which order. A stage's
+A micro-batch's route (``checkfree.stage.routes``) says which stages visit it and in which order. A stage's
 *program* is its visits' forward and backward passes in execution order. Every program follows one global order of all passes (GPipe: forwards by (micro-batch, position), then backwards by
 (micro-batch, reverse position); 1F1B: the classic warm-up / one-forward-one-backward / cool-down), every
 pass needs only passes earlier in that order, and sends never block: so no schedule can deadlock.
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from checkfree.routes import Visit, route
-from checkfree.schedule import Schedule
+from checkfree.stage.routes import Visit, route
+from checkfree.stage.schedule import Schedule
 
 
 @dataclass(frozen=True)

@@ -48,12 +48,12 @@ import ray
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from checkfree.config import ConfigError, RayConfig, first_line
 from checkfree.distributed import messages as msg
 from checkfree.distributed.pool import GRACE_S, Handle, Supervisor, WorkerError, WorkersDied
 from checkfree.distributed.ray_actor import StageActor
 from checkfree.distributed.rendezvous import new_secret, open_store
 from checkfree.distributed.worker import WorkerSpec, rank_of
+from checkfree.run.config import ConfigError, RayConfig, first_line
 
 BUNDLE_WAIT_S = 10.0
 """After a node is lost: how long a replacement waits for Ray to move its bundle to a live node before it

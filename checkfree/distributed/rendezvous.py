@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from checkfree.config import EngineConfig, first_line
+from checkfree.run.config import EngineConfig, first_line
 
 
 class RendezvousError(RuntimeError):

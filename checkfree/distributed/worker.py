@@ -1,5 +1,5 @@
 """A stage worker: the OS process (or Ray actor) of one node slot, hosting one replica of its pipeline stage —
-or, after a shrink (``checkfree.placement``), several consecutive logical stages of the one pipeline, which
+or, after a shrink (``checkfree.simulation.placement``), several consecutive logical stages of the one pipeline, which
 it then runs as one (``programs.host_program``; what its stages send each other is handed over in memory,
 ``courier``).
 
@@ -17,7 +17,7 @@ optimizer. When a peer dies mid-iteration every blocked receive fails (gloo clos
 connections) or times out after ``engine.timeout_s``; the worker drops its gradients, replies *aborted*
 and waits for the supervisor to re-form the group.
 
-Recovery: a worker is a ``checkfree.host.StageHost`` — the plan executor and the bookkeeping of held copies
+Recovery: a worker is a ``checkfree.stage.host.StageHost`` — the plan executor and the bookkeeping of held copies
 the local engine runs too — whose courier reaches the other processes: ``recover`` is the host's part of a
 ``RecoveryPlan``, ``upkeep`` re-makes held copies and writes checkpoint shards, ``move`` sends a stage whole
 (``StageHost.pack``) to the worker that runs it now (a node that arrived takes its stage back).
@@ -40,21 +40,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkfree.checkpoints import BackgroundWriter, CheckpointStore, DamagedCheckpoint
-from checkfree.compute import StageCompute, causal_lm_loss, per_sequence_loss
-from checkfree.config import first_line
 from checkfree.distributed import messages as msg
 from checkfree.distributed.courier import Courier
 from checkfree.distributed.programs import host_program, message_tag, replica_micro_batches
 from checkfree.distributed.rendezvous import connect_store, is_loopback, join_generation
 from checkfree.distributed.rollcall import CalledOff, answer
 from checkfree.distributed.transfer import Pending, isend_state, recv_state, wire_device
-from checkfree.host import TAG_MOVE, StageHost
-from checkfree.init_from import start_from
-from checkfree.model import Stage
-from checkfree.presets import ModelConfig
-from checkfree.routes import blame, in_order, route
-from checkfree.schedule import build_schedule
+from checkfree.model.init_from import start_from
+from checkfree.model.llama import Stage
+from checkfree.model.presets import ModelConfig
+from checkfree.run.config import first_line
+from checkfree.stage.compute import StageCompute, causal_lm_loss, per_sequence_loss
+from checkfree.stage.host import TAG_MOVE, StageHost
+from checkfree.stage.routes import blame, in_order, route
+from checkfree.stage.schedule import build_schedule
+from checkfree.storage.checkpoints import BackgroundWriter, CheckpointStore, DamagedCheckpoint
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Failure models: which pipeline stages are lost, and when (docs/design.md, "Failure models").
 
-Once per stretch of work the trainer (through ``checkfree.failures.FailureDraws``) asks
+Once per stretch of work the trainer (through ``checkfree.simulation.failures.FailureDraws``) asks
 ``model.events(iteration, t_start, t_end)`` for the stages lost in that window of *simulated* time; the
 strategy then recovers them. Every model is a module here, named as ``failure.name`` names it:
 
@@ -29,9 +29,9 @@ from collections.abc import Sequence
 from dataclasses import fields
 from functools import cache
 
-from checkfree.config import require
 from checkfree.failure_models.base import REPLACEMENTS, FailureConfig, FailureModel, is_int, is_real, plain
 from checkfree.failure_models.trace_files import read_delays
+from checkfree.run.config import require
 
 MAX_ITERATION_SECONDS = 1e6
 _NOT_MODELS = ("base", "trace_files")

@@ -58,7 +58,7 @@ class FailureConfig:
     seed_offset: int = 1000
     """The failure RNG is seeded with run seed + seed_offset: its own stream, the same for every strategy."""
     replacement: str = "immediate"
-    """When a lost node's replacement arrives (``checkfree.replacements``): immediate (after the recovery's own
+    """When a lost node's replacement arrives (``checkfree.simulation.replacements``): immediate (after the recovery's own
     time, as every run so far) | fixed | exponential (``replacement_mean_h``) | never | trace
     (``replacement_path``)."""
     replacement_mean_h: float = 0.0

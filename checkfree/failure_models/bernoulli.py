@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from checkfree.config import require
 from checkfree.failure_models.base import FailureConfig, FailureEvent, FailureModel, check_window
+from checkfree.run.config import require
 
 # Per-stage per-iteration probabilities of the reference configs, keyed "<model>_<hourly %>" (the reference's simulate_training configs).
 BERNOULLI_PRESETS: dict[str, float] = {

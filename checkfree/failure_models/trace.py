@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from checkfree.config import ConfigError, require
 from checkfree.failure_models.base import (
     FailureConfig,
     FailureEvent,
@@ -22,6 +21,7 @@ from checkfree.failure_models.base import (
     plain,
 )
 from checkfree.failure_models.trace_files import read_trace, read_trace_records
+from checkfree.run.config import ConfigError, require
 
 
 class TraceFailures(FailureModel):

@@ -11,8 +11,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from checkfree.config import ConfigError
 from checkfree.failure_models.base import FailureEvent, is_int, is_real
+from checkfree.run.config import ConfigError
 
 TRACE_FIELDS = ("stage", "iteration", "time_s")
 

@@ -1,6 +1,6 @@
 """``zone`` — correlated losses: one draw loses every eligible stage at one location of the geo network.
 
-The geo-distributed network puts stage ``k`` at ``GEO_LOCATIONS[k % 7]`` (``checkfree.cost``): stages 0 and 7
+The geo-distributed network puts stage ``k`` at ``GEO_LOCATIONS[k % 7]`` (``checkfree.simulation.cost``): stages 0 and 7
 of a 14-stage run share Australia, and a power cut or a severed link there takes both at once. Each location
 that holds an eligible stage is a Poisson process in simulated time with the rate of ``failure.hourly_rate``
 (the probability that the location fails within an hour); an arrival loses all of its eligible stages at that
@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from checkfree.cost import GEO_LOCATIONS
 from checkfree.failure_models.base import FailureConfig, FailureEvent, FailureModel, by_time, check_window
 from checkfree.failure_models.poisson import hourly_rate_to_rate
+from checkfree.simulation.networks import GEO_LOCATIONS
 
 STREAM = 2
 """Tag in the RNG seed, so that no two random models ever share a stream."""

@@ -5,15 +5,15 @@ line in ``STRATEGIES`` below, ``conf/strategy/<name>.yaml`` and its test. The en
 nothing else changes: the local engine and the process engine both run it as they run every other.
 
 Nothing here imports torch: a config is validated without loading any tensor library. Strategies decide
-(the scalar rules are ``checkfree.recovery.rules``); the engines compute (``checkfree.averaging``).
+(the scalar rules are ``checkfree.recovery.rules``); the engines compute (``checkfree.stage.averaging``).
 """
 
 from __future__ import annotations
 
 import importlib
 
-from checkfree.config import ConfigError, finite
 from checkfree.recovery.base import RecoveryStrategy, StrategyConfig, UnrecoverableFailure
+from checkfree.run.config import ConfigError, finite
 
 STRATEGIES: dict[str, str] = {
     "none": "checkfree.recovery.base:RecoveryStrategy",

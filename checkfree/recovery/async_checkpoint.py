@@ -15,9 +15,9 @@ first background checkpoint on (``memory_overhead_bytes``).
 
 from __future__ import annotations
 
-from checkfree.config import ConfigError
 from checkfree.plan import STORAGE, RecoveryPlan, RunView, Upkeep
 from checkfree.recovery.checkpoint import CheckpointRollback
+from checkfree.run.config import ConfigError
 
 
 class AsyncCheckpoint(CheckpointRollback):

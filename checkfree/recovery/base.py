@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from checkfree.config import ConfigError
 from checkfree.plan import RecoveryPlan, RunView, Upkeep
+from checkfree.run.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class StrategyConfig:
     """checkpoint: save all stages + optimizers + data position + RNG every this many (wall) iterations;
     async_checkpoint, snapshot_restore, memory_checkpoint: checkpoint / snapshot every this many. 'auto' (those
     three): the smallest period the bandwidth sustains — one flush or send ends before the next begins
-    (CheckFreq's rule; ``checkfree.cost.sustained_period``)."""
+    (CheckFreq's rule; ``checkfree.simulation.cost.sustained_period``)."""
     keep: int = 2
     """checkpoint, memory_checkpoint: how many checkpoints to keep in storage."""
     copies: int = 1
@@ -73,7 +73,7 @@ class RecoveryStrategy:
 
     name = "none"
     schedule_name = "in_order"
-    """The micro-batch order the strategy trains with (``checkfree.schedule``)."""
+    """The micro-batch order the strategy trains with (``checkfree.stage.schedule``)."""
     min_stages = 1
     redundant_compute = False
     """True when every stage also computes its successor's step (its time is priced by the cost model)."""

@@ -2,7 +2,7 @@
 
 Every ``every`` iterations (of wall time: optimizer steps taken, redone ones included, as a periodic save
 on a real cluster runs), all stages' weights and Adam states (moments, step count, lr), the data position
-and the torch RNG state go to storage (``<run_dir>/checkpoints``, see ``checkfree.checkpoints``);
+and the torch RNG state go to storage (``<run_dir>/checkpoints``, see ``checkfree.storage.checkpoints``);
 only the last ``keep`` stay. A loss of *any* stage rolls *every* stage back to the latest readable
 checkpoint (a pipeline cannot mix stages from different steps), and the steps since then are lost work.
 Unlike the reference's ``one``/``whole_model`` modes (docs/paper.md, 'Reference-code bugs we avoid' item 7)

@@ -1,7 +1,7 @@
 """The scalar rules of neighbour recovery: who the surviving neighbours are and how much each one weighs.
 
 Pure functions of ints and floats (strategies import no tensor code); the tensors are combined with these
-coefficients by ``checkfree.averaging.weighted_state`` inside the engines.
+coefficients by ``checkfree.stage.averaging.weighted_state`` inside the engines.
 """
 
 from __future__ import annotations

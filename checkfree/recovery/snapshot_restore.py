@@ -16,9 +16,9 @@ losses are covered too. A replacement node also re-makes the snapshots it held, 
 
 from __future__ import annotations
 
-from checkfree.config import ConfigError
 from checkfree.plan import SNAPSHOT, Held, Rebuild, RunView, Upkeep
 from checkfree.recovery.checkfree import CheckFree
+from checkfree.run.config import ConfigError
 
 
 class PeerSnapshots:

@@ -1,0 +1,215 @@
+"""The simulated clock of a run: how many simulated seconds an iteration, a recovery and an upkeep cost.
+
+``trainer.clock`` picks the pricing:
+
+* ``cost_model`` — ``checkfree.simulation.cost``: FLOPs, the network's hops, the pipeline schedule, each strategy's
+  overheads. With ``trainer.clock_preset`` (e.g. ``llama_500m``) every iteration is priced as that model
+  would cost, and bytes scale from the trained model's stages to the preset's.
+* ``fixed`` — ``failure.iteration_seconds`` per iteration (recoveries and upkeep still from the cost model).
+* ``paper_table2`` — the paper's own measured prices (its Table 2, arXiv 2506.15461v2; ``checkfree.simulation.paper_table2``): seconds per iteration of
+  its 500M model for each strategy at 5 / 10 / 16 %/h, a recovery of about 30 s, checkpoint saves and
+  replica refreshes included in the iteration time. Each CPU iteration stands for ``10,000 / T`` paper
+  iterations (``T = trainer.paper_T``, the calibrated no-failure iterations to target; the paper's is
+  10,000), so simulated hours are paper hours and Poisson failures at the paper's hourly rates strike as
+  often per ``T`` as in the paper (docs/design.md, "Experiments in the paper's units").
+
+The trainer asks the clock and never prices anything itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from checkfree.model.presets import ModelConfig, edge_param_count, preset, stage_param_counts
+from checkfree.plan import BODY, EDGES, RecoveryReport, Traffic, Transfer
+from checkfree.recovery import RecoveryStrategy
+from checkfree.run.runconfig import RunConfig
+from checkfree.simulation import paper_table2
+from checkfree.simulation.cost import CostModel, StepOverhead, p2p_seconds, sustained_period
+from checkfree.simulation.networks import measure_flops, stage_link
+from checkfree.simulation.placement import Placement
+
+
+def priced_as(paper: ModelConfig, n_stages: int) -> ModelConfig:
+    """The paper-scale model ``paper`` cut into the trained model's ``n_stages`` stages, so that every stage of
+    the run has a priced counterpart: its layers spread evenly (llama_500m's 24 as 8 x 3 or 12 x 2, the
+    reference's 12-stage layout), rounded to whole layers per stage when S does not divide them."""
+    if n_stages == paper.n_stages:
+        return paper
+    return replace(paper, n_stages=n_stages, layers_per_stage=max(1, round(paper.n_layers / n_stages)))
+
+
+class Clock:
+    def __init__(self, cfg: RunConfig, model: ModelConfig, strategy: RecoveryStrategy) -> None:
+        priced, micro_batch_size = model, cfg.trainer.micro_batch_size
+        if cfg.trainer.clock_preset is not None:
+            # Price every iteration as the paper-scale model would cost, so that failure rates per hour
+            # mean at CPU scale what they mean in the paper's setting (README "The simulated clock").
+            priced = priced_as(preset(cfg.trainer.clock_preset), model.n_stages)
+            micro_batch_size = cfg.trainer.clock_micro_batch_size or micro_batch_size
+        flops = measure_flops() if cfg.network.device == "measured" else None
+        self.byte_scale = [p / a for p, a in zip(stage_param_counts(priced), stage_param_counts(model))]
+        """Per stage: the priced model's parameters over the trained model's. A stage's copy, shard or state is
+        priced at its own stage's size (an edge stage's (de)embedding makes its scale another than a middle
+        stage's)."""
+        self.edge_scale = [edge_param_count(priced, k) / edge_param_count(model, k) if edge_param_count(model, k)
+                           else 0.0 for k in range(model.n_stages)]
+        """Per stage: the scale of its (de)embedding alone (what a CheckFree+ replica holds; 0 for a middle
+        stage, which has none)."""
+        self.body_scale = [(p - edge_param_count(priced, k)) / (a - edge_param_count(model, k))
+                           for k, (p, a) in enumerate(zip(stage_param_counts(priced), stage_param_counts(model)))]
+        """Per stage: the scale of its decoder blocks alone (what a CheckFree source sends)."""
+        self.cost = CostModel(priced, cfg.trainer.micro_batches, micro_batch_size, cfg.network, flops_per_s=flops,
+                              replicas=cfg.engine.replicas)
+        self.paper, self.paper_T = cfg.trainer.clock == "paper_table2", cfg.trainer.paper_T
+        self.saves_in_paper_time = strategy.table2_column == "checkpointing"
+        """On paper_table2: the strategy's measured iteration time includes its synchronous checkpoint saves."""
+        self.priced_recovery = cfg.trainer.paper_recovery == "priced"
+        """On paper_table2: price recoveries by the bytes they move (``trainer.paper_recovery``)."""
+        self.incident_s = paper_table2.RECOVERY_S if self.paper else cfg.network.replacement_delay_s
+        """Losses closer together than this (a recovery's time) strike the pipeline together."""
+        self.schedule, self.shadows = strategy.schedule_name, strategy.redundant_compute
+        self.paper_s = paper_table2.iteration_seconds(strategy.table2_column, cfg.failure.hourly_rate) \
+            if self.paper else None
+        self.fixed_s = cfg.failure.iteration_seconds if cfg.trainer.clock == "fixed" else None
+        self._price(None)
+        self.home = (self.iteration_s, self.sub_iteration_s, self.link_busy, self.stage_busy, self.floor_bound)
+        """The prices with every stage on its own node (what ``place`` returns to, exactly)."""
+
+    def _price(self, placement: Placement | None) -> None:
+        node_busy = self.cost.node_busy_seconds(self.schedule, placement)
+        busy_s = max(node_busy.values(), default=0.0)
+        # On the paper's and the fixed clock a placement scales the measured (given) time by the bottleneck host's
+        # share of the work against every stage at home (``CostModel.bottleneck_seconds``, at the preset's size):
+        # two like stages on one host, twice the time. Compute only: what the paper's time spent on its network
+        # is unknown, and the floor below already holds it to what the placement's own hops need.
+        scale = 1.0 if placement is None else \
+            self.cost.bottleneck_seconds(self.schedule, self.shadows, placement) / \
+            self.cost.bottleneck_seconds(self.schedule, self.shadows)
+        if self.paper:
+            # The paper's measured time, or the time its own activations need on the network preset's busiest
+            # interface, whichever is longer: a slow enough link cannot carry the paper's pipeline in its time.
+            self.sub_iteration_s = max(self.paper_s * scale, busy_s)
+            self.iteration_s = paper_table2.PAPER_T / self.paper_T * self.sub_iteration_s
+        elif self.fixed_s is not None:
+            self.iteration_s = self.sub_iteration_s = self.fixed_s * scale
+        else:  # the cost model prices the placement's pipeline whole: compute per host, and the hops that remain
+            self.iteration_s = self.cost.iteration_seconds(self.schedule, self.shadows, placement)
+            self.sub_iteration_s = self.iteration_s
+        """``iteration_s``: simulated seconds of one CPU iteration's work. ``sub_iteration_s``: of the iterations
+        it stands for (a paper iteration on ``paper_table2``; the iteration itself otherwise): a loss throws
+        away the unfinished one of them (README "The simulated clock")."""
+        self.floor_bound = self.paper and busy_s > self.paper_s * scale
+        """On paper_table2: the activations' floor, not the paper's measured time, sets the iteration (a link too
+        slow to carry the paper's pipeline in its time); what the paper's time included (its replica refreshes)
+        is then priced on its own (``upkeep_seconds``)."""
+        hosts = placement.hosts if placement is not None else range(len(self.byte_scale))
+        fraction = {h: min(1.0, b / self.sub_iteration_s) if self.sub_iteration_s > 0 else 0.0
+                    for h, b in node_busy.items()}
+        self.stage_busy = [fraction.get(h, 0.0) for h in hosts]
+        """Per stage: the fraction of an iteration its node's interface carries the pipeline's own activations
+        and gradients (``CostModel.node_busy_seconds``); what the node sends in the background gets the rest."""
+        self.link_busy = max(self.stage_busy, default=0.0)
+        """The busiest node's ``stage_busy`` (the summary's ``link_busy_fraction``)."""
+
+    def place(self, placement: Placement) -> None:
+        """Re-price the iteration for ``placement`` (stages that share a host share its compute; no hop between
+        them); every stage at home gives back the run's own prices, exactly."""
+        if placement.at_home:
+            self.iteration_s, self.sub_iteration_s, self.link_busy, self.stage_busy, self.floor_bound = self.home
+        else:
+            self._price(placement)
+
+    def move_seconds(self, moves: dict[int, tuple[int, int]]) -> float:
+        """Stages moving between hosts (their weights + Adam at the priced model's size; ``CostModel.move_seconds``)
+        — on every clock from the cost model, as the paper measured no moves."""
+        return self.cost.move_seconds(moves)
+
+    def recovery_seconds(self, report: RecoveryReport) -> float:
+        """Replacement delay + the bytes that bound the recovery, each piece at its own stage's size: a rollback
+        from storage downloads every stage's shard in parallel (the slowest sets it); a rebuild receives its
+        pieces (``RecoveryReport.transfers``) from each sending node in parallel, each over its own link."""
+        if self.paper and not self.priced_recovery:
+            return paper_table2.RECOVERY_S
+        if report.from_storage:
+            shards = self.shard_bytes_of(report.details["shard_bytes"])
+            return self.cost.recovery_seconds(report.stage, [], max(shards), from_storage=True)
+        by_node: dict[int, int] = {}  # what each sending node sends, one piece after another on its link
+        for piece in report.transfers:
+            by_node[piece.src] = by_node.get(piece.src, 0) + int(piece.n_bytes * self.piece_scale(piece))
+        return self.cost.network.replacement_delay_s + max(
+            (p2p_seconds(n, stage_link(self.cost.network, src, report.stage)) for src, n in by_node.items() if n > 0),
+            default=0.0)
+
+    def piece_scale(self, piece: Transfer) -> float:
+        return self.scale_of(piece.holds, piece.owner)
+
+    def scale_of(self, holds: str | None, owner: int) -> float:
+        """The priced model's bytes per byte of what ``owner``'s piece or copy ``holds``: its blocks at its
+        blocks' size, a replica at its (de)embedding's, its weights or state at its stage's."""
+        if holds == BODY:
+            return self.body_scale[owner]
+        return self.edge_scale[owner] if holds == EDGES else self.byte_scale[owner]
+
+    def upkeep_seconds(self, traffic: Traffic, period: int = 1) -> float:
+        """Checkpoint upload (stages upload their own shards in parallel) + refreshes the owners wait for (in
+        parallel) + the stall of what is sent or flushed in the background, which may take ``period``
+        iterations (``CostModel.background_seconds`` / ``flush_stall_seconds``). Every copy and shard is priced
+        at its own stage's size (``byte_scale``; a replica at its (de)embedding's, ``edge_scale``) and hides in
+        its own node's free link time. On ``paper_table2`` the paper's iteration times already include its
+        checkpoint saves and replica refreshes -- unless the activations' floor set the iteration
+        (``floor_bound``), when the refreshes are priced as on the cost model; it measured neither snapshots
+        nor asynchronous checkpoints, so those are priced by the cost model at the preset's size
+        (``trainer.clock_preset``)."""
+        shards = self.shard_bytes(traffic)
+        windows = [self.background_window(period, k) for k in range(len(self.byte_scale))]
+        background = self.cost.background_seconds(
+            {key: self.copy_bytes(key, n, traffic) for key, n in traffic.background.items()}, dict(enumerate(windows)))
+        upload = max(shards, default=0)
+        if traffic.shards_in_background:
+            background = max(background, self.cost.flush_stall_seconds(shards, windows))
+            upload = 0  # not uploaded on the step's time
+        syncs = {key: self.copy_bytes(key, n, traffic) for key, n in traffic.sent.items()}
+        if self.paper:
+            # 0 for the paper's strategies (checkpointing: 91.35 vs 91.32 s per iteration, its saves included);
+            # a strategy priced at another column pays the synchronous saves it makes (memory_checkpoint's
+            # fall-back to storage).
+            own_saves = 0.0 if self.saves_in_paper_time else self.cost.storage_seconds(upload)
+            refreshes = self.cost.overhead_seconds(StepOverhead(replica_sync_bytes=syncs)) if self.floor_bound else 0.0
+            return background + own_saves + refreshes
+        return self.cost.overhead_seconds(StepOverhead(storage_upload_bytes=upload, replica_sync_bytes=syncs)) \
+            + background
+
+    def shard_bytes(self, traffic: Traffic) -> list[int]:
+        """Each stage's checkpoint shard at the priced model's size of that stage."""
+        return self.shard_bytes_of(traffic.shard_bytes)
+
+    def shard_bytes_of(self, shards: list[int]) -> list[int]:
+        return [int(n * self.byte_scale[k]) for k, n in enumerate(shards)]
+
+    def copy_bytes(self, key: tuple[int, int], n_bytes: int, traffic: Traffic) -> int:
+        """A refreshed copy (``key`` = (owner, holder)) at the priced model's size of what it holds: the owner's
+        (de)embedding for a replica, the owner's stage otherwise."""
+        return int(n_bytes * self.scale_of(traffic.holds.get(key), key[0]))
+
+    def background_window(self, period: int = 1, stage: int | None = None) -> float:
+        """Seconds a copy made every ``period`` iterations has to reach its place in the background: the
+        period's iterations, less the share of them the pipeline's own traffic holds the interface of
+        ``stage``'s node (None: the busiest node's)."""
+        busy = self.link_busy if stage is None else self.stage_busy[stage]
+        return period * self.iteration_s * (1.0 - busy)
+
+    def sustained_period(self, strategy: RecoveryStrategy) -> int:
+        """``strategy.every: auto``: the smallest period at which every stage's background copies (of the
+        preset's size, over the network preset's links, in the time the pipeline leaves that stage's node)
+        never pile up (``checkfree.simulation.cost.sustained_period``)."""
+        copies = self.cost.background_copy_seconds(strategy.sends_in_background)
+        return max(sustained_period(seconds, self.background_window(1, k)) for k, seconds in enumerate(copies))
+
+    def flush_seconds(self, traffic: Traffic) -> float:
+        """Simulated seconds from the end of a step until its asynchronous checkpoint is persisted: each stage's
+        upload shares its node's interface with the pipeline's traffic (``stage_busy``), unless that leaves it
+        nothing, when it is paid as a stall at the full link (``upkeep_seconds``); the last stage to finish
+        sets it."""
+        return max((self.cost.flush_seconds(n, share=1.0 - busy if busy < 1.0 else 1.0)
+                    for n, busy in zip(self.shard_bytes(traffic), self.stage_busy)), default=0.0)

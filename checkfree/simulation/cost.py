@@ -1,0 +1,402 @@
+"""Simulated wall-clock model of a pipeline-parallel run (its presets: ``checkfree.simulation.networks``).
+
+A "second" here is a second of the *modelled* distributed run (S stages on S nodes, W data-parallel
+replicas per stage, links from a preset), not of this machine. It replaces the reference's printed
+estimate (docs/paper.md, 'Reference-code bugs we avoid' item 13: 8 B/element, (2W-1) instead of the ring
+factor, one micro-batch of transfers, x2 and x2.5 fudge factors) with explicit, unit-tested pieces:
+
+* compute: ``6 * params * tokens`` FLOPs for forward+backward (``2 * P * T`` forward only) over an
+  effective device throughput (peak x MFU, or measured here);
+* a hop: ``latency + bytes / bandwidth`` with activation bytes ``micro_batch * seq * d_model * dtype``;
+* the pipeline: GPipe or 1F1B over ``M`` micro-batches, priced as a flow shop (see ``_pipeline``);
+* data parallelism: ring all-reduce ``2 (W-1)/W * bytes / bw + 2 (W-1) * latency`` per stage;
+* strategy overheads: checkpoint upload/download, weight transfer to a replacement node, replica
+  syncs, the redundant forward (Bamboo) and CheckFree+'s extra hops on odd micro-batches.
+
+Presets: ``single_cluster`` (one link for every pair) and ``geo_distributed`` (the reference's
+7-location latency/bandwidth table, stage ``k`` at location ``k mod 7``), in ``networks``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from checkfree.model.presets import ModelConfig, edge_param_count, stage_param_counts
+from checkfree.run.config import require
+from checkfree.simulation.networks import (
+    DEVICES,
+    SCHEDULES,
+    Link,
+    NetworkConfig,
+    stage_link,
+    validate_network_config,
+)
+from checkfree.simulation.placement import Placement
+from checkfree.stage.routes import BODY, HEAD, route
+from checkfree.stage.schedule import build_schedule
+
+
+def p2p_seconds(n_bytes: float, link: Link) -> float:
+    """Time to send ``n_bytes`` over ``link``: latency + bytes / bandwidth."""
+    return link.latency_s + n_bytes / link.bandwidth_Bps
+
+
+def activation_bytes(micro_batch: int, seq_len: int, d_model: int, dtype_bytes: int) -> int:
+    """Bytes of one micro-batch's hidden states (and of its gradient on the way back)."""
+    return micro_batch * seq_len * d_model * dtype_bytes
+
+
+def sustained_period(background_s: float, iteration_s: float) -> int:
+    """The smallest period, in iterations, at which copies that take ``background_s`` to reach their place never
+    pile up: one ends before the next begins (CheckFreq's rule), ``ceil(background_s / iteration_s)``, >= 1.
+    ``iteration_s`` is the part of an iteration the copy may use; 0 (the pipeline's own traffic fills the
+    link) gives 1: no period hides the copies, each is paid as a stall (``background_seconds``), and the
+    most recent copy is the one worth paying for."""
+    if iteration_s <= 0:
+        return 1
+    return max(1, math.ceil(background_s / iteration_s - 1e-9))
+
+
+def compute_seconds(params: int, tokens: int, flops_per_s: float, backward: bool = True) -> float:
+    """Matmul time of ``params`` over ``tokens``: 6PT FLOPs forward+backward, 2PT forward only.
+
+    The usual dense-transformer estimate (Kaplan et al. 2020): attention-score FLOPs are left out.
+    """
+    return (6 if backward else 2) * params * tokens / flops_per_s
+
+
+# --- pipeline schedules ----------------------------------------------------------------------------
+# A route is one micro-batch's forward walk: a list of (resource, forward seconds, backward seconds).
+# Resources are ("stage", k) for a node's compute and ("link", a, b) for one direction of a full-duplex
+# link; a forward hop a->b busies ("link", a, b) and its gradient comes back on ("link", b, a).
+
+
+def _hop_ops(a: int, b: int, seconds: float) -> list[tuple]:
+    return [(("link", a, b), seconds, 0.0), (("link", b, a), 0.0, seconds)]
+
+
+def _pipeline(routes: list[list[tuple]], micro_batches: int, pipeline: str) -> float:
+    """Makespan of one iteration; micro-batch ``m`` takes ``routes[m % len(routes)]``.
+
+    Every micro-batch visits the resources in the same order and each resource serves them in order,
+    which is a permutation flow shop with identical jobs; its makespan is exactly
+    ``sum(t) + (M - 1) * max(t)`` (fill along one path, then one bottleneck slot per further job).
+    For uniform stages without hops this is the textbook ``(M + S - 1) * t``.
+
+    * GPipe (Huang et al. 2019): all forwards, flush, all backwards; each phase is its own flow shop:
+      ``path_f + (M-1) * max_r load_f[r] + path_b + (M-1) * max_r load_b[r]``.
+    * 1F1B (PipeDream-Flush, Narayanan et al. 2021): after warm-up each resource alternates one
+      forward and one backward, so the steady-state slot is ``max_r (load_f[r] + load_b[r])`` and
+      ``T = path_f + path_b + (M-1) * max_r (load_f + load_b)`` (exact for uniform stages, a
+      steady-state approximation otherwise). Same bubble as GPipe for uniform stages (Narayanan et
+      al.); lower when the forward and backward bottlenecks are different resources (e.g. the two
+      directions of a slow link), and only S micro-batches in flight instead of M.
+
+    With several route types (CheckFree+), path = mean path over the M micro-batches and load = mean
+    per-micro-batch busy time of each resource. Hops are modelled as resources busy for
+    latency + bytes / bw (slightly pessimistic: latency does not really occupy a link).
+    """
+    mbs = [routes[m % len(routes)] for m in range(micro_batches)]
+    path_f = sum(f for r in mbs for _, f, _ in r) / micro_batches
+    path_b = sum(b for r in mbs for _, _, b in r) / micro_batches
+    load_f: dict = defaultdict(float)
+    load_b: dict = defaultdict(float)
+    for path in mbs:
+        for res, f, b in path:
+            load_f[res] += f / micro_batches
+            load_b[res] += b / micro_batches
+    if pipeline == "gpipe":
+        return path_f + path_b + (micro_batches - 1) * (max(load_f.values()) + max(load_b.values()))
+    if pipeline == "1f1b":
+        return path_f + path_b + (micro_batches - 1) * max(load_f[r] + load_b[r] for r in load_f)
+    raise ValueError(f"pipeline={pipeline!r} is unknown; allowed: ['1f1b', 'gpipe'].")
+
+
+def _linear_route(fwd: list[float], bwd: list[float], hops: list[float]) -> list[tuple]:
+    if len(fwd) != len(bwd) or len(hops) != len(fwd) - 1:
+        raise ValueError(
+            f"need len(bwd) == len(fwd) and len(hops) == len(fwd) - 1, got {len(fwd)}, "
+            f"{len(bwd)}, {len(hops)}."
+        )
+    route = [(("stage", 0), fwd[0], bwd[0])]
+    for k in range(1, len(fwd)):
+        route += _hop_ops(k - 1, k, hops[k - 1]) + [(("stage", k), fwd[k], bwd[k])]
+    return route
+
+
+def gpipe_seconds(fwd: list[float], bwd: list[float], hops: list[float], micro_batches: int) -> float:
+    """GPipe iteration time: stage k takes fwd[k]/bwd[k] per micro-batch, hop k->k+1 takes hops[k]."""
+    return _pipeline([_linear_route(fwd, bwd, hops)], micro_batches, "gpipe")
+
+
+def one_f_one_b_seconds(fwd: list[float], bwd: list[float], hops: list[float], micro_batches: int) -> float:
+    """1F1B (PipeDream-Flush) iteration time, same inputs as ``gpipe_seconds``."""
+    return _pipeline([_linear_route(fwd, bwd, hops)], micro_batches, "1f1b")
+
+
+def ring_allreduce_seconds(n_bytes: float, replicas: int, link: Link) -> float:
+    """Ring all-reduce of ``n_bytes`` over W replicas: 2(W-1)/W * bytes/bw + 2(W-1) latencies."""
+    if replicas <= 1:
+        return 0.0
+    w = replicas
+    return 2 * (w - 1) / w * n_bytes / link.bandwidth_Bps + 2 * (w - 1) * link.latency_s
+
+
+# --- the cost model ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepOverhead:
+    """Time-costing upkeep after a step: the clock fills it from the engine's ``Traffic`` (scaled to the priced
+    model), the cost model prices it."""
+
+    storage_upload_bytes: int = 0
+    """Checkpoint upload: the largest stage's shard; stages upload their own shards in parallel."""
+    replica_sync_bytes: dict[tuple[int, int], int] = field(default_factory=dict)
+    """(src_stage, dst_stage) -> bytes: CheckFree+ (de)embedding replica refresh (redundant computation
+    keeps its shadows identical by computing, so it sends nothing here)."""
+
+
+FP32_BYTES = 4
+ADAM_STATES = 2  # exp_avg and exp_avg_sq, fp32 each
+
+
+class CostModel:
+    """Prices iterations, recoveries and strategy overheads of one modelled run in simulated seconds."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        micro_batches: int,
+        micro_batch_size: int,
+        network: NetworkConfig,
+        flops_per_s: float | None = None,
+        replicas: int = 1,
+    ) -> None:
+        validate_network_config(network, model.n_stages)
+        if flops_per_s is None:
+            if network.device == "measured":
+                raise ValueError("network.device='measured' needs flops_per_s=measure_flops().")
+            flops_per_s = DEVICES[network.device].flops
+        require(micro_batches >= 1, "trainer.micro_batches", micro_batches, "must be >= 1")
+        require(flops_per_s > 0, "flops_per_s", flops_per_s, "must be > 0")
+        self.model, self.network = model, network
+        self.micro_batches, self.micro_batch_size = micro_batches, micro_batch_size
+        self.replicas = replicas
+        """W data-parallel replicas per stage (``engine.replicas``): only the gradient all-reduce depends on it."""
+        self.flops_per_s = flops_per_s
+        self.params = stage_param_counts(model)
+        d, v = model.d_model, model.vocab_size
+        # Matmul parameters per stage: an embedding lookup is a gather, not FLOPs; the head is a matmul.
+        self.body_params = [p - edge_param_count(model, k) for k, p in enumerate(self.params)]
+        self.head_params = v * d + d
+        self.tokens = micro_batch_size * model.seq_len
+        self.act_bytes = activation_bytes(micro_batch_size, model.seq_len, d, network.dtype_bytes)
+
+    # Per-micro-batch pieces.
+    def _fwd(self, params: int) -> float:
+        return compute_seconds(params, self.tokens, self.flops_per_s, backward=False)
+
+    def _bwd(self, params: int) -> float:
+        return compute_seconds(params, self.tokens, self.flops_per_s) - self._fwd(params)
+
+    def _hop(self, a: int, b: int) -> list[tuple]:
+        return _hop_ops(a, b, p2p_seconds(self.act_bytes, stage_link(self.network, a, b)))
+
+    def _routes(self, schedule: str, shadows: bool, hops: bool = True,
+                placement: Placement | None = None) -> list[list[tuple]]:
+        s = self.model.n_stages
+        # The host of each stage: its own node, unless a placement puts several stages on one host, whose compute
+        # they then share (one resource) and between which a micro-batch makes no hop.
+        host = placement.hosts if placement is not None else range(s)
+        require(schedule in SCHEDULES, "schedule", schedule, f"allowed: {list(SCHEDULES)}")
+        require(
+            schedule == "in_order" or s >= 4,
+            "model.n_stages",
+            s,
+            "out-of-order pipelining (CheckFree+) swaps 0<->1 and S-2<->S-1, so it needs >= 4 stages",
+        )
+        body = list(self.body_params)
+        body[-1] += self.head_params  # in order, the head runs right after stage S-1's body
+
+        def hop(a: int, b: int) -> list[tuple]:
+            return self._hop(host[a], host[b]) if hops and host[a] != host[b] else []
+
+        def visit(k: int, params: int, shadow: bool = True) -> tuple:
+            # Bamboo: stage k also runs the forward of its shadow (k+1) mod S once per micro-batch,
+            # charged inside stage k's forward slot (an upper bound: Bamboo fills some into bubbles).
+            # To keep the shadow's weights and optimizer state *identical* (what makes its restore exact),
+            # it must also run the shadow's backward, which needs the gradient of the shadow's output from
+            # stage k+2: one more hop per micro-batch (network.redundant_backward=false drops both).
+            extra_fwd = extra_bwd = 0.0
+            if shadows and shadow:
+                successor = (k + 1) % s
+                extra_fwd = self._fwd(body[successor])
+                if self.network.redundant_backward:
+                    grad_hop = p2p_seconds(self.act_bytes, stage_link(self.network, host[(k + 2) % s], host[k]))
+                    extra_bwd = self._bwd(body[successor]) + grad_hop
+            return ("stage", host[k]), self._fwd(params) + extra_fwd, self._bwd(params) + extra_bwd
+
+        # One priced route per distinct micro-batch path (checkfree.stage.routes): each visit's compute (the embedding
+        # is a gather, no matmul FLOPs), a hop between consecutive visits, and Bamboo's shadow work on visits
+        # that run a stage body.
+        orders = dict.fromkeys(build_schedule(schedule, s).order(m) for m in range(2))
+        priced = []
+        for order in orders:
+            ops: list[tuple] = []
+            for v in route(order, s):
+                if v.prev is not None:
+                    ops += hop(v.prev, v.stage)
+                params = (self.body_params[v.stage] if BODY in v.ops else 0) + (self.head_params if HEAD in v.ops else 0)
+                ops.append(visit(v.stage, params, shadow=BODY in v.ops))
+            priced.append(ops)
+        return priced
+
+    def _pipe(self, schedule: str, shadows: bool, hops: bool = True, placement: Placement | None = None) -> float:
+        routes = self._routes(schedule, shadows, hops, placement)
+        return _pipeline(routes, self.micro_batches, self.network.pipeline)
+
+    def bottleneck_seconds(self, schedule: str = "in_order", shadows: bool = False,
+                           placement: Placement | None = None) -> float:
+        """The busiest host's compute (forward + backward) per micro-batch, hops left out: what each further
+        micro-batch adds to a pipeline once it is full, so a placement's share of the work against every stage
+        at home is the ratio of the two (the paper clock's rule; ``checkfree.simulation.clock``)."""
+        routes = self._routes(schedule, shadows, hops=False, placement=placement)
+        load: dict = defaultdict(float)
+        for m in range(self.micro_batches):
+            for resource, f, b in routes[m % len(routes)]:
+                load[resource] += (f + b) / self.micro_batches
+        return max(load.values())
+
+    def allreduce_seconds(self) -> float:
+        """Gradient ring all-reduce over the W replicas of each stage; stages run theirs in parallel.
+
+        A stage's replicas share its site, so the ring runs over the intra-site link.
+        """
+        link = stage_link(self.network, 0, 0)
+        w = self.replicas
+        return max(ring_allreduce_seconds(p * self.network.dtype_bytes, w, link) for p in self.params)
+
+    def breakdown(self, schedule: str = "in_order", shadows: bool = False) -> dict[str, float]:
+        """compute (pipeline time on a zero-cost network), p2p (what the hops add), allreduce, total."""
+        compute = self._pipe(schedule, shadows, hops=False)
+        p2p = self._pipe(schedule, shadows) - compute
+        allreduce = self.allreduce_seconds()
+        return {"compute": compute, "p2p": p2p, "allreduce": allreduce, "total": compute + p2p + allreduce}
+
+    def iteration_seconds(self, schedule: str = "in_order", shadows: bool = False,
+                          placement: Placement | None = None) -> float:
+        """Simulated seconds of one iteration (M micro-batches + gradient all-reduce); ``shadows``: every stage
+        also computes a shadow of its successor (what redundant computation keeps up); ``placement``: stages
+        on hosts other than their own (a host running two stages does both stages' compute in turn)."""
+        return self._pipe(schedule, shadows, placement=placement) + self.allreduce_seconds()
+
+    def pipeline_busy_seconds(self, schedule: str = "in_order", placement: Placement | None = None) -> float:
+        """Seconds per iteration that the busiest node spends sending the pipeline's own traffic
+        (``node_busy_seconds``' largest)."""
+        return max(self.node_busy_seconds(schedule, placement).values(), default=0.0)
+
+    def node_busy_seconds(self, schedule: str = "in_order", placement: Placement | None = None) -> dict[int, float]:
+        """Seconds per iteration each host spends sending the pipeline's own traffic: each hop of a micro-batch's
+        route sends its activations forward and, on the way back, their gradient the other way (micro-batch
+        ``m`` takes the ``m % R``-th of the schedule's ``R`` distinct routes). A node has one network interface:
+        what it sends in the background (snapshots, checkpoint uploads) gets the rest of the iteration
+        (``background_seconds``) -- its own rest: an edge node sends half of what a middle one does. A host that
+        sends nothing is 0."""
+        s = self.model.n_stages
+        host = placement.hosts if placement is not None else range(s)
+        busy = dict.fromkeys(host, 0.0)
+        orders = [build_schedule(schedule, s).order(m) for m in range(2)]
+        for m in range(self.micro_batches):
+            for v in route(orders[m % 2], s):
+                if v.prev is None or host[v.prev] == host[v.stage]:
+                    continue  # the route's start, or no hop: both stages on one host
+                a, b = host[v.prev], host[v.stage]
+                busy[a] += p2p_seconds(self.act_bytes, stage_link(self.network, a, b))
+                busy[b] += p2p_seconds(self.act_bytes, stage_link(self.network, b, a))
+        return busy
+
+    def move_seconds(self, moves: dict[int, tuple[int, int]]) -> float:
+        """Stages that change host (``stage -> (from, to)``; a stage moving back to a node that arrived) send
+        their weights + Adam state over the link between the two hosts, all in parallel: the slowest sets
+        the time. The pipeline is paused meanwhile (a stage cannot train while its state is on the way)."""
+        return max((p2p_seconds(self.stage_bytes(k, with_optimizer=True), stage_link(self.network, a, b))
+                    for k, (a, b) in moves.items()), default=0.0)
+
+    def stage_bytes(self, stage: int, with_optimizer: bool = False) -> int:
+        """Bytes of a stage's fp32 weights (4 B/param), + Adam's two fp32 moments (8 B/param)."""
+        per_param = FP32_BYTES * (1 + (ADAM_STATES if with_optimizer else 0))
+        return self.params[stage] * per_param
+
+    def storage_seconds(self, n_bytes: float) -> float:
+        """One transfer to or from the checkpoint storage; 0 for nothing to move."""
+        if n_bytes <= 0:
+            return 0.0
+        return p2p_seconds(n_bytes, Link(self.network.storage_latency_s, self.network.storage_bandwidth_Bps))
+
+    def recovery_seconds(
+        self, stage: int, sources: list[int], n_bytes: int, from_storage: bool = False
+    ) -> float:
+        """Replacement delay + bringing ``n_bytes`` to the replacement node of ``stage``.
+
+        from_storage: one download from storage (a rollback: every stage downloads its own shard in
+        parallel, so the caller passes the largest shard). Otherwise ``n_bytes`` is the total the sources
+        send, in equal parts (e.g. each CheckFree neighbour sends its full stage), each over its own link,
+        in parallel: the slowest link sets the time. No sources (re-initialisation) costs only the
+        replacement delay.
+        """
+        delay = self.network.replacement_delay_s
+        if from_storage:
+            return delay + self.storage_seconds(n_bytes)
+        if not sources or n_bytes <= 0:
+            return delay
+        share = n_bytes / len(sources)
+        return delay + max(p2p_seconds(share, stage_link(self.network, src, stage)) for src in sources)
+
+    def background_seconds(self, copies: dict[tuple[int, int], int], windows: dict[int, float]) -> float:
+        """The stall of copies sent in the background (snapshots to a peer's RAM), all owners in parallel.
+
+        Each owner waits for its copy to reach host memory (``bytes / host_bandwidth_Bps``), then sends it to
+        the holder over their link while training goes on. The send must end before the next refresh of the
+        same copy begins (CheckFreq's rule: one in flight at a time), ``windows[owner]`` later: what it needs
+        beyond that window stalls the run. So a stage's stall is ``host copy + max(0, send - window)``; the
+        slowest owner sets the run's. An owner's window is the time its own interface is free of the pipeline's
+        traffic (``Clock.background_window``)."""
+        stalls = [n / self.network.host_bandwidth_Bps
+                  + max(0.0, p2p_seconds(n, stage_link(self.network, a, b)) - windows[a])
+                  for (a, b), n in copies.items() if n > 0]
+        return max(stalls, default=0.0)
+
+    def background_copy_seconds(self, to: str) -> list[float]:
+        """How long each stage's whole state (weights + Adam) takes to reach ``to`` in the background: 'storage'
+        (host copy + upload) or 'peer' (host copy + the send to the next stage)."""
+        n = self.model.n_stages
+        if to == "storage":
+            return [self.flush_seconds(self.stage_bytes(k, with_optimizer=True)) for k in range(n)]
+        return [self.stage_bytes(k, True) / self.network.host_bandwidth_Bps
+                + p2p_seconds(self.stage_bytes(k, True), stage_link(self.network, k, (k + 1) % n))
+                for k in range(n)]
+
+    def flush_seconds(self, n_bytes: float, share: float = 1.0) -> float:
+        """An asynchronous checkpoint shard from the device to host memory, then from there to storage with
+        ``share`` of the node's interface (the rest carries the pipeline's own traffic)."""
+        return n_bytes / self.network.host_bandwidth_Bps + self.storage_seconds(n_bytes) / share if n_bytes > 0 \
+            else 0.0
+
+    def flush_stall_seconds(self, shards: list[float], windows: list[float]) -> float:
+        """What an asynchronous checkpoint costs the run: each stage copies its shard (``shards[k]`` bytes) to
+        host memory, and the part of its flush to storage that ``windows[k]`` (until the next checkpoint) cannot
+        hide (CheckFreq's rule, as ``background_seconds``); stages flush in parallel, the slowest sets it."""
+        return max((n / self.network.host_bandwidth_Bps + max(0.0, self.storage_seconds(n) - w)
+                    for n, w in zip(shards, windows) if n > 0), default=0.0)
+
+    def overhead_seconds(self, overhead: StepOverhead) -> float:
+        """Checkpoint upload (largest shard, stages in parallel) + replica syncs (in parallel: max)."""
+        syncs = [
+            p2p_seconds(n, stage_link(self.network, a, b))
+            for (a, b), n in overhead.replica_sync_bytes.items()
+            if n > 0
+        ]
+        return self.storage_seconds(overhead.storage_upload_bytes) + max(syncs, default=0.0)

@@ -1,0 +1,184 @@
+"""The network and device presets a modelled run is priced on: its links, the geo-distributed table, devices.
+
+A link is ``latency + bytes / bandwidth``. ``single_cluster`` uses one link for every pair of stages;
+``geo_distributed`` puts stage ``k`` at location ``k mod 7`` of the reference's 7-location latency / bandwidth
+table. Devices are a peak throughput times a model FLOPs utilisation (or measured on this machine). The cost
+model that prices with them is ``checkfree.simulation.cost``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+from checkfree.run.config import require
+
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class Link:
+    """A point-to-point network link."""
+
+    latency_s: float
+    """One-way latency in seconds."""
+    bandwidth_Bps: float
+    """Bandwidth in bytes per second."""
+
+
+# --- devices -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DevicePreset:
+    """A device's matmul throughput; effective FLOP/s = peak_flops * mfu."""
+
+    name: str
+    """Key in DEVICES."""
+    peak_flops: float
+    """Dense bf16 tensor-core peak (fp32 for the CPU), FLOP/s, from the vendor's data sheet."""
+    mfu: float
+    """Model FLOPs utilisation actually reached in training (~0.4 is typical for LLaMA-size models)."""
+
+    @property
+    def flops(self) -> float:
+        return self.peak_flops * self.mfu
+
+
+DEVICES: dict[str, DevicePreset] = {
+    "a100": DevicePreset("a100", 312e12, 0.4),
+    "h100": DevicePreset("h100", 989e12, 0.4),
+    "v100": DevicePreset("v100", 125e12, 0.4),
+    "t4": DevicePreset("t4", 65e12, 0.4),
+    "rtx3090": DevicePreset("rtx3090", 71e12, 0.4),
+    "rtx4090": DevicePreset("rtx4090", 165e12, 0.4),
+    # A 2-core AVX-512 VM like the dev box: measure_flops() reads ~3.3e11 fp32 FLOP/s on one matmul;
+    # small-model CPU training is overhead-bound, so the utilisation is a guess well below the GPUs'.
+    "cpu": DevicePreset("cpu", 3.3e11, 0.15),
+}
+
+
+def measure_flops(d_model: int = 256, repeats: int = 5) -> float:
+    """FLOP/s of a (4d x d) @ (d x d) fp32 matmul on this machine, median of ``repeats`` timings."""
+    import torch
+
+    a, b = torch.randn(4 * d_model, d_model), torch.randn(d_model, d_model)
+    a @ b  # warm-up: first call pays allocation and kernel selection
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        times.append((time.perf_counter() - t0) / 10)
+    return 2 * 4 * d_model**3 / max(statistics.median(times), 1e-12)
+
+
+# --- network presets -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Where the stages run and how fast they talk (Hydra group ``network``)."""
+
+    name: str = "single_cluster"
+    """Preset: single_cluster (one link for all pairs) or geo_distributed (stage k at location k % 7)."""
+    device: str = "a100"
+    """Key of DEVICES, or "measured" (the caller passes measure_flops() to CostModel)."""
+    dtype_bytes: int = 2
+    """Bytes per element of activations, activation gradients and weight gradients on the wire (bf16)."""
+    pipeline: str = "gpipe"
+    """Pipeline schedule: gpipe or 1f1b."""
+    latency_s: float = 0.001
+    """Intra-site link latency: every link under single_cluster, same-location links under geo."""
+    bandwidth_Bps: float = 2 * GiB
+    """Intra-site link bandwidth, bytes/s (2 GiB/s, as the reference's communication_costs.delay_map)."""
+    storage_latency_s: float = 0.05
+    """Latency of the external (never failing) checkpoint storage."""
+    storage_bandwidth_Bps: float = 500e6 / 8
+    """Each node's bandwidth to storage, bytes/s: 500 Mb/s (Gensyn blog: a 70B checkpoint takes >20 min)."""
+    host_bandwidth_Bps: float = 16e9
+    """A node's device -> host memory copy, bytes/s (16 GB/s: PCIe 4.0 x16 in practice). What a step waits for
+    when a snapshot of its stage is taken; sending it on to a peer overlaps training."""
+    replacement_delay_s: float = 30.0
+    """Time to detect a failure and bring a replacement node up, charged on every recovery alike."""
+    redundant_backward: bool = True
+    """Redundant computation: the shadow also runs its backward (keeps weights and Adam state identical,
+    so restores are exact); false = forward-only shadows (Bamboo's lazy backward), an optimistic bound."""
+
+
+NETWORK_NAMES = ("single_cluster", "geo_distributed")
+MAX_DELAY_S = 1e9
+"""31 years: a larger latency or replacement delay is a typo that would only overflow the clock."""
+PIPELINES = ("gpipe", "1f1b")
+SCHEDULES = ("in_order", "out_of_order")
+
+
+def validate_network_config(cfg: NetworkConfig, n_stages: int) -> None:
+    """Raise a ConfigError naming the key, the value and what is allowed."""
+    require(cfg.name in NETWORK_NAMES, "network.name", cfg.name, f"allowed: {list(NETWORK_NAMES)}")
+    devices = sorted(DEVICES) + ["measured"]
+    require(cfg.device in devices, "network.device", cfg.device, f"allowed: {devices}")
+    require(cfg.dtype_bytes in (1, 2, 4), "network.dtype_bytes", cfg.dtype_bytes, "allowed: 1, 2 or 4")
+    require(cfg.pipeline in PIPELINES, "network.pipeline", cfg.pipeline, f"allowed: {list(PIPELINES)}")
+    for key in ("bandwidth_Bps", "storage_bandwidth_Bps", "host_bandwidth_Bps"):
+        value = getattr(cfg, key)
+        # At least a byte per second: a bandwidth of 1e-300 B/s made a transfer's time overflow to inf.
+        require(math.isfinite(value) and value >= 1, f"network.{key}", value,
+                "must be a finite number of bytes per second, at least 1")
+    for key in ("latency_s", "storage_latency_s", "replacement_delay_s"):
+        value = getattr(cfg, key)
+        require(math.isfinite(value) and 0 <= value <= MAX_DELAY_S, f"network.{key}", value,
+                f"must be >= 0 seconds and at most {MAX_DELAY_S:.0e}")
+    require(n_stages >= 1, "model.n_stages", n_stages, "must be >= 1")
+
+
+GEO_LOCATIONS = ["Australia", "Belgium", "Canada", "Germany", "Iowa", "NL", "London"]
+
+
+def _pair(a: str, b: str) -> frozenset[str]:
+    return frozenset((a, b))
+
+
+# (latency ms, GiB/s), verbatim: DELAY_BANDWIDTHS of gensyn-ai/CheckFree communication/communication_costs.py.
+GEO_TABLE: dict[frozenset[str], tuple[float, float]] = {
+    _pair("Australia", "London"): (132, 0.0093994140625),
+    _pair("Australia", "NL"): (128, 0.009521484375),
+    _pair("Australia", "Belgium"): (129, 0.00982666015625),
+    _pair("Australia", "Germany"): (125.5, 0.01046142578125),
+    _pair("Australia", "Iowa"): (84, 0.01123046875),
+    _pair("Australia", "Canada"): (98, 0.01318359375),
+    _pair("Belgium", "Canada"): (41, 0.0198974609375),
+    _pair("Iowa", "London"): (48.1, 0.0218505859375),
+    _pair("NL", "London"): (4.8, 0.023681640625),
+    _pair("Canada", "NL"): (42, 0.0250244140625),
+    _pair("Germany", "Iowa"): (53.5, 0.026611328125),
+    _pair("Iowa", "NL"): (51, 0.02740478515625),
+    _pair("Belgium", "Iowa"): (49, 0.0283203125),
+    _pair("Canada", "Germany"): (44, 0.0318603515625),
+    _pair("Canada", "London"): (38.5, 0.036376953125),
+    _pair("Canada", "Iowa"): (14, 0.07568359375),
+    _pair("Germany", "London"): (6.6, 0.18875),
+    _pair("Belgium", "Germany"): (4, 0.2425),
+    _pair("Belgium", "NL"): (3, 0.2425),
+    _pair("Germany", "NL"): (3.5, 0.2425),
+    _pair("Belgium", "London"): (3.5, 0.2425),
+}
+
+
+def stage_link(cfg: NetworkConfig, a: int, b: int) -> Link:
+    """The link between the nodes of stages ``a`` and ``b`` (symmetric).
+
+    geo_distributed puts stage k at GEO_LOCATIONS[k % 7]; two stages at one location (and every pair
+    under single_cluster) use the intra-site link (latency_s, bandwidth_Bps), by default the
+    reference's same-cluster (1 ms, 2 GiB/s).
+    """
+    intra = Link(cfg.latency_s, cfg.bandwidth_Bps)
+    if cfg.name != "geo_distributed":
+        return intra
+    la, lb = GEO_LOCATIONS[a % len(GEO_LOCATIONS)], GEO_LOCATIONS[b % len(GEO_LOCATIONS)]
+    if la == lb:
+        return intra
+    ms, gib_s = GEO_TABLE[_pair(la, lb)]
+    return Link(ms / 1000, gib_s * GiB)
