@@ -629,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="granularity: the micro-batch sizes, one level of K each (8 is the main table's)")
     parser.add_argument("--size", type=int, default=GRANULARITY_SIZES[0],
                         help="main: sequences per micro-batch, the clock's granularity (default 8: K ~ 20 paper "
-                             "iterations per CPU iteration; 2: K ~ 8, where the granularity study's ranking settles)")
+                             "iterations per CPU iteration; 2: K ~ 8, the headline table's level)")
     parser.add_argument("--calibration", type=Path, default=None,
                         help="granularity: the main table's calibration.json, whose target the study keeps "
                              "(default: results/table2_<data>/calibration.json; --target overrides it)")
