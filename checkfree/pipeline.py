@@ -25,7 +25,7 @@ import torch
 from checkfree.distributed.courier import Courier
 from checkfree.engine import Outcome
 from checkfree.model.llama import Stage
-from checkfree.plan import Held, RecoveryPlan, Traffic, Upkeep, rebuild_report, rollback_reports, sent_into
+from checkfree.plan import Held, RecoveryPlan, Traffic, Upkeep, rebuild_reports, rollback_reports, sent_into
 from checkfree.simulation.placement import Placement
 from checkfree.stage.compute import StageCompute, StepResult, causal_lm_loss, per_sequence_loss
 from checkfree.stage.host import StageHost
@@ -212,10 +212,10 @@ class LocalEngine(StageHost):
         start = time.perf_counter()
         received = self.recover(plan)
         self.lost = set()
-        # A rollback from memory rebuilds the survivors too (each from its snapshot): only the lost are reported.
-        reports = [rebuild_report(plan, r, received[r.stage]) for r in plan.rebuilds if r.stage in plan.lost]
+        reports = rebuild_reports(plan, received)
+        wall = time.perf_counter() - start
         for report in reports:
-            report.wall_s = time.perf_counter() - start
+            report.wall_s = wall
         return Outcome(reports)
 
     def upkeep(self, upkeep: Upkeep, meta: dict[str, Any]) -> Traffic:

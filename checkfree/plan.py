@@ -320,6 +320,12 @@ def rebuild_report(plan: RecoveryPlan, rebuild: Rebuild, transfers: list[Transfe
                           details=dict(rebuild.details), transfers=list(transfers))
 
 
+def rebuild_reports(plan: RecoveryPlan, received: dict[int, list[Transfer]]) -> list[RecoveryReport]:
+    """The records of a plan's rebuilds from what each rebuilt stage received (``StageHost.recover``). A rollback
+    from memory rebuilds the survivors too (each from its snapshot): only the lost stages are reported."""
+    return [rebuild_report(plan, r, received[r.stage]) for r in plan.rebuilds if r.stage in plan.lost]
+
+
 def rollback_reports(plan: RecoveryPlan, progress_before: int, restored: dict[str, Any]) -> list[RecoveryReport]:
     """The records of a rollback: one per lost stage; every stage downloads its own shard in parallel.
 

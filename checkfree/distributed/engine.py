@@ -40,7 +40,7 @@ from checkfree.distributed.pool import WorkerError, WorkerPool, WorkersDied, rai
 from checkfree.distributed.programs import replica_micro_batches
 from checkfree.distributed.worker import WorkerSpec, from_bytes, rank_of, to_bytes
 from checkfree.engine import Outcome, StagesLost
-from checkfree.plan import Held, RecoveryPlan, Traffic, Upkeep, rebuild_report, rollback_reports, sent_into
+from checkfree.plan import Held, RecoveryPlan, Traffic, Upkeep, rebuild_reports, rollback_reports, sent_into
 from checkfree.run.config import EngineConfig
 from checkfree.simulation.placement import Placement
 from checkfree.stage.compute import StepResult
@@ -339,7 +339,7 @@ class ProcessEngine:
                 self._note_held(replies)
                 self._note_lrs(replies)
                 received = self.first_replies(replies, "received")
-                reports = [rebuild_report(plan, r, received[r.stage]) for r in plan.rebuilds if r.stage in plan.lost]
+                reports = rebuild_reports(plan, received)
         except WorkersDied as exc:
             raise self.lost(exc) from None
         transfer_s = time.perf_counter() - t
