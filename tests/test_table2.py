@@ -298,6 +298,7 @@ BAD_FLAGS = [
     (["--data", "nope"], "--data=nope is invalid: one of ["),
     (["--set", "trainer.lr"], "--set=trainer.lr is invalid: KEY=VALUE overrides."),
     (["granularity", "--sizes", "0,2"], "--sizes=0,2 is invalid: micro-batch sizes of at least 1."),
+    (["--size", "0"], "--size=0 is invalid: a micro-batch size of at least 1."),
     (["granularity", "--calibration", "/nonexistent.json"], "--calibration=/nonexistent.json is invalid: the "),
     (["ablations", "--widths", "8"], "--widths=8 is invalid: d_model values of at least 16"),
 ]
@@ -319,6 +320,16 @@ def test_every_flag_of_the_experiment_scripts_is_checked_before_any_work(argv, m
     with pytest.raises(SystemExit) as exit_:
         script.main(["--out", str(tmp_path / "file")])
     assert exit_.value.code == 2 and (tmp_path / "file").read_text() == "x"
+
+
+def test_a_main_table_at_a_finer_level_runs_the_granularity_study_s_overrides():
+    """``--size 2`` makes the main table at the granularity study's b = 2 level: the same overrides (so the
+    study's runs are the table's), validations every T / 10 (200 CPU iterations there, 50 at the regime's 8)."""
+    script = experiment_script()
+    assert script.size_overrides(2) == ["trainer.micro_batch_size=2", "trainer.eval_every=200"]
+    assert script.size_overrides(8) == ["trainer.micro_batch_size=8", "trainer.eval_every=50"]
+    assert script.level_overrides(2, 3.671, ["data=pydocs"]) == [*script.size_overrides(2), "trainer.target_loss=3.671",
+                                                                   "data=pydocs"]
 
 
 def test_a_probe_is_written_under_the_experiment_s_own_out(tmp_path):
