@@ -519,14 +519,20 @@ def calibrated_arguments(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--report-only", action="store_true", help="write the report from the runs there are")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
+    parser.add_argument("--size", type=int, default=GRANULARITY_SIZES[0],
+                        help="sequences per micro-batch: the clock's granularity level, as table2.py's --size "
+                             "(default 8, K ~ 20; 2: K ~ 8, with results/table2_<data>_b2's calibration)")
 
 
 def calibration_file(args: argparse.Namespace) -> dict:
     """``args.data``'s calibration.json (T, target, the calibration runs' environments), or a one-line exit
     saying how to make it."""
-    path = args.calibration or ROOT / "results" / f"table2_{args.data}" / "calibration.json"
+    size = getattr(args, "size", GRANULARITY_SIZES[0])
+    level = "" if size == GRANULARITY_SIZES[0] else f"_b{size}"
+    path = args.calibration or ROOT / "results" / f"table2_{args.data}{level}" / "calibration.json"
     if not path.is_file():
-        raise SystemExit(f"{path} does not exist: run experiments/table2.py --data {args.data} --target auto "
+        made = "--target auto" if not level else f"--size {size} --out results/table2_{args.data}{level}"
+        raise SystemExit(f"{path} does not exist: run experiments/table2.py --data {args.data} {made} "
                          "first (its calibration fixes T and the target), or pass --calibration")
     return json.loads(path.read_text())
 
@@ -539,10 +545,12 @@ def calibration_of(args: argparse.Namespace) -> tuple[int, float]:
 
 def runs_of(args: argparse.Namespace, out: Path, points: list[tuple[str, int, list[str]]],
             extra: list[str]) -> list[dict]:
-    """Every point's summary: run now (resuming), or with ``--report-only`` read from the runs there are."""
+    """Every point's summary: run now (resuming), or with ``--report-only`` read from the runs there are. A
+    ``--size`` other than the main table's runs every point at that granularity level (``size_overrides``)."""
     if args.report_only:
         return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*/summary.json"))]
-    return run_all(points, out / "runs", [*extra, *args.set], args.jobs)
+    level = size_overrides(args.size) if args.size != GRANULARITY_SIZES[0] else []
+    return run_all(points, out / "runs", [*extra, *level, *args.set], args.jobs)
 
 
 def refuse(flag: str, value: object, allowed: str) -> None:
