@@ -13,7 +13,7 @@ and ``time_to_target.png`` into ``OUT`` (default: ``<first dir>/analysis``). Fro
 
     df = load_runs(["multirun"]); table = comparison_table(df); write_report(df, "out")
 
-A run directory holds the trainer's ``metrics.jsonl`` and ``summary.json`` (docs/design.md, 'What a run leaves')
+A run directory holds the trainer's ``metrics.jsonl`` and ``summary.json`` (docs/running.md, 'What a run writes')
 and Hydra's ``.hydra/config.yaml``; a clone of an experiment's run holds ``summary.json`` and the kept rows of its
 metrics (``metrics_kept.jsonl``, ``checkfree.run.runlog.keep_metrics``) instead. Any of them may be missing or cut
 short: a killed run is analysed from what is left, and a run without a single metrics record is reported as a

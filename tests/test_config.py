@@ -1,4 +1,4 @@
-"""Real Hydra composition of every YAML in conf/, and the bad inputs of docs/design.md, 'Bad input and faults'."""
+"""Real Hydra composition of every YAML in conf/, and the bad inputs of docs/running.md, 'Keys, and what is refused'."""
 
 from __future__ import annotations
 

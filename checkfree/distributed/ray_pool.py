@@ -105,7 +105,7 @@ class RayHandle(Handle):
     """A stage actor: commands are its ``call``s (at most one in flight, as on a pipe).
 
     Ray pickles these calls and their replies between nodes (cloudpickle): the channel is as trusted as the
-    Ray cluster's network, which Ray requires to be private (README: What the process engine and Ray trust)."""
+    Ray cluster's network, which Ray requires to be private (docs/engines.md, "What the process engine and Ray trust")."""
 
     actor: Actor | None = None
     pending: ray.ObjectRef | None = None
@@ -199,7 +199,7 @@ class RayPool(Supervisor):
                 ray.init(address=address, log_to_driver=False, namespace="checkfree")
             except (OSError, RuntimeError, ValueError) as exc:
                 raise RayLaunchError(f"cannot join the Ray cluster at engine.ray.address={address!r} "
-                                     f"({(first_line(exc) or type(exc).__name__)}); start it with `ray start --head` (README: Many machines), "
+                                     f"({(first_line(exc) or type(exc).__name__)}); start it with `ray start --head` (docs/engines.md, 'Many machines (Ray)'), "
                                      "or use engine.ray.address=null for a Ray of our own.") from exc
 
     def actor_resources(self) -> dict[str, float]:

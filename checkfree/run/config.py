@@ -1,7 +1,7 @@
 """Validated run configuration: Hydra composes a DictConfig, ``load_run_config`` turns it into dataclasses.
 
 Every check happens here, before any work starts, and each failure is one sentence naming the key, the
-bad value and what is allowed (docs/design.md, 'Bad input and faults').
+bad value and what is allowed (docs/running.md, 'Keys, and what is refused').
 """
 
 from __future__ import annotations

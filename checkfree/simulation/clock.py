@@ -44,7 +44,7 @@ class Clock:
         priced, micro_batch_size = model, cfg.trainer.micro_batch_size
         if cfg.trainer.clock_preset is not None:
             # Price every iteration as the paper-scale model would cost, so that failure rates per hour
-            # mean at CPU scale what they mean in the paper's setting (README "The simulated clock").
+            # mean at CPU scale what they mean in the paper's setting (docs/clock.md, 'Three ways to price an iteration').
             priced = priced_as(preset(cfg.trainer.clock_preset), model.n_stages)
             micro_batch_size = cfg.trainer.clock_micro_batch_size or micro_batch_size
         flops = measure_flops() if cfg.network.device == "measured" else None
@@ -98,7 +98,7 @@ class Clock:
             self.sub_iteration_s = self.iteration_s
         """``iteration_s``: simulated seconds of one CPU iteration's work. ``sub_iteration_s``: of the iterations
         it stands for (a paper iteration on ``paper_table2``; the iteration itself otherwise): a loss throws
-        away the unfinished one of them (README "The simulated clock")."""
+        away the unfinished one of them (docs/clock.md, 'Time inside one iteration')."""
         self.floor_bound = self.paper and busy_s > self.paper_s * scale
         """On paper_table2: the activations' floor, not the paper's measured time, sets the iteration (a link too
         slow to carry the paper's pipeline in its time); what the paper's time included (its replica refreshes)
