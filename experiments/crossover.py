@@ -54,6 +54,7 @@ from table2 import (  # noqa: E402
 
 from checkfree.reports.table2 import ci95  # noqa: E402
 from checkfree.run.provenance import describe  # noqa: E402
+from checkfree.storage.archive import archived  # noqa: E402
 
 BANDWIDTHS_MBPS = (10, 56, 316, 1778, 10000)
 """Per-node bandwidth in Mb/s: five points, evenly spaced on a log scale from 10 Mb/s to 10 Gb/s."""
@@ -265,16 +266,17 @@ def main(argv: list[str] | None = None) -> int:
     start, out = time.perf_counter(), args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     grid = points(args.strategies.split(","), [float(b) for b in args.bandwidths.split(",")], args.seeds)
-    runs = runs_of(args, out, grid, regime(T, target, args.data, args.rate))
-    frame = records(runs, T)
-    frame.to_csv(out / "crossover.csv", index=False)
-    minutes = None if args.report_only else (time.perf_counter() - start) / 60
-    environment = describe([r.get("environment") for r in runs if "config" in r],
-                           calibration_file(args).get("environments", []))
-    text = report(frame, T, target, out, minutes, args.jobs, args.rate, environment)
-    plot(frame, out / "crossover.png", args.rate)
-    print(text)
-    print(f"{len(runs)} runs; {run_seconds(runs) / 60:.1f} run-minutes")
+    with archived(out):  # its runs come from, and go back into, out/runs.parquet
+        runs = runs_of(args, out, grid, regime(T, target, args.data, args.rate))
+        frame = records(runs, T)
+        frame.to_csv(out / "crossover.csv", index=False)
+        minutes = None if args.report_only else (time.perf_counter() - start) / 60
+        environment = describe([r.get("environment") for r in runs if "config" in r],
+                               calibration_file(args).get("environments", []))
+        text = report(frame, T, target, out, minutes, args.jobs, args.rate, environment)
+        plot(frame, out / "crossover.png", args.rate)
+        print(text)
+        print(f"{len(runs)} runs; {run_seconds(runs) / 60:.1f} run-minutes")
     return 0
 
 

@@ -40,6 +40,7 @@ from table2 import CAP, calibrated_arguments, calibration_of, check_arguments, f
 
 from checkfree.reports.table2 import ci95  # noqa: E402
 from checkfree.simulation import paper_table2  # noqa: E402
+from checkfree.storage.archive import archived  # noqa: E402
 
 DELAYS = (("30 s", 30 / 3600), ("10 min", 10 / 60), ("1 h", 1.0), ("6 h", 6.0), ("never", None))
 """(label, mean replacement delay in hours; None: no replacement ever arrives)."""
@@ -198,14 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     T, target = calibration_of(args)
     start, out = time.perf_counter(), args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    runs = runs_of(args, out, points(args.seeds), regime(T, target, args.data))
-    frame = records(runs, T)
-    frame.to_csv(out / "replacement.csv", index=False)
-    minutes = None if args.report_only else (time.perf_counter() - start) / 60
-    text = report(frame, T, target, out, minutes, args.jobs)
-    plot(frame, out / "replacement.png")
-    print(text)
-    print(f"{len(runs)} runs; {run_seconds(runs) / 60:.1f} run-minutes")
+    with archived(out):  # its runs come from, and go back into, out/runs.parquet
+        runs = runs_of(args, out, points(args.seeds), regime(T, target, args.data))
+        frame = records(runs, T)
+        frame.to_csv(out / "replacement.csv", index=False)
+        minutes = None if args.report_only else (time.perf_counter() - start) / 60
+        text = report(frame, T, target, out, minutes, args.jobs)
+        plot(frame, out / "replacement.png")
+        print(text)
+        print(f"{len(runs)} runs; {run_seconds(runs) / 60:.1f} run-minutes")
     return 0
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from checkfree.run.runlog import KEPT_METRICS, keep_metrics
+from checkfree.storage.archive import archived
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEPS = ROOT / "conf" / "sweep"
@@ -83,20 +84,21 @@ def main(argv: list[str] | None = None) -> int:
 
     points = [(name, i, overrides) for name in args.sweeps for i, overrides in enumerate(grid(name))]
     print(f"{len(points)} points, {args.jobs} at a time -> {args.out}", flush=True)
-    start, failed = time.perf_counter(), []
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_point, name, i, o, args.out, extra) for name, i, o in points]
-        for done, future in enumerate(futures, 1):
-            run_dir, code, seconds = future.result()
-            status = "ok" if code == 0 else f"FAILED (exit {code}, see {run_dir}/stdout.log)"
-            print(f"[{done}/{len(points)}] {Path(run_dir).name}: {status} in {seconds:.0f} s", flush=True)
-            if code != 0:
-                failed.append(run_dir)
-    print(f"sweep finished in {(time.perf_counter() - start) / 60:.1f} min, {len(failed)} failed point(s)")
-    if not args.no_analysis:
-        from checkfree.analysis import main as analysis_main
+    with archived(args.out):  # its runs come from, and go back into, out/runs.parquet
+        start, failed = time.perf_counter(), []
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = [pool.submit(run_point, name, i, o, args.out, extra) for name, i, o in points]
+            for done, future in enumerate(futures, 1):
+                run_dir, code, seconds = future.result()
+                status = "ok" if code == 0 else f"FAILED (exit {code}, see {run_dir}/stdout.log)"
+                print(f"[{done}/{len(points)}] {Path(run_dir).name}: {status} in {seconds:.0f} s", flush=True)
+                if code != 0:
+                    failed.append(run_dir)
+        print(f"sweep finished in {(time.perf_counter() - start) / 60:.1f} min, {len(failed)} failed point(s)")
+        if not args.no_analysis:
+            from checkfree.analysis import main as analysis_main
 
-        analysis_main([str(args.out), "--out", str(args.out / "analysis")])
+            analysis_main([str(args.out), "--out", str(args.out / "analysis")])
     return 0
 
 

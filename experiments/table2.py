@@ -48,6 +48,7 @@ from sweep import ROOT, grid, run_point  # noqa: E402  (the sibling script: one 
 from checkfree.recovery import strategy_class  # noqa: E402
 from checkfree.reports.table2 import T95, ci95, paper_iteration_seconds, write_report  # noqa: E402
 from checkfree.simulation.paper_table2 import PAPER_T, RATES  # noqa: E402
+from checkfree.storage.archive import archived  # noqa: E402
 
 CAP = 4.0
 """A run that has not reached the target after CAP x T iterations stops (and counts as not reached)."""
@@ -653,7 +654,8 @@ def main(argv: list[str] | None = None) -> int:
     default = {"main": "table2", "ablations": "table2_ablations", "granularity": "granularity"}[args.what]
     args.out = (args.out or ROOT / "results" / default).resolve()
     check_arguments(args)
-    {"main": main_table, "ablations": ablations, "granularity": granularity}[args.what](args)
+    with archived(args.out):  # its runs come from, and go back into, args.out/runs.parquet
+        {"main": main_table, "ablations": ablations, "granularity": granularity}[args.what](args)
     return 0
 
 
