@@ -58,6 +58,10 @@ ABLATION_LENGTH = 1.25
 """Ablation runs train to 1.25 T: the validation loss is compared at T (as the paper's Fig. 2) and at the end."""
 
 
+RAN: list[str] = []
+"""The run directories this invocation trained (a point already completed is not run again)."""
+
+
 def run_all(points: list[tuple[str, int, list[str]]], out: Path, extra: list[str], jobs: int) -> list[dict]:
     """Run every (sweep, index, overrides) point; returns each run's summary (or its failure)."""
     [runs] = run_groups([(points, out, extra)], jobs)
@@ -74,6 +78,8 @@ def run_groups(groups: list[tuple[list[tuple[str, int, list[str]]], Path, list[s
                    for g, (points, out, extra) in enumerate(groups) for name, i, overrides in points]
         for done, (g, future) in enumerate(futures, 1):
             run_dir, code, seconds = future.result()
+            if seconds > 0:
+                RAN.append(run_dir)
             print(f"[{done}/{total}] {Path(run_dir).name}: {'ok' if code == 0 else f'FAILED (exit {code})'} "
                   f"in {seconds:.0f} s", flush=True)
             summary = Path(run_dir) / "summary.json"
@@ -161,7 +167,7 @@ def probe(out: Path, extra: list[str], iterations: int = PROBE_ITERATIONS) -> li
     A new corpus has no target yet: the probe fixes it from a no-failure run alone, before any failure is
     drawn — the loss it reaches after 500 iterations puts the corpus in the same regime as the synthetic one
     (T ~ 500, 20 paper iterations per CPU iteration). A longer probe of the same corpus serves as well."""
-    from checkfree.run.runlog import read_metrics
+    from checkfree.run.runlog import run_metrics
 
     longer = [int(p.name.removeprefix("probe")) for p in out.glob("probe*") if p.name[5:].isdigit()
               and int(p.name[5:]) >= iterations and (p / "table2").is_dir()]
@@ -174,8 +180,9 @@ def probe(out: Path, extra: list[str], iterations: int = PROBE_ITERATIONS) -> li
                                  "trainer.target_loss=null", "trainer.stop_at_target=false", *extra], 1)
     if run.get("status") != "completed":
         raise SystemExit(f"the probe run did not complete; see {out}")
-    [metrics] = out.glob("table2/*/metrics.jsonl")  # where run_point put it (the summary's run_dir may be stale)
-    return [(m["iteration"], m["val_loss"]) for m in read_metrics(metrics) if "val_loss" in m]
+    # Where run_point put it (the summary's run_dir may be stale); a clone has only its kept rows, validations
+    # among them.
+    return [(m["iteration"], m["val_loss"]) for m in run_metrics(Path(run["run_dir"])) if "val_loss" in m]
 
 
 def target_at(curve: list[tuple[int, float]], iterations: float) -> float:
@@ -235,7 +242,10 @@ def main_table(args: argparse.Namespace) -> None:
     minutes = (time.perf_counter() - start) / 60
     print((args.out / "comparison.md").read_text())
     print(f"{len(table)} rows; sweep wall time {minutes:.1f} min (calibration included)")
-    (args.out / "wall_time.txt").write_text(f"{minutes:.1f} min on {args.jobs} jobs, calibration included\n")
+    if RAN:  # a report made from finished runs leaves their wall-time record as it is
+        with open(args.out / "wall_time.txt", "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {minutes:.1f} min on {args.jobs} jobs "
+                    f"(calibration included), {len(RAN)} points run in this invocation\n")
 
 
 def edge_protocols(args: argparse.Namespace, calibration: dict, extra: list[str]) -> None:

@@ -106,6 +106,11 @@ def test_comparison_means_cis_paired_speedups_and_failure_counts(tmp_path):
     assert (out / "val_loss_vs_hours.png").stat().st_size > 0
     # These hand-made summaries carry no environment record: the report says so, once, for every run.
     assert report.startswith("Environment of all 9 runs: not recorded (made before summaries carried")
+    # Written where the runs are (as the experiments do), runs.csv names them relative to it: the same file
+    # from any clone.
+    table2.write_report([tmp_path], tmp_path, {"T": 100, "target": 0.78, "iterations": [95, 105], "seeds": 2})
+    dirs = pd.read_csv(tmp_path / "runs.csv").run_dir
+    assert len(dirs) == 9 and all((tmp_path / d / "summary.json").is_file() and not d.startswith("/") for d in dirs)
 
 
 def test_gpu_throughput_benchmark_smoke_mode_runs_on_the_cpu(capsys):

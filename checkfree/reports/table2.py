@@ -221,6 +221,14 @@ def markdown(table: pd.DataFrame, runs: pd.DataFrame, calibration: dict[str, Any
     return "\n".join(lines) + "\n"
 
 
+def relative_to(run_dir: str | Path, out: Path) -> str:
+    """``run_dir`` as a path relative to ``out`` where it lies under it (else as given)."""
+    try:
+        return Path(run_dir).resolve().relative_to(Path(out).resolve()).as_posix()
+    except ValueError:
+        return str(run_dir)
+
+
 def write_report(paths: Sequence[str | Path], out: str | Path, calibration: dict[str, Any] | None = None) -> pd.DataFrame:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -230,6 +238,8 @@ def write_report(paths: Sequence[str | Path], out: str | Path, calibration: dict
     table = comparison(runs[runs.strategy != "none"])
     table.to_csv(out / "comparison.csv", index=False, float_format="%.6g")
     # Every run's own figures, so the table can be checked (and re-derived) without the run directories.
+    # Run directories relative to ``out``: the file must not depend on which clone made it.
+    runs = runs.assign(run_dir=[relative_to(d, out) for d in runs.run_dir])
     runs.drop(columns=["recoveries_by_method", "environment"]).sort_values(["strategy", "hourly_rate", "seed"]).to_csv(
         out / "runs.csv", index=False, float_format="%.6g")
     text = markdown(table, runs, calibration)
