@@ -38,7 +38,7 @@ from checkfree.plan import (
     Upkeep,
     rolled_back_in_memory,
 )
-from checkfree.recovery import RecoveryStrategy, build_strategy
+from checkfree.recovery import RecoveryStrategy, build_strategy, strategy_class
 from checkfree.run.records import IterationRecord
 from checkfree.run.runconfig import RunConfig, min_hosts
 from checkfree.simulation.clock import Clock
@@ -110,10 +110,11 @@ class RunParts:
     @classmethod
     def build(cls, cfg: RunConfig, model: ModelConfig) -> RunParts:
         n = model.n_stages
-        strategy = build_strategy(cfg.strategy, n)
-        clock = Clock(cfg, model, strategy)
-        if cfg.strategy.every == "auto":  # the smallest period the bandwidth sustains, from the clock's prices
-            strategy = build_strategy(replace(cfg.strategy, every=clock.sustained_period(strategy)), n)
+        declared = strategy_class(cfg.strategy.name)  # what the clock prices; the strategy is built once, below
+        clock = Clock(cfg.trainer, cfg.network, cfg.failure, cfg.engine.replicas, model, declared)
+        every = clock.sustained_period(declared) if cfg.strategy.every == "auto" else cfg.strategy.every
+        # every = auto: the smallest period the bandwidth sustains, from the clock's prices.
+        strategy = build_strategy(replace(cfg.strategy, every=every), n)
         trace = read_delays(cfg.failure.replacement_path, n) if cfg.failure.replacement == "trace" else None
         replacements = Replacements(cfg.failure.replacement, cfg.failure.replacement_mean_h, n,
                                     cfg.seed + cfg.failure.seed_offset, trace)

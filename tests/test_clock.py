@@ -121,7 +121,7 @@ def test_a_twelve_stage_run_with_failures_completes(small_run, tmp_path):
     clock_cfg = small_run(model=model)
     from checkfree.recovery import build_strategy
 
-    clock = Clock(clock_cfg, clock_cfg.model.with_vocab(300), build_strategy(clock_cfg.strategy, 12))
+    clock = Clock.of(clock_cfg, clock_cfg.model.with_vocab(300), build_strategy(clock_cfg.strategy, 12))
     assert len(clock.byte_scale) == 12
 
 
@@ -135,7 +135,7 @@ def test_paper_recovery_priced_charges_the_bytes_a_recovery_moves(small_run):
                     network={"name": "single_cluster", "bandwidth_Bps": 1e7, "latency_s": 0.0},
                     trainer={"clock": "paper_table2", "paper_T": 500, "paper_recovery": "priced"})
     model = cfg.model.with_vocab(300)
-    clock = Clock(cfg, model, build_strategy(cfg.strategy, model.n_stages))
+    clock = Clock.of(cfg, model, build_strategy(cfg.strategy, model.n_stages))
     # Stage 2's snapshot (its whole state), held by stage 3's node, sent to the replacement.
     report = RecoveryReport(2, "snapshot_restore", "snapshot", [3], [1.0], bytes_moved=100_000,
                             transfers=[Transfer(3, 2, STATE, 100_000)])
@@ -144,7 +144,7 @@ def test_paper_recovery_priced_charges_the_bytes_a_recovery_moves(small_run):
     assert scaled / 1e7 > 60  # a minute of transfer on top of the delay: far from the flat 30 s
     measured = small_run(strategy={"name": "snapshot_restore", "every": 4},
                          trainer={"clock": "paper_table2", "paper_T": 500})
-    assert Clock(measured, model, build_strategy(measured.strategy, model.n_stages)).recovery_seconds(report) == 30.0
+    assert Clock.of(measured, model, build_strategy(measured.strategy, model.n_stages)).recovery_seconds(report) == 30.0
 
 
 def test_the_pipeline_s_own_traffic_is_the_busiest_node_sending_activations_and_gradients(small_run):
@@ -153,7 +153,7 @@ def test_the_pipeline_s_own_traffic_is_the_busiest_node_sending_activations_and_
     from checkfree.recovery import build_strategy
 
     cfg = small_run(network={"name": "single_cluster", "bandwidth_Bps": 1e8, "latency_s": 0.01})
-    clock = Clock(cfg, cfg.model.with_vocab(300), build_strategy(cfg.strategy, 4))
+    clock = Clock.of(cfg, cfg.model.with_vocab(300), build_strategy(cfg.strategy, 4))
     act = 16 * 1024 * 1024 * 2  # llama_500m's micro-batch of 16 x 1024 tokens x d=1024, bf16 on the wire
     assert clock.cost.act_bytes == act
     assert clock.cost.pipeline_busy_seconds() == pytest.approx(2 * 2 * (0.01 + act / 1e8))
@@ -170,7 +170,7 @@ def test_on_a_slow_link_the_paper_s_iteration_takes_as_long_as_its_activations_n
     def clock_at(bandwidth):
         cfg = small_run(network={"name": "single_cluster", "bandwidth_Bps": bandwidth, "latency_s": 0.0},
                         trainer={"clock": "paper_table2", "paper_T": 500})
-        return Clock(cfg, cfg.model.with_vocab(300), build_strategy(cfg.strategy, 4))
+        return Clock.of(cfg, cfg.model.with_vocab(300), build_strategy(cfg.strategy, 4))
 
     act = 16 * 1024 * 1024 * 2
     fast, slow = clock_at(1e8), clock_at(1.25e6)  # 800 Mb/s, 10 Mb/s
@@ -201,7 +201,7 @@ def llama_500m_clock(small_run, strategy: str = "snapshot_restore", bandwidth: f
                     network={"name": "single_cluster", "bandwidth_Bps": bandwidth, "latency_s": 0.0},
                     trainer={"clock": "paper_table2", "paper_T": 486, "paper_recovery": "priced"})
     model = cfg.model.with_vocab(1024)
-    return Clock(cfg, model, build_strategy(cfg.strategy, 6)), stage_param_counts(model)
+    return Clock.of(cfg, model, build_strategy(cfg.strategy, 6)), stage_param_counts(model)
 
 
 def test_every_copy_is_priced_at_its_own_stage_s_size(small_run):

@@ -219,9 +219,14 @@ def test_validation_messages_name_key_and_value(overrides, needle):
     assert needle in str(err.value)
 
 
-def test_build_rejects_a_negative_failure_seed():
-    with pytest.raises(ConfigError, match="seed=-1001"):
-        build_failure_model(FailureConfig(), S, seed=-1001)
+def test_a_failure_seed_below_zero_is_refused_at_the_gate_not_by_the_builder():
+    """The one gate (validate_run_config) refuses seed + failure.seed_offset < 0 (test_config.py has its
+    message); the builder trusts a validated config and builds."""
+    from checkfree.run.runconfig import RunConfig, validate_run_config
+
+    with pytest.raises(ConfigError, match=r"^failure.seed_offset=-1001 is invalid"):
+        validate_run_config(RunConfig(seed=1000, failure=FailureConfig(seed_offset=-1001)))
+    validate_run_config(RunConfig(seed=1001, failure=FailureConfig(seed_offset=-1001)))
     assert build_failure_model(FailureConfig(name="none"), S, seed=0).events(1, 0.0, 1e9) == []
 
 

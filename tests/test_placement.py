@@ -125,7 +125,7 @@ def test_the_clock_reprices_a_placement_as_computed_by_hand(small_run):
 
     cfg = small_run(network={"name": "single_cluster", "latency_s": 0.0, "bandwidth_Bps": 1e30},
                     trainer={"micro_batches": 8})
-    clock = Clock(cfg, cfg.model, build_strategy(cfg.strategy, 4))
+    clock = Clock.of(cfg, cfg.model, build_strategy(cfg.strategy, 4))
     cost = clock.cost
     # Per micro-batch, stage k's forward + backward: 6 x its matmul parameters x tokens / FLOP/s (no hops here).
     seconds = [compute_seconds(p, cost.tokens, cost.flops_per_s) for p in cost.body_params]
@@ -140,7 +140,7 @@ def test_the_clock_reprices_a_placement_as_computed_by_hand(small_run):
     assert (clock.iteration_s, clock.sub_iteration_s, clock.link_busy, clock.stage_busy, clock.floor_bound) \
         == clock.home  # exactly back
 
-    paper = Clock(small_run(trainer={"clock": "paper_table2", "paper_T": 500}, failure={"hourly_rate": 0.16}),
+    paper = Clock.of(small_run(trainer={"clock": "paper_table2", "paper_T": 500}, failure={"hourly_rate": 0.16}),
                   cfg.model, build_strategy(cfg.strategy, 4))
     c = [compute_seconds(p, paper.cost.tokens, paper.cost.flops_per_s) for p in paper.cost.body_params]
     c[-1] += compute_seconds(paper.cost.head_params, paper.cost.tokens, paper.cost.flops_per_s)
@@ -232,7 +232,7 @@ def test_shrink_keeps_training_on_a_neighbour_reprices_and_moves_the_stage_back(
     from checkfree.simulation.clock import Clock
 
     cfg = small_run(failure={"name": "none"})
-    clock = Clock(cfg, cfg.model, build_strategy(cfg.strategy, 4))
+    clock = Clock.of(cfg, cfg.model, build_strategy(cfg.strategy, 4))
     assert moved[0]["moving_sim_s"] == pytest.approx(clock.move_seconds({2: (1, 2)}), rel=1e-12)
     assert moved[0]["moving_sim_s"] > 0
     home_s = clock.iteration_s

@@ -7,7 +7,13 @@ import torch
 
 from checkfree.model.llama import build_stages
 from checkfree.pipeline import LocalEngine
-from checkfree.recovery import STRATEGIES, StrategyConfig, UnrecoverableFailure, build_strategy
+from checkfree.recovery import (
+    STRATEGIES,
+    StrategyConfig,
+    UnrecoverableFailure,
+    build_strategy,
+    validate_strategy_config,
+)
 from checkfree.recovery.rules import interpolation_weights, nearest_survivors, norm_weight
 from checkfree.stage.averaging import weighted_state
 from tests.conftest import Driver, random_batches
@@ -260,7 +266,8 @@ def test_registry_covers_every_strategy_yaml():
 def test_checkfree_plus_needs_four_stages():
     from checkfree.run.config import ConfigError
 
+    # Refused at the gate (validate_run_config runs validate_strategy_config), before any strategy is built.
     with pytest.raises(ConfigError, match=r"model.n_stages=3 .*checkfree_plus.*at least 4"):
-        build_strategy(StrategyConfig(name="checkfree_plus"), 3)
+        validate_strategy_config(StrategyConfig(name="checkfree_plus"), 3)
     with pytest.raises(ConfigError, match=r"model.n_stages=2 .*checkfree.*at least 3"):
-        build_strategy(StrategyConfig(name="checkfree"), 2)
+        validate_strategy_config(StrategyConfig(name="checkfree"), 2)

@@ -352,7 +352,7 @@ def test_on_the_paper_clock_memory_checkpoint_pays_for_its_storage_saves(small_r
     train(cfg, tmp_path / "run")
     records = {r["iteration"]: r for r in read_metrics(tmp_path / "run" / "metrics.jsonl")}
     shards = load_file(tmp_path / "run" / "checkpoints" / "ckpt_0000004" / "meta.pt")["shard_bytes"]
-    clock = Clock(cfg, cfg.model.with_vocab(300), build_strategy(cfg.strategy, 4))
+    clock = Clock.of(cfg, cfg.model.with_vocab(300), build_strategy(cfg.strategy, 4))
     # Each stage uploads its own shard at its own stage's size, in parallel: the slowest sets the time.
     upload = clock.cost.storage_seconds(max(int(n * scale) for n, scale in zip(shards, clock.byte_scale)))
     assert upload > 1.0

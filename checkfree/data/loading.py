@@ -39,7 +39,6 @@ from checkfree.data.corpora import (  # torch-free, so a config is validated wit
     corpus_packages,
     data_files,
     find_bad_json,
-    validate_data_config,
 )
 from checkfree.data.debian import DEBIAN_CORPORA
 from checkfree.data.stories import generate_stories
@@ -404,9 +403,8 @@ class Corpus:
 
 
 def load_corpus(cfg: DataConfig, seq_len: int, batch_seed: int = 0) -> Corpus:
-    """Load, split, tokenize and pack; ``batch_seed`` (the run seed) orders the training sequences."""
-    validate_data_config(cfg)
-    require(seq_len >= 1, "model.seq_len", seq_len, "at least 1")
+    """Load, split, tokenize and pack a validated ``cfg`` (``validate_data_config``, run by
+    ``validate_run_config``: the one gate); ``batch_seed`` (the run seed) orders the training sequences."""
     tokenizer, train_tokens, val_tokens, n_train, n_val = _packed_corpus(cfg)
     width = seq_len + 1
     require(val_tokens.numel() // width >= cfg.val_sequences, "data.val_sequences", cfg.val_sequences,

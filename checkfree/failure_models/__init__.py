@@ -119,10 +119,8 @@ def validate_failure_config(cfg: FailureConfig, n_stages: int, horizon: int | No
 
 
 def build_failure_model(cfg: FailureConfig, n_stages: int, seed: int) -> FailureModel:
-    """Validate ``cfg`` and build its model; the RNG is seeded with ``seed + cfg.seed_offset``."""
-    validate_failure_config(cfg, n_stages)
-    require(is_int(seed) and seed + cfg.seed_offset >= 0, "seed", seed,
-            f"the failure RNG is seeded with seed + failure.seed_offset ({cfg.seed_offset}), which must be >= 0")
+    """The model of a validated ``cfg`` (``validate_failure_config``, run by ``validate_run_config``, the one
+    gate, with the seed); its RNG is seeded with ``seed + cfg.seed_offset``."""
     return model_class(cfg.name).build(cfg, n_stages, failing_stages(cfg, n_stages), int(seed) + int(cfg.seed_offset))
 
 

@@ -89,7 +89,8 @@ def check_strategy_overrides(name: str, overrides: list[str]) -> None:
 
 
 def build_strategy(cfg: StrategyConfig, n_stages: int) -> RecoveryStrategy:
-    validate_strategy_config(cfg, n_stages)
+    """The strategy of a validated ``cfg`` (``validate_strategy_config``, which ``validate_run_config`` runs: the
+    one gate for bad input)."""
     return strategy_class(cfg.name)(cfg)
 
 

@@ -19,15 +19,25 @@ The trainer asks the clock and never prices anything itself.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
+from checkfree.failure_models.base import FailureConfig
 from checkfree.model.presets import ModelConfig, edge_param_count, preset, stage_param_counts
 from checkfree.plan import BODY, EDGES, RecoveryReport, Traffic, Transfer
 from checkfree.recovery import RecoveryStrategy
-from checkfree.run.runconfig import RunConfig
+from checkfree.run.config import TrainerConfig
 from checkfree.simulation import paper_table2
 from checkfree.simulation.cost import CostModel, StepOverhead, p2p_seconds, sustained_period
-from checkfree.simulation.networks import measure_flops, stage_link
+from checkfree.simulation.networks import NetworkConfig, measure_flops, stage_link
 from checkfree.simulation.placement import Placement
+
+if TYPE_CHECKING:
+    from checkfree.run.runconfig import RunConfig
+
+Pricing = RecoveryStrategy | type[RecoveryStrategy]
+"""What the clock reads of a strategy: the class attributes it declares for pricing (``schedule_name``,
+``redundant_compute``, ``table2_column``, ``sends_in_background``), so a strategy's class serves before the
+strategy itself is built (``strategy.every: auto`` is decided from the clock's prices)."""
 
 
 def priced_as(paper: ModelConfig, n_stages: int) -> ModelConfig:
@@ -40,14 +50,24 @@ def priced_as(paper: ModelConfig, n_stages: int) -> ModelConfig:
 
 
 class Clock:
-    def __init__(self, cfg: RunConfig, model: ModelConfig, strategy: RecoveryStrategy) -> None:
-        priced, micro_batch_size = model, cfg.trainer.micro_batch_size
-        if cfg.trainer.clock_preset is not None:
+    """The run's prices, from the config sections they depend on: ``trainer`` (clock, preset, batch shape, paper
+    T), ``network``, ``failure`` (the hourly rate the paper's measured iteration depends on, or a fixed
+    iteration time) and the data-parallel ``replicas`` per stage."""
+
+    @classmethod
+    def of(cls, run: RunConfig, model: ModelConfig, strategy: Pricing) -> Clock:
+        """The clock of a whole run config (its sections, picked out)."""
+        return cls(run.trainer, run.network, run.failure, run.engine.replicas, model, strategy)
+
+    def __init__(self, trainer: TrainerConfig, network: NetworkConfig, failure: FailureConfig, replicas: int,
+                 model: ModelConfig, strategy: Pricing) -> None:
+        priced, micro_batch_size = model, trainer.micro_batch_size
+        if trainer.clock_preset is not None:
             # Price every iteration as the paper-scale model would cost, so that failure rates per hour
             # mean at CPU scale what they mean in the paper's setting (docs/clock.md, 'Three ways to price an iteration').
-            priced = priced_as(preset(cfg.trainer.clock_preset), model.n_stages)
-            micro_batch_size = cfg.trainer.clock_micro_batch_size or micro_batch_size
-        flops = measure_flops() if cfg.network.device == "measured" else None
+            priced = priced_as(preset(trainer.clock_preset), model.n_stages)
+            micro_batch_size = trainer.clock_micro_batch_size or micro_batch_size
+        flops = measure_flops() if network.device == "measured" else None
         self.byte_scale = [p / a for p, a in zip(stage_param_counts(priced), stage_param_counts(model))]
         """Per stage: the priced model's parameters over the trained model's. A stage's copy, shard or state is
         priced at its own stage's size (an edge stage's (de)embedding makes its scale another than a middle
@@ -59,19 +79,19 @@ class Clock:
         self.body_scale = [(p - edge_param_count(priced, k)) / (a - edge_param_count(model, k))
                            for k, (p, a) in enumerate(zip(stage_param_counts(priced), stage_param_counts(model)))]
         """Per stage: the scale of its decoder blocks alone (what a CheckFree source sends)."""
-        self.cost = CostModel(priced, cfg.trainer.micro_batches, micro_batch_size, cfg.network, flops_per_s=flops,
-                              replicas=cfg.engine.replicas)
-        self.paper, self.paper_T = cfg.trainer.clock == "paper_table2", cfg.trainer.paper_T
+        self.cost = CostModel(priced, trainer.micro_batches, micro_batch_size, network, flops_per_s=flops,
+                              replicas=replicas)
+        self.paper, self.paper_T = trainer.clock == "paper_table2", trainer.paper_T
         self.saves_in_paper_time = strategy.table2_column == "checkpointing"
         """On paper_table2: the strategy's measured iteration time includes its synchronous checkpoint saves."""
-        self.priced_recovery = cfg.trainer.paper_recovery == "priced"
+        self.priced_recovery = trainer.paper_recovery == "priced"
         """On paper_table2: price recoveries by the bytes they move (``trainer.paper_recovery``)."""
-        self.incident_s = paper_table2.RECOVERY_S if self.paper else cfg.network.replacement_delay_s
+        self.incident_s = paper_table2.RECOVERY_S if self.paper else network.replacement_delay_s
         """Losses closer together than this (a recovery's time) strike the pipeline together."""
         self.schedule, self.shadows = strategy.schedule_name, strategy.redundant_compute
-        self.paper_s = paper_table2.iteration_seconds(strategy.table2_column, cfg.failure.hourly_rate) \
+        self.paper_s = paper_table2.iteration_seconds(strategy.table2_column, failure.hourly_rate) \
             if self.paper else None
-        self.fixed_s = cfg.failure.iteration_seconds if cfg.trainer.clock == "fixed" else None
+        self.fixed_s = failure.iteration_seconds if trainer.clock == "fixed" else None
         self._price(None)
         self.home = (self.iteration_s, self.sub_iteration_s, self.link_busy, self.stage_busy, self.floor_bound)
         """The prices with every stage on its own node (what ``place`` returns to, exactly)."""
@@ -199,7 +219,7 @@ class Clock:
         busy = self.link_busy if stage is None else self.stage_busy[stage]
         return period * self.iteration_s * (1.0 - busy)
 
-    def sustained_period(self, strategy: RecoveryStrategy) -> int:
+    def sustained_period(self, strategy: Pricing) -> int:
         """``strategy.every: auto``: the smallest period at which every stage's background copies (of the
         preset's size, over the network preset's links, in the time the pipeline leaves that stage's node)
         never pile up (``checkfree.simulation.cost.sustained_period``)."""

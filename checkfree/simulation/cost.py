@@ -31,7 +31,6 @@ from checkfree.simulation.networks import (
     Link,
     NetworkConfig,
     stage_link,
-    validate_network_config,
 )
 from checkfree.simulation.placement import Placement
 from checkfree.stage.routes import BODY, HEAD, route
@@ -175,7 +174,7 @@ class CostModel:
         flops_per_s: float | None = None,
         replicas: int = 1,
     ) -> None:
-        validate_network_config(network, model.n_stages)
+        # ``network`` is validated (validate_network_config, run by validate_run_config: the one gate).
         if flops_per_s is None:
             if network.device == "measured":
                 raise ValueError("network.device='measured' needs flops_per_s=measure_flops().")
