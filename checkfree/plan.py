@@ -37,6 +37,17 @@ SENT = "sent"
 COPIED = "copied"
 """The owner copies it into its own host memory: no network traffic (the device -> host copy is priced with
 the snapshot it is taken for)."""
+# How it is encoded (``checkfree.stage.encoding``):
+EXACT = "exact"
+"""The tensors as the stage holds them."""
+BF16 = "bf16"
+"""Weights in bfloat16 (2 bytes a parameter)."""
+INT8 = "int8"
+"""Weights in int8 with one fp32 absmax scale per output channel (1 byte a parameter)."""
+ENCODINGS = (EXACT, BF16, INT8)
+BYTES_PER_PARAM = {EXACT: 4.0, BF16: 2.0, INT8: 1.0}
+"""Bytes a parameter takes in a copy of fp32 weights in each encoding (int8's per-channel scales left out: one
+fp32 per row, under 0.4 % of the codes for rows of 1,024 and more)."""
 # Where it lives:
 PEER_RAM = "peer_ram"
 """In the memory of another stage's node (``holder``): it is lost when that node is."""
@@ -59,6 +70,15 @@ class CopyKind:
     """A sent copy whose transfer overlaps training (the step waits only for the owner's device -> host copy):
     the clock charges the part of the transfer that the time until the next refresh cannot hide. Otherwise a
     sent refresh is charged in full, as the owner waits for it."""
+    encoding: str = EXACT
+    """EXACT | BF16 | INT8: how its tensors are stored (a restore decodes exactly this, never casts)."""
+
+    def __post_init__(self) -> None:
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"encoding={self.encoding!r}; allowed: {', '.join(ENCODINGS)}")
+        if self.encoding != EXACT and self.holds != WEIGHTS:
+            raise ValueError(f"a {self.name} is encoded {self.encoding}: only weights are encoded (an optimizer "
+                             "state is kept exact)")
 
     @property
     def sent(self) -> bool:
@@ -66,17 +86,21 @@ class CopyKind:
 
 
 REPLICA, SHADOW, SNAPSHOT, HOST_SNAPSHOT = "replica", "shadow", "snapshot", "host_snapshot"
+SNAPSHOT_BF16, SNAPSHOT_INT8 = "snapshot_bf16", "snapshot_int8"
 """The kinds' names (what a ``Held`` and a resume state store). A *replica* is the owner's (de)embedding
 (CheckFree+), sent, and priced as traffic. A *shadow* is the owner's whole state (Bamboo-style redundant
 computation), kept identical by computing the owner's step: no bytes move (its cost is the redundant compute).
 A *snapshot* is the owner's whole state at one step, sent in the background to a peer's RAM (in-memory
 checkpoints); a *host snapshot* is the same state in the owner's own host memory, from which a surviving stage
-rolls back without any traffic."""
+rolls back without any traffic. A *compressed snapshot* (``snapshot_bf16``, ``snapshot_int8``) is the owner's
+weights alone, encoded, sent in the background to a peer's RAM: a restore starts a fresh optimizer."""
 KINDS: dict[str, CopyKind] = {kind.name: kind for kind in (
     CopyKind(REPLICA, holds=EDGES, kept=SENT),
     CopyKind(SHADOW, holds=STATE, kept=RECOMPUTED),
     CopyKind(SNAPSHOT, holds=STATE, kept=SENT, background=True),
     CopyKind(HOST_SNAPSHOT, holds=STATE, kept=COPIED, lives=OWN_HOST),
+    CopyKind(SNAPSHOT_BF16, holds=WEIGHTS, kept=SENT, background=True, encoding=BF16),
+    CopyKind(SNAPSHOT_INT8, holds=WEIGHTS, kept=SENT, background=True, encoding=INT8),
 )}
 
 # --- rollbacks: where the state comes back from ------------------------------------------------------------

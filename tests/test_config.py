@@ -206,9 +206,13 @@ BAD_INPUTS = [
                                           r"has failure=poisson"),
     (["failure.preset=500m_33"], r"^failure.preset='500m_33' is invalid: only failure=bernoulli reads it"),
     (["+strategy.every=5"], r"^strategy.every=5 is not read by strategy=checkfree_plus: it is read only by "
-                            r"strategy=async_checkpoint\|checkpoint\|memory_checkpoint\|snapshot_restore, so it would be "
-                            r"ignored; drop it "
+                            r"strategy=async_checkpoint\|checkpoint\|compressed_snapshot\|memory_checkpoint\|snapshot_restore, so it "
+                            r"would be ignored; drop it "
                             r"\(strategy=checkfree_plus reads "),
+    (["strategy=compressed_snapshot", "strategy.encoding=fp8"],
+     r"^strategy.encoding='fp8' is invalid: allowed is 'bf16' or 'int8'.$"),
+    (["strategy=checkfree", "+strategy.encoding=bf16"], r"^strategy.encoding=bf16 is not read by strategy=checkfree: "
+                                                        r"it is read only by strategy=compressed_snapshot"),
     (["strategy=checkfree", "+strategy.keep=3"], r"^strategy.keep=3 is not read by strategy=checkfree: it is read "
                                                  r"only by strategy=async_checkpoint\|checkpoint\|memory_checkpoint"),
     (["strategy=checkpoint", "strategy.every=auto"], r"^strategy.every='auto' is invalid for strategy=checkpoint: only "

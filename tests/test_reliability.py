@@ -111,6 +111,10 @@ RESUME_CASES = {
     "snapshot_restore-trace": dict(strategy={"name": "snapshot_restore", "every": 3},
                                    failure=[{"iteration": 4, "stage": 1}, {"iteration": 9, "stage": 2}],
                                    save_every=1, stop_at=8),
+    # Its held copies are int8 codes and scales: they travel with the resumable state as they are.
+    "compressed_snapshot-trace": dict(strategy={"name": "compressed_snapshot", "every": 3, "encoding": "int8"},
+                                      failure=[{"iteration": 4, "stage": 1}, {"iteration": 9, "stage": 2}],
+                                      save_every=1, stop_at=8),
     # No replacement node for 0.04 h: stage 2 runs on host 1 when the run stops, its node arrives after the
     # resume (the placement, the absent node's arrival and the replacement draws travel with the state).
     "shrink-trace": dict(strategy={"name": "checkfree"}, engine={"no_replacement": "shrink"},

@@ -29,6 +29,7 @@ STRATEGIES: dict[str, str] = {
     "snapshot_restore": "checkfree.recovery.snapshot_restore:SnapshotRestore",
     "memory_checkpoint": "checkfree.recovery.memory_checkpoint:MemoryCheckpoint",
     "async_checkpoint": "checkfree.recovery.async_checkpoint:AsyncCheckpoint",
+    "compressed_snapshot": "checkfree.recovery.compressed_snapshot:CompressedSnapshot",
 }
 """Strategy name -> "module:Class" (imported when a run asks for it)."""
 
@@ -51,10 +52,11 @@ def validate_strategy_config(cfg: StrategyConfig, n_stages: int) -> None:
         (cfg.edge_rule in ("none", "copy"), "edge_rule", "'none' or 'copy'"),
         (cfg.replica_sync_every >= 1, "replica_sync_every", "an integer >= 1"),
         (cfg.every == "auto" or (isinstance(cfg.every, int) and cfg.every >= 1), "every",
-         "an integer >= 1, or 'auto' (async_checkpoint, memory_checkpoint, snapshot_restore)"),
+         "an integer >= 1, or 'auto' (async_checkpoint, memory_checkpoint, snapshot_restore, compressed_snapshot)"),
         (cfg.keep >= 1, "keep", "an integer >= 1"),
         (cfg.copies >= 1, "copies", "an integer >= 1 (and below model.n_stages)"),
         (cfg.storage_every >= 1, "storage_every", "an integer >= 1"),
+        (cfg.encoding in ("bf16", "int8"), "encoding", "'bf16' or 'int8'"),
     ]
     for ok, key, allowed in checks:
         if not ok:
@@ -62,7 +64,8 @@ def validate_strategy_config(cfg: StrategyConfig, n_stages: int) -> None:
     cls = strategy_class(cfg.name)
     if cfg.every == "auto" and cls.sends_in_background is None:
         raise ConfigError(f"strategy.every='auto' is invalid for strategy={cfg.name}: only strategies that save in "
-                          "the background (async_checkpoint, memory_checkpoint, snapshot_restore) can pick their "
+                          "the background (async_checkpoint, memory_checkpoint, snapshot_restore, compressed_snapshot) can pick "
+                          "their "
                           "period from the bandwidth; allowed is an integer >= 1.")
     cls(cfg).validate(n_stages)
 

@@ -59,6 +59,9 @@ class StrategyConfig:
     storage_every: int = 100
     """memory_checkpoint: save a checkpoint to storage every this many (wall) iterations, the fall-back when every
     copy of a lost stage's snapshot was lost with it."""
+    encoding: str = "int8"
+    """compressed_snapshot: how each stage's weights are sent to its peers: 'bf16' (2 bytes a parameter) or
+    'int8' (1 byte and one fp32 scale per output channel; ``checkfree.stage.encoding``)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,6 +89,12 @@ class RecoveryStrategy:
     table2_column = "checkfree"
     """Which of the paper's measured iteration times (its Table 2) this strategy pays under
     trainer.clock=paper_table2: checkfree | checkpointing | redundant."""
+
+    @classmethod
+    def background_bytes_per_param(cls, cfg: StrategyConfig) -> float:
+        """Bytes a parameter takes in one background copy, for ``every: auto``: a whole state (fp32 weights and
+        Adam's two fp32 moments) unless a strategy sends less."""
+        return 12.0
 
     def __init__(self, cfg: StrategyConfig) -> None:
         self.cfg = cfg

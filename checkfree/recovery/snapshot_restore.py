@@ -25,9 +25,11 @@ class PeerSnapshots:
     """Each stage's snapshot on its next ``copies`` peers (for the strategies that keep them)."""
 
     cfg: object
+    snapshot_kind = SNAPSHOT
+    """The kind of held copy a snapshot is (``checkfree.plan.KINDS``)."""
 
     def snapshots(self, n_stages: int) -> tuple[Held, ...]:
-        return tuple(Held(SNAPSHOT, k, (k + j) % n_stages) for k in range(n_stages)
+        return tuple(Held(self.snapshot_kind, k, (k + j) % n_stages) for k in range(n_stages)
                      for j in range(1, self.cfg.copies + 1))
 
     def snapshot_holder(self, k: int, lost: frozenset[int], n_stages: int) -> int | None:
@@ -70,7 +72,7 @@ class SnapshotRestore(PeerSnapshots, CheckFree):
         holder = self.snapshot_holder(k, lost, view.n_stages)
         if holder is None:
             return super().rebuild(k, lost, view)  # its snapshots died with it: CheckFree's rule
-        held = Held(SNAPSHOT, k, holder)
+        held = Held(self.snapshot_kind, k, holder)
         # lr=None: the snapshot's own Adam state and lr come back with its weights.
         return Rebuild(k, "snapshot", self.fresh_seed(view, k), restore=held, lr=None,
                        fetch=self.held_by(k, view.n_stages),

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from checkfree.failure_models.base import FailureConfig
 from checkfree.model.presets import ModelConfig, edge_param_count, preset, stage_param_counts
 from checkfree.plan import BODY, EDGES, RecoveryReport, Traffic, Transfer
-from checkfree.recovery import RecoveryStrategy
+from checkfree.recovery import RecoveryStrategy, StrategyConfig
 from checkfree.run.config import TrainerConfig
 from checkfree.simulation import paper_table2
 from checkfree.simulation.cost import CostModel, StepOverhead, p2p_seconds, sustained_period
@@ -219,11 +219,12 @@ class Clock:
         busy = self.link_busy if stage is None else self.stage_busy[stage]
         return period * self.iteration_s * (1.0 - busy)
 
-    def sustained_period(self, strategy: Pricing) -> int:
+    def sustained_period(self, strategy: Pricing, cfg: StrategyConfig) -> int:
         """``strategy.every: auto``: the smallest period at which every stage's background copies (of the
         preset's size, over the network preset's links, in the time the pipeline leaves that stage's node)
         never pile up (``checkfree.simulation.cost.sustained_period``)."""
-        copies = self.cost.background_copy_seconds(strategy.sends_in_background)
+        copies = self.cost.background_copy_seconds(strategy.sends_in_background,
+                                                   strategy.background_bytes_per_param(cfg))
         return max(sustained_period(seconds, self.background_window(1, k)) for k, seconds in enumerate(copies))
 
     def flush_seconds(self, traffic: Traffic) -> float:

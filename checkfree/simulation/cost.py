@@ -368,15 +368,16 @@ class CostModel:
                   for (a, b), n in copies.items() if n > 0]
         return max(stalls, default=0.0)
 
-    def background_copy_seconds(self, to: str) -> list[float]:
-        """How long each stage's whole state (weights + Adam) takes to reach ``to`` in the background: 'storage'
-        (host copy + upload) or 'peer' (host copy + the send to the next stage)."""
+    def background_copy_seconds(self, to: str, bytes_per_param: float = 12.0) -> list[float]:
+        """How long each stage's background copy takes to reach ``to``: 'storage' (host copy + upload) or 'peer'
+        (host copy + the send to the next stage). A copy is ``bytes_per_param`` a parameter: 12 for a whole
+        state (fp32 weights + Adam's two moments), less for a compressed snapshot."""
         n = self.model.n_stages
+        sizes = [self.params[k] * bytes_per_param for k in range(n)]
         if to == "storage":
-            return [self.flush_seconds(self.stage_bytes(k, with_optimizer=True)) for k in range(n)]
-        return [self.stage_bytes(k, True) / self.network.host_bandwidth_Bps
-                + p2p_seconds(self.stage_bytes(k, True), stage_link(self.network, k, (k + 1) % n))
-                for k in range(n)]
+            return [self.flush_seconds(size) for size in sizes]
+        return [size / self.network.host_bandwidth_Bps + p2p_seconds(size, stage_link(self.network, k, (k + 1) % n))
+                for k, size in enumerate(sizes)]
 
     def flush_seconds(self, n_bytes: float, share: float = 1.0) -> float:
         """An asynchronous checkpoint shard from the device to host memory, then from there to storage with

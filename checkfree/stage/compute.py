@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from checkfree.model.llama import Stage
-from checkfree.plan import EDGES, WEIGHTS, ZERO_DOWN_PROJ, Held, Rebuild
+from checkfree.plan import EDGES, EXACT, WEIGHTS, ZERO_DOWN_PROJ, Held, Rebuild
 from checkfree.stage.averaging import weighted_state
+from checkfree.stage.encoding import decode, encode
 from checkfree.stage.routes import BODY, EMBED, HEAD
 
 State = dict[str, Any]
@@ -237,6 +238,8 @@ class StageCompute:
         holds = held.what.holds
         if holds == EDGES:
             return {"weights": self.stage.edge_state()}
+        if held.what.encoding != EXACT:
+            return encode(self.stage.state_dict(), held.what.encoding)
         return {"weights": self.stage.state_dict()} if holds == WEIGHTS else self.state()
 
     @torch.no_grad()
@@ -252,7 +255,9 @@ class StageCompute:
         if restored is not None and "optimizer" in restored:
             self.load_state(restored)  # a shadow: weights, Adam moments, step count and lr, exactly
         elif restored is not None:
-            self.stage.load_state_dict({k: v.to(self.device) for k, v in restored["weights"].items()}, strict=False)
+            weights = decode(restored, rebuild.restore.what.encoding) if rebuild.restore.what.encoding != EXACT \
+                else restored["weights"]
+            self.stage.load_state_dict({k: v.to(self.device) for k, v in weights.items()}, strict=False)
         for transform in rebuild.transforms:
             if transform == ZERO_DOWN_PROJ:
                 for layer in self.stage.layers:
