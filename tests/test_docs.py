@@ -68,3 +68,10 @@ def test_every_section_named_in_the_code_and_the_pages_exists():
                 missing.append(f"{source.relative_to(ROOT)}: {page}.md, {heading!r}")
     assert seen > 10  # the pattern still finds the references there are
     assert missing == []
+
+
+def test_the_results_index_names_every_experiment_with_a_report():
+    index = (ROOT / "results" / "README.md").read_text()
+    reported = sorted(d.name for d in (ROOT / "results").iterdir() if d.is_dir() and any(d.glob("*.md")))
+    assert len(reported) >= 10
+    assert [d for d in reported if f"| `{d}/` |" not in index] == []
