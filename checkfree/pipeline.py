@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from checkfree.distributed.courier import Courier
 from checkfree.engine import Outcome
 from checkfree.model.llama import Stage
 from checkfree.plan import Held, RecoveryPlan, Traffic, Upkeep, rebuild_reports, rollback_reports, sent_into
@@ -32,6 +31,7 @@ from checkfree.stage.host import StageHost
 from checkfree.stage.routes import blame, route
 from checkfree.stage.schedule import Schedule
 from checkfree.storage.checkpoints import BackgroundWriter, CheckpointStore
+from checkfree.transport.courier import Courier
 
 
 class LocalEngine(StageHost):

@@ -217,7 +217,7 @@ def test_export_of_a_cuda_run_loads_on_the_cpu_with_equal_logits(runs):
 def test_process_engine_on_cuda_survives_a_sigkill(data_cache, tmp_path):
     """One process per stage on the GPU(s): NCCL where every stage has a GPU of its own, else gloo, which carries
     the activations and weights of processes that share a GPU through host memory (NCCL refuses two ranks on
-    one GPU, and gloo's send/recv take CPU tensors only: checkfree.distributed.transfer.wire_device). Stage 2's
+    one GPU, and gloo's send/recv take CPU tensors only: checkfree.transport.transfer.wire_device). Stage 2's
     process is SIGKILLed mid-iteration 4 (tests/test_distributed.py's kill_mid_step); the iteration is
     discarded, stage 2 rebuilt in a new process from its neighbours, and the run matches a local run on the same
     device that lost stage 2 at iteration 4, within LOSS_TOL. Plain CheckFree (in order, GPipe): between two

@@ -1,4 +1,4 @@
-"""States between stage processes (``checkfree.distributed.transfer`` / ``headers``): exact round trips, and
+"""States between stage processes (``checkfree.transport.transfer`` / ``headers``): exact round trips, and
 headers that are data — a forged one is refused, and nothing in it runs.
 
 The header checks are pure functions; one pair of real processes (gloo on 127.0.0.1) carries a state of
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkfree.distributed import headers
-from checkfree.distributed.headers import HeaderError
+from checkfree.transport import headers
+from checkfree.transport.headers import HeaderError
 
 TIMEOUT_S = 60.0
 
@@ -152,7 +152,7 @@ def _peer(rank: int, port: int, secret: str, out: str, conn) -> None:
     import torch.distributed as dist
 
     from checkfree.distributed.rendezvous import connect_store, join_generation
-    from checkfree.distributed.transfer import isend_state, recv_state
+    from checkfree.transport.transfer import isend_state, recv_state
 
     cpu = torch.device("cpu")
     try:

@@ -9,8 +9,6 @@ replacement over the new group.
 Modules, one idea each:
 
 * ``programs`` — which stage runs which forward / backward pass, in which order (GPipe, 1F1B)
-* ``transfer`` — (nested) states point to point
-* ``courier`` — stage to stage, over the group or handed over in memory when one worker runs both
 * ``messages`` — the typed commands and replies of the control channel
 * ``worker`` — the stage worker and the commands it serves
 * ``rendezvous`` — the store and its generations
@@ -19,4 +17,6 @@ Modules, one idea each:
 * ``launchers`` — which pool starts the workers: local processes or Ray actors (``engine.launcher``)
 * ``ray_pool``, ``ray_actor`` — the same pool with one Ray actor per stage, on one machine or a cluster
 * ``engine`` — the engine the trainer drives: steps, validation, the plan executor
+
+States move between stages through ``checkfree.transport`` (the courier both engines' stage host uses).
 """

@@ -41,11 +41,9 @@ import torch
 import torch.distributed as dist
 
 from checkfree.distributed import messages as msg
-from checkfree.distributed.courier import Courier
 from checkfree.distributed.programs import host_program, message_tag, replica_micro_batches
 from checkfree.distributed.rendezvous import connect_store, is_loopback, join_generation
 from checkfree.distributed.rollcall import CalledOff, answer
-from checkfree.distributed.transfer import Pending, isend_state, recv_state, wire_device
 from checkfree.model.init_from import start_from
 from checkfree.model.llama import Stage
 from checkfree.model.presets import ModelConfig
@@ -55,6 +53,8 @@ from checkfree.stage.host import TAG_MOVE, StageHost
 from checkfree.stage.routes import blame, in_order, route
 from checkfree.stage.schedule import build_schedule
 from checkfree.storage.checkpoints import BackgroundWriter, CheckpointStore, DamagedCheckpoint
+from checkfree.transport.courier import Courier
+from checkfree.transport.transfer import Pending, isend_state, recv_state, wire_device
 
 
 @dataclass(frozen=True)

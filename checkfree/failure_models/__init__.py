@@ -8,6 +8,7 @@ strategy then recovers them. Every model is a module here, named as ``failure.na
 * ``poisson`` (default) — every eligible stage an independent Poisson process in simulated time.
 * ``bernoulli`` — the reference simulator's per-iteration coin per stage.
 * ``trace`` — replay a JSON or CSV file of events (``trace_files`` reads it).
+* ``zone`` — one Poisson draw per location of the geo network loses every eligible stage there at once.
 
 Adding a model = one module here whose ``MODEL`` is a ``base.FailureModel`` subclass (its ``reads`` name the
 ``failure.*`` keys it reads), ``conf/failure/<name>.yaml`` and its test; nothing else changes. The registry

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from checkfree.distributed.courier import Courier
-from checkfree.distributed.transfer import Pending
 from checkfree.plan import Held, RecoveryPlan, Transfer, fetch_transfer, rebuild_transfers
 from checkfree.stage.compute import StageCompute, host_copy, refresh_into
 from checkfree.storage.checkpoints import nbytes, shard_bytes
+from checkfree.transport.courier import Courier
+from checkfree.transport.transfer import Pending
 
 # Kinds of whole-state transfers; ``Courier.state_tag`` makes a kind and the (sender, receiver) stage pair one
 # tag (activation tags come from programs.message_tag and never meet these: each kind of traffic runs in its

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from checkfree.distributed import headers
+from checkfree.transport import headers
 
 
 def wire_device(backend: str, device: torch.device) -> torch.device:

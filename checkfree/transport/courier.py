@@ -20,9 +20,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from checkfree.distributed.transfer import Pending, isend_state, recv_state
 from checkfree.stage.compute import clone_state
 from checkfree.storage.checkpoints import nbytes
+from checkfree.transport.transfer import Pending, isend_state, recv_state
 
 
 class Courier:
