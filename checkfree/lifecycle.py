@@ -306,6 +306,9 @@ class Run:
             "lost_iterations": t.lost_iterations, "failures": t.failures, "recoveries": t.recoveries,
             "memory_overhead_bytes": self.trainer.engine.held_bytes(),
             "memory_overhead_bytes_per_node": self.trainer.engine.held_bytes_per_node(),
+            # The same, and the bytes the run moved, at the size the clock prices (trainer.clock_preset).
+            "memory_overhead_priced_bytes_per_node": self.trainer.priced_memory_per_node(),
+            "moved_priced_bytes": self.trainer.clock.moved_bytes,
             "initial_val_loss": t.initial_val_loss, "final_val_loss": t.final_val_loss,
             "best_val_loss": t.best_val_loss, "target_loss": cfg.trainer.target_loss,
             "time_to_target_s": t.time_to_target_s, "iterations_to_target": t.iterations_to_target,

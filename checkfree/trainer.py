@@ -189,6 +189,11 @@ class Trainer:
             record.hosts = list(self.hosts.placement.hosts)
         return record
 
+    def priced_memory_per_node(self) -> list[float]:
+        """What each node holds for others at the priced model's size (``Clock.memory_per_node``): every copy
+        the run has kept, and a background checkpoint's host buffer where the strategy flushes one."""
+        return self.clock.memory_per_node(self.held_since, self.strategy.sends_in_background == "storage")
+
     def strike(self, iteration: int, record: IterationRecord) -> float:
         """The iteration's work meets the failures of its simulated time, one incident after another.
 
@@ -426,7 +431,7 @@ class Trainer:
             "grad_norm_post": self.grad_norm_post, "iteration_s": self.clock.iteration_s,
             "held_since": [((h.kind, h.owner, h.holder), p) for h, p in self.held_since.items()],
             "carried": self.carried.to_dict() if self.carried is not None else None, "memory": self.memory.state_dict(),
-            "flushing": self.flushing, "hosts": self.hosts.state_dict(),
+            "flushing": self.flushing, "hosts": self.hosts.state_dict(), "moved_bytes": self.clock.moved_bytes,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -440,6 +445,7 @@ class Trainer:
         self.iteration_no, self.progress = state["iteration"], state["progress"]
         self.grad_norm, self.grad_norm_post = state["grad_norm"], state["grad_norm_post"]
         self.held_since = {Held(*key): p for key, p in state["held_since"]}
+        self.clock.moved_bytes = state.get("moved_bytes", 0.0)  # states saved before it was counted: from here on
         if "hosts" in state:  # absent from states saved before nodes could be missing
             self.hosts.load_state_dict(state["hosts"])
             self.clock.place(self.hosts.placement)

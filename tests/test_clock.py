@@ -266,3 +266,61 @@ def test_a_recovery_prices_each_piece_at_its_size_on_its_own_link(small_run):
     storage = clock.cost.network
     assert clock.recovery_seconds(rollback) == pytest.approx(
         delay + storage.storage_latency_s + 1_198_632_960 / storage.storage_bandwidth_Bps, rel=1e-6)
+
+
+def test_bytes_moved_are_counted_at_the_priced_size_once_each(small_run):
+    """The run's moved bytes at llama_500m's size: a background snapshot of an edge (1.199 GB) and a middle
+    stage (805 MB), then a rebuild receiving a middle stage's state (805 MB) and a replica (131 MB), then a
+    rollback downloading all six shards (2 x 1.199 GB + 4 x 805 MB)."""
+    from checkfree.plan import EDGES, STATE, RecoveryReport, Traffic, Transfer
+
+    clock, trained = llama_500m_clock(small_run)
+    assert clock.moved_bytes == 0.0
+    clock.upkeep_seconds(Traffic(background={(0, 1): 12 * trained[0], (2, 3): 12 * trained[2]},
+                                 holds={(0, 1): STATE, (2, 3): STATE}))
+    assert clock.moved_bytes == pytest.approx(1_198_620_672 + 805_404_672, rel=1e-9)
+    clock.recovery_seconds(RecoveryReport(1, "snapshot_restore", "snapshot", [2], [1.0], 0, transfers=[
+        Transfer(2, 1, STATE, 12 * trained[1]), Transfer(0, 0, EDGES, 4 * 1024 * 64)]))
+    assert clock.moved_bytes == pytest.approx(1_198_620_672 + 2 * 805_404_672 + 4 * 32_000 * 1024, rel=1e-9)
+    before = clock.moved_bytes
+    clock.recovery_seconds(RecoveryReport(2, "checkpoint", "rollback", [], [], 12 * trained[2], from_storage=True,
+                                          details={"shard_bytes": [12 * p for p in trained]}))
+    assert clock.moved_bytes - before == pytest.approx(2 * 1_198_632_960 + 4 * 805_404_672, rel=1e-5)
+
+
+def test_held_memory_at_the_priced_size_from_each_copy_s_kind(small_run):
+    """llama_500m in 6 stages: a snapshot of a middle stage is its 805 MB state, in int8 its 67.1 MB of weights
+    (one byte a parameter), in bf16 134 MB; a replica is the embedding's 131 MB; a background checkpoint's host
+    buffer is each node's own state."""
+    from checkfree.plan import REPLICA, SNAPSHOT, SNAPSHOT_BF16, SNAPSHOT_INT8, Held
+
+    clock, _ = llama_500m_clock(small_run)
+    middle = clock.priced_params[2]
+    assert clock.held_copy_bytes(Held(SNAPSHOT, 2, 3)) == 12 * middle == 805_404_672
+    assert clock.held_copy_bytes(Held(SNAPSHOT_INT8, 2, 3)) == middle
+    assert clock.held_copy_bytes(Held(SNAPSHOT_BF16, 2, 3)) == 2 * middle
+    assert clock.held_copy_bytes(Held(REPLICA, 0, 1)) == 4 * 32_000 * 1024
+    per_node = clock.memory_per_node([Held(SNAPSHOT_INT8, 2, 3), Held(REPLICA, 0, 1)], staging=False)
+    assert per_node == [0.0, 4 * 32_000 * 1024, 0.0, middle, 0.0, 0.0]
+    staged = clock.memory_per_node([], staging=True)
+    assert staged[2] == 805_404_672 and staged[0] == pytest.approx(1_198_620_672, rel=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["checkfree_plus", "snapshot_restore", "memory_checkpoint", "redundant",
+                                      "async_checkpoint", "compressed_snapshot"])
+def test_priced_memory_at_the_trained_size_is_what_the_nodes_really_hold(strategy, small_run, tmp_path):
+    """Priced at the trained model's own size (no clock preset), the memory the clock says each node holds for
+    others is what the engine measured on it, within the optimizer's step counters (a few bytes a tensor)."""
+    extra = {"compressed_snapshot": {"encoding": "bf16"}}.get(strategy, {})
+    periodic = ("snapshot_restore", "memory_checkpoint", "async_checkpoint", "compressed_snapshot")
+    every = {"every": 3, **({"storage_every": 4} if strategy == "memory_checkpoint" else {})} \
+        if strategy in periodic else {}
+    summary = train(small_run(strategy={"name": strategy, **every, **extra},
+                              trainer={"iterations": 8, "clock_preset": None},
+                              failure={"name": "trace", "path": str(write_trace(tmp_path / "t.json",
+                                                                                 [{"iteration": 4, "stage": 2}]))}),
+                    tmp_path / "run")
+    measured, priced = summary["memory_overhead_bytes_per_node"], summary["memory_overhead_priced_bytes_per_node"]
+    assert sum(measured) > 0
+    assert priced == pytest.approx(measured, rel=1e-3)
+    assert summary["moved_priced_bytes"] > 0 or strategy == "redundant"

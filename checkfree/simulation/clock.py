@@ -18,16 +18,24 @@ The trainer asks the clock and never prices anything itself.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from checkfree.failure_models.base import FailureConfig
 from checkfree.model.presets import ModelConfig, edge_param_count, preset, stage_param_counts
-from checkfree.plan import BODY, EDGES, RecoveryReport, Traffic, Transfer
+from checkfree.plan import BODY, BYTES_PER_PARAM, EDGES, STATE, Held, RecoveryReport, Traffic, Transfer
 from checkfree.recovery import RecoveryStrategy, StrategyConfig
 from checkfree.run.config import TrainerConfig
 from checkfree.simulation import paper_table2
-from checkfree.simulation.cost import CostModel, StepOverhead, p2p_seconds, sustained_period
+from checkfree.simulation.cost import (
+    ADAM_STATES,
+    FP32_BYTES,
+    CostModel,
+    StepOverhead,
+    p2p_seconds,
+    sustained_period,
+)
 from checkfree.simulation.networks import NetworkConfig, measure_flops, stage_link
 from checkfree.simulation.placement import Placement
 
@@ -76,6 +84,13 @@ class Clock:
                            else 0.0 for k in range(model.n_stages)]
         """Per stage: the scale of its (de)embedding alone (what a CheckFree+ replica holds; 0 for a middle
         stage, which has none)."""
+        self.priced_params = stage_param_counts(priced)
+        self.priced_edge_params = [edge_param_count(priced, k) for k in range(model.n_stages)]
+        """Per stage, the priced model's parameters, and those of its (de)embedding alone (what a held copy
+        holds, at the size the clock prices: ``held_copy_bytes``)."""
+        self.moved_bytes = 0.0
+        """Bytes moved so far at the priced model's size: every copy sent, checkpoint shard uploaded and piece
+        a recovery received or downloaded (``upkeep_seconds``, ``recovery_seconds`` count them)."""
         self.body_scale = [(p - edge_param_count(priced, k)) / (a - edge_param_count(model, k))
                            for k, (p, a) in enumerate(zip(stage_param_counts(priced), stage_param_counts(model)))]
         """Per stage: the scale of its decoder blocks alone (what a CheckFree source sends)."""
@@ -153,10 +168,12 @@ class Clock:
             return paper_table2.RECOVERY_S
         if report.from_storage:
             shards = self.shard_bytes_of(report.details["shard_bytes"])
+            self.moved_bytes += sum(shards)
             return self.cost.recovery_seconds(report.stage, [], max(shards), from_storage=True)
         by_node: dict[int, int] = {}  # what each sending node sends, one piece after another on its link
         for piece in report.transfers:
             by_node[piece.src] = by_node.get(piece.src, 0) + int(piece.n_bytes * self.piece_scale(piece))
+        self.moved_bytes += sum(by_node.values())
         return self.cost.network.replacement_delay_s + max(
             (p2p_seconds(n, stage_link(self.cost.network, src, report.stage)) for src, n in by_node.items() if n > 0),
             default=0.0)
@@ -190,6 +207,8 @@ class Clock:
             background = max(background, self.cost.flush_stall_seconds(shards, windows))
             upload = 0  # not uploaded on the step's time
         syncs = {key: self.copy_bytes(key, n, traffic) for key, n in traffic.sent.items()}
+        self.moved_bytes += sum(syncs.values()) + sum(self.copy_bytes(key, n, traffic)
+                                                      for key, n in traffic.background.items()) + sum(shards)
         if self.paper:
             # 0 for the paper's strategies (checkpointing: 91.35 vs 91.32 s per iteration, its saves included);
             # a strategy priced at another column pays the synchronous saves it makes (memory_checkpoint's
@@ -199,6 +218,25 @@ class Clock:
             return background + own_saves + refreshes
         return self.cost.overhead_seconds(StepOverhead(storage_upload_bytes=upload, replica_sync_bytes=syncs)) \
             + background
+
+    def held_copy_bytes(self, held: Held) -> float:
+        """One held copy at the priced model's size, from what its kind holds and how it is encoded: a replica
+        is the owner's fp32 (de)embedding, a state its fp32 weights and Adam's two moments, weights their
+        encoding's bytes a parameter (int8's per-channel scales left out)."""
+        what, owner = held.what, held.owner
+        if what.holds == EDGES:
+            return FP32_BYTES * self.priced_edge_params[owner]
+        per_param = FP32_BYTES * (1 + ADAM_STATES) if what.holds == STATE else BYTES_PER_PARAM[what.encoding]
+        return per_param * self.priced_params[owner]
+
+    def memory_per_node(self, held: Iterable[Held], staging: bool) -> list[float]:
+        """Bytes each node keeps beyond its own stage at the priced model's size: the held copies it holds and,
+        for a strategy that flushes checkpoints in the background (``staging``), the host buffer its own stage's
+        state is copied into."""
+        out = [FP32_BYTES * (1 + ADAM_STATES) * params if staging else 0.0 for params in self.priced_params]
+        for copy in held:
+            out[copy.holder] += self.held_copy_bytes(copy)
+        return out
 
     def shard_bytes(self, traffic: Traffic) -> list[int]:
         """Each stage's checkpoint shard at the priced model's size of that stage."""
