@@ -391,6 +391,9 @@ class Traffic:
     holds: dict[tuple[int, int], str] = field(default_factory=dict)
     """(owner, holder) -> what each sent copy holds (``CopyKind.holds``): the clock prices a replica at the size
     of the owner's (de)embedding, anything else at the owner's stage's."""
+    encodings: dict[tuple[int, int], str] = field(default_factory=dict)
+    """(owner, holder) -> how each sent copy is encoded, where not EXACT: the clock prices it at its encoding's
+    bytes a parameter of the owner's priced stage."""
 
 
 def sent_into(traffic: Traffic, held: Held, n_bytes: int) -> None:
@@ -398,3 +401,5 @@ def sent_into(traffic: Traffic, held: Held, n_bytes: int) -> None:
     if held.what.sent:
         (traffic.background if held.what.background else traffic.sent)[(held.owner, held.holder)] = n_bytes
         traffic.holds[(held.owner, held.holder)] = held.what.holds
+        if held.what.encoding != EXACT:
+            traffic.encodings[(held.owner, held.holder)] = held.what.encoding

@@ -304,6 +304,7 @@ class Trainer:
             self.memory.clear()  # no longer has; one as old lacks the lost stages' copies: none is usable
             self.flushing = None  # and a flush in flight was either used or forgotten
         self.refreshed(plan)
+        self.clock.count_recovery(outcome.reports)
         for report in outcome.reports:
             report.sim_seconds = self.clock.recovery_seconds(report)
             self.totals.recoveries.append({"iteration": self.iteration_no, "stage": report.stage,

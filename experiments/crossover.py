@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pandas as pd  # noqa: E402
 from table2 import (  # noqa: E402
     CAP,
+    RAN,
     calibrated_arguments,
     calibration_file,
     calibration_of,
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = runs_of(args, out, grid, regime(T, target, args.data, args.rate))
         frame = records(runs, T)
         frame.to_csv(out / "crossover.csv", index=False)
-        minutes = None if args.report_only else (time.perf_counter() - start) / 60
+        minutes = None if args.report_only or not RAN else (time.perf_counter() - start) / 60
         environment = describe([r.get("environment") for r in runs if "config" in r],
                                calibration_file(args).get("environments", []))
         text = report(frame, T, target, out, minutes, args.jobs, args.rate, environment)

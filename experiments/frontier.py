@@ -33,6 +33,7 @@ import pandas as pd  # noqa: E402
 from crossover import RATE, bandwidth_of, regime  # noqa: E402
 from table2 import (  # noqa: E402
     CAP,
+    RAN,
     calibrated_arguments,
     calibration_file,
     calibration_of,
@@ -105,11 +106,12 @@ def records(runs: list[dict], T: int) -> pd.DataFrame:
 def pareto(points: list[tuple[str, float, float]]) -> list[str]:
     """The names among (name, memory, hours) that no other point beats on both: none with at most its memory
     has fewer hours, none with less memory has as few. In order of memory."""
-    front, best = [], math.inf
-    for name, _, hours in sorted(points, key=lambda p: (p[1], p[2])):
-        if hours < best:
+    front, best = [], (math.inf, math.inf)  # the last point on the front: (memory, hours)
+    for name, memory, hours in sorted((p for p in points if p[1] == p[1] and p[2] == p[2]),  # NaN: not placed
+                                      key=lambda p: (p[1], p[2])):
+        if hours < best[1] or (memory, hours) == best:  # an exact tie with a point on the front is on it too
             front.append(name)
-            best = hours
+            best = (memory, hours)
     return front
 
 
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = runs_of(args, out, grid, regime(T, target, args.data))
         frame = records(runs, T)
         frame.to_csv(out / "frontier.csv", index=False)
-        minutes = None if args.report_only else (time.perf_counter() - start) / 60
+        minutes = None if args.report_only or not RAN else (time.perf_counter() - start) / 60
         environment = describe([r.get("environment") for r in runs if "config" in r],
                                calibration_file(args).get("environments", []))
         print(report(frame, T, target, out, minutes, args.jobs, environment))

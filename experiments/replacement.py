@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pandas as pd  # noqa: E402
-from table2 import CAP, calibrated_arguments, calibration_of, check_arguments, fmt, run_seconds, runs_of  # noqa: E402
+from table2 import CAP, RAN, calibrated_arguments, calibration_of, check_arguments, fmt, run_seconds, runs_of  # noqa: E402
 
 from checkfree.reports.table2 import ci95  # noqa: E402
 from checkfree.simulation import paper_table2  # noqa: E402
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = runs_of(args, out, points(args.seeds), regime(T, target, args.data))
         frame = records(runs, T)
         frame.to_csv(out / "replacement.csv", index=False)
-        minutes = None if args.report_only else (time.perf_counter() - start) / 60
+        minutes = None if args.report_only or not RAN else (time.perf_counter() - start) / 60
         text = report(frame, T, target, out, minutes, args.jobs)
         plot(frame, out / "replacement.png")
         print(text)

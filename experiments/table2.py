@@ -525,7 +525,9 @@ def calibrated_arguments(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--calibration", type=Path, default=None,
                         help="calibration.json of experiments/table2.py on that corpus (T and target); default: "
                              "results/table2_<data>/calibration.json")
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / out)
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"default: results/{out}, or results/{out}_bB at a --size B other than 8")
+    parser.set_defaults(experiment=out)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--report-only", action="store_true", help="write the report from the runs there are")
@@ -584,6 +586,10 @@ def numbers(flag: str, text: str, kind: type = float) -> list:
 def check_arguments(args: argparse.Namespace) -> None:
     """Every flag of an experiment script checked before any work (a probe, a calibration, a run): the ones
     ``calibrated_arguments`` and ``main`` define, as far as the script has them."""
+    RAN.clear()  # this invocation's
+    if getattr(args, "experiment", None) is not None and args.out is None:  # a calibrated experiment's default
+        size = getattr(args, "size", GRANULARITY_SIZES[0])
+        args.out = ROOT / "results" / (args.experiment + ("" if size == GRANULARITY_SIZES[0] else f"_b{size}"))
     if args.seeds < 1:
         refuse("--seeds", args.seeds, "at least 1")
     if args.jobs < 1:

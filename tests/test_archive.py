@@ -67,6 +67,12 @@ def test_unpack_keeps_a_newer_run_and_pack_keeps_the_runs_that_are_not_here(tmp_
     archived_summaries = {r: json.loads(d) for r, f, d in read(out) if f == "summary.json"}
     assert archived_summaries == {"runs/table2/000_a": {"status": "completed", "final_val_loss": 2.5},
                                   "runs/table2/001_b": {"status": "completed", "final_val_loss": 4.0}}
+    # A run is the unit: a run here whose kept rows are gone (made again, say, and not finished) leaves none of
+    # its older rows in the archive beside its newer summary.
+    (out / "runs/table2/000_a" / KEPT_METRICS).unlink()
+    (out / "runs/table2/000_a" / "metrics.jsonl").unlink()
+    pack(out)
+    assert [f for r, f, _ in read(out) if r == "runs/table2/000_a"] == ["summary.json"]
 
 
 def test_archived_packs_what_an_experiment_made_even_when_it_fails(tmp_path):

@@ -270,21 +270,24 @@ def test_a_recovery_prices_each_piece_at_its_size_on_its_own_link(small_run):
 
 def test_bytes_moved_are_counted_at_the_priced_size_once_each(small_run):
     """The run's moved bytes at llama_500m's size: a background snapshot of an edge (1.199 GB) and a middle
-    stage (805 MB), then a rebuild receiving a middle stage's state (805 MB) and a replica (131 MB), then a
-    rollback downloading all six shards (2 x 1.199 GB + 4 x 805 MB)."""
-    from checkfree.plan import EDGES, STATE, RecoveryReport, Traffic, Transfer
+    stage (805 MB) and an int8 one of a middle stage (67.1 MB, its encoding's byte a parameter); a rebuild
+    receiving a middle stage's state (805 MB) and a replica (131 MB); a rollback that lost two stages downloads
+    all six shards once (2 x 1.199 GB + 4 x 805 MB), though both lost stages' reports name them."""
+    from checkfree.plan import EDGES, INT8, STATE, WEIGHTS, RecoveryReport, Traffic, Transfer
 
     clock, trained = llama_500m_clock(small_run)
     assert clock.moved_bytes == 0.0
-    clock.upkeep_seconds(Traffic(background={(0, 1): 12 * trained[0], (2, 3): 12 * trained[2]},
-                                 holds={(0, 1): STATE, (2, 3): STATE}))
-    assert clock.moved_bytes == pytest.approx(1_198_620_672 + 805_404_672, rel=1e-9)
-    clock.recovery_seconds(RecoveryReport(1, "snapshot_restore", "snapshot", [2], [1.0], 0, transfers=[
-        Transfer(2, 1, STATE, 12 * trained[1]), Transfer(0, 0, EDGES, 4 * 1024 * 64)]))
-    assert clock.moved_bytes == pytest.approx(1_198_620_672 + 2 * 805_404_672 + 4 * 32_000 * 1024, rel=1e-9)
+    clock.upkeep_seconds(Traffic(background={(0, 1): 12 * trained[0], (2, 3): 12 * trained[2], (3, 4): 999},
+                                 holds={(0, 1): STATE, (2, 3): STATE, (3, 4): WEIGHTS}, encodings={(3, 4): INT8}))
+    assert clock.moved_bytes == pytest.approx(1_198_620_672 + 805_404_672 + 805_404_672 / 12, rel=1e-9)
     before = clock.moved_bytes
-    clock.recovery_seconds(RecoveryReport(2, "checkpoint", "rollback", [], [], 12 * trained[2], from_storage=True,
-                                          details={"shard_bytes": [12 * p for p in trained]}))
+    clock.count_recovery([RecoveryReport(1, "snapshot_restore", "snapshot", [2], [1.0], 0, transfers=[
+        Transfer(2, 1, STATE, 12 * trained[1]), Transfer(0, 0, EDGES, 4 * 1024 * 64)])])
+    assert clock.moved_bytes - before == pytest.approx(805_404_672 + 4 * 32_000 * 1024, rel=1e-9)
+    before = clock.moved_bytes
+    shards = {"shard_bytes": [12 * p for p in trained]}
+    clock.count_recovery([RecoveryReport(k, "checkpoint", "rollback", [], [], 12 * trained[k], from_storage=True,
+                                         details=shards) for k in (2, 3)])
     assert clock.moved_bytes - before == pytest.approx(2 * 1_198_632_960 + 4 * 805_404_672, rel=1e-5)
 
 

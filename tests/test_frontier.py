@@ -37,6 +37,8 @@ def test_the_frontier_keeps_what_nothing_beats_on_both_memory_and_hours():
     points = [("none", 0.0, 2.0), ("tie", 0.0, 2.5), ("small", 0.1, 1.5), ("worse", 0.5, 1.6), ("big", 1.0, 1.1),
               ("as_big_slower", 1.0, 1.2)]
     assert frontier.pareto(points) == ["none", "small", "big"]
+    assert frontier.pareto([*points, ("big_twin", 1.0, 1.1), ("unknown", float("nan"), 0.5)]) == [
+        "none", "small", "big", "big_twin"]
 
 
 def test_each_run_s_figures_and_the_report_rows(tmp_path):

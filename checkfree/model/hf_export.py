@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from checkfree.data.corpora import DataConfig
+from checkfree.data.corpora import DataConfig, validate_data_config
 from checkfree.data.loading import load_corpus
 from checkfree.model.init_from import WEIGHTS_FILE
 from checkfree.model.llama import stage_to_hf_key
@@ -362,7 +362,9 @@ def export_run(run_dir: Path | str, out_dir: Path | str | None = None, source: s
     stages, run_config, origin = load_run(run_dir, source)
     cfg = model_config_of(run_config, stages)
     # load_corpus reads the tokenizer from data.cache_dir, retraining the (deterministic) BPE if it is gone.
-    tokenizer = load_corpus(_section(run_config, "data", DataConfig), cfg.seq_len).tokenizer
+    data = _section(run_config, "data", DataConfig)
+    validate_data_config(data)  # the gate a run passes, for a corpus that may have moved since it ran
+    tokenizer = load_corpus(data, cfg.seq_len).tokenizer
     try:
         out = export_model(stages, cfg, tokenizer, out_dir if out_dir is not None else run_dir / "model")
     except ValueError as exc:

@@ -168,15 +168,24 @@ class Clock:
             return paper_table2.RECOVERY_S
         if report.from_storage:
             shards = self.shard_bytes_of(report.details["shard_bytes"])
-            self.moved_bytes += sum(shards)
             return self.cost.recovery_seconds(report.stage, [], max(shards), from_storage=True)
         by_node: dict[int, int] = {}  # what each sending node sends, one piece after another on its link
         for piece in report.transfers:
             by_node[piece.src] = by_node.get(piece.src, 0) + int(piece.n_bytes * self.piece_scale(piece))
-        self.moved_bytes += sum(by_node.values())
         return self.cost.network.replacement_delay_s + max(
             (p2p_seconds(n, stage_link(self.cost.network, src, report.stage)) for src, n in by_node.items() if n > 0),
             default=0.0)
+
+    def count_recovery(self, reports: list[RecoveryReport]) -> None:
+        """Add what one recovery moved to ``moved_bytes``, at the priced size, however it is priced in time: a
+        rollback from storage downloads every stage's shard once (each lost stage's report names all of
+        them), a rebuild receives its pieces. (Copies re-made for a replaced node after its rebuild, the
+        plan's ``refresh``, are not in any report and not counted.)"""
+        storage = [r for r in reports if r.from_storage]
+        if storage:
+            self.moved_bytes += sum(self.shard_bytes_of(storage[0].details["shard_bytes"]))
+        self.moved_bytes += sum(int(p.n_bytes * self.piece_scale(p)) for r in reports if not r.from_storage
+                                for p in r.transfers)
 
     def piece_scale(self, piece: Transfer) -> float:
         return self.scale_of(piece.holds, piece.owner)
@@ -247,7 +256,12 @@ class Clock:
 
     def copy_bytes(self, key: tuple[int, int], n_bytes: int, traffic: Traffic) -> int:
         """A refreshed copy (``key`` = (owner, holder)) at the priced model's size of what it holds: the owner's
-        (de)embedding for a replica, the owner's stage otherwise."""
+        (de)embedding for a replica, the owner's stage otherwise; an encoded copy at its encoding's bytes a
+        parameter (its per-channel scales, a few per cent at a CPU model's narrow rows, left out as
+        ``held_copy_bytes`` and ``every: auto`` leave them)."""
+        encoding = traffic.encodings.get(key)
+        if encoding is not None:
+            return int(BYTES_PER_PARAM[encoding] * self.priced_params[key[0]])
         return int(n_bytes * self.scale_of(traffic.holds.get(key), key[0]))
 
     def background_window(self, period: int = 1, stage: int | None = None) -> float:

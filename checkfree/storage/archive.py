@@ -5,8 +5,10 @@ An experiment (``experiments/*.py --out results/<name>``) leaves one run directo
 file by file they were hundreds of files per experiment; ``pack`` stores them in ``<out>/runs.parquet`` (one
 row per file: the run directory relative to ``<out>``, the file's name and its bytes, zstd-compressed), and
 ``unpack`` writes them back where they were, so that a fresh clone's experiment resumes (a completed point is
-not run again) and its reports regenerate to the digit from the same bytes. ``unpack`` never overwrites a file
-that is there: a run made here is newer than the archive. ``archived(out)`` does both around an experiment.
+not run again) and its reports regenerate to the digit from the same bytes. A run is the unit: ``unpack`` leaves
+a run directory that has a ``summary.json`` alone (a run made here is newer than the archive), and ``pack``
+replaces every archived file of a run that is here by what is here. Packs of one directory take a lock, one
+after another. ``archived(out)`` does both around an experiment.
 
     python -m checkfree.storage.archive pack results/crossover     # after making runs by hand
     python -m checkfree.storage.archive unpack results/crossover   # what an experiment does first
@@ -15,6 +17,7 @@ that is there: a run made here is newer than the archive. ``archived(out)`` does
 from __future__ import annotations
 
 import argparse
+import fcntl
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,21 +45,24 @@ def pack(out: Path) -> Path:
     atomically. A run whose kept rows are missing gets them made from its ``metrics.jsonl`` first. Runs the
     archive holds but that are not here (a clone that unpacked only some) stay in it."""
     out = Path(out)
-    rows: dict[tuple[str, str], bytes] = {(r, f): d for r, f, d in read(out)}
-    for run_dir in run_dirs(out):
-        if not (run_dir / KEPT_METRICS).exists() and (run_dir / "metrics.jsonl").exists():
-            keep_metrics(run_dir)
-        for name in KEPT:
-            if (run_dir / name).is_file():
-                rows[(run_dir.relative_to(out).as_posix(), name)] = (run_dir / name).read_bytes()
-    keys = sorted(rows)
-    table = pa.table({"run": [k[0] for k in keys], "file": [k[1] for k in keys],
-                      "data": [rows[k] for k in keys]}, schema=SCHEMA)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd", compression_level=9)
-    path = out / ARCHIVE
-    payload = sink.getvalue().to_pybytes()
-    write_atomic(path, lambda f: f.write(payload))
+    with open(out / f".{ARCHIVE}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another experiment packing here waits (released when the file closes)
+        here = {run_dir.relative_to(out).as_posix(): run_dir for run_dir in run_dirs(out)}
+        rows: dict[tuple[str, str], bytes] = {(r, f): d for r, f, d in read(out) if r not in here}
+        for run, run_dir in here.items():
+            if not (run_dir / KEPT_METRICS).exists() and (run_dir / "metrics.jsonl").exists():
+                keep_metrics(run_dir)
+            for name in KEPT:
+                if (run_dir / name).is_file():
+                    rows[(run, name)] = (run_dir / name).read_bytes()
+        keys = sorted(rows)
+        table = pa.table({"run": [k[0] for k in keys], "file": [k[1] for k in keys],
+                          "data": [rows[k] for k in keys]}, schema=SCHEMA)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd", compression_level=9)
+        path = out / ARCHIVE
+        payload = sink.getvalue().to_pybytes()
+        write_atomic(path, lambda f: f.write(payload))
     return path
 
 
@@ -73,15 +79,19 @@ def read(out: Path) -> list[tuple[str, str, bytes]]:
 
 
 def unpack(out: Path) -> int:
-    """Write every archived file of ``out/runs.parquet`` back into its run directory where that file is not
-    there already; returns how many were written."""
+    """Write every archived run of ``out/runs.parquet`` back into its run directory, except a run whose directory
+    has a ``summary.json`` here (it is newer); returns how many files were written."""
     out = Path(out).resolve()
     written = 0
-    for run, name, data in read(out):
+    entries = read(out)
+    for run, name, _ in entries:
         target = (out / run / name).resolve()
         if out not in target.parents or name not in KEPT:
             raise ValueError(f"{out / ARCHIVE}: the entry {run}/{name} is outside the run directories it may write")
-        if not target.exists():
+    present = {run for run, _, _ in entries if (out / run / "summary.json").exists()}
+    for run, name, data in entries:
+        target = out / run / name
+        if run not in present and not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(target, lambda f, data=data: f.write(data))
             written += 1
