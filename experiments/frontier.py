@@ -85,8 +85,8 @@ def label_of(summary: dict) -> str:
 def records(runs: list[dict], T: int) -> pd.DataFrame:
     rows = []
     for r in runs:
-        if "config" not in r:
-            continue  # a run that never started (its failure is in its run directory)
+        if "config" not in r or r.get("status") == "running":
+            continue  # a run that never started (its failure is in its run directory), or one under way
         seconds = r.get("time_to_target_interp_s")
         hours = r["total_sim_time_s"] / 3600
         memory = r.get("memory_overhead_priced_bytes_per_node")
@@ -127,6 +127,8 @@ def summary_rows(frame: pd.DataFrame) -> list[dict]:
     for b in sorted(set(frame.bandwidth_mbps)):
         for label in (name for name in RECOVERIES if name in set(frame.recovery)):
             mine = frame[(frame.recovery == label) & (frame.bandwidth_mbps == b)]
+            if mine.empty:
+                continue  # not run (yet) at this bandwidth
             reached = mine[mine.reached]
             out.append({"bandwidth_mbps": b, "recovery": label, "runs": len(mine), "reached": len(reached),
                         "over_T": [h / no_failure_hours(name) for h, name in zip(reached.hours_to_target,
@@ -156,8 +158,9 @@ def report(frame: pd.DataFrame, T: int, target: float, out: Path, minutes: float
         f"Time to target / T: paper hours over the no-failure time, mean ± 95 % CI over the seeds that reached the "
         f"target within {CAP:g} T (in brackets where not all did), at {RATE:.0%}/h, T = {T}, target {target}. Memory "
         "and bytes at llama_500m's size (the busiest node's held copies and staging buffers; every byte sent, "
-        "uploaded or received in a recovery, per simulated hour). The frontier: no other recovery has as little "
-        "memory and fewer hours. "
+        "uploaded or received in a recovery, per simulated hour; not the copies made anew for a replaced node after "
+        "its rebuild, which understates redundant computation's, whose lost shadow is made again). The frontier: no "
+        "other recovery has as little memory and fewer hours. "
         + (f"Wall time of this invocation {minutes:.1f} min ({jobs} jobs); " if minutes is not None
            else "Written from the runs there; ")
         + f"{frame.wall_s.fillna(0).sum() / 60:.1f} run-minutes in all.\n" + (f"\n{environment}\n" if environment else ""))
