@@ -11,7 +11,7 @@ the link sustains, ``every: auto``), at two bandwidths (56 Mb/s, 1.8 Gb/s):
 * memory a node holds for others and bytes the run moves per hour, *at llama_500m's size*
   (``memory_overhead_priced_bytes_per_node``, its busiest node; ``moved_priced_bytes``; docs/clock.md,
   "Memory and bytes at the priced size");
-* the Pareto frontier: the strategies no other beats on both hours and memory.
+* the Pareto frontier: the strategies no other beats on both hours to target and memory.
 
 Writes ``frontier.csv`` (one row per run), ``frontier.md`` and ``frontier.png`` into ``--out``; resumable, and its
 runs are packed into ``runs.parquet`` as every experiment's.
@@ -133,6 +133,7 @@ def summary_rows(frame: pd.DataFrame) -> list[dict]:
             out.append({"bandwidth_mbps": b, "recovery": label, "runs": len(mine), "reached": len(reached),
                         "over_T": [h / no_failure_hours(name) for h, name in zip(reached.hours_to_target,
                                                                                   reached.strategy)],
+                        "hours": list(reached.hours_to_target),
                         "memory_gb": float(mine.memory_gb_per_node.max()),
                         "moved_gb_per_hour": float(mine.moved_gb_per_hour.mean())})
     return out
@@ -144,14 +145,16 @@ def report(frame: pd.DataFrame, T: int, target: float, out: Path, minutes: float
     lines = []
     for b in sorted(set(frame.bandwidth_mbps)):
         here = [r for r in rows if r["bandwidth_mbps"] == b]
-        front = pareto([(r["recovery"], r["memory_gb"], statistics.fmean(r["over_T"])) for r in here if r["over_T"]])
+        front = pareto([(r["recovery"], r["memory_gb"], statistics.fmean(r["hours"])) for r in here if r["hours"]])
         lines += [f"At {b:g} Mb/s:", "",
-                  "| recovery | time to target / T | memory a node holds for others (GB) | moved (GB / h) | on the frontier |",
-                  "|---|---|---|---|---|"]
+                  "| recovery | hours to target | time to target / T | memory a node holds for others (GB) "
+                  "| moved (GB / h) | on the frontier |", "|---|---|---|---|---|---|"]
         for r in here:
             time_cell = (f"{fmt(r['over_T'], '.2f')}" + (f" ({r['reached']}/{r['runs']})" if r["reached"] < r["runs"]
                                                        else "")) if r["over_T"] else f"— (0/{r['runs']})"
-            lines.append(f"| {r['recovery']} | {time_cell} | {r['memory_gb']:.3f} | {r['moved_gb_per_hour']:.2f} | "
+            hours_cell = fmt(r["hours"], ".0f") if r["hours"] else "—"
+            lines.append(f"| {r['recovery']} | {hours_cell} | {time_cell} | {r['memory_gb']:.3f} | "
+                         f"{r['moved_gb_per_hour']:.2f} | "
                          f"{'yes' if r['recovery'] in front else ''} |")
         lines.append("")
     text = "\n".join(lines) + "\n" + (
@@ -160,7 +163,8 @@ def report(frame: pd.DataFrame, T: int, target: float, out: Path, minutes: float
         "and bytes at llama_500m's size (the busiest node's held copies and staging buffers; every byte sent, "
         "uploaded or received in a recovery, per simulated hour; not the copies made anew for a replaced node after "
         "its rebuild, which understates redundant computation's, whose lost shadow is made again). The frontier: no "
-        "other recovery has as little memory and fewer hours. "
+        "other recovery has as little memory and reaches the target in fewer hours (redundant computation's dearer "
+        "iteration counts there, not in its time / T). "
         + (f"Wall time of this invocation {minutes:.1f} min ({jobs} jobs); " if minutes is not None
            else "Written from the runs there; ")
         + f"{frame.wall_s.fillna(0).sum() / 60:.1f} run-minutes in all.\n" + (f"\n{environment}\n" if environment else ""))
@@ -178,19 +182,19 @@ def plot(frame: pd.DataFrame, T: int, path: Path) -> None:
     bandwidths = sorted(set(frame.bandwidth_mbps))
     fig, axes = plt.subplots(1, len(bandwidths), figsize=(5.5 * len(bandwidths), 4.2), squeeze=False)
     for ax, b in zip(axes[0], bandwidths):
-        here = [r for r in rows if r["bandwidth_mbps"] == b and r["over_T"]]
+        here = [r for r in rows if r["bandwidth_mbps"] == b and r["hours"]]
         for r in here:
-            mean = statistics.fmean(r["over_T"])
+            mean = statistics.fmean(r["hours"])
             ax.scatter(max(r["memory_gb"], 1e-3), mean)
             ax.annotate(r["recovery"], (max(r["memory_gb"], 1e-3), mean), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
-        front = pareto([(r["recovery"], r["memory_gb"], statistics.fmean(r["over_T"])) for r in here])
-        xy = sorted((max(r["memory_gb"], 1e-3), statistics.fmean(r["over_T"])) for r in here if r["recovery"] in front)
+        front = pareto([(r["recovery"], r["memory_gb"], statistics.fmean(r["hours"])) for r in here])
+        xy = sorted((max(r["memory_gb"], 1e-3), statistics.fmean(r["hours"])) for r in here if r["recovery"] in front)
         if xy:
             ax.step([x for x, _ in xy], [y for _, y in xy], where="post", color="grey", linestyle="--")
         ax.set_xscale("log")
         ax.set_xlabel("memory a node holds for others at llama_500m's size (GB)")
-        ax.set_ylabel("time to target / T")
+        ax.set_ylabel("paper hours to target")
         ax.set_title(f"{b:g} Mb/s, {RATE:.0%}/h", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

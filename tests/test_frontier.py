@@ -57,7 +57,7 @@ def test_each_run_s_figures_and_the_report_rows(tmp_path):
     text = frontier.report(frame, 1000, 3.671, tmp_path, None, 2)
     # CheckFree (0.131 GB, 1.60 T) and the int8 snapshot (0.100 GB, 1.14 T) are on the frontier: the latter has
     # less memory and fewer hours, so CheckFree is not; snapshot restore (1.2 GB, 1.06 T) is.
-    assert "| checkfree | 1.60 ± 0.50 | 0.131 | 0.50 |  |" in text
-    assert "| compressed_int8 | 1.14 ± 0.46 | 0.100 | 2.00 | yes |" in text
-    assert "| snapshot_restore | 1.06 (1/2) | 1.200 | 20.00 | yes |" in text
+    assert "| checkfree | 410 ± 127 | 1.60 ± 0.50 | 0.131 | 0.50 |  |" in text
+    assert "| compressed_int8 | 291 ± 118 | 1.14 ± 0.46 | 0.100 | 2.00 | yes |" in text
+    assert "| snapshot_restore | 270 | 1.06 (1/2) | 1.200 | 20.00 | yes |" in text
     assert (tmp_path / "frontier.md").read_text() == text
