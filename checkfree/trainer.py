@@ -112,8 +112,8 @@ class RunParts:
         n = model.n_stages
         declared = strategy_class(cfg.strategy.name)  # what the clock prices; the strategy is built once, below
         clock = Clock(cfg.trainer, cfg.network, cfg.failure, cfg.engine.replicas, model, declared)
-        every = clock.sustained_period(declared, cfg.strategy) if cfg.strategy.every == "auto" else cfg.strategy.every
         # every = auto: the smallest period the bandwidth sustains, from the clock's prices.
+        every = clock.sustained_period(declared, cfg.strategy) if cfg.strategy.every == "auto" else cfg.strategy.every
         strategy = build_strategy(replace(cfg.strategy, every=every), n)
         trace = read_delays(cfg.failure.replacement_path, n) if cfg.failure.replacement == "trace" else None
         replacements = Replacements(cfg.failure.replacement, cfg.failure.replacement_mean_h, n,

@@ -298,7 +298,7 @@ def test_held_memory_at_the_priced_size_from_each_copy_s_kind(small_run):
     from checkfree.plan import REPLICA, SNAPSHOT, SNAPSHOT_BF16, SNAPSHOT_INT8, Held
 
     clock, _ = llama_500m_clock(small_run)
-    middle = clock.priced_params[2]
+    middle = clock.cost.params[2]
     assert clock.held_copy_bytes(Held(SNAPSHOT, 2, 3)) == 12 * middle == 805_404_672
     assert clock.held_copy_bytes(Held(SNAPSHOT_INT8, 2, 3)) == middle
     assert clock.held_copy_bytes(Held(SNAPSHOT_BF16, 2, 3)) == 2 * middle

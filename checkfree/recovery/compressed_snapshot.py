@@ -12,7 +12,7 @@ not kept. When every copy died with the stage, CheckFree's rule rebuilds it (an 
 
 from __future__ import annotations
 
-from checkfree.plan import BYTES_PER_PARAM, SNAPSHOT_BF16, SNAPSHOT_INT8, Held, Rebuild, RunView
+from checkfree.plan import BYTES_PER_PARAM, SNAPSHOT_BF16, SNAPSHOT_INT8, RunView
 from checkfree.recovery.base import StrategyConfig
 from checkfree.recovery.snapshot_restore import SnapshotRestore
 
@@ -27,16 +27,14 @@ class CompressedSnapshot(SnapshotRestore):
     def snapshot_kind(self) -> str:
         return KIND[self.cfg.encoding]
 
+    @property
+    def snapshot_method(self) -> str:
+        return f"snapshot_{self.cfg.encoding}"
+
+    def restored_lr(self, view: RunView) -> float:
+        """A fresh Adam at ``lr_scale * lr``: the snapshot kept no optimizer state."""
+        return self.cfg.lr_scale * view.base_lr
+
     @classmethod
     def background_bytes_per_param(cls, cfg: StrategyConfig) -> float:
         return BYTES_PER_PARAM[cfg.encoding]
-
-    def rebuild(self, k: int, lost: frozenset[int], view: RunView) -> Rebuild:
-        holder = self.snapshot_holder(k, lost, view.n_stages)
-        if holder is None:
-            return super().rebuild(k, lost, view)  # its snapshots died with it: CheckFree's rule
-        held = Held(self.snapshot_kind, k, holder)
-        lr = self.cfg.lr_scale * view.base_lr
-        return Rebuild(k, f"snapshot_{self.cfg.encoding}", self.fresh_seed(view, k), restore=held, lr=lr,
-                       fetch=self.held_by(k, view.n_stages),
-                       details={"staleness": view.progress - view.held_since[held], "lr": lr})

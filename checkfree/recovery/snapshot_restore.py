@@ -68,12 +68,19 @@ class SnapshotRestore(PeerSnapshots, CheckFree):
         snapshots = self.snapshots(view.n_stages) if view.iteration % self.cfg.every == 0 else ()
         return Upkeep(refresh=(*replicas, *snapshots), period=self.cfg.every)
 
+    snapshot_method = "snapshot"
+    """What a restore from a snapshot is called in the records."""
+
+    def restored_lr(self, view: RunView) -> float | None:
+        """The restored stage's learning rate: None, as the snapshot's own Adam state and lr come back with its
+        weights."""
+        return None
+
     def rebuild(self, k: int, lost: frozenset[int], view: RunView) -> Rebuild:
         holder = self.snapshot_holder(k, lost, view.n_stages)
         if holder is None:
             return super().rebuild(k, lost, view)  # its snapshots died with it: CheckFree's rule
-        held = Held(self.snapshot_kind, k, holder)
-        # lr=None: the snapshot's own Adam state and lr come back with its weights.
-        return Rebuild(k, "snapshot", self.fresh_seed(view, k), restore=held, lr=None,
-                       fetch=self.held_by(k, view.n_stages),
-                       details={"staleness": view.progress - view.held_since[held]})
+        held, lr = Held(self.snapshot_kind, k, holder), self.restored_lr(view)
+        details = {"staleness": view.progress - view.held_since[held], **({"lr": lr} if lr is not None else {})}
+        return Rebuild(k, self.snapshot_method, self.fresh_seed(view, k), restore=held, lr=lr,
+                       fetch=self.held_by(k, view.n_stages), details=details)

@@ -28,14 +28,7 @@ from checkfree.plan import BODY, BYTES_PER_PARAM, EDGES, STATE, Held, RecoveryRe
 from checkfree.recovery import RecoveryStrategy, StrategyConfig
 from checkfree.run.config import TrainerConfig
 from checkfree.simulation import paper_table2
-from checkfree.simulation.cost import (
-    ADAM_STATES,
-    FP32_BYTES,
-    CostModel,
-    StepOverhead,
-    p2p_seconds,
-    sustained_period,
-)
+from checkfree.simulation.cost import FP32_BYTES, CostModel, StepOverhead, p2p_seconds, sustained_period
 from checkfree.simulation.networks import NetworkConfig, measure_flops, stage_link
 from checkfree.simulation.placement import Placement
 
@@ -84,13 +77,9 @@ class Clock:
                            else 0.0 for k in range(model.n_stages)]
         """Per stage: the scale of its (de)embedding alone (what a CheckFree+ replica holds; 0 for a middle
         stage, which has none)."""
-        self.priced_params = stage_param_counts(priced)
-        self.priced_edge_params = [edge_param_count(priced, k) for k in range(model.n_stages)]
-        """Per stage, the priced model's parameters, and those of its (de)embedding alone (what a held copy
-        holds, at the size the clock prices: ``held_copy_bytes``)."""
         self.moved_bytes = 0.0
         """Bytes moved so far at the priced model's size: every copy sent, checkpoint shard uploaded and piece
-        a recovery received or downloaded (``upkeep_seconds``, ``recovery_seconds`` count them)."""
+        a recovery received or downloaded (``upkeep_seconds`` and ``count_recovery`` count them)."""
         self.body_scale = [(p - edge_param_count(priced, k)) / (a - edge_param_count(model, k))
                            for k, (p, a) in enumerate(zip(stage_param_counts(priced), stage_param_counts(model)))]
         """Per stage: the scale of its decoder blocks alone (what a CheckFree source sends)."""
@@ -232,17 +221,19 @@ class Clock:
         """One held copy at the priced model's size, from what its kind holds and how it is encoded: a replica
         is the owner's fp32 (de)embedding, a state its fp32 weights and Adam's two moments, weights their
         encoding's bytes a parameter (int8's per-channel scales left out)."""
-        what, owner = held.what, held.owner
+        what, owner, cost = held.what, held.owner, self.cost
         if what.holds == EDGES:
-            return FP32_BYTES * self.priced_edge_params[owner]
-        per_param = FP32_BYTES * (1 + ADAM_STATES) if what.holds == STATE else BYTES_PER_PARAM[what.encoding]
-        return per_param * self.priced_params[owner]
+            return FP32_BYTES * (cost.params[owner] - cost.body_params[owner])
+        if what.holds == STATE:
+            return cost.stage_bytes(owner, with_optimizer=True)
+        return BYTES_PER_PARAM[what.encoding] * cost.params[owner]
 
     def memory_per_node(self, held: Iterable[Held], staging: bool) -> list[float]:
         """Bytes each node keeps beyond its own stage at the priced model's size: the held copies it holds and,
         for a strategy that flushes checkpoints in the background (``staging``), the host buffer its own stage's
         state is copied into."""
-        out = [FP32_BYTES * (1 + ADAM_STATES) * params if staging else 0.0 for params in self.priced_params]
+        out = [float(self.cost.stage_bytes(k, with_optimizer=True)) if staging else 0.0
+               for k in range(len(self.cost.params))]
         for copy in held:
             out[copy.holder] += self.held_copy_bytes(copy)
         return out
@@ -261,7 +252,7 @@ class Clock:
         ``held_copy_bytes`` and ``every: auto`` leave them)."""
         encoding = traffic.encodings.get(key)
         if encoding is not None:
-            return int(BYTES_PER_PARAM[encoding] * self.priced_params[key[0]])
+            return int(BYTES_PER_PARAM[encoding] * self.cost.params[key[0]])
         return int(n_bytes * self.scale_of(traffic.holds.get(key), key[0]))
 
     def background_window(self, period: int = 1, stage: int | None = None) -> float:
