@@ -301,6 +301,8 @@ class Run:
             # Without replacement nodes (failure.replacement): the pipeline's stalls, and its time on fewer hosts.
             "waiting_sim_s": t.waiting_sim_s, "moving_sim_s": t.moving_sim_s, "shrunk_sim_s": t.shrunk_sim_s,
             "min_live_hosts": self.trainer.hosts.min_live, "max_stages_per_host": self.trainer.hosts.most_per_host,
+            # Nodes, not stages (engine.replicas; docs/design.md, 'Nodes and replicas').
+            **self.trainer.node_counts(),
             "total_wall_time_s": self.trainer.wall_time(),
             "n_failures": len(t.failures), "n_recoveries": len(t.recoveries), "recoveries_by_method": by_method,
             "lost_iterations": t.lost_iterations, "failures": t.failures, "recoveries": t.recoveries,

@@ -296,8 +296,11 @@ def _print_summary(summary: dict) -> None:
           f"simulated {summary['total_sim_time_s'] / 3600:.2f} h")
     print(f"failures: {summary['n_failures']}, recoveries: {summary['n_recoveries']} "
           f"{summary['recoveries_by_method']}, lost iterations: {summary['lost_iterations']}")
-    for failure, recovery in zip(summary["failures"], summary["recoveries"]):
-        print(f"  iteration {failure['iteration']:>4}: stage {failure['stage']} lost -> {_recovered_from(recovery)}")
+    if summary.get("replicas", 1) > 1:
+        print(f"nodes lost: {summary['node_losses']} of {summary['replicas']} a stage, stages emptied: "
+              f"{summary['stage_losses']}, replicas re-synced: {summary['resyncs']}")
+    for recovery in summary["recoveries"]:
+        print(f"  iteration {recovery['iteration']:>4}: stage {recovery['stage']} lost -> {_recovered_from(recovery)}")
     if summary.get("time_to_target_s") is not None:
         print(f"target {summary['target_loss']} reached at {summary['time_to_target_s'] / 3600:.2f} simulated h")
     print(f"run directory: {summary['run_dir']}")

@@ -46,6 +46,7 @@ from checkfree.simulation.elastic import Change, Hosts, NoHostsLeft
 from checkfree.simulation.failures import FailureDraws
 from checkfree.simulation.ledger import Work
 from checkfree.simulation.replacements import Replacements
+from checkfree.simulation.roster import Roster
 from checkfree.stage.guard import check
 from checkfree.stage.schedule import Schedule, build_schedule
 from checkfree.storage.memory_store import MemoryStore
@@ -94,6 +95,12 @@ class Totals:
     """Simulated seconds the pipeline stood still while stages moved between hosts."""
     shrunk_sim_s: float = 0.0
     """Simulated seconds of work done on fewer hosts than stages."""
+    node_losses: int = 0
+    """Nodes lost (with one node a stage, every stage lost; with several, also those whose stage lived on)."""
+    stage_losses: int = 0
+    """Stages emptied: every node of theirs lost, so the strategy rebuilt them."""
+    adjacent_stage_losses: int = 0
+    """Pairs of neighbouring stages (k, k + 1) emptied in one incident."""
 
 
 @dataclass
@@ -106,6 +113,8 @@ class RunParts:
     failures: FailureDraws
     clock: Clock
     hosts: Hosts
+    roster: Roster | None = None
+    """The nodes of each stage, with several a stage (``engine.replicas`` > 1); None with one."""
 
     @classmethod
     def build(cls, cfg: RunConfig, model: ModelConfig) -> RunParts:
@@ -116,10 +125,16 @@ class RunParts:
         every = clock.sustained_period(declared, cfg.strategy) if cfg.strategy.every == "auto" else cfg.strategy.every
         strategy = build_strategy(replace(cfg.strategy, every=every), n)
         trace = read_delays(cfg.failure.replacement_path, n) if cfg.failure.replacement == "trace" else None
-        replacements = Replacements(cfg.failure.replacement, cfg.failure.replacement_mean_h, n,
-                                    cfg.seed + cfg.failure.seed_offset, trace)
-        return cls(strategy, build_schedule(strategy.schedule_name, n), FailureDraws(cfg.failure, n, cfg.seed), clock,
-                   Hosts(n, cfg.engine.no_replacement, min_hosts(cfg), replacements))
+        replicas = cfg.engine.replicas
+        failures = FailureDraws(cfg.failure, n, cfg.seed, replicas)
+        replacements = Replacements(cfg.failure.replacement, cfg.failure.replacement_mean_h, n * replicas,
+                                    cfg.seed + cfg.failure.seed_offset, trace, failures.model.pool())
+        roster = None
+        if replicas > 1:
+            resync = [clock.resync(k) for k in range(n)]
+            roster = Roster(n, replicas, replacements, [s for s, _ in resync], [b for _, b in resync])
+        return cls(strategy, build_schedule(strategy.schedule_name, n), failures, clock,
+                   Hosts(n, cfg.engine.no_replacement, min_hosts(cfg), replacements), roster)
 
 
 class Trainer:
@@ -127,8 +142,8 @@ class Trainer:
                  parts: RunParts | None = None) -> None:
         self.cfg, self.engine, self.corpus, self.model, self.run_dir = cfg, engine, corpus, model, Path(run_dir)
         parts = parts if parts is not None else RunParts.build(cfg, model)
-        self.strategy, self.schedule, self.failures, self.clock, self.hosts = (
-            parts.strategy, parts.schedule, parts.failures, parts.clock, parts.hosts)
+        self.strategy, self.schedule, self.failures, self.clock, self.hosts, self.roster = (
+            parts.strategy, parts.schedule, parts.failures, parts.clock, parts.hosts, parts.roster)
         self.totals = Totals()
         self.iteration_no, self.progress = 0, 0
         self.grad_norm: list[float] | None = None
@@ -187,7 +202,21 @@ class Trainer:
                        iteration_sim_s=work_s, overhead_sim_s=overhead_s, **skipped)
         if self.hosts.elastic:
             record.hosts = list(self.hosts.placement.hosts)
+        if self.roster is not None:
+            record.staff = list(self.roster.staff())
         return record
+
+    def node_counts(self) -> dict:
+        """What the nodes went through: losses of nodes and of whole stages (and of neighbouring stages together),
+        and with several nodes a stage the replicas re-synced, their bytes at the priced size, and the
+        stage-seconds spent short of nodes; with a pool of nodes (``failure=churn``), the pool's own counts."""
+        t, roster = self.totals, self.roster
+        return {"replicas": self.cfg.engine.replicas, "node_losses": t.node_losses, "stage_losses": t.stage_losses,
+                "adjacent_stage_losses": t.adjacent_stage_losses,
+                "resyncs": roster.resyncs if roster is not None else 0,
+                "resync_priced_bytes": roster.resynced_bytes if roster is not None else 0.0,
+                "under_replicated_sim_s": roster.short_s(t.sim_time_s) if roster is not None else 0.0,
+                **self.failures.model.counts()}
 
     def priced_memory_per_node(self) -> list[float]:
         """What each node holds for others at the priced model's size (``Clock.memory_per_node``): every copy
@@ -216,29 +245,56 @@ class Trainer:
         # if any, ends it instead, mid-iteration (each incident moves the time on). Every other run is as before.
         budget = self.cfg.trainer.sim_time_budget_s if self.hosts.elastic else None
         for _ in range(MAX_INCIDENTS) if budget is None else itertools.count():
-            stop = work.stop(self.hosts.next_arrival())
+            # A stage moves back between sub-iterations; a replica joins its stage when it has its state.
+            joining = self.roster.next_join() if self.roster is not None else None
+            stop = work.stop(self.hosts.next_arrival()) if joining is None else min(work.end, joining)
             incident = self.failures.next_incident(iteration, work.t, stop, self.clock.incident_s)
             if incident is None:
                 if stop >= work.end:
                     return work.kept_s
                 work.reach(stop)
-                work.wait(self.place(self.hosts.arrive(stop), record))
+                if joining is None:
+                    work.wait(self.place(self.hosts.arrive(stop), record))
+                else:
+                    self.join(stop, record)
                 work.reprice(self.clock.iteration_s, self.clock.sub_iteration_s)
                 continue
-            losses = {e.stage: e.time_s for e in incident.events}  # node slot -> when it was lost
-            hosts, stages = self.hosts.struck(losses)
             nonfinite = [r["stage"] for r in incident.records if r.get("cause") == "nonfinite"]
+            if self.roster is None:
+                losses = {e.stage: e.time_s for e in incident.events}  # node slot -> when it was lost
+                hosts, stages = self.hosts.struck(losses)
+                struck = [r for r in incident.records if r.get("cause") == "nonfinite" or r["stage"] in hosts]
+                self.totals.node_losses += len(hosts)
+            else:
+                nodes, losses = self.roster.lose(incident.events, self.clock.incident_s)
+                hosts, stages = self.hosts.struck(losses)
+                struck = [{"iteration": iteration, "stage": k, "replica": r, "time_s": t,
+                           **({"stage_lost": True} if losses.get(k) == t else {})} for k, r, t in nodes]
+                struck += [r for r in incident.records if r.get("cause") == "nonfinite"]
+                record.lost_nodes += [[k, r] for k, r, _ in nodes]
+                self.totals.node_losses += len(nodes)
             stages = sorted(set(stages) | set(nonfinite))
-            if not stages:  # only nodes that are not there were drawn: nothing is lost, the work goes on
+            if not stages:  # no stage emptied: nothing for the strategy, the work goes on
+                if self.roster is not None and nodes:  # the survivors redo the lost node's unfinished share
+                    self.totals.failures += struck
+                    lost = work.interrupt(incident.time_s, False, 0.0)
+                    self.totals.sim_time_s += lost
+                    self.totals.lost_work_sim_s += lost
+                    record.struck([t for _, _, t in nodes], lost)
+                    self.clock.staff(self.roster.staff())
+                    work.reprice(self.clock.iteration_s, self.clock.sub_iteration_s)
                 continue
-            struck = [r for r in incident.records if r.get("cause") == "nonfinite" or r["stage"] in hosts]
             self.totals.failures += struck
+            lost_stages = sorted(set(stages) - set(nonfinite))
+            self.totals.stage_losses += len(lost_stages)
+            self.totals.adjacent_stage_losses += sum(1 for k in lost_stages if k + 1 in lost_stages)
             self.engine.lose(stages)
             change, no_hosts = None, None
             if hosts and self.hosts.elastic:  # where the lost stages are rebuilt: the engine must know first
-                try:
+                try:  # with several nodes a stage, it is rebuilt on the first of them to arrive
+                    first = {h: self.roster.first_arrival(h) for h in hosts} if self.roster is not None else None
                     change = self.hosts.replace({h: losses[h] for h in hosts}, incident.time_s,
-                                                self.clock.incident_s)
+                                                self.clock.incident_s, first)
                     self.engine.place(self.hosts.placement)
                 except NoHostsLeft as exc:  # the run ends, once this loss is recovered and on the clock
                     no_hosts = exc
@@ -248,21 +304,35 @@ class Trainer:
             lost = work.interrupt(incident.time_s, rolled_back, recovery_s)
             self.totals.sim_time_s += lost
             self.totals.lost_work_sim_s += lost
-            record.struck([e.time_s for e in incident.events if e.stage in hosts], lost)
+            record.struck([e.time_s for e in incident.events if e.stage in hosts] if self.roster is None
+                          else [t for _, _, t in nodes], lost)
             self.note(record, reports, recovery_s)
             if no_hosts is not None:
                 raise no_hosts
             if change is not None:
                 for failure in struck:  # when each lost node's replacement is there, in the summary
-                    if failure.get("cause") != "nonfinite":
+                    if failure.get("cause") != "nonfinite" and self.roster is None:
                         failure["replaced_at_s"] = change.arrivals[failure["stage"]]
                 work.wait(self.place(change, record))
+            if self.roster is not None:  # the rebuilt stages are live again, on one node each so far
+                for k in hosts:
+                    self.roster.rebuilt(k, work.t)
+                self.clock.staff(self.roster.staff())
+            if change is not None or self.roster is not None:
                 work.reprice(self.clock.iteration_s, self.clock.sub_iteration_s)
             if budget is not None and self.totals.sim_time_s >= budget:
                 raise SimTimeSpent(f"the simulated time budget ran out during iteration {iteration}")
         raise RuntimeError(f"iteration {iteration} was interrupted by {MAX_INCIDENTS} incidents and never finished: "
                            "at this failure rate no stretch of work of one iteration outlasts the time between "
                            "failures; lower failure.hourly_rate or the simulated iteration time.")
+
+    def join(self, now_s: float, record: IterationRecord) -> None:
+        """Replacement nodes that have copied their stage's state join it at ``now_s``: the stage's work is
+        shared by more nodes again (re-priced), and the copies' bytes are on the run's account."""
+        joined = self.roster.join(now_s)
+        record.joined_nodes += [[k, r] for k, r in joined]
+        self.clock.moved_bytes += sum(self.roster.resync_bytes[k] for k, _ in joined)
+        self.clock.staff(self.roster.staff())
 
     def place(self, change: Change, record: IterationRecord) -> float:
         """A wait for replacement nodes and stages moving between hosts: the pipeline stands still meanwhile
@@ -380,6 +450,8 @@ class Trainer:
         """Losses from outside the failure model, counted as drawn ones are: one per node lost (its slot in
         ``stage``), however many logical stages its process ran (``stages``, when not only its own)."""
         hosts = self.hosts.placement.hosts
+        self.totals.node_losses += len({hosts[k] for k in lost.stages})
+        self.totals.stage_losses += len(lost.stages)
         for host in sorted({hosts[k] for k in lost.stages}):
             ran = sorted(k for k in lost.stages if hosts[k] == host)
             self.totals.failures.append({"iteration": self.iteration_no, "stage": host, "time_s": self.totals.sim_time_s,
@@ -433,6 +505,7 @@ class Trainer:
             "held_since": [((h.kind, h.owner, h.holder), p) for h, p in self.held_since.items()],
             "carried": self.carried.to_dict() if self.carried is not None else None, "memory": self.memory.state_dict(),
             "flushing": self.flushing, "hosts": self.hosts.state_dict(), "moved_bytes": self.clock.moved_bytes,
+            **({"roster": self.roster.state_dict()} if self.roster is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -450,6 +523,9 @@ class Trainer:
         if "hosts" in state:  # absent from states saved before nodes could be missing
             self.hosts.load_state_dict(state["hosts"])
             self.clock.place(self.hosts.placement)
+        if self.roster is not None:
+            self.roster.load_state_dict(state["roster"])
+            self.clock.staff(self.roster.staff())
         # Kept, not recomputed: a measured device throughput would give another clock on another machine.
         self.clock.iteration_s = state["iteration_s"]
         # Wall time goes on from where the interrupted run stopped, so wall_time_s stays monotone.

@@ -270,8 +270,11 @@ def test_shrink_keeps_training_on_a_neighbour_reprices_and_moves_the_stage_back(
     ({"engine": {"no_replacement": "shrink"}, "model": {"n_stages": 1}, "strategy": {"name": "checkpoint", "every": 4}},
      r"^engine.no_replacement='shrink' is invalid: a stage can only move to a neighbouring host"),
     ({"engine": {"name": "distributed", "replicas": 2, "no_replacement": "shrink"}},
-     r"^engine.no_replacement='shrink' is invalid: a worker runs several stages of one pipeline only, and "
-     r"engine.replicas=2 keeps a data-parallel replica of each stage in its own worker; allowed here: wait"),
+     r"^engine.no_replacement='shrink' is invalid: a stage moves to a neighbour host only when its one node is "
+     r"gone, and engine.replicas=2 keeps the stage on its surviving replicas instead; allowed here: wait"),
+    ({"engine": {"replicas": 2, "no_replacement": "shrink"}},
+     r"^engine.no_replacement='shrink' is invalid: a stage moves to a neighbour host only when its one node is "
+     r"gone, and engine.replicas=2 keeps the stage"),
 ])
 def test_bad_placement_input_is_refused_in_one_sentence(small_run, override, message):
     with pytest.raises(ConfigError, match=message):

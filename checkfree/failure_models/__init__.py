@@ -30,12 +30,20 @@ from collections.abc import Sequence
 from dataclasses import fields
 from functools import cache
 
-from checkfree.failure_models.base import REPLACEMENTS, FailureConfig, FailureModel, is_int, is_real, plain
+from checkfree.failure_models.base import (
+    REPLACEMENTS,
+    UNITS,
+    FailureConfig,
+    FailureModel,
+    is_int,
+    is_real,
+    plain,
+)
 from checkfree.failure_models.trace_files import read_delays
 from checkfree.run.config import require
 
 MAX_ITERATION_SECONDS = 1e6
-_NOT_MODELS = ("base", "trace_files")
+_NOT_MODELS = ("base", "trace_files", "churn_files")
 
 
 @cache
@@ -81,9 +89,10 @@ MAX_REPLACEMENT_H = 1e6
 """114 years: a longer mean delay is failure.replacement=never (a delay of 1e306 h overflowed to inf seconds)."""
 
 
-def validate_failure_config(cfg: FailureConfig, n_stages: int, horizon: int | None = None) -> None:
+def validate_failure_config(cfg: FailureConfig, n_stages: int, horizon: int | None = None, replicas: int = 1) -> None:
     """Check every field (and read a trace) before any work starts; raise a one-sentence ConfigError.
-    ``horizon``: the run's last iteration (trainer.iterations), after which no trace event may fall."""
+    ``horizon``: the run's last iteration (trainer.iterations), after which no trace event may fall;
+    ``replicas``: the nodes per stage (``engine.replicas``)."""
     cls = model_class(cfg.name)
     require(is_real(cfg.hourly_rate) and 0 <= cfg.hourly_rate < 1, "failure.hourly_rate", cfg.hourly_rate,
             "it is a per-stage probability of failing within an hour, allowed [0, 1)")
@@ -116,13 +125,21 @@ def validate_failure_config(cfg: FailureConfig, n_stages: int, horizon: int | No
         require(cfg.name in readers or value == unset, f"failure.{key}", value,
                 f"only failure={model} reads it, and this run has failure={cfg.name}; use failure={model} or "
                 f"set failure.{key}={'null' if unset is None else unset}")
-    cls.check(cfg, n_stages, failing_stages(cfg, n_stages), horizon)
+    # Keys with a default that is not "unset" (None or 0), read by one model only: refused under the others too.
+    require(cfg.unit in UNITS, "failure.unit", cfg.unit, f"allowed {', '.join(UNITS)}")
+    require(cfg.unit == "stage" or "unit" in cls.reads, "failure.unit", cfg.unit,
+            f"only failure=poisson draws per node, and this run has failure={cfg.name}; set failure.unit=stage")
+    require(cfg.format == "events" or "format" in cls.reads, "failure.format", cfg.format,
+            f"only failure=churn reads a pool trace's format, and this run has failure={cfg.name}; set "
+            "failure.format=events")
+    cls.check(cfg, n_stages, failing_stages(cfg, n_stages), horizon, replicas)
 
 
-def build_failure_model(cfg: FailureConfig, n_stages: int, seed: int) -> FailureModel:
+def build_failure_model(cfg: FailureConfig, n_stages: int, seed: int, replicas: int = 1) -> FailureModel:
     """The model of a validated ``cfg`` (``validate_failure_config``, run by ``validate_run_config``, the one
-    gate, with the seed); its RNG is seeded with ``seed + cfg.seed_offset``."""
-    return model_class(cfg.name).build(cfg, n_stages, failing_stages(cfg, n_stages), int(seed) + int(cfg.seed_offset))
+    gate, with the seed); its RNG is seeded with ``seed + cfg.seed_offset``; ``replicas`` nodes per stage."""
+    return model_class(cfg.name).build(cfg, n_stages, failing_stages(cfg, n_stages), int(seed) + int(cfg.seed_offset),
+                                       replicas)
 
 
 __all__ = ["failure_models", "model_class", "failing_stages",

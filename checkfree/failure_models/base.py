@@ -6,7 +6,7 @@ A model module under ``checkfree.failure_models`` imports from here and nothing 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from numbers import Integral, Real
 from typing import Any, ClassVar
@@ -14,7 +14,8 @@ from typing import Any, ClassVar
 
 @dataclass(frozen=True, order=True)
 class FailureEvent:
-    """Every replica of ``stage`` is lost (weights and optimizer state).
+    """Every replica of ``stage`` is lost (weights and optimizer state) -- or, with ``replica`` set, the one node
+    that runs that replica of it (``engine.replicas`` > 1: the stage is lost only when its last replica goes).
 
     Trace records carry exactly one of ``iteration`` / ``time_s``. Events returned by ``events()`` carry
     both: the iteration being processed, and the simulated time of the loss (the window start for the
@@ -27,6 +28,8 @@ class FailureEvent:
     """1-based iteration in which the stage is lost."""
     time_s: float | None = None
     """Simulated time of the loss, in seconds."""
+    replica: int | None = None
+    """The replica (0..R-1) whose node is lost; None: the whole stage, every replica at once."""
 
     def to_dict(self) -> dict[str, Any]:
         """The set fields only, e.g. ``{"stage": 2, "iteration": 5}`` (a trace record)."""
@@ -65,9 +68,15 @@ class FailureConfig:
     """fixed / exponential: the replacement delay (its mean), in simulated hours."""
     replacement_path: str | None = None
     """replacement=trace: a JSON or CSV file of ``{stage, delay_h}`` records (``trace_files.read_delays``)."""
+    unit: str = "stage"
+    """poisson: what one arrival strikes -- ``stage`` (every replica of it at once, the paper's setting) or
+    ``node`` (one of its ``engine.replicas`` nodes, each its own process at ``hourly_rate`` per node-hour)."""
+    format: str = "events"
+    """churn: the pool trace's format -- ``events`` (ours), ``bamboo`` or ``skypilot`` (``churn_files``)."""
 
 
 REPLACEMENTS = ("immediate", "fixed", "exponential", "never", "trace")
+UNITS = ("stage", "node")
 """The allowed ``failure.replacement`` values."""
 
 
@@ -80,12 +89,14 @@ class FailureModel:
     """The ``failure.*`` keys of its own it reads (beyond stages, iteration_seconds and seed_offset)."""
 
     @classmethod
-    def check(cls, cfg: FailureConfig, n_stages: int, eligible: list[int], horizon: int | None) -> None:
+    def check(cls, cfg: FailureConfig, n_stages: int, eligible: list[int], horizon: int | None,
+              replicas: int = 1) -> None:
         """Refuse what only this model can judge (a trace's events), with a one-sentence ConfigError."""
 
     @classmethod
-    def build(cls, cfg: FailureConfig, n_stages: int, stages: list[int], seed: int) -> FailureModel:
-        """The model for a checked ``cfg``: ``stages`` may fail, ``seed`` = run seed + ``failure.seed_offset``."""
+    def build(cls, cfg: FailureConfig, n_stages: int, stages: list[int], seed: int, replicas: int = 1) -> FailureModel:
+        """The model for a checked ``cfg``: ``stages`` may fail, ``seed`` = run seed + ``failure.seed_offset``,
+        ``replicas`` nodes per stage (``engine.replicas``; a model that strikes whole stages ignores it)."""
         raise NotImplementedError
 
     def events(self, iteration: int, t_start: float, t_end: float) -> list[FailureEvent]:
@@ -99,6 +110,15 @@ class FailureModel:
         """
         raise NotImplementedError
 
+    def pool(self) -> Callable[[int, float], float] | None:
+        """For a model whose nodes come from a pool (``churn``): (node slot, time its node was lost) -> when the
+        pool fills the vacancy. None (every other model): ``failure.replacement`` says when."""
+        return None
+
+    def counts(self) -> dict[str, Any]:
+        """The model's own tallies for the summary (a pool's spares used, a trace's passes); none by default."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """What the model has drawn or replayed so far (plain values), for an exact ``trainer.resume``."""
         return {}
@@ -107,8 +127,9 @@ class FailureModel:
         """A model whose events depend only on its arguments has nothing to restore."""
 
 
-def by_time(event: FailureEvent) -> tuple[float, int]:
-    return (event.time_s if event.time_s is not None else -math.inf, event.stage)
+def by_time(event: FailureEvent) -> tuple[float, int, int]:
+    return (event.time_s if event.time_s is not None else -math.inf, event.stage,
+            -1 if event.replica is None else event.replica)
 
 
 def check_window(t_start: float, t_end: float) -> None:

@@ -35,12 +35,13 @@ class BernoulliFailures(FailureModel):
         self._answered = 0
 
     @classmethod
-    def check(cls, cfg: FailureConfig, n_stages: int, eligible: list[int], horizon: int | None) -> None:
+    def check(cls, cfg: FailureConfig, n_stages: int, eligible: list[int], horizon: int | None,
+              replicas: int = 1) -> None:
         require(cfg.preset is None or cfg.preset in BERNOULLI_PRESETS, "failure.preset", cfg.preset,
                 f"allowed null or one of {', '.join(BERNOULLI_PRESETS)}")
 
     @classmethod
-    def build(cls, cfg: FailureConfig, n_stages: int, stages: list[int], seed: int) -> BernoulliFailures:
+    def build(cls, cfg: FailureConfig, n_stages: int, stages: list[int], seed: int, replicas: int = 1) -> BernoulliFailures:
         p = BERNOULLI_PRESETS[cfg.preset] if cfg.preset is not None else float(cfg.p)
         return cls(stages, n_stages, p, seed)
 

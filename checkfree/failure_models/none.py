@@ -7,7 +7,7 @@ from checkfree.failure_models.base import FailureConfig, FailureEvent, FailureMo
 
 class NoFailures(FailureModel):
     @classmethod
-    def build(cls, cfg: FailureConfig, n_stages: int, stages: list[int], seed: int) -> NoFailures:
+    def build(cls, cfg: FailureConfig, n_stages: int, stages: list[int], seed: int, replicas: int = 1) -> NoFailures:
         return cls()
 
     def events(self, iteration: int, t_start: float, t_end: float) -> list[FailureEvent]:

@@ -30,16 +30,17 @@ class TraceFailures(FailureModel):
     reads = ("path",)
 
     def __init__(self, events: Sequence[FailureEvent]) -> None:
-        self._by_iteration: dict[int, set[int]] = {}
-        for e in events:
+        self._by_iteration: dict[int, set[tuple[int, int]]] = {}
+        for e in events:  # a whole stage's loss is replica -1 here, so that it sorts before its replicas'
             if e.iteration is not None:
-                self._by_iteration.setdefault(e.iteration, set()).add(e.stage)
-        self._timed = sorted((e.time_s, e.stage) for e in events if e.time_s is not None)
+                self._by_iteration.setdefault(e.iteration, set()).add((e.stage, _replica(e)))
+        self._timed = sorted((e.time_s, e.stage, _replica(e)) for e in events if e.time_s is not None)
         self._next = 0  # the first timed event not reported yet
         self._answered = 0  # the last iteration whose by-iteration events were reported
 
     @classmethod
-    def check(cls, cfg: FailureConfig, n_stages: int, eligible: list[int], horizon: int | None) -> None:
+    def check(cls, cfg: FailureConfig, n_stages: int, eligible: list[int], horizon: int | None,
+              replicas: int = 1) -> None:
         require(isinstance(cfg.path, (str, Path)) and str(cfg.path) not in ("", "???"), "failure.path", cfg.path,
                 "the trace model needs a JSON or CSV file of events, e.g. conf/failure/traces/example.json")
         records = read_trace_records(cfg.path)
@@ -50,11 +51,15 @@ class TraceFailures(FailureModel):
         for where, event in records:
             # The same loss twice is a slip in the trace, not two losses: the second would meet a stage that is
             # already being recovered (per-iteration events) or repeat one moment.
-            key = (event.stage, event.iteration, event.time_s)
+            key = (event.stage, event.iteration, event.time_s, event.replica)
             if key in seen:
                 raise ConfigError(f"failure.path={cfg.path} {where} repeats the event of {seen[key]} (stage "
                                   f"{event.stage} at {_moment(event)}); allowed is each loss once.")
             seen[key] = where
+            if event.replica is not None and event.replica >= replicas:
+                raise ConfigError(f"failure.path={cfg.path} {where} has replica {event.replica}, which is out of "
+                                  f"range: allowed 0..{replicas - 1} (engine.replicas={replicas}), or no replica "
+                                  "for the whole stage.")
             if horizon is not None and event.iteration is not None and event.iteration > horizon:
                 raise ConfigError(f"failure.path={cfg.path} {where} is at iteration {event.iteration}, after the "
                                   f"run's last (trainer.iterations={horizon}), so it would never happen; allowed "
@@ -67,25 +72,29 @@ class TraceFailures(FailureModel):
                                   f"under failure.stages={plain(cfg.stages)!r}: allowed {eligible}.")
 
     @classmethod
-    def build(cls, cfg: FailureConfig, n_stages: int, stages: list[int], seed: int) -> TraceFailures:
+    def build(cls, cfg: FailureConfig, n_stages: int, stages: list[int], seed: int, replicas: int = 1) -> TraceFailures:
         return cls(read_trace(cfg.path))
 
     def events(self, iteration: int, t_start: float, t_end: float) -> list[FailureEvent]:
         check_window(t_start, t_end)
         lost = []
         if iteration != self._answered:
-            lost = [(float(t_start), stage) for stage in self._by_iteration.get(iteration, ())]
+            lost = [(float(t_start), stage, r) for stage, r in self._by_iteration.get(iteration, ())]
             self._answered = iteration
         while self._next < len(self._timed) and self._timed[self._next][0] < t_end:
             lost.append(self._timed[self._next])
             self._next += 1
-        return sorted((FailureEvent(s, iteration, t) for t, s in lost), key=by_time)
+        return sorted((FailureEvent(s, iteration, t, None if r < 0 else r) for t, s, r in lost), key=by_time)
 
     def state_dict(self) -> dict[str, Any]:
         return {"next": self._next, "answered": self._answered}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._next, self._answered = int(state["next"]), int(state.get("answered", 0))
+
+
+def _replica(event: FailureEvent) -> int:
+    return -1 if event.replica is None else event.replica
 
 
 def _moment(event: FailureEvent) -> str:

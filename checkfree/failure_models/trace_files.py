@@ -14,7 +14,7 @@ from typing import Any
 from checkfree.failure_models.base import FailureEvent, is_int, is_real
 from checkfree.run.config import ConfigError
 
-TRACE_FIELDS = ("stage", "iteration", "time_s")
+TRACE_FIELDS = ("stage", "iteration", "time_s", "replica")
 
 
 def read_trace(path: str | Path) -> list[FailureEvent]:
@@ -23,7 +23,8 @@ def read_trace(path: str | Path) -> list[FailureEvent]:
     JSON: a list of objects, ``[{"iteration": 5, "stage": 2}, {"time_s": 30.5, "stage": 1}]``; records are
     numbered from 0 as in the list. CSV: a header ``stage,iteration`` / ``stage,time_s`` / both, then one
     event per line (empty cells allowed); lines are numbered from 1, the header being line 1. Each event
-    has a stage >= 0 and exactly one of an iteration >= 1 or a time_s >= 0.
+    has a stage >= 0 and exactly one of an iteration >= 1 or a time_s >= 0, and optionally a ``replica`` >= 0:
+    then only that replica's node is lost (``engine.replicas`` > 1), not the whole stage.
     """
     return [event for _, event in read_trace_records(path)]
 
@@ -54,6 +55,14 @@ def read_text_file(path: str | Path, key: str) -> tuple[str, str]:
     raise ConfigError(f"{where} is invalid: unknown extension {path.suffix!r}, allowed .json or .csv.")
 
 
+def parse_json(text: str, where: str) -> Any:
+    """The JSON value of a trace file's ``text``, or a ConfigError naming where it stops being JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}.") from None
+
+
 def _read_text(path: Path, where: str, encoding: str) -> str:
     """The file as text, or a ConfigError saying why it is not a text trace (unreadable, binary, not UTF-8)."""
     try:
@@ -72,10 +81,7 @@ def _read_text(path: Path, where: str, encoding: str) -> str:
 
 
 def _read_json(text: str, where: str) -> list[tuple[str, FailureEvent]]:
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{where} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}.") from None
+    records = parse_json(text, where)
     if not isinstance(records, list):
         raise ConfigError(f'{where} must hold a JSON list of events such as [{{"iteration": 5, "stage": 2}}], '
                           f"not a {type(records).__name__}.")
@@ -129,6 +135,10 @@ def _event(record: dict[str, Any], where: str, loc: str) -> FailureEvent:
     if unknown:
         raise ConfigError(f"{where} {loc} has unknown field(s) {_short(unknown)}; allowed {list(TRACE_FIELDS)}.")
     stage, iteration, time_s = record.get("stage"), record.get("iteration"), record.get("time_s")
+    replica = record.get("replica")
+    if replica is not None and not (is_int(replica) and replica >= 0):
+        raise ConfigError(f"{where} {loc} has replica={_short(replica)}; allowed a replica index >= 0 (or no "
+                          "replica: the whole stage).")
     if stage is None:
         raise ConfigError(f"{where} {loc} has no 'stage'; each event needs a stage and an iteration or time_s.")
     if not is_int(stage) or stage < 0:
@@ -142,7 +152,7 @@ def _event(record: dict[str, Any], where: str, loc: str) -> FailureEvent:
     if time_s is not None and not (is_real(time_s) and 0 <= time_s < math.inf):
         raise ConfigError(f"{where} {loc} has time_s={_short(time_s)}; allowed finite simulated seconds >= 0.")
     return FailureEvent(int(stage), None if iteration is None else int(iteration),
-                        None if time_s is None else float(time_s))
+                        None if time_s is None else float(time_s), None if replica is None else int(replica))
 
 
 DELAY_FIELDS = ("stage", "delay_h")
@@ -160,10 +170,7 @@ def read_delays(path: str | Path, n_stages: int) -> dict[int, list[float]]:
     kind, text = read_text_file(path, key)
     records: list[tuple[str, dict[str, Any]]] = []
     if kind == "json":
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{where} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}.") from None
+        raw = parse_json(text, where)
         if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
             raise ConfigError(f'{where} must hold a JSON list of objects such as [{{"stage": 2, "delay_h": 1.5}}].')
         records = [(f"record {i}", r) for i, r in enumerate(raw)]

@@ -43,7 +43,7 @@ class ZoneFailures(FailureModel):
         self._next = {z: self._after(z, 0.0) for z in self.zones}
 
     @classmethod
-    def build(cls, cfg: FailureConfig, n_stages: int, stages: list[int], seed: int) -> ZoneFailures:
+    def build(cls, cfg: FailureConfig, n_stages: int, stages: list[int], seed: int, replicas: int = 1) -> ZoneFailures:
         return cls(stages, hourly_rate_to_rate(cfg.hourly_rate), seed)
 
     def _after(self, zone: int, t: float) -> float:

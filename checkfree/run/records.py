@@ -37,6 +37,13 @@ class IterationRecord:
     moving_sim_s: float = 0.0
     """Simulated seconds it stood still while stages moved between hosts."""
     moves: list[dict] = field(default_factory=list)
+    staff: list[int] | None = None
+    """Live nodes per stage after the step; set (and written) only in runs of several nodes a stage
+    (``engine.replicas`` > 1), with the two fields below."""
+    lost_nodes: list[list[int]] = field(default_factory=list)
+    """[stage, replica] of each node lost in this iteration."""
+    joined_nodes: list[list[int]] = field(default_factory=list)
+    """[stage, replica] of each replacement node that copied its stage's state and joined in this iteration."""
 
     def struck(self, times: list[float], lost_work_s: float) -> None:
         """Losses drawn by the failure model struck at ``times``, throwing away ``lost_work_s`` of work."""
@@ -78,6 +85,8 @@ class IterationRecord:
         if self.hosts is not None:
             record.update(hosts=list(self.hosts), waiting_sim_s=self.waiting_sim_s, moving_sim_s=self.moving_sim_s,
                           moves=list(self.moves))
+        if self.staff is not None:
+            record.update(staff=list(self.staff), lost_nodes=list(self.lost_nodes), joined_nodes=list(self.joined_nodes))
         if self.val_loss is not None:
             record["val_loss"] = self.val_loss
         return record

@@ -114,7 +114,8 @@ def validate_run_config(run: RunConfig) -> None:
     validate_strategy_config(run.strategy, n)
     # A run that saves its state may be continued with more iterations (trainer.resume), where later trace
     # events do happen; one that saves nothing ends at trainer.iterations.
-    validate_failure_config(run.failure, n, horizon=None if run.trainer.save_every else run.trainer.iterations)
+    validate_failure_config(run.failure, n, horizon=None if run.trainer.save_every else run.trainer.iterations,
+                            replicas=run.engine.replicas)
     validate_data_config(run.data)
     validate_trainer(run.trainer)
     validate_network_config(run.network, n)
@@ -161,9 +162,10 @@ def validate_placement(run: RunConfig) -> None:
     if engine.no_replacement == "shrink":
         require(n >= 2, "engine.no_replacement", "shrink",
                 f"a stage can only move to a neighbouring host, and model.n_stages={n} has none; allowed here: wait")
-        require(engine.name == "local" or engine.replicas == 1, "engine.no_replacement", "shrink",
-                f"a worker runs several stages of one pipeline only, and engine.replicas={engine.replicas} keeps a "
-                "data-parallel replica of each stage in its own worker; allowed here: wait, or engine.replicas=1")
+        require(engine.replicas == 1, "engine.no_replacement", "shrink",
+                f"a stage moves to a neighbour host only when its one node is gone, and engine.replicas="
+                f"{engine.replicas} keeps the stage on its surviving replicas instead; allowed here: wait, or "
+                "engine.replicas=1")
         require(engine.min_hosts is None or 1 <= engine.min_hosts <= n, "engine.min_hosts", engine.min_hosts,
                 f"allowed is null or 1..{n} (model.n_stages)")
     elif run.failure.replacement == "never":

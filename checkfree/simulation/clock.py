@@ -18,7 +18,7 @@ The trainer asks the clock and never prices anything itself.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -96,19 +96,26 @@ class Clock:
         self.paper_s = paper_table2.iteration_seconds(strategy.table2_column, failure.hourly_rate) \
             if self.paper else None
         self.fixed_s = failure.iteration_seconds if trainer.clock == "fixed" else None
+        self.replicas = replicas
         self._price(None)
         self.home = (self.iteration_s, self.sub_iteration_s, self.link_busy, self.stage_busy, self.floor_bound)
-        """The prices with every stage on its own node (what ``place`` returns to, exactly)."""
+        """The prices with every stage on its own node and every node live (what ``place`` and ``staff`` return to,
+        exactly)."""
+        self.placement: Placement | None = None
+        """Where the stages run, when not every one at home."""
+        self.load: tuple[float, ...] | None = None
+        """Per stage, R / its live nodes, when a stage is short of nodes (``checkfree.simulation.roster``)."""
 
-    def _price(self, placement: Placement | None) -> None:
+    def _price(self, placement: Placement | None, load: tuple[float, ...] | None = None) -> None:
         node_busy = self.cost.node_busy_seconds(self.schedule, placement)
         busy_s = max(node_busy.values(), default=0.0)
         # On the paper's and the fixed clock a placement scales the measured (given) time by the bottleneck host's
         # share of the work against every stage at home (``CostModel.bottleneck_seconds``, at the preset's size):
         # two like stages on one host, twice the time. Compute only: what the paper's time spent on its network
         # is unknown, and the floor below already holds it to what the placement's own hops need.
-        scale = 1.0 if placement is None else \
-            self.cost.bottleneck_seconds(self.schedule, self.shadows, placement) / \
+        # A stage short of nodes scales its compute the same way (its survivors do the lost replicas' share).
+        scale = 1.0 if placement is None and load is None else \
+            self.cost.bottleneck_seconds(self.schedule, self.shadows, placement, load) / \
             self.cost.bottleneck_seconds(self.schedule, self.shadows)
         if self.paper:
             # The paper's measured time, or the time its own activations need on the network preset's busiest
@@ -118,7 +125,7 @@ class Clock:
         elif self.fixed_s is not None:
             self.iteration_s = self.sub_iteration_s = self.fixed_s * scale
         else:  # the cost model prices the placement's pipeline whole: compute per host, and the hops that remain
-            self.iteration_s = self.cost.iteration_seconds(self.schedule, self.shadows, placement)
+            self.iteration_s = self.cost.iteration_seconds(self.schedule, self.shadows, placement, load)
             self.sub_iteration_s = self.iteration_s
         """``iteration_s``: simulated seconds of one CPU iteration's work. ``sub_iteration_s``: of the iterations
         it stands for (a paper iteration on ``paper_table2``; the iteration itself otherwise): a loss throws
@@ -139,10 +146,29 @@ class Clock:
     def place(self, placement: Placement) -> None:
         """Re-price the iteration for ``placement`` (stages that share a host share its compute; no hop between
         them); every stage at home gives back the run's own prices, exactly."""
-        if placement.at_home:
+        self.placement = None if placement.at_home else placement
+        self._reprice()
+
+    def staff(self, live: Sequence[int]) -> None:
+        """Re-price the iteration for ``live`` nodes per stage (of ``replicas``): a stage with ``l`` of them does
+        ``R / l`` times its compute (an emptied stage, being rebuilt, is priced as one node); every node live
+        gives back the run's own prices, exactly."""
+        load = tuple(self.replicas / max(n, 1) for n in live)
+        self.load = None if all(x == 1.0 for x in load) else load
+        self._reprice()
+
+    def _reprice(self) -> None:
+        if self.placement is None and self.load is None:
             self.iteration_s, self.sub_iteration_s, self.link_busy, self.stage_busy, self.floor_bound = self.home
         else:
-            self._price(placement)
+            self._price(self.placement, self.load)
+
+    def resync(self, stage: int) -> tuple[float, float]:
+        """(seconds, bytes) of a new node copying ``stage``'s state -- fp32 weights and Adam's two moments, at the
+        priced model's size -- from a surviving replica of it, over the link between two nodes of one stage (the
+        one its gradient all-reduce runs over). The stage trains on meanwhile; the node joins when it is done."""
+        n_bytes = self.cost.stage_bytes(stage, with_optimizer=True)
+        return p2p_seconds(n_bytes, stage_link(self.cost.network, stage, stage)), float(n_bytes)
 
     def move_seconds(self, moves: dict[int, tuple[int, int]]) -> float:
         """Stages moving between hosts (their weights + Adam at the priced model's size; ``CostModel.move_seconds``)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from checkfree.model.presets import ModelConfig, edge_param_count, stage_param_counts
@@ -204,9 +205,12 @@ class CostModel:
     def _hop(self, a: int, b: int) -> list[tuple]:
         return _hop_ops(a, b, p2p_seconds(self.act_bytes, stage_link(self.network, a, b)))
 
-    def _routes(self, schedule: str, shadows: bool, hops: bool = True,
-                placement: Placement | None = None) -> list[list[tuple]]:
+    def _routes(self, schedule: str, shadows: bool, hops: bool = True, placement: Placement | None = None,
+                load: Sequence[float] | None = None) -> list[list[tuple]]:
         s = self.model.n_stages
+        # A stage short of nodes (``load[k]`` = R / live, ``checkfree.simulation.roster``) does its lost replicas'
+        # share of the micro-batches on the ones left: its compute per micro-batch is that much longer.
+        share = load if load is not None else [1.0] * s
         # The host of each stage: its own node, unless a placement puts several stages on one host, whose compute
         # they then share (one resource) and between which a micro-batch makes no hop.
         host = placement.hosts if placement is not None else range(s)
@@ -236,7 +240,8 @@ class CostModel:
                 if self.network.redundant_backward:
                     grad_hop = p2p_seconds(self.act_bytes, stage_link(self.network, host[(k + 2) % s], host[k]))
                     extra_bwd = self._bwd(body[successor]) + grad_hop
-            return ("stage", host[k]), self._fwd(params) + extra_fwd, self._bwd(params) + extra_bwd
+            return ("stage", host[k]), share[k] * (self._fwd(params) + extra_fwd), \
+                share[k] * (self._bwd(params) + extra_bwd)
 
         # One priced route per distinct micro-batch path (checkfree.stage.routes): each visit's compute (the embedding
         # is a gather, no matmul FLOPs), a hop between consecutive visits, and Bamboo's shadow work on visits
@@ -253,21 +258,22 @@ class CostModel:
             priced.append(ops)
         return priced
 
-    def _pipe(self, schedule: str, shadows: bool, hops: bool = True, placement: Placement | None = None) -> float:
-        routes = self._routes(schedule, shadows, hops, placement)
+    def _pipe(self, schedule: str, shadows: bool, hops: bool = True, placement: Placement | None = None,
+              load: Sequence[float] | None = None) -> float:
+        routes = self._routes(schedule, shadows, hops, placement, load)
         return _pipeline(routes, self.micro_batches, self.network.pipeline)
 
     def bottleneck_seconds(self, schedule: str = "in_order", shadows: bool = False,
-                           placement: Placement | None = None) -> float:
+                           placement: Placement | None = None, load: Sequence[float] | None = None) -> float:
         """The busiest host's compute (forward + backward) per micro-batch, hops left out: what each further
         micro-batch adds to a pipeline once it is full, so a placement's share of the work against every stage
         at home is the ratio of the two (the paper clock's rule; ``checkfree.simulation.clock``)."""
-        routes = self._routes(schedule, shadows, hops=False, placement=placement)
-        load: dict = defaultdict(float)
+        routes = self._routes(schedule, shadows, hops=False, placement=placement, load=load)
+        busy: dict = defaultdict(float)
         for m in range(self.micro_batches):
             for resource, f, b in routes[m % len(routes)]:
-                load[resource] += (f + b) / self.micro_batches
-        return max(load.values())
+                busy[resource] += (f + b) / self.micro_batches
+        return max(busy.values())
 
     def allreduce_seconds(self) -> float:
         """Gradient ring all-reduce over the W replicas of each stage; stages run theirs in parallel.
@@ -286,11 +292,12 @@ class CostModel:
         return {"compute": compute, "p2p": p2p, "allreduce": allreduce, "total": compute + p2p + allreduce}
 
     def iteration_seconds(self, schedule: str = "in_order", shadows: bool = False,
-                          placement: Placement | None = None) -> float:
+                          placement: Placement | None = None, load: Sequence[float] | None = None) -> float:
         """Simulated seconds of one iteration (M micro-batches + gradient all-reduce); ``shadows``: every stage
         also computes a shadow of its successor (what redundant computation keeps up); ``placement``: stages
-        on hosts other than their own (a host running two stages does both stages' compute in turn)."""
-        return self._pipe(schedule, shadows, placement=placement) + self.allreduce_seconds()
+        on hosts other than their own (a host running two stages does both stages' compute in turn); ``load``:
+        per stage, the factor its compute takes longer on the nodes it has left (R / live)."""
+        return self._pipe(schedule, shadows, placement=placement, load=load) + self.allreduce_seconds()
 
     def pipeline_busy_seconds(self, schedule: str = "in_order", placement: Placement | None = None) -> float:
         """Seconds per iteration that the busiest node spends sending the pipeline's own traffic

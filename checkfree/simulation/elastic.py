@@ -67,12 +67,15 @@ class Hosts:
         live = [h for h, t in sorted(losses.items()) if h not in self.absent and t >= self.back_at.get(h, -math.inf)]
         return live, sorted(k for h in live for k in self.placement.stages_on(h))
 
-    def replace(self, lost: dict[int, float], now_s: float, recovery_s: float) -> Change:
+    def replace(self, lost: dict[int, float], now_s: float, recovery_s: float,
+                arrivals: dict[int, float] | None = None) -> Change:
         """The nodes ``lost`` (node -> the time it was lost) strike the pipeline at ``now_s``; each one's
-        replacement is asked for when it was lost and takes at least ``recovery_s``. Under ``wait``: the stall,
+        replacement is asked for when it was lost and takes at least ``recovery_s`` (``arrivals``: when each is
+        there, given -- the first node of an emptied stage of several, ``checkfree.simulation.roster``). Under ``wait``: the stall,
         beyond the recovery, until the last one is there. Under ``shrink``: the nodes that take longer are absent
         until they arrive, and the pipeline is placed on the others."""
-        ready = {h: t + self.replacements.delay(h, recovery_s) for h, t in sorted(lost.items())}
+        ready = {h: t + self.replacements.delay(h, recovery_s, t) for h, t in sorted(lost.items())} \
+            if arrivals is None else dict(arrivals)
         late = {h: t for h, t in ready.items() if t > now_s + recovery_s}
         if not late:
             return Change(arrivals=ready)

@@ -45,8 +45,8 @@ class FailureDraws:
     apart in reality — a stage and its shadow holder, both swap partners — would look simultaneous and
     unrecoverable far more often than they are; without the chaining, every loss would be its own incident."""
 
-    def __init__(self, cfg: FailureConfig, n_stages: int, seed: int) -> None:
-        self.model = build_failure_model(cfg, n_stages, seed)
+    def __init__(self, cfg: FailureConfig, n_stages: int, seed: int, replicas: int = 1) -> None:
+        self.model = build_failure_model(cfg, n_stages, seed, replicas)
         self.may_fail = set(failing_stages(cfg, n_stages))
         self.horizon = 0.0
         """Simulated time up to which the model has been drawn."""
@@ -73,17 +73,21 @@ class FailureDraws:
             return None
         events: list[FailureEvent] = []
         stages = set(nonfinite)
+        struck = {(k, None) for k in nonfinite}  # the nodes hit so far: (stage, replica), None for every replica
         last = t if nonfinite else self.queued[0].time_s
         while True:
             self._draw_until(iteration, math.nextafter(last + window_s, math.inf))
-            if not self.queued or self.queued[0].time_s - last > window_s or self.queued[0].stage in stages:
+            if not self.queued or self.queued[0].time_s - last > window_s or _node(self.queued[0]) in struck \
+                    or (self.queued[0].stage, None) in struck:
                 break
             event = self.queued.pop(0)
             events.append(event)
             stages.add(event.stage)
+            struck.add(_node(event))
             last = event.time_s
         at = max(t, events[0].time_s if not nonfinite else t)
-        records = [{"iteration": iteration, "stage": e.stage, "time_s": e.time_s} for e in events]
+        records = [{"iteration": iteration, "stage": e.stage, "time_s": e.time_s,
+                    **({"replica": e.replica} if e.replica is not None else {})} for e in events]
         records += [{"iteration": iteration, "stage": k, "time_s": t, "cause": "nonfinite"} for k in nonfinite]
         return Incident(at, sorted(stages), events, records)
 
@@ -95,3 +99,8 @@ class FailureDraws:
         self.model.load_state_dict(state["model"])
         self.horizon, self.pending = state["horizon"], set(state["pending"])
         self.queued = [FailureEvent(**e) for e in state.get("queued", [])]
+
+
+def _node(event: FailureEvent) -> tuple[int, int | None]:
+    """The node an event strikes: (stage, replica), or (stage, None) for every replica of the stage."""
+    return (event.stage, event.replica)

@@ -11,6 +11,9 @@ often does not come for minutes or hours. The delay from a loss to its replaceme
 * ``trace`` — the delays of each node slot's successive replacements, from ``failure.replacement_path``
   (``trace_files.read_delays``); once a slot's records are used up, its replacements are immediate.
 
+* ``pool`` — not a setting: under ``failure=churn`` the trace's pool of nodes says when a vacancy is filled
+  (a spare at once, or the next node the trace adds; ``checkfree.failure_models.churn``).
+
 A node cannot take over sooner than a recovery takes, so the delay used is at least the recovery's. Draws come
 from the failure model's seed, one stream per node slot (the ``j``-th loss of slot ``h`` gets the ``j``-th
 draw of stream ``h``): every strategy sees the same arrivals after the same losses.
@@ -19,6 +22,7 @@ draw of stream ``h``): every strategy sees the same arrivals after the same loss
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -29,8 +33,11 @@ STREAM = 3
 
 class Replacements:
     def __init__(self, kind: str, mean_h: float, n_hosts: int, seed: int,
-                 trace: dict[int, list[float]] | None = None) -> None:
-        self.kind, self.mean_s = kind, mean_h * 3600.0
+                 trace: dict[int, list[float]] | None = None,
+                 pool: Callable[[int, float], float] | None = None) -> None:
+        """``n_hosts``: node slots (S x R); ``pool``: (slot, time of the loss) -> when its vacancy is filled,
+        from the failure model's pool of nodes (then ``kind`` is ``pool``)."""
+        self.kind, self.mean_s, self.pool = ("pool" if pool is not None else kind), mean_h * 3600.0, pool
         self._rngs = [np.random.default_rng([seed, STREAM, h]) for h in range(n_hosts)]
         self._trace = {h: [d * 3600.0 for d in delays] for h, delays in (trace or {}).items()}
         self._used = [0] * n_hosts
@@ -40,10 +47,13 @@ class Replacements:
     def immediate(self) -> bool:
         return self.kind == "immediate"
 
-    def delay(self, host: int, recovery_s: float) -> float:
-        """Simulated seconds from the loss of ``host``'s node until its replacement is there (inf: never)."""
+    def delay(self, host: int, recovery_s: float, lost_s: float | None = None) -> float:
+        """Simulated seconds from the loss of ``host``'s node (at ``lost_s``) until its replacement is there
+        (inf: never)."""
         if self.kind == "immediate":
             return recovery_s
+        if self.pool is not None:
+            return max(self.pool(host, float(lost_s)) - float(lost_s), recovery_s)
         if self.kind == "never":
             return math.inf
         if self.kind == "trace":
