@@ -128,11 +128,30 @@ RESUME_CASES = {
                                  replacement={"replacement": "fixed", "replacement_mean_h": 0.04},
                                  failure=[{"iteration": 3, "stage": 2}, {"iteration": 10, "stage": 1}],
                                  save_every=1, stop_at=8),
+    # Two nodes a stage: a node of stage 1 lost and re-synced before the stop, one of stage 2 still away at the
+    # stop (the roster's vacancy travels with the state), and stage 2 emptied after the resume.
+    "replicas-trace": dict(strategy={"name": "checkfree"}, engine={"replicas": 2},
+                           failure=[{"iteration": 3, "stage": 1, "replica": 0}, {"iteration": 7, "stage": 2, "replica": 1},
+                                    {"iteration": 10, "stage": 2}],
+                           replacement={"replacement": "fixed", "replacement_mean_h": 0.05}, save_every=1, stop_at=8),
+    # A pool of 9 nodes for 4 stages x 2 (one spare): losses before and after the stop, a vacancy filled by the
+    # next node to come; the replay is played again to where the saved run was.
+    "churn": dict(strategy={"name": "checkfree_plus"}, engine={"replicas": 2},
+                  pool=[(0, f"n{i}", "up") for i in range(9)] + [(60, "n1", "down"), (200, "n2", "down"),
+                                                                  (260, "n9", "up"), (420, "n3", "down"),
+                                                                  (421, "n4", "down"), (430, "n5", "down"),
+                                                                  (600, "n10", "up"), (700, "n11", "up"),
+                                                                  (800, "n12", "up"), (5000, "n13", "up")],
+                  save_every=1, stop_at=8),
 }
 
 
 def _resume_cfg(data_cache: str, tmp_path: Path, case: dict, **trainer) -> object:
-    failure = case["failure"]
+    failure = case.get("failure")
+    if "pool" in case:
+        pool = tmp_path / "pool.csv"
+        pool.write_text("time_s,node,event\n" + "".join(f"{t},{n},{e}\n" for t, n, e in case["pool"]))
+        failure = {"name": "churn", "path": str(pool)}
     if isinstance(failure, list):
         failure = {"name": "trace", "path": trace(tmp_path, failure), **case.get("replacement", {})}
     return load_run_config(small_run_dict(data_cache, strategy=case["strategy"], failure=failure,
