@@ -40,7 +40,7 @@ from checkfree.plan import (
 )
 from checkfree.recovery import RecoveryStrategy, build_strategy, strategy_class
 from checkfree.run.records import IterationRecord
-from checkfree.run.runconfig import RunConfig, min_hosts
+from checkfree.run.runconfig import RunConfig, min_hosts, nodes_of
 from checkfree.simulation.clock import Clock
 from checkfree.simulation.elastic import Change, Hosts, NoHostsLeft
 from checkfree.simulation.failures import FailureDraws
@@ -120,13 +120,13 @@ class RunParts:
     def build(cls, cfg: RunConfig, model: ModelConfig) -> RunParts:
         n = model.n_stages
         declared = strategy_class(cfg.strategy.name)  # what the clock prices; the strategy is built once, below
-        clock = Clock(cfg.trainer, cfg.network, cfg.failure, cfg.engine.replicas, model, declared)
+        clock = Clock.of(cfg, model, declared)
         # every = auto: the smallest period the bandwidth sustains, from the clock's prices.
         every = clock.sustained_period(declared, cfg.strategy) if cfg.strategy.every == "auto" else cfg.strategy.every
         strategy = build_strategy(replace(cfg.strategy, every=every), n)
         trace = read_delays(cfg.failure.replacement_path, n) if cfg.failure.replacement == "trace" else None
         replicas = cfg.engine.replicas
-        failures = FailureDraws(cfg.failure, n, cfg.seed, replicas)
+        failures = FailureDraws(cfg.failure, n, cfg.seed, nodes_of(cfg))
         replacements = Replacements(cfg.failure.replacement, cfg.failure.replacement_mean_h, n * replicas,
                                     cfg.seed + cfg.failure.seed_offset, trace, failures.model.pool())
         roster = None

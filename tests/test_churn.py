@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from checkfree.failure_models.base import FailureConfig
+from checkfree.failure_models.base import FailureConfig, Nodes
 from checkfree.failure_models.churn import ChurnFailures
 from checkfree.failure_models.churn_files import Change, main, read_pool_trace, write_events
 from checkfree.run.config import ConfigError
@@ -96,7 +96,7 @@ POOL = [(0, "a", "up"), (0, "b", "up"),
 
 def churn(tmp_path, rows=POOL, n_stages=2, replicas=1, seed=0) -> ChurnFailures:
     path = pool_file(tmp_path / "pool.csv", rows)
-    return ChurnFailures.build(FailureConfig(name="churn", path=path), n_stages, [0, 1], seed, replicas)
+    return ChurnFailures.build(FailureConfig(name="churn", path=path), n_stages, [0, 1], seed, Nodes(replicas))
 
 
 def test_the_pool_fills_a_vacancy_with_a_spare_at_once_or_with_the_next_node_to_come(tmp_path):

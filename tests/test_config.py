@@ -31,6 +31,8 @@ def group_options(group: str) -> list[str]:
 # Options that need a value the user must give (marked ??? in their YAML).
 MANDATORY = {
     ("failure", "trace"): ["failure.path=" + str(CONF / "failure" / "traces" / "example.json")],
+    ("failure", "churn"): ["failure.path=" + str(CONF / "failure" / "traces" / "bamboo" / "p3-trace.csv"),
+                           "failure.format=bamboo"],
 }
 
 
@@ -202,7 +204,7 @@ BAD_INPUTS = [
     # A value that would be silently ignored.
     (["model.vocab_size=32000"], r"^model.vocab_size=32000 is invalid: the vocabulary comes from the tokenizer, "
                                  r"here a BPE of data.vocab_size=1024 tokens .*set model.vocab_size=0"),
-    (["failure.path={dir}/example.json"], r"^failure.path=.* is invalid: only failure=trace reads it, and this run "
+    (["failure.path={dir}/example.json"], r"^failure.path=.* is invalid: only failure=churn\|trace reads it, and this run "
                                           r"has failure=poisson"),
     (["failure.preset=500m_33"], r"^failure.preset='500m_33' is invalid: only failure=bernoulli reads it"),
     (["+strategy.every=5"], r"^strategy.every=5 is not read by strategy=checkfree_plus: it is read only by "

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from checkfree.failure_models import build_failure_model
-from checkfree.failure_models.base import FailureConfig, FailureEvent
+from checkfree.failure_models.base import FailureConfig, FailureEvent, Nodes
 from checkfree.recovery import build_strategy
 from checkfree.run.config import ConfigError
 from checkfree.run.runlog import read_metrics
@@ -153,11 +153,11 @@ def test_one_node_a_stage_counts_nodes_as_stages(small_run, tmp_path):
 
 def test_poisson_per_node_with_one_node_a_stage_draws_what_per_stage_does():
     per_stage = build_failure_model(FailureConfig(hourly_rate=0.5), 4, seed=7)
-    per_node = build_failure_model(FailureConfig(hourly_rate=0.5, unit="node"), 4, seed=7, replicas=1)
+    per_node = build_failure_model(FailureConfig(hourly_rate=0.5, unit="node"), 4, seed=7, nodes=Nodes(1))
     a, b = per_stage.events(1, 0.0, 50 * 3600.0), per_node.events(1, 0.0, 50 * 3600.0)
     assert len(a) > 20 and [(e.stage, e.time_s) for e in a] == [(e.stage, e.time_s) for e in b]
     assert {e.replica for e in a} == {None} and {e.replica for e in b} == {0}
-    two = build_failure_model(FailureConfig(hourly_rate=0.5, unit="node"), 4, seed=7, replicas=2)
+    two = build_failure_model(FailureConfig(hourly_rate=0.5, unit="node"), 4, seed=7, nodes=Nodes(2))
     c = two.events(1, 0.0, 50 * 3600.0)
     assert [(e.stage, e.time_s) for e in c if e.replica == 0] == [(e.stage, e.time_s) for e in a]
     assert 0.5 < sum(e.replica == 1 for e in c) / len(a) < 2.0  # replica 1: its own stream at the same rate
@@ -178,3 +178,57 @@ def test_a_traced_replica_out_of_range_is_refused(small_run, tmp_path):
     with pytest.raises(ConfigError, match=r"record 0 has replica 2, which is out of range: allowed 0..1 "
                                           r"\(engine.replicas=2\)"):
         _paper(small_run, tmp_path, [{"time_s": 1.0, "stage": 1, "replica": 2}])
+
+
+def test_spread_replicas_make_a_location_s_failure_take_one_replica_of_two_stages():
+    """7 stages x 2 on the geo network: same_zone keeps both replicas of stage k at location k, so a location's
+    failure takes the stage whole; spread puts replica 1 of stage k at location k + 1, so it takes replica 0 of
+    one stage and replica 1 of the stage before it, and no stage."""
+    same = build_failure_model(FailureConfig(name="zone", hourly_rate=0.5), 7, seed=0, nodes=Nodes(2))
+    spread = build_failure_model(FailureConfig(name="zone", hourly_rate=0.5), 7, seed=0, nodes=Nodes(2, True))
+    a, b = same.events(1, 0.0, 5 * 3600.0), spread.events(1, 0.0, 5 * 3600.0)
+    assert len(a) > 3 and {e.replica for e in a} == {None}  # whole stages, as with one node a stage
+    moments: dict[float, set] = {}
+    for e in b:
+        moments.setdefault(e.time_s, set()).add((e.stage, e.replica))
+    for t, struck in moments.items():
+        [z] = {e.stage for e in a if e.time_s == t}  # the same location fails at the same moment
+        assert struck == {(z, 0), ((z - 1) % 7, 1)}
+
+
+def test_spread_replicas_all_reduce_and_re_sync_over_their_slowest_link(small_run):
+    """Spread, stage 0's replicas run in Australia and Belgium: the ring all-reduce of each stage's gradients
+    (2 (W-1)/W bytes / bandwidth + 2 (W-1) latencies) runs over the link between its replicas' sites, a new
+    replica copies the state over it, and the paper clock's measured iteration gets what that adds over an
+    all-reduce within one site."""
+    from checkfree.simulation.cost import ring_allreduce_seconds
+    from checkfree.simulation.networks import stage_link
+
+    same = small_run(engine={"replicas": 2}, trainer={"clock": "paper_table2", "paper_T": 500})
+    spread = small_run(engine={"replicas": 2, "replica_placement": "spread"},
+                       trainer={"clock": "paper_table2", "paper_T": 500})
+    model = same.model.with_vocab(300)
+    a = Clock.of(same, model, build_strategy(same.strategy, 4))
+    b = Clock.of(spread, model, build_strategy(spread.strategy, 4))
+    cost = b.cost
+    link = stage_link(cost.network, 0, 1)
+    assert cost.replica_link(0) == link and a.cost.replica_link(0) == stage_link(cost.network, 0, 0)
+    ring = [ring_allreduce_seconds(p * cost.network.dtype_bytes, 2, cost.replica_link(k))
+            for k, p in enumerate(cost.params)]
+    assert cost.allreduce_seconds() == max(ring)
+    assert b.sub_iteration_s == pytest.approx(a.sub_iteration_s + cost.allreduce_seconds()
+                                              - a.cost.allreduce_seconds(), rel=1e-12)
+    assert b.resync(0)[0] == pytest.approx(link.latency_s + cost.stage_bytes(0, True) / link.bandwidth_Bps)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"engine": {"replica_placement": "spread"}}, r"^engine.replica_placement='spread' is invalid: it places a "
+                                                   r"stage's replicas at different locations, and engine.replicas=1"),
+    ({"engine": {"replicas": 2, "replica_placement": "spread"}, "network": {"name": "single_cluster"}},
+     r"^engine.replica_placement='spread' is invalid: network=single_cluster is one site"),
+    ({"engine": {"replica_placement": "apart"}}, r"^engine.replica_placement='apart' is invalid: allowed same_zone or "
+                                                  r"spread"),
+])
+def test_bad_replica_placements_are_refused_in_one_sentence(small_run, override, message):
+    with pytest.raises(ConfigError, match=message):
+        small_run(**override)

@@ -31,10 +31,12 @@ from dataclasses import fields
 from functools import cache
 
 from checkfree.failure_models.base import (
+    ONE_NODE,
     REPLACEMENTS,
     UNITS,
     FailureConfig,
     FailureModel,
+    Nodes,
     is_int,
     is_real,
     plain,
@@ -89,10 +91,11 @@ MAX_REPLACEMENT_H = 1e6
 """114 years: a longer mean delay is failure.replacement=never (a delay of 1e306 h overflowed to inf seconds)."""
 
 
-def validate_failure_config(cfg: FailureConfig, n_stages: int, horizon: int | None = None, replicas: int = 1) -> None:
+def validate_failure_config(cfg: FailureConfig, n_stages: int, horizon: int | None = None,
+                            nodes: Nodes = ONE_NODE) -> None:
     """Check every field (and read a trace) before any work starts; raise a one-sentence ConfigError.
     ``horizon``: the run's last iteration (trainer.iterations), after which no trace event may fall;
-    ``replicas``: the nodes per stage (``engine.replicas``)."""
+    ``nodes``: the run's nodes (``engine.replicas``, ``engine.replica_placement``)."""
     cls = model_class(cfg.name)
     require(is_real(cfg.hourly_rate) and 0 <= cfg.hourly_rate < 1, "failure.hourly_rate", cfg.hourly_rate,
             "it is a per-stage probability of failing within an hour, allowed [0, 1)")
@@ -132,14 +135,14 @@ def validate_failure_config(cfg: FailureConfig, n_stages: int, horizon: int | No
     require(cfg.format == "events" or "format" in cls.reads, "failure.format", cfg.format,
             f"only failure=churn reads a pool trace's format, and this run has failure={cfg.name}; set "
             "failure.format=events")
-    cls.check(cfg, n_stages, failing_stages(cfg, n_stages), horizon, replicas)
+    cls.check(cfg, n_stages, failing_stages(cfg, n_stages), horizon, nodes)
 
 
-def build_failure_model(cfg: FailureConfig, n_stages: int, seed: int, replicas: int = 1) -> FailureModel:
+def build_failure_model(cfg: FailureConfig, n_stages: int, seed: int, nodes: Nodes = ONE_NODE) -> FailureModel:
     """The model of a validated ``cfg`` (``validate_failure_config``, run by ``validate_run_config``, the one
-    gate, with the seed); its RNG is seeded with ``seed + cfg.seed_offset``; ``replicas`` nodes per stage."""
+    gate, with the seed); its RNG is seeded with ``seed + cfg.seed_offset``; ``nodes`` the run's nodes."""
     return model_class(cfg.name).build(cfg, n_stages, failing_stages(cfg, n_stages), int(seed) + int(cfg.seed_offset),
-                                       replicas)
+                                       nodes)
 
 
 __all__ = ["failure_models", "model_class", "failing_stages",

@@ -75,6 +75,19 @@ class FailureConfig:
     """churn: the pool trace's format -- ``events`` (ours), ``bamboo`` or ``skypilot`` (``churn_files``)."""
 
 
+@dataclass(frozen=True)
+class Nodes:
+    """The run's nodes as a failure model sees them: ``replicas`` (R) a stage (``engine.replicas``), and whether
+    a stage's replicas run at different locations of the geo network (``engine.replica_placement=spread``) or
+    at the stage's own (``same_zone``)."""
+
+    replicas: int = 1
+    spread: bool = False
+
+
+ONE_NODE = Nodes()
+"""One node a stage: every run before nodes were the unit of failure."""
+
 REPLACEMENTS = ("immediate", "fixed", "exponential", "never", "trace")
 UNITS = ("stage", "node")
 """The allowed ``failure.replacement`` values."""
@@ -90,13 +103,14 @@ class FailureModel:
 
     @classmethod
     def check(cls, cfg: FailureConfig, n_stages: int, eligible: list[int], horizon: int | None,
-              replicas: int = 1) -> None:
+              nodes: Nodes = ONE_NODE) -> None:
         """Refuse what only this model can judge (a trace's events), with a one-sentence ConfigError."""
 
     @classmethod
-    def build(cls, cfg: FailureConfig, n_stages: int, stages: list[int], seed: int, replicas: int = 1) -> FailureModel:
+    def build(cls, cfg: FailureConfig, n_stages: int, stages: list[int], seed: int,
+              nodes: Nodes = ONE_NODE) -> FailureModel:
         """The model for a checked ``cfg``: ``stages`` may fail, ``seed`` = run seed + ``failure.seed_offset``,
-        ``replicas`` nodes per stage (``engine.replicas``; a model that strikes whole stages ignores it)."""
+        ``nodes`` the run's nodes (a model that strikes whole stages ignores them)."""
         raise NotImplementedError
 
     def events(self, iteration: int, t_start: float, t_end: float) -> list[FailureEvent]:

@@ -9,7 +9,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from checkfree.failure_models.base import FailureConfig, FailureEvent, FailureModel, check_window
+from checkfree.failure_models.base import (
+    ONE_NODE,
+    FailureConfig,
+    FailureEvent,
+    FailureModel,
+    Nodes,
+    check_window,
+)
 from checkfree.run.config import require
 
 # Per-stage per-iteration probabilities of the reference configs, keyed "<model>_<hourly %>" (the reference's simulate_training configs).
@@ -36,12 +43,12 @@ class BernoulliFailures(FailureModel):
 
     @classmethod
     def check(cls, cfg: FailureConfig, n_stages: int, eligible: list[int], horizon: int | None,
-              replicas: int = 1) -> None:
+              nodes: Nodes = ONE_NODE) -> None:
         require(cfg.preset is None or cfg.preset in BERNOULLI_PRESETS, "failure.preset", cfg.preset,
                 f"allowed null or one of {', '.join(BERNOULLI_PRESETS)}")
 
     @classmethod
-    def build(cls, cfg: FailureConfig, n_stages: int, stages: list[int], seed: int, replicas: int = 1) -> BernoulliFailures:
+    def build(cls, cfg: FailureConfig, n_stages: int, stages: list[int], seed: int, nodes: Nodes = ONE_NODE) -> BernoulliFailures:
         p = BERNOULLI_PRESETS[cfg.preset] if cfg.preset is not None else float(cfg.p)
         return cls(stages, n_stages, p, seed)
 

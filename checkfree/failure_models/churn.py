@@ -29,9 +29,11 @@ from typing import Any
 import numpy as np
 
 from checkfree.failure_models.base import (
+    ONE_NODE,
     FailureConfig,
     FailureEvent,
     FailureModel,
+    Nodes,
     by_time,
     check_window,
     plain,
@@ -100,7 +102,7 @@ class ChurnFailures(FailureModel):
 
     @classmethod
     def check(cls, cfg: FailureConfig, n_stages: int, eligible: list[int], horizon: int | None,
-              replicas: int = 1) -> None:
+              nodes: Nodes = ONE_NODE) -> None:
         require(isinstance(cfg.path, (str, Path)) and str(cfg.path) not in ("", "???"), "failure.path", cfg.path,
                 "the churn model needs a pool trace, e.g. conf/failure/traces/bamboo/p3-trace.csv with "
                 "failure.format=bamboo")
@@ -110,6 +112,7 @@ class ChurnFailures(FailureModel):
                 "under failure=churn the pool trace says when a vacancy is filled; allowed here: immediate")
         changes = read_pool_trace(cfg.path, cfg.format)
         live, moments = live_after(changes), ticks(changes)
+        replicas = nodes.replicas
         slots = n_stages * replicas
         most = max(len(names) for names in live)
         if most < slots:
@@ -123,8 +126,8 @@ class ChurnFailures(FailureModel):
 
     @classmethod
     def build(cls, cfg: FailureConfig, n_stages: int, stages: list[int], seed: int,
-              replicas: int = 1) -> ChurnFailures:
-        return cls(read_pool_trace(cfg.path, cfg.format), n_stages, replicas, seed)
+              nodes: Nodes = ONE_NODE) -> ChurnFailures:
+        return cls(read_pool_trace(cfg.path, cfg.format), n_stages, nodes.replicas, seed)
 
     # --- the replay ------------------------------------------------------------------------------------------
 

@@ -18,7 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from checkfree.failure_models.base import FailureConfig, FailureEvent, FailureModel, by_time, check_window
+from checkfree.failure_models.base import (
+    ONE_NODE,
+    FailureConfig,
+    FailureEvent,
+    FailureModel,
+    Nodes,
+    by_time,
+    check_window,
+)
 
 STREAM = 0
 """Tag in the RNG seed, so that no two random models ever share a stream."""
@@ -44,8 +52,8 @@ class PoissonFailures(FailureModel):
 
     @classmethod
     def build(cls, cfg: FailureConfig, n_stages: int, stages: list[int], seed: int,
-              replicas: int = 1) -> PoissonFailures:
-        return cls(stages, hourly_rate_to_rate(cfg.hourly_rate), seed, replicas if cfg.unit == "node" else None)
+              nodes: Nodes = ONE_NODE) -> PoissonFailures:
+        return cls(stages, hourly_rate_to_rate(cfg.hourly_rate), seed, nodes.replicas if cfg.unit == "node" else None)
 
     def _after(self, key: tuple[int, int], t: float) -> float:
         if self.rate_per_s == 0.0:

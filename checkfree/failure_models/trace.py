@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from checkfree.failure_models.base import (
+    ONE_NODE,
     FailureConfig,
     FailureEvent,
     FailureModel,
+    Nodes,
     by_time,
     check_window,
     plain,
@@ -40,7 +42,7 @@ class TraceFailures(FailureModel):
 
     @classmethod
     def check(cls, cfg: FailureConfig, n_stages: int, eligible: list[int], horizon: int | None,
-              replicas: int = 1) -> None:
+              nodes: Nodes = ONE_NODE) -> None:
         require(isinstance(cfg.path, (str, Path)) and str(cfg.path) not in ("", "???"), "failure.path", cfg.path,
                 "the trace model needs a JSON or CSV file of events, e.g. conf/failure/traces/example.json")
         records = read_trace_records(cfg.path)
@@ -56,9 +58,9 @@ class TraceFailures(FailureModel):
                 raise ConfigError(f"failure.path={cfg.path} {where} repeats the event of {seen[key]} (stage "
                                   f"{event.stage} at {_moment(event)}); allowed is each loss once.")
             seen[key] = where
-            if event.replica is not None and event.replica >= replicas:
+            if event.replica is not None and event.replica >= nodes.replicas:
                 raise ConfigError(f"failure.path={cfg.path} {where} has replica {event.replica}, which is out of "
-                                  f"range: allowed 0..{replicas - 1} (engine.replicas={replicas}), or no replica "
+                                  f"range: allowed 0..{nodes.replicas - 1} (engine.replicas={nodes.replicas}), or no replica "
                                   "for the whole stage.")
             if horizon is not None and event.iteration is not None and event.iteration > horizon:
                 raise ConfigError(f"failure.path={cfg.path} {where} is at iteration {event.iteration}, after the "
@@ -72,7 +74,7 @@ class TraceFailures(FailureModel):
                                   f"under failure.stages={plain(cfg.stages)!r}: allowed {eligible}.")
 
     @classmethod
-    def build(cls, cfg: FailureConfig, n_stages: int, stages: list[int], seed: int, replicas: int = 1) -> TraceFailures:
+    def build(cls, cfg: FailureConfig, n_stages: int, stages: list[int], seed: int, nodes: Nodes = ONE_NODE) -> TraceFailures:
         return cls(read_trace(cfg.path))
 
     def events(self, iteration: int, t_start: float, t_end: float) -> list[FailureEvent]:

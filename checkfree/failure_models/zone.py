@@ -7,6 +7,11 @@ that holds an eligible stage is a Poisson process in simulated time with the rat
 moment, so they strike as one incident. Each location draws from its own RNG stream, lazily, as ``poisson``'s
 stages do: the events do not depend on how the caller slices time. Under at most 7 stages every location
 holds one stage, and the model is ``poisson`` on its own streams.
+
+With several nodes a stage (``engine.replicas`` = R), where they run is ``engine.replica_placement``: ``same_zone``
+(default) puts every replica of stage ``k`` at the stage's location, so a location's failure loses whole stages as
+above; ``spread`` puts replica ``r`` at location ``(k + r) % 7``, so it loses one replica each of up to R
+neighbouring stages, and a stage is lost only when every location of its replicas has failed in one incident.
 """
 
 from __future__ import annotations
@@ -16,7 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from checkfree.failure_models.base import FailureConfig, FailureEvent, FailureModel, by_time, check_window
+from checkfree.failure_models.base import (
+    ONE_NODE,
+    FailureConfig,
+    FailureEvent,
+    FailureModel,
+    Nodes,
+    by_time,
+    check_window,
+)
 from checkfree.failure_models.poisson import hourly_rate_to_rate
 from checkfree.simulation.networks import GEO_LOCATIONS
 
@@ -24,11 +37,21 @@ STREAM = 2
 """Tag in the RNG seed, so that no two random models ever share a stream."""
 
 
-def zones(stages: list[int]) -> dict[int, list[int]]:
-    """Location index -> the given stages at that location of the geo network, for locations holding any."""
-    out: dict[int, list[int]] = {}
+def location(stage: int, replica: int, nodes: Nodes) -> int:
+    """The geo network's location (index into ``GEO_LOCATIONS``) of ``replica`` of ``stage``."""
+    return (stage + (replica if nodes.spread else 0)) % len(GEO_LOCATIONS)
+
+
+def zones(stages: list[int], nodes: Nodes = ONE_NODE) -> dict[int, list[tuple[int, int | None]]]:
+    """Location index -> the nodes of the given stages there, (stage, replica) -- (stage, None) for every replica of
+    a stage whose replicas share its location -- for locations holding any."""
+    out: dict[int, list[tuple[int, int | None]]] = {}
     for stage in sorted(stages):
-        out.setdefault(stage % len(GEO_LOCATIONS), []).append(stage)
+        if nodes.spread:
+            for r in range(nodes.replicas):
+                out.setdefault(location(stage, r, nodes), []).append((stage, r))
+        else:
+            out.setdefault(location(stage, 0, nodes), []).append((stage, None))
     return out
 
 
@@ -37,14 +60,14 @@ class ZoneFailures(FailureModel):
 
     reads = ("hourly_rate",)
 
-    def __init__(self, stages: list[int], rate_per_s: float, seed: int) -> None:
-        self.rate_per_s, self.zones = rate_per_s, zones(stages)
+    def __init__(self, stages: list[int], rate_per_s: float, seed: int, nodes: Nodes = ONE_NODE) -> None:
+        self.rate_per_s, self.zones = rate_per_s, zones(stages, nodes)
         self._rngs = {z: np.random.default_rng([seed, STREAM, z]) for z in self.zones}
         self._next = {z: self._after(z, 0.0) for z in self.zones}
 
     @classmethod
-    def build(cls, cfg: FailureConfig, n_stages: int, stages: list[int], seed: int, replicas: int = 1) -> ZoneFailures:
-        return cls(stages, hourly_rate_to_rate(cfg.hourly_rate), seed)
+    def build(cls, cfg: FailureConfig, n_stages: int, stages: list[int], seed: int, nodes: Nodes = ONE_NODE) -> ZoneFailures:
+        return cls(stages, hourly_rate_to_rate(cfg.hourly_rate), seed, nodes)
 
     def _after(self, zone: int, t: float) -> float:
         if self.rate_per_s == 0.0:
@@ -56,7 +79,7 @@ class ZoneFailures(FailureModel):
         out = []
         for zone, t in self._next.items():
             while t < t_end:
-                out += [FailureEvent(stage, iteration, t) for stage in self.zones[zone]]
+                out += [FailureEvent(stage, iteration, t, replica) for stage, replica in self.zones[zone]]
                 t = self._after(zone, t)
             self._next[zone] = t
         return sorted(out, key=by_time)

@@ -135,8 +135,13 @@ class EngineConfig:
     launcher: str = "processes"
     """How the distributed engine starts its stage workers: processes (this machine) | ray (Ray actors)."""
     replicas: int = 1
-    """W data-parallel replicas per stage. The process engine runs them (gradients all-reduced within a stage);
+    """W data-parallel replicas per stage: W nodes a stage, a stage lost only when all of them are
+    (``checkfree.simulation.roster``). The process engine runs them (gradients all-reduced within a stage);
     the local engine runs one pipeline (the same math) and the clock prices the all-reduce over all W."""
+    replica_placement: str = "same_zone"
+    """Where a stage's replicas run on the geo network: same_zone (every one at the stage's location) | spread
+    (replica r at location (k + r) mod 7: a location's failure takes one replica of a stage, not the stage; the
+    gradient all-reduce and a replica's re-sync cross sites)."""
     backend: str = "auto"
     """auto | gloo | nccl. auto: gloo on CPU; on GPUs nccl, or gloo where the processes launcher starts more
     stage processes than this machine has GPUs (NCCL refuses two on one GPU; gloo carries their tensors through

@@ -16,7 +16,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from checkfree.data.corpora import DataConfig, validate_data_config
 from checkfree.failure_models import validate_failure_config
-from checkfree.failure_models.base import FailureConfig
+from checkfree.failure_models.base import FailureConfig, Nodes
 from checkfree.model import init_from
 from checkfree.model.presets import PRESETS, ModelConfig, validate_model_config
 from checkfree.recovery import StrategyConfig, strategy_class, validate_strategy_config
@@ -115,7 +115,7 @@ def validate_run_config(run: RunConfig) -> None:
     # A run that saves its state may be continued with more iterations (trainer.resume), where later trace
     # events do happen; one that saves nothing ends at trainer.iterations.
     validate_failure_config(run.failure, n, horizon=None if run.trainer.save_every else run.trainer.iterations,
-                            replicas=run.engine.replicas)
+                            nodes=nodes_of(run))
     validate_data_config(run.data)
     validate_trainer(run.trainer)
     validate_network_config(run.network, n)
@@ -156,9 +156,24 @@ def validate_run_config(run: RunConfig) -> None:
                           "for a login); set it, or use logger.wandb.mode=offline.")
 
 
+def nodes_of(run: RunConfig) -> Nodes:
+    """The run's nodes as its failure model sees them."""
+    return Nodes(run.engine.replicas, run.engine.replica_placement == "spread")
+
+
 def validate_placement(run: RunConfig) -> None:
-    """What a loss without a replacement node may do, against the model and the engine."""
+    """Where the replicas run, and what a loss without a replacement node may do, against the model and the
+    engine."""
     n, engine = run.model.n_stages, run.engine
+    require(engine.replica_placement in ("same_zone", "spread"), "engine.replica_placement",
+            engine.replica_placement, "allowed same_zone or spread")
+    if engine.replica_placement == "spread":
+        require(engine.replicas > 1, "engine.replica_placement", "spread",
+                "it places a stage's replicas at different locations, and engine.replicas=1 keeps one; allowed "
+                "here: same_zone, or engine.replicas > 1")
+        require(run.network.name == "geo_distributed", "engine.replica_placement", "spread",
+                f"network={run.network.name} is one site, so there is nowhere to spread to; allowed here: same_zone, "
+                "or network=geo_distributed")
     if engine.no_replacement == "shrink":
         require(n >= 2, "engine.no_replacement", "shrink",
                 f"a stage can only move to a neighbouring host, and model.n_stages={n} has none; allowed here: wait")

@@ -19,6 +19,7 @@ The trainer asks the clock and never prices anything itself.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from copy import copy as shallow_copy
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,13 @@ Pricing = RecoveryStrategy | type[RecoveryStrategy]
 strategy itself is built (``strategy.every: auto`` is decided from the clock's prices)."""
 
 
+def replace_spread(cost: CostModel, spread: bool) -> CostModel:
+    """``cost`` with its replicas placed otherwise (nothing else differs)."""
+    other = shallow_copy(cost)
+    other.spread = spread
+    return other
+
+
 def priced_as(paper: ModelConfig, n_stages: int) -> ModelConfig:
     """The paper-scale model ``paper`` cut into the trained model's ``n_stages`` stages, so that every stage of
     the run has a priced counterpart: its layers spread evenly (llama_500m's 24 as 8 x 3 or 12 x 2, the
@@ -58,10 +66,11 @@ class Clock:
     @classmethod
     def of(cls, run: RunConfig, model: ModelConfig, strategy: Pricing) -> Clock:
         """The clock of a whole run config (its sections, picked out)."""
-        return cls(run.trainer, run.network, run.failure, run.engine.replicas, model, strategy)
+        return cls(run.trainer, run.network, run.failure, run.engine.replicas, model, strategy,
+                   run.engine.replica_placement == "spread")
 
     def __init__(self, trainer: TrainerConfig, network: NetworkConfig, failure: FailureConfig, replicas: int,
-                 model: ModelConfig, strategy: Pricing) -> None:
+                 model: ModelConfig, strategy: Pricing, spread: bool = False) -> None:
         priced, micro_batch_size = model, trainer.micro_batch_size
         if trainer.clock_preset is not None:
             # Price every iteration as the paper-scale model would cost, so that failure rates per hour
@@ -84,7 +93,12 @@ class Clock:
                            for k, (p, a) in enumerate(zip(stage_param_counts(priced), stage_param_counts(model)))]
         """Per stage: the scale of its decoder blocks alone (what a CheckFree source sends)."""
         self.cost = CostModel(priced, trainer.micro_batches, micro_batch_size, network, flops_per_s=flops,
-                              replicas=replicas)
+                              replicas=replicas, spread=spread)
+        self.spread_s = self.cost.allreduce_seconds() - replace_spread(self.cost, False).allreduce_seconds() \
+            if spread else 0.0
+        """Spread replicas: what their cross-site all-reduce adds to an iteration over one within a site. The paper's
+        measured times (and the fixed clock's) stand for a pipeline whose replicas share its sites, so this is added
+        to them; the cost model's iteration has the all-reduce in it already."""
         self.paper, self.paper_T = trainer.clock == "paper_table2", trainer.paper_T
         self.saves_in_paper_time = strategy.table2_column == "checkpointing"
         """On paper_table2: the strategy's measured iteration time includes its synchronous checkpoint saves."""
@@ -120,10 +134,10 @@ class Clock:
         if self.paper:
             # The paper's measured time, or the time its own activations need on the network preset's busiest
             # interface, whichever is longer: a slow enough link cannot carry the paper's pipeline in its time.
-            self.sub_iteration_s = max(self.paper_s * scale, busy_s)
+            self.sub_iteration_s = max(self.paper_s * scale, busy_s) + self.spread_s
             self.iteration_s = paper_table2.PAPER_T / self.paper_T * self.sub_iteration_s
         elif self.fixed_s is not None:
-            self.iteration_s = self.sub_iteration_s = self.fixed_s * scale
+            self.iteration_s = self.sub_iteration_s = self.fixed_s * scale + self.spread_s
         else:  # the cost model prices the placement's pipeline whole: compute per host, and the hops that remain
             self.iteration_s = self.cost.iteration_seconds(self.schedule, self.shadows, placement, load)
             self.sub_iteration_s = self.iteration_s
@@ -168,7 +182,7 @@ class Clock:
         priced model's size -- from a surviving replica of it, over the link between two nodes of one stage (the
         one its gradient all-reduce runs over). The stage trains on meanwhile; the node joins when it is done."""
         n_bytes = self.cost.stage_bytes(stage, with_optimizer=True)
-        return p2p_seconds(n_bytes, stage_link(self.cost.network, stage, stage)), float(n_bytes)
+        return p2p_seconds(n_bytes, self.cost.replica_link(stage)), float(n_bytes)
 
     def move_seconds(self, moves: dict[int, tuple[int, int]]) -> float:
         """Stages moving between hosts (their weights + Adam at the priced model's size; ``CostModel.move_seconds``)

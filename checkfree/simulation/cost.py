@@ -174,6 +174,7 @@ class CostModel:
         network: NetworkConfig,
         flops_per_s: float | None = None,
         replicas: int = 1,
+        spread: bool = False,
     ) -> None:
         # ``network`` is validated (validate_network_config, run by validate_run_config: the one gate).
         if flops_per_s is None:
@@ -186,6 +187,9 @@ class CostModel:
         self.micro_batches, self.micro_batch_size = micro_batches, micro_batch_size
         self.replicas = replicas
         """W data-parallel replicas per stage (``engine.replicas``): only the gradient all-reduce depends on it."""
+        self.spread = spread
+        """``engine.replica_placement=spread``: replica ``r`` of stage ``k`` runs where stage ``k + r`` does, so its
+        all-reduce and re-syncs cross sites (``replica_link``)."""
         self.flops_per_s = flops_per_s
         self.params = stage_param_counts(model)
         d, v = model.d_model, model.vocab_size
@@ -275,14 +279,22 @@ class CostModel:
                 busy[resource] += (f + b) / self.micro_batches
         return max(busy.values())
 
-    def allreduce_seconds(self) -> float:
-        """Gradient ring all-reduce over the W replicas of each stage; stages run theirs in parallel.
+    def replica_link(self, stage: int) -> Link:
+        """The link between two replicas of ``stage``: the intra-site link where they share the stage's site; spread
+        (replica ``r`` where stage ``k + r`` runs), the slowest link of the ring through their sites (the longest
+        latency, the least bandwidth: a ring's steps wait for its slowest hop)."""
+        if not self.spread or self.replicas < 2:
+            return stage_link(self.network, stage, stage)
+        ring = [stage + r for r in range(self.replicas)]
+        links = [stage_link(self.network, a, b) for a, b in zip(ring, ring[1:] + ring[:1])]
+        return Link(max(x.latency_s for x in links), min(x.bandwidth_Bps for x in links))
 
-        A stage's replicas share its site, so the ring runs over the intra-site link.
-        """
-        link = stage_link(self.network, 0, 0)
+    def allreduce_seconds(self) -> float:
+        """Gradient ring all-reduce over the W replicas of each stage (``replica_link``); stages run theirs in
+        parallel, the slowest sets the time."""
         w = self.replicas
-        return max(ring_allreduce_seconds(p * self.network.dtype_bytes, w, link) for p in self.params)
+        return max(ring_allreduce_seconds(p * self.network.dtype_bytes, w, self.replica_link(k))
+                   for k, p in enumerate(self.params))
 
     def breakdown(self, schedule: str = "in_order", shadows: bool = False) -> dict[str, float]:
         """compute (pipeline time on a zero-cost network), p2p (what the hops add), allreduce, total."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from checkfree.failure_models import build_failure_model, failing_stages
-from checkfree.failure_models.base import FailureConfig, FailureEvent, by_time
+from checkfree.failure_models.base import ONE_NODE, FailureConfig, FailureEvent, Nodes, by_time
 
 
 @dataclass
@@ -45,8 +45,8 @@ class FailureDraws:
     apart in reality — a stage and its shadow holder, both swap partners — would look simultaneous and
     unrecoverable far more often than they are; without the chaining, every loss would be its own incident."""
 
-    def __init__(self, cfg: FailureConfig, n_stages: int, seed: int, replicas: int = 1) -> None:
-        self.model = build_failure_model(cfg, n_stages, seed, replicas)
+    def __init__(self, cfg: FailureConfig, n_stages: int, seed: int, nodes: Nodes = ONE_NODE) -> None:
+        self.model = build_failure_model(cfg, n_stages, seed, nodes)
         self.may_fail = set(failing_stages(cfg, n_stages))
         self.horizon = 0.0
         """Simulated time up to which the model has been drawn."""
