@@ -58,6 +58,8 @@ from checkfree.storage.archive import archived  # noqa: E402
 TRACES = {"p3": "conf/failure/traces/bamboo/p3-trace.csv", "g4dn": "conf/failure/traces/bamboo/g4dn-trace.csv"}
 """Bamboo's AWS spot pools, as published (conf/failure/traces/bamboo/README.md)."""
 STRATEGIES = ("checkfree", "checkfree_plus", "snapshot_restore", "checkpoint")
+SOURCES = ("p3", "g4dn", "p3_iid", "g4dn_iid")
+"""Bamboo's two pools, and their i.i.d. controls."""
 REPLICAS = (1, 2)
 N_STAGES = 6
 """The Table 2 regime's model (conf/model/cpu_sweep.yaml): 6 stages."""
@@ -86,25 +88,28 @@ def measured_rate(trace: str, replicas: int) -> float:
     return losses / (running / 3600)
 
 
-def points(sources: list[str], seeds: int, rates: dict[tuple[str, int], float]) -> list[tuple[list, list]]:
+def points(sources: list[str], strategies: list[str], seeds: int,
+           rates: dict[tuple[str, int], float]) -> list[tuple[list, list]]:
     """Groups of (points, extra overrides): one group per failure source (a trace's path stays out of the run
-    directory's name), every point seed-major so that a later invocation with more ``--seeds`` keeps the earlier
-    directories. A point's overrides and index name it."""
+    directory's name). Every point keeps its place in the whole grid (seed-major, then source, R, strategy),
+    so that an invocation with fewer ``--sources`` or ``--strategies``, or more ``--seeds``, finds the
+    directories of the points it shares with any other."""
     groups: dict[str, list] = {s: [] for s in sources}
     index = 0
     for seed in range(seeds):
-        for source in sources:
+        for source in SOURCES:
             trace = source.removesuffix("_iid")
             for replicas in REPLICAS:
                 for strategy in STRATEGIES:
-                    if source.endswith("_iid"):
-                        # Poisson per node at the trace's rate: the probability of a loss within an hour.
-                        h = 1 - math.exp(-rates[(trace, replicas)])
-                        failure = ["failure.unit=node", f"failure.hourly_rate={h:.6f}"]
-                    else:
-                        failure = ["failure=churn", "failure.name=churn", "failure.format=bamboo"]
-                    groups[source].append(("table2", index, [*failure, f"engine.replicas={replicas}",
-                                                              f"strategy={strategy}", f"seed={seed}"]))
+                    if source in sources and strategy in strategies:
+                        if source.endswith("_iid"):
+                            # Poisson per node at the trace's rate: the probability of a loss within an hour.
+                            h = 1 - math.exp(-rates[(trace, replicas)])
+                            failure = ["failure.unit=node", f"failure.hourly_rate={h:.6f}"]
+                        else:
+                            failure = ["failure=churn", "failure.name=churn", "failure.format=bamboo"]
+                        groups[source].append(("table2", index, [*failure, f"engine.replicas={replicas}",
+                                                                  f"strategy={strategy}", f"seed={seed}"]))
                     index += 1
     # The paper clock reads its iteration time from the Table 2 column nearest failure.hourly_rate: 16 %/h, the
     # highest it measured, for every source (a churn run's rate is unused by its model; a control's is above it).
@@ -228,14 +233,16 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     calibrated_arguments(parser, "traces")
-    parser.add_argument("--sources", default="p3,g4dn,p3_iid,g4dn_iid",
+    parser.add_argument("--sources", default=",".join(SOURCES),
                         help="comma-separated, of p3, g4dn (Bamboo's pools) and p3_iid, g4dn_iid (their controls)")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated, of " + ", ".join(STRATEGIES))
     args = parser.parse_args(argv)
     check_arguments(args)
-    allowed = [*TRACES, *(f"{t}_iid" for t in TRACES)]
-    sources = args.sources.split(",")
-    if not sources or any(s not in allowed for s in sources) or len(set(sources)) != len(sources):
-        refuse("--sources", args.sources, f"a comma-separated list of {', '.join(allowed)}, each once")
+    sources, strategies = args.sources.split(","), args.strategies.split(",")
+    if any(s not in SOURCES for s in sources) or len(set(sources)) != len(sources):
+        refuse("--sources", args.sources, f"a comma-separated list of {', '.join(SOURCES)}, each once")
+    if any(s not in STRATEGIES for s in strategies) or len(set(strategies)) != len(strategies):
+        refuse("--strategies", args.strategies, f"a comma-separated list of {', '.join(STRATEGIES)}, each once")
     T, target = calibration_of(args)
     start, out = time.perf_counter(), args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -248,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.report_only:
             runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*/summary.json"))]
         else:
-            groups = [(pts, out / "runs", [*common, *extra]) for pts, extra in points(sources, args.seeds, rates)]
+            groups = [(pts, out / "runs", [*common, *extra])
+                      for pts, extra in points(sources, strategies, args.seeds, rates)]
             runs = [r for group in run_groups(groups, args.jobs) for r in group]
         frame = records(runs, rates)
         frame.to_csv(out / "traces.csv", index=False)
