@@ -47,10 +47,11 @@ NO_FAILURE = "none"
 Curve = list[tuple[float, float]]
 RUN_COLUMNS = ["run_dir", "strategy", "failure", "hourly_rate", "seed", "status", "missing", "incomplete",
                "error", "iterations", "n_failures", "n_recoveries", "lost_iterations", "final_val_loss",
-               "time_to_target_s", "target_loss", "total_sim_time_s", "curve", "failure_times"]
+               "time_to_target_s", "target_loss", "total_sim_time_s", "curve", "failure_times", "replicas",
+               "node_losses", "stage_losses", "adjacent_stage_losses", "resyncs"]
 TABLE_COLUMNS = ["strategy", "hourly_rate", "n_seeds", "n_missing", "n_reached", "reached_frac", "ttt_mean_s",
                  "ttt_std_s", "ttt_mean_h", "ttt_std_h", "final_val_loss_mean", "final_val_loss_std",
-                 "failures_mean"]
+                 "failures_mean", "stage_losses_mean"]
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -102,7 +103,8 @@ def _read_mapping(path: Path) -> dict[str, Any]:
 
 
 NUMBERS = ("hourly_rate", "iterations", "n_failures", "n_recoveries", "lost_iterations", "initial_val_loss",
-           "final_val_loss", "time_to_target_s", "target_loss", "total_sim_time_s")
+           "final_val_loss", "time_to_target_s", "target_loss", "total_sim_time_s", "replicas", "node_losses",
+           "stage_losses", "adjacent_stage_losses", "resyncs")
 """Summary fields the tables compute with: a number or null, or the field is ignored (with a warning)."""
 TEXTS = ("strategy", "failure", "status", "error")
 """Summary fields the tables print or compare as text."""
@@ -203,6 +205,12 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
         "total_sim_time_s": _first(summary.get("total_sim_time_s"), last.get("sim_time_s"), math.nan),
         "curve": curve,
         "failure_times": failure_times,
+        # Nodes, not stages (summaries before them: one node a stage, every failure a stage lost).
+        "replicas": _first(summary.get("replicas"), _get(cfg, "engine.replicas"), 1),
+        "node_losses": _first(summary.get("node_losses"), summary.get("n_failures"), len(failure_times)),
+        "stage_losses": _first(summary.get("stage_losses"), summary.get("n_recoveries"), len(recoveries)),
+        "adjacent_stage_losses": summary.get("adjacent_stage_losses"),
+        "resyncs": _first(summary.get("resyncs"), 0),
     }
 
 
@@ -293,6 +301,7 @@ def comparison_table(df: pd.DataFrame, target: float | None = None) -> pd.DataFr
             "ttt_mean_h": reached.mean() / 3600, "ttt_std_h": reached.std() / 3600,
             "final_val_loss_mean": runs["final_val_loss"].mean(), "final_val_loss_std": runs["final_val_loss"].std(),
             "failures_mean": pd.to_numeric(runs["n_failures"], errors="coerce").mean(),
+            "stage_losses_mean": pd.to_numeric(runs["stage_losses"], errors="coerce").mean(),
         })
     rows.sort(key=lambda r: (_strategy_rank(r["strategy"]), np.nan_to_num(r["hourly_rate"], nan=np.inf)))
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from checkfree.analysis import load_runs
 from checkfree.failure_models import build_failure_model
 from checkfree.failure_models.base import FailureConfig, FailureEvent, Nodes
 from checkfree.recovery import build_strategy
@@ -134,6 +135,9 @@ def test_a_stage_is_rebuilt_when_its_last_node_goes(small_run, tmp_path):
     assert [(f["stage"], f["replica"]) for f in lost] == [(2, 1), (1, 0), (1, 1)]  # a whole-stage event: both nodes
     # Four replacements copied a state: the two lone losses', and one of each rebuilt stage's two nodes.
     assert summary["resyncs"] == 4
+    [row] = load_runs([tmp_path / "run"]).to_dict("records")  # the analysis tables carry the node counts
+    assert (row["replicas"], row["node_losses"], row["stage_losses"], row["adjacent_stage_losses"],
+            row["resyncs"]) == (2, 6, 2, 0, 4)
 
 
 def test_two_neighbouring_stages_emptied_together_are_counted(small_run, tmp_path):
