@@ -72,6 +72,10 @@ class Engine(Protocol):
         """The failure model lost ``stages``: their state is gone (processes exit). Returns nothing: the process
         engine keeps the seconds until it saw them gone for the next recovery's report."""
 
+    def lose_nodes(self, nodes: list[tuple[int, int]]) -> None:
+        """Single nodes ``(stage, replica)`` lost while their stages keep a live replica (``engine.replicas`` > 1):
+        no weight changes; an engine that runs replicas replaces their processes from a surviving replica."""
+
     def place(self, placement: Placement) -> None:
         """Run the logical stages on the hosts ``placement`` says (``checkfree.simulation.elastic``). Called right after
         ``lose`` when a loss changes the placement (the ``execute`` that follows puts the lost stages where it

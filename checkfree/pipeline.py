@@ -193,6 +193,10 @@ class LocalEngine(StageHost):
         for stage in stages:
             self.forget(stage)
 
+    def lose_nodes(self, nodes: list[tuple[int, int]]) -> None:
+        """One pipeline computes every replica's share here (the same arithmetic): a lost replica changes only
+        the clock."""
+
     def place(self, placement: Placement) -> None:
         """Every stage computes in this process wherever it is placed: a placement changes only the clock."""
 

@@ -274,6 +274,10 @@ class Trainer:
                 record.lost_nodes += [[k, r] for k, r, _ in nodes]
                 self.totals.node_losses += len(nodes)
             stages = sorted(set(stages) | set(nonfinite))
+            if self.roster is not None:  # nodes lost from stages that live on: their processes replaced
+                singles = [(k, r) for k, r, _ in nodes if k not in losses]
+                if singles:
+                    self.survive(lambda singles=singles: self.engine.lose_nodes(singles), record)
             if not stages:  # no stage emptied: nothing for the strategy, the work goes on
                 if self.roster is not None and nodes:  # the survivors redo the lost node's unfinished share
                     self.totals.failures += struck

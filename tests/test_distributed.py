@@ -158,6 +158,38 @@ def test_data_parallel_replicas_match_local(small_run, tmp_path):
     assert_no_strays(tmp_path / "dist")
 
 
+def test_node_losses_with_two_replicas_give_the_local_run_on_processes(small_run, tmp_path):
+    """R = 2 on both engines under traced node losses: one replica of stage 1 (the stage lives on), the whole of
+    stage 2, then both replicas of stage 3 one after the other (the second empties it). The failures, recoveries,
+    node counts and simulated times are equal; the losses equal up to the replicas' reduction order (two processes
+    sum their gradients in another order than one accumulates them: within 1e-5, as without failures)."""
+    trace = write_trace(tmp_path / "t.json", [{"iteration": 2, "stage": 1, "replica": 0}, {"iteration": 3, "stage": 2},
+                                              {"iteration": 4, "stage": 3, "replica": 1},
+                                              {"iteration": 4, "stage": 3, "replica": 0}])
+    sections = {"strategy": {"name": "checkfree_plus"}, "failure": {"name": "trace", "path": trace},
+                "trainer": {"iterations": 5, "eval_every": 5}}
+    local = train(small_run(**sections, engine={"replicas": 2}), tmp_path / "local")
+    dist = train(small_run(**sections, engine={**DIST, "replicas": 2}), tmp_path / "dist")
+    calm = train(small_run(**{**sections, "failure": {"name": "none"}}, engine={**DIST, "replicas": 2}),
+                 tmp_path / "calm")
+    assert dist["status"] == local["status"] == calm["status"] == "completed"
+    # The lone replica's process really exited and its replacement copied the stage from the other replica:
+    # until the stage losses (iteration 3), the run is bitwise the process engine's run without any failure.
+    assert losses(tmp_path / "dist")[:3] == losses(tmp_path / "calm")[:3]
+    history = json.loads((tmp_path / "dist" / "workers.json").read_text())["history"]
+    started = [(h["stage"], h["replica"]) for h in history]
+    assert started.count((1, 0)) == 2 and started.count((1, 1)) == 1  # stage 1's replica 0 replaced alone
+    for key in ("failures", "recoveries", "node_losses", "stage_losses", "resyncs", "resync_priced_bytes",
+                "total_sim_time_s", "lost_work_sim_s", "under_replicated_sim_s"):
+        assert dist[key] == local[key], key
+    assert (local["node_losses"], local["stage_losses"], local["n_recoveries"]) == (5, 2, 2)
+    a, b = losses(tmp_path / "local"), losses(tmp_path / "dist")
+    assert [x[0] for x in a] == [x[0] for x in b]
+    for x, y in zip(a, b):
+        assert (x[1] is None or abs(x[1] - y[1]) <= 1e-5) and (x[2] is None or abs(x[2] - y[2]) <= 1e-5)
+    assert_no_strays(tmp_path / "dist")
+
+
 @pytest.fixture(scope="module")
 def stage2_at_5(tmp_path_factory, data_cache):
     """The local engine with a trace event killing stage 2 at iteration 5: losses and recovered weights."""

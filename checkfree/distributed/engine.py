@@ -258,6 +258,28 @@ class ProcessEngine:
         self.dead |= set(slots)
         self.detect_s = self.pool.kill(slots) or 0.0
 
+    def lose_nodes(self, nodes: list[tuple[int, int]]) -> None:
+        """Single nodes lost while their stages live on (``engine.replicas`` > 1): each one's process exits for
+        real, a new process takes its place and copies the stage's whole state bitwise from a surviving replica
+        (``msg.Resync``), in a new generation of the group. The clock prices the node's absence (the survivors'
+        extra work, the replacement's delay and the copy); the arithmetic is the same with it or without."""
+        self.finish_flush()  # a flush in flight on the lost node is finished first, as for a stage loss
+        pool, n = self.pool, self.n_stages
+        keys = [rank_of(k, r, n) for k, r in nodes]
+        targets = [pool.handles[key] for key in keys if key in pool.handles and pool.alive(key)]
+        if targets:
+            pool.end(targets)
+            pool.await_exit(targets)
+        try:
+            pool.respawn(sorted({k for k, _ in nodes}))
+            pool.rendezvous()
+            lost = set(nodes)
+            copies = tuple((k, rank_of(k, next(s for s in range(self.replicas) if (k, s) not in lost), n),
+                            rank_of(k, r, n)) for k, r in sorted(nodes))
+            pool.broadcast(msg.Resync(copies))
+        except WorkersDied as exc:  # another process gone meanwhile: a loss for the trainer to recover
+            raise self.lost(exc) from None
+
     def hosts_lost(self, stages: set[int] | list[int]) -> list[int]:
         """The node slots whose every stage is among ``stages``: their processes go. A stage lost alone from a
         process that runs others too (a non-finite stage on a shrunk host) is rebuilt in that process, which

@@ -77,6 +77,15 @@ class Move:
 
 
 @dataclass(frozen=True)
+class Resync:
+    """New processes of lost single replicas copy their stage from a surviving replica: ``(stage, from rank, to
+    rank)``. The sender sends the stage's weights, Adam state and the copies it holds, and keeps them; the
+    receiver takes them, bitwise."""
+
+    copies: tuple[tuple[int, int, int], ...]
+
+
+@dataclass(frozen=True)
 class Probe:
     """Forward one micro-batch along ``order``, reporting which op's output went non-finite first."""
 
@@ -141,7 +150,7 @@ class Stop:
     """Leave the process group and end the command loop."""
 
 
-Command = (Rendezvous | Step | Commit | Abort | Eval | Move | Probe | Recover | Upkeep | Flushed | Load | GetState | SetState
+Command = (Rendezvous | Step | Commit | Abort | Eval | Move | Resync | Probe | Recover | Upkeep | Flushed | Load | GetState | SetState
            | Die | Stop)
 
 

@@ -217,6 +217,23 @@ class StageWorker(StageHost):
             self._let_go(stage)
         return msg.Moved(received)
 
+    def resync(self, command: msg.Resync) -> msg.Moved:
+        """A new process of a lost replica takes its stage's whole state from a surviving replica (which keeps it):
+        bitwise the state every replica of the stage has, since they step together."""
+        pending, received = Pending(), 0
+        for stage, src, dst in command.copies:
+            if src == self.courier.me and stage in self.computes:
+                pending.extend(isend_state(self.pack(stage), dst, self.courier.state_tag(TAG_MOVE, stage, stage),
+                                           self.wire))
+        for stage, src, dst in command.copies:
+            if dst == self.courier.me:
+                state, n_bytes = recv_state(src, self.courier.state_tag(TAG_MOVE, stage, stage), self.wire,
+                                            self.device)
+                self.unpack(stage, state)
+                received += n_bytes
+        pending.wait()
+        return msg.Moved(received)
+
     def _let_go(self, stage: int) -> None:
         del self.computes[stage]
         self.forget(stage)
@@ -461,7 +478,7 @@ class StageWorker(StageHost):
 
 HANDLERS = {msg.Rendezvous: StageWorker.rendezvous, msg.Step: StageWorker.step, msg.Commit: StageWorker.commit,
             msg.Abort: StageWorker.abort, msg.Eval: StageWorker.eval, msg.Probe: StageWorker.probe,
-            msg.Move: StageWorker.move, msg.Recover: StageWorker.recover_command, msg.Upkeep: StageWorker.upkeep,
+            msg.Move: StageWorker.move, msg.Resync: StageWorker.resync, msg.Recover: StageWorker.recover_command, msg.Upkeep: StageWorker.upkeep,
             msg.Flushed: StageWorker.flushed, msg.Load: StageWorker.load, msg.GetState: StageWorker.get_state,
             msg.SetState: StageWorker.set_state, msg.Die: StageWorker.die}
 """The method that serves each command (``Stop`` ends ``serve``'s loop instead)."""
