@@ -28,6 +28,7 @@ import math
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,18 +49,29 @@ from table2 import (  # noqa: E402
     size_overrides,
 )
 
+from checkfree.failure_models.base import FailureConfig, Nodes  # noqa: E402
 from checkfree.failure_models.churn import ChurnFailures  # noqa: E402
 from checkfree.failure_models.churn_files import read_pool_trace  # noqa: E402
 from checkfree.reports.table2 import T95, paper_iteration_seconds  # noqa: E402
+from checkfree.run.config import ConfigError  # noqa: E402
 from checkfree.run.provenance import describe  # noqa: E402
 from checkfree.simulation import paper_table2  # noqa: E402
 from checkfree.storage.archive import archived  # noqa: E402
 
-TRACES = {"p3": "conf/failure/traces/bamboo/p3-trace.csv", "g4dn": "conf/failure/traces/bamboo/g4dn-trace.csv"}
-"""Bamboo's AWS spot pools, as published (conf/failure/traces/bamboo/README.md)."""
+
+@dataclass(frozen=True)
+class Trace:
+    """A pool trace the experiment replays: its name in the tables, its file and its format (``churn_files``)."""
+
+    name: str
+    path: Path
+    format: str = "bamboo"
+
+
+TRACES = (Trace("p3", ROOT / "conf/failure/traces/bamboo/p3-trace.csv"),
+          Trace("g4dn", ROOT / "conf/failure/traces/bamboo/g4dn-trace.csv"))
+"""Bamboo's AWS spot pools, as published (conf/failure/traces/bamboo/README.md): the default ``--traces``."""
 STRATEGIES = ("checkfree", "checkfree_plus", "snapshot_restore", "checkpoint")
-SOURCES = ("p3", "g4dn", "p3_iid", "g4dn_iid")
-"""Bamboo's two pools, and their i.i.d. controls."""
 REPLICAS = (1, 2)
 N_STAGES = 6
 """The Table 2 regime's model (conf/model/cpu_sweep.yaml): 6 stages."""
@@ -71,11 +83,16 @@ PAPER_RATE = 0.16
 """The paper clock's iteration times are its 16 %/h column's (the highest rate it measured)."""
 
 
-def measured_rate(trace: str, replicas: int) -> float:
+def sources_of(traces: tuple[Trace, ...]) -> tuple[str, ...]:
+    """Every trace, then every trace's i.i.d. control (``<name>_iid``): the order of the grid."""
+    return (*(t.name for t in traces), *(f"{t.name}_iid" for t in traces))
+
+
+def measured_rate(trace: Trace, replicas: int) -> float:
     """Losses per running node-hour of ``trace`` on ``N_STAGES x replicas`` slots: the pool replayed for
     ``RATE_HOURS`` simulated hours at each of ``RATE_SEEDS`` seeds' failure streams (seed + 1000, the default seed
     offset); a slot with no node (waiting for one) runs no node-hours."""
-    changes = read_pool_trace(ROOT / TRACES[trace], "bamboo")
+    changes = read_pool_trace(trace.path, trace.format)
     losses, running = 0, 0.0
     horizon = RATE_HOURS * 3600
     for seed in range(RATE_SEEDS):
@@ -88,40 +105,42 @@ def measured_rate(trace: str, replicas: int) -> float:
     return losses / (running / 3600)
 
 
-def points(sources: list[str], strategies: list[str], seeds: int,
+def points(traces: tuple[Trace, ...], sources: list[str], strategies: list[str], seeds: int,
            rates: dict[tuple[str, int], float]) -> list[tuple[list, list]]:
     """Groups of (points, extra overrides): one group per failure source (a trace's path stays out of the run
     directory's name). Every point keeps its place in the whole grid (seed-major, then source, R, strategy),
     so that an invocation with fewer ``--sources`` or ``--strategies``, or more ``--seeds``, finds the
     directories of the points it shares with any other."""
     groups: dict[str, list] = {s: [] for s in sources}
+    by_name = {t.name: t for t in traces}
     index = 0
     for seed in range(seeds):
-        for source in SOURCES:
-            trace = source.removesuffix("_iid")
+        for source in sources_of(traces):
+            trace = by_name[source.removesuffix("_iid")]
             for replicas in REPLICAS:
                 for strategy in STRATEGIES:
                     if source in sources and strategy in strategies:
                         if source.endswith("_iid"):
                             # Poisson per node at the trace's rate: the probability of a loss within an hour.
-                            h = 1 - math.exp(-rates[(trace, replicas)])
+                            h = 1 - math.exp(-rates[(trace.name, replicas)])
                             failure = ["failure.unit=node", f"failure.hourly_rate={h:.6f}"]
                         else:
-                            failure = ["failure=churn", "failure.name=churn", "failure.format=bamboo"]
+                            failure = ["failure=churn", "failure.name=churn", f"failure.format={trace.format}"]
                         groups[source].append(("table2", index, [*failure, f"engine.replicas={replicas}",
                                                                   f"strategy={strategy}", f"seed={seed}"]))
                     index += 1
     # The paper clock reads its iteration time from the Table 2 column nearest failure.hourly_rate: 16 %/h, the
     # highest it measured, for every source (a churn run's rate is unused by its model; a control's is above it).
-    return [(groups[s], [f"failure.path={ROOT / TRACES[s]}", f"failure.hourly_rate={PAPER_RATE}"]
+    return [(groups[s], [f"failure.path={by_name[s].path}", f"failure.hourly_rate={PAPER_RATE}"]
              if not s.endswith("_iid") else []) for s in sources]
 
 
-def source_of(summary: dict, rates: dict[tuple[str, int], float]) -> str:
+def source_of(summary: dict, traces: tuple[Trace, ...], rates: dict[tuple[str, int], float]) -> str:
     """The trace a run replayed, or ``<trace>_iid`` for the control at that trace's rate."""
     failure = summary["config"]["failure"]
     if failure["name"] == "churn":
-        return Path(failure["path"]).stem.removesuffix("-trace")
+        return next((t.name for t in traces if t.path.name == Path(failure["path"]).name),
+                    Path(failure["path"]).stem)
     replicas = summary["config"]["engine"]["replicas"]
     for (trace, r), rate in rates.items():
         if r == replicas and f"{1 - math.exp(-rate):.6f}" == f"{failure['hourly_rate']:.6f}":
@@ -129,14 +148,14 @@ def source_of(summary: dict, rates: dict[tuple[str, int], float]) -> str:
     return f"poisson {failure['hourly_rate']}"
 
 
-def records(runs: list[dict], rates: dict[tuple[str, int], float]) -> pd.DataFrame:
+def records(runs: list[dict], traces: tuple[Trace, ...], rates: dict[tuple[str, int], float]) -> pd.DataFrame:
     rows = []
     for r in runs:
         if "config" not in r or r.get("status") == "running":
             continue
         seconds = r.get("time_to_target_interp_s")
         hours = r["total_sim_time_s"] / 3600
-        rows.append({"source": source_of(r, rates), "replicas": r["config"]["engine"]["replicas"],
+        rows.append({"source": source_of(r, traces, rates), "replicas": r["config"]["engine"]["replicas"],
                      "strategy": r["strategy"], "seed": r["seed"], "reached": seconds is not None,
                      "hours_to_target": seconds / 3600 if seconds is not None else None, "hours_run": hours,
                      "node_losses": r.get("node_losses"), "stage_losses": r.get("stage_losses"),
@@ -230,23 +249,51 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def parse_traces(text: str) -> tuple[Trace, ...]:
+    """``--traces``: NAME=PATH[@FORMAT], comma-separated, each a pool that fills the run's largest number of node
+    slots (``N_STAGES`` x the largest R); a bad one is refused in one sentence before any work."""
+    traces = []
+    for item in text.split(","):
+        name, _, rest = item.partition("=")
+        path, _, fmt = rest.partition("@")
+        fmt = fmt or "bamboo"
+        if not name.isidentifier() or name.endswith("_iid") or not path:
+            refuse("--traces", item, "NAME=PATH[@FORMAT] with NAME a word not ending in _iid")
+        trace = Trace(name, (ROOT / path).resolve() if not Path(path).is_absolute() else Path(path), fmt)
+        try:
+            ChurnFailures.check(FailureConfig(name="churn", path=str(trace.path), format=fmt), N_STAGES,
+                                list(range(N_STAGES)), None, Nodes(max(REPLICAS)))
+        except ConfigError as e:
+            refuse("--traces", item, f"its trace cannot be replayed here ({e})")
+        traces.append(trace)
+    if len({t.name for t in traces}) != len(traces) or len({t.path.name for t in traces}) != len(traces):
+        refuse("--traces", text, "each name and each file name once (a run is told apart by its trace's file name)")
+    return tuple(traces)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     calibrated_arguments(parser, "traces")
-    parser.add_argument("--sources", default=",".join(SOURCES),
-                        help="comma-separated, of p3, g4dn (Bamboo's pools) and p3_iid, g4dn_iid (their controls)")
+    parser.add_argument("--traces", default=",".join(f"{t.name}={t.path.relative_to(ROOT)}@{t.format}" for t in TRACES),
+                        help="comma-separated NAME=PATH[@FORMAT] pool traces (FORMAT events, bamboo or skypilot; "
+                             "default bamboo); default: Bamboo's p3 and g4dn")
+    parser.add_argument("--sources", default=None,
+                        help="comma-separated, of the traces' names and NAME_iid for their i.i.d. controls "
+                             "(default: all)")
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated, of " + ", ".join(STRATEGIES))
     args = parser.parse_args(argv)
     check_arguments(args)
-    sources, strategies = args.sources.split(","), args.strategies.split(",")
-    if any(s not in SOURCES for s in sources) or len(set(sources)) != len(sources):
-        refuse("--sources", args.sources, f"a comma-separated list of {', '.join(SOURCES)}, each once")
+    traces = parse_traces(args.traces)
+    allowed = sources_of(traces)
+    sources, strategies = (args.sources or ",".join(allowed)).split(","), args.strategies.split(",")
+    if any(s not in allowed for s in sources) or len(set(sources)) != len(sources):
+        refuse("--sources", args.sources, f"a comma-separated list of {', '.join(allowed)}, each once")
     if any(s not in STRATEGIES for s in strategies) or len(set(strategies)) != len(strategies):
         refuse("--strategies", args.strategies, f"a comma-separated list of {', '.join(STRATEGIES)}, each once")
     T, target = calibration_of(args)
     start, out = time.perf_counter(), args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    rates = {(t, r): measured_rate(t, r) for t in TRACES for r in REPLICAS}
+    rates = {(t.name, r): measured_rate(t, r) for t in traces for r in REPLICAS}
     (out / "rates.json").write_text(json.dumps({f"{t}_R{r}": v for (t, r), v in rates.items()}, indent=1) + "\n")
     level = size_overrides(args.size) if args.size != 8 else []
     common = [*([f"data={args.data}"] if args.data else []), f"trainer.target_loss={target}", *regime(T, CAP),
@@ -256,9 +303,9 @@ def main(argv: list[str] | None = None) -> int:
             runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*/summary.json"))]
         else:
             groups = [(pts, out / "runs", [*common, *extra])
-                      for pts, extra in points(sources, strategies, args.seeds, rates)]
+                      for pts, extra in points(traces, sources, strategies, args.seeds, rates)]
             runs = [r for group in run_groups(groups, args.jobs) for r in group]
-        frame = records(runs, rates)
+        frame = records(runs, traces, rates)
         frame.to_csv(out / "traces.csv", index=False)
         minutes = None if args.report_only or not RAN else (time.perf_counter() - start) / 60
         environment = describe([r.get("environment") for r in runs if "config" in r],
