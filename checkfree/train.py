@@ -297,7 +297,7 @@ def _print_summary(summary: dict) -> None:
     print(f"failures: {summary['n_failures']}, recoveries: {summary['n_recoveries']} "
           f"{summary['recoveries_by_method']}, lost iterations: {summary['lost_iterations']}")
     if summary.get("replicas", 1) > 1:
-        print(f"nodes lost: {summary['node_losses']} of {summary['replicas']} a stage, stages emptied: "
+        print(f"nodes lost: {summary['node_losses']} ({summary['replicas']} nodes a stage), stages emptied: "
               f"{summary['stage_losses']}, replicas re-synced: {summary['resyncs']}")
     for recovery in summary["recoveries"]:
         print(f"  iteration {recovery['iteration']:>4}: stage {recovery['stage']} lost -> {_recovered_from(recovery)}")

@@ -245,8 +245,13 @@ class Trainer:
         # if any, ends it instead, mid-iteration (each incident moves the time on). Every other run is as before.
         budget = self.cfg.trainer.sim_time_budget_s if self.hosts.elastic else None
         for _ in range(MAX_INCIDENTS) if budget is None else itertools.count():
-            # A stage moves back between sub-iterations; a replica joins its stage when it has its state.
+            # A stage moves back between sub-iterations; a replica joins its stage when it has its state -- one
+            # due while the pipeline stood still (a recovery, a wait, the last step's upkeep) before the work goes on.
             joining = self.roster.next_join() if self.roster is not None else None
+            if joining is not None and joining <= work.t:
+                self.join(work.t, record)
+                work.reprice(self.clock.iteration_s, self.clock.sub_iteration_s)
+                continue
             stop = work.stop(self.hosts.next_arrival()) if joining is None else min(work.end, joining)
             incident = self.failures.next_incident(iteration, work.t, stop, self.clock.incident_s)
             if incident is None:
@@ -268,8 +273,10 @@ class Trainer:
             else:
                 nodes, losses = self.roster.lose(incident.events, self.clock.incident_s)
                 hosts, stages = self.hosts.struck(losses)
+                # The node whose loss emptied its stage says so (the last of the stage's in this incident).
+                last = {k: i for i, (k, _, _) in enumerate(nodes) if k in losses}
                 struck = [{"iteration": iteration, "stage": k, "replica": r, "time_s": t,
-                           **({"stage_lost": True} if losses.get(k) == t else {})} for k, r, t in nodes]
+                           **({"stage_lost": True} if last.get(k) == i else {})} for i, (k, r, t) in enumerate(nodes)]
                 struck += [r for r in incident.records if r.get("cause") == "nonfinite"]
                 record.lost_nodes += [[k, r] for k, r, _ in nodes]
                 self.totals.node_losses += len(nodes)
@@ -326,7 +333,8 @@ class Trainer:
                 work.reprice(self.clock.iteration_s, self.clock.sub_iteration_s)
             if budget is not None and self.totals.sim_time_s >= budget:
                 raise SimTimeSpent(f"the simulated time budget ran out during iteration {iteration}")
-        raise RuntimeError(f"iteration {iteration} was interrupted by {MAX_INCIDENTS} incidents and never finished: "
+        raise RuntimeError(f"iteration {iteration} was interrupted by {MAX_INCIDENTS} incidents (losses, and nodes "
+                           "rejoining their stages) and never finished: "
                            "at this failure rate no stretch of work of one iteration outlasts the time between "
                            "failures; lower failure.hourly_rate or the simulated iteration time.")
 

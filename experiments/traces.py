@@ -106,7 +106,7 @@ def measured_rate(trace: Trace, replicas: int) -> float:
 
 
 def points(traces: tuple[Trace, ...], sources: list[str], strategies: list[str], seeds: int,
-           rates: dict[tuple[str, int], float]) -> list[tuple[list, list]]:
+           rates: dict[tuple[str, int], float], replicas_run: tuple[int, ...] = REPLICAS) -> list[tuple[list, list]]:
     """Groups of (points, extra overrides): one group per failure source (a trace's path stays out of the run
     directory's name). Every point keeps its place in the whole grid (seed-major, then source, R, strategy),
     so that an invocation with fewer ``--sources`` or ``--strategies``, or more ``--seeds``, finds the
@@ -119,7 +119,7 @@ def points(traces: tuple[Trace, ...], sources: list[str], strategies: list[str],
             trace = by_name[source.removesuffix("_iid")]
             for replicas in REPLICAS:
                 for strategy in STRATEGIES:
-                    if source in sources and strategy in strategies:
+                    if source in sources and strategy in strategies and replicas in replicas_run:
                         if source.endswith("_iid"):
                             # Poisson per node at the trace's rate: the probability of a loss within an hour.
                             h = 1 - math.exp(-rates[(trace.name, replicas)])
@@ -197,10 +197,8 @@ def report(frame: pd.DataFrame, T: int, target: float, rates: dict, out: Path, m
                 speed = [base.loc[row.seed, "hours_to_target"] / row.hours_to_target for row in reached.itertuples()
                          if row.seed in base.index and base.loc[row.seed, "reached"]]
                 lines.append(
-                    f"| {source} | {replicas} | {strategy} | {cell} | "
-                    f"{statistics.fmean(s / t for s, t in zip(mine.stage_losses, per_t)):.1f} | "
-                    f"{statistics.fmean(a / t for a, t in zip(mine.adjacent_stage_losses, per_t)):.2f} | "
-                    f"{statistics.fmean(n / t for n, t in zip(mine.node_losses, per_t)):.1f} | "
+                    f"| {source} | {replicas} | {strategy} | {cell} | {per_run(mine.stage_losses, per_t):.1f} | "
+                    f"{per_run(mine.adjacent_stage_losses, per_t):.2f} | {per_run(mine.node_losses, per_t):.1f} | "
                     f"{mine.waiting_h.mean():.1f} | "
                     f"{fmt(speed, '.2f') if strategy != 'checkpoint' and speed else '—'} |")
     measured = ", ".join(f"{t} R={r}: {v:.3f}" for (t, r), v in sorted(rates.items()))
@@ -217,6 +215,13 @@ def report(frame: pd.DataFrame, T: int, target: float, rates: dict, out: Path, m
         + f"{frame.wall_s.fillna(0).sum() / 60:.1f} run-minutes in all.\n" + (f"\n{environment}\n" if environment else ""))
     (out / "traces.md").write_text(text)
     return text
+
+
+def per_run(counts, lengths: list[float]) -> float:
+    """A count per T of run, averaged over the runs (a run that stopped before any time passed: left out; a
+    count missing from a run that died: 0)."""
+    values = [(c if c == c and c is not None else 0) / t for c, t in zip(counts, lengths) if t > 0]
+    return statistics.fmean(values) if values else float("nan")
 
 
 def plot(frame: pd.DataFrame, path: Path) -> None:
@@ -281,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated, of the traces' names and NAME_iid for their i.i.d. controls "
                              "(default: all)")
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated, of " + ", ".join(STRATEGIES))
+    parser.add_argument("--replicas", default=",".join(map(str, REPLICAS)),
+                        help="comma-separated, of " + ", ".join(map(str, REPLICAS)) + " (nodes a stage)")
     args = parser.parse_args(argv)
     check_arguments(args)
     traces = parse_traces(args.traces)
@@ -288,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     sources, strategies = (args.sources or ",".join(allowed)).split(","), args.strategies.split(",")
     if any(s not in allowed for s in sources) or len(set(sources)) != len(sources):
         refuse("--sources", args.sources, f"a comma-separated list of {', '.join(allowed)}, each once")
+    replicas = args.replicas.split(",")
+    if any(r not in map(str, REPLICAS) for r in replicas) or len(set(replicas)) != len(replicas):
+        refuse("--replicas", args.replicas, f"a comma-separated list of {', '.join(map(str, REPLICAS))}, each once")
     if any(s not in STRATEGIES for s in strategies) or len(set(strategies)) != len(strategies):
         refuse("--strategies", args.strategies, f"a comma-separated list of {', '.join(STRATEGIES)}, each once")
     T, target = calibration_of(args)
@@ -303,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
             runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*/summary.json"))]
         else:
             groups = [(pts, out / "runs", [*common, *extra])
-                      for pts, extra in points(traces, sources, strategies, args.seeds, rates)]
+                      for pts, extra in points(traces, sources, strategies, args.seeds, rates,
+                                               tuple(int(r) for r in replicas))]
             runs = [r for group in run_groups(groups, args.jobs) for r in group]
         frame = records(runs, traces, rates)
         frame.to_csv(out / "traces.csv", index=False)

@@ -113,6 +113,18 @@ def test_the_pool_fills_a_vacancy_with_a_spare_at_once_or_with_the_next_node_to_
         model.filled_at(slot[1], 100.0)
 
 
+def test_a_spare_that_goes_down_in_the_same_moment_fills_no_slot(tmp_path):
+    """a and b hold the 2 slots, c waits as a spare; at 100 s a and c go down together (a first in the file): c
+    never fills a's slot (it would be lost at once, a second loss of the slot at 100 s), the vacancy waits for d."""
+    rows = [(0, "a", "up"), (0, "b", "up"), (50, "c", "up"), (100, "a", "down"), (100, "c", "down"),
+            (200, "d", "up"), (1000, "e", "up")]
+    model = churn(tmp_path, rows)
+    events = model.events(1, 0.0, 999.0)
+    assert [e.time_s for e in events] == [100.0]
+    assert model.filled_at(events[0].replica * 2 + events[0].stage, 100.0) == 200.0
+    assert model.counts() == {"trace_passes": 1, "spares_used": 0, "vacancies_waited": 1}
+
+
 def test_a_short_trace_repeats_from_seeded_moments_with_enough_nodes(tmp_path):
     model = churn(tmp_path)
     events = model.events(1, 0.0, 10_000.0)

@@ -199,8 +199,8 @@ def test_trace_stages_outside_range_or_failing_stages_are_rejected(tmp_path: Pat
 
 @pytest.mark.parametrize("overrides,needle", [
     ({"name": "weibull"}, "failure.name='weibull'"),
-    ({"hourly_rate": 1.5}, "failure.hourly_rate=1.5 is invalid: it is a per-stage probability of failing "
-                           "within an hour, allowed [0, 1)."),
+    ({"hourly_rate": 1.5}, "failure.hourly_rate=1.5 is invalid: it is a per-stage (per-node with failure.unit=node) "
+                           "probability of failing within an hour, allowed [0, 1)."),
     ({"hourly_rate": -0.1}, "failure.hourly_rate=-0.1"),
     ({"hourly_rate": "high"}, "failure.hourly_rate='high'"),
     ({"p": 1.0}, "failure.p=1.0"),

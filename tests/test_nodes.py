@@ -52,6 +52,25 @@ def test_a_whole_stage_event_takes_every_node_and_a_lost_node_cannot_be_lost_aga
     assert r.short_s(80.0) == 30.0  # counted up to now while the stage is short
 
 
+def test_a_loss_drawn_before_a_node_went_live_strikes_nothing():
+    """Stage 0 lost whole at 0 s; its nodes come after 1 h and it is rebuilt then. A loss of replica 0 drawn for
+    1,800 s (while the pipeline waited) struck a node that was not there: nothing is lost."""
+    r = Roster(2, 2, Replacements("fixed", 1.0, 4, seed=0), [20.0, 20.0], [1.0, 1.0])
+    assert r.lose([FailureEvent(0, None, 0.0)], floor_s=30.0)[1] == {0: 0.0}
+    r.rebuilt(0, r.first_arrival(0))
+    assert r.lose([FailureEvent(0, None, 1800.0, 0), FailureEvent(0, None, 1800.0, 1)], floor_s=30.0) == ([], {})
+    assert r.staff() == (1, 2) and r.next_join() == 3600.0 + 20.0
+
+
+def test_a_replacement_lost_while_it_copies_the_state_is_replaced_again():
+    r = roster()
+    r.lose([FailureEvent(1, None, 100.0, 0)], floor_s=30.0)  # arrives 1,900 s, joins 1,920 s
+    nodes, emptied = r.lose([FailureEvent(1, None, 1910.0, 0)], floor_s=30.0)  # it had arrived, and goes
+    assert nodes == [(1, 0, 1910.0)] and emptied == {}
+    assert r.vacant[(1, 0)].lost_s == 100.0 and r.next_join() == 1910.0 + 1800.0 + 20.0
+    assert r.lose([FailureEvent(1, None, 2000.0, 0)], floor_s=30.0) == ([], {})  # no node there now
+
+
 def test_the_replacement_floor_is_a_node_s_start_up():
     r = Roster(2, 2, Replacements("immediate", 0.0, 4, seed=0), [5.0, 5.0], [1.0, 1.0])
     r.lose([FailureEvent(0, None, 10.0, 1)], floor_s=30.0)
@@ -132,7 +151,7 @@ def test_a_stage_is_rebuilt_when_its_last_node_goes(small_run, tmp_path):
     assert summary["node_losses"] == 6 and summary["stage_losses"] == 2 and summary["adjacent_stage_losses"] == 0
     assert [(r["stage"], r["method"]) for r in summary["recoveries"]] == [(2, "average"), (1, "average")]
     lost = [f for f in summary["failures"] if f.get("stage_lost")]
-    assert [(f["stage"], f["replica"]) for f in lost] == [(2, 1), (1, 0), (1, 1)]  # a whole-stage event: both nodes
+    assert [(f["stage"], f["replica"]) for f in lost] == [(2, 1), (1, 1)]  # the node whose loss emptied it
     # Four replacements copied a state: the two lone losses', and one of each rebuilt stage's two nodes.
     assert summary["resyncs"] == 4
     [row] = load_runs([tmp_path / "run"]).to_dict("records")  # the analysis tables carry the node counts
@@ -236,3 +255,28 @@ def test_spread_replicas_all_reduce_and_re_sync_over_their_slowest_link(small_ru
 def test_bad_replica_placements_are_refused_in_one_sentence(small_run, override, message):
     with pytest.raises(ConfigError, match=message):
         small_run(**override)
+
+
+def test_a_replica_due_back_while_the_pipeline_recovers_another_stage_joins_at_its_own_time(small_run, tmp_path,
+                                                                                            monkeypatch):
+    """Replica 0 of stage 1 lost at 100 s comes back 30 s later and copies its state over a 10 MB/s link (its
+    join due at 130 s + the copy, 121 s); stage 2 is lost whole at 240 s and recovered in 30 s, the join due inside
+    that recovery. The
+    replica joins at its own time, inside the recovery: the run's time never runs back, and the stage was short
+    of a node for exactly the start-up and the copy."""
+    cfg = small_run(engine={"replicas": 2},
+                    failure={"name": "trace", "path": write_trace(tmp_path / "t.json", [
+                        {"time_s": 100.0, "stage": 1, "replica": 0}, {"time_s": 240.0, "stage": 2}])},
+                    network={"name": "single_cluster", "bandwidth_Bps": 1e7},
+                    trainer={"clock": "paper_table2", "paper_T": 500, "iterations": 3, "eval_every": 3})
+    from checkfree.simulation.ledger import Work
+
+    reached, reach = [], Work.reach
+    monkeypatch.setattr(Work, "reach", lambda work, stop: (reached.append((work.t, stop)), reach(work, stop))[1])
+    run = build_run(cfg, tmp_path / "run")
+    copy_s = run.trainer.clock.resync(1)[0]
+    assert 240.0 < 130.0 + copy_s < 270.0  # due inside the recovery of stage 2
+    summary = run.run()
+    assert reached and all(stop >= t for t, stop in reached)
+    assert summary["status"] == "completed" and (summary["node_losses"], summary["stage_losses"]) == (3, 1)
+    assert summary["under_replicated_sim_s"] == pytest.approx(30.0 + copy_s + 30.0 + copy_s)  # stage 2's too

@@ -98,7 +98,7 @@ def validate_failure_config(cfg: FailureConfig, n_stages: int, horizon: int | No
     ``nodes``: the run's nodes (``engine.replicas``, ``engine.replica_placement``)."""
     cls = model_class(cfg.name)
     require(is_real(cfg.hourly_rate) and 0 <= cfg.hourly_rate < 1, "failure.hourly_rate", cfg.hourly_rate,
-            "it is a per-stage probability of failing within an hour, allowed [0, 1)")
+            "it is a per-stage (per-node with failure.unit=node) probability of failing within an hour, allowed [0, 1)")
     require(is_real(cfg.p) and 0 <= cfg.p < 1, "failure.p", cfg.p,
             "it is a per-stage per-iteration probability, allowed [0, 1)")
     # The Poisson model draws every arrival inside an iteration's window: an absurd window is a hang.

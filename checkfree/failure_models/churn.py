@@ -82,13 +82,14 @@ class ChurnFailures(FailureModel):
         self.holder: list[str | None] = [None] * self.slots
         self.slot_of: dict[str, int] = {}
         self.spares: list[str] = []
-        self.vacancies: deque[tuple[int, float]] = deque()
+        self.vacancies: deque[tuple[int, float, int]] = deque()
+        """Slots waiting for a node, oldest first: (slot, when its node went down, that loss's index in ``out``)."""
         self.fills: dict[tuple[int, float], float] = {}
         self.opened: set[tuple[int, float]] = set()
         """Every vacancy the replay has opened: (slot, time its node went down)."""
         self.out: list[FailureEvent] = []
         self.by_spare: list[bool] = []
-        """Per generated loss: whether a spare filled its vacancy at once."""
+        """Per generated loss: whether a spare filled its vacancy in the moment it opened."""
         self.emitted = 0
         self.pass_starts: list[float] = [0.0]
         self.asked = 0.0
@@ -138,38 +139,52 @@ class ChurnFailures(FailureModel):
         return self.base + self.end - self.offset
 
     def _play(self) -> None:
-        """Play the next moment of the trace, or start the next pass."""
+        """Play the next moment of the trace, or start the next pass. A moment's changes strike together: its
+        losses first open their vacancies, then the spares that outlive the moment (the longest waiting first)
+        and the nodes it brings fill the vacancies, oldest first -- so no node fills a slot in the same moment
+        it goes down, whatever the order of the trace's lines."""
         if self.tick >= len(self.ticks):
             self._wrap(self._next_time())
             return
         t = self._next_time()
+        coming: list[str] = []
         for change in self.ticks[self.tick][1]:
             node = f"{self.pass_no}:{change.node}"
-            (self._up if change.up else self._down)(node, t)
+            if change.up:
+                coming.append(node)
+            elif node in coming:
+                coming.remove(node)  # up and down within one moment: it never took part
+            else:
+                self._down(node, t)
+        spares, self.spares = self.spares, []
+        for node in spares:
+            self._up(node, t, spare=True)
+        for node in coming:
+            self._up(node, t)
         self.tick += 1
 
-    def _up(self, node: str, t: float) -> None:
+    def _up(self, node: str, t: float, spare: bool = False) -> None:
+        """``node`` is free at ``t``: it fills the oldest vacancy, or waits as a spare."""
         if self.vacancies:
-            slot, lost = self.vacancies.popleft()
+            slot, lost, index = self.vacancies.popleft()
             self.holder[slot], self.slot_of[node] = node, slot
             self.fills[(slot, lost)] = t
+            self.by_spare[index] = spare and lost == t
         else:
             self.spares.append(node)
 
     def _down(self, node: str, t: float) -> None:
+        """``node`` goes down at ``t``: a spare is simply gone; a slot's node opens a vacancy (filled by ``_play``
+        once the moment's changes are in)."""
         if node in self.spares:
             self.spares.remove(node)
             return
         slot = self.slot_of.pop(node)
         self.holder[slot] = None
         self.out.append(FailureEvent(slot % self.n, None, t, slot // self.n))
-        # Spares and waiting vacancies are never there together (a node that comes up fills a vacancy first),
-        # so a spare, if any, fills this one.
-        self.by_spare.append(bool(self.spares))
-        self.vacancies.append((slot, t))
+        self.by_spare.append(False)
+        self.vacancies.append((slot, t, len(self.out) - 1))
         self.opened.add((slot, t))
-        if self.spares:
-            self._up(self.spares.pop(0), t)
 
     def _wrap(self, t: float) -> None:
         """Start the next pass at run time ``t``: a seeded moment of the trace, the pool renamed to its nodes."""

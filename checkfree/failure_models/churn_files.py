@@ -186,7 +186,7 @@ def write_events(changes: Iterable[Change], path: str | Path) -> None:
         writer = csv.writer(f)
         writer.writerow(EVENT_FIELDS)
         for c in changes:
-            writer.writerow([f"{c.time_s:g}", c.node, "up" if c.up else "down"])
+            writer.writerow([repr(c.time_s), c.node, "up" if c.up else "down"])  # exact: no moment merges
 
 
 def main(argv: list[str] | None = None) -> int:

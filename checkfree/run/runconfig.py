@@ -165,6 +165,9 @@ def validate_placement(run: RunConfig) -> None:
     """Where the replicas run, and what a loss without a replacement node may do, against the model and the
     engine."""
     n, engine = run.model.n_stages, run.engine
+    require(run.failure.replacement != "trace" or engine.replicas == 1, "failure.replacement", "trace",
+            f"its file names each stage's node, and engine.replicas={engine.replicas} gives a stage several; "
+            "allowed here: immediate, fixed, exponential or never (or failure=churn for a pool's own timing)")
     require(engine.replica_placement in ("same_zone", "spread"), "engine.replica_placement",
             engine.replica_placement, "allowed same_zone or spread")
     if engine.replica_placement == "spread":

@@ -54,7 +54,9 @@ class Work:
         return min(end, max(self.t, boundary))
 
     def reach(self, stop: float) -> None:
-        """The work ran, uninterrupted, up to ``stop``."""
+        """The work ran, uninterrupted, up to ``stop`` (never before where it is: time does not run back)."""
+        if stop < self.t:
+            raise ValueError(f"the work is at {self.t} s and cannot run back to {stop} s")
         self.done += stop - self.t
         self.t = stop
 

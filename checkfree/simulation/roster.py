@@ -52,6 +52,9 @@ class Roster:
         """(stage, replica) -> its vacancy, for every node slot without a live node."""
         self.short_since: dict[int, float] = {}
         """Stage -> since when it has had fewer than R live nodes."""
+        self.since: dict[tuple[int, int], float] = {}
+        """(stage, replica) -> when its current node went live (joined, or the stage was rebuilt on it): a loss
+        drawn for an earlier moment struck a node that is gone already, not this one (as ``Hosts.back_at``)."""
         self.resyncs = 0
         self.resynced_bytes = 0.0
         self.under_replicated_s = 0.0
@@ -76,13 +79,19 @@ class Roster:
             k, t = event.stage, float(event.time_s)
             hit = False
             for r in range(self.replicas) if event.replica is None else [event.replica]:
-                if (k, r) in self.vacant:
-                    continue
+                vacancy = self.vacant.get((k, r))
+                if vacancy is not None and not vacancy.arrives_s <= t < vacancy.joins_s:
+                    continue  # no node there: its replacement has not arrived yet
+                if vacancy is None and t < self.since.get((k, r), -math.inf):
+                    continue  # drawn for a node that was gone before this one went live
+                # A live node is lost -- or the replacement that had arrived and was still copying the state
+                # is: its slot asks for another one from now on.
                 arrives = t + self.replacements.delay(node_slot(k, r, self.n), floor_s, t)
-                self.vacant[(k, r)] = Vacancy(t, arrives, arrives + self.resync_s[k])
+                joins = arrives + self.resync_s[k] if self.live(k) > 0 or vacancy is None else math.inf
+                self.vacant[(k, r)] = Vacancy(t if vacancy is None else vacancy.lost_s, arrives, joins)
                 self.short_since.setdefault(k, t)
                 nodes.append((k, r, t))
-                hit = True
+                hit = vacancy is None
             if hit and self.live(k) == 0:
                 emptied[k] = t
                 for (j, _), vacancy in self.vacant.items():  # nothing to copy from until it is rebuilt
@@ -101,6 +110,7 @@ class Roster:
         if not mine:
             return
         del self.vacant[(stage, mine[0][1])]
+        self.since[(stage, mine[0][1])] = at_s
         for _, r in mine[1:]:
             vacancy = self.vacant[(stage, r)]
             vacancy.joins_s = max(vacancy.arrives_s, at_s) + self.resync_s[stage]
@@ -112,14 +122,16 @@ class Roster:
         return None if math.isinf(soonest) else soonest
 
     def join(self, now_s: float) -> list[tuple[int, int]]:
-        """The replacements that have copied their stage's state by ``now_s`` join it; returns their slots."""
-        joined = sorted(key for key, v in self.vacant.items() if v.joins_s <= now_s)
-        for k, r in joined:
+        """The replacements that have copied their stage's state by ``now_s`` join it, each at its own time (one
+        due while the pipeline stood still joined then); returns their slots."""
+        joined = sorted((v.joins_s, key) for key, v in self.vacant.items() if v.joins_s <= now_s)
+        for at, (k, r) in joined:
             del self.vacant[(k, r)]
+            self.since[(k, r)] = at
             self.resyncs += 1
             self.resynced_bytes += self.resync_bytes[k]
-            self._settle(k, now_s)
-        return joined
+            self._settle(k, at)
+        return [key for _, key in joined]
 
     def _settle(self, stage: int, now_s: float) -> None:
         if self.live(stage) == self.replicas and stage in self.short_since:
@@ -132,12 +144,14 @@ class Roster:
     def state_dict(self) -> dict[str, Any]:
         return {"vacant": [[k, r, asdict(v)] for (k, r), v in sorted(self.vacant.items())],
                 "short_since": {str(k): t for k, t in self.short_since.items()},
+                "since": [[k, r, t] for (k, r), t in sorted(self.since.items())],
                 "resyncs": self.resyncs, "resynced_bytes": self.resynced_bytes,
                 "under_replicated_s": self.under_replicated_s}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.vacant = {(k, r): Vacancy(**v) for k, r, v in state["vacant"]}
         self.short_since = {int(k): float(t) for k, t in state["short_since"].items()}
+        self.since = {(k, r): float(t) for k, r, t in state.get("since", [])}
         self.resyncs = state["resyncs"]
         self.resynced_bytes, self.under_replicated_s = state["resynced_bytes"], state["under_replicated_s"]
 
