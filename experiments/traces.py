@@ -236,9 +236,11 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
     for ax, replicas in zip(axes[0], REPLICAS):
         for j, strategy in enumerate(STRATEGIES):
             means, errors = [], []
-            for source in sources:
-                mine = frame[(frame.source == source) & (frame.replicas == replicas) & (frame.strategy == strategy)
-                             & frame.reached]
+            for i, source in enumerate(sources):
+                ran = frame[(frame.source == source) & (frame.replicas == replicas) & (frame.strategy == strategy)]
+                mine = ran[ran.reached]
+                if len(ran) and mine.empty:  # run, and the target not reached within the cap: a cross at it
+                    ax.scatter([i + j * width], [CAP], marker="x", color=f"C{j}")
                 values = [h / no_failure_hours(strategy) for h in mine.hours_to_target]
                 means.append(statistics.fmean(values) if values else float("nan"))
                 errors.append(T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / len(values) ** 0.5
@@ -246,7 +248,7 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
             ax.bar([i + j * width for i in range(len(sources))], means, width, yerr=errors, label=strategy)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sources))], sources, fontsize=7)
         ax.axhline(1.0, color="grey", linewidth=0.5)
-        ax.set_title(f"R = {replicas} node(s) a stage", fontsize=9)
+        ax.set_title(f"R = {replicas} node(s) a stage (x: not within {CAP:g} T)", fontsize=9)
         ax.set_ylabel("paper hours to target / T")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
