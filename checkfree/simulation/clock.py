@@ -19,7 +19,6 @@ The trainer asks the clock and never prices anything itself.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from copy import copy as shallow_copy
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -40,13 +39,6 @@ Pricing = RecoveryStrategy | type[RecoveryStrategy]
 """What the clock reads of a strategy: the class attributes it declares for pricing (``schedule_name``,
 ``redundant_compute``, ``table2_column``, ``sends_in_background``), so a strategy's class serves before the
 strategy itself is built (``strategy.every: auto`` is decided from the clock's prices)."""
-
-
-def replace_spread(cost: CostModel, spread: bool) -> CostModel:
-    """``cost`` with its replicas placed otherwise (nothing else differs)."""
-    other = shallow_copy(cost)
-    other.spread = spread
-    return other
 
 
 def priced_as(paper: ModelConfig, n_stages: int) -> ModelConfig:
@@ -94,8 +86,7 @@ class Clock:
         """Per stage: the scale of its decoder blocks alone (what a CheckFree source sends)."""
         self.cost = CostModel(priced, trainer.micro_batches, micro_batch_size, network, flops_per_s=flops,
                               replicas=replicas, spread=spread)
-        self.spread_s = self.cost.allreduce_seconds() - replace_spread(self.cost, False).allreduce_seconds() \
-            if spread else 0.0
+        self.spread_s = self.cost.allreduce_seconds() - self.cost.allreduce_seconds(spread=False) if spread else 0.0
         """Spread replicas: what their cross-site all-reduce adds to an iteration over one within a site. The paper's
         measured times (and the fixed clock's) stand for a pipeline whose replicas share its sites, so this is added
         to them; the cost model's iteration has the all-reduce in it already."""
@@ -110,7 +101,6 @@ class Clock:
         self.paper_s = paper_table2.iteration_seconds(strategy.table2_column, failure.hourly_rate) \
             if self.paper else None
         self.fixed_s = failure.iteration_seconds if trainer.clock == "fixed" else None
-        self.replicas = replicas
         self._price(None)
         self.home = (self.iteration_s, self.sub_iteration_s, self.link_busy, self.stage_busy, self.floor_bound)
         """The prices with every stage on its own node and every node live (what ``place`` and ``staff`` return to,
@@ -167,7 +157,7 @@ class Clock:
         """Re-price the iteration for ``live`` nodes per stage (of ``replicas``): a stage with ``l`` of them does
         ``R / l`` times its compute (an emptied stage, being rebuilt, is priced as one node); every node live
         gives back the run's own prices, exactly."""
-        load = tuple(self.replicas / max(n, 1) for n in live)
+        load = tuple(self.cost.replicas / max(n, 1) for n in live)
         self.load = None if all(x == 1.0 for x in load) else load
         self._reprice()
 

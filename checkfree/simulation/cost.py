@@ -279,21 +279,21 @@ class CostModel:
                 busy[resource] += (f + b) / self.micro_batches
         return max(busy.values())
 
-    def replica_link(self, stage: int) -> Link:
+    def replica_link(self, stage: int, spread: bool | None = None) -> Link:
         """The link between two replicas of ``stage``: the intra-site link where they share the stage's site; spread
         (replica ``r`` where stage ``k + r`` runs), the slowest link of the ring through their sites (the longest
-        latency, the least bandwidth: a ring's steps wait for its slowest hop)."""
-        if not self.spread or self.replicas < 2:
+        latency, the least bandwidth: a ring's steps wait for its slowest hop). ``spread``: None, as placed."""
+        if not (self.spread if spread is None else spread) or self.replicas < 2:
             return stage_link(self.network, stage, stage)
         ring = [stage + r for r in range(self.replicas)]
         links = [stage_link(self.network, a, b) for a, b in zip(ring, ring[1:] + ring[:1])]
         return Link(max(x.latency_s for x in links), min(x.bandwidth_Bps for x in links))
 
-    def allreduce_seconds(self) -> float:
-        """Gradient ring all-reduce over the W replicas of each stage (``replica_link``); stages run theirs in
-        parallel, the slowest sets the time."""
+    def allreduce_seconds(self, spread: bool | None = None) -> float:
+        """Gradient ring all-reduce over the W replicas of each stage (``replica_link``, its replicas placed as
+        ``spread`` says, or as they are); stages run theirs in parallel, the slowest sets the time."""
         w = self.replicas
-        return max(ring_allreduce_seconds(p * self.network.dtype_bytes, w, self.replica_link(k))
+        return max(ring_allreduce_seconds(p * self.network.dtype_bytes, w, self.replica_link(k, spread))
                    for k, p in enumerate(self.params))
 
     def breakdown(self, schedule: str = "in_order", shadows: bool = False) -> dict[str, float]:
