@@ -265,11 +265,7 @@ class ProcessEngine:
         extra work, the replacement's delay and the copy); the arithmetic is the same with it or without."""
         self.finish_flush()  # a flush in flight on the lost node is finished first, as for a stage loss
         pool, n = self.pool, self.n_stages
-        keys = [rank_of(k, r, n) for k, r in nodes]
-        targets = [pool.handles[key] for key in keys if key in pool.handles and pool.alive(key)]
-        if targets:
-            pool.end(targets)
-            pool.await_exit(targets)
+        pool.kill_ranks([rank_of(k, r, n) for k, r in nodes])
         try:
             pool.respawn(sorted({k for k, _ in nodes}))
             pool.rendezvous()

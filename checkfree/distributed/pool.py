@@ -105,6 +105,8 @@ class WorkerPool(Protocol):
 
     def kill(self, stages: list[int]) -> float | None: ...
 
+    def kill_ranks(self, ranks: list[int]) -> float | None: ...
+
     def respawn(self, stages: list[int]) -> float: ...
 
     def alive(self, rank: int) -> bool: ...
@@ -231,8 +233,12 @@ class Supervisor(abc.ABC):
     def kill(self, stages: list[int]) -> float | None:
         """Make every replica of ``stages`` exit for real; returns the seconds from the order until the
         supervisor saw every worker gone (detection), None if all were gone already."""
+        return self.kill_ranks(self.stage_ranks(stages))
+
+    def kill_ranks(self, ranks: list[int]) -> float | None:
+        """``kill`` for the workers of ``ranks`` alone (single replicas of their stages)."""
         start = time.perf_counter()
-        targets = [self.handles[r] for r in self.stage_ranks(stages) if r in self.handles and not self.handles[r].gone()]
+        targets = [self.handles[r] for r in ranks if r in self.handles and not self.handles[r].gone()]
         if not targets:
             return None
         self.end(targets)

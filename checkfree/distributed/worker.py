@@ -201,18 +201,7 @@ class StageWorker(StageHost):
     def move(self, command: msg.Move) -> msg.Moved:
         """Stages that change process: the sender sends each one's whole state (weights, Adam, lr, the copies it
         holds) and lets it go; the receiver takes it, bitwise."""
-        pending, received = Pending(), 0
-        for stage, src, _ in command.moves:
-            if src == self.courier.me and stage in self.computes:
-                pending.extend(isend_state(self.pack(stage), self.courier.ranks[stage],
-                                           self.courier.state_tag(TAG_MOVE, stage, stage), self.wire))
-        for stage, src, dst in command.moves:
-            if dst == self.courier.me:
-                moved, n_bytes = recv_state(src, self.courier.state_tag(TAG_MOVE, stage, stage), self.wire,
-                                            self.device)
-                self.unpack(stage, moved)
-                received += n_bytes
-        pending.wait()
+        received = self._hand_over(command.moves)
         for stage in [k for k in self.computes if not self.courier.here(k)]:
             self._let_go(stage)
         return msg.Moved(received)
@@ -220,19 +209,24 @@ class StageWorker(StageHost):
     def resync(self, command: msg.Resync) -> msg.Moved:
         """A new process of a lost replica takes its stage's whole state from a surviving replica (which keeps it):
         bitwise the state every replica of the stage has, since they step together."""
+        return msg.Moved(self._hand_over(command.copies))
+
+    def _hand_over(self, transfers: tuple[tuple[int, int, int], ...]) -> int:
+        """``(stage, from rank, to rank)``: the sender sends the stage whole (``pack``), the receiver takes it
+        (``unpack``), every send posted before any receive; returns the bytes this process received."""
         pending, received = Pending(), 0
-        for stage, src, dst in command.copies:
+        for stage, src, dst in transfers:
             if src == self.courier.me and stage in self.computes:
                 pending.extend(isend_state(self.pack(stage), dst, self.courier.state_tag(TAG_MOVE, stage, stage),
                                            self.wire))
-        for stage, src, dst in command.copies:
+        for stage, src, dst in transfers:
             if dst == self.courier.me:
                 state, n_bytes = recv_state(src, self.courier.state_tag(TAG_MOVE, stage, stage), self.wire,
                                             self.device)
                 self.unpack(stage, state)
                 received += n_bytes
         pending.wait()
-        return msg.Moved(received)
+        return received
 
     def _let_go(self, stage: int) -> None:
         del self.computes[stage]
