@@ -85,8 +85,6 @@ class ChurnFailures(FailureModel):
         self.vacancies: deque[tuple[int, float, int]] = deque()
         """Slots waiting for a node, oldest first: (slot, when its node went down, that loss's index in ``out``)."""
         self.fills: dict[tuple[int, float], float] = {}
-        self.opened: set[tuple[int, float]] = set()
-        """Every vacancy the replay has opened: (slot, time its node went down)."""
         self.out: list[FailureEvent] = []
         self.by_spare: list[bool] = []
         """Per generated loss: whether a spare filled its vacancy in the moment it opened."""
@@ -184,7 +182,6 @@ class ChurnFailures(FailureModel):
         self.out.append(FailureEvent(slot % self.n, None, t, slot // self.n))
         self.by_spare.append(False)
         self.vacancies.append((slot, t, len(self.out) - 1))
-        self.opened.add((slot, t))
 
     def _wrap(self, t: float) -> None:
         """Start the next pass at run time ``t``: a seeded moment of the trace, the pool renamed to its nodes."""
@@ -223,7 +220,7 @@ class ChurnFailures(FailureModel):
         """When the vacancy of ``slot`` that opened at ``lost_s`` is filled (the trace is played on as needed:
         a later pass brings nodes at the latest)."""
         key = (slot, lost_s)
-        if key not in self.opened:
+        if key not in self.fills and key not in {(waiting, lost) for waiting, lost, _ in self.vacancies}:
             raise ValueError(f"the pool lost no node of slot {slot} at {lost_s} s")
         while key not in self.fills:
             self._play()
