@@ -3,10 +3,8 @@ never over a newer file or outside the experiment, and a committed experiment's 
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,6 +13,7 @@ import pytest
 
 from checkfree.run.runlog import KEPT_METRICS
 from checkfree.storage.archive import ARCHIVE, SCHEMA, archived, pack, read, run_dirs, unpack
+from tests.scripts import experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,12 +99,7 @@ def test_a_committed_experiment_regenerates_its_report_from_its_archive_alone(tm
     out = tmp_path / "crossover"
     out.mkdir()
     shutil.copy(committed / ARCHIVE, out / ARCHIVE)
-    saved = list(sys.path)
-    sys.path.insert(0, str(ROOT / "experiments"))
-    try:
-        crossover = importlib.import_module("crossover")
-    finally:
-        sys.path[:] = saved
+    crossover = experiment("crossover")
     crossover.main(["--report-only", "--out", str(out),
                     "--calibration", str(ROOT / "results" / "table2_pydocs" / "calibration.json")])
     assert len(run_dirs(out)) == 75

@@ -3,13 +3,13 @@ uncertainty (each seed's own crossing)."""
 
 from __future__ import annotations
 
-import importlib
 import math
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from tests.scripts import experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,16 +17,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # baseline's hours per seed at 10 / 100 / 1000 Mb/s (speed-ups 2.0 / 0.8 / 0.5, 1.5 / 1.2 / 0.5, 3.0 / 0.9 / 0.6).
 BASELINE_HOURS = {0: (200, 80, 50), 1: (150, 120, 50), 2: (300, 90, 60)}
 BANDWIDTHS = (10, 100, 1000)
-
-
-def script():
-    experiments = str(ROOT / "experiments")
-    saved = list(sys.path)
-    sys.path.insert(0, experiments)
-    try:
-        return importlib.import_module("crossover")
-    finally:
-        sys.path[:] = saved
 
 
 def frame(missed: set[tuple[int, float]] = frozenset()) -> pd.DataFrame:
@@ -49,13 +39,13 @@ def log_interpolated(b0: float, m0: float, b1: float, m1: float) -> float:
 
 
 def test_speedups_are_paired_by_seed_against_the_faster_checkfree_variant():
-    xo = script()
+    xo = experiment("crossover")
     assert xo.paired_by_seed(frame(), "async_checkpoint", 10) == {0: 2.0, 1: 1.5, 2: 3.0}
     assert xo.paired_by_seed(frame({(0, 100)}), "async_checkpoint", 100) == {1: 1.2, 2: 0.9}
 
 
 def test_the_crossover_and_each_seed_s_own_crossing_give_its_uncertainty():
-    xo = script()
+    xo = experiment("crossover")
     assert xo.log_crossing([(10, 2.0), (100, 0.8), (1000, 0.5)]) == pytest.approx(
         (log_interpolated(10, 2.0, 100, 0.8), 10, 100))
     assert xo.log_crossing([(10, 2.0), (100, math.nan), (1000, 0.5)])[0] == pytest.approx(
@@ -82,7 +72,7 @@ def test_the_crossover_and_each_seed_s_own_crossing_give_its_uncertainty():
 def test_a_seed_that_never_crosses_is_named_and_left_out_of_no_mean():
     """Seed 1's baseline stays behind at every bandwidth (speed-ups 1.5 / 1.2 / 1.1): no crossing of its own, so
     no geometric mean or CI of the seeds' crossings is given (the others alone would look surer than they are)."""
-    xo = script()
+    xo = experiment("crossover")
     data = frame()
     slower = (data.strategy == "async_checkpoint") & (data.seed == 1) & (data.bandwidth_mbps == 1000)
     data.loc[slower, "hours_to_target"] = 110.0
@@ -92,7 +82,7 @@ def test_a_seed_that_never_crosses_is_named_and_left_out_of_no_mean():
 
 
 def test_a_baseline_that_wins_everywhere_has_no_crossover():
-    xo = script()
+    xo = experiment("crossover")
     data = frame()
     data.loc[data.strategy == "async_checkpoint", "hours_to_target"] = 50.0
     assert xo.crossover(data, "async_checkpoint") == "async_checkpoint reaches the target first at every bandwidth tried"
@@ -107,7 +97,7 @@ def test_a_baseline_that_wins_everywhere_has_no_crossover():
 ])
 def test_the_crossover_s_flags_are_checked_before_any_work(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        script().main([*argv, "--out", str(tmp_path / "out")])
+        experiment("crossover").main([*argv, "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and err.startswith(f"error: {message}") and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.scripts import experiment
+
 ROOT = Path(__file__).resolve().parent.parent
 NO_FAILURE_H = 92.12 * 10_000 / 3600  # the paper's CheckFree iteration at 16 %/h, 10,000 iterations: 255.9 h
-
-
-def script():
-    saved = list(sys.path)
-    sys.path.insert(0, str(ROOT / "experiments"))
-    try:
-        return importlib.import_module("frontier")
-    finally:
-        sys.path[:] = saved
 
 
 def summary(strategy: str, seed: int, hours: float | None, memory: list[float], moved: float, mbps: float = 56,
@@ -33,7 +24,7 @@ def summary(strategy: str, seed: int, hours: float | None, memory: list[float], 
 
 
 def test_the_frontier_keeps_what_nothing_beats_on_both_memory_and_hours():
-    frontier = script()
+    frontier = experiment("frontier")
     points = [("none", 0.0, 2.0), ("tie", 0.0, 2.5), ("small", 0.1, 1.5), ("worse", 0.5, 1.6), ("big", 1.0, 1.1),
               ("as_big_slower", 1.0, 1.2)]
     assert frontier.pareto(points) == ["none", "small", "big"]
@@ -42,7 +33,7 @@ def test_the_frontier_keeps_what_nothing_beats_on_both_memory_and_hours():
 
 
 def test_each_run_s_figures_and_the_report_rows(tmp_path):
-    frontier = script()
+    frontier = experiment("frontier")
     runs = [summary("checkfree", s, h, [0.131e9, 0.0], 0.5e9 * h) for s, h in enumerate((400.0, 420.0))]
     runs += [summary("compressed_snapshot", s, h, [0.067e9, 0.1e9], 2e9 * h) for s, h in enumerate((281.5, 300.0))]
     runs += [summary("snapshot_restore", 0, 270.0, [1.2e9, 0.8e9], 20e9 * 270.0),

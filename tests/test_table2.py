@@ -14,6 +14,7 @@ from checkfree.reports import table2
 from checkfree.simulation.paper_table2 import ITERATION_S as TABLE2_ITERATION_S
 from checkfree.simulation.paper_table2 import RECOVERY_S as PAPER_RECOVERY_S
 from checkfree.simulation.paper_table2 import iteration_seconds as table2_iteration_seconds
+from tests.scripts import experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -131,7 +132,7 @@ def test_gpu_throughput_benchmark_smoke_mode_runs_on_the_cpu(capsys):
 def test_ablation_rows_pair_each_rule_with_checkfree_by_seed(tmp_path):
     """The ablation table on hand-made runs: loss at T interpolated between validations, the last loss, the
     difference to CheckFree's last loss at the same seed, and every run's own figures."""
-    script = experiment_script()
+    script = experiment("table2")
     # val loss at iterations 0 / 100 / 125 per (rule, seed); T = 100 -> "at T" is the 100 record.
     finals = {("checkfree", 0): 0.80, ("checkfree", 1): 0.90, ("copy", 0): 0.85, ("copy", 1): 0.99,
               **{(rule, seed): 1.5 for rule in ("uniform", "random", "zero") for seed in (0, 1)}}
@@ -161,7 +162,7 @@ def test_ablation_rows_pair_each_rule_with_checkfree_by_seed(tmp_path):
 
 def test_a_new_corpus_target_comes_from_the_no_failure_probe():
     """--target auto: the probe's loss after 500 iterations (rounded to 3 decimals) is the target."""
-    script = experiment_script()
+    script = experiment("table2")
     curve = [(0, 5.0), (450, 2.0), (550, 1.8), (1000, 1.5), (2000, 1.2345)]
     assert script.target_at(curve, script.TARGET_AT) == 1.9  # halfway between 2.0 and 1.8
     assert script.target_at(curve, 2000) == 1.234
@@ -171,7 +172,7 @@ def test_the_granularity_study_changes_the_tokens_per_iteration_alone():
     """A level: its micro-batch size, validations every T / 10 (50 iterations at 8 sequences, scaled), and the one
     target; a run's time to target / T is in the paper's units (hours over 10,000 paper iterations at the
     strategy's price at 16 %/h), whatever the level's T."""
-    script = experiment_script()
+    script = experiment("table2")
     assert script.level_overrides(8, 3.671, ["data=pydocs"]) == [
         "trainer.micro_batch_size=8", "trainer.eval_every=50", "trainer.target_loss=3.671", "data=pydocs"]
     assert script.level_overrides(2, 3.671, [])[:2] == ["trainer.micro_batch_size=2", "trainer.eval_every=200"]
@@ -185,7 +186,7 @@ def test_the_granularity_study_changes_the_tokens_per_iteration_alone():
 
 
 def test_the_extrapolation_to_k_1_is_a_least_squares_line_with_its_prediction_interval():
-    script = experiment_script()
+    script = experiment("table2")
     # Exactly on a line y = 2.2 - 0.035 K: no residual, no width.
     value, half, slope = script.extrapolate([(20, 1.5), (10, 1.85), (5, 2.025)])
     assert (value, half, slope) == (pytest.approx(2.165), pytest.approx(0.0, abs=1e-12), pytest.approx(-0.035))
@@ -196,7 +197,7 @@ def test_the_extrapolation_to_k_1_is_a_least_squares_line_with_its_prediction_in
 
 
 def test_the_granularity_report_says_per_level_how_far_each_strategy_got(tmp_path):
-    script = experiment_script()
+    script = experiment("table2")
     calibrations = {8: {"T": 500, "target": 3.671, "iterations": [490, 510]},
                     2: {"T": 2000, "target": 3.671, "iterations": [1990, 2010]}}
     frame = pd.DataFrame([
@@ -217,7 +218,7 @@ def test_the_granularity_report_says_per_level_how_far_each_strategy_got(tmp_pat
 
 def test_each_point_gets_only_the_strategy_keys_its_strategy_reads():
     """regime() sets checkpointing's strategy.every for the whole grid; the other strategies would refuse it."""
-    script = experiment_script()
+    script = experiment("table2")
     extra = [*script.regime(480, 4.0), "data=pydocs", "+strategy.keep=3"]
     assert script.regime(480, 4.0) == ["trainer.paper_T=480", "++strategy.every=5", "++strategy.storage_every=5",
                                        "trainer.iterations=1920"]
@@ -273,24 +274,12 @@ def test_a_report_written_mid_sweep_leaves_out_the_runs_still_under_way_and_says
 def test_the_main_table_runs_at_one_other_width_and_refuses_several_before_any_run(tmp_path):
     """--widths 128: every run (calibration, grid, edge protocols) gets d_model 128 with heads of 16 dimensions;
     two widths at once are refused before the probe or any run starts (nothing is written)."""
-    script = experiment_script()
+    script = experiment("table2")
     assert script.model_width(128) == ["model.d_model=128", "model.n_heads=8"]
     assert script.model_width(8) == ["model.d_model=8", "model.n_heads=1"]
     with pytest.raises(SystemExit, match=r"--widths=64,128 is invalid for the main table: one d_model"):
         script.main(["--widths", "64,128", "--target", "auto", "--data", "pydocs", "--out", str(tmp_path / "t")])
     assert not (tmp_path / "t").exists()
-
-
-def experiment_script():
-    """experiments/table2.py as a module (it imports its sibling experiments/sweep.py)."""
-    import importlib
-
-    experiments = str(ROOT / "experiments")
-    sys.path.insert(0, experiments)
-    try:
-        return importlib.import_module("table2")
-    finally:
-        sys.path[:] = [p for p in sys.path if p != experiments]
 
 
 BAD_FLAGS = [
@@ -312,7 +301,7 @@ BAD_FLAGS = [
 @pytest.mark.parametrize("argv, message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
 def test_every_flag_of_the_experiment_scripts_is_checked_before_any_work(argv, message, tmp_path, capsys):
     """One sentence on stderr naming the flag, exit 2, and nothing written: no probe, no calibration, no run."""
-    script = experiment_script()
+    script = experiment("table2")
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_:
         script.main([*argv, "--out", str(out)])
@@ -330,7 +319,7 @@ def test_every_flag_of_the_experiment_scripts_is_checked_before_any_work(argv, m
 def test_a_main_table_at_a_finer_level_runs_the_granularity_study_s_overrides():
     """``--size 2`` makes the main table at the granularity study's b = 2 level: the same overrides (so the
     study's runs are the table's), validations every T / 10 (200 CPU iterations there, 50 at the regime's 8)."""
-    script = experiment_script()
+    script = experiment("table2")
     assert script.size_overrides(2) == ["trainer.micro_batch_size=2", "trainer.eval_every=200"]
     assert script.size_overrides(8) == ["trainer.micro_batch_size=8", "trainer.eval_every=50"]
     assert script.level_overrides(2, 3.671, ["data=pydocs"]) == [*script.size_overrides(2), "trainer.target_loss=3.671",
@@ -338,6 +327,6 @@ def test_a_main_table_at_a_finer_level_runs_the_granularity_study_s_overrides():
 
 
 def test_a_probe_is_written_under_the_experiment_s_own_out(tmp_path):
-    script = experiment_script()
+    script = experiment("table2")
     args = script.argparse.Namespace(data="pydocs", set=["trainer.lr=0.001"], out=tmp_path / "table")
     assert script.probe_dir(args) == tmp_path / "table" / "probes" / "pydocs_trainer.lr-0.001"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 import subprocess
 import sys
@@ -10,20 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.scripts import experiment
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def script():
-    saved = list(sys.path)
-    sys.path.insert(0, str(ROOT / "experiments"))
-    try:
-        return importlib.import_module("traces")
-    finally:
-        sys.path[:] = saved
-
-
 def test_a_point_keeps_its_directory_whatever_subset_is_run():
-    traces = script()
+    traces = experiment("traces")
     rates = {(t.name, r): 0.5 for t in traces.TRACES for r in traces.REPLICAS}
     whole = {i: o for pts, _ in traces.points(traces.TRACES, list(traces.sources_of(traces.TRACES)),
                                               list(traces.STRATEGIES), 2, rates) for _, i, o in pts}
@@ -40,7 +32,7 @@ def test_a_point_keeps_its_directory_whatever_subset_is_run():
 
 
 def test_a_run_is_labelled_by_its_trace_or_by_the_trace_whose_rate_its_control_has():
-    traces = script()
+    traces = experiment("traces")
     rates = {("p3", 1): 0.588, ("p3", 2): 0.585, ("g4dn", 1): 0.483, ("g4dn", 2): 0.502}
     churn = {"config": {"failure": {"name": "churn", "path": "/elsewhere/g4dn-trace.csv"}, "engine": {"replicas": 2}}}
     iid = {"config": {"failure": {"name": "poisson", "hourly_rate": 1 - math.exp(-0.585)}, "engine": {"replicas": 2}}}

@@ -1,0 +1,22 @@
+"""The experiment scripts (``experiments/*.py``) as modules, for the tests that call their functions without
+training: one loader, so that each test imports them the same way."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from types import ModuleType
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def experiment(name: str) -> ModuleType:
+    """``experiments/<name>.py`` imported; it imports its siblings (``table2``, ``sweep``) by name, so their folder
+    is on ``sys.path`` while it loads, and only then."""
+    saved = list(sys.path)
+    sys.path.insert(0, str(EXPERIMENTS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path[:] = saved
