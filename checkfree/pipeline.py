@@ -38,11 +38,13 @@ class LocalEngine(StageHost):
     """Stages + per-stage Adam, trained over micro-batches in one process: the stage host of every stage."""
 
     def __init__(self, stages: list[Stage], lr: float, clip: float = 1.0, autocast_dtype: torch.dtype | None = None,
-                 fuse: bool = False, compile: bool = False) -> None:
+                 fuse: bool = False, compile: bool = False, buffer: int = 0) -> None:
         computes = [StageCompute(stage, lr, clip, autocast_dtype=autocast_dtype, compile=compile) for stage in stages]
         courier = Courier(len(stages), torch.device("cpu"), computes[0].device)
         courier.place((0,) * len(stages), 0)  # every stage here: what one sends another is handed over in memory
-        super().__init__(len(stages), courier)
+        super().__init__(len(stages), courier, buffer)
+        self.steps = 0
+        """Optimizer steps taken (numbering the micro-batches the activation ring keeps, as the process engine's)."""
         self.computes.update(enumerate(computes))
         self.lr = lr
         self.fuse = fuse
@@ -88,10 +90,11 @@ class LocalEngine(StageHost):
         for compute in self.computes.values():
             compute.train()
         losses, tokens, n = [], 0, len(micro_batches)
-        for order, group in self._groups(micro_batches, schedule):
+        for order, indices, group in self._groups(micro_batches, schedule):
             batch = (group[0] if len(group) == 1 else torch.cat(group)).to(self.device, non_blocking=True)
             inputs, targets = batch[:, :-1], batch[:, 1:]
-            loss = causal_lm_loss(self.logits(inputs, order), targets)
+            seqs = [self.steps * n + m for m in indices] if self.ring is not None else None
+            loss = causal_lm_loss(self.logits(inputs, order, seqs), targets)
             StageCompute.backward_loss(loss, n, fused=len(group))
             losses.append((loss.detach(), len(group)))
             tokens += targets.numel()
@@ -105,26 +108,43 @@ class LocalEngine(StageHost):
         result = StepResult(total / n, [pre for pre, _ in norms], [post for _, post in norms], tokens)
         if skip_nonfinite and not result.finite:
             result.stepped = False
+            if self.ring is not None:
+                self.ring.discard()
             return result
         for compute in self.computes.values():
             compute.step()
+        self.steps += 1
+        if self.ring is not None:
+            self.ring.commit(self.steps * n - 1)
         return result
 
-    def _groups(self, micro_batches: list[torch.Tensor], schedule: Schedule) -> list[tuple[tuple[int, ...], list]]:
-        """(order, micro-batches): one each, or with ``fuse`` one group per distinct route, in first-seen order."""
+    def _groups(self, micro_batches: list[torch.Tensor],
+                schedule: Schedule) -> list[tuple[tuple[int, ...], list[int], list[torch.Tensor]]]:
+        """(order, micro-batch indices, micro-batches): one each, or with ``fuse`` one group per distinct route,
+        in first-seen order."""
         if not self.fuse:
-            return [(schedule.order(m), [batch]) for m, batch in enumerate(micro_batches)]
-        groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
+            return [(schedule.order(m), [m], [batch]) for m, batch in enumerate(micro_batches)]
+        groups: dict[tuple[int, ...], tuple[list[int], list[torch.Tensor]]] = {}
         for m, batch in enumerate(micro_batches):
-            groups.setdefault(schedule.order(m), []).append(batch)
-        return list(groups.items())
+            indices, batches = groups.setdefault(schedule.order(m), ([], []))
+            indices.append(m)
+            batches.append(batch)
+        return [(order, indices, batches) for order, (indices, batches) in groups.items()]
 
-    def logits(self, input_ids: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, order: tuple[int, ...], seqs: list[int] | None = None) -> torch.Tensor:
         """Logits for ``input_ids``: the route's visits chained in this process (what training, validation and
-        the tests that compare the split model with the unsplit one all run)."""
-        h = input_ids
-        for visit in route(order, self.n_stages):
+        the tests that compare the split model with the unsplit one all run). ``seqs``: the micro-batches'
+        numbers (a fused group's, in its rows' order), whose activations the ring buffers as the stage processes
+        would: what each visit received and sent."""
+        h, visits = input_ids, route(order, self.n_stages)
+        for i, visit in enumerate(visits):
+            if seqs is not None and i > 0:
+                for seq, x in zip(seqs, h.chunk(len(seqs))):
+                    self.note_received(visit, visits[i - 1], seq, x)
             h = self.computes[visit.stage].forward(visit.ops, h)
+            if seqs is not None and i + 1 < len(visits):
+                for seq, out in zip(seqs, h.chunk(len(seqs))):
+                    self.note_sent(visit, visits[i + 1], seq, out)
         return h
 
     @torch.no_grad()
@@ -214,9 +234,9 @@ class LocalEngine(StageHost):
         if missing:
             raise RuntimeError(f"the {plan.strategy} plan leaves lost stage(s) {sorted(missing)} unrebuilt")
         start = time.perf_counter()
-        received = self.recover(plan)
+        received, fitted = self.recover(plan)
         self.lost = set()
-        reports = rebuild_reports(plan, received)
+        reports = rebuild_reports(plan, received, fitted)
         wall = time.perf_counter() - start
         for report in reports:
             report.wall_s = wall
@@ -261,13 +281,18 @@ class LocalEngine(StageHost):
         self.writer.wait()
         return {"stages": self.stage_states(), "optimizers": [c.optimizer.state_dict() for c in self.computes.values()],
                 "held": [((h.kind, h.owner, h.holder), copy) for h, copy in self.held.items()],
-                "staged": dict(self.staged), "checkpoints": self.store.state_dict() if self.store is not None else None}
+                "staged": dict(self.staged), "checkpoints": self.store.state_dict() if self.store is not None else None,
+                "steps": self.steps,
+                "buffered": [item for k in range(self.n_stages) for item in self.ring.state(k)] if self.ring else []}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for compute, weights, optimizer in zip(self.computes.values(), state["stages"], state["optimizers"], strict=True):
             compute.load_state({"weights": weights, "optimizer": optimizer})
         self.held = {Held(*key): copy for key, copy in state["held"]}
         self.staged = dict(state.get("staged", {}))  # absent from resume files written before it was counted
+        self.steps = state.get("steps", 0)
+        if self.ring is not None:
+            self.ring.load(state.get("buffered", []))
         if state["checkpoints"] is not None:
             self.store.load_state_dict(state["checkpoints"])
 

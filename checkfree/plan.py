@@ -138,6 +138,19 @@ class Held:
 
 
 @dataclass(frozen=True)
+class Fit:
+    """After a rebuild: fit the stage's body to the (input, output) pairs of its last weights that its
+    neighbours buffered (``checkfree.stage.fitting``), ``steps`` Adam steps at ``lr`` on ``loss``, from a fresh
+    Adam dropped after (the stage trains on the rebuild's fresh optimizer)."""
+
+    steps: int
+    lr: float
+    loss: str
+    holders: tuple[int, ...]
+    """The surviving stages that hold some of its pairs (each sends what it has, possibly nothing)."""
+
+
+@dataclass(frozen=True)
 class Rebuild:
     """How one lost stage comes back, on a new node, in this order:
 
@@ -148,7 +161,8 @@ class Rebuild:
     4. the ``transforms``, in order;
     5. a fresh optimizer at ``lr`` — unless ``lr`` is None, when the restored shadow's optimizer (and its
        lr) is kept;
-    6. the held copies in ``fetch`` are made anew on this stage (it held them; they were lost with it).
+    6. fitted to its buffered activations (``fit``), if any;
+    7. the held copies in ``fetch`` are made anew on this stage (it held them; they were lost with it).
     """
 
     stage: int
@@ -166,6 +180,7 @@ class Rebuild:
     critical path, as it is refreshed)."""
     details: dict[str, Any] = field(default_factory=dict)
     """What the strategy wants recorded (neighbour weights, replica staleness, the new lr, ...)."""
+    fit: Fit | None = None
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.transforms if t not in TRANSFORMS]
@@ -307,6 +322,9 @@ class RecoveryReport:
 
 BODY = "body"
 """What a CheckFree source sends: its decoder blocks (``Transfer.holds``; the held copies' are ``CopyKind.holds``)."""
+ACTIVATIONS = "activations"
+"""What a holder of buffered activations sends a fitted rebuild (``Fit``): micro-batches of the owner's body
+inputs and outputs, priced at the priced model's activation size."""
 
 
 @dataclass(frozen=True)
@@ -337,17 +355,24 @@ def fetch_transfer(held: Held, n_bytes: int) -> Transfer | None:
     return None if held.what.background else Transfer(held.owner, held.owner, held.what.holds, n_bytes)
 
 
-def rebuild_report(plan: RecoveryPlan, rebuild: Rebuild, transfers: list[Transfer]) -> RecoveryReport:
-    """The record of one rebuild, as both engines write it: its bytes are the sum of what its node received."""
+def rebuild_report(plan: RecoveryPlan, rebuild: Rebuild, transfers: list[Transfer],
+                   fitted: dict[str, Any] | None = None) -> RecoveryReport:
+    """The record of one rebuild, as both engines write it: its bytes are the sum of what its node received;
+    a fitted one's details say how many pairs it fitted on, in how many steps, and the error before and after
+    (``fit_pairs``, ``fit_steps``, ``fit_loss_before``, ``fit_loss_after``)."""
     return RecoveryReport(rebuild.stage, plan.strategy, rebuild.method, rebuild.record_sources,
                           rebuild.record_coefficients, sum(t.n_bytes for t in transfers),
-                          details=dict(rebuild.details), transfers=list(transfers))
+                          details={**rebuild.details, **(fitted or {})}, transfers=list(transfers))
 
 
-def rebuild_reports(plan: RecoveryPlan, received: dict[int, list[Transfer]]) -> list[RecoveryReport]:
-    """The records of a plan's rebuilds from what each rebuilt stage received (``StageHost.recover``). A rollback
-    from memory rebuilds the survivors too (each from its snapshot): only the lost stages are reported."""
-    return [rebuild_report(plan, r, received[r.stage]) for r in plan.rebuilds if r.stage in plan.lost]
+def rebuild_reports(plan: RecoveryPlan, received: dict[int, list[Transfer]],
+                    fitted: dict[int, dict[str, Any]] | None = None) -> list[RecoveryReport]:
+    """The records of a plan's rebuilds from what each rebuilt stage received (``StageHost.recover``) and how
+    each fitted one's fit went. A rollback from memory rebuilds the survivors too (each from its snapshot): only
+    the lost stages are reported."""
+    fitted = fitted or {}
+    return [rebuild_report(plan, r, received[r.stage], fitted.get(r.stage)) for r in plan.rebuilds
+            if r.stage in plan.lost]
 
 
 def rollback_reports(plan: RecoveryPlan, progress_before: int, restored: dict[str, Any]) -> list[RecoveryReport]:

@@ -118,6 +118,10 @@ def build_engine(cfg: RunConfig, model: ModelConfig, device, schedule: str | Non
 
     autocast = torch.bfloat16 if cfg.trainer.precision == "bf16" else None
     world = model.n_stages * cfg.engine.replicas
+    from checkfree.recovery import strategy_class
+
+    # Micro-batches of activations each stage buffers for its neighbours: only for a strategy that fits to them.
+    buffer = cfg.strategy.fit_buffer if strategy_class(cfg.strategy.name).fits else 0
     if cfg.engine.name == "local":
         from checkfree.model.init_from import start_from
         from checkfree.model.llama import build_stages
@@ -130,11 +134,10 @@ def build_engine(cfg: RunConfig, model: ModelConfig, device, schedule: str | Non
 
         stages = [start_from(stage, model, k) for k, stage in enumerate(build_stages(model, cfg.seed, device))]
         return LocalEngine(stages, cfg.trainer.lr, cfg.trainer.clip, autocast_dtype=autocast,
-                           fuse=cfg.trainer.fuse_micro_batches, compile=cfg.trainer.compile)
+                           fuse=cfg.trainer.fuse_micro_batches, compile=cfg.trainer.compile, buffer=buffer)
     from checkfree.distributed.engine import ProcessEngine
     from checkfree.distributed.rendezvous import pick_backend
     from checkfree.distributed.worker import WorkerSpec
-    from checkfree.recovery import strategy_class
 
     spec = WorkerSpec(
         stage=0, replica=0, model=model, seed=cfg.seed, lr=cfg.trainer.lr, clip=cfg.trainer.clip,
@@ -144,7 +147,7 @@ def build_engine(cfg: RunConfig, model: ModelConfig, device, schedule: str | Non
         micro_batch_size=cfg.trainer.micro_batch_size, replicas=cfg.engine.replicas,
         backend=pick_backend(cfg.engine, device, world), store_addr=cfg.engine.master_addr,
         store_port=cfg.engine.master_port, timeout_s=cfg.engine.timeout_s,
-        threads=stage_threads(world),
+        threads=stage_threads(world), buffer=buffer,
     )
     return ProcessEngine(spec, cfg.engine)
 

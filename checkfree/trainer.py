@@ -47,6 +47,7 @@ from checkfree.simulation.failures import FailureDraws
 from checkfree.simulation.ledger import Work
 from checkfree.simulation.replacements import Replacements
 from checkfree.simulation.roster import Roster
+from checkfree.stage.fitting import buffered_per_holder
 from checkfree.stage.guard import check
 from checkfree.stage.schedule import Schedule, build_schedule
 from checkfree.storage.memory_store import MemoryStore
@@ -220,8 +221,12 @@ class Trainer:
 
     def priced_memory_per_node(self) -> list[float]:
         """What each node holds for others at the priced model's size (``Clock.memory_per_node``): every copy
-        the run has kept, and a background checkpoint's host buffer where the strategy flushes one."""
-        return self.clock.memory_per_node(self.held_since, self.strategy.sends_in_background == "storage")
+        the run has kept, a background checkpoint's host buffer where the strategy flushes one, and the activations
+        a fitting strategy's stages buffer for their neighbours."""
+        buffered = buffered_per_holder([self.schedule.order(m) for m in range(self.cfg.trainer.micro_batches)],
+                                       self.cfg.strategy.fit_buffer, self.model.n_stages) \
+            if self.strategy.fits else []
+        return self.clock.memory_per_node(self.held_since, self.strategy.sends_in_background == "storage", buffered)
 
     def strike(self, iteration: int, record: IterationRecord) -> float:
         """The iteration's work meets the failures of its simulated time, one incident after another.

@@ -327,3 +327,30 @@ def test_priced_memory_at_the_trained_size_is_what_the_nodes_really_hold(strateg
     assert sum(measured) > 0
     assert priced == pytest.approx(measured, rel=1e-3)
     assert summary["moved_priced_bytes"] > 0 or strategy == "redundant"
+
+
+def test_a_fitted_rebuild_pays_its_pairs_on_their_links_and_its_steps_and_its_buffers_hold_memory(small_run):
+    """checkfree_fit at llama_500m's size, 10 Mb/s: a micro-batch's activations are 16 x 1,024 x 1,024 bf16, 33.55 MB
+    (512x the trained model's 4 x 64 x 64 fp32 buffer). Stage 2 rebuilt from 8 pairs: stage 1 sends its blocks
+    (67.1 M parameters, 268 MB) and the 8 inputs (268 MB), one after the other on its link; stage 3 its blocks and the
+    8 outputs, in parallel: 30 s + 2 x 268.4 MB / 1.25 MB/s = 459.5 s; then 20 steps over the 8 pairs, a forward
+    and a backward of 67.1 M parameters x 16,384 tokens each at 124.8 TFLOP/s: 6 x 67.1e6 x 16,384 x 160 / 124.8e12
+    = 8.46 s. On the paper clock's measured recovery (not priced) the fit adds its pairs and steps to the 30 s.
+    Memory: a middle node holds 16 tensors (8 inputs it sent, 8 outputs it received): 537 MB."""
+    from checkfree.plan import ACTIVATIONS, BODY, RecoveryReport, Transfer
+
+    clock, trained = llama_500m_clock(small_run, "checkfree_fit")
+    assert clock.cost.act_bytes == 16 * 1024 * 1024 * 2 and clock.activation_scale == 512.0
+    body, pairs = 4 * trained[2], 8 * 4 * 4 * 64 * 64  # trained bytes: stage 2's blocks (all of it), 8 fp32 tensors
+    report = RecoveryReport(2, "checkfree_fit", "average", [1, 3], [0.5, 0.5], 2 * body + 2 * pairs,
+                            details={"fit_pairs": 8, "fit_steps": 20},
+                            transfers=[Transfer(1, 1, BODY, body), Transfer(3, 3, BODY, body),
+                                       Transfer(1, 2, ACTIVATIONS, pairs), Transfer(3, 2, ACTIVATIONS, pairs)])
+    steps_s = 6 * 67_117_056 * 16_384 * 160 / 124.8e12
+    assert steps_s == pytest.approx(8.4588, abs=1e-4)
+    assert clock.recovery_seconds(report) == pytest.approx(30 + (4 * 67_117_056 + 8 * 33_554_432) / 1.25e6 + steps_s,
+                                                           rel=1e-9)
+    clock.priced_recovery = False
+    assert clock.recovery_seconds(report) == pytest.approx(30 + 8 * 33_554_432 / 1.25e6 + steps_s, rel=1e-9)
+    assert clock.memory_per_node([], False, [8, 16, 16, 16, 16, 8]) == [8 * 33_554_432] + [16 * 33_554_432] * 4 + \
+        [8 * 33_554_432]

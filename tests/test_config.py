@@ -215,6 +215,17 @@ BAD_INPUTS = [
      r"^strategy.encoding='fp8' is invalid: allowed is 'bf16' or 'int8'.$"),
     (["strategy=checkfree", "+strategy.encoding=bf16"], r"^strategy.encoding=bf16 is not read by strategy=checkfree: "
                                                         r"it is read only by strategy=compressed_snapshot"),
+    (["strategy=checkfree_fit", "strategy.fit_buffer=0"],
+     r"^strategy.fit_buffer=0 is invalid: allowed is an integer >= 1 \(micro-batches\).$"),
+    (["strategy=checkfree_plus_fit", "strategy.fit_steps=-1"], r"^strategy.fit_steps=-1 is invalid: allowed is an "
+                                                                r"integer >= 0.$"),
+    (["strategy=checkfree_fit", "strategy.fit_loss=l1"], r"^strategy.fit_loss='l1' is invalid: allowed is 'mse' or "
+                                                         r"'smooth_l1'.$"),
+    (["strategy=checkfree", "+strategy.fit_steps=5"], r"^strategy.fit_steps=5 is not read by strategy=checkfree: it "
+                                                      r"is read only by strategy=checkfree_fit\|checkfree_plus_fit"),
+    (["strategy=checkfree_fit", "engine.replicas=2"], r"^strategy='checkfree_fit' is invalid: it fits a rebuilt stage "
+                                                      r"to activations its neighbours buffered, and with "
+                                                      r"engine.replicas=2"),
     (["strategy=checkfree", "+strategy.keep=3"], r"^strategy.keep=3 is not read by strategy=checkfree: it is read "
                                                  r"only by strategy=async_checkpoint\|checkpoint\|memory_checkpoint"),
     (["strategy=checkpoint", "strategy.every=auto"], r"^strategy.every='auto' is invalid for strategy=checkpoint: only "
@@ -224,7 +235,8 @@ BAD_INPUTS = [
     (["strategy=snapshot_restore", "strategy.copies=6"], r"^strategy.copies=6 is invalid for strategy=snapshot_restore "
                                                          r"with model.n_stages=6: .* allowed is 1..5\.$"),
     (["strategy=checkpoint", "+strategy.lr_scale=2"], r"^strategy.lr_scale=2 is not read by strategy=checkpoint: it "
-                                                      r"is read only by strategy=checkfree\|checkfree_plus\|"),
+                                                      r"is read only by strategy=checkfree\|checkfree_fit\|checkfree_plus\|"
+                                                      r"checkfree_plus_fit\|"),
     (["strategy=redundant", "++strategy.edge_rule=copy"], r"^strategy.edge_rule=copy is not read by "
                                                           r"strategy=redundant: it is read only by strategy=checkfree\|"),
     (["strategy=checkpoint", "strategy.every=300"], r"^strategy.every=300 is invalid: it is larger than the run "

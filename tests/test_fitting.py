@@ -1,5 +1,6 @@
-"""Fitting a stage body to buffered (input, output) pairs of its own last weights (checkfree.stage.fitting):
-the math on real Llama blocks, before it is wired into a strategy."""
+"""Fitting a rebuilt stage to the (input, output) pairs of its own last weights that its neighbours buffered
+(checkfree.stage.fitting, checkfree.recovery.fitted): the ring, who holds what under swapped routes, the fit's math
+on real Llama blocks, and the strategy's rebuilds."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from checkfree.run.config import ConfigError
 from checkfree.stage.averaging import weighted_state
-from checkfree.stage.fitting import ActivationBuffer, body_mse, fit
+from checkfree.stage.fitting import IN, OUT, ActivationRing, body_mse, buffered_per_holder, fit, pairs
 
 
 def pairs_of(stage, n: int, seed: int, d: int, seq: int = 16, batch: int = 4):
@@ -20,18 +21,121 @@ def pairs_of(stage, n: int, seed: int, d: int, seq: int = 16, batch: int = 4):
         return [(x, stage.body(x)) for x in inputs]
 
 
-def test_the_buffer_holds_exactly_the_last_b_micro_batches():
-    buffer = ActivationBuffer(3)
-    sent = [(torch.full((2, 2), float(i)), torch.full((2, 2), -float(i))) for i in range(5)]
-    for x, y in sent:
-        buffer.add(x, y)
-    assert len(buffer) == 3
-    assert [(x[0, 0].item(), y[0, 0].item()) for x, y in buffer.pairs()] == [(2.0, -2.0), (3.0, -3.0), (4.0, -4.0)]
-    assert buffer.nbytes() == 3 * 2 * 4 * 4  # three pairs of 2 x 2 fp32 tensors
-    sent[4][0].fill_(99.0)
-    assert buffer.pairs()[-1][0][0, 0].item() == 4.0  # a copy: what the pipeline does with its tensor after
+def test_the_ring_holds_exactly_the_last_b_micro_batches_of_committed_steps():
+    ring = ActivationRing(3)
+    sent = {}
+    for step in range(3):  # two micro-batches a step: numbers 0..5
+        for m in range(2):
+            seq = 2 * step + m
+            sent[seq] = torch.full((2, 2), float(seq))
+            ring.note(0, 1, seq, IN, sent[seq], 2)
+            ring.note(2, 1, seq, OUT, -sent[seq], 0)
+        ring.commit(2 * step + 1)
+    held = ring.held(0, 1)
+    assert sorted(held[IN]) == [3, 4, 5] and held[OUT] == {}
+    assert [held[IN][seq][0, 0].item() for seq in (3, 4, 5)] == [3.0, 4.0, 5.0]
+    assert sorted(ring.held(2, 1)[OUT]) == [3, 4, 5]
+    assert ring.nbytes(0) == ring.nbytes(2) == 3 * 2 * 2 * 4  # three 2 x 2 fp32 tensors each
+    sent[5].fill_(99.0)
+    assert ring.held(0, 1)[IN][5][0, 0].item() == 5.0  # a copy: what the pipeline does with its tensor after
+    assert ring.held(2, 1, lost=(0,)) == {IN: {}, OUT: {}}  # the inputs' holder is lost: halves are no use
+    ring.note(0, 1, 6, IN, sent[0], 2)
+    ring.discard()  # the step was thrown away: nothing of it is kept
+    ring.commit(5)
+    assert sorted(ring.held(0, 1)[IN]) == [3, 4, 5]
+    ring.forget(0)  # node 0 is gone, what it held with it
+    assert ring.nbytes(0) == 0 and ring.held(0, 1) == {IN: {}, OUT: {}} and ring.nbytes(2) == 48
+    assert [x[0, 0].item() for x, _ in pairs([ring.held(2, 1), {IN: {4: sent[4], 5: sent[5]}, OUT: {}}])] == [4.0, 99.0]
     with pytest.raises(ConfigError, match="capacity=0 is invalid: allowed an integer >= 1"):
-        ActivationBuffer(0)
+        ActivationRing(0)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_the_neighbours_buffer_each_body_s_own_pairs_under_checkfree_plus_swapped_routes(tiny_stages, fuse):
+    """CheckFree+ on 4 stages: odd micro-batches run the bodies in the order (1, 0, 3, 2), so stage 1's body runs
+    between stage 0 and stage 0, stage 0's between 1 and 3, stage 3's between 0 and 2 and stage 2's between 3
+    and 3. After one step of 4 micro-batches each holder keeps exactly those tensors, and each pair is its owner's
+    function: the body of the weights before the step maps the input to the output (bit for bit unfused; fused,
+    the rows of a fused batch, to float rounding)."""
+    from checkfree.pipeline import LocalEngine
+    from checkfree.stage.schedule import OutOfOrder
+
+    before = copy.deepcopy(tiny_stages)
+    engine = LocalEngine(tiny_stages, lr=1e-3, fuse=fuse, buffer=8)
+    g = torch.Generator().manual_seed(0)
+    engine.train_step([torch.randint(0, 64, (2, 33), generator=g) for _ in range(4)], OutOfOrder(4))
+    odd = {(1, 0, IN), (1, 0, OUT), (0, 1, IN), (0, 3, OUT), (3, 0, IN), (3, 2, OUT), (2, 3, IN), (2, 3, OUT)}
+    even = {(1, 0, IN), (1, 2, OUT), (2, 1, IN), (2, 3, OUT)}  # in order: the middle stages only
+    expected = {(holder, owner, m, role) for m in range(4) for owner, holder, role in (odd if m % 2 else even)}
+    assert {key[:4] for key in engine.ring.entries} == expected
+    for (_, owner, m, role, partner), x in engine.ring.entries.items():
+        if role != IN:
+            continue
+        [(y_holder, y)] = [(h, t) for (h, o, s, r, _), t in engine.ring.entries.items() if (o, s, r) == (owner, m, OUT)]
+        assert y_holder == partner
+        with torch.no_grad():
+            out = before[owner].body(x)
+        assert torch.equal(out, y) if not fuse else torch.allclose(out, y, atol=1e-6), (owner, m)
+    # The clock's count of what each node holds, at the end of an iteration: the same tensors, per holder.
+    counts = [sum(1 for key in expected if key[0] == k) for k in range(4)]
+    assert buffered_per_holder([OutOfOrder(4).order(m) for m in range(4)], 4, 4) == counts == [8, 4, 4, 8]
+
+
+def test_a_fitting_strategy_asks_the_surviving_holders_of_each_body_s_pairs():
+    from checkfree.recovery.base import StrategyConfig
+    from checkfree.recovery.fitted import CheckFreeFit, CheckFreePlusFit
+
+    plain = CheckFreeFit(StrategyConfig(name="checkfree_fit"))
+    plus = CheckFreePlusFit(StrategyConfig(name="checkfree_plus_fit"))
+    assert [plain.holders(k, frozenset({k}), 6) for k in range(6)] == [(), (0, 2), (1, 3), (2, 4), (3, 5), ()]
+    # Swapped routes (odd micro-batches, bodies 1, 0, 2, 3, 5, 4): stage 0's body runs between 1 and 2, stage 2's
+    # gets its input from 0, stage 3 sends its output to 5, stage 5's body runs between 3 and 4.
+    assert [plus.holders(k, frozenset({k}), 6) for k in range(6)] == [(1, 2), (0, 2), (0, 1, 3), (2, 4, 5),
+                                                                       (3, 5), (3, 4)]
+    assert plain.holders(2, frozenset({2, 3}), 6) == (1,)  # stage 3 held its outputs, and is lost with it
+
+
+def fitting_driver(tiny_stages, tmp_path, **strategy):
+    from checkfree.pipeline import LocalEngine
+    from checkfree.recovery import build_strategy
+    from checkfree.recovery.base import StrategyConfig
+    from tests.conftest import Driver
+
+    cfg = StrategyConfig(**{"name": "checkfree_fit", "fit_buffer": 4, "fit_steps": 10, "fit_lr": 1e-3, **strategy})
+    engine = LocalEngine(tiny_stages, lr=1e-3, buffer=cfg.fit_buffer if cfg.name == "checkfree_fit" else 0)
+    driver = Driver(engine, build_strategy(cfg, 4), 1e-3, tmp_path)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        driver.step([torch.randint(0, 64, (2, 33), generator=g) for _ in range(2)])
+    return driver
+
+
+def test_a_fitted_rebuild_starts_from_checkfree_s_and_lowers_its_error_on_the_buffered_pairs(tiny_stages, tmp_path):
+    """Stage 1 of 4 lost after 3 steps of 2 micro-batches: 4 pairs buffered (numbers 2..5). With 0 steps the
+    rebuild is CheckFree's exactly; with 10 its error on those pairs falls and the weights differ. Two adjacent
+    stages lost together: each has lost the holder of half its pairs, so neither fits (0 pairs, 0 steps)."""
+    states = {}
+    for name, steps in (("checkfree", 0), ("checkfree_fit", 0), ("checkfree_fit", 10)):
+        driver = fitting_driver(copy.deepcopy(tiny_stages), tmp_path / f"{name}{steps}", name=name, fit_steps=steps)
+        [report] = driver.recover({1})
+        states[(name, steps)] = {k: v.clone() for k, v in driver.engine.computes[1].stage.state_dict().items()}
+        if name == "checkfree_fit":
+            assert report.details["fit_pairs"] == 4 and report.details["fit_steps"] == steps
+            assert [(t.src, t.holds) for t in report.transfers] == [(0, "body"), (2, "body"), (0, "activations"),
+                                                                    (2, "activations")]
+            assert [t.n_bytes for t in report.transfers[2:]] == [4 * 2 * 32 * 32 * 4] * 2  # 4 micro-batches each
+            assert driver.engine.computes[1].lr == pytest.approx(1.1e-3)  # CheckFree's fresh Adam, lr_scale * lr
+    assert all(torch.equal(a, b) for a, b in zip(states[("checkfree", 0)].values(),
+                                                 states[("checkfree_fit", 0)].values()))
+    assert not all(torch.equal(a, b) for a, b in zip(states[("checkfree", 0)].values(),
+                                                     states[("checkfree_fit", 10)].values()))
+    driver = fitting_driver(copy.deepcopy(tiny_stages), tmp_path / "fit", fit_steps=10)
+    [report] = driver.recover({1})
+    assert report.details["fit_loss_after"] < report.details["fit_loss_before"]
+    adjacent = fitting_driver(copy.deepcopy(tiny_stages), tmp_path / "adjacent")
+    reports = adjacent.recover({1, 2})
+    assert [(r.details["fit_pairs"], r.details["fit_steps"]) for r in reports] == [(0, 0), (0, 0)]
+    assert all(t.holds == "body" for r in reports for t in r.transfers)  # halves of lost pairs are not sent
 
 
 def test_fitting_from_the_average_lowers_the_error_on_held_pairs_step_by_step(tiny_stages, tiny_cfg):

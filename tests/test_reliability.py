@@ -115,6 +115,16 @@ RESUME_CASES = {
     "compressed_snapshot-trace": dict(strategy={"name": "compressed_snapshot", "every": 3, "encoding": "int8"},
                                       failure=[{"iteration": 4, "stage": 1}, {"iteration": 9, "stage": 2}],
                                       save_every=1, stop_at=8),
+    # The activations the stages buffered for their neighbours travel with the state: stage 2 lost after the resume
+    # is fitted to pairs buffered before the stop (fit_buffer 8 > the 4 micro-batches of an iteration).
+    "checkfree_fit-trace": dict(strategy={"name": "checkfree_fit", "fit_buffer": 8, "fit_steps": 5},
+                                failure=[{"iteration": 4, "stage": 1}, {"iteration": 8, "stage": 2}],
+                                save_every=1, stop_at=8),
+    # The same under CheckFree+'s swapped routes on the process engine (each process's ring in its saved stage).
+    "checkfree_plus_fit-process-trace": dict(strategy={"name": "checkfree_plus_fit", "fit_buffer": 8, "fit_steps": 5},
+                                             engine={"name": "distributed", "timeout_s": 20},
+                                             failure=[{"iteration": 4, "stage": 0}, {"iteration": 8, "stage": 2}],
+                                             save_every=1, stop_at=8),
     # No replacement node for 0.04 h: stage 2 runs on host 1 when the run stops, its node arrives after the
     # resume (the placement, the absent node's arrival and the replacement draws travel with the state).
     "shrink-trace": dict(strategy={"name": "checkfree"}, engine={"no_replacement": "shrink"},
@@ -188,6 +198,9 @@ def test_resume_after_interruption_gives_the_uninterrupted_run(name, data_cache,
     assert any(f["iteration"] > saved for f in before["failures"]), "the case must lose a stage after the resume"
     if name.startswith(("checkpoint", "memory_checkpoint")):
         assert before["lost_iterations"] > 0
+    if "_fit" in name:  # the loss after the resume fitted on 8 pairs, half of them buffered before the stop
+        assert [r["details"]["fit_pairs"] for rec in b if rec["iteration"] > saved
+                for r in rec.get("recoveries", [])] == [8]
     if name.startswith("shrink"):  # stopped on three hosts, back on four after the resume
         hosts = {r["iteration"]: r["hosts"] for r in b if "hosts" in r}
         assert hosts[case["stop_at"] - 1] == [0, 1, 1, 3] and hosts[10] == [0, 0, 2, 3]  # stage 2 home, 1 shrunk

@@ -75,6 +75,8 @@ class ProcessEngine:
         """Node slots whose processes ``lose`` ended, until ``execute`` has recovered their stages."""
         self.old_workers: dict[int, dict[str, Any]] = {}
         """Lost stage -> the worker that ran it (PID, node), for the recovery's record."""
+        self.steps = 0
+        """Optimizer steps taken (numbering the micro-batches the stages' activation rings keep)."""
 
     def start(self, run_dir: Path | str, fresh: bool = True) -> None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)  # workers.json lists the processes from the start
@@ -128,7 +130,7 @@ class ProcessEngine:
             stages = pool.stages_of(handle)
             messages[rank] = msg.Step(
                 inputs={m: batches[m][:, :-1].numpy() for m in mbs} if 0 in stages else {},
-                targets={m: batches[m][:, 1:].numpy() for m in mbs} if last in stages else {})
+                targets={m: batches[m][:, 1:].numpy() for m in mbs} if last in stages else {}, step=self.steps)
         try:
             ready = pool.request(messages, "step")
         except WorkersDied as exc:
@@ -151,16 +153,20 @@ class ProcessEngine:
             self._abort(ready)
             result.stepped = False
             return result
+        commit = msg.Commit(last_seq=(self.steps + 1) * len(batches) - 1)
         try:
-            committed = pool.request({rank: msg.Commit() for rank in ready}, "commit")
+            committed = pool.request({rank: commit for rank in ready}, "commit")
         except WorkersDied as exc:  # the survivors stepped: their step stands, the lost stage is rebuilt now
+            self.steps += 1
             self._note_commit(exc.replies)
             raise self.lost(exc, result) from None
+        self.steps += 1
         raise_errors(committed, pool.handles, "commit", pool.run_dir)
         self._note_commit(committed)
         return result
 
     def _note_commit(self, replies: dict[int, msg.Reply]) -> None:
+        self._note_held(replies)
         self.finite = [True] * self.n_stages
         for reply in replies.values():
             for stage, lr in reply.lr.items():
@@ -357,7 +363,7 @@ class ProcessEngine:
                 self._note_held(replies)
                 self._note_lrs(replies)
                 received = self.first_replies(replies, "received")
-                reports = rebuild_reports(plan, received)
+                reports = rebuild_reports(plan, received, self.first_replies(replies, "fitted"))
         except WorkersDied as exc:
             raise self.lost(exc) from None
         transfer_s = time.perf_counter() - t
@@ -445,7 +451,8 @@ class ProcessEngine:
         held = [item for state in states for item in state["held"]]
         staged = {k: s["staged"] for k, s in enumerate(states) if s["staged"]}
         return {"stages": [s["weights"] for s in states], "optimizers": [s["optimizer"] for s in states],
-                "held": held, "staged": staged, "checkpoints": self.store.state_dict()}
+                "held": held, "staged": staged, "checkpoints": self.store.state_dict(), "steps": self.steps,
+                "buffered": [item for s in states for item in s.get("buffered", [])]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Every process takes its stage's part of a saved state. A process lost meanwhile loses nothing (the
@@ -453,7 +460,8 @@ class ProcessEngine:
         def part(k: int) -> dict[str, Any]:
             held = [(key, copy) for key, copy in state["held"] if Held(*key).holder == k]
             return {"weights": state["stages"][k], "optimizer": state["optimizers"][k], "held": held,
-                    "staged": state.get("staged", {}).get(k, 0)}
+                    "staged": state.get("staged", {}).get(k, 0),
+                    "buffered": [(key, t) for key, t in state.get("buffered", []) if key[0] == k]}
 
         messages = {rank: msg.SetState(to_bytes({k: part(k) for k in self.pool.stages_of(handle)}))
                     for rank, handle in self.pool.handles.items()}
@@ -475,3 +483,4 @@ class ProcessEngine:
         self._note_lrs(replies)
         self._note_held(replies)
         self.store.load_state_dict(state["checkpoints"])
+        self.steps = state.get("steps", 0)

@@ -45,11 +45,17 @@ class Step:
     """Token ids per micro-batch (the first stage's only)."""
     targets: dict[int, np.ndarray]
     """Next-token targets per micro-batch (the last stage's only)."""
+    step: int = 0
+    """Optimizer steps the pipeline has taken: micro-batch ``m`` of this one is number ``step * M + m`` (what the
+    activation ring keys it by, on every process alike)."""
 
 
 @dataclass(frozen=True)
 class Commit:
     """Phase two: step the optimizer with the gradients of the last ``Step``."""
+
+    last_seq: int = -1
+    """The number of the step's last micro-batch: the activation ring keeps those up to it (``Step.step``)."""
 
 
 @dataclass(frozen=True)
@@ -208,6 +214,9 @@ class Ready:
 class Committed:
     lr: dict[int, float]
     finite: dict[int, bool]
+    held_bytes: dict[int, int] = field(default_factory=dict)
+    """With an activation ring, what each stage holds after the step kept its micro-batches (else empty: a step
+    changes no held copy)."""
 
 
 @dataclass(frozen=True)
@@ -235,6 +244,8 @@ class Recovered:
     the records are the local engine's, whatever the placement)."""
     lr: dict[int, float]
     held_bytes: dict[int, int]
+    fitted: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """Per stage fitted here: how its fit went (``StageCompute.fit``)."""
 
 
 @dataclass(frozen=True)

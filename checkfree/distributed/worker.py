@@ -92,6 +92,9 @@ class WorkerSpec:
     TCP store at store_addr:store_port."""
     local_rank: int | None = None
     """The process's index on its machine, for picking a GPU; None: rank % GPUs."""
+    buffer: int = 0
+    """Micro-batches of activations each stage buffers for its neighbours' fitted rebuilds (``strategy.fit_buffer``
+    of a fitting strategy; 0: none)."""
     secret: str = field(default="", repr=False)
     """The run's rendezvous secret (``rendezvous.new_secret``), set by the pool when it starts: it reaches a
     worker only in the spec it is spawned with, and never a log (``repr`` leaves it out)."""
@@ -147,7 +150,7 @@ class StageWorker(StageHost):
             self.device = torch.device("cpu")
         self.wire = wire_device(spec.backend, self.device)
         """Where this process's point-to-point tensors travel (the CPU under gloo, whatever ``device`` is)."""
-        super().__init__(spec.n_stages, Courier(spec.n_stages, self.wire, self.device))
+        super().__init__(spec.n_stages, Courier(spec.n_stages, self.wire, self.device), spec.buffer)
         self.courier.place(tuple(self.rank_of(k) for k in range(self.n)), spec.rank)
         stage = Stage(spec.model, spec.stage) if spec.fresh else seeded_stage(spec.model, spec.seed, spec.stage)
         self.computes[spec.stage] = self._compute(stage)  # its home stage, unless that moves away
@@ -241,7 +244,7 @@ class StageWorker(StageHost):
         for k in self.mine:
             self.computes[k].train()
         try:
-            loss_sum, tokens = self._run_program(command.inputs, command.targets)
+            loss_sum, tokens = self._run_program(command.inputs, command.targets, command.step)
             self._allreduce_gradients()
         except Exception as exc:  # a lost peer (connection closed) or a timeout: discard the iteration
             for k in self.mine:
@@ -256,14 +259,20 @@ class StageWorker(StageHost):
         for k in self.mine:
             self.computes[k].step()
             self.computes[k].drop_gradients()  # a stage process holds nothing between iterations it need not
-        return msg.Committed(self.lrs(), {k: self.computes[k].finite() for k in self.mine})
+        if self.ring is not None:
+            self.ring.commit(command.last_seq)
+        return msg.Committed(self.lrs(), {k: self.computes[k].finite() for k in self.mine},
+                             self.held_bytes() if self.ring is not None else {})
 
     def abort(self, command: msg.Abort) -> msg.Done:
         for k in self.mine:
             self.computes[k].drop_gradients()
+        if self.ring is not None:
+            self.ring.discard()
         return msg.Done()
 
-    def _run_program(self, inputs: dict[int, np.ndarray], targets: dict[int, np.ndarray]) -> tuple[float, int]:
+    def _run_program(self, inputs: dict[int, np.ndarray], targets: dict[int, np.ndarray],
+                     step: int) -> tuple[float, int]:
         spec, courier = self.spec, self.courier
         mbs = replica_micro_batches(spec.micro_batches, spec.replicas, spec.replica)
         program = host_program(self.mine, self.schedule, mbs, spec.pipeline)
@@ -275,10 +284,12 @@ class StageWorker(StageHost):
             m, v = p.micro_batch, p.visit
             compute = self.computes[v.stage]
             if not p.backward:
+                visits, seq = route(self.schedule.order(m), self.n), step * spec.micro_batches + m
                 if v.prev is None:
                     x, leaf = torch.as_tensor(inputs[m]).to(self.device), None
                 else:
                     x = courier.recv(shape, v.prev, v.stage, message_tag(m, v.position - 1, False, self.n))
+                    self.note_received(v, visits[v.position - 1], seq, x)
                     leaf = x.requires_grad_(True)
                 out = compute.forward(v.ops, x)
                 if v.next is None:
@@ -288,6 +299,7 @@ class StageWorker(StageHost):
                     tokens += target.numel()
                 else:
                     courier.send(out, v.stage, v.next, message_tag(m, v.position, False, self.n), pending)
+                    self.note_sent(v, visits[v.position + 1], seq, out)
                 saved[(m, v.position)] = (leaf, out)
             else:
                 leaf, out = saved.pop((m, v.position))
@@ -375,8 +387,8 @@ class StageWorker(StageHost):
 
     def recover_command(self, command: msg.Recover) -> msg.Recovered:
         """This process's part of the plan (``StageHost.recover``); replies the bytes each rebuilt stage read."""
-        received = self.recover(command.plan)
-        return msg.Recovered(received, self.lrs(), self.held_bytes())
+        received, fitted = self.recover(command.plan)
+        return msg.Recovered(received, self.lrs(), self.held_bytes(), fitted)
 
     def upkeep(self, command: msg.Upkeep) -> msg.KeptUp:
         """Re-make held copies; write this process's stages' checkpoint shards into ``checkpoint`` (replica 0

@@ -30,6 +30,8 @@ STRATEGIES: dict[str, str] = {
     "memory_checkpoint": "checkfree.recovery.memory_checkpoint:MemoryCheckpoint",
     "async_checkpoint": "checkfree.recovery.async_checkpoint:AsyncCheckpoint",
     "compressed_snapshot": "checkfree.recovery.compressed_snapshot:CompressedSnapshot",
+    "checkfree_fit": "checkfree.recovery.fitted:CheckFreeFit",
+    "checkfree_plus_fit": "checkfree.recovery.fitted:CheckFreePlusFit",
 }
 """Strategy name -> "module:Class" (imported when a run asks for it)."""
 
@@ -57,6 +59,10 @@ def validate_strategy_config(cfg: StrategyConfig, n_stages: int) -> None:
         (cfg.copies >= 1, "copies", "an integer >= 1 (and below model.n_stages)"),
         (cfg.storage_every >= 1, "storage_every", "an integer >= 1"),
         (cfg.encoding in ("bf16", "int8"), "encoding", "'bf16' or 'int8'"),
+        (isinstance(cfg.fit_buffer, int) and cfg.fit_buffer >= 1, "fit_buffer", "an integer >= 1 (micro-batches)"),
+        (isinstance(cfg.fit_steps, int) and cfg.fit_steps >= 0, "fit_steps", "an integer >= 0"),
+        (finite(cfg.fit_lr) and cfg.fit_lr > 0, "fit_lr", "a finite positive learning rate"),
+        (cfg.fit_loss in ("mse", "smooth_l1"), "fit_loss", "'mse' or 'smooth_l1'"),
     ]
     for ok, key, allowed in checks:
         if not ok:

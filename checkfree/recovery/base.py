@@ -63,6 +63,16 @@ class StrategyConfig:
     """compressed_snapshot: how each stage's weights are sent to its peers: 'bf16' (2 bytes a parameter) or
     'int8' (1 byte and one fp32 scale per output channel; ``checkfree.stage.encoding``)."""
 
+    fit_buffer: int = 8
+    """checkfree_fit, checkfree_plus_fit: micro-batches of activations each stage buffers for its neighbours
+    (the last ``fit_buffer`` of training; a stage's body input and output, held by the stages either side)."""
+    fit_steps: int = 20
+    """checkfree_fit, checkfree_plus_fit: Adam steps of the rebuilt stage's body on its buffered pairs (0: none)."""
+    fit_lr: float = 1e-3
+    """checkfree_fit, checkfree_plus_fit: the fit's learning rate (its own Adam, dropped after)."""
+    fit_loss: str = "mse"
+    """checkfree_fit, checkfree_plus_fit: what the fit minimises: 'mse' or 'smooth_l1'."""
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -86,6 +96,8 @@ class RecoveryStrategy:
     sends_in_background: str | None = None
     """Where this strategy's periodic copies go in the background, for ``every: auto``: 'storage' (an
     asynchronous checkpoint), 'peer' (snapshots to peers' RAM), or None (``every`` must be a number)."""
+    fits = False
+    """True when rebuilt stages are fitted to activations their neighbours buffer (the engines keep the buffers)."""
     table2_column = "checkfree"
     """Which of the paper's measured iteration times (its Table 2) this strategy pays under
     trainer.clock=paper_table2: checkfree | checkpointing | redundant."""

@@ -168,6 +168,10 @@ def validate_placement(run: RunConfig) -> None:
     require(run.failure.replacement != "trace" or engine.replicas == 1, "failure.replacement", "trace",
             f"its file names each stage's node, and engine.replicas={engine.replicas} gives a stage several; "
             "allowed here: immediate, fixed, exponential or never (or failure=churn for a pool's own timing)")
+    require(not strategy_class(run.strategy.name).fits or engine.replicas == 1, "strategy", run.strategy.name,
+            f"it fits a rebuilt stage to activations its neighbours buffered, and with engine.replicas="
+            f"{engine.replicas} those are spread over the replicas' pipelines (not built yet); allowed here: "
+            "engine.replicas=1, or strategy=checkfree / checkfree_plus")
     require(engine.replica_placement in ("same_zone", "spread"), "engine.replica_placement",
             engine.replica_placement, "allowed same_zone or spread")
     if engine.replica_placement == "spread":

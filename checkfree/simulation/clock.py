@@ -24,11 +24,28 @@ from typing import TYPE_CHECKING
 
 from checkfree.failure_models.base import FailureConfig
 from checkfree.model.presets import ModelConfig, edge_param_count, preset, stage_param_counts
-from checkfree.plan import BODY, BYTES_PER_PARAM, EDGES, STATE, Held, RecoveryReport, Traffic, Transfer
+from checkfree.plan import (
+    ACTIVATIONS,
+    BODY,
+    BYTES_PER_PARAM,
+    EDGES,
+    STATE,
+    Held,
+    RecoveryReport,
+    Traffic,
+    Transfer,
+)
 from checkfree.recovery import RecoveryStrategy, StrategyConfig
 from checkfree.run.config import TrainerConfig
 from checkfree.simulation import paper_table2
-from checkfree.simulation.cost import FP32_BYTES, CostModel, StepOverhead, p2p_seconds, sustained_period
+from checkfree.simulation.cost import (
+    FP32_BYTES,
+    CostModel,
+    StepOverhead,
+    activation_bytes,
+    p2p_seconds,
+    sustained_period,
+)
 from checkfree.simulation.networks import NetworkConfig, measure_flops, stage_link
 from checkfree.simulation.placement import Placement
 
@@ -86,6 +103,10 @@ class Clock:
         """Per stage: the scale of its decoder blocks alone (what a CheckFree source sends)."""
         self.cost = CostModel(priced, trainer.micro_batches, micro_batch_size, network, flops_per_s=flops,
                               replicas=replicas, spread=spread)
+        self.activation_scale = self.cost.act_bytes / activation_bytes(trainer.micro_batch_size, model.seq_len,
+                                                                       model.d_model, FP32_BYTES)
+        """The priced model's bytes of one micro-batch's activations (as its links carry them) over the fp32 tensor a
+        stage buffers of the trained model's (``checkfree.stage.fitting``)."""
         self.spread_s = self.cost.allreduce_seconds() - self.cost.allreduce_seconds(spread=False) if spread else 0.0
         """Spread replicas: what their cross-site all-reduce adds to an iteration over one within a site. The paper's
         measured times (and the fixed clock's) stand for a pipeline whose replicas share its sites, so this is added
@@ -183,17 +204,25 @@ class Clock:
         """Replacement delay + the bytes that bound the recovery, each piece at its own stage's size: a rollback
         from storage downloads every stage's shard in parallel (the slowest sets it); a rebuild receives its
         pieces (``RecoveryReport.transfers``) from each sending node in parallel, each over its own link."""
+        fit_s = self.cost.fit_seconds(report.stage, report.details.get("fit_pairs", 0),
+                                      report.details.get("fit_steps", 0))
         if self.paper and not self.priced_recovery:
-            return paper_table2.RECOVERY_S
+            # The paper's measured recovery, plus what a fit adds to it (the buffered pairs' transfer, the steps).
+            pairs = [p for p in report.transfers if p.holds == ACTIVATIONS]
+            return paper_table2.RECOVERY_S + (self.transfer_seconds(pairs, report.stage) + fit_s if pairs else 0.0)
         if report.from_storage:
             shards = self.shard_bytes_of(report.details["shard_bytes"])
             return self.cost.recovery_seconds(report.stage, [], max(shards), from_storage=True)
-        by_node: dict[int, int] = {}  # what each sending node sends, one piece after another on its link
-        for piece in report.transfers:
+        return self.cost.network.replacement_delay_s + self.transfer_seconds(report.transfers, report.stage) + fit_s
+
+    def transfer_seconds(self, pieces: list[Transfer], stage: int) -> float:
+        """``pieces`` to ``stage``'s node, each at its own priced size: each sending node's one after another on its
+        link, the nodes in parallel (the slowest sets it)."""
+        by_node: dict[int, int] = {}
+        for piece in pieces:
             by_node[piece.src] = by_node.get(piece.src, 0) + int(piece.n_bytes * self.piece_scale(piece))
-        return self.cost.network.replacement_delay_s + max(
-            (p2p_seconds(n, stage_link(self.cost.network, src, report.stage)) for src, n in by_node.items() if n > 0),
-            default=0.0)
+        return max((p2p_seconds(n, stage_link(self.cost.network, src, stage)) for src, n in by_node.items() if n > 0),
+                   default=0.0)
 
     def count_recovery(self, reports: list[RecoveryReport]) -> None:
         """Add what one recovery moved to ``moved_bytes``, at the priced size, however it is priced in time: a
@@ -214,6 +243,8 @@ class Clock:
         blocks' size, a replica at its (de)embedding's, its weights or state at its stage's."""
         if holds == BODY:
             return self.body_scale[owner]
+        if holds == ACTIVATIONS:
+            return self.activation_scale
         return self.edge_scale[owner] if holds == EDGES else self.byte_scale[owner]
 
     def upkeep_seconds(self, traffic: Traffic, period: int = 1) -> float:
@@ -258,12 +289,15 @@ class Clock:
             return cost.stage_bytes(owner, with_optimizer=True)
         return BYTES_PER_PARAM[what.encoding] * cost.params[owner]
 
-    def memory_per_node(self, held: Iterable[Held], staging: bool) -> list[float]:
-        """Bytes each node keeps beyond its own stage at the priced model's size: the held copies it holds and,
-        for a strategy that flushes checkpoints in the background (``staging``), the host buffer its own stage's
-        state is copied into."""
+    def memory_per_node(self, held: Iterable[Held], staging: bool, buffered: Sequence[int] = ()) -> list[float]:
+        """Bytes each node keeps beyond its own stage at the priced model's size: the held copies it holds,
+        for a strategy that flushes checkpoints in the background (``staging``) the host buffer its own stage's
+        state is copied into, and ``buffered`` micro-batches of its neighbours' activations (one tensor each, of
+        the priced model's micro-batch as its links carry it; ``checkfree.stage.fitting.buffered_per_holder``)."""
         out = [float(self.cost.stage_bytes(k, with_optimizer=True)) if staging else 0.0
                for k in range(len(self.cost.params))]
+        for k, count in enumerate(buffered):
+            out[k] += count * self.cost.act_bytes
         for copy in held:
             out[copy.holder] += self.held_copy_bytes(copy)
         return out

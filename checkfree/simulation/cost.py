@@ -343,6 +343,12 @@ class CostModel:
         return max((p2p_seconds(self.stage_bytes(k, with_optimizer=True), stage_link(self.network, a, b))
                     for k, (a, b) in moves.items()), default=0.0)
 
+    def fit_seconds(self, stage: int, pairs: int, steps: int) -> float:
+        """``steps`` full-batch steps of ``stage``'s blocks over ``pairs`` buffered micro-batches (a forward and a
+        backward of each, ``checkfree.stage.fitting``) on the replacement node."""
+        body = self.body_params[stage]
+        return steps * pairs * (self._fwd(body) + self._bwd(body))
+
     def stage_bytes(self, stage: int, with_optimizer: bool = False) -> int:
         """Bytes of a stage's fp32 weights (4 B/param), + Adam's two fp32 moments (8 B/param)."""
         per_param = FP32_BYTES * (1 + (ADAM_STATES if with_optimizer else 0))

@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from checkfree.model.llama import Stage
-from checkfree.plan import EDGES, EXACT, WEIGHTS, ZERO_DOWN_PROJ, Held, Rebuild
+from checkfree.plan import EDGES, EXACT, WEIGHTS, ZERO_DOWN_PROJ, Fit, Held, Rebuild
 from checkfree.stage.averaging import weighted_state
 from checkfree.stage.encoding import decode, encode
+from checkfree.stage.fitting import fit
 from checkfree.stage.routes import BODY, EMBED, HEAD
 
 State = dict[str, Any]
@@ -264,3 +265,20 @@ class StageCompute:
                     layer.mlp.down_proj.weight.zero_()
         if rebuild.lr is not None:
             self.reset_optimizer(rebuild.lr)
+
+    def fit(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], spec: Fit) -> dict[str, Any]:
+        """Fit this stage's body to ``pairs`` as ``spec`` says (``checkfree.stage.fitting.fit``: in fp32, its own
+        Adam, dropped after: the stage's optimizer is the rebuild's). What the record says of it: the pairs, the
+        steps taken (none without pairs: a stage whose holders were all lost keeps its rebuilt weights) and the
+        error before and after."""
+        if not pairs or spec.steps == 0:
+            return {"fit_pairs": len(pairs), "fit_steps": 0}
+        device = self.device
+        on_device = [(x.to(device), y.to(device)) for x, y in pairs]
+        was_training = self.stage.training
+        self.stage.train()
+        with torch.enable_grad():
+            losses = fit(self.stage, on_device, spec.steps, spec.lr, loss=spec.loss)
+        self.stage.train(was_training)
+        return {"fit_pairs": len(pairs), "fit_steps": spec.steps, "fit_loss_before": losses[0],
+                "fit_loss_after": losses[-1]}

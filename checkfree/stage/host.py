@@ -18,8 +18,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from checkfree.plan import Held, RecoveryPlan, Transfer, fetch_transfer, rebuild_transfers
+import torch
+
+from checkfree.plan import ACTIVATIONS, Held, RecoveryPlan, Transfer, fetch_transfer, rebuild_transfers
 from checkfree.stage.compute import StageCompute, host_copy, refresh_into
+from checkfree.stage.fitting import IN, OUT, ActivationRing, pairs
+from checkfree.stage.routes import BODY, Visit
 from checkfree.storage.checkpoints import nbytes, shard_bytes
 from checkfree.transport.courier import Courier
 from checkfree.transport.transfer import Pending
@@ -27,16 +31,19 @@ from checkfree.transport.transfer import Pending
 # Kinds of whole-state transfers; ``Courier.state_tag`` makes a kind and the (sender, receiver) stage pair one
 # tag (activation tags come from programs.message_tag and never meet these: each kind of traffic runs in its
 # own command).
-TAG_BODY, TAG_RESTORE, TAG_REFRESH, TAG_MOVE = 0, 1, 2, 3
+TAG_BODY, TAG_RESTORE, TAG_REFRESH, TAG_MOVE, TAG_PAIRS = 0, 1, 2, 3, 4
 
 
 class StageHost:
     """The stages this process runs (``computes``), the copies their nodes keep (``held``), each stage's staging
     buffer for asynchronous checkpoints (``staged``), and what a recovery plan asks of them."""
 
-    def __init__(self, n_stages: int, courier: Courier) -> None:
+    def __init__(self, n_stages: int, courier: Courier, buffer: int = 0) -> None:
         self.n = n_stages
         self.courier = courier
+        self.ring = ActivationRing(buffer) if buffer else None
+        """The activations this process's stages buffer for their neighbours' fitted rebuilds (``buffer``
+        micro-batches; ``checkfree.stage.fitting``), or None: the run's strategy fits nothing."""
         self.computes: dict[int, StageCompute] = {}
         """The logical stages this process runs, by stage index."""
         self.held: dict[Held, dict[str, Any]] = {}
@@ -57,8 +64,10 @@ class StageHost:
         return {h: copy for h, copy in self.held.items() if h.holder == stage}
 
     def held_bytes_of(self) -> dict[int, int]:
-        """Per stage of this process: the bytes its node keeps beyond its own state (held copies, staging)."""
-        return {k: self.staged.get(k, 0) + sum(nbytes(copy) for copy in self.held_by(k).values()) for k in self.mine}
+        """Per stage of this process: the bytes its node keeps beyond its own state (held copies, staging,
+        buffered activations)."""
+        return {k: self.staged.get(k, 0) + sum(nbytes(copy) for copy in self.held_by(k).values())
+                + (self.ring.nbytes(k) if self.ring is not None else 0) for k in self.mine}
 
     def lrs(self) -> dict[int, float]:
         return {k: self.computes[k].lr for k in self.mine}
@@ -68,6 +77,21 @@ class StageHost:
         any new node, nothing until the plan's fetch / refresh or its next background checkpoint."""
         self.held = {h: copy for h, copy in self.held.items() if h.holder != stage}
         self.staged.pop(stage, None)
+        if self.ring is not None:
+            self.ring.forget(stage)
+
+    def note_received(self, visit: Visit, previous: Visit | None, seq: int, x: torch.Tensor) -> None:
+        """``visit``'s stage received ``x`` from ``previous``: buffered when that was its owner's body alone (its
+        output)."""
+        if self.ring is not None and previous is not None and previous.ops == (BODY,) and previous.prev is not None:
+            self.ring.note(visit.stage, previous.stage, seq, OUT, x, previous.prev)
+
+    def note_sent(self, visit: Visit, following: Visit | None, seq: int, out: torch.Tensor) -> None:
+        """``visit``'s stage sent ``out`` to ``following``: buffered when that is its owner's body alone (its
+        input)."""
+        if self.ring is not None and following is not None and following.ops == (BODY,) \
+                and following.next is not None:
+            self.ring.note(visit.stage, following.stage, seq, IN, out, following.next)
 
     def stage_for_background(self, stage: int) -> dict[str, Any]:
         """``stage``'s state copied to host memory (what an asynchronous checkpoint's step waits for), its
@@ -78,10 +102,11 @@ class StageHost:
 
     # --- recovery --------------------------------------------------------------------------------
 
-    def recover(self, plan: RecoveryPlan) -> dict[int, list[Transfer]]:
-        """This host's part of ``plan``: its stages send what they are a source of, the ones it rebuilds receive
-        and are rebuilt, then they take part in re-making held copies (after every rebuild, so none copies a
-        stage still to be rebuilt). Returns, per stage rebuilt or fetching here, what it read."""
+    def recover(self, plan: RecoveryPlan) -> tuple[dict[int, list[Transfer]], dict[int, dict[str, Any]]]:
+        """This host's part of ``plan``: its stages send what they are a source of (blocks, held copies,
+        buffered activations), the ones it rebuilds receive, are rebuilt and fitted, then they take part in
+        re-making held copies (after every rebuild, so none copies a stage still to be rebuilt). Returns, per
+        stage rebuilt or fetching here, what it read, and per fitted stage how its fit went."""
         courier, pending = self.courier, Pending()
         for rebuild in plan.rebuilds:
             for src, _ in rebuild.sources:
@@ -90,7 +115,13 @@ class StageHost:
             holder = rebuild.restore.holder if rebuild.restore is not None else None
             if holder is not None and holder != rebuild.stage and courier.here(holder):
                 courier.send_state(self.held[rebuild.restore], holder, rebuild.stage, TAG_RESTORE, pending)
+            for holder in rebuild.fit.holders if rebuild.fit is not None else ():
+                if courier.here(holder):
+                    held = self.ring.held(holder, rebuild.stage, plan.lost) if self.ring is not None \
+                        else {IN: {}, OUT: {}}
+                    courier.send_state(held, holder, rebuild.stage, TAG_PAIRS, pending)
         received: dict[int, list[Transfer]] = {}
+        fitted: dict[int, dict[str, Any]] = {}
         for rebuild in plan.rebuilds:
             stage = rebuild.stage
             if not courier.here(stage):
@@ -107,6 +138,14 @@ class StageHost:
                 restored, restored_bytes = courier.recv_state(rebuild.restore.holder, stage, TAG_RESTORE)
             received[stage] = rebuild_transfers(rebuild, body_bytes, restored_bytes)
             self.computes[stage].apply(rebuild, bodies, restored)
+            if rebuild.fit is not None:
+                pieces = []
+                for holder in rebuild.fit.holders:
+                    piece, n_bytes = courier.recv_state(holder, stage, TAG_PAIRS)
+                    pieces.append(piece)
+                    if n_bytes:
+                        received[stage].append(Transfer(holder, stage, ACTIVATIONS, n_bytes))
+                fitted[stage] = self.computes[stage].fit(pairs(pieces), rebuild.fit)
             if stage in plan.lost:  # a new node holds nothing until the plan's fetch / refresh
                 self.forget(stage)
         pending.wait()
@@ -115,7 +154,7 @@ class StageHost:
             piece = fetch_transfer(held, n_bytes) if held in fetched else None
             if piece is not None:
                 received.setdefault(held.holder, []).append(piece)
-        return received
+        return received, fitted
 
     def refresh(self, copies: list[Held]) -> dict[Held, int]:
         """Re-make ``copies``: owners send, holders receive (every send posted before any receive, so a ring of
@@ -143,7 +182,8 @@ class StageHost:
         """``stage`` whole, as it moves to another process or is saved for a resume: weights, Adam, lr, the copies
         its node holds and its staging buffer's size."""
         return {**self.computes[stage].state(), "staged": self.staged.get(stage, 0),
-                "held": [((h.kind, h.owner, h.holder), copy) for h, copy in self.held_by(stage).items()]}
+                "held": [((h.kind, h.owner, h.holder), copy) for h, copy in self.held_by(stage).items()],
+                "buffered": self.ring.state(stage) if self.ring is not None else []}
 
     def unpack(self, stage: int, packed: dict[str, Any], staged: bool = True) -> None:
         """``stage`` as ``pack`` gave it, bitwise (``staged`` False: this process keeps no staging buffer)."""
@@ -151,6 +191,8 @@ class StageHost:
         self.forget(stage)
         self.held.update({Held(*key): copy for key, copy in packed["held"]})
         self.staged[stage] = packed.get("staged", 0) if staged else 0
+        if self.ring is not None:
+            self.ring.load(packed.get("buffered", []))
 
 
-__all__ = ["StageHost", "TAG_BODY", "TAG_MOVE", "TAG_REFRESH", "TAG_RESTORE"]
+__all__ = ["StageHost", "TAG_BODY", "TAG_MOVE", "TAG_PAIRS", "TAG_REFRESH", "TAG_RESTORE"]

@@ -52,6 +52,15 @@ def route(order: tuple[int, ...], n_stages: int) -> tuple[Visit, ...]:
     )
 
 
+def body_visits(order: tuple[int, ...], n_stages: int) -> tuple[Visit, ...]:
+    """The visits of ``order``'s route that are one stage's body alone, between two stages: their input and
+    output are a pair of that stage's function, and the stages on either side (``prev``, ``next``) hold them
+    (``checkfree.stage.fitting``). In order, every middle stage's visit; under CheckFree+'s swapped order also
+    stage 0's body (between stages 1 and 2) and stage S-1's (between S-3 and S-2), while stage 1's and S-2's
+    sit between one stage on both sides (0, and S-1)."""
+    return tuple(v for v in route(order, n_stages) if v.ops == (BODY,) and v.prev is not None and v.next is not None)
+
+
 def blame(op: str, stage: int, n_stages: int) -> int:
     """The stage an op's output is charged to: the embedding is stage 0's, the head stage S-1's."""
     return 0 if op == EMBED else n_stages - 1 if op == HEAD else stage

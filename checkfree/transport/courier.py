@@ -24,6 +24,9 @@ from checkfree.stage.compute import clone_state
 from checkfree.storage.checkpoints import nbytes
 from checkfree.transport.transfer import Pending, isend_state, recv_state
 
+KINDS = 8
+"""Kinds of whole-state transfer a tag has room for (``checkfree.stage.host``'s TAG_*: five used)."""
+
 
 class Courier:
     def __init__(self, n_stages: int, wire: torch.device, device: torch.device) -> None:
@@ -64,7 +67,7 @@ class Courier:
     # --- whole states ---------------------------------------------------------------------------------
 
     def state_tag(self, kind: int, src: int, dst: int) -> int:
-        return kind + 4 * (src * self.n + dst)
+        return kind + KINDS * (src * self.n + dst)
 
     def send_state(self, state: Any, src: int, dst: int, kind: int, pending: Pending) -> None:
         if self.here(dst):
