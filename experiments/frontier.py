@@ -58,27 +58,44 @@ RECOVERIES: dict[str, list[str]] = {
     "compressed_bf16": ["strategy=compressed_snapshot", "++strategy.encoding=bf16", "++strategy.every=auto"],
     "snapshot_restore": ["strategy=snapshot_restore", "++strategy.every=auto"],
     "redundant": ["strategy=redundant"],
+    "checkfree_fit_b2_n10": ["strategy=checkfree_fit", "++strategy.fit_buffer=2", "++strategy.fit_steps=10"],
+    "checkfree_fit_b8_n50": ["strategy=checkfree_fit", "++strategy.fit_buffer=8", "++strategy.fit_steps=50"],
 }
-"""Each point of the frontier: a label and the overrides that make it (Table 2's defaults otherwise)."""
+"""Each point of the frontier: a label and the overrides that make it (Table 2's defaults otherwise). The fitted
+rebuild (``checkfree_fit``) at a small buffer and few steps (2 micro-batches, 10 steps: 134 MB a middle node at
+llama_500m's size, as much as a (de)embedding replica) and a larger one (8 and 50: 537 MB)."""
+FIRST = 6
+"""The recoveries the frontier was first run with: their runs keep the numbers they were made under; the ones added
+after them are numbered from ``LATER`` on."""
+LATER = 1000
 
 
 def points(labels: list[str], bandwidths: list[float], seeds: int) -> list[tuple[str, int, list[str]]]:
-    """Every (recovery, bandwidth, seed), seed-major (more ``--seeds`` later keep the earlier directories)."""
-    out = []
+    """Every (recovery, bandwidth, seed) of ``labels``, seed-major, each numbered by its place in the whole grid (all
+    recoveries, the first ``FIRST`` before the later ones): more ``--seeds``, or other ``--recoveries``, later keep
+    the earlier directories."""
+    names, out = list(RECOVERIES), []
+    first, later = names[:FIRST], names[FIRST:]
     for seed in range(seeds):
-        for b in bandwidths:
+        for i, b in enumerate(bandwidths):
+            block = seed * len(bandwidths) + i
             for label in labels:
+                index = block * len(first) + first.index(label) if label in first \
+                    else LATER + block * len(later) + later.index(label)
                 bps = b * 1e6 / 8
-                out.append(("table2", len(out), [*RECOVERIES[label], f"network.bandwidth_Bps={bps:g}",
-                                                 f"network.storage_bandwidth_Bps={bps:g}", f"seed={seed}"]))
+                out.append(("table2", index, [*RECOVERIES[label], f"network.bandwidth_Bps={bps:g}",
+                                              f"network.storage_bandwidth_Bps={bps:g}", f"seed={seed}"]))
     return out
 
 
 def label_of(summary: dict) -> str:
-    """The frontier's name for a run's recovery (a compressed snapshot by its encoding)."""
+    """The frontier's name for a run's recovery (a compressed snapshot by its encoding, a fitted rebuild by its
+    buffer and steps)."""
     strategy = summary["config"]["strategy"]
     if strategy["name"] == "compressed_snapshot":
         return f"compressed_{strategy['encoding']}"
+    if strategy["name"] == "checkfree_fit":
+        return f"checkfree_fit_b{strategy['fit_buffer']}_n{strategy['fit_steps']}"
     return strategy["name"]
 
 
