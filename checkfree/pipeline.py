@@ -89,6 +89,8 @@ class LocalEngine(StageHost):
         """
         for compute in self.computes.values():
             compute.train()
+        if self.ring is not None:
+            self.ring.discard()  # what a step that raised noted
         losses, tokens, n = [], 0, len(micro_batches)
         for order, indices, group in self._groups(micro_batches, schedule):
             batch = (group[0] if len(group) == 1 else torch.cat(group)).to(self.device, non_blocking=True)

@@ -66,8 +66,9 @@ rebuild (``checkfree_fit``) at a small buffer and few steps (2 micro-batches, 10
 llama_500m's size, as much as a (de)embedding replica) and a larger one (8 and 50: 537 MB)."""
 FIRST = 6
 """The recoveries the frontier was first run with: their runs keep the numbers they were made under; the ones added
-after them are numbered from ``LATER`` on."""
-LATER = 1000
+after them are numbered from ``LATER`` on, ``SLOTS`` to a (seed, bandwidth) block (room for recoveries added later
+still, without renumbering any run made before)."""
+LATER, SLOTS = 1000, 20
 
 
 def points(labels: list[str], bandwidths: list[float], seeds: int) -> list[tuple[str, int, list[str]]]:
@@ -81,7 +82,7 @@ def points(labels: list[str], bandwidths: list[float], seeds: int) -> list[tuple
             block = seed * len(bandwidths) + i
             for label in labels:
                 index = block * len(first) + first.index(label) if label in first \
-                    else LATER + block * len(later) + later.index(label)
+                    else LATER + block * SLOTS + later.index(label)
                 bps = b * 1e6 / 8
                 out.append(("table2", index, [*RECOVERIES[label], f"network.bandwidth_Bps={bps:g}",
                                               f"network.storage_bandwidth_Bps={bps:g}", f"seed={seed}"]))

@@ -309,7 +309,7 @@ def test_held_memory_at_the_priced_size_from_each_copy_s_kind(small_run):
     assert staged[2] == 805_404_672 and staged[0] == pytest.approx(1_198_620_672, rel=1e-5)
 
 
-@pytest.mark.parametrize("strategy", ["checkfree_plus", "snapshot_restore", "memory_checkpoint", "redundant",
+@pytest.mark.parametrize("strategy", ["checkfree_plus", "checkfree_plus_fit", "snapshot_restore", "memory_checkpoint", "redundant",
                                       "async_checkpoint", "compressed_snapshot"])
 def test_priced_memory_at_the_trained_size_is_what_the_nodes_really_hold(strategy, small_run, tmp_path):
     """Priced at the trained model's own size (no clock preset), the memory the clock says each node holds for
@@ -330,17 +330,18 @@ def test_priced_memory_at_the_trained_size_is_what_the_nodes_really_hold(strateg
 
 
 def test_a_fitted_rebuild_pays_its_pairs_on_their_links_and_its_steps_and_its_buffers_hold_memory(small_run):
-    """checkfree_fit at llama_500m's size, 10 Mb/s: a micro-batch's activations are 16 x 1,024 x 1,024 bf16, 33.55 MB
-    (512x the trained model's 4 x 64 x 64 fp32 buffer). Stage 2 rebuilt from 8 pairs: stage 1 sends its blocks
-    (67.1 M parameters, 268 MB) and the 8 inputs (268 MB), one after the other on its link; stage 3 its blocks and the
-    8 outputs, in parallel: 30 s + 2 x 268.4 MB / 1.25 MB/s = 459.5 s; then 20 steps over the 8 pairs, a forward
-    and a backward of 67.1 M parameters x 16,384 tokens each at 124.8 TFLOP/s: 6 x 67.1e6 x 16,384 x 160 / 124.8e12
-    = 8.46 s. On the paper clock's measured recovery (not priced) the fit adds its pairs and steps to the 30 s.
-    Memory: a middle node holds 16 tensors (8 inputs it sent, 8 outputs it received): 537 MB."""
+    """checkfree_fit at llama_500m's size, 10 Mb/s: a buffered micro-batch is 16 x 1,024 x 1,024 fp32 activations,
+    67.1 MB (1,024x the trained model's 4 x 64 x 64; the ring keeps fp32, twice what the links carry in bf16). Stage
+    2 rebuilt from 8 pairs: stage 1 sends its blocks (67.1 M parameters, 268 MB) and the 8 inputs (537 MB), one
+    after the other on its link; stage 3 its blocks and the 8 outputs, in parallel: 30 s + 805.3 MB / 1.25 MB/s =
+    674.3 s; then 20 steps over the 8 pairs, a forward and a backward of 67.1 M parameters x 16,384 tokens each at
+    124.8 TFLOP/s: 6 x 67.1e6 x 16,384 x 160 / 124.8e12 = 8.46 s; 682.7 s in all. On the paper clock's measured recovery (not
+    priced) the fit adds its pairs and its steps to the 30 s. Memory: a middle node holds 16 tensors (8 inputs it
+    sent, 8 outputs it received): 1.07 GB."""
     from checkfree.plan import ACTIVATIONS, BODY, RecoveryReport, Transfer
 
     clock, trained = llama_500m_clock(small_run, "checkfree_fit")
-    assert clock.cost.act_bytes == 16 * 1024 * 1024 * 2 and clock.activation_scale == 512.0
+    assert clock.buffered_bytes == 16 * 1024 * 1024 * 4 and clock.activation_scale == 1024.0
     body, pairs = 4 * trained[2], 8 * 4 * 4 * 64 * 64  # trained bytes: stage 2's blocks (all of it), 8 fp32 tensors
     report = RecoveryReport(2, "checkfree_fit", "average", [1, 3], [0.5, 0.5], 2 * body + 2 * pairs,
                             details={"fit_pairs": 8, "fit_steps": 20},
@@ -348,9 +349,10 @@ def test_a_fitted_rebuild_pays_its_pairs_on_their_links_and_its_steps_and_its_bu
                                        Transfer(1, 2, ACTIVATIONS, pairs), Transfer(3, 2, ACTIVATIONS, pairs)])
     steps_s = 6 * 67_117_056 * 16_384 * 160 / 124.8e12
     assert steps_s == pytest.approx(8.4588, abs=1e-4)
-    assert clock.recovery_seconds(report) == pytest.approx(30 + (4 * 67_117_056 + 8 * 33_554_432) / 1.25e6 + steps_s,
+    assert clock.recovery_seconds(report) == pytest.approx(30 + (4 * 67_117_056 + 8 * 67_108_864) / 1.25e6 + steps_s,
                                                            rel=1e-9)
+    assert clock.recovery_seconds(report) == pytest.approx(682.7, abs=0.05)
     clock.priced_recovery = False
-    assert clock.recovery_seconds(report) == pytest.approx(30 + 8 * 33_554_432 / 1.25e6 + steps_s, rel=1e-9)
-    assert clock.memory_per_node([], False, [8, 16, 16, 16, 16, 8]) == [8 * 33_554_432] + [16 * 33_554_432] * 4 + \
-        [8 * 33_554_432]
+    assert clock.recovery_seconds(report) == pytest.approx(30 + 8 * 67_108_864 / 1.25e6 + steps_s, rel=1e-9)
+    assert clock.memory_per_node([], False, [8, 16, 16, 16, 16, 8]) == [8 * 67_108_864] + [16 * 67_108_864] * 4 + \
+        [8 * 67_108_864]

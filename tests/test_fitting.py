@@ -43,9 +43,18 @@ def test_the_ring_holds_exactly_the_last_b_micro_batches_of_committed_steps():
     ring.discard()  # the step was thrown away: nothing of it is kept
     ring.commit(5)
     assert sorted(ring.held(0, 1)[IN]) == [3, 4, 5]
+    ring.note(2, 3, 6, IN, sent[0], 4)
+    ring.note(2, 4, 6, OUT, sent[0], 0)
+    ring.commit(6)
+    ring.drop((0,))  # stage 0 rebuilt: the halves whose other half it held are gone with it
+    assert sorted(key[1:4] for key in ring.entries) == [(1, 4, IN), (1, 5, IN), (3, 6, IN)]  # micro-batch 3 aged out
+    ring.drop((3,))  # stage 3 rebuilt: its pairs were of its old function
+    assert sorted(key[1:4] for key in ring.entries) == [(1, 4, IN), (1, 5, IN)]
     ring.forget(0)  # node 0 is gone, what it held with it
-    assert ring.nbytes(0) == 0 and ring.held(0, 1) == {IN: {}, OUT: {}} and ring.nbytes(2) == 48
-    assert [x[0, 0].item() for x, _ in pairs([ring.held(2, 1), {IN: {4: sent[4], 5: sent[5]}, OUT: {}}])] == [4.0, 99.0]
+    assert ring.nbytes(0) == 0 and ring.held(0, 1) == {IN: {}, OUT: {}} and ring.nbytes(2) == 0
+    outputs = {OUT: {4: -sent[4], 5: -sent[5]}, IN: {}}
+    assert [(x[0, 0].item(), y[0, 0].item()) for x, y in pairs([outputs, {IN: {5: sent[5], 3: sent[3]}, OUT: {}}])] \
+        == [(99.0, -99.0)]  # micro-batch 5 alone has both halves
     with pytest.raises(ConfigError, match="capacity=0 is invalid: allowed an integer >= 1"):
         ActivationRing(0)
 

@@ -56,7 +56,8 @@ def test_each_run_s_figures_and_the_report_rows(tmp_path):
 
 def test_every_frontier_point_keeps_its_run_directory_number_when_recoveries_are_added():
     """The first six recoveries keep the numbers their committed runs were made under (seed-major, two bandwidths,
-    six a block); the fitted rebuilds added after them are numbered from 1000, whatever ``--recoveries`` selects."""
+    six a block); the fitted rebuilds added after them are numbered from 1000, 20 a block, whatever ``--recoveries``
+    selects."""
     frontier = experiment("frontier")
     grid = frontier.points(list(frontier.RECOVERIES), [56, 1778], 3)
     assert len(grid) == len({i for _, i, _ in grid}) == 3 * 2 * 8
@@ -65,5 +66,5 @@ def test_every_frontier_point_keeps_its_run_directory_number_when_recoveries_are
     # as committed: results/frontier/runs/table2/013_checkfree_plus_7e+06_7e+06_1
     assert by["strategy=checkfree_plus network.bandwidth_Bps=7e+06 network.storage_bandwidth_Bps=7e+06 seed=1"] == 13
     fit = [i for _, i, o in grid if o[0] == "strategy=checkfree_fit"]
-    assert fit == [1000 + j for j in range(12)]
-    assert [i for _, i, _ in frontier.points(["checkfree_fit_b8_n50"], [56, 1778], 2)] == [1001, 1003, 1005, 1007]
+    assert fit == [1000 + 20 * block + j for block in range(6) for j in range(2)]
+    assert [i for _, i, _ in frontier.points(["checkfree_fit_b8_n50"], [56, 1778], 2)] == [1001, 1021, 1041, 1061]

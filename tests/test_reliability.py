@@ -522,7 +522,7 @@ def _bad_corpus(tmp: Path) -> str:
 # tests/test_config.py.
 CLI_BAD_INPUTS = [
     ("unknown group option", lambda tmp: ["strategy=magic"],
-     r"strategy=magic is unknown .*allowed: async_checkpoint, checkfree, checkfree_plus", None),
+     r"strategy=magic is unknown .*allowed: async_checkpoint, checkfree, checkfree_fit, checkfree_plus", None),
     ("wrong type", lambda tmp: ["trainer.iterations=abc"], r"trainer.iterations='abc' is invalid: allowed is an integer",
      None),
     ("out of range", lambda tmp: ["model.init_std=-1"], r"^config error: model.init_std=-1 is invalid: .* > 0\.$", None),

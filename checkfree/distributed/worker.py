@@ -241,6 +241,8 @@ class StageWorker(StageHost):
     # --- one iteration ---------------------------------------------------------------------------
 
     def step(self, command: msg.Step) -> msg.Ready | msg.Aborted:
+        if self.ring is not None:
+            self.ring.discard()  # what a step that failed here noted (no Abort comes to a process that failed it)
         for k in self.mine:
             self.computes[k].train()
         try:

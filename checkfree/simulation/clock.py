@@ -103,10 +103,14 @@ class Clock:
         """Per stage: the scale of its decoder blocks alone (what a CheckFree source sends)."""
         self.cost = CostModel(priced, trainer.micro_batches, micro_batch_size, network, flops_per_s=flops,
                               replicas=replicas, spread=spread)
-        self.activation_scale = self.cost.act_bytes / activation_bytes(trainer.micro_batch_size, model.seq_len,
+        self.buffered_bytes = activation_bytes(micro_batch_size, priced.seq_len, priced.d_model, FP32_BYTES)
+        """One micro-batch's activations at the priced model's size as a stage buffers them for a neighbour's fitted
+        rebuild (``checkfree.stage.fitting``): in fp32, as the ring keeps them (twice what the links carry them in
+        at ``network.dtype_bytes`` 2), so that at the trained model's own size the priced memory is the real one."""
+        self.activation_scale = self.buffered_bytes / activation_bytes(trainer.micro_batch_size, model.seq_len,
                                                                        model.d_model, FP32_BYTES)
-        """The priced model's bytes of one micro-batch's activations (as its links carry them) over the fp32 tensor a
-        stage buffers of the trained model's (``checkfree.stage.fitting``)."""
+        """The priced bytes of a buffered activation over the trained model's (what a fitted rebuild's pairs scale
+        by on their way to the replacement)."""
         self.spread_s = self.cost.allreduce_seconds() - self.cost.allreduce_seconds(spread=False) if spread else 0.0
         """Spread replicas: what their cross-site all-reduce adds to an iteration over one within a site. The paper's
         measured times (and the fixed clock's) stand for a pipeline whose replicas share its sites, so this is added
@@ -292,12 +296,12 @@ class Clock:
     def memory_per_node(self, held: Iterable[Held], staging: bool, buffered: Sequence[int] = ()) -> list[float]:
         """Bytes each node keeps beyond its own stage at the priced model's size: the held copies it holds,
         for a strategy that flushes checkpoints in the background (``staging``) the host buffer its own stage's
-        state is copied into, and ``buffered`` micro-batches of its neighbours' activations (one tensor each, of
-        the priced model's micro-batch as its links carry it; ``checkfree.stage.fitting.buffered_per_holder``)."""
+        state is copied into, and ``buffered`` micro-batches of its neighbours' activations (one fp32 tensor each,
+        ``buffered_bytes``; ``checkfree.stage.fitting.buffered_per_holder``)."""
         out = [float(self.cost.stage_bytes(k, with_optimizer=True)) if staging else 0.0
                for k in range(len(self.cost.params))]
         for k, count in enumerate(buffered):
-            out[k] += count * self.cost.act_bytes
+            out[k] += count * self.buffered_bytes
         for copy in held:
             out[copy.holder] += self.held_copy_bytes(copy)
         return out

@@ -68,6 +68,11 @@ class ActivationRing:
         """``holder``'s node is gone, and what it held with it."""
         self.entries = {key: t for key, t in self.entries.items() if key[0] != holder}
 
+    def drop(self, lost: tuple[int, ...] | frozenset[int]) -> None:
+        """After the stages in ``lost`` were rebuilt: the halves whose other half died with them are no use, and the
+        pairs of a lost stage are of its old function, not its replacement's."""
+        self.entries = {key: t for key, t in self.entries.items() if key[1] not in lost and key[4] not in lost}
+
     def held(self, holder: int, owner: int, lost: frozenset[int] | tuple[int, ...] = ()) -> dict[str, dict[int, torch.Tensor]]:
         """What ``holder`` sends a replacement of ``owner``: ``{IN: {seq: tensor}, OUT: {seq: tensor}}``, the halves
         whose other half's holder is not ``lost`` (a half pair is no use and is not sent)."""

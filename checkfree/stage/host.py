@@ -122,6 +122,7 @@ class StageHost:
                     courier.send_state(held, holder, rebuild.stage, TAG_PAIRS, pending)
         received: dict[int, list[Transfer]] = {}
         fitted: dict[int, dict[str, Any]] = {}
+        to_fit: list[tuple[int, list, Any]] = []
         for rebuild in plan.rebuilds:
             stage = rebuild.stage
             if not courier.here(stage):
@@ -145,9 +146,15 @@ class StageHost:
                     pieces.append(piece)
                     if n_bytes:
                         received[stage].append(Transfer(holder, stage, ACTIVATIONS, n_bytes))
-                fitted[stage] = self.computes[stage].fit(pairs(pieces), rebuild.fit)
+                to_fit.append((stage, pairs(pieces), rebuild.fit))
             if stage in plan.lost:  # a new node holds nothing until the plan's fetch / refresh
                 self.forget(stage)
+        # The fits run once everything is received: a process rebuilding two stages does not keep the senders of
+        # the second waiting (past the group's timeout) while it fits the first.
+        for stage, stage_pairs, spec in to_fit:
+            fitted[stage] = self.computes[stage].fit(stage_pairs, spec)
+        if self.ring is not None:
+            self.ring.drop(plan.lost)
         pending.wait()
         fetched = [h for r in plan.rebuilds for h in r.fetch]
         for held, n_bytes in self.refresh([*fetched, *plan.refresh]).items():
