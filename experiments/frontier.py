@@ -73,13 +73,14 @@ LATER, SLOTS = 1000, 20
 
 def points(labels: list[str], bandwidths: list[float], seeds: int) -> list[tuple[str, int, list[str]]]:
     """Every (recovery, bandwidth, seed) of ``labels``, seed-major, each numbered by its place in the whole grid (all
-    recoveries, the first ``FIRST`` before the later ones): more ``--seeds``, or other ``--recoveries``, later keep
-    the earlier directories."""
+    recoveries, the first ``FIRST`` before the later ones; the default bandwidths before any other): more
+    ``--seeds``, other ``--recoveries`` or one of the default ``--bandwidths`` later keep the earlier directories."""
     names, out = list(RECOVERIES), []
     first, later = names[:FIRST], names[FIRST:]
+    bands = [*BANDWIDTHS_MBPS, *(b for b in bandwidths if b not in BANDWIDTHS_MBPS)]  # the default ones' places first
     for seed in range(seeds):
-        for i, b in enumerate(bandwidths):
-            block = seed * len(bandwidths) + i
+        for b in bandwidths:
+            block = seed * len(bands) + bands.index(b)
             for label in labels:
                 index = block * len(first) + first.index(label) if label in first \
                     else LATER + block * SLOTS + later.index(label)

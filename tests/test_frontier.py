@@ -68,3 +68,5 @@ def test_every_frontier_point_keeps_its_run_directory_number_when_recoveries_are
     fit = [i for _, i, o in grid if o[0] == "strategy=checkfree_fit"]
     assert fit == [1000 + 20 * block + j for block in range(6) for j in range(2)]
     assert [i for _, i, _ in frontier.points(["checkfree_fit_b8_n50"], [56, 1778], 2)] == [1001, 1021, 1041, 1061]
+    assert [i for _, i, _ in frontier.points(["checkfree_fit_b8_n50", "snapshot_restore"], [56], 2)] == [
+        1001, 4, 1041, 16]  # one bandwidth of the two: the same directories
