@@ -245,10 +245,14 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
                 means.append(statistics.fmean(values) if values else float("nan"))
                 errors.append(T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / len(values) ** 0.5
                               if len(values) > 1 else 0.0)
+                if values and len(values) < len(ran):  # a mean of the seeds that got there: say how many did
+                    ax.annotate(f"{len(values)}/{len(ran)}", (i + j * width, means[-1]), fontsize=6, ha="center",
+                                xytext=(0, 2), textcoords="offset points")
             ax.bar([i + j * width for i in range(len(sources))], means, width, yerr=errors, label=strategy)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sources))], sources, fontsize=7)
         ax.axhline(1.0, color="grey", linewidth=0.5)
-        ax.set_title(f"R = {replicas} node(s) a stage (x: not within {CAP:g} T)", fontsize=9)
+        ax.set_title(f"R = {replicas} node(s) a stage (x: not within {CAP:g} T; k/n: k of n seeds reached it)",
+                     fontsize=9)
         ax.set_ylabel("paper hours to target / T")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
