@@ -90,7 +90,7 @@ class LocalEngine(StageHost):
         for compute in self.computes.values():
             compute.train()
         if self.ring is not None:
-            self.ring.discard()  # what a step that raised noted
+            self.ring.discard()  # what a step that raised or was skipped noted: only a step taken keeps its notes
         losses, tokens, n = [], 0, len(micro_batches)
         for order, indices, group in self._groups(micro_batches, schedule):
             batch = (group[0] if len(group) == 1 else torch.cat(group)).to(self.device, non_blocking=True)
@@ -110,8 +110,6 @@ class LocalEngine(StageHost):
         result = StepResult(total / n, [pre for pre, _ in norms], [post for _, post in norms], tokens)
         if skip_nonfinite and not result.finite:
             result.stepped = False
-            if self.ring is not None:
-                self.ring.discard()
             return result
         for compute in self.computes.values():
             compute.step()

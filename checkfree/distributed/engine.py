@@ -153,14 +153,13 @@ class ProcessEngine:
             self._abort(ready)
             result.stepped = False
             return result
-        commit = msg.Commit(last_seq=(self.steps + 1) * len(batches) - 1)
+        self.steps += 1  # the step stands from here on, even if a stage is lost while committing it
+        commit = msg.Commit(last_seq=self.steps * len(batches) - 1)
         try:
             committed = pool.request({rank: commit for rank in ready}, "commit")
         except WorkersDied as exc:  # the survivors stepped: their step stands, the lost stage is rebuilt now
-            self.steps += 1
             self._note_commit(exc.replies)
             raise self.lost(exc, result) from None
-        self.steps += 1
         raise_errors(committed, pool.handles, "commit", pool.run_dir)
         self._note_commit(committed)
         return result

@@ -242,7 +242,7 @@ class StageWorker(StageHost):
 
     def step(self, command: msg.Step) -> msg.Ready | msg.Aborted:
         if self.ring is not None:
-            self.ring.discard()  # what a step that failed here noted (no Abort comes to a process that failed it)
+            self.ring.discard()  # what an aborted or failed step noted: only a committed step keeps its notes
         for k in self.mine:
             self.computes[k].train()
         try:
@@ -269,8 +269,6 @@ class StageWorker(StageHost):
     def abort(self, command: msg.Abort) -> msg.Done:
         for k in self.mine:
             self.computes[k].drop_gradients()
-        if self.ring is not None:
-            self.ring.discard()
         return msg.Done()
 
     def _run_program(self, inputs: dict[int, np.ndarray], targets: dict[int, np.ndarray],

@@ -119,11 +119,16 @@ def _error(loss: str, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.mean((y - target) ** 2) if loss == "mse" else F.smooth_l1_loss(y, target)
 
 
-def body_mse(stage: Stage, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """The mean, over ``pairs``, of the mean squared error of ``stage``'s body output against the buffered one."""
+def body_error(stage: Stage, pairs: list[tuple[torch.Tensor, torch.Tensor]], loss: str = "mse") -> float:
+    """The mean, over ``pairs``, of ``loss`` between ``stage``'s body output and the buffered one."""
     require(len(pairs) > 0, "pairs", 0, "allowed at least one (input, output) pair")
     with torch.no_grad():
-        return sum(torch.mean((stage.body(x) - y) ** 2).item() for x, y in pairs) / len(pairs)
+        return sum(_error(loss, stage.body(x), y).item() for x, y in pairs) / len(pairs)
+
+
+def body_mse(stage: Stage, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """The mean, over ``pairs``, of the mean squared error of ``stage``'s body output against the buffered one."""
+    return body_error(stage, pairs, "mse")
 
 
 def fit(stage: Stage, pairs: list[tuple[torch.Tensor, torch.Tensor]], steps: int, lr: float,
@@ -146,9 +151,8 @@ def fit(stage: Stage, pairs: list[tuple[torch.Tensor, torch.Tensor]], steps: int
         losses.append(value.item())
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        losses.append(sum(_error(loss, stage.body(x), y).item() for x, y in pairs) / len(pairs))
+    losses.append(body_error(stage, pairs, loss))
     return losses
 
 
-__all__ = ["ActivationRing", "IN", "LOSSES", "OUT", "body_mse", "buffered_per_holder", "fit", "pairs"]
+__all__ = ["ActivationRing", "IN", "LOSSES", "OUT", "body_error", "body_mse", "buffered_per_holder", "fit", "pairs"]
