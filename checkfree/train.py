@@ -148,6 +148,7 @@ def build_engine(cfg: RunConfig, model: ModelConfig, device, schedule: str | Non
         backend=pick_backend(cfg.engine, device, world), store_addr=cfg.engine.master_addr,
         store_port=cfg.engine.master_port, timeout_s=cfg.engine.timeout_s,
         threads=stage_threads(world), buffer=buffer,
+        network=cfg.network if cfg.engine.shape else None, spread=cfg.engine.replica_placement == "spread",
     )
     return ProcessEngine(spec, cfg.engine)
 

@@ -4,7 +4,9 @@ which processes are still alive. One place, so that the engines are checked by t
 from __future__ import annotations
 
 import json
+import multiprocessing
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -30,6 +32,35 @@ def write_trace(path: Path, events: list[dict]) -> str:
     """A failure trace file (``failure=trace``); returns its path for ``failure.path``."""
     path.write_text(json.dumps(events))
     return str(path)
+
+
+def two_peers(target: Callable, *args, timeout_s: float = 60.0) -> tuple[list[dict], list[int | None]]:
+    """Run ``target(rank, store_port, secret, *args, conn)`` in two spawned processes (ranks 0 and 1, a rendezvous
+    store on 127.0.0.1) and return what each sent on ``conn`` and their exit codes. Both are joined (killed after
+    ``timeout_s``) before this returns: nothing the test started outlives it."""
+    from checkfree.distributed.rendezvous import new_secret, open_store
+
+    store = open_store("127.0.0.1", 0, timeout_s)
+    secret = new_secret()
+    ctx = multiprocessing.get_context("spawn")
+    pipes, procs = [], []
+    for rank in (0, 1):
+        parent, child = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=target, args=(rank, store.port, secret, *args, child), daemon=True)
+        proc.start()
+        child.close()
+        pipes.append(parent)
+        procs.append(proc)
+    try:
+        replies = [p.recv() if p.poll(timeout_s * 3) else {"ok": False, "error": "no reply"} for p in pipes]
+    finally:
+        for proc in procs:
+            proc.join(timeout_s)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+        del store
+    return replies, [p.exitcode for p in procs]
 
 
 def workers_file(run_dir: Path) -> dict:

@@ -181,6 +181,9 @@ BAD_INPUTS = [
     (["model.rope_theta=inf"], r"^model.rope_theta=inf is invalid: allowed is a finite number\.$"),
     (["engine.timeout_s=inf"], r"^engine.timeout_s=inf is invalid: allowed is a finite number\.$"),
     (["engine.timeout_s=1e9"], r"^engine.timeout_s=1000000000.0 is invalid: .*at most 86400 \(a day\)"),
+    (["engine.shape=true"], r"^engine.shape=True is invalid: shaping emulates links between stage processes; "
+                            r"allowed with engine.name=local is false"),
+    (["network.link_scale=0"], r"^network.link_scale=0 is invalid: must be a finite number from 1e-6 to 1e6 \(1: the links as given\)\.$"),
     (["strategy.lr_scale=inf"], r"^strategy.lr_scale=inf is invalid: allowed is a finite number\.$"),
     (["network.latency_s=inf"], r"^network.latency_s=inf is invalid: allowed is a finite number\.$"),
     (["network.bandwidth_Bps=nan"], r"^network.bandwidth_Bps=nan is invalid: allowed is a finite number\.$"),

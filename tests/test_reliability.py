@@ -246,6 +246,23 @@ def test_resume_refuses_a_missing_state_or_a_changed_config(data_cache, tmp_path
     assert (tmp_path / "saved" / "metrics.jsonl").read_bytes() == metrics
 
 
+def test_a_key_added_since_a_run_was_saved_resumes_at_its_default_only():
+    """A run saved before ``network.link_scale`` existed resumes with it at 1 (the behaviour it was saved under);
+    any other value, or any other change, is refused as before."""
+    from checkfree.run.resume import check_same_config
+    from checkfree.run.runconfig import RunConfig
+
+    current = RunConfig().to_dict()
+    saved = {**current, "network": {k: v for k, v in current["network"].items() if k != "link_scale"}}
+    check_same_config(saved, current, "run")  # at its default: accepted
+    slower = {**current, "network": {**current["network"], "link_scale": 10.0}}
+    with pytest.raises(ConfigError, match=r"network.link_scale=10.0: the saved run has network.link_scale=None"):
+        check_same_config(saved, slower, "run")
+    changed = {**current, "network": {**current["network"], "latency_s": 0.5}}
+    with pytest.raises(ConfigError, match=r"network.latency_s=0.5: the saved run has network.latency_s=0.001"):
+        check_same_config(saved, changed, "run")
+
+
 @pytest.mark.parametrize("strategy", [{"name": "checkpoint", "every": 1},
                                       {"name": "memory_checkpoint", "every": 1, "storage_every": 1}])
 def test_a_loss_inside_a_step_right_after_a_save_redoes_it_on_the_same_batches_once(strategy, small_run, tmp_path):

@@ -19,6 +19,7 @@ import torch
 
 from checkfree.transport import headers
 from checkfree.transport.headers import HeaderError
+from tests.processes import two_peers
 
 TIMEOUT_S = 60.0
 
@@ -183,31 +184,10 @@ def _peer(rank: int, port: int, secret: str, out: str, conn) -> None:
 @pytest.fixture(scope="module")
 def exchange(tmp_path_factory):
     """Run the two processes once; every test below reads the result. Both processes are joined here."""
-    from checkfree.distributed.rendezvous import new_secret, open_store
-
     out = str(tmp_path_factory.mktemp("exchange") / "received.pt")
-    store = open_store("127.0.0.1", 0, TIMEOUT_S)
-    secret = new_secret()
-    ctx = multiprocessing.get_context("spawn")
-    pipes, procs = [], []
-    for rank in (0, 1):
-        parent, child = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_peer, args=(rank, store.port, secret, out, child), daemon=True)
-        proc.start()
-        child.close()
-        pipes.append(parent)
-        procs.append(proc)
-    try:
-        replies = [p.recv() if p.poll(TIMEOUT_S * 3) else {"ok": False, "error": "no reply"} for p in pipes]
-    finally:
-        for proc in procs:
-            proc.join(TIMEOUT_S)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
-        del store
+    replies, exits = two_peers(_peer, out, timeout_s=TIMEOUT_S)
     assert all(r["ok"] for r in replies), replies
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert exits == [0, 0]
     return {"refused": replies[0]["refused"], "out": out, **torch.load(out, weights_only=True)}
 
 

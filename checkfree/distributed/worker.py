@@ -48,13 +48,15 @@ from checkfree.model.init_from import start_from
 from checkfree.model.llama import Stage
 from checkfree.model.presets import ModelConfig
 from checkfree.run.config import first_line
+from checkfree.simulation.networks import NetworkConfig
 from checkfree.stage.compute import StageCompute, causal_lm_loss, per_sequence_loss
 from checkfree.stage.host import TAG_MOVE, StageHost
 from checkfree.stage.routes import blame, in_order, route
 from checkfree.stage.schedule import build_schedule
-from checkfree.storage.checkpoints import BackgroundWriter, CheckpointStore, DamagedCheckpoint
+from checkfree.storage.checkpoints import BackgroundWriter, CheckpointStore, DamagedCheckpoint, shard_bytes
 from checkfree.transport.courier import Courier
-from checkfree.transport.transfer import Pending, isend_state, recv_state, wire_device
+from checkfree.transport.shaper import Shaper
+from checkfree.transport.transfer import Pending, wire_device
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,11 @@ class WorkerSpec:
     TCP store at store_addr:store_port."""
     local_rank: int | None = None
     """The process's index on its machine, for picking a GPU; None: rank % GPUs."""
+    network: NetworkConfig | None = None
+    """``engine.shape``: the network whose links every byte this process sends is shaped to
+    (``checkfree.transport.shaper``); None: not shaped."""
+    spread: bool = False
+    """``engine.replica_placement=spread`` (where a shaped replica's links go)."""
     buffer: int = 0
     """Micro-batches of activations each stage buffers for its neighbours' fitted rebuilds (``strategy.fit_buffer``
     of a fitting strategy; 0: none)."""
@@ -150,7 +157,9 @@ class StageWorker(StageHost):
             self.device = torch.device("cpu")
         self.wire = wire_device(spec.backend, self.device)
         """Where this process's point-to-point tensors travel (the CPU under gloo, whatever ``device`` is)."""
-        super().__init__(spec.n_stages, Courier(spec.n_stages, self.wire, self.device), spec.buffer)
+        self.shaper = None if spec.network is None else Shaper(spec.network, spec.n_stages, spec.spread)
+        """This process's emulated links (``engine.shape``), None where they are not shaped."""
+        super().__init__(spec.n_stages, Courier(spec.n_stages, self.wire, self.device, self.shaper), spec.buffer)
         self.courier.place(tuple(self.rank_of(k) for k in range(self.n)), spec.rank)
         stage = Stage(spec.model, spec.stage) if spec.fresh else seeded_stage(spec.model, spec.seed, spec.stage)
         self.computes[spec.stage] = self._compute(stage)  # its home stage, unless that moves away
@@ -220,12 +229,10 @@ class StageWorker(StageHost):
         pending, received = Pending(), 0
         for stage, src, dst in transfers:
             if src == self.courier.me and stage in self.computes:
-                pending.extend(isend_state(self.pack(stage), dst, self.courier.state_tag(TAG_MOVE, stage, stage),
-                                           self.wire))
+                self.courier.post_state(self.pack(stage), dst, self.courier.state_tag(TAG_MOVE, stage, stage), pending)
         for stage, src, dst in transfers:
             if dst == self.courier.me:
-                state, n_bytes = recv_state(src, self.courier.state_tag(TAG_MOVE, stage, stage), self.wire,
-                                            self.device)
+                state, n_bytes = self.courier.take_state(src, self.courier.state_tag(TAG_MOVE, stage, stage))
                 self.unpack(stage, state)
                 received += n_bytes
         pending.wait()
@@ -322,6 +329,9 @@ class StageWorker(StageHost):
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads]).to(self.wire)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.stage_group)
+        if self.shaper is not None:  # done when the last replica joined: the ring over the emulated links starts then
+            time.sleep(self.shaper.allreduce_seconds(flat.numel() * flat.element_size(), self.spec.stage,
+                                                     self.spec.replicas))
         for p, piece in zip(params, torch.split(flat, [g.numel() for g in grads])):
             p.grad = piece.view_as(p).to(p.device, copy=True)
 
@@ -404,11 +414,23 @@ class StageWorker(StageHost):
             if command.in_background:
                 state = self.stage_for_background(k)
                 writer = self.writers.setdefault(k, BackgroundWriter())
-                writer.submit(lambda k=k, state=state: CheckpointStore.write_shard(Path(checkpoint), k, state))
+                writer.submit(lambda k=k, state=state: self._over_storage(
+                    shard_bytes(state), lambda: CheckpointStore.write_shard(Path(checkpoint), k, state)))
                 sizes[k] = self.staged[k]
             else:
-                sizes[k], digests[k] = CheckpointStore.write_shard(Path(checkpoint), k, self.computes[k].state())
+                state = self.computes[k].state()
+                sizes[k], digests[k] = self._over_storage(
+                    shard_bytes(state), lambda k=k, state=state: CheckpointStore.write_shard(Path(checkpoint), k, state))
         return msg.KeptUp(received, self.held_bytes(), sizes, digests)
+
+    def _over_storage(self, n_bytes: int, job: Any) -> Any:
+        """Run ``job``, a write or read of ``n_bytes`` of checkpoint shards; on shaped links it takes at least the
+        time they take on this node's link to storage, booked when it starts (one transfer at a time)."""
+        arrival = None if self.shaper is None else self.shaper.storage(n_bytes)
+        result = job()
+        if arrival is not None:
+            self.shaper.wait_until(arrival)
+        return result
 
     def flushed(self, command: msg.Flushed) -> msg.Persisted:
         """The digests of the shards this process's stages persisted in the background, once written."""
@@ -428,6 +450,8 @@ class StageWorker(StageHost):
             # GPU they would stay there, and every step would wait on the GPU to read each one back).
             shards = {k: CheckpointStore.read_shard(Path(command.checkpoint), k, {"digests": command.meta_digests})
                       for k in self.mine}
+            if self.shaper is not None:  # downloaded from storage: its bytes take their time on this node's link
+                self.shaper.wait_until(self.shaper.storage(sum(shard_bytes(shard) for shard in shards.values())))
         except DamagedCheckpoint as exc:
             return msg.Damaged(str(exc.path), exc.cause)
         for k, shard in shards.items():

@@ -153,6 +153,12 @@ class EngineConfig:
     """Ray's rendezvous store's port; 0 picks a free one. (On one machine the store is a private file.)"""
     timeout_s: float = 60.0
     """Bound on any collective or point-to-point wait; nothing hangs longer."""
+    shape: bool = False
+    """The process engine only: every byte a stage process sends (activations, gradients, the all-reduce, a
+    recovery's or a held copy's state, a checkpoint shard to and from storage) takes the time the run's network
+    gives its link — latency + bytes / bandwidth, queued behind what the link already carries
+    (``checkfree.transport.shaper``). With ``network.link_scale`` a small model keeps the preset's ratio of
+    communication to compute."""
     no_replacement: str = "wait"
     """A lost node whose replacement has not arrived (``failure.replacement``; ``checkfree.simulation.elastic``): wait (the
     pipeline stalls until it is there) | shrink (its stages run on a neighbouring host meanwhile)."""
@@ -281,6 +287,9 @@ def validate_engine(cfg: EngineConfig) -> None:
     # It bounds every single wait of the process engine: a wait of more than a day hides a hang.
     require(0 < cfg.timeout_s <= 86400, "engine.timeout_s", cfg.timeout_s,
             "allowed is a number of seconds > 0 and at most 86400 (a day)")
+    require(not cfg.shape or cfg.name == "distributed", "engine.shape", cfg.shape,
+            "shaping emulates links between stage processes; allowed with engine.name=local is false "
+            "(engine=distributed runs one process per stage)")
     require(cfg.launcher in ("processes", "ray"), "engine.launcher", cfg.launcher, "allowed is processes or ray")
     require(cfg.launcher == "processes" or cfg.name == "distributed", "engine.launcher", cfg.launcher,
             f"it launches the process engine, not engine.name={cfg.name!r}; use engine=ray (engine.name=distributed)")

@@ -121,11 +121,22 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def added_at_default(key: str, old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """A key this version has and the saved run's config does not (it was added since), at its default: the run
+    computes with it what it computed without it (a new key's default keeps the old behaviour)."""
+    if key in old:
+        return False
+    from checkfree.run.runconfig import RunConfig
+
+    defaults = _flatten(RunConfig().to_dict())
+    return key in defaults and new.get(key) == defaults[key]
+
+
 def check_same_config(saved: dict[str, Any], current: dict[str, Any], run_dir: Path | str) -> None:
     """Refuse to continue a run under a config that would compute something else (one sentence)."""
     old, new = _flatten(saved), _flatten(current)
     for key in sorted(set(old) | set(new)):
-        if key.startswith(MAY_CHANGE) or old.get(key) == new.get(key):
+        if key.startswith(MAY_CHANGE) or old.get(key) == new.get(key) or added_at_default(key, old, new):
             continue
         hint = ""
         overrides = Path(run_dir) / ".hydra" / "overrides.yaml"

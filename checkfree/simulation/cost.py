@@ -31,7 +31,9 @@ from checkfree.simulation.networks import (
     SCHEDULES,
     Link,
     NetworkConfig,
+    replica_link,
     stage_link,
+    storage_link,
 )
 from checkfree.simulation.placement import Placement
 from checkfree.stage.routes import BODY, HEAD, route
@@ -280,14 +282,8 @@ class CostModel:
         return max(busy.values())
 
     def replica_link(self, stage: int, spread: bool | None = None) -> Link:
-        """The link between two replicas of ``stage``: the intra-site link where they share the stage's site; spread
-        (replica ``r`` where stage ``k + r`` runs), the slowest link of the ring through their sites (the longest
-        latency, the least bandwidth: a ring's steps wait for its slowest hop). ``spread``: None, as placed."""
-        if not (self.spread if spread is None else spread) or self.replicas < 2:
-            return stage_link(self.network, stage, stage)
-        ring = [stage + r for r in range(self.replicas)]
-        links = [stage_link(self.network, a, b) for a, b in zip(ring, ring[1:] + ring[:1])]
-        return Link(max(x.latency_s for x in links), min(x.bandwidth_Bps for x in links))
+        """``networks.replica_link`` of this run's replicas, placed as ``spread`` says (None: as they are)."""
+        return replica_link(self.network, stage, self.replicas, self.spread if spread is None else spread)
 
     def allreduce_seconds(self, spread: bool | None = None) -> float:
         """Gradient ring all-reduce over the W replicas of each stage (``replica_link``, its replicas placed as
@@ -358,7 +354,7 @@ class CostModel:
         """One transfer to or from the checkpoint storage; 0 for nothing to move."""
         if n_bytes <= 0:
             return 0.0
-        return p2p_seconds(n_bytes, Link(self.network.storage_latency_s, self.network.storage_bandwidth_Bps))
+        return p2p_seconds(n_bytes, storage_link(self.network))
 
     def recovery_seconds(
         self, stage: int, sources: list[int], n_bytes: int, from_storage: bool = False

@@ -101,6 +101,10 @@ class NetworkConfig:
     host_bandwidth_Bps: float = 16e9
     """A node's device -> host memory copy, bytes/s (16 GB/s: PCIe 4.0 x16 in practice). What a step waits for
     when a snapshot of its stage is taken; sending it on to a peer overlaps training."""
+    link_scale: float = 1.0
+    """Every link, storage's too, this many times slower: latency x s, bandwidth / s. What lets a small model on a
+    CPU, shaped to these links on the process engine (``engine.shape``), keep the communication-to-compute ratio
+    the preset's model has on its GPUs (the CPU computes it ~s times slower); the clock prices the same links."""
     replacement_delay_s: float = 30.0
     """Time to detect a failure and bring a replacement node up, charged on every recovery alike."""
     redundant_backward: bool = True
@@ -127,6 +131,8 @@ def validate_network_config(cfg: NetworkConfig, n_stages: int) -> None:
         # At least a byte per second: a bandwidth of 1e-300 B/s made a transfer's time overflow to inf.
         require(math.isfinite(value) and value >= 1, f"network.{key}", value,
                 "must be a finite number of bytes per second, at least 1")
+    require(math.isfinite(cfg.link_scale) and 1e-6 <= cfg.link_scale <= 1e6, "network.link_scale", cfg.link_scale,
+            "must be a finite number from 1e-6 to 1e6 (1: the links as given)")
     for key in ("latency_s", "storage_latency_s", "replacement_delay_s"):
         value = getattr(cfg, key)
         require(math.isfinite(value) and 0 <= value <= MAX_DELAY_S, f"network.{key}", value,
@@ -174,11 +180,32 @@ def stage_link(cfg: NetworkConfig, a: int, b: int) -> Link:
     under single_cluster) use the intra-site link (latency_s, bandwidth_Bps), by default the
     reference's same-cluster (1 ms, 2 GiB/s).
     """
-    intra = Link(cfg.latency_s, cfg.bandwidth_Bps)
+    intra = _scaled(cfg, cfg.latency_s, cfg.bandwidth_Bps)
     if cfg.name != "geo_distributed":
         return intra
     la, lb = GEO_LOCATIONS[a % len(GEO_LOCATIONS)], GEO_LOCATIONS[b % len(GEO_LOCATIONS)]
     if la == lb:
         return intra
     ms, gib_s = GEO_TABLE[_pair(la, lb)]
-    return Link(ms / 1000, gib_s * GiB)
+    return _scaled(cfg, ms / 1000, gib_s * GiB)
+
+
+def storage_link(cfg: NetworkConfig) -> Link:
+    """A node's link to the checkpoint storage (each node has its own: shards move in parallel)."""
+    return _scaled(cfg, cfg.storage_latency_s, cfg.storage_bandwidth_Bps)
+
+
+def replica_link(cfg: NetworkConfig, stage: int, replicas: int, spread: bool) -> Link:
+    """The link between two replicas of ``stage``: the intra-site link where they share the stage's site; spread
+    (replica ``r`` where stage ``k + r`` runs), the slowest link of the ring through their sites (the longest
+    latency, the least bandwidth: a ring's steps wait for its slowest hop)."""
+    if not spread or replicas < 2:
+        return stage_link(cfg, stage, stage)
+    ring = [stage + r for r in range(replicas)]
+    links = [stage_link(cfg, a, b) for a, b in zip(ring, ring[1:] + ring[:1])]
+    return Link(max(x.latency_s for x in links), min(x.bandwidth_Bps for x in links))
+
+
+def _scaled(cfg: NetworkConfig, latency_s: float, bandwidth_Bps: float) -> Link:
+    # At link_scale 1 both are exact (x * 1.0 and x / 1.0 change no bit): every run made before it prices the same.
+    return Link(latency_s * cfg.link_scale, bandwidth_Bps / cfg.link_scale)

@@ -18,6 +18,7 @@ run gloo and stage their CUDA tensors through host memory.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,9 @@ class Pending:
 
     works: list = field(default_factory=list)
     buffers: list[torch.Tensor] = field(default_factory=list)
+    leave_by: float = 0.0
+    """On shaped links (``checkfree.transport.shaper``): the wall time the last of these sends has left its link;
+    ``wait`` waits for it too (0: unshaped)."""
 
     def add(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
         self.works.append(dist.isend(tensor, dst=dst, tag=tag))
@@ -47,11 +51,15 @@ class Pending:
     def extend(self, other: Pending) -> None:
         self.works += other.works
         self.buffers += other.buffers
+        self.leave_by = max(self.leave_by, other.leave_by)
 
     def wait(self) -> None:
         for work in self.works:
             work.wait()
         self.works, self.buffers = [], []
+        delay, self.leave_by = self.leave_by - time.time(), 0.0
+        if delay > 0:
+            time.sleep(delay)
 
 
 def _sub_tag(tag: int, i: int) -> int:
