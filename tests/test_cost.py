@@ -149,6 +149,22 @@ def test_out_of_order_hops_by_hand():
         _unit_hops().iteration_seconds("random")
 
 
+def test_a_link_s_latency_delays_each_micro_batch_and_occupies_nothing():
+    """The hops of _unit_hops (1 s of bytes each) plus 10 s of latency: S=4, M=2, GPipe. Each phase's path gains
+    3 x 10 s; the bottleneck slot stays the 1 s a link is busy sending: 2 x (3 x 11 + 1 x 1) = 68 s (counting the
+    latency as occupancy, as the clock did before the emulated links measured it, gave 2 x (33 + 11) = 88 s)."""
+    slow = CostModel(TINY, micro_batches=2, micro_batch_size=2, flops_per_s=1e30,
+                     network=NetworkConfig(latency_s=10.0, bandwidth_Bps=128.0))
+    assert slow.iteration_seconds("in_order") == pytest.approx(68.0)
+    # 1F1B: the fill (33 + 33) plus one slot of the busiest resource, a link direction (1 s of bytes; its
+    # gradients go the other way).
+    one_f_one_b = CostModel(TINY, 2, 2, dataclasses.replace(slow.network, pipeline="1f1b"), flops_per_s=1e30)
+    assert one_f_one_b.iteration_seconds("in_order") == pytest.approx(67.0)
+    # More micro-batches add only bottleneck slots, never another latency.
+    eight = CostModel(TINY, 8, 2, slow.network, flops_per_s=1e30)
+    assert eight.iteration_seconds("in_order") - slow.iteration_seconds("in_order") == pytest.approx(2 * 6 * 1.0)
+
+
 def test_redundant_compute_by_hand():
     # tokens = 2 * 4 = 8 at 16 FLOP/s: a forward takes 2*P*8/16 = P s, a backward 2P s. The embedding
     # is a lookup (0 FLOPs), so matmul params per stage are 1040, 1040, 1040, 1040 + 136 = 1176.

@@ -75,8 +75,14 @@ def compute_seconds(params: int, tokens: int, flops_per_s: float, backward: bool
 # link; a forward hop a->b busies ("link", a, b) and its gradient comes back on ("link", b, a).
 
 
-def _hop_ops(a: int, b: int, seconds: float) -> list[tuple]:
-    return [(("link", a, b), seconds, 0.0), (("link", b, a), 0.0, seconds)]
+def _hop_ops(a: int, b: int, seconds: float, latency_s: float = 0.0) -> list[tuple]:
+    """A hop a -> b: its link's two directions busy ``seconds`` (bytes / bandwidth), forward and back; then the
+    latency, which delays the micro-batch but occupies nothing (resource None): the next message follows on
+    the link without waiting out this one's latency. Measured on the process engine's emulated links
+    (``engine.shape``): counting the latency as occupancy over-priced a geo-distributed iteration of a small
+    model by ~40 % (docs/clock.md)."""
+    ops = [(("link", a, b), seconds, 0.0), (("link", b, a), 0.0, seconds)]
+    return ops + [(None, latency_s, latency_s)] if latency_s else ops
 
 
 def _pipeline(routes: list[list[tuple]], micro_batches: int, pipeline: str) -> float:
@@ -97,8 +103,9 @@ def _pipeline(routes: list[list[tuple]], micro_batches: int, pipeline: str) -> f
       directions of a slow link), and only S micro-batches in flight instead of M.
 
     With several route types (CheckFree+), path = mean path over the M micro-batches and load = mean
-    per-micro-batch busy time of each resource. Hops are modelled as resources busy for
-    latency + bytes / bw (slightly pessimistic: latency does not really occupy a link).
+    per-micro-batch busy time of each resource. A hop's link is busy for bytes / bw; its latency is a delay
+    on the path (``_hop_ops``), as a resource with unlimited servers, which adds to the fill and never to the
+    bottleneck slot.
     """
     mbs = [routes[m % len(routes)] for m in range(micro_batches)]
     path_f = sum(f for r in mbs for _, f, _ in r) / micro_batches
@@ -107,6 +114,8 @@ def _pipeline(routes: list[list[tuple]], micro_batches: int, pipeline: str) -> f
     load_b: dict = defaultdict(float)
     for path in mbs:
         for res, f, b in path:
+            if res is None:  # a delay (a link's latency): on the path, in no resource's load
+                continue
             load_f[res] += f / micro_batches
             load_b[res] += b / micro_batches
     if pipeline == "gpipe":
@@ -209,7 +218,8 @@ class CostModel:
         return compute_seconds(params, self.tokens, self.flops_per_s) - self._fwd(params)
 
     def _hop(self, a: int, b: int) -> list[tuple]:
-        return _hop_ops(a, b, p2p_seconds(self.act_bytes, stage_link(self.network, a, b)))
+        link = stage_link(self.network, a, b)
+        return _hop_ops(a, b, self.act_bytes / link.bandwidth_Bps, link.latency_s)
 
     def _routes(self, schedule: str, shadows: bool, hops: bool = True, placement: Placement | None = None,
                 load: Sequence[float] | None = None) -> list[list[tuple]]:
