@@ -167,6 +167,24 @@ def keep_metrics(run_dir: Path) -> Path | None:
     return write_atomic(Path(run_dir) / KEPT_METRICS, lambda f: f.write(text))
 
 
+TIMINGS = "timings.jsonl"
+"""Every record's clock and wall times (``TIMING_FIELDS``), kept by an experiment that compares the two
+(``experiments/clock_check.py``): a run's simulated seconds beside its real ones, iteration by iteration."""
+TIMING_FIELDS = ("iteration", "sim_time_s", "wall_time_s", "iteration_sim_s", "overhead_sim_s", "recovery_sim_s",
+                 "lost_work_sim_s", "val_loss", "failed_stages")
+
+
+def keep_timings(run_dir: Path) -> Path | None:
+    """Write TIMINGS (atomically) from the run's metrics.jsonl; None where it left none."""
+    from checkfree.storage.atomic import write_atomic
+
+    records = read_metrics(Path(run_dir) / "metrics.jsonl")
+    if not records:
+        return None
+    text = "".join(json.dumps({k: r[k] for k in TIMING_FIELDS if k in r}) + "\n" for r in records).encode()
+    return write_atomic(Path(run_dir) / TIMINGS, lambda f: f.write(text))
+
+
 def run_metrics(run_dir: Path, bad: str = "skip") -> list[dict]:
     """A run's records: its metrics.jsonl, or where that is absent (a clone holds only the kept rows) its
     KEPT_METRICS. ``bad`` as ``read_metrics``."""

@@ -26,12 +26,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from checkfree.run.runlog import KEPT_METRICS, keep_metrics
+from checkfree.run.runlog import KEPT_METRICS, TIMINGS, keep_metrics
 from checkfree.storage.atomic import write_atomic
 
 ARCHIVE = "runs.parquet"
-KEPT = ("summary.json", KEPT_METRICS)
-"""The files of a run directory an archive keeps: what the reports and a resumed experiment read."""
+KEPT = ("summary.json", KEPT_METRICS, TIMINGS)
+"""The files of a run directory an archive keeps: what the reports and a resumed experiment read (the timings
+only where an experiment wrote them)."""
 SCHEMA = pa.schema([("run", pa.string()), ("file", pa.string()), ("data", pa.binary())])
 
 

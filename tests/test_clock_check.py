@@ -1,0 +1,59 @@
+"""``experiments/clock_check.py``'s arithmetic on hand-made records (no training), its grid, and its refusals."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.scripts import experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+check = experiment("clock_check")
+
+
+def record(iteration: int, sim: float, wall: float, **extra) -> dict:
+    return {"iteration": iteration, "sim_time_s": sim, "wall_time_s": wall, **extra}
+
+
+def test_iterations_are_compared_one_by_one_leaving_out_warm_up_validations_and_losses():
+    records = [record(0, 0.0, 0.0, val_loss=7.0), record(1, 1.0, 20.0), record(2, 2.0, 21.5),
+               record(3, 3.0, 22.5), record(4, 5.0, 24.0, overhead_sim_s=1.0), record(5, 6.0, 25.25),
+               record(6, 7.0, 27.0, val_loss=5.0), record(7, 8.0, 29.0, failed_stages=[2]), record(8, 9.0, 30.0)]
+    compared = check.pairs(records)
+    # Iterations 3 (1 s predicted, 1 s measured), 4 (upkeep: 2 and 1.5), 5 (1 and 1.25) and 8 (1 and 1).
+    assert compared == [{"measured_s": 1.0, "predicted_s": 1.0, "upkeep": False},
+                        {"measured_s": 1.5, "predicted_s": 2.0, "upkeep": True},
+                        {"measured_s": 1.25, "predicted_s": 1.0, "upkeep": False},
+                        {"measured_s": 1.0, "predicted_s": 1.0, "upkeep": False}]
+    plain = check.errors([c for c in compared if not c["upkeep"]])
+    assert plain["n"] == 3
+    assert plain["measured_s"] == pytest.approx(3.25 / 3) and plain["predicted_s"] == pytest.approx(1.0)
+    assert plain["error"] == pytest.approx((1.0 - 3.25 / 3) / (3.25 / 3))
+    assert plain["mape"] == pytest.approx((0 + 0.25 / 1.25 + 0) / 3)
+    assert check.errors([c for c in compared if c["upkeep"]])["error"] == pytest.approx(0.5 / 1.5)
+    assert check.errors([])["n"] == 0
+
+
+def test_every_point_has_its_own_run_directory_number():
+    grid = check.points(list(check.STRATEGIES), seeds=2, geo_scale=4.0)
+    assert len(grid) == 2 * 2 * 6 and len({index for _, index, _ in grid}) == len(grid)
+    geo = [o for _, _, o in grid if "network=geo_distributed" in o]
+    assert all("network.link_scale=4" in o for o in geo)
+    assert not any("network.link_scale" in o for _, _, o in grid if "network=single_cluster" in o)
+    # A subset keeps the numbers it has in the whole grid: a later, larger invocation resumes the same runs.
+    assert check.points(["redundant"], 1, 4.0)[0][1] == [i for _, i, o in grid if "strategy=redundant" in o][0]
+
+
+@pytest.mark.parametrize("flag, message", [
+    (["--seeds", "0"], "--seeds=0 is invalid: allowed is an integer >= 1"),
+    (["--geo-scale", "0"], "--geo-scale=0.0 is invalid: allowed is a number from 1e-6 to 1e6"),
+    (["--strategies", "checkfree,bamboo"], "a comma-separated list of checkfree, checkfree_plus, checkpoint"),
+])
+def test_bad_flags_are_one_sentence_before_any_work(tmp_path, flag, message):
+    done = subprocess.run([sys.executable, str(ROOT / "experiments" / "clock_check.py"), "--out", str(tmp_path / "out"),
+                           *flag], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
