@@ -126,6 +126,7 @@ class Run:
             # A second Ctrl-C (or SIGTERM) must not cut the last state, model or summary short, nor wandb's
             # finish or the stop of the workers (a KeyboardInterrupt in there left them running).
             with _signals_deferred():
+                self.stop_wall_failures()  # no process killed while the run saves and stops them
                 self._save_on_exit()
                 self._export()
                 self.write_summary()
@@ -149,6 +150,26 @@ class Run:
             self.resume_state = None  # the tensors are in the live objects now; free the copies
             self.log.bar.update(first - 1)
         self.consistent_at = first - 1
+        if t.wall_failures is not None:
+            t.wall_failures.start()  # losses at their wall times from here on, until the last iteration ends
+        try:
+            self._iterate(first)
+        finally:
+            self.stop_wall_failures()
+        if cfg.save_every:
+            self.save_state()  # the final state: `trainer.iterations=<more> trainer.resume=DIR` trains on
+        t.totals.final_val_loss_se = t.validation_se()
+
+    def stop_wall_failures(self) -> None:
+        """The thread that kills processes on the wall clock stopped, and the kills it made written down: the same
+        losses, as a trace the simulated clock can replay (``wall_failures.json``)."""
+        wall = self.trainer.wall_failures
+        if wall is not None and wall.t0 is not None:
+            wall.stop()
+            wall.write_trace(self.run_dir / "wall_failures.json")
+
+    def _iterate(self, first: int) -> None:
+        t, cfg = self.trainer, self.cfg.trainer
         for iteration in range(first, cfg.iterations + 1):
             self._stop_if_asked()
             if cfg.sim_time_budget_s is not None and t.totals.sim_time_s >= cfg.sim_time_budget_s:
@@ -169,9 +190,6 @@ class Run:
                 self.save_state()
             if over_budget or (cfg.stop_at_target and t.totals.time_to_target_s is not None):
                 break
-        if cfg.save_every:
-            self.save_state()  # the final state: `trainer.iterations=<more> trainer.resume=DIR` trains on
-        t.totals.final_val_loss_se = t.validation_se()
 
     def warn(self, text: str | None) -> None:
         """A warning for the summary and stderr (None: nothing to say)."""
@@ -306,6 +324,7 @@ class Run:
             "total_wall_time_s": self.trainer.wall_time(),
             "n_failures": len(t.failures), "n_recoveries": len(t.recoveries), "recoveries_by_method": by_method,
             "lost_iterations": t.lost_iterations, "failures": t.failures, "recoveries": t.recoveries,
+            **({"wall_failures": self.trainer.wall_failures.kills} if self.trainer.wall_failures is not None else {}),
             "memory_overhead_bytes": self.trainer.engine.held_bytes(),
             "memory_overhead_bytes_per_node": self.trainer.engine.held_bytes_per_node(),
             # The same, and the bytes the run moved, at the size the clock prices (trainer.clock_preset).

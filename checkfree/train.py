@@ -150,7 +150,8 @@ def build_engine(cfg: RunConfig, model: ModelConfig, device, schedule: str | Non
         threads=stage_threads(world), buffer=buffer,
         network=cfg.network if cfg.engine.shape else None, spread=cfg.engine.replica_placement == "spread",
     )
-    return ProcessEngine(spec, cfg.engine)
+    wall = cfg.engine.failure_clock == "wall"  # the replacement's delay then passes for real
+    return ProcessEngine(spec, cfg.engine, respawn_delay_s=cfg.network.replacement_delay_s if wall else 0.0)
 
 
 def stage_threads(world: int) -> int:

@@ -26,6 +26,7 @@ import torch
 
 from checkfree.data.loading import Corpus
 from checkfree.engine import Engine, StagesLost
+from checkfree.failure_models.base import FailureConfig
 from checkfree.failure_models.trace_files import read_delays
 from checkfree.model.presets import ModelConfig
 from checkfree.plan import (
@@ -116,6 +117,9 @@ class RunParts:
     hosts: Hosts
     roster: Roster | None = None
     """The nodes of each stage, with several a stage (``engine.replicas`` > 1); None with one."""
+    wall: FailureDraws | None = None
+    """``engine.failure_clock=wall``: the run's failure model, drawn in wall seconds by the thread that kills
+    processes (``checkfree.distributed.wall_failures``); the simulated clock then draws none of its own."""
 
     @classmethod
     def build(cls, cfg: RunConfig, model: ModelConfig) -> RunParts:
@@ -128,6 +132,9 @@ class RunParts:
         trace = read_delays(cfg.failure.replacement_path, n) if cfg.failure.replacement == "trace" else None
         replicas = cfg.engine.replicas
         failures = FailureDraws(cfg.failure, n, cfg.seed, nodes_of(cfg))
+        wall = None
+        if cfg.engine.failure_clock == "wall":  # the losses happen to processes; the clock meets them as they come
+            wall, failures = failures, FailureDraws(FailureConfig(name="none"), n, cfg.seed, nodes_of(cfg))
         replacements = Replacements(cfg.failure.replacement, cfg.failure.replacement_mean_h, n * replicas,
                                     cfg.seed + cfg.failure.seed_offset, trace, failures.model.pool())
         roster = None
@@ -135,7 +142,7 @@ class RunParts:
             resync = [clock.resync(k) for k in range(n)]
             roster = Roster(n, replicas, replacements, [s for s, _ in resync], [b for _, b in resync])
         return cls(strategy, build_schedule(strategy.schedule_name, n), failures, clock,
-                   Hosts(n, cfg.engine.no_replacement, min_hosts(cfg), replacements), roster)
+                   Hosts(n, cfg.engine.no_replacement, min_hosts(cfg), replacements), roster, wall)
 
 
 class Trainer:
@@ -145,6 +152,12 @@ class Trainer:
         parts = parts if parts is not None else RunParts.build(cfg, model)
         self.strategy, self.schedule, self.failures, self.clock, self.hosts, self.roster = (
             parts.strategy, parts.schedule, parts.failures, parts.clock, parts.hosts, parts.roster)
+        self.wall_failures = None
+        """``engine.failure_clock=wall``: the thread that kills the lost stages' processes at their wall times."""
+        if parts.wall is not None:
+            from checkfree.distributed.wall_failures import WallFailures
+
+            self.wall_failures = WallFailures(parts.wall, engine.pid_of)
         self.totals = Totals()
         self.iteration_no, self.progress = 0, 0
         self.grad_norm: list[float] | None = None

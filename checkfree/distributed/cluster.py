@@ -58,8 +58,14 @@ class ProcessHandle(Handle):
         self.conn.close()
 
 
+def start_method() -> str:
+    """How a replacement process starts: ``forkserver`` (forked from a server that has imported torch and the
+    worker: a warm standby) or ``spawn`` (a fresh interpreter: a cold start), ``CHECKFREE_START_METHOD``."""
+    return os.environ.get("CHECKFREE_START_METHOD", "forkserver")
+
+
 def _context():
-    method = os.environ.get("CHECKFREE_START_METHOD", "forkserver")
+    method = start_method()
     ctx = mp.get_context(method)
     if method == "forkserver":
         ctx.set_forkserver_preload(["checkfree.distributed.worker"])

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from checkfree.distributed import messages as msg
+from checkfree.distributed.cluster import start_method
 from checkfree.distributed.launchers import make_pool
 from checkfree.distributed.pool import WorkerError, WorkerPool, WorkersDied, raise_errors
 from checkfree.distributed.programs import replica_micro_batches
@@ -52,8 +53,14 @@ REPLACE_ATTEMPTS = 5
 
 
 class ProcessEngine:
-    def __init__(self, spec: WorkerSpec, engine: EngineConfig) -> None:
+    def __init__(self, spec: WorkerSpec, engine: EngineConfig, respawn_delay_s: float = 0.0) -> None:
         self.spec, self.engine = spec, engine
+        self.respawn_delay_s = respawn_delay_s
+        """``engine.failure_clock=wall``: the real seconds a lost process's replacement takes to come
+        (``network.replacement_delay_s``), waited before it is started; 0 on the simulated clock, which prices
+        the delay instead."""
+        self.delayed_s = 0.0
+        """The replacement delay the recovery under way waited."""
         self.n_stages, self.replicas = spec.n_stages, spec.replicas
         self.lrs = [spec.lr] * self.n_stages
         self.finite = [True] * self.n_stages
@@ -105,6 +112,13 @@ class ProcessEngine:
         """Replica 0's per-stage ``field`` of ``replies``, merged over its processes: stage -> value."""
         return {k: v for rank in self.first_ranks() if rank in replies
                 for k, v in getattr(replies[rank], field).items()}
+
+    def pid_of(self, stage: int) -> int | None:
+        """The PID of the process that runs ``stage`` (replica 0) now; None while it has none."""
+        pool = self.pool
+        if pool is None or pool.host_of(stage) not in pool.handles:
+            return None
+        return pool.pid(stage)
 
     def runs(self, stage: int, replica: int = 0) -> int:
         """The process (pool key) that runs ``stage`` of pipeline ``replica``."""
@@ -319,6 +333,9 @@ class ProcessEngine:
         pool.drop(sorted(lost - live))  # no node for them now: the pipeline runs without them
         missing = [slot for slot in sorted(live) if any(key not in pool.handles or not pool.alive(key)
                                                         for key in pool.stage_ranks([slot]))]
+        if missing and self.respawn_delay_s > 0:  # the replacement node comes when it comes
+            time.sleep(self.respawn_delay_s)
+            self.delayed_s += self.respawn_delay_s
         respawn_s = pool.respawn(missing) if missing else 0.0
         leaving = sorted({h.stage for h in pool.handles.values()} - live)
         pool.placement = target
@@ -371,9 +388,11 @@ class ProcessEngine:
             report.wall_s = wall
             report.process = {"detect_s": self.detect_s, "respawn_s": respawn_s, "rendezvous_s": rendezvous_s,
                               "transfer_s": transfer_s, "generation": pool.generation, "attempts": self.attempts,
+                              "replacement_delay_s": self.delayed_s,
+                              "start": start_method() if self.engine.launcher == "processes" else "ray",
                               **{f"old_{k}": v for k, v in old[report.stage].items()},
                               **{f"new_{k}": v for k, v in pool.describe(report.stage).items()}}
-        self.detect_s, self.recovering_since, self.attempts = 0.0, None, 0
+        self.detect_s, self.recovering_since, self.attempts, self.delayed_s = 0.0, None, 0, 0.0
         self.dead, self.old_workers = set(), {}
         return Outcome(reports, restored)
 

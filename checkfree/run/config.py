@@ -153,6 +153,11 @@ class EngineConfig:
     """Ray's rendezvous store's port; 0 picks a free one. (On one machine the store is a private file.)"""
     timeout_s: float = 60.0
     """Bound on any collective or point-to-point wait; nothing hangs longer."""
+    failure_clock: str = "simulated"
+    """simulated (the failure model's losses strike in simulated time, between the pieces of work the clock prices)
+    | wall (the process engine only: each loss kills its stage's process at its time in wall seconds since training
+    began, mid-step if that is when it falls; the replacement starts ``network.replacement_delay_s`` of real time
+    later: ``checkfree.distributed.wall_failures``)."""
     shape: bool = False
     """The process engine only: every byte a stage process sends (activations, gradients, the all-reduce, a
     recovery's or a held copy's state, a checkpoint shard to and from storage) takes the time the run's network
@@ -287,6 +292,12 @@ def validate_engine(cfg: EngineConfig) -> None:
     # It bounds every single wait of the process engine: a wait of more than a day hides a hang.
     require(0 < cfg.timeout_s <= 86400, "engine.timeout_s", cfg.timeout_s,
             "allowed is a number of seconds > 0 and at most 86400 (a day)")
+    require(cfg.failure_clock in ("simulated", "wall"), "engine.failure_clock", cfg.failure_clock,
+            "allowed is simulated or wall")
+    require(cfg.failure_clock == "simulated" or (cfg.name == "distributed" and cfg.replicas == 1),
+            "engine.failure_clock", cfg.failure_clock, "wall kills stage processes, one a stage: allowed with "
+            f"engine.name={cfg.name!r} and engine.replicas={cfg.replicas} is simulated (wall needs "
+            "engine=distributed and engine.replicas=1)")
     require(not cfg.shape or cfg.name == "distributed", "engine.shape", cfg.shape,
             "shaping emulates links between stage processes; allowed with engine.name=local is false "
             "(engine=distributed runs one process per stage)")

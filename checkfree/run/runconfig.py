@@ -172,6 +172,12 @@ def validate_placement(run: RunConfig) -> None:
             f"it fits a rebuilt stage to activations its neighbours buffered, and with engine.replicas="
             f"{engine.replicas} those are spread over the replicas' pipelines (not built yet); allowed here: "
             "engine.replicas=1, or strategy=checkfree / checkfree_plus")
+    if engine.failure_clock == "wall":
+        from checkfree.distributed.wall_failures import MODELS
+
+        require(run.failure.name in MODELS, "failure", run.failure.name,
+                f"engine.failure_clock=wall kills processes at the wall times of the model's losses, and "
+                f"{run.failure.name}'s have none of their own; allowed here: {', '.join(MODELS)}")
     require(engine.replica_placement in ("same_zone", "spread"), "engine.replica_placement",
             engine.replica_placement, "allowed same_zone or spread")
     if engine.replica_placement == "spread":
