@@ -10,8 +10,10 @@ first two, torch's warm-up, and the validation's left out): the measured seconds
 simulated seconds the clock added, split into plain iterations and iterations with upkeep (a checkpoint, a
 snapshot). For ``checkfree``, ``checkfree_plus``, ``checkpoint``, ``async_checkpoint``, ``snapshot_restore``
 and ``redundant`` on two networks (the geo-distributed table, its links ``--geo-scale`` times slower, and one
-cluster), ``--seeds`` seeds. Without failures: losses executed on the real clock and the components they price
-(recovery, rollback, lost work) are not built yet (issue 36, item 2).
+cluster), ``--seeds`` seeds. With ``--struck`` every point runs a second time struck by two losses on the wall
+clock (``engine.failure_clock=wall``: the stage's process SIGKILLed at its time, the replacement 1 s later:
+``KILLS``), and each recovery's real seconds are compared with the clock's price of it, and each iteration that
+lost a stage with what the clock added for it: the run's own clock meets the same losses as they come.
 
 On 2 cores the stage processes (6 of them) share the CPU: where stages compute at once, each computes slower
 than the clock's one device per stage assumes. That error is the emulation's, not the clock's, and it is largest
@@ -20,7 +22,7 @@ where compute dominates (one cluster).
 Writes ``clock_check.csv`` (one row per run) and ``clock_check.md`` into ``--out``; resumable; runs one at a
 time (a timing beside another run's would measure the contention).
 
-    python experiments/clock_check.py [--out results/clock_check] [--seeds 2] [--geo-scale 1]
+    python experiments/clock_check.py [--out results/clock_check] [--seeds 2] [--geo-scale 1] [--struck]
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pandas as pd  # noqa: E402
 from sweep import ROOT  # noqa: E402
-from table2 import RAN, refuse, run_all, run_seconds  # noqa: E402
+from table2 import RAN, refuse, run_groups, run_seconds  # noqa: E402
 
 from checkfree.run.provenance import describe  # noqa: E402
 from checkfree.run.runlog import TIMINGS, keep_timings, read_metrics  # noqa: E402
@@ -52,18 +54,30 @@ STRATEGIES: dict[str, list[str]] = {
 }
 """Each strategy and its overrides: the copies and checkpoints every 6 iterations (3 in a run of 24)."""
 NETWORKS = ("geo_distributed", "single_cluster")
+KILLS: dict[str, list[dict]] = {
+    "geo_distributed": [{"time_s": 10.0, "stage": 2}, {"time_s": 20.0, "stage": 3}],
+    "single_cluster": [{"time_s": 4.0, "stage": 2}, {"time_s": 8.0, "stage": 3}],
+}
+"""The losses of the struck runs, in wall seconds since training began (``engine.failure_clock=wall``): two
+intermediate stages, a third and two thirds into a run of 24 iterations on each network (~30 s on the geo
+network, ~14 s on one cluster, measured without failures); the same for every strategy and seed."""
+STRUCK = ["engine.failure_clock=wall", "network.replacement_delay_s=1"]
+"""The struck runs' settings besides their trace: each replacement comes 1 s of real time after its loss."""
+STRUCK_AT = 100
+"""Run directories of the struck runs are numbered from here (the calm runs' numbers stay as they were)."""
 WARM_UP = 2
 """Iterations left out at the start: torch's first forward and backward allocate and pick kernels."""
 
 
-def points(strategies: list[str], seeds: int, geo_scale: float) -> list[tuple[str, int, list[str]]]:
-    out = []
+def points(strategies: list[str], seeds: int, geo_scale: float, network: str,
+           struck: bool = False) -> list[tuple[str, int, list[str]]]:
+    """The runs on ``network``: calm (no failures), or ``struck`` by its ``KILLS`` on the wall clock."""
+    out, n = [], NETWORKS.index(network)
+    scale = [f"network.link_scale={geo_scale:g}"] if network == "geo_distributed" else []
     for seed in range(seeds):
-        for n, network in enumerate(NETWORKS):
-            scale = [f"network.link_scale={geo_scale:g}"] if network == "geo_distributed" else []
-            for label in strategies:
-                index = (seed * len(NETWORKS) + n) * 10 + list(STRATEGIES).index(label)
-                out.append(("clock_check", index, [*STRATEGIES[label], f"network={network}", *scale, f"seed={seed}"]))
+        for label in strategies:
+            index = (seed * len(NETWORKS) + n) * 10 + list(STRATEGIES).index(label) + (STRUCK_AT if struck else 0)
+            out.append(("clock_check", index, [*STRATEGIES[label], f"network={network}", *scale, f"seed={seed}"]))
     return out
 
 
@@ -79,6 +93,20 @@ def pairs(records: list[dict]) -> list[dict]:
                     "predicted_s": now["sim_time_s"] - before["sim_time_s"],
                     "upkeep": (now.get("overhead_sim_s") or 0.0) > 0})
     return out
+
+
+def losses(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Each recovery's real seconds against the clock's price of it, and each iteration that lost a stage (the
+    work lost, the recovery, the step redone) against the simulated seconds the clock added for it."""
+    recoveries, struck = [], []
+    for before, now in zip(records, records[1:]):
+        if not now.get("failed_stages") or "val_loss" in now:
+            continue
+        if now.get("recovery_wall_s"):
+            recoveries.append({"measured_s": now["recovery_wall_s"], "predicted_s": now["recovery_sim_s"]})
+        struck.append({"measured_s": now["wall_time_s"] - before["wall_time_s"],
+                       "predicted_s": now["sim_time_s"] - before["sim_time_s"]})
+    return recoveries, struck
 
 
 def errors(rows: list[dict]) -> dict:
@@ -97,13 +125,18 @@ def records_of(runs: list[dict]) -> pd.DataFrame:
     for r in runs:
         if "config" not in r or r.get("status") != "completed":
             continue
-        timings = Path(r["run_dir"]) / TIMINGS
-        compared = pairs(read_metrics(timings))
+        timings = read_metrics(Path(r["run_dir"]) / TIMINGS)
+        compared = pairs(timings)
         plain, upkeep = errors([x for x in compared if not x["upkeep"]]), errors([x for x in compared if x["upkeep"]])
+        recoveries, struck = losses(timings)
         rows.append({"strategy": r["strategy"], "network": r["config"]["network"]["name"],
                      "link_scale": r["config"]["network"]["link_scale"], "seed": r["seed"],
+                     "struck": r["config"]["engine"]["failure_clock"] == "wall",
+                     "kills": len([k for k in r.get("wall_failures", []) if k["pid"] is not None]),
                      **{f"iteration_{k}": v for k, v in plain.items()}, **{f"upkeep_{k}": v for k, v in upkeep.items()},
-                     "total_error": errors(compared)["error"], "wall_s": r.get("total_wall_time_s")})
+                     **{f"recovery_{k}": v for k, v in errors(recoveries).items()},
+                     **{f"loss_{k}": v for k, v in errors(struck).items()},
+                     "total_error": errors(compared + struck)["error"], "wall_s": r.get("total_wall_time_s")})
     return pd.DataFrame(rows)
 
 
@@ -117,40 +150,81 @@ def mean(rows: pd.DataFrame, column: str, spec: str) -> str:
 
 
 def report(frame: pd.DataFrame, out: Path, minutes: float | None, environment: str) -> str:
-    lines = ["| network | strategy | seeds | iteration measured (s) | predicted (s) | error | MAPE "
+    calm, struck = frame[~frame.struck], frame[frame.struck]
+    lines = ["Without failures:", "",
+             "| network | strategy | seeds | iteration measured (s) | predicted (s) | error | MAPE "
              "| upkeep iterations measured (s) | predicted (s) | error |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for network in NETWORKS:
-        here = frame[frame.network == network]
-        for strategy in (s for s in STRATEGIES if s in set(here.strategy)):
-            mine = here[here.strategy == strategy]
-            lines.append(f"| {network} | {strategy} | {len(mine)} | {mean(mine, 'iteration_measured_s', '.3f')} "
-                         f"| {mean(mine, 'iteration_predicted_s', '.3f')} | {mean(mine, 'iteration_error', '+.1%')} "
-                         f"| {mean(mine, 'iteration_mape', '.1%')} | {mean(mine, 'upkeep_measured_s', '.3f')} "
-                         f"| {mean(mine, 'upkeep_predicted_s', '.3f')} | {mean(mine, 'upkeep_error', '+.1%')} |")
+    for network, strategy, mine in groups(calm):
+        lines.append(f"| {network} | {strategy} | {len(mine)} | {mean(mine, 'iteration_measured_s', '.3f')} "
+                     f"| {mean(mine, 'iteration_predicted_s', '.3f')} | {mean(mine, 'iteration_error', '+.1%')} "
+                     f"| {mean(mine, 'iteration_mape', '.1%')} | {mean(mine, 'upkeep_measured_s', '.3f')} "
+                     f"| {mean(mine, 'upkeep_predicted_s', '.3f')} | {mean(mine, 'upkeep_error', '+.1%')} |")
     lines.append("")
     for network in NETWORKS:
-        here = frame[frame.network == network]
-        if here.empty:
-            continue
-        scale = here.link_scale.iloc[0]
-        measured = ranking(here.assign(t=here.iteration_measured_s), "t")
-        predicted = ranking(here.assign(t=here.iteration_predicted_s), "t")
-        lines += [f"{network}{f' (links x {scale:g} slower)' if scale != 1 else ''}: mean absolute error of the "
-                  f"iteration's price {here.iteration_error.abs().mean():.1%} over {len(here)} runs "
-                  f"(largest {here.iteration_error.abs().max():.1%}); strategies by measured iteration "
-                  f"{', '.join(measured)}; by predicted {', '.join(predicted)} "
-                  f"({'the same ranking' if measured == predicted else 'not the same ranking'}).", ""]
+        here = calm[calm.network == network]
+        if not here.empty:
+            lines += [f"{network}{scaled(here)}: mean absolute error of the iteration's price "
+                      f"{here.iteration_error.abs().mean():.1%} over {len(here)} runs (largest "
+                      f"{here.iteration_error.abs().max():.1%}); {same_ranking(here, 'iteration')}", ""]
+    if not struck.empty:
+        lines += ["With losses on the wall clock (each network's `KILLS`, replacements 1 s later):", "",
+                  "| network | strategy | seeds | losses | recovery measured (s) | predicted (s) | error "
+                  "| iteration with the loss measured (s) | predicted (s) | error | whole run's error |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for network, strategy, mine in groups(struck):
+            lines.append(f"| {network} | {strategy} | {len(mine)} | {mine.kills.sum()} "
+                         f"| {mean(mine, 'recovery_measured_s', '.2f')} | {mean(mine, 'recovery_predicted_s', '.2f')} "
+                         f"| {mean(mine, 'recovery_error', '+.1%')} | {mean(mine, 'loss_measured_s', '.2f')} "
+                         f"| {mean(mine, 'loss_predicted_s', '.2f')} | {mean(mine, 'loss_error', '+.1%')} "
+                         f"| {mean(mine, 'total_error', '+.1%')} |")
+        lines.append("")
+        for network in NETWORKS:
+            here = struck[struck.network == network]
+            if not here.empty:
+                lines += [f"{network}{scaled(here)}, struck: mean absolute error of the whole run's time "
+                          f"{here.total_error.abs().mean():.1%} over {len(here)} runs; {same_ranking(here, 'total')}",
+                          ""]
     text = "\n".join(lines) + (
         "Per run: every iteration after the first two whose record has no validation, its wall seconds since the "
         "record before (measured: the process engine, every byte shaped to its link) against the simulated seconds "
         "the run's clock added (predicted: the cost model at this machine's measured FLOP/s); error = (predicted - "
         "measured) / measured of the means; MAPE = the iterations' mean absolute percentage error. Upkeep "
-        "iterations: those the clock charged a checkpoint or a copy in. Mean over seeds. No failures (losses on the "
-        "real clock are not built yet). "
+        "iterations: those the clock charged a checkpoint or a copy in. A recovery: its real seconds (detection, "
+        "the replacement's delay, its start, the rendezvous, the transfers) against the clock's price of it; the "
+        "iteration with the loss: the step lost, the recovery and the step redone, against what the clock added for "
+        "that iteration. The whole run's error: all its compared iterations, losses included (the runs are too short "
+        "to reach a target: this is their time). Mean over seeds. "
         + (f"Wall time of this invocation {minutes:.1f} min; " if minutes is not None else "Written from the runs there; ")
         + f"{frame.wall_s.fillna(0).sum() / 60:.1f} run-minutes in all.\n" + (f"\n{environment}\n" if environment else ""))
     (out / "clock_check.md").write_text(text)
     return text
+
+
+def groups(frame: pd.DataFrame):
+    """(network, strategy, its runs) in the order of NETWORKS and STRATEGIES."""
+    for network in NETWORKS:
+        here = frame[frame.network == network]
+        for strategy in (s for s in STRATEGIES if s in set(here.strategy)):
+            yield network, strategy, here[here.strategy == strategy]
+
+
+def scaled(runs: pd.DataFrame) -> str:
+    scale = runs.link_scale.iloc[0]
+    return f" (links x {scale:g} slower)" if scale != 1 else ""
+
+
+def same_ranking(runs: pd.DataFrame, part: str) -> str:
+    """Whether the clock orders the strategies as the measurements do, by the mean seconds of ``part``'s
+    iterations (``iteration``: the plain ones; ``total``: every compared one, losses included)."""
+    if part == "total":
+        runs = runs.assign(measured=runs.iteration_measured_s * runs.iteration_n + runs.loss_measured_s.fillna(0)
+                           * runs.loss_n, predicted=runs.iteration_predicted_s * runs.iteration_n
+                           + runs.loss_predicted_s.fillna(0) * runs.loss_n)
+    else:
+        runs = runs.assign(measured=runs.iteration_measured_s, predicted=runs.iteration_predicted_s)
+    measured, predicted = ranking(runs, "measured"), ranking(runs, "predicted")
+    verdict = "the same ranking" if measured == predicted else "not the same ranking"
+    return f"strategies by measured time {', '.join(measured)}; by predicted {', '.join(predicted)} ({verdict})."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--geo-scale", type=float, default=1.0, help="network.link_scale of the geo network's runs")
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated, of " + ", ".join(STRATEGIES))
+    parser.add_argument("--struck", action="store_true",
+                        help="also run every point struck by its network's KILLS on the wall clock")
     parser.add_argument("--report-only", action="store_true", help="write the report from the runs there are")
     args = parser.parse_args(argv)
     RAN.clear()
@@ -176,7 +252,14 @@ def main(argv: list[str] | None = None) -> int:
             runs = [{**json.loads(p.read_text()), "run_dir": str(p.parent)}
                     for p in sorted((out / "clock_check").glob("*/summary.json"))]
         else:
-            runs = run_all(points(strategies, args.seeds, args.geo_scale), out, [], jobs=1)
+            groups_ = [(points(strategies, args.seeds, args.geo_scale, network), out, []) for network in NETWORKS]
+            if args.struck:
+                for network in NETWORKS:
+                    trace = out / f"kills_{network}.json"
+                    trace.write_text(json.dumps(KILLS[network], indent=1) + "\n")
+                    groups_.append((points(strategies, args.seeds, args.geo_scale, network, struck=True), out,
+                                    [*STRUCK, "failure=trace", f"failure.path={trace}"]))
+            runs = [run for group in run_groups(groups_, jobs=1) for run in group]
             for r in runs:
                 if not (Path(r["run_dir"]) / TIMINGS).is_file():
                     keep_timings(Path(r["run_dir"]))

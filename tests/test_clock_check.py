@@ -38,13 +38,25 @@ def test_iterations_are_compared_one_by_one_leaving_out_warm_up_validations_and_
 
 
 def test_every_point_has_its_own_run_directory_number():
-    grid = check.points(list(check.STRATEGIES), seeds=2, geo_scale=4.0)
-    assert len(grid) == 2 * 2 * 6 and len({index for _, index, _ in grid}) == len(grid)
+    grid = [p for network in check.NETWORKS for struck in (False, True)
+            for p in check.points(list(check.STRATEGIES), 2, 4.0, network, struck)]
+    assert len(grid) == 2 * 2 * 2 * 6 and len({index for _, index, _ in grid}) == len(grid)
     geo = [o for _, _, o in grid if "network=geo_distributed" in o]
     assert all("network.link_scale=4" in o for o in geo)
     assert not any("network.link_scale" in o for _, _, o in grid if "network=single_cluster" in o)
     # A subset keeps the numbers it has in the whole grid: a later, larger invocation resumes the same runs.
-    assert check.points(["redundant"], 1, 4.0)[0][1] == [i for _, i, o in grid if "strategy=redundant" in o][0]
+    whole = check.points(list(check.STRATEGIES), 2, 4.0, "single_cluster", struck=True)
+    assert check.points(["redundant"], 1, 4.0, "single_cluster", struck=True)[0][1] == \
+        [i for _, i, o in whole if "strategy=redundant" in o][0]
+
+
+def test_a_recovery_and_the_iteration_it_struck_are_compared_with_their_prices():
+    records = [record(3, 3.0, 10.0), record(4, 9.0, 14.0, failed_stages=[2], recovery_sim_s=4.0, recovery_wall_s=2.5),
+               record(5, 10.0, 15.0), record(6, 11.0, 16.0, val_loss=4.0, failed_stages=[3], recovery_wall_s=1.0)]
+    recoveries, struck = check.losses(records)
+    assert recoveries == [{"measured_s": 2.5, "predicted_s": 4.0}]  # a loss in a validation's record is left out
+    assert struck == [{"measured_s": 4.0, "predicted_s": 6.0}]
+    assert check.errors(struck)["error"] == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("flag, message", [

@@ -181,7 +181,13 @@ def keep_timings(run_dir: Path) -> Path | None:
     records = read_metrics(Path(run_dir) / "metrics.jsonl")
     if not records:
         return None
-    text = "".join(json.dumps({k: r[k] for k in TIMING_FIELDS if k in r}) + "\n" for r in records).encode()
+    rows = []
+    for r in records:
+        row = {k: r[k] for k in TIMING_FIELDS if k in r}
+        if r.get("recoveries"):  # the real seconds of the iteration's recovery (its attempts, all of them)
+            row["recovery_wall_s"] = max(x.get("wall_s") or 0.0 for x in r["recoveries"])
+        rows.append(row)
+    text = "".join(json.dumps(row) + "\n" for row in rows).encode()
     return write_atomic(Path(run_dir) / TIMINGS, lambda f: f.write(text))
 
 
