@@ -4,11 +4,11 @@ from what a run with every byte on the network's links really takes.
 Every hour our tables report is priced by ``checkfree/simulation/cost.py``. Here the process engine runs the
 same model with ``engine.shape=true`` (every activation, gradient, copy and checkpoint shard takes the time its
 link gives it: ``checkfree/transport/shaper.py``), and the cost-model clock of the same run prices the same
-iterations: the trained model itself (``trainer.clock_preset=null``), on this machine's measured FLOP/s, with the
-fp32 activations the processes send (``conf/sweep/clock_check.yaml``). Per run, iteration by iteration (the
-first two, torch's warm-up, and the validation's left out): the measured seconds between two records against the
-simulated seconds the clock added, split into plain iterations and iterations with upkeep (a checkpoint, a
-snapshot). For ``checkfree``, ``checkfree_plus``, ``checkpoint``, ``async_checkpoint``, ``snapshot_restore``
+iterations: the trained model itself (``trainer.clock_preset=null``), at the FLOP/s this machine reaches on it
+(``network.device=profiled``), with the fp32 activations the processes send (``conf/sweep/clock_check.yaml``).
+Per run, iteration by iteration (the first two, torch's warm-up, and the validation's left out): the measured
+seconds between two records against the simulated seconds the clock added, split into plain iterations and
+iterations with upkeep (a checkpoint, a snapshot). For ``checkfree``, ``checkfree_plus``, ``checkpoint``, ``async_checkpoint``, ``snapshot_restore``
 and ``redundant`` on two networks (the geo-distributed table, its links ``--geo-scale`` times slower, and one
 cluster), ``--seeds`` seeds. With ``--struck`` every point runs a second time struck by two losses on the wall
 clock (``engine.failure_clock=wall``: the stage's process SIGKILLed at its time, the replacement 1 s later:
@@ -187,7 +187,7 @@ def report(frame: pd.DataFrame, out: Path, minutes: float | None, environment: s
     text = "\n".join(lines) + (
         "Per run: every iteration after the first two whose record has no validation, its wall seconds since the "
         "record before (measured: the process engine, every byte shaped to its link) against the simulated seconds "
-        "the run's clock added (predicted: the cost model at this machine's measured FLOP/s); error = (predicted - "
+        "the run's clock added (predicted: the cost model at the FLOP/s this machine reaches on the model); error = (predicted - "
         "measured) / measured of the means; MAPE = the iterations' mean absolute percentage error. Upkeep "
         "iterations: those the clock charged a checkpoint or a copy in. A recovery: its real seconds (detection, "
         "the replacement's delay, its start, the rendezvous, the transfers) against the clock's price of it; the "

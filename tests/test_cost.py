@@ -257,6 +257,24 @@ def test_measured_device_needs_flops():
     assert CostModel(TINY, 2, 2, NetworkConfig(device="measured"), flops_per_s=1e9).flops_per_s == 1e9
 
 
+def test_a_profiled_device_prices_one_micro_batch_at_the_seconds_it_took(monkeypatch):
+    """``network.device=profiled``: one micro-batch of the model itself, forward and backward through every stage,
+    is timed (here by a clock that says 0.25 s each pass); the cost model at the FLOP/s it returns prices that
+    micro-batch's compute (M = 1, every stage in turn) at exactly those 0.25 s."""
+    import itertools
+
+    from checkfree.simulation import profiled
+
+    ticks = itertools.count()
+    monkeypatch.setattr(profiled.time, "perf_counter", lambda: next(ticks) * 0.25)  # each pass: 0.25 s
+    model = dataclasses.replace(TINY, vocab_size=64)
+    flops = profiled.profile_flops(model, micro_batch_size=2, repeats=3)
+    cost = CostModel(model, 1, 2, NetworkConfig(device="profiled"), flops_per_s=flops)
+    assert cost.breakdown()["compute"] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="profiled"):
+        CostModel(TINY, 2, 2, NetworkConfig(device="profiled"))
+
+
 @pytest.mark.parametrize("preset", ["single_cluster", "geo_distributed"])
 def test_yaml_presets_are_valid_network_configs(preset):
     cfg = NetworkConfig(**OmegaConf.to_container(OmegaConf.load(CONF / f"{preset}.yaml")))

@@ -87,6 +87,10 @@ class Clock:
             priced = priced_as(preset(trainer.clock_preset), model.n_stages)
             micro_batch_size = trainer.clock_micro_batch_size or micro_batch_size
         flops = measure_flops() if network.device == "measured" else None
+        if network.device == "profiled":  # the trained model itself, one micro-batch on this machine
+            from checkfree.simulation.profiled import profile_flops
+
+            flops = profile_flops(model, trainer.micro_batch_size)
         self.byte_scale = [p / a for p, a in zip(stage_param_counts(priced), stage_param_counts(model))]
         """Per stage: the priced model's parameters over the trained model's. A stage's copy, shard or state is
         priced at its own stage's size (an edge stage's (de)embedding makes its scale another than a middle

@@ -189,8 +189,9 @@ class CostModel:
     ) -> None:
         # ``network`` is validated (validate_network_config, run by validate_run_config: the one gate).
         if flops_per_s is None:
-            if network.device == "measured":
-                raise ValueError("network.device='measured' needs flops_per_s=measure_flops().")
+            if network.device in ("measured", "profiled"):
+                raise ValueError(f"network.device={network.device!r} needs flops_per_s (measure_flops() or "
+                                 "profile_flops()).")
             flops_per_s = DEVICES[network.device].flops
         require(micro_batches >= 1, "trainer.micro_batches", micro_batches, "must be >= 1")
         require(flops_per_s > 0, "flops_per_s", flops_per_s, "must be > 0")

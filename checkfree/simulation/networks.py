@@ -85,7 +85,8 @@ class NetworkConfig:
     name: str = "single_cluster"
     """Preset: single_cluster (one link for all pairs) or geo_distributed (stage k at location k % 7)."""
     device: str = "a100"
-    """Key of DEVICES, or "measured" (the caller passes measure_flops() to CostModel)."""
+    """Key of DEVICES, "measured" (one matmul's FLOP/s here: the caller passes measure_flops() to CostModel) or
+    "profiled" (the FLOP/s this machine reaches training the run's model: ``checkfree.simulation.profiled``)."""
     dtype_bytes: int = 2
     """Bytes per element of activations, activation gradients and weight gradients on the wire (bf16)."""
     pipeline: str = "gpipe"
@@ -122,7 +123,7 @@ SCHEDULES = ("in_order", "out_of_order")
 def validate_network_config(cfg: NetworkConfig, n_stages: int) -> None:
     """Raise a ConfigError naming the key, the value and what is allowed."""
     require(cfg.name in NETWORK_NAMES, "network.name", cfg.name, f"allowed: {list(NETWORK_NAMES)}")
-    devices = sorted(DEVICES) + ["measured"]
+    devices = sorted(DEVICES) + ["measured", "profiled"]
     require(cfg.device in devices, "network.device", cfg.device, f"allowed: {devices}")
     require(cfg.dtype_bytes in (1, 2, 4), "network.dtype_bytes", cfg.dtype_bytes, "allowed: 1, 2 or 4")
     require(cfg.pipeline in PIPELINES, "network.pipeline", cfg.pipeline, f"allowed: {list(PIPELINES)}")
