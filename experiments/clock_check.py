@@ -8,8 +8,8 @@ iterations: the trained model itself (``trainer.clock_preset=null``), at the FLO
 (``network.device=profiled``), with the fp32 activations the processes send (``conf/sweep/clock_check.yaml``).
 Per run, iteration by iteration (the first two, torch's warm-up, and the validation's left out): the measured
 seconds between two records against the simulated seconds the clock added, split into plain iterations and
-iterations with upkeep (a checkpoint, a snapshot). For ``checkfree``, ``checkfree_plus``, ``checkpoint``, ``async_checkpoint``, ``snapshot_restore``
-and ``redundant`` on two networks (the geo-distributed table, its links ``--geo-scale`` times slower, and one
+iterations with upkeep (a checkpoint, a snapshot). For ``checkfree``, ``checkfree_plus``, ``checkpoint``, ``async_checkpoint`` and ``snapshot_restore``
+(not ``redundant``: ``STRATEGIES`` says why) on two networks (the geo-distributed table, its links ``--geo-scale`` times slower, and one
 cluster), ``--seeds`` seeds. With ``--struck`` every point runs a second time struck by two losses on the wall
 clock (``engine.failure_clock=wall``: the stage's process SIGKILLed at its time, the replacement 1 s later:
 ``KILLS``), and each recovery's real seconds are compared with the clock's price of it, and each iteration that
@@ -50,9 +50,11 @@ STRATEGIES: dict[str, list[str]] = {
     "checkpoint": ["strategy=checkpoint", "strategy.every=6"],
     "async_checkpoint": ["strategy=async_checkpoint", "strategy.every=6"],
     "snapshot_restore": ["strategy=snapshot_restore", "strategy.every=6"],
-    "redundant": ["strategy=redundant"],
 }
-"""Each strategy and its overrides: the copies and checkpoints every 6 iterations (3 in a run of 24)."""
+"""Each strategy and its overrides: the copies and checkpoints every 6 iterations (3 in a run of 24). Not
+``redundant``: the engines keep its shadows identical by sending each stage's state to its shadow's holder after
+every step (the arithmetic of computing the owner's step, without the compute), so an emulated run would measure a
+copy the clock rightly does not price and miss the compute it does; it needs the shadow's step really computed."""
 NETWORKS = ("geo_distributed", "single_cluster")
 KILLS: dict[str, list[dict]] = {
     "geo_distributed": [{"time_s": 10.0, "stage": 2}, {"time_s": 20.0, "stage": 3}],
@@ -87,7 +89,8 @@ def pairs(records: list[dict]) -> list[dict]:
     too) and any iteration that lost a stage."""
     out = []
     for before, now in zip(records, records[1:]):
-        if now["iteration"] <= WARM_UP or "val_loss" in now or now.get("failed_stages"):
+        # A record's wall time is taken before its validation runs: the validation's seconds are in the next one's.
+        if now["iteration"] <= WARM_UP or "val_loss" in before or now.get("failed_stages"):
             continue
         out.append({"measured_s": now["wall_time_s"] - before["wall_time_s"],
                     "predicted_s": now["sim_time_s"] - before["sim_time_s"],
@@ -100,7 +103,7 @@ def losses(records: list[dict]) -> tuple[list[dict], list[dict]]:
     work lost, the recovery, the step redone) against the simulated seconds the clock added for it."""
     recoveries, struck = [], []
     for before, now in zip(records, records[1:]):
-        if not now.get("failed_stages") or "val_loss" in now:
+        if not now.get("failed_stages") or "val_loss" in before:
             continue
         if now.get("recovery_wall_s"):
             recoveries.append({"measured_s": now["recovery_wall_s"], "predicted_s": now["recovery_sim_s"]})
@@ -217,9 +220,9 @@ def same_ranking(runs: pd.DataFrame, part: str) -> str:
     """Whether the clock orders the strategies as the measurements do, by the mean seconds of ``part``'s
     iterations (``iteration``: the plain ones; ``total``: every compared one, losses included)."""
     if part == "total":
-        runs = runs.assign(measured=runs.iteration_measured_s * runs.iteration_n + runs.loss_measured_s.fillna(0)
-                           * runs.loss_n, predicted=runs.iteration_predicted_s * runs.iteration_n
-                           + runs.loss_predicted_s.fillna(0) * runs.loss_n)
+        parts = ("iteration", "upkeep", "loss")
+        runs = runs.assign(**{side: sum(runs[f"{p}_{side}_s"].fillna(0) * runs[f"{p}_n"] for p in parts)
+                              for side in ("measured", "predicted")})
     else:
         runs = runs.assign(measured=runs.iteration_measured_s, predicted=runs.iteration_predicted_s)
     measured, predicted = ranking(runs, "measured"), ranking(runs, "predicted")
@@ -260,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                     groups_.append((points(strategies, args.seeds, args.geo_scale, network, struck=True), out,
                                     [*STRUCK, "failure=trace", f"failure.path={trace}"]))
             runs = [run for group in run_groups(groups_, jobs=1) for run in group]
-            for r in runs:
-                if not (Path(r["run_dir"]) / TIMINGS).is_file():
+            for r in runs:  # a run made now: its timings anew (an earlier failed attempt's may be there)
+                if r["run_dir"] in RAN or not (Path(r["run_dir"]) / TIMINGS).is_file():
                     keep_timings(Path(r["run_dir"]))
         frame = records_of(runs)
         frame.to_csv(out / "clock_check.csv", index=False)

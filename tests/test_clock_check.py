@@ -21,18 +21,21 @@ def record(iteration: int, sim: float, wall: float, **extra) -> dict:
 def test_iterations_are_compared_one_by_one_leaving_out_warm_up_validations_and_losses():
     records = [record(0, 0.0, 0.0, val_loss=7.0), record(1, 1.0, 20.0), record(2, 2.0, 21.5),
                record(3, 3.0, 22.5), record(4, 5.0, 24.0, overhead_sim_s=1.0), record(5, 6.0, 25.25),
-               record(6, 7.0, 27.0, val_loss=5.0), record(7, 8.0, 29.0, failed_stages=[2]), record(8, 9.0, 30.0)]
+               record(6, 7.0, 26.0, val_loss=5.0), record(7, 8.0, 29.0), record(8, 9.0, 31.0, failed_stages=[2]),
+               record(9, 10.0, 32.0)]
     compared = check.pairs(records)
-    # Iterations 3 (1 s predicted, 1 s measured), 4 (upkeep: 2 and 1.5), 5 (1 and 1.25) and 8 (1 and 1).
+    # Iterations 3 (1 s predicted, 1 s measured), 4 (upkeep: 2 and 1.5), 5 (1 and 1.25), 6 (1 and 0.75: its record
+    # is written before its validation runs) and 9 (1 and 1); 7 holds the validation's seconds, 8 lost a stage.
     assert compared == [{"measured_s": 1.0, "predicted_s": 1.0, "upkeep": False},
                         {"measured_s": 1.5, "predicted_s": 2.0, "upkeep": True},
                         {"measured_s": 1.25, "predicted_s": 1.0, "upkeep": False},
+                        {"measured_s": 0.75, "predicted_s": 1.0, "upkeep": False},
                         {"measured_s": 1.0, "predicted_s": 1.0, "upkeep": False}]
     plain = check.errors([c for c in compared if not c["upkeep"]])
-    assert plain["n"] == 3
-    assert plain["measured_s"] == pytest.approx(3.25 / 3) and plain["predicted_s"] == pytest.approx(1.0)
-    assert plain["error"] == pytest.approx((1.0 - 3.25 / 3) / (3.25 / 3))
-    assert plain["mape"] == pytest.approx((0 + 0.25 / 1.25 + 0) / 3)
+    assert plain["n"] == 4
+    assert plain["measured_s"] == pytest.approx(1.0) and plain["predicted_s"] == pytest.approx(1.0)
+    assert plain["error"] == pytest.approx(0.0)
+    assert plain["mape"] == pytest.approx((0 + 0.25 / 1.25 + 0.25 / 0.75 + 0) / 4)
     assert check.errors([c for c in compared if c["upkeep"]])["error"] == pytest.approx(0.5 / 1.5)
     assert check.errors([])["n"] == 0
 
@@ -40,21 +43,21 @@ def test_iterations_are_compared_one_by_one_leaving_out_warm_up_validations_and_
 def test_every_point_has_its_own_run_directory_number():
     grid = [p for network in check.NETWORKS for struck in (False, True)
             for p in check.points(list(check.STRATEGIES), 2, 4.0, network, struck)]
-    assert len(grid) == 2 * 2 * 2 * 6 and len({index for _, index, _ in grid}) == len(grid)
+    assert len(grid) == 2 * 2 * 2 * 5 and len({index for _, index, _ in grid}) == len(grid)
     geo = [o for _, _, o in grid if "network=geo_distributed" in o]
     assert all("network.link_scale=4" in o for o in geo)
     assert not any("network.link_scale" in o for _, _, o in grid if "network=single_cluster" in o)
     # A subset keeps the numbers it has in the whole grid: a later, larger invocation resumes the same runs.
     whole = check.points(list(check.STRATEGIES), 2, 4.0, "single_cluster", struck=True)
-    assert check.points(["redundant"], 1, 4.0, "single_cluster", struck=True)[0][1] == \
-        [i for _, i, o in whole if "strategy=redundant" in o][0]
+    assert check.points(["snapshot_restore"], 1, 4.0, "single_cluster", struck=True)[0][1] == \
+        [i for _, i, o in whole if "strategy=snapshot_restore" in o][0]
 
 
 def test_a_recovery_and_the_iteration_it_struck_are_compared_with_their_prices():
     records = [record(3, 3.0, 10.0), record(4, 9.0, 14.0, failed_stages=[2], recovery_sim_s=4.0, recovery_wall_s=2.5),
-               record(5, 10.0, 15.0), record(6, 11.0, 16.0, val_loss=4.0, failed_stages=[3], recovery_wall_s=1.0)]
+               record(5, 10.0, 15.0, val_loss=4.0), record(6, 11.0, 17.0, failed_stages=[3], recovery_wall_s=1.0)]
     recoveries, struck = check.losses(records)
-    assert recoveries == [{"measured_s": 2.5, "predicted_s": 4.0}]  # a loss in a validation's record is left out
+    assert recoveries == [{"measured_s": 2.5, "predicted_s": 4.0}]  # one right after a validation is left out
     assert struck == [{"measured_s": 4.0, "predicted_s": 6.0}]
     assert check.errors(struck)["error"] == pytest.approx(0.5)
 
@@ -62,7 +65,7 @@ def test_a_recovery_and_the_iteration_it_struck_are_compared_with_their_prices()
 @pytest.mark.parametrize("flag, message", [
     (["--seeds", "0"], "--seeds=0 is invalid: allowed is an integer >= 1"),
     (["--geo-scale", "0"], "--geo-scale=0.0 is invalid: allowed is a number from 1e-6 to 1e6"),
-    (["--strategies", "checkfree,bamboo"], "a comma-separated list of checkfree, checkfree_plus, checkpoint"),
+    (["--strategies", "checkfree,redundant"], "a comma-separated list of checkfree, checkfree_plus, checkpoint"),
 ])
 def test_bad_flags_are_one_sentence_before_any_work(tmp_path, flag, message):
     done = subprocess.run([sys.executable, str(ROOT / "experiments" / "clock_check.py"), "--out", str(tmp_path / "out"),

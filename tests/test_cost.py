@@ -88,8 +88,9 @@ def test_one_f_one_b_by_hand():
     # Uniform stages: same bubble as GPipe (Narayanan et al. 2021): 3 + 6 + 3 * 3 = 18.
     assert one_f_one_b_seconds([1, 1, 1], [2, 2, 2], [0, 0], 4) == pytest.approx(18.0)
     # A slow link: its two directions work concurrently in 1F1B but in separate phases in GPipe.
-    # paths 1+3+1+1+1 = 7 each way; 1F1B: 14 + 3 * max(1+1, 3) = 23; GPipe: 7 + 3*3 + 7 + 3*3 = 32.
-    assert one_f_one_b_seconds([1, 1, 1], [1, 1, 1], [3, 1], 4) == pytest.approx(23.0)
+    # paths 1+3+1+1+1 = 7 each way; the slots give 14 + 3 * max(1+1, 3) = 23, but 1F1B keeps S = 3 micro-batches
+    # in flight: the 4th starts when the 1st is back (14 s), and takes its own 14 s: 28. GPipe: 7 + 3*3 + 7 + 3*3 = 32.
+    assert one_f_one_b_seconds([1, 1, 1], [1, 1, 1], [3, 1], 4) == pytest.approx(28.0)
     assert gpipe_seconds([1, 1, 1], [1, 1, 1], [3, 1], 4) == pytest.approx(32.0)
     with pytest.raises(ValueError, match="len"):
         gpipe_seconds([1, 1], [1, 1], [1, 1], 2)
@@ -163,6 +164,10 @@ def test_a_link_s_latency_delays_each_micro_batch_and_occupies_nothing():
     # More micro-batches add only bottleneck slots, never another latency.
     eight = CostModel(TINY, 8, 2, slow.network, flops_per_s=1e30)
     assert eight.iteration_seconds("in_order") - slow.iteration_seconds("in_order") == pytest.approx(2 * 6 * 1.0)
+    # 1F1B keeps at most S = 4 micro-batches in flight: 16 of them take at least 4 round trips of 66 s, however
+    # short the slots (the slot formula alone said 66 + 15 x 1 = 81 s).
+    sixteen = CostModel(TINY, 16, 2, one_f_one_b.network, flops_per_s=1e30)
+    assert sixteen.iteration_seconds("in_order") == pytest.approx(4 * 66.0)
 
 
 def test_redundant_compute_by_hand():

@@ -86,11 +86,32 @@ def test_a_process_run_meets_its_losses_on_the_wall_clock_and_replays_them(small
 @pytest.mark.parametrize("sections, message", [
     ({"engine": {"failure_clock": "wall"}}, r"engine.failure_clock='wall' is invalid: wall kills stage processes"),
     ({"engine": {"name": "distributed", "failure_clock": "wall", "replicas": 2}},
-     r"engine.replicas=2 is simulated \(wall needs engine=distributed and engine.replicas=1\)"),
+     r"engine.replicas=2 is simulated \(wall needs engine=distributed, its processes launcher and engine.replicas=1\)"),
+    ({"engine": {"name": "distributed", "failure_clock": "wall", "launcher": "ray"}},
+     r"engine.launcher='ray' and engine.replicas=1 is simulated"),
+    ({"engine": {"name": "distributed", "failure_clock": "wall"}, "failure": {"name": "trace", "path": "ITERATIONS"}},
+     r"failure.path=.* is invalid: engine.failure_clock=wall kills at wall times, and its record 1 has an iteration"),
+    ({"engine": {"name": "distributed", "shape": True, "no_replacement": "shrink"}},
+     r"engine.shape=True is invalid: a shrunk pipeline renumbers its processes"),
     ({"engine": {"name": "distributed", "failure_clock": "wall"}, "failure": {"name": "bernoulli", "p": 0.1}},
      r"failure='bernoulli' is invalid: engine.failure_clock=wall kills processes at the wall times"),
     ({"engine": {"failure_clock": "sometimes"}}, r"engine.failure_clock='sometimes' is invalid: allowed is simulated"),
 ])
-def test_bad_wall_clock_settings_are_one_sentence(small_run, sections, message):
+def test_bad_wall_clock_settings_are_one_sentence(small_run, sections, message, tmp_path):
+    if sections.get("failure", {}).get("path") == "ITERATIONS":
+        trace = write_trace(tmp_path / "t.json", [{"time_s": 1.0, "stage": 1}, {"iteration": 3, "stage": 2}])
+        sections = {**sections, "failure": {"name": "trace", "path": trace}}
     with pytest.raises(ConfigError, match=message):
         small_run(**sections)
+
+
+def test_a_resumed_run_keeps_its_failures_clock():
+    from checkfree.run.resume import check_same_config
+    from checkfree.run.runconfig import RunConfig
+
+    saved = RunConfig().to_dict()
+    wall = {**saved, "engine": {**saved["engine"], "failure_clock": "wall"}}
+    with pytest.raises(ConfigError, match=r"engine.failure_clock='wall': the saved run has engine.failure_clock="
+                                          r"'simulated'"):
+        check_same_config(saved, wall, "run")
+    check_same_config(saved, {**saved, "engine": {**saved["engine"], "timeout_s": 5.0}}, "run")  # may change

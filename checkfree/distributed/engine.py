@@ -114,11 +114,14 @@ class ProcessEngine:
                 for k, v in getattr(replies[rank], field).items()}
 
     def pid_of(self, stage: int) -> int | None:
-        """The PID of the process that runs ``stage`` (replica 0) now; None while it has none."""
+        """The PID of the live process of ``stage``'s own node slot (replica 0); None while it has none (lost and
+        not yet replaced: its loss again would strike nothing)."""
         pool = self.pool
-        if pool is None or pool.host_of(stage) not in pool.handles:
+        key = rank_of(stage, 0, self.n_stages)
+        handle = pool.handles.get(key) if pool is not None else None
+        if handle is None or handle.gone():
             return None
-        return pool.pid(stage)
+        return handle.pid
 
     def runs(self, stage: int, replica: int = 0) -> int:
         """The process (pool key) that runs ``stage`` of pipeline ``replica``."""

@@ -7,8 +7,9 @@ kills the lost stage's process at that moment — mid-step, mid-upkeep or mid-re
 SIGKILL, as a preemption would. The engine then finds the process gone as it finds any process killed from
 outside (its peers' receives fail, the step aborts, the trainer recovers the stage and redoes the step), and the
 replacement process starts after ``network.replacement_delay_s`` of real time
-(``ProcessEngine.respawn_delay_s``). Every kill is logged with the time it was due and the time it landed, so
-that the same losses can be replayed into the simulated clock (``trace``: ``wall_failures.json``).
+(``ProcessEngine.respawn_delay_s``). Every kill is logged with the time it was due and the time it landed, and
+the kills are written as a ``trace`` (``wall_failures.json``) in wall seconds: a simulated run whose seconds stand
+for the wall's (a clock pricing the trained model itself) meets them at the same moments.
 
 Only models whose losses have times can be executed so (``poisson``, a ``trace`` of ``time_s`` records):
 per-iteration draws have no wall time. One process a stage (``engine.replicas`` 1).

@@ -448,10 +448,13 @@ class StageWorker(StageHost):
             # Read onto the CPU, as the local engine does: load_state moves the weights and Adam's moments to
             # the stage's device, while Adam's step counts stay on the CPU, where Adam keeps them (read onto a
             # GPU they would stay there, and every step would wait on the GPU to read each one back).
+            began = time.time()
             shards = {k: CheckpointStore.read_shard(Path(command.checkpoint), k, {"digests": command.meta_digests})
                       for k in self.mine}
-            if self.shaper is not None:  # downloaded from storage: its bytes take their time on this node's link
-                self.shaper.wait_until(self.shaper.storage(sum(shard_bytes(shard) for shard in shards.values())))
+            if self.shaper is not None:  # downloaded from storage: its bytes take their time on this node's link,
+                # from when the download began (the disk's own time overlaps it, as a write's does)
+                n_bytes = sum(shard_bytes(shard) for shard in shards.values())
+                self.shaper.wait_until(self.shaper.storage(n_bytes, began))
         except DamagedCheckpoint as exc:
             return msg.Damaged(str(exc.path), exc.cause)
         for k, shard in shards.items():

@@ -294,10 +294,12 @@ def validate_engine(cfg: EngineConfig) -> None:
             "allowed is a number of seconds > 0 and at most 86400 (a day)")
     require(cfg.failure_clock in ("simulated", "wall"), "engine.failure_clock", cfg.failure_clock,
             "allowed is simulated or wall")
-    require(cfg.failure_clock == "simulated" or (cfg.name == "distributed" and cfg.replicas == 1),
-            "engine.failure_clock", cfg.failure_clock, "wall kills stage processes, one a stage: allowed with "
-            f"engine.name={cfg.name!r} and engine.replicas={cfg.replicas} is simulated (wall needs "
-            "engine=distributed and engine.replicas=1)")
+    require(cfg.failure_clock == "simulated" or (cfg.name == "distributed" and cfg.replicas == 1
+                                                  and cfg.launcher == "processes"),
+            "engine.failure_clock", cfg.failure_clock, "wall kills stage processes on this machine, one a stage: "
+            f"allowed with engine.name={cfg.name!r}, engine.launcher={cfg.launcher!r} and engine.replicas="
+            f"{cfg.replicas} is simulated (wall needs engine=distributed, its processes launcher and "
+            "engine.replicas=1)")
     require(not cfg.shape or cfg.name == "distributed", "engine.shape", cfg.shape,
             "shaping emulates links between stage processes; allowed with engine.name=local is false "
             "(engine=distributed runs one process per stage)")

@@ -32,6 +32,11 @@ MAY_CHANGE = ("trainer.iterations", "trainer.resume", "trainer.save_every", "tra
               "data.cache_dir", "logger.", "engine.")
 
 
+NEVER_CHANGE = ("engine.failure_clock",)
+"""Keys under MAY_CHANGE that may not change: the failures' clock decides which draws the saved state holds (the
+simulated clock's, or none while a thread of the supervisor draws them on the wall clock)."""
+
+
 def state_path(run_dir: Path | str) -> Path:
     return Path(run_dir) / STATE_DIR / STATE_FILE
 
@@ -136,7 +141,8 @@ def check_same_config(saved: dict[str, Any], current: dict[str, Any], run_dir: P
     """Refuse to continue a run under a config that would compute something else (one sentence)."""
     old, new = _flatten(saved), _flatten(current)
     for key in sorted(set(old) | set(new)):
-        if key.startswith(MAY_CHANGE) or old.get(key) == new.get(key) or added_at_default(key, old, new):
+        if (key.startswith(MAY_CHANGE) and key not in NEVER_CHANGE) or old.get(key) == new.get(key) \
+                or added_at_default(key, old, new):
             continue
         hint = ""
         overrides = Path(run_dir) / ".hydra" / "overrides.yaml"

@@ -178,6 +178,13 @@ def validate_placement(run: RunConfig) -> None:
         require(run.failure.name in MODELS, "failure", run.failure.name,
                 f"engine.failure_clock=wall kills processes at the wall times of the model's losses, and "
                 f"{run.failure.name}'s have none of their own; allowed here: {', '.join(MODELS)}")
+        if run.failure.name == "trace":
+            from checkfree.failure_models.trace_files import read_trace_records
+
+            by_iteration = [where for where, e in read_trace_records(run.failure.path) if e.time_s is None]
+            require(not by_iteration, "failure.path", run.failure.path,
+                    f"engine.failure_clock=wall kills at wall times, and its {by_iteration[0] if by_iteration else ''}"
+                    " has an iteration instead; allowed here: a trace of time_s records")
     require(engine.replica_placement in ("same_zone", "spread"), "engine.replica_placement",
             engine.replica_placement, "allowed same_zone or spread")
     if engine.replica_placement == "spread":
@@ -188,6 +195,9 @@ def validate_placement(run: RunConfig) -> None:
                 f"network={run.network.name} is one site, so there is nowhere to spread to; allowed here: same_zone, "
                 "or network=geo_distributed")
     if engine.no_replacement == "shrink":
+        require(not engine.shape, "engine.shape", True,
+                "a shrunk pipeline renumbers its processes, and the emulated links follow each process's own site "
+                "(not built for a shrink yet); allowed with engine.no_replacement=shrink is false")
         require(n >= 2, "engine.no_replacement", "shrink",
                 f"a stage can only move to a neighbouring host, and model.n_stages={n} has none; allowed here: wait")
         require(engine.replicas == 1, "engine.no_replacement", "shrink",

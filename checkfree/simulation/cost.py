@@ -100,7 +100,9 @@ def _pipeline(routes: list[list[tuple]], micro_batches: int, pipeline: str) -> f
       ``T = path_f + path_b + (M-1) * max_r (load_f + load_b)`` (exact for uniform stages, a
       steady-state approximation otherwise). Same bubble as GPipe for uniform stages (Narayanan et
       al.); lower when the forward and backward bottlenecks are different resources (e.g. the two
-      directions of a slow link), and only S micro-batches in flight instead of M.
+      directions of a slow link), and only S micro-batches in flight instead of M: a micro-batch starts only
+      when one of S in flight has come back, so ``T >= ceil(M / S) * (path_f + path_b)`` (what binds when
+      latencies make the path long against the slots).
 
     With several route types (CheckFree+), path = mean path over the M micro-batches and load = mean
     per-micro-batch busy time of each resource. A hop's link is busy for bytes / bw; its latency is a delay
@@ -121,7 +123,9 @@ def _pipeline(routes: list[list[tuple]], micro_batches: int, pipeline: str) -> f
     if pipeline == "gpipe":
         return path_f + path_b + (micro_batches - 1) * (max(load_f.values()) + max(load_b.values()))
     if pipeline == "1f1b":
-        return path_f + path_b + (micro_batches - 1) * max(load_f[r] + load_b[r] for r in load_f)
+        in_flight = max(1, sum(1 for r in load_f if r[0] == "stage"))  # S: one micro-batch in flight a stage
+        return max(path_f + path_b + (micro_batches - 1) * max(load_f[r] + load_b[r] for r in load_f),
+                   math.ceil(micro_batches / in_flight) * (path_f + path_b))
     raise ValueError(f"pipeline={pipeline!r} is unknown; allowed: ['1f1b', 'gpipe'].")
 
 

@@ -28,6 +28,7 @@ they are shaped where they happen (``allreduce_seconds``; ``storage``).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ class Shaper:
     sleep: Callable[[float], None] = time.sleep
     free_at: dict[tuple, float] = field(default_factory=dict)
     """Per link this process sends on: when the last message booked on it has left."""
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    """Bookings come from the main thread and from a stage's checkpoint writer thread (storage)."""
 
     def site(self, rank: int) -> int:
         """The site (``stage_link``'s stage index) of the process of ``rank``: replica ``r`` of stage ``k`` is
@@ -64,20 +67,23 @@ class Shaper:
     def peer_link(self, src_rank: int, dst_rank: int) -> Link:
         return stage_link(self.network, self.site(src_rank), self.site(dst_rank))
 
-    def book(self, link_key: tuple, n_bytes: int, link: Link) -> tuple[float, float]:
-        """Put ``n_bytes`` on the link ``link_key`` now: (when they have left, when they arrive)."""
-        start = max(self.clock(), self.free_at.get(link_key, 0.0))
-        left = start + n_bytes / link.bandwidth_Bps
-        self.free_at[link_key] = left
+    def book(self, link_key: tuple, n_bytes: int, link: Link, at: float | None = None) -> tuple[float, float]:
+        """Put ``n_bytes`` on the link ``link_key`` now (or from ``at``, a moment already past): (when they have
+        left, when they arrive)."""
+        with self.lock:
+            start = max(self.clock() if at is None else at, self.free_at.get(link_key, 0.0))
+            left = start + n_bytes / link.bandwidth_Bps
+            self.free_at[link_key] = left
         return left, left + link.latency_s
 
     def send_to(self, src_rank: int, dst_rank: int, n_bytes: int) -> tuple[float, float]:
         """Book a message from this process (``src_rank``) to ``dst_rank``."""
         return self.book(("peer", dst_rank), n_bytes, self.peer_link(src_rank, dst_rank))
 
-    def storage(self, n_bytes: int) -> float:
-        """Book ``n_bytes`` on this node's link to the checkpoint storage (either way); when they have arrived."""
-        return self.book(("storage",), n_bytes, storage_link(self.network))[1]
+    def storage(self, n_bytes: int, at: float | None = None) -> float:
+        """Book ``n_bytes`` on this node's link to the checkpoint storage (either way), now or from ``at``; when
+        they have arrived."""
+        return self.book(("storage",), n_bytes, storage_link(self.network), at)[1]
 
     def allreduce_seconds(self, n_bytes: int, stage: int, replicas: int) -> float:
         """A ring all-reduce of ``n_bytes`` over ``stage``'s replicas, as the clock prices it."""
