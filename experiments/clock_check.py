@@ -196,7 +196,9 @@ def report(frame: pd.DataFrame, out: Path, minutes: float | None, environment: s
         "the replacement's delay, its start, the rendezvous, the transfers) against the clock's price of it; the "
         "iteration with the loss: the step lost, the recovery and the step redone, against what the clock added for "
         "that iteration. The whole run's error: all its compared iterations, losses included (the runs are too short "
-        "to reach a target: this is their time). Mean over seeds. "
+        "to reach a target: this is their time). Mean over seeds. Each run profiles the FLOP/s at its start "
+        "(`network.device=profiled`): strategies whose iterations the clock prices alike are ranked by that "
+        "measurement's noise as much as by their own. "
         + (f"Wall time of this invocation {minutes:.1f} min; " if minutes is not None else "Written from the runs there; ")
         + f"{frame.wall_s.fillna(0).sum() / 60:.1f} run-minutes in all.\n" + (f"\n{environment}\n" if environment else ""))
     (out / "clock_check.md").write_text(text)
