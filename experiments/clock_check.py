@@ -106,7 +106,7 @@ def losses(records: list[dict]) -> tuple[list[dict], list[dict]]:
         if not now.get("failed_stages") or "val_loss" in before:
             continue
         if now.get("recovery_wall_s"):
-            recoveries.append({"measured_s": now["recovery_wall_s"], "predicted_s": now["recovery_sim_s"]})
+            recoveries.append({"measured_s": now["recovery_wall_s"], "predicted_s": now["recovery_price_s"]})
         struck.append({"measured_s": now["wall_time_s"] - before["wall_time_s"],
                        "predicted_s": now["sim_time_s"] - before["sim_time_s"]})
     return recoveries, struck
@@ -193,7 +193,8 @@ def report(frame: pd.DataFrame, out: Path, minutes: float | None, environment: s
         "the run's clock added (predicted: the cost model at the FLOP/s this machine reaches on the model); error = (predicted - "
         "measured) / measured of the means; MAPE = the iterations' mean absolute percentage error. Upkeep "
         "iterations: those the clock charged a checkpoint or a copy in. A recovery: its real seconds (detection, "
-        "the replacement's delay, its start, the rendezvous, the transfers) against the clock's price of it; the "
+        "the replacement's delay, its start, the rendezvous, the transfers) against the clock's price of the recovery "
+        "alone (its delay and transfers; the step it interrupted is the iteration's); the "
         "iteration with the loss: the step lost, the recovery and the step redone, against what the clock added for "
         "that iteration. The whole run's error: all its compared iterations, losses included (the runs are too short "
         "to reach a target: this is their time). Mean over seeds. Each run profiles the FLOP/s at its start "
@@ -255,14 +256,15 @@ def main(argv: list[str] | None = None) -> int:
     with archived(out):
         if args.report_only:
             runs = [{**json.loads(p.read_text()), "run_dir": str(p.parent)}
-                    for p in sorted((out / "clock_check").glob("*/summary.json"))]
+                    for p in sorted((out / "runs" / "clock_check").glob("*/summary.json"))]
         else:
-            groups_ = [(points(strategies, args.seeds, args.geo_scale, network), out, []) for network in NETWORKS]
+            groups_ = [(points(strategies, args.seeds, args.geo_scale, network), out / "runs", [])
+                       for network in NETWORKS]
             if args.struck:
                 for network in NETWORKS:
                     trace = out / f"kills_{network}.json"
                     trace.write_text(json.dumps(KILLS[network], indent=1) + "\n")
-                    groups_.append((points(strategies, args.seeds, args.geo_scale, network, struck=True), out,
+                    groups_.append((points(strategies, args.seeds, args.geo_scale, network, struck=True), out / "runs",
                                     [*STRUCK, "failure=trace", f"failure.path={trace}"]))
             runs = [run for group in run_groups(groups_, jobs=1) for run in group]
             for r in runs:  # a run made now: its timings anew (an earlier failed attempt's may be there)

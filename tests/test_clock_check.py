@@ -54,10 +54,12 @@ def test_every_point_has_its_own_run_directory_number():
 
 
 def test_a_recovery_and_the_iteration_it_struck_are_compared_with_their_prices():
-    records = [record(3, 3.0, 10.0), record(4, 9.0, 14.0, failed_stages=[2], recovery_sim_s=4.0, recovery_wall_s=2.5),
+    # Iteration 4 lost a stage mid-step: the clock priced the recovery at 3 s and the lost attempt at 1 s more.
+    records = [record(3, 3.0, 10.0), record(4, 9.0, 14.0, failed_stages=[2], recovery_sim_s=4.0, recovery_price_s=3.0,
+                                            recovery_wall_s=2.5),
                record(5, 10.0, 15.0, val_loss=4.0), record(6, 11.0, 17.0, failed_stages=[3], recovery_wall_s=1.0)]
     recoveries, struck = check.losses(records)
-    assert recoveries == [{"measured_s": 2.5, "predicted_s": 4.0}]  # one right after a validation is left out
+    assert recoveries == [{"measured_s": 2.5, "predicted_s": 3.0}]  # one right after a validation is left out
     assert struck == [{"measured_s": 4.0, "predicted_s": 6.0}]
     assert check.errors(struck)["error"] == pytest.approx(0.5)
 

@@ -184,8 +184,10 @@ def keep_timings(run_dir: Path) -> Path | None:
     rows = []
     for r in records:
         row = {k: r[k] for k in TIMING_FIELDS if k in r}
-        if r.get("recoveries"):  # the real seconds of the iteration's recovery (its attempts, all of them)
+        if r.get("recoveries"):  # the real seconds of the iteration's recovery (its attempts, all of them), and the
+            # clock's price of the recovery alone (the record's recovery_sim_s adds the step it interrupted)
             row["recovery_wall_s"] = max(x.get("wall_s") or 0.0 for x in r["recoveries"])
+            row["recovery_price_s"] = max(x.get("sim_seconds") or 0.0 for x in r["recoveries"])
         rows.append(row)
     text = "".join(json.dumps(row) + "\n" for row in rows).encode()
     return write_atomic(Path(run_dir) / TIMINGS, lambda f: f.write(text))
