@@ -17,6 +17,7 @@ Modules, one idea each:
 * ``launchers`` — which pool starts the workers: local processes or Ray actors (``engine.launcher``)
 * ``ray_pool``, ``ray_actor`` — the same pool with one Ray actor per stage, on one machine or a cluster
 * ``engine`` — the engine the trainer drives: steps, validation, the plan executor
+* ``wall_failures`` — a failure model's losses killing stage processes on the wall clock (``engine.failure_clock``)
 
 States move between stages through ``checkfree.transport`` (the courier both engines' stage host uses).
 """
