@@ -152,41 +152,52 @@ def mean(rows: pd.DataFrame, column: str, spec: str) -> str:
     return f"{rows[column].mean():{spec}}" if rows[column].notna().any() else "—"
 
 
+CALM_COLUMNS = [("iteration measured (s)", "iteration_measured_s", ".3f"),
+                ("predicted (s)", "iteration_predicted_s", ".3f"), ("error", "iteration_error", "+.1%"),
+                ("MAPE", "iteration_mape", ".1%"), ("upkeep iterations measured (s)", "upkeep_measured_s", ".3f"),
+                ("predicted (s)", "upkeep_predicted_s", ".3f"), ("error", "upkeep_error", "+.1%")]
+STRUCK_COLUMNS = [("recovery measured (s)", "recovery_measured_s", ".2f"),
+                  ("predicted (s)", "recovery_predicted_s", ".2f"), ("error", "recovery_error", "+.1%"),
+                  ("iteration with the loss measured (s)", "loss_measured_s", ".2f"),
+                  ("predicted (s)", "loss_predicted_s", ".2f"), ("error", "loss_error", "+.1%"),
+                  ("whole run's error", "total_error", "+.1%")]
+"""Each table's columns after network, strategy and seeds: (header, column of ``records_of``, format of its mean)."""
+
+
+def table(runs: pd.DataFrame, columns: list[tuple[str, str, str]], losses: bool = False) -> list[str]:
+    """One row per (network, strategy): how many seeds (and with ``losses`` how many kills landed), then the mean
+    over seeds of each column."""
+    headers = ["network", "strategy", "seeds", *(["losses"] if losses else []), *(h for h, _, _ in columns)]
+    lines = ["| " + " | ".join(headers) + " |", "|---" * len(headers) + "|"]
+    for network, strategy, mine in groups(runs):
+        cells = [network, strategy, str(len(mine)), *([str(mine.kills.sum())] if losses else []),
+                 *(mean(mine, column, spec) for _, column, spec in columns)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def verdicts(runs: pd.DataFrame, what: str, column: str, part: str, largest: bool = False) -> list[str]:
+    """Per network: the mean absolute ``column`` over its runs (and the largest), and whether the clock ranks the
+    strategies as the measurements do (``same_ranking`` of ``part``)."""
+    lines = []
+    for network in NETWORKS:
+        here = runs[runs.network == network]
+        if not here.empty:
+            worst = f" (largest {here[column].abs().max():.1%})" if largest else ""
+            lines += [f"{network}{scaled(here)}{what} {here[column].abs().mean():.1%} over {len(here)} runs{worst}; "
+                      f"{same_ranking(here, part)}", ""]
+    return lines
+
+
 def report(frame: pd.DataFrame, out: Path, minutes: float | None, environment: str) -> str:
     calm, struck = frame[~frame.struck], frame[frame.struck]
-    lines = ["Without failures:", "",
-             "| network | strategy | seeds | iteration measured (s) | predicted (s) | error | MAPE "
-             "| upkeep iterations measured (s) | predicted (s) | error |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for network, strategy, mine in groups(calm):
-        lines.append(f"| {network} | {strategy} | {len(mine)} | {mean(mine, 'iteration_measured_s', '.3f')} "
-                     f"| {mean(mine, 'iteration_predicted_s', '.3f')} | {mean(mine, 'iteration_error', '+.1%')} "
-                     f"| {mean(mine, 'iteration_mape', '.1%')} | {mean(mine, 'upkeep_measured_s', '.3f')} "
-                     f"| {mean(mine, 'upkeep_predicted_s', '.3f')} | {mean(mine, 'upkeep_error', '+.1%')} |")
-    lines.append("")
-    for network in NETWORKS:
-        here = calm[calm.network == network]
-        if not here.empty:
-            lines += [f"{network}{scaled(here)}: mean absolute error of the iteration's price "
-                      f"{here.iteration_error.abs().mean():.1%} over {len(here)} runs (largest "
-                      f"{here.iteration_error.abs().max():.1%}); {same_ranking(here, 'iteration')}", ""]
+    lines = ["Without failures:", "", *table(calm, CALM_COLUMNS), "",
+             *verdicts(calm, ": mean absolute error of the iteration's price", "iteration_error", "iteration",
+                       largest=True)]
     if not struck.empty:
         lines += ["With losses on the wall clock (each network's `KILLS`, replacements 1 s later):", "",
-                  "| network | strategy | seeds | losses | recovery measured (s) | predicted (s) | error "
-                  "| iteration with the loss measured (s) | predicted (s) | error | whole run's error |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for network, strategy, mine in groups(struck):
-            lines.append(f"| {network} | {strategy} | {len(mine)} | {mine.kills.sum()} "
-                         f"| {mean(mine, 'recovery_measured_s', '.2f')} | {mean(mine, 'recovery_predicted_s', '.2f')} "
-                         f"| {mean(mine, 'recovery_error', '+.1%')} | {mean(mine, 'loss_measured_s', '.2f')} "
-                         f"| {mean(mine, 'loss_predicted_s', '.2f')} | {mean(mine, 'loss_error', '+.1%')} "
-                         f"| {mean(mine, 'total_error', '+.1%')} |")
-        lines.append("")
-        for network in NETWORKS:
-            here = struck[struck.network == network]
-            if not here.empty:
-                lines += [f"{network}{scaled(here)}, struck: mean absolute error of the whole run's time "
-                          f"{here.total_error.abs().mean():.1%} over {len(here)} runs; {same_ranking(here, 'total')}",
-                          ""]
+                  *table(struck, STRUCK_COLUMNS, losses=True), "",
+                  *verdicts(struck, ", struck: mean absolute error of the whole run's time", "total_error", "total")]
     text = "\n".join(lines) + (
         "Per run: every iteration after the first two whose record has no validation, its wall seconds since the "
         "record before (measured: the process engine, every byte shaped to its link) against the simulated seconds "

@@ -4,6 +4,7 @@ training: one loader, so that each test imports them the same way."""
 from __future__ import annotations
 
 import importlib
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -20,3 +21,12 @@ def experiment(name: str) -> ModuleType:
         return importlib.import_module(name)
     finally:
         sys.path[:] = saved
+
+
+def assert_refused(name: str, out: Path, flags: list[str], message: str) -> None:
+    """``experiments/<name>.py --out out *flags`` exits 2 with ``message`` in one line on stderr, before any work:
+    nothing written to ``out``."""
+    done = subprocess.run([sys.executable, str(EXPERIMENTS / f"{name}.py"), "--out", str(out), *flags],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert not out.exists()

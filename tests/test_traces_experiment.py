@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.scripts import experiment
+from tests.scripts import assert_refused, experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,7 +49,4 @@ def test_a_run_is_labelled_by_its_trace_or_by_the_trace_whose_rate_its_control_h
     (["--strategies", "redundant"], "a comma-separated list of checkfree, checkfree_plus, snapshot_restore"),
 ])
 def test_bad_flags_are_one_sentence_before_any_work(tmp_path, flag, message):
-    done = subprocess.run([sys.executable, str(ROOT / "experiments" / "traces.py"), "--out", str(tmp_path / "out"),
-                           *flag], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1
-    assert not (tmp_path / "out").exists()
+    assert_refused("traces", tmp_path / "out", flag, message)

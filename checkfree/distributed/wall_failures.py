@@ -78,10 +78,7 @@ class WallFailures:
             t = incident.time_s
 
     def kill(self, stage: int, due_s: float) -> None:
-        try:
-            pid = self.pid_of(stage)
-        except (KeyError, LookupError):
-            pid = None
+        pid = self.pid_of(stage)
         if pid is not None:
             try:
                 os.kill(pid, signal.SIGKILL)

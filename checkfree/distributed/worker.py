@@ -115,6 +115,11 @@ class WorkerSpec:
         return rank_of(self.stage, self.replica, self.n_stages)
 
 
+def written_bytes(written: tuple[int, str]) -> int:
+    """The bytes of a shard ``CheckpointStore.write_shard`` wrote (its answer: size, digest)."""
+    return written[0]
+
+
 def rank_of(stage: int, replica: int, n_stages: int) -> int:
     """Replica ``r`` of every stage forms pipeline ``r``: ranks ``r*S .. r*S + S-1`` (rank == stage for W=1)."""
     return replica * n_stages + stage
@@ -415,21 +420,22 @@ class StageWorker(StageHost):
                 state = self.stage_for_background(k)
                 writer = self.writers.setdefault(k, BackgroundWriter())
                 writer.submit(lambda k=k, state=state: self._over_storage(
-                    shard_bytes(state), lambda: CheckpointStore.write_shard(Path(checkpoint), k, state)))
+                    lambda: CheckpointStore.write_shard(Path(checkpoint), k, state), written_bytes))
                 sizes[k] = self.staged[k]
             else:
-                state = self.computes[k].state()
                 sizes[k], digests[k] = self._over_storage(
-                    shard_bytes(state), lambda k=k, state=state: CheckpointStore.write_shard(Path(checkpoint), k, state))
+                    lambda k=k: CheckpointStore.write_shard(Path(checkpoint), k, self.computes[k].state()),
+                    written_bytes)
         return msg.KeptUp(received, self.held_bytes(), sizes, digests)
 
-    def _over_storage(self, n_bytes: int, job: Any) -> Any:
-        """Run ``job``, a write or read of ``n_bytes`` of checkpoint shards; on shaped links it takes at least the
-        time they take on this node's link to storage, booked when it starts (one transfer at a time)."""
-        arrival = None if self.shaper is None else self.shaper.storage(n_bytes)
+    def _over_storage(self, job: Any, n_bytes: Any) -> Any:
+        """Run ``job``, a write or read of checkpoint shards; on shaped links it lasts at least the time its bytes
+        (``n_bytes(result)``) take on this node's link to storage from when it began (the disk's own time overlaps
+        them)."""
+        began = time.time()
         result = job()
-        if arrival is not None:
-            self.shaper.wait_until(arrival)
+        if self.shaper is not None:
+            self.shaper.wait_until(self.shaper.storage(n_bytes(result), began))
         return result
 
     def flushed(self, command: msg.Flushed) -> msg.Persisted:
@@ -448,13 +454,10 @@ class StageWorker(StageHost):
             # Read onto the CPU, as the local engine does: load_state moves the weights and Adam's moments to
             # the stage's device, while Adam's step counts stay on the CPU, where Adam keeps them (read onto a
             # GPU they would stay there, and every step would wait on the GPU to read each one back).
-            began = time.time()
-            shards = {k: CheckpointStore.read_shard(Path(command.checkpoint), k, {"digests": command.meta_digests})
-                      for k in self.mine}
-            if self.shaper is not None:  # downloaded from storage: its bytes take their time on this node's link,
-                # from when the download began (the disk's own time overlaps it, as a write's does)
-                n_bytes = sum(shard_bytes(shard) for shard in shards.values())
-                self.shaper.wait_until(self.shaper.storage(n_bytes, began))
+            shards = self._over_storage(  # downloaded from storage
+                lambda: {k: CheckpointStore.read_shard(Path(command.checkpoint), k, {"digests": command.meta_digests})
+                         for k in self.mine},
+                lambda read: sum(shard_bytes(shard) for shard in read.values()))
         except DamagedCheckpoint as exc:
             return msg.Damaged(str(exc.path), exc.cause)
         for k, shard in shards.items():

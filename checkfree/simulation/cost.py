@@ -61,6 +61,13 @@ def sustained_period(background_s: float, iteration_s: float) -> int:
     return max(1, math.ceil(background_s / iteration_s - 1e-9))
 
 
+def matmul_params(model: ModelConfig) -> tuple[list[int], int]:
+    """The parameters whose matmuls the cost model counts: per stage its body's (an embedding lookup is a gather,
+    not FLOPs), and the head's (a matmul)."""
+    body = [p - edge_param_count(model, k) for k, p in enumerate(stage_param_counts(model))]
+    return body, model.vocab_size * model.d_model + model.d_model
+
+
 def compute_seconds(params: int, tokens: int, flops_per_s: float, backward: bool = True) -> float:
     """Matmul time of ``params`` over ``tokens``: 6PT FLOPs forward+backward, 2PT forward only.
 
@@ -208,12 +215,9 @@ class CostModel:
         all-reduce and re-syncs cross sites (``replica_link``)."""
         self.flops_per_s = flops_per_s
         self.params = stage_param_counts(model)
-        d, v = model.d_model, model.vocab_size
-        # Matmul parameters per stage: an embedding lookup is a gather, not FLOPs; the head is a matmul.
-        self.body_params = [p - edge_param_count(model, k) for k, p in enumerate(self.params)]
-        self.head_params = v * d + d
+        self.body_params, self.head_params = matmul_params(model)
         self.tokens = micro_batch_size * model.seq_len
-        self.act_bytes = activation_bytes(micro_batch_size, model.seq_len, d, network.dtype_bytes)
+        self.act_bytes = activation_bytes(micro_batch_size, model.seq_len, model.d_model, network.dtype_bytes)
 
     # Per-micro-batch pieces.
     def _fwd(self, params: int) -> float:

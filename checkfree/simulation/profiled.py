@@ -15,7 +15,8 @@ from __future__ import annotations
 import statistics
 import time
 
-from checkfree.model.presets import ModelConfig, edge_param_count, stage_param_counts
+from checkfree.model.presets import ModelConfig
+from checkfree.simulation.cost import matmul_params
 
 
 def profile_flops(model: ModelConfig, micro_batch_size: int, repeats: int = 5, seed: int = 0) -> float:
@@ -45,9 +46,8 @@ def profile_flops(model: ModelConfig, micro_batch_size: int, repeats: int = 5, s
                 compute.drop_gradients()
     finally:
         torch.set_num_threads(threads)
-    matmul_params = sum(stage_param_counts(model)) - sum(edge_param_count(model, k) for k in range(model.n_stages)) \
-        + model.vocab_size * model.d_model + model.d_model  # the head is a matmul, the embedding a gather
-    return 6 * matmul_params * micro_batch_size * model.seq_len / statistics.median(times[1:])
+    body, head = matmul_params(model)
+    return 6 * (sum(body) + head) * micro_batch_size * model.seq_len / statistics.median(times[1:])
 
 
 __all__ = ["profile_flops"]
