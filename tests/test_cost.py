@@ -10,11 +10,15 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from checkfree.distributed.programs import gpipe_program
 from checkfree.model.presets import PRESETS, ModelConfig
 from checkfree.run.config import ConfigError
 from checkfree.simulation.cost import (
     CostModel,
     StepOverhead,
+    _hop_ops,
+    _pipeline,
+    _program_seconds,
     activation_bytes,
     compute_seconds,
     gpipe_seconds,
@@ -32,6 +36,7 @@ from checkfree.simulation.networks import (
     stage_link,
     validate_network_config,
 )
+from checkfree.stage.schedule import build_schedule
 
 GiB = 1024**3
 CONF = Path(__file__).resolve().parents[1] / "conf" / "network"
@@ -133,14 +138,18 @@ def _unit_hops(**kw) -> CostModel:
 def test_out_of_order_hops_by_hand():
     # S=4, M=2. In order: 3 hops per micro-batch; GPipe per phase 3 + (2-1) * 1 = 4 -> 8 s.
     assert _unit_hops().iteration_seconds("in_order") == pytest.approx(8.0)
-    # Odd micro-batch (positions 1,0,3,2): 0->1, 1->0, 0->3, 3->2, 2->3 = 5 hops. Mean path 4 per
-    # phase; the busiest directed link (0->1 forward, 1->0 backward) carries 1 s per micro-batch,
-    # so each phase is 4 + 1 = 5 -> 10 s.
-    assert _unit_hops().iteration_seconds("out_of_order") == pytest.approx(10.0)
-    # 1F1B: in order 3 + 3 + 1 * 1 = 7. Out of order: 4 + 4 + 1 * 1.5, because link 0->1 now also
-    # carries the gradient of the odd 1->0 hop (1 + 0.5 s per micro-batch).
+    # Odd micro-batch (bodies 1,0,3,2): 0->1, 1->0, 0->3, 3->2, 2->3 = 5 hops, played out in program order
+    # (every link busy 1 s a message, one message at a time; compute ~0):
+    #   forward  mb 0: links 0->1 [0,1], 1->2 [1,2], 2->3 [2,3]: at stage 3 at 3.
+    #            mb 1: 0->1 waits for mb 0's [1,2], 1->0 [2,3], 0->3 [3,4], 3->2 [4,5], 2->3 [5,6]: at 6.
+    #   backward mb 0 (stage 3 free at 6): 3->2 [6,7], 2->1 [7,8], 1->0 [8,9].
+    #            mb 1: 3->2 [7,8], 2->3 [8,9], 3->0 [9,10], 0->1 [10,11], 1->0 [11,12]: 12 s.
+    # (The mean-path flow shop said 10 s: it let the swapped micro-batch's hops overlap the other's.)
+    assert _unit_hops().iteration_seconds("out_of_order") == pytest.approx(12.0)
+    # 1F1B: in order 3 + 3 + 1 * 1 = 7. Out of order the stages run GPipe whatever the pipeline
+    # (checkfree.distributed.programs): the same 12 s.
     assert _unit_hops(pipeline="1f1b").iteration_seconds("in_order") == pytest.approx(7.0)
-    assert _unit_hops(pipeline="1f1b").iteration_seconds("out_of_order") == pytest.approx(9.5)
+    assert _unit_hops(pipeline="1f1b").iteration_seconds("out_of_order") == pytest.approx(12.0)
     one = CostModel(TINY, 1, 2, _unit_hops().network, flops_per_s=1e30)  # M=1: no odd micro-batch
     assert one.iteration_seconds("out_of_order") == pytest.approx(one.iteration_seconds("in_order"))
     with pytest.raises(ConfigError, match="n_stages"):
@@ -148,6 +157,82 @@ def test_out_of_order_hops_by_hand():
         three.iteration_seconds("out_of_order")
     with pytest.raises(ConfigError, match="schedule"):
         _unit_hops().iteration_seconds("random")
+
+
+def _stage_programs_played_out(cost: CostModel, schedule: str) -> float:
+    """Reference for the clock's price of a GPipe iteration: the stage processes' own programs
+    (``checkfree.distributed.programs.gpipe_program``) run pass by pass, each when its input has arrived, a
+    message entering its link when the link is free (one at a time, in the order its sender sends) and arriving
+    a latency after its bytes; compute per visit as the cost model prices it."""
+    s, m = cost.model.n_stages, cost.micro_batches
+    sched = build_schedule(schedule, s)
+    programs = {k: gpipe_program(k, sched, list(range(m))) for k in range(s)}
+    cursor, stage_free, link_free = dict.fromkeys(programs, 0), dict.fromkeys(programs, 0.0), {}
+    inputs: dict = {}  # (backward, micro-batch, position) -> when that pass's input is at its stage
+    end = 0.0
+
+    def seconds(p) -> float:
+        params = (cost.body_params[p.visit.stage] if "body" in p.visit.ops else 0) + \
+            (cost.head_params if "head" in p.visit.ops else 0)
+        return cost._bwd(params) if p.backward else cost._fwd(params)
+
+    while any(cursor[k] < len(programs[k]) for k in programs):
+        progressed = False
+        for k, program in programs.items():
+            while cursor[k] < len(program):
+                p = program[cursor[k]]
+                v = p.visit
+                if v.prev is None and not p.backward:
+                    inputs[(False, p.micro_batch, v.position)] = 0.0  # the token ids
+                key = (p.backward, p.micro_batch, v.position)
+                if key not in inputs:
+                    break
+                done = max(inputs[key], stage_free[k]) + seconds(p)
+                stage_free[k] = done
+                to = v.prev if p.backward else v.next
+                if not p.backward and to is None:  # the loss: this visit's backward may start
+                    inputs[(True, p.micro_batch, v.position)] = done
+                elif to is None:
+                    end = max(end, done)
+                else:
+                    link = stage_link(cost.network, k, to)
+                    enter = max(done, link_free.get((k, to), 0.0))
+                    link_free[(k, to)] = enter + cost.act_bytes / link.bandwidth_Bps
+                    position = v.position - 1 if p.backward else v.position + 1
+                    inputs[(p.backward, p.micro_batch, position)] = link_free[(k, to)] + link.latency_s
+                cursor[k] += 1
+                progressed = True
+        assert progressed, "the stage programs deadlock"
+    return end
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2, 4, 5])
+@pytest.mark.parametrize("network", [NetworkConfig(latency_s=0.05, bandwidth_Bps=2048.0),  # compute-bound
+                                     NetworkConfig(latency_s=0.05, bandwidth_Bps=64.0),  # links busier than stages
+                                     GEO])
+def test_the_clock_prices_an_out_of_order_iteration_as_the_stage_programs_run_it(micro_batches, network):
+    """CheckFree+'s swapped micro-batches make the stages wait on each other's round trips (stage 0 runs micro-batch
+    1's body only once stage 1 sent it back, and stage 1 micro-batch 2 only after 1): the clock plays the stage
+    programs out, and agrees with an independent replay of ``gpipe_program`` to rounding. In order it is the
+    closed form, which the replay agrees with too."""
+    six = dataclasses.replace(TINY, n_stages=6)
+    cost = CostModel(six, micro_batches, 2, network, flops_per_s=2e4)  # a visit's compute ~ a hop's bytes
+    for schedule in ("in_order", "out_of_order"):
+        assert cost.iteration_seconds(schedule) == pytest.approx(_stage_programs_played_out(cost, schedule),
+                                                                 rel=1e-12)
+
+
+def test_played_out_one_route_is_the_closed_form():
+    """``_program_seconds`` on one route (identical jobs) gives the permutation flow shop's closed form, latencies
+    (delays on no resource) and all: the in-order price keeps its formula, and the two agree."""
+    rng = random.Random(1)
+    for _ in range(30):
+        s, m = rng.randint(1, 6), rng.randint(1, 8)
+        route = [(("stage", 0), rng.uniform(0.1, 2), rng.uniform(0.1, 4))]
+        for k in range(1, s):
+            route += _hop_ops(k - 1, k, rng.uniform(0, 3), rng.choice([0.0, rng.uniform(0, 5)]))
+            route.append((("stage", k), rng.uniform(0.1, 2), rng.uniform(0.1, 4)))
+        assert _program_seconds([route], m) == pytest.approx(_pipeline([route], m, "gpipe"), rel=1e-12)
 
 
 def test_a_link_s_latency_delays_each_micro_batch_and_occupies_nothing():

@@ -8,7 +8,8 @@ factor, one micro-batch of transfers, x2 and x2.5 fudge factors) with explicit, 
 * compute: ``6 * params * tokens`` FLOPs for forward+backward (``2 * P * T`` forward only) over an
   effective device throughput (peak x MFU, or measured here);
 * a hop: ``latency + bytes / bandwidth`` with activation bytes ``micro_batch * seq * d_model * dtype``;
-* the pipeline: GPipe or 1F1B over ``M`` micro-batches, priced as a flow shop (see ``_pipeline``);
+* the pipeline: GPipe or 1F1B over ``M`` micro-batches, priced as a flow shop (see ``_pipeline``), or, where
+  micro-batches take different routes (CheckFree+), played out in the stage programs' order (``_program_seconds``);
 * data parallelism: ring all-reduce ``2 (W-1)/W * bytes / bw + 2 (W-1) * latency`` per stage;
 * strategy overheads: checkpoint upload/download, weight transfer to a replacement node, replica
   syncs, the redundant forward (Bamboo) and CheckFree+'s extra hops on odd micro-batches.
@@ -111,11 +112,14 @@ def _pipeline(routes: list[list[tuple]], micro_batches: int, pipeline: str) -> f
       when one of S in flight has come back, so ``T >= ceil(M / S) * (path_f + path_b)`` (what binds when
       latencies make the path long against the slots).
 
-    With several route types (CheckFree+), path = mean path over the M micro-batches and load = mean
-    per-micro-batch busy time of each resource. A hop's link is busy for bytes / bw; its latency is a delay
-    on the path (``_hop_ops``), as a resource with unlimited servers, which adds to the fill and never to the
-    bottleneck slot.
+    A hop's link is busy for bytes / bw; its latency is a delay on the path (``_hop_ops``), as a resource with
+    unlimited servers, which adds to the fill and never to the bottleneck slot.
+
+    With several route types (CheckFree+) the jobs are not identical and no closed form holds: the iteration is
+    the stage programs' own schedule, played out (``_program_seconds``).
     """
+    if len(routes) > 1:
+        return _program_seconds(routes, micro_batches)
     mbs = [routes[m % len(routes)] for m in range(micro_batches)]
     path_f = sum(f for r in mbs for _, f, _ in r) / micro_batches
     path_b = sum(b for r in mbs for _, _, b in r) / micro_batches
@@ -134,6 +138,55 @@ def _pipeline(routes: list[list[tuple]], micro_batches: int, pipeline: str) -> f
         return max(path_f + path_b + (micro_batches - 1) * max(load_f[r] + load_b[r] for r in load_f),
                    math.ceil(micro_batches / in_flight) * (path_f + path_b))
     raise ValueError(f"pipeline={pipeline!r} is unknown; allowed: ['1f1b', 'gpipe'].")
+
+
+def _program_seconds(routes: list[list[tuple]], micro_batches: int) -> float:
+    """Makespan of one GPipe iteration whose stages run their passes in program order, played out pass by pass.
+
+    This is how the stage processes run (``checkfree.distributed.programs``): every stage does its forwards by
+    (micro-batch, position), then its backwards by (micro-batch, reverse position), each when its input has
+    come; every link carries one message at a time in the order its sender sends them. Under CheckFree+'s
+    swapped routes that order is not the arrival order: stage 0 cannot run micro-batch 1's body before stage 1
+    has sent it back, and stage 1 runs micro-batch 2 only after micro-batch 1, so the swapped pair's round trips
+    serialize. The mean-path flow shop of identical jobs missed exactly that (46 % under an emulated CheckFree+
+    iteration on the geo-distributed links, docs/results.md, 'The clock checked against emulated runs').
+    Out-of-order schedules always run GPipe (``programs.stage_program``), so this prices any ``pipeline``.
+
+    Passes are taken in the one global order every program follows, so each pass's inputs and its resource's
+    previous pass are already placed: start = max(input ready, resource free). A link's latency delays its
+    message and occupies nothing; on the way back it follows the gradient's transmission, as on the way out
+    it follows the activation's. For one route this gives ``_pipeline``'s closed form (a test checks it)."""
+    free: dict = defaultdict(float)
+    ready = [0.0] * micro_batches  # when each micro-batch's forward has come out of its last op
+    end = 0.0
+
+    def place(resource, seconds: float, at: float) -> float:
+        if resource is None:
+            return at + seconds
+        if seconds <= 0 and resource[0] != "stage":  # a hop's other direction: no part in this pass
+            return at
+        start = max(at, free[resource])
+        free[resource] = start + seconds
+        return start + seconds
+
+    for m in range(micro_batches):
+        at = 0.0
+        for resource, forward, _ in routes[m % len(routes)]:
+            at = place(resource, forward, at)
+        ready[m] = at
+    for m in range(micro_batches):
+        at, latency = ready[m], 0.0
+        for resource, _, backward in reversed(routes[m % len(routes)]):
+            if resource is None:  # the hop's latency comes after its gradient's transmission
+                latency += backward
+                continue
+            if resource[0] == "stage":  # a pass in the stage's program, even one without FLOPs (the embedding's)
+                at = place(resource, backward, at + latency)
+                latency = 0.0
+            elif backward > 0:
+                at, latency = place(resource, backward, at) + latency, 0.0
+        end = max(end, at + latency)
+    return max(end, *ready)
 
 
 def _linear_route(fwd: list[float], bwd: list[float], hops: list[float]) -> list[tuple]:
