@@ -22,12 +22,17 @@ where compute dominates (one cluster).
 Writes ``clock_check.csv`` (one row per run) and ``clock_check.md`` into ``--out``; resumable; runs one at a
 time (a timing beside another run's would measure the contention).
 
+With ``--table links.csv --out DIR`` the geo network's runs take their links from that file (``network.table``:
+another set of measured links, a held-out check of the clock) and one cluster's are not run again.
+
     python experiments/clock_check.py [--out results/clock_check] [--seeds 2] [--geo-scale 1] [--struck]
+    python experiments/clock_check.py --table links.csv --out results/clock_check_links [--seeds 2] [--struck]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import statistics
@@ -42,7 +47,7 @@ from table2 import RAN, refuse, run_groups, run_seconds  # noqa: E402
 
 from checkfree.run.provenance import describe  # noqa: E402
 from checkfree.run.runlog import TIMINGS, keep_timings, read_metrics  # noqa: E402
-from checkfree.storage.archive import archived  # noqa: E402
+from checkfree.storage.archive import ARCHIVE, archived  # noqa: E402
 
 STRATEGIES: dict[str, list[str]] = {
     "checkfree": ["strategy=checkfree"],
@@ -133,7 +138,8 @@ def records_of(runs: list[dict]) -> pd.DataFrame:
         plain, upkeep = errors([x for x in compared if not x["upkeep"]]), errors([x for x in compared if x["upkeep"]])
         recoveries, struck = losses(timings)
         rows.append({"strategy": r["strategy"], "network": r["config"]["network"]["name"],
-                     "link_scale": r["config"]["network"]["link_scale"], "seed": r["seed"],
+                     "link_scale": r["config"]["network"]["link_scale"],
+                     "table": r["config"]["network"].get("table"), "seed": r["seed"],
                      "struck": r["config"]["engine"]["failure_clock"] == "wall",
                      "kills": len([k for k in r.get("wall_failures", []) if k["pid"] is not None]),
                      **{f"iteration_{k}": v for k, v in plain.items()}, **{f"upkeep_{k}": v for k, v in upkeep.items()},
@@ -226,8 +232,11 @@ def groups(frame: pd.DataFrame):
 
 
 def scaled(runs: pd.DataFrame) -> str:
-    scale = runs.link_scale.iloc[0]
-    return f" (links x {scale:g} slower)" if scale != 1 else ""
+    """How the network's links were given, where not as the preset has them."""
+    scale, table = runs.link_scale.iloc[0], runs.table.iloc[0] if "table" in runs else None
+    notes = ([f"links from {Path(table).name}"] if isinstance(table, str) else []) + \
+        ([f"links x {scale:g} slower"] if scale != 1 else [])
+    return f" ({', '.join(notes)})" if notes else ""
 
 
 def same_ranking(runs: pd.DataFrame, part: str) -> str:
@@ -244,11 +253,49 @@ def same_ranking(runs: pd.DataFrame, part: str) -> str:
     return f"strategies by measured time {', '.join(measured)}; by predicted {', '.join(predicted)} ({verdict})."
 
 
+TABLE_MARK = "table.json"
+"""In an ``--out`` whose geo runs took their links from ``--table``: the file and its sha256, so that no invocation
+mixes two tables' runs (or the reference's) in one report."""
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def links_of(table: Path | None, out: Path) -> list[str]:
+    """The geo runs' overrides for ``--table`` (none for the reference's table), after refusing a bad table file,
+    the default ``--out`` (the reference table's runs) and an ``--out`` whose runs used other links."""
+    mark = out / TABLE_MARK
+    before = json.loads(mark.read_text())["sha256"] if mark.is_file() else None
+    if table is None:
+        if before is not None:
+            refuse("--table", None, f"{out} holds runs on the links of {mark.name}'s table; allowed: that --table, "
+                                    "or another --out")
+        return []
+    from checkfree.run.config import ConfigError
+    from checkfree.simulation.networks import read_table
+
+    try:
+        read_table(str(table.resolve()))
+    except ConfigError as e:
+        refuse("--table", table, str(e).split(" is invalid: ", 1)[-1].rstrip("."))
+    if out == (ROOT / "results" / "clock_check").resolve():
+        refuse("--table", table, "its runs need an --out of their own (results/clock_check holds the reference "
+                                 "table's)")
+    held = (out / "runs").is_dir() and any((out / "runs").rglob("summary.json")) or (out / ARCHIVE).is_file()
+    if before != sha256(table) and (before is not None or held):
+        refuse("--table", table, f"{out} holds runs on other links; allowed: another --out")
+    return [f"network.table={table.resolve()}"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "clock_check")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--geo-scale", type=float, default=1.0, help="network.link_scale of the geo network's runs")
+    parser.add_argument("--table", type=Path, default=None,
+                        help="the geo network's links from this CSV (network.table: site_a,site_b,latency_ms,"
+                             "bandwidth_Mbps) instead of the reference's table; use another --out")
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated, of " + ", ".join(STRATEGIES))
     parser.add_argument("--struck", action="store_true",
                         help="also run every point struck by its network's KILLS on the wall clock")
@@ -263,20 +310,27 @@ def main(argv: list[str] | None = None) -> int:
     if any(s not in STRATEGIES for s in strategies):
         refuse("--strategies", args.strategies, f"a comma-separated list of {', '.join(STRATEGIES)}")
     start, out = time.perf_counter(), args.out.resolve()
+    links = links_of(args.table, out) if not args.report_only else []
     out.mkdir(parents=True, exist_ok=True)
+    if args.table is not None and not args.report_only:
+        (out / TABLE_MARK).write_text(json.dumps({"table": str(args.table.resolve()),
+                                                  "sha256": sha256(args.table)}, indent=1) + "\n")
     with archived(out):
         if args.report_only:
             runs = [{**json.loads(p.read_text()), "run_dir": str(p.parent)}
                     for p in sorted((out / "runs" / "clock_check").glob("*/summary.json"))]
         else:
-            groups_ = [(points(strategies, args.seeds, args.geo_scale, network), out / "runs", [])
-                       for network in NETWORKS]
+            geo = {"geo_distributed": links}
+            # A table changes the geo network's links alone: one cluster's runs would be the reference's again.
+            networks = ["geo_distributed"] if args.table is not None else list(NETWORKS)
+            groups_ = [(points(strategies, args.seeds, args.geo_scale, network), out / "runs", geo.get(network, []))
+                       for network in networks]
             if args.struck:
-                for network in NETWORKS:
+                for network in networks:
                     trace = out / f"kills_{network}.json"
                     trace.write_text(json.dumps(KILLS[network], indent=1) + "\n")
                     groups_.append((points(strategies, args.seeds, args.geo_scale, network, struck=True), out / "runs",
-                                    [*STRUCK, "failure=trace", f"failure.path={trace}"]))
+                                    [*STRUCK, "failure=trace", f"failure.path={trace}", *geo.get(network, [])]))
             runs = [run for group in run_groups(groups_, jobs=1) for run in group]
             for r in runs:  # a run made now: its timings anew (an earlier failed attempt's may be there)
                 if r["run_dir"] in RAN or not (Path(r["run_dir"]) / TIMINGS).is_file():

@@ -185,6 +185,9 @@ def validate_placement(run: RunConfig) -> None:
             require(not by_iteration, "failure.path", run.failure.path,
                     f"engine.failure_clock=wall kills at wall times, and its {by_iteration[0] if by_iteration else ''}"
                     " has an iteration instead; allowed here: a trace of time_s records")
+    require(run.failure.name != "zone" or run.network.table is None, "network.table", run.network.table,
+            "failure=zone strikes the reference's 7 locations (GEO_LOCATIONS), not a table's own sites; allowed with "
+            "failure=zone is null")
     require(engine.replica_placement in ("same_zone", "spread"), "engine.replica_placement",
             engine.replica_placement, "allowed same_zone or spread")
     if engine.replica_placement == "spread":

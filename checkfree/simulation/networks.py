@@ -12,8 +12,9 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 
-from checkfree.run.config import require
+from checkfree.run.config import ConfigError, require
 
 GiB = 1024**3
 
@@ -108,6 +109,9 @@ class NetworkConfig:
     the preset's model has on its GPUs (the CPU computes it ~s times slower); the clock prices the same links."""
     replacement_delay_s: float = 30.0
     """Time to detect a failure and bring a replacement node up, charged on every recovery alike."""
+    table: str | None = None
+    """geo_distributed only: a CSV of measured links between sites (``read_table``) in place of the reference's
+    ``GEO_TABLE``; stage ``k`` runs at site ``k mod n`` of its ``n`` sites. None: the reference's table."""
     redundant_backward: bool = True
     """Redundant computation: the shadow also runs its backward (keeps weights and Adam state identical,
     so restores are exact); false = forward-only shadows (Bamboo's lazy backward), an optimistic bound."""
@@ -139,6 +143,11 @@ def validate_network_config(cfg: NetworkConfig, n_stages: int) -> None:
         require(math.isfinite(value) and 0 <= value <= MAX_DELAY_S, f"network.{key}", value,
                 f"must be >= 0 seconds and at most {MAX_DELAY_S:.0e}")
     require(n_stages >= 1, "model.n_stages", n_stages, "must be >= 1")
+    if cfg.table is not None:
+        require(cfg.name == "geo_distributed", "network.table", cfg.table,
+                f"it gives the links between sites, and network={cfg.name} is one site; allowed here: null, or "
+                "network=geo_distributed")
+        read_table(cfg.table)  # refuses a bad file, naming it and what is wrong
 
 
 GEO_LOCATIONS = ["Australia", "Belgium", "Canada", "Germany", "Iowa", "NL", "London"]
@@ -174,19 +183,83 @@ GEO_TABLE: dict[frozenset[str], tuple[float, float]] = {
 }
 
 
+TABLE_COLUMNS = ("site_a", "site_b", "latency_ms", "bandwidth_Mbps")
+"""The header of a ``network.table`` file: one row per pair of sites, its one-way latency in milliseconds and its
+bandwidth in megabits (10^6 bits) per second, the same both ways."""
+
+
+@lru_cache(maxsize=8)
+def read_table(path: str) -> tuple[tuple[str, ...], dict[frozenset[str], Link]]:
+    """The sites of a ``network.table`` file, in order of first appearance (row by row, ``site_a`` before
+    ``site_b``: stage ``k`` runs at the ``k mod n``-th), and the link of every pair of them. Every pair of distinct
+    sites appears exactly once; a site's own link is the preset's intra-site one (``latency_s``,
+    ``bandwidth_Bps``). A bad file is refused in one sentence naming it, the row and what is allowed."""
+    import csv
+
+    def bad(what: str) -> None:
+        raise ConfigError(f"network.table={path!r} is invalid: {what}.")
+
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError) as e:
+        bad(f"it cannot be read ({e.__class__.__name__}: {e})")
+    if not rows or tuple(c.strip() for c in rows[0]) != TABLE_COLUMNS:
+        bad(f"its header must be {','.join(TABLE_COLUMNS)}, got {','.join(rows[0]) if rows else 'an empty file'}")
+    sites: list[str] = []
+    links: dict[frozenset[str], Link] = {}
+    for i, row in enumerate(rows[1:], start=2):
+        if not any(c.strip() for c in row):
+            continue
+        if len(row) != len(TABLE_COLUMNS):
+            bad(f"row {i} has {len(row)} fields, the header {len(TABLE_COLUMNS)}")
+        a, b = row[0].strip(), row[1].strip()
+        try:
+            ms, mbps = float(row[2]), float(row[3])
+        except ValueError:
+            bad(f"row {i}: latency_ms={row[2]!r} and bandwidth_Mbps={row[3]!r} must be numbers")
+        if not a or not b or a == b:
+            bad(f"row {i}: a link joins two different named sites, got {a!r} and {b!r} (a site's own link is "
+                "network.latency_s and network.bandwidth_Bps)")
+        if not (math.isfinite(ms) and 0 <= ms <= MAX_DELAY_S * 1000):
+            bad(f"row {i}: latency_ms={row[2].strip()} must be a finite number of milliseconds >= 0")
+        if not (math.isfinite(mbps) and mbps * 125_000 >= 1):  # at least a byte per second, as every bandwidth
+            bad(f"row {i}: bandwidth_Mbps={row[3].strip()} must be a finite number of megabits per second, at least "
+                "8e-06 (one byte per second)")
+        if _pair(a, b) in links:
+            bad(f"row {i} gives the link {a}-{b} a second time")
+        links[_pair(a, b)] = Link(ms / 1000, mbps * 125_000)
+        sites += [x for x in (a, b) if x not in sites]
+    missing = [f"{a}-{b}" for i, a in enumerate(sites) for b in sites[i + 1:] if _pair(a, b) not in links]
+    if len(sites) < 2 or missing:
+        bad(f"it must give the link of every pair of its sites, and {', '.join(missing[:3]) or 'no pair'}"
+            f"{' and more' if len(missing) > 3 else ''} is missing")
+    return tuple(sites), links
+
+
+def site_of(cfg: NetworkConfig, stage: int) -> str:
+    """Where stage ``stage``'s node runs under geo_distributed: its site in ``network.table``, or the reference's
+    ``GEO_LOCATIONS[k % 7]``."""
+    sites = read_table(cfg.table)[0] if cfg.table is not None else GEO_LOCATIONS
+    return sites[stage % len(sites)]
+
+
 def stage_link(cfg: NetworkConfig, a: int, b: int) -> Link:
     """The link between the nodes of stages ``a`` and ``b`` (symmetric).
 
-    geo_distributed puts stage k at GEO_LOCATIONS[k % 7]; two stages at one location (and every pair
-    under single_cluster) use the intra-site link (latency_s, bandwidth_Bps), by default the
-    reference's same-cluster (1 ms, 2 GiB/s).
+    geo_distributed puts stage k at GEO_LOCATIONS[k % 7] (or at its site in ``network.table``); two stages at one
+    location (and every pair under single_cluster) use the intra-site link (latency_s, bandwidth_Bps), by default
+    the reference's same-cluster (1 ms, 2 GiB/s).
     """
     intra = _scaled(cfg, cfg.latency_s, cfg.bandwidth_Bps)
     if cfg.name != "geo_distributed":
         return intra
-    la, lb = GEO_LOCATIONS[a % len(GEO_LOCATIONS)], GEO_LOCATIONS[b % len(GEO_LOCATIONS)]
+    la, lb = site_of(cfg, a), site_of(cfg, b)
     if la == lb:
         return intra
+    if cfg.table is not None:
+        link = read_table(cfg.table)[1][_pair(la, lb)]
+        return _scaled(cfg, link.latency_s, link.bandwidth_Bps)
     ms, gib_s = GEO_TABLE[_pair(la, lb)]
     return _scaled(cfg, ms / 1000, gib_s * GiB)
 
