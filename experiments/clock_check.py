@@ -250,7 +250,25 @@ def same_ranking(runs: pd.DataFrame, part: str) -> str:
         runs = runs.assign(measured=runs.iteration_measured_s, predicted=runs.iteration_predicted_s)
     measured, predicted = ranking(runs, "measured"), ranking(runs, "predicted")
     verdict = "the same ranking" if measured == predicted else "not the same ranking"
-    return f"strategies by measured time {', '.join(measured)}; by predicted {', '.join(predicted)} ({verdict})."
+    resolved, alike = resolved_pairs(runs)
+    return (f"strategies by measured time {', '.join(measured)}; by predicted {', '.join(predicted)} ({verdict}); "
+            f"of the {len(resolved)} pairs of strategies whose measured means differ by more than either one's "
+            f"spread over its seeds, the clock orders {alike} alike"
+            + (" (the rest differ by less than the seeds do)." if len(resolved) < math.comb(len(measured), 2) else "."))
+
+
+def resolved_pairs(runs: pd.DataFrame) -> tuple[list[tuple[str, str]], int]:
+    """The pairs of strategies the runs can order -- their mean ``measured`` seconds differ by more than the larger
+    of the two strategies' spreads (largest minus smallest) over their seeds -- and how many of those the mean
+    ``predicted`` seconds order the same way. Strategies whose measured times differ by less than the seeds do
+    have no ranking to check."""
+    by = runs.groupby("strategy")
+    mean, spread, price = by.measured.mean(), by.measured.max() - by.measured.min(), by.predicted.mean()
+    names = list(mean.index)
+    resolved = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
+                if abs(mean[a] - mean[b]) > max(spread[a], spread[b])]
+    alike = sum((mean[a] < mean[b]) == (price[a] < price[b]) for a, b in resolved)
+    return resolved, alike
 
 
 TABLE_MARK = "table.json"

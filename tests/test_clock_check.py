@@ -66,3 +66,15 @@ def test_a_recovery_and_the_iteration_it_struck_are_compared_with_their_prices()
 ])
 def test_bad_flags_are_one_sentence_before_any_work(tmp_path, flag, message):
     assert_refused("clock_check", tmp_path / "out", flag, message)
+
+
+def test_only_pairs_the_seeds_can_tell_apart_are_ranked():
+    import pandas as pd
+
+    # a: 1.0 and 1.2 s (spread 0.2), b: 1.1 and 1.1 (0), c: 2.0 and 2.1 (0.1). a-b differ by 0.0 < 0.2: not
+    # resolved; a-c by 0.95 and b-c by 0.95: resolved. The clock prices c below b (wrong) and above a (right).
+    runs = pd.DataFrame({"strategy": ["a", "a", "b", "b", "c", "c"],
+                         "measured": [1.0, 1.2, 1.1, 1.1, 2.0, 2.1],
+                         "predicted": [1.0, 1.0, 3.0, 3.0, 2.0, 2.0]})
+    resolved, alike = check.resolved_pairs(runs)
+    assert resolved == [("a", "c"), ("b", "c")] and alike == 1
