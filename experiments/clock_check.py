@@ -252,8 +252,8 @@ def same_ranking(runs: pd.DataFrame, part: str) -> str:
     verdict = "the same ranking" if measured == predicted else "not the same ranking"
     resolved, alike = resolved_pairs(runs)
     return (f"strategies by measured time {', '.join(measured)}; by predicted {', '.join(predicted)} ({verdict}); "
-            f"of the {len(resolved)} pairs of strategies whose measured means differ by more than either one's "
-            f"spread over its seeds, the clock orders {alike} alike"
+            f"of the {len(resolved)} pairs of strategies whose measured means differ by more than the larger of "
+            f"their spreads over 2 or more seeds, the clock orders {alike} alike"
             + (" (the rest differ by less than the seeds do)." if len(resolved) < math.comb(len(measured), 2) else "."))
 
 
@@ -264,10 +264,13 @@ def resolved_pairs(runs: pd.DataFrame) -> tuple[list[tuple[str, str]], int]:
     have no ranking to check."""
     by = runs.groupby("strategy")
     mean, spread, price = by.measured.mean(), by.measured.max() - by.measured.min(), by.predicted.mean()
+    seeds = by.measured.count()
     names = list(mean.index)
+    # One seed has no spread to measure the noise by: its pairs are not resolved, however far apart.
     resolved = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
-                if abs(mean[a] - mean[b]) > max(spread[a], spread[b])]
-    alike = sum((mean[a] < mean[b]) == (price[a] < price[b]) for a, b in resolved)
+                if min(seeds[a], seeds[b]) >= 2 and abs(mean[a] - mean[b]) > max(spread[a], spread[b])]
+    # A tie in price orders nothing: not alike.
+    alike = sum(price[a] != price[b] and (mean[a] < mean[b]) == (price[a] < price[b]) for a, b in resolved)
     return resolved, alike
 
 
@@ -284,7 +287,11 @@ def links_of(table: Path | None, out: Path) -> list[str]:
     """The geo runs' overrides for ``--table`` (none for the reference's table), after refusing a bad table file,
     the default ``--out`` (the reference table's runs) and an ``--out`` whose runs used other links."""
     mark = out / TABLE_MARK
-    before = json.loads(mark.read_text())["sha256"] if mark.is_file() else None
+    try:
+        before = json.loads(mark.read_text())["sha256"] if mark.is_file() else None
+    except (ValueError, KeyError, TypeError):
+        refuse("--out", out, f"its {mark.name} is not the file this script writes (JSON with the table's sha256); "
+                             "allowed: an --out without it, or with the one the script wrote")
     if table is None:
         if before is not None:
             refuse("--table", None, f"{out} holds runs on the links of {mark.name}'s table; allowed: that --table, "
@@ -300,8 +307,9 @@ def links_of(table: Path | None, out: Path) -> list[str]:
     if out == (ROOT / "results" / "clock_check").resolve():
         refuse("--table", table, "its runs need an --out of their own (results/clock_check holds the reference "
                                  "table's)")
-    held = (out / "runs").is_dir() and any((out / "runs").rglob("summary.json")) or (out / ARCHIVE).is_file()
-    if before != sha256(table) and (before is not None or held):
+    # Runs that completed on other links (an attempt that completed none may be made again on a mended table).
+    held = (out / ARCHIVE).is_file() or any('"completed"' in p.read_text() for p in (out / "runs").rglob("summary.json"))
+    if before != sha256(table) and held:
         refuse("--table", table, f"{out} holds runs on other links; allowed: another --out")
     return [f"network.table={table.resolve()}"]
 

@@ -78,3 +78,6 @@ def test_only_pairs_the_seeds_can_tell_apart_are_ranked():
                          "predicted": [1.0, 1.0, 3.0, 3.0, 2.0, 2.0]})
     resolved, alike = check.resolved_pairs(runs)
     assert resolved == [("a", "c"), ("b", "c")] and alike == 1
+    # One seed each: no spread to judge the noise by, so nothing is resolved; a tie in price is never alike.
+    assert check.resolved_pairs(runs.iloc[::2]) == ([], 0)
+    assert check.resolved_pairs(runs.assign(predicted=2.0))[1] == 0

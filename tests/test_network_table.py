@@ -70,14 +70,16 @@ def test_the_reference_table_written_as_a_file_prices_as_the_reference(tmp_path)
 @pytest.mark.parametrize("text, message", [
     ("", "its header must be site_a,site_b,latency_ms,bandwidth_Mbps, got an empty file"),
     ("a,b,ms,mbps\nX,Y,1,1\n", "its header must be site_a,site_b,latency_ms,bandwidth_Mbps, got a,b,ms,mbps"),
-    (HEADER, "it must give the link of every pair of its sites, and no pair is missing"),
+    (HEADER, "it has no rows: give the link of at least one pair of sites"),
     (HEADER + "X,Y,1,1\nY,Z,1,1\n", "and X-Z is missing"),
+    (HEADER + "A,B,1,1\nC,D,1,1\nE,F,1,1\n", "and A-C, A-D, A-E and 9 more are missing"),
     (HEADER + "X,Y,1,1\nY,X,2,2\n", "row 3 gives the link Y-X a second time"),
     (HEADER + "X,X,1,1\n", "row 2: a link joins two different named sites, got 'X' and 'X'"),
-    (HEADER + "X,Y,-1,1\n", "row 2: latency_ms=-1 must be a finite number of milliseconds >= 0"),
+    (HEADER + "X,Y,-1,1\n", "row 2: latency_ms=-1 must be a number of milliseconds from 0 to 1e+12"),
     (HEADER + "X,Y,1,0\n", "row 2: bandwidth_Mbps=0 must be a finite number of megabits per second"),
     (HEADER + "X,Y,1,inf\n", "row 2: bandwidth_Mbps=inf must be a finite number"),
-    (HEADER + "X,Y,fast,1\n", "row 2: latency_ms='fast' and bandwidth_Mbps='1' must be numbers"),
+    (HEADER + "X,Y,fast,1\n", "row 2: latency_ms='fast' must be a number"),
+    (HEADER + "X,Y,1,lots\n", "row 2: bandwidth_Mbps='lots' must be a number"),
     (HEADER + "X,Y,1\n", "row 2 has 3 fields, the header 4"),
 ])
 def test_a_bad_table_is_refused_in_one_sentence_naming_the_file_and_the_row(tmp_path, text, message):
@@ -85,6 +87,21 @@ def test_a_bad_table_is_refused_in_one_sentence_naming_the_file_and_the_row(tmp_
     with pytest.raises(ConfigError, match="network.table=") as e:
         validate_network_config(NetworkConfig(name="geo_distributed", table=path), 6)
     assert message in str(e.value) and path in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_edited_table_is_read_again_and_a_spreadsheet_s_byte_order_mark_is_no_header_error(tmp_path):
+    import os
+
+    path = write(tmp_path, "\ufeff" + HEADER + "X,Y,10,8\n")
+    net = NetworkConfig(name="geo_distributed", table=path)
+    assert stage_link(net, 0, 1) == Link(0.01, 1e6)
+    with open(path, "w") as f:
+        f.write(HEADER + "X,Y,20,16,\n")  # one field too many: refused, not the cached links
+    os.utime(path, ns=(1, 1))
+    with pytest.raises(ConfigError, match="row 2 has 5 fields"):
+        validate_network_config(net, 6)
+    write(tmp_path, HEADER + "X,Y,20,16\n")
+    assert stage_link(net, 0, 1) == Link(0.02, 2e6)
 
 
 def test_a_table_needs_the_geo_network_and_a_file_that_is_there(tmp_path):
@@ -123,9 +140,19 @@ def test_the_clock_check_runs_a_held_out_table_in_an_out_of_its_own(tmp_path, ca
     assert "its runs need an --out of their own" in capsys.readouterr().err
     out.mkdir()
     (out / check.TABLE_MARK).write_text(json.dumps({"table": "other.csv", "sha256": "0" * 64}))
+    # Another table's mark, but no run of it completed (a failed first attempt): the mended table may go on there.
+    assert check.links_of(table, out) == [f"network.table={table.resolve()}"]
+    done = out / "runs" / "clock_check" / "000_x"
+    done.mkdir(parents=True)
+    (done / "summary.json").write_text(json.dumps({"status": "completed"}))
     with pytest.raises(SystemExit):
         check.links_of(table, out)
     assert "holds runs on other links; allowed: another --out" in capsys.readouterr().err
+    (out / check.TABLE_MARK).write_text("{")
+    with pytest.raises(SystemExit):
+        check.links_of(table, out)
+    assert "table.json is not the file this script writes" in capsys.readouterr().err
+    (out / check.TABLE_MARK).write_text(json.dumps({"table": "other.csv", "sha256": "0" * 64}))
     with pytest.raises(SystemExit):
         check.links_of(None, out)
     assert "holds runs on the links of table.json's table" in capsys.readouterr().err

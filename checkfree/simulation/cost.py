@@ -155,7 +155,12 @@ def _program_seconds(routes: list[list[tuple]], micro_batches: int) -> float:
     Passes are taken in the one global order every program follows, so each pass's inputs and its resource's
     previous pass are already placed: start = max(input ready, resource free). A link's latency delays its
     message and occupies nothing; on the way back it follows the gradient's transmission, as on the way out
-    it follows the activation's. For one route this gives ``_pipeline``'s closed form (a test checks it)."""
+    it follows the activation's. For one route this gives ``_pipeline``'s closed form (a test checks it).
+
+    Each replica's pipeline runs all ``M`` micro-batches, both routes (the clock's weak scaling: docs/design.md,
+    "Nodes and replicas"), where the process engine splits them over the replicas. A host running several stages
+    (a shrunk pipeline) runs ``host_program``'s interleaving of their programs, not this global order: priced this
+    way it is off by up to ~10 % either side (as the closed form is in order)."""
     free: dict = defaultdict(float)
     ready = [0.0] * micro_batches  # when each micro-batch's forward has come out of its last op
     end = 0.0

@@ -9,6 +9,7 @@ model that prices with them is ``checkfree.simulation.cost``.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -188,19 +189,29 @@ TABLE_COLUMNS = ("site_a", "site_b", "latency_ms", "bandwidth_Mbps")
 bandwidth in megabits (10^6 bits) per second, the same both ways."""
 
 
-@lru_cache(maxsize=8)
 def read_table(path: str) -> tuple[tuple[str, ...], dict[frozenset[str], Link]]:
     """The sites of a ``network.table`` file, in order of first appearance (row by row, ``site_a`` before
     ``site_b``: stage ``k`` runs at the ``k mod n``-th), and the link of every pair of them. Every pair of distinct
     sites appears exactly once; a site's own link is the preset's intra-site one (``latency_s``,
-    ``bandwidth_Bps``). A bad file is refused in one sentence naming it, the row and what is allowed."""
+    ``bandwidth_Bps``). A bad file is refused in one sentence naming it, the row and what is allowed. Read once per
+    version of the file (its real path, size and modification time): an edited file is read again."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ConfigError(f"network.table={path!r} is invalid: it cannot be read ({e.__class__.__name__}: {e}).") \
+            from None
+    return _read_table(path, os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=8)
+def _read_table(path: str, real: str, size: int, mtime_ns: int) -> tuple[tuple[str, ...], dict[frozenset[str], Link]]:
     import csv
 
     def bad(what: str) -> None:
         raise ConfigError(f"network.table={path!r} is invalid: {what}.")
 
     try:
-        with open(path, newline="") as f:
+        with open(real, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError) as e:
         bad(f"it cannot be read ({e.__class__.__name__}: {e})")
@@ -214,15 +225,18 @@ def read_table(path: str) -> tuple[tuple[str, ...], dict[frozenset[str], Link]]:
         if len(row) != len(TABLE_COLUMNS):
             bad(f"row {i} has {len(row)} fields, the header {len(TABLE_COLUMNS)}")
         a, b = row[0].strip(), row[1].strip()
-        try:
-            ms, mbps = float(row[2]), float(row[3])
-        except ValueError:
-            bad(f"row {i}: latency_ms={row[2]!r} and bandwidth_Mbps={row[3]!r} must be numbers")
+        numbers = []
+        for column, text in zip(TABLE_COLUMNS[2:], row[2:]):
+            try:
+                numbers.append(float(text))
+            except ValueError:
+                bad(f"row {i}: {column}={text.strip()!r} must be a number")
+        ms, mbps = numbers
         if not a or not b or a == b:
             bad(f"row {i}: a link joins two different named sites, got {a!r} and {b!r} (a site's own link is "
                 "network.latency_s and network.bandwidth_Bps)")
         if not (math.isfinite(ms) and 0 <= ms <= MAX_DELAY_S * 1000):
-            bad(f"row {i}: latency_ms={row[2].strip()} must be a finite number of milliseconds >= 0")
+            bad(f"row {i}: latency_ms={row[2].strip()} must be a number of milliseconds from 0 to {MAX_DELAY_S * 1000:.0e}")
         if not (math.isfinite(mbps) and mbps * 125_000 >= 1):  # at least a byte per second, as every bandwidth
             bad(f"row {i}: bandwidth_Mbps={row[3].strip()} must be a finite number of megabits per second, at least "
                 "8e-06 (one byte per second)")
@@ -230,10 +244,13 @@ def read_table(path: str) -> tuple[tuple[str, ...], dict[frozenset[str], Link]]:
             bad(f"row {i} gives the link {a}-{b} a second time")
         links[_pair(a, b)] = Link(ms / 1000, mbps * 125_000)
         sites += [x for x in (a, b) if x not in sites]
+    if not links:
+        bad("it has no rows: give the link of at least one pair of sites")
     missing = [f"{a}-{b}" for i, a in enumerate(sites) for b in sites[i + 1:] if _pair(a, b) not in links]
-    if len(sites) < 2 or missing:
-        bad(f"it must give the link of every pair of its sites, and {', '.join(missing[:3]) or 'no pair'}"
-            f"{' and more' if len(missing) > 3 else ''} is missing")
+    if missing:
+        bad(f"it must give the link of every pair of its sites, and {', '.join(missing[:3])}"
+            f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''} {'is' if len(missing) == 1 else 'are'} "
+            "missing")
     return tuple(sites), links
 
 
