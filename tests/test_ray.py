@@ -97,7 +97,8 @@ def test_traced_cascading_and_sigkilled_failures_recover_like_local(small_run, t
     rebuilt on a warm standby and the iteration redone. The result is exactly the local run where a trace
     kills stages 0 and 3 at iteration 2 and stage 2 at iteration 5, losses and weights. Afterwards no Ray
     process is left. Ray's 'A worker died' warning names only the SIGKILLed actors, not the one the trace
-    killed. (Resume is the supervisor's, whatever the launcher: tests/test_distributed.py.)"""
+    killed. The Ray run's links are shaped (``engine.shape``), the local one's not: shaping changes no bit.
+    (Resume is the supervisor's, whatever the launcher: tests/test_distributed.py.)"""
     assert not ray.is_initialized()
     sections = {"strategy": {"name": "checkfree_plus"},
                 "trainer": {"iterations": 6, "eval_every": 3}}
@@ -127,8 +128,10 @@ def test_traced_cascading_and_sigkilled_failures_recover_like_local(small_run, t
         threading.Thread(target=kill_then_resume, daemon=True).start()
 
     first = trace(tmp_path / "ray.json", [{"iteration": 2, "stage": 0}])
-    summary = hooked_run(small_run(**sections, failure=first, engine=RAY), run_dir, execute=cascade,
-                         train_step=mid_step).run()
+    # Every byte the actors send shaped to its link (engine.shape): the stamps ahead of each message and the links'
+    # bookings live through the cascade and the kill mid-step, and change no bit.
+    summary = hooked_run(small_run(**sections, failure=first, engine={**RAY, "shape": True}), run_dir,
+                         execute=cascade, train_step=mid_step).run()
 
     assert summary["status"] == "completed" and summary["iterations"] == 6
     listed = workers_file(run_dir)
