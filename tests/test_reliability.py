@@ -148,10 +148,10 @@ RESUME_CASES = {
     # next node to come; the replay is played again to where the saved run was.
     "churn": dict(strategy={"name": "checkfree_plus"}, engine={"replicas": 2},
                   pool=[(0, f"n{i}", "up") for i in range(9)] + [(60, "n1", "down"), (200, "n2", "down"),
-                                                                  (260, "n9", "up"), (420, "n3", "down"),
-                                                                  (421, "n4", "down"), (430, "n5", "down"),
-                                                                  (600, "n10", "up"), (700, "n11", "up"),
-                                                                  (800, "n12", "up"), (5000, "n13", "up")],
+                                                                  (260, "n9", "up"), (330, "n3", "down"),
+                                                                  (331, "n4", "down"), (340, "n5", "down"),
+                                                                  (510, "n10", "up"), (610, "n11", "up"),
+                                                                  (710, "n12", "up"), (5000, "n13", "up")],
                   save_every=1, stop_at=8),
 }
 
