@@ -254,13 +254,6 @@ def _read_table(path: str, real: str, size: int, mtime_ns: int) -> tuple[tuple[s
     return tuple(sites), links
 
 
-def site_of(cfg: NetworkConfig, stage: int) -> str:
-    """Where stage ``stage``'s node runs under geo_distributed: its site in ``network.table``, or the reference's
-    ``GEO_LOCATIONS[k % 7]``."""
-    sites = read_table(cfg.table)[0] if cfg.table is not None else GEO_LOCATIONS
-    return sites[stage % len(sites)]
-
-
 def stage_link(cfg: NetworkConfig, a: int, b: int) -> Link:
     """The link between the nodes of stages ``a`` and ``b`` (symmetric).
 
@@ -271,11 +264,13 @@ def stage_link(cfg: NetworkConfig, a: int, b: int) -> Link:
     intra = _scaled(cfg, cfg.latency_s, cfg.bandwidth_Bps)
     if cfg.name != "geo_distributed":
         return intra
-    la, lb = site_of(cfg, a), site_of(cfg, b)
+    # The table read once a call: the shaper asks for a link at every message it books.
+    sites, links = read_table(cfg.table) if cfg.table is not None else (GEO_LOCATIONS, None)
+    la, lb = sites[a % len(sites)], sites[b % len(sites)]
     if la == lb:
         return intra
-    if cfg.table is not None:
-        link = read_table(cfg.table)[1][_pair(la, lb)]
+    if links is not None:
+        link = links[_pair(la, lb)]
         return _scaled(cfg, link.latency_s, link.bandwidth_Bps)
     ms, gib_s = GEO_TABLE[_pair(la, lb)]
     return _scaled(cfg, ms / 1000, gib_s * GiB)
