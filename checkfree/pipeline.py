@@ -196,6 +196,9 @@ class LocalEngine(StageHost):
         """Extra bytes the held copies (shadows, replicas, snapshots) keep resident on the nodes."""
         return sum(self.held_bytes_per_node())
 
+    def core_seconds(self) -> None:
+        return None  # one process: its time is the wall clock's
+
     def held_bytes_per_node(self) -> list[int]:
         """The same, node by node (the holder of each copy, and each stage's own staging buffer)."""
         per_node = self.held_bytes_of()

@@ -147,8 +147,10 @@ def build_engine(cfg: RunConfig, model: ModelConfig, device, schedule: str | Non
         micro_batch_size=cfg.trainer.micro_batch_size, replicas=cfg.engine.replicas,
         backend=pick_backend(cfg.engine, device, world), store_addr=cfg.engine.master_addr,
         store_port=cfg.engine.master_port, timeout_s=cfg.engine.timeout_s,
-        threads=stage_threads(world), buffer=buffer,
+        # A core clock counts the serving thread's CPU: its stage must compute there alone.
+        threads=1 if cfg.engine.compute_time == "cpu" else stage_threads(world), buffer=buffer,
         network=cfg.network if cfg.engine.shape else None, spread=cfg.engine.replica_placement == "spread",
+        compute_time=cfg.engine.compute_time,
     )
     wall = cfg.engine.failure_clock == "wall"  # the replacement's delay then passes for real
     return ProcessEngine(spec, cfg.engine, respawn_delay_s=cfg.network.replacement_delay_s if wall else 0.0)

@@ -170,6 +170,9 @@ class Trainer:
         self.loss_at_s: float | None = None
         """The simulated time of the loss being recovered (None: now, the clock's current time)."""
         self.start = time.perf_counter()
+        self.core_start = 0.0
+        """``engine.compute_time=cpu``: the emulated seconds at which this run's processes started (a resumed run
+        goes on from the interrupted one's)."""
         self.carried: IterationRecord | None = None
         """The next iteration's record, begun early by a stage lost between two iterations (``between``)."""
 
@@ -560,6 +563,7 @@ class Trainer:
         self.clock.iteration_s = state["iteration_s"]
         # Wall time goes on from where the interrupted run stopped, so wall_time_s stays monotone.
         self.start = time.perf_counter() - state["wall_time_s"]
+        self.core_start = state["wall_time_s"] - (self.engine.core_seconds() or 0.0)
         if "memory" in state:  # absent from states saved before in-memory and asynchronous checkpoints existed
             self.memory.load_state_dict(state["memory"])
             self.flushing = None if state["flushing"] is None else tuple(state["flushing"])
@@ -570,7 +574,11 @@ class Trainer:
         self.between(lambda: self.engine.place(self.hosts.placement))
 
     def wall_time(self) -> float:
-        return time.perf_counter() - self.start
+        """Seconds since training began: the wall clock's, or under ``engine.compute_time=cpu`` the emulated time
+        the stage processes have reached (a core each), where the supervisor's own work between commands is not
+        counted."""
+        core = self.engine.core_seconds()
+        return time.perf_counter() - self.start if core is None else self.core_start + core
 
     # --- validation ----------------------------------------------------------------------------------
 

@@ -25,8 +25,14 @@ time (a timing beside another run's would measure the contention).
 With ``--table links.csv --out DIR`` the geo network's runs take their links from that file (``network.table``:
 another set of measured links, a held-out check of the clock) and one cluster's are not run again.
 
+With ``--compute-time cpu --out DIR`` every stage process keeps its own core's clock (``engine.compute_time=cpu``:
+its CPU seconds, and the waits its links give it jumped over; ``checkfree/transport/core_clock.py``), so one
+cluster can be checked on a machine with fewer cores than stages; the geo network's runs beside them say whether
+the core clocks time what the wall clock does where the wall clock is right. Calm runs only.
+
     python experiments/clock_check.py [--out results/clock_check] [--seeds 2] [--geo-scale 1] [--struck]
     python experiments/clock_check.py --table links.csv --out results/clock_check_links [--seeds 2] [--struck]
+    python experiments/clock_check.py --compute-time cpu --out results/clock_check_cores [--seeds 2]
 """
 
 from __future__ import annotations
@@ -140,6 +146,7 @@ def records_of(runs: list[dict]) -> pd.DataFrame:
         rows.append({"strategy": r["strategy"], "network": r["config"]["network"]["name"],
                      "link_scale": r["config"]["network"]["link_scale"],
                      "table": r["config"]["network"].get("table"), "seed": r["seed"],
+                     "compute_time": r["config"]["engine"].get("compute_time", "wall"),
                      "struck": r["config"]["engine"]["failure_clock"] == "wall",
                      "kills": len([k for k in r.get("wall_failures", []) if k["pid"] is not None]),
                      **{f"iteration_{k}": v for k, v in plain.items()}, **{f"upkeep_{k}": v for k, v in upkeep.items()},
@@ -235,7 +242,8 @@ def scaled(runs: pd.DataFrame) -> str:
     """How the network's links were given, where not as the preset has them."""
     scale, table = runs.link_scale.iloc[0], runs.table.iloc[0] if "table" in runs else None
     notes = ([f"links from {Path(table).name}"] if isinstance(table, str) else []) + \
-        ([f"links x {scale:g} slower"] if scale != 1 else [])
+        ([f"links x {scale:g} slower"] if scale != 1 else []) + \
+        (["a core a stage"] if "compute_time" in runs and runs.compute_time.iloc[0] == "cpu" else [])
     return f" ({', '.join(notes)})" if notes else ""
 
 
@@ -314,6 +322,25 @@ def links_of(table: Path | None, out: Path) -> list[str]:
     return [f"network.table={table.resolve()}"]
 
 
+def times_of(compute_time: str, out: Path, struck: bool) -> list[str]:
+    """Every run's override for ``--compute-time``, after refusing an ``--out`` whose runs kept the other time (or
+    the default one, the wall-clock runs') and struck runs on core clocks (their kills fall on the wall clock)."""
+    if compute_time not in ("wall", "cpu"):
+        refuse("--compute-time", compute_time, "allowed is wall or cpu (engine.compute_time)")
+    if compute_time == "cpu" and struck:
+        refuse("--struck", True, "struck runs kill stage processes at wall times, which no core clock keeps; "
+                                 "allowed with --compute-time cpu: calm runs (no --struck)")
+    if compute_time == "cpu" and out == (ROOT / "results" / "clock_check").resolve():
+        refuse("--compute-time", compute_time, "its runs need an --out of their own (results/clock_check holds the "
+                                               "wall-clock runs)")
+    kept = {json.loads(p.read_text()).get("config", {}).get("engine", {}).get("compute_time", "wall")
+            for p in (out / "runs").rglob("summary.json") if '"completed"' in p.read_text()}
+    if kept - {compute_time}:
+        refuse("--compute-time", compute_time, f"{out} holds runs timed by {', '.join(sorted(kept))}; allowed: that, "
+                                               "or another --out")
+    return ["engine.compute_time=cpu"] if compute_time == "cpu" else []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "clock_check")
@@ -325,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated, of " + ", ".join(STRATEGIES))
     parser.add_argument("--struck", action="store_true",
                         help="also run every point struck by its network's KILLS on the wall clock")
+    parser.add_argument("--compute-time", default="wall",
+                        help="engine.compute_time of every run: wall, or cpu (each stage process on its own core's "
+                             "clock: what one cluster needs on a machine with fewer cores than stages); use another "
+                             "--out")
     parser.add_argument("--report-only", action="store_true", help="write the report from the runs there are")
     args = parser.parse_args(argv)
     RAN.clear()
@@ -337,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         refuse("--strategies", args.strategies, f"a comma-separated list of {', '.join(STRATEGIES)}")
     start, out = time.perf_counter(), args.out.resolve()
     links = links_of(args.table, out) if not args.report_only else []
+    timed = times_of(args.compute_time, out, args.struck) if not args.report_only else []
     out.mkdir(parents=True, exist_ok=True)
     if args.table is not None and not args.report_only:
         (out / TABLE_MARK).write_text(json.dumps({"table": str(args.table.resolve()),
@@ -349,8 +381,8 @@ def main(argv: list[str] | None = None) -> int:
             geo = {"geo_distributed": links}
             # A table changes the geo network's links alone: one cluster's runs would be the reference's again.
             networks = ["geo_distributed"] if args.table is not None else list(NETWORKS)
-            groups_ = [(points(strategies, args.seeds, args.geo_scale, network), out / "runs", geo.get(network, []))
-                       for network in networks]
+            groups_ = [(points(strategies, args.seeds, args.geo_scale, network), out / "runs",
+                        [*geo.get(network, []), *timed]) for network in networks]
             if args.struck:
                 for network in networks:
                     trace = out / f"kills_{network}.json"

@@ -183,6 +183,10 @@ BAD_INPUTS = [
     (["engine.timeout_s=1e9"], r"^engine.timeout_s=1000000000.0 is invalid: .*at most 86400 \(a day\)"),
     (["engine.shape=true"], r"^engine.shape=True is invalid: shaping emulates links between stage processes; "
                             r"allowed with engine.name=local is false"),
+    (["engine.compute_time=gpu"], r"^engine.compute_time='gpu' is invalid: allowed is wall or cpu\.$"),
+    (["engine=distributed", "engine.compute_time=cpu"], r"^engine.compute_time='cpu' is invalid: cpu emulates a core a "
+                                                        r"stage .*engine.shape=False .*needs engine=distributed, its "
+                                                        r"processes launcher, engine.shape=true"),
     (["network.link_scale=0"], r"^network.link_scale=0 is invalid: must be a finite number from 1e-6 to 1e6 \(1: the links as given\)\.$"),
     (["strategy.lr_scale=inf"], r"^strategy.lr_scale=inf is invalid: allowed is a finite number\.$"),
     (["network.latency_s=inf"], r"^network.latency_s=inf is invalid: allowed is a finite number\.$"),

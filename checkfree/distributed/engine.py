@@ -254,6 +254,9 @@ class ProcessEngine:
     def held_bytes(self) -> int:
         return sum(self.held)
 
+    def core_seconds(self) -> float | None:
+        return None if self.pool is None else self.pool.core_now
+
     def held_bytes_per_node(self) -> list[int]:
         return list(self.held)
 

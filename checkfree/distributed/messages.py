@@ -299,6 +299,19 @@ Reply = (Failed | Aborted | Hello | Joined | Ready | Committed | Done | Evaluate
          | KeptUp | Persisted | Loaded | Damaged | State | StateSet)
 
 
+# --- the emulated core's time (``engine.compute_time=cpu``) --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timed:
+    """A command or reply with its sender's emulated time (``checkfree.transport.core_clock``): a command carries
+    the latest time the supervisor has heard, which its worker catches up to before serving it; a reply, the
+    worker's time when it had served it."""
+
+    at: float
+    body: Any
+
+
 def troubled(reply: Any) -> bool:
     """A reply that says the command did not do its work (the pool then bounds how long the others get)."""
     return isinstance(reply, (Failed, Aborted))

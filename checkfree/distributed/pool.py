@@ -85,6 +85,8 @@ class WorkerPool(Protocol):
 
     handles: dict[int, Handle]
     generation: int
+    core_now: float | None
+    """``engine.compute_time=cpu``: the emulated time the workers have reached (``Supervisor.core_now``)."""
 
     def start(self) -> None: ...
 
@@ -139,6 +141,9 @@ class Supervisor(abc.ABC):
         """When each rank's reply to the last ``request`` came in (perf_counter)."""
         self.trouble_at: float | None = None
         """When the last ``request`` first met trouble (a death or a troubled reply), or None."""
+        self.core_now: float | None = 0.0 if spec.compute_time == "cpu" and spec.network is not None else None
+        """``engine.compute_time=cpu``: the latest emulated time a worker has replied with (every command carries
+        it: ``msg.Timed``); None: the run keeps wall time."""
 
     # --- what a launcher provides ------------------------------------------------------------------
 
@@ -287,7 +292,7 @@ class Supervisor(abc.ABC):
             if message is None:
                 continue
             try:
-                self.handles[rank].send(message)
+                self.handles[rank].send(message if self.core_now is None else msg.Timed(self.core_now, message))
             except (BrokenPipeError, OSError):
                 dead.add(rank)
         pending = {rank for rank in commands if rank not in dead}
@@ -303,7 +308,7 @@ class Supervisor(abc.ABC):
             replied, gone_now = self.wait([self.handles[r] for r in pending], timeout)
             for handle in replied:
                 try:
-                    replies[handle.rank] = handle.recv()
+                    replies[handle.rank] = self._untimed(handle.recv())
                     self.replied_at[handle.rank] = time.perf_counter()
                 except (EOFError, OSError):
                     gone_now.append(handle)
@@ -325,6 +330,13 @@ class Supervisor(abc.ABC):
             detect_s = time.perf_counter() - first_trouble if first_trouble is not None else 0.0
             raise WorkersDied({self.handles[r].stage for r in dead}, replies, command, detect_s)
         return replies
+
+    def _untimed(self, reply: msg.Reply | msg.Timed) -> msg.Reply:
+        """A reply's body; a timed reply moves the emulated time on to its worker's, if that is later."""
+        if isinstance(reply, msg.Timed):
+            self.core_now = max(self.core_now or 0.0, reply.at)
+            return reply.body
+        return reply
 
     def broadcast(self, command: msg.Command, ranks: list[int] | None = None) -> dict[int, msg.Reply]:
         """The same command to ``ranks`` (default: all); worker errors become ``WorkerError``."""

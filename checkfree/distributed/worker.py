@@ -54,6 +54,7 @@ from checkfree.stage.host import TAG_MOVE, StageHost
 from checkfree.stage.routes import blame, in_order, route
 from checkfree.stage.schedule import build_schedule
 from checkfree.storage.checkpoints import BackgroundWriter, CheckpointStore, DamagedCheckpoint, shard_bytes
+from checkfree.transport.core_clock import CoreClock
 from checkfree.transport.courier import Courier
 from checkfree.transport.shaper import Shaper
 from checkfree.transport.transfer import Pending, wire_device
@@ -99,6 +100,8 @@ class WorkerSpec:
     (``checkfree.transport.shaper``); None: not shaped."""
     spread: bool = False
     """``engine.replica_placement=spread`` (where a shaped replica's links go)."""
+    compute_time: str = "wall"
+    """``engine.compute_time``: wall, or cpu (this process's time is its own core's: ``CoreClock``)."""
     buffer: int = 0
     """Micro-batches of activations each stage buffers for its neighbours' fitted rebuilds (``strategy.fit_buffer``
     of a fitting strategy; 0: none)."""
@@ -174,6 +177,16 @@ class StageWorker(StageHost):
         self.generation = -1
         self.writers: dict[int, BackgroundWriter] = {}
         """Per stage: persists its shard of an asynchronous checkpoint while training goes on."""
+        self.core: CoreClock | None = None
+        """``engine.compute_time=cpu``: this process's time (``start_clock``, in the thread that serves)."""
+
+    def start_clock(self) -> CoreClock | None:
+        """Under ``engine.compute_time=cpu``, start this process's core clock in the calling thread (the one that
+        serves commands and computes) and give it to the shaper: every wait on a link jumps it from then on."""
+        if self.spec.compute_time == "cpu" and self.shaper is not None:
+            self.core = CoreClock()
+            self.shaper.clock, self.shaper.sleep = self.core.now, self.core.sleep
+        return self.core
 
     def rank_of(self, stage: int) -> int:
         return rank_of(stage, self.spec.replica, self.n)
@@ -334,9 +347,13 @@ class StageWorker(StageHost):
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads]).to(self.wire)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.stage_group)
+        if self.core is not None:  # the ring starts when the last replica's own clock has reached it
+            joined = torch.tensor([self.core.now()], dtype=torch.float64, device=self.wire)
+            dist.all_reduce(joined, op=dist.ReduceOp.MAX, group=self.stage_group)
+            self.core.catch_up(float(joined.item()))
         if self.shaper is not None:  # done when the last replica joined: the ring over the emulated links starts then
-            time.sleep(self.shaper.allreduce_seconds(flat.numel() * flat.element_size(), self.spec.stage,
-                                                     self.spec.replicas))
+            self.shaper.sleep(self.shaper.allreduce_seconds(flat.numel() * flat.element_size(), self.spec.stage,
+                                                            self.spec.replicas))
         for p, piece in zip(params, torch.split(flat, [g.numel() for g in grads])):
             p.grad = piece.view_as(p).to(p.device, copy=True)
 
@@ -432,7 +449,7 @@ class StageWorker(StageHost):
         """Run ``job``, a write or read of checkpoint shards; on shaped links it lasts at least the time its bytes
         (``n_bytes(result)``) take on this node's link to storage from when it began (the disk's own time overlaps
         them)."""
-        began = time.time()
+        began = self.shaper.clock() if self.shaper is not None else 0.0
         result = job()
         if self.shaper is not None:
             self.shaper.wait_until(self.shaper.storage(n_bytes(result), began))
@@ -445,6 +462,8 @@ class StageWorker(StageHost):
             result = self.writers[k].wait() if k in self.writers else None
             if result is not None:
                 digests[k] = result[1]
+        if self.core is not None:  # the flush's bytes were on the storage link until then
+            self.core.settle()
         return msg.Persisted(digests)
 
     def load(self, command: msg.Load) -> msg.Loaded | msg.Damaged:
@@ -565,16 +584,23 @@ def main(conn: Any, spec: WorkerSpec) -> None:
 
 
 def serve(channel: Channel, worker: StageWorker) -> None:
+    core = worker.start_clock()
     while True:
         try:
             command = channel.recv()
         except (EOFError, OSError):  # the supervisor is gone
             return
+        if isinstance(command, msg.Timed):  # engine.compute_time=cpu: nothing here happens before what it follows
+            if core is not None:
+                core.catch_up(command.at)
+            command = command.body
         if isinstance(command, msg.Stop):
             worker.close()  # leave the group before saying so: the supervisor may exit right after
             channel.send(msg.Done())
             return
         reply = worker.handle(command)
+        if core is not None:
+            reply = msg.Timed(core.now(), reply)
         try:
             channel.send(reply)
         except (BrokenPipeError, OSError):

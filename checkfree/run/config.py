@@ -164,6 +164,12 @@ class EngineConfig:
     gives its link — latency + bytes / bandwidth, queued behind what the link already carries
     (``checkfree.transport.shaper``). With ``network.link_scale`` a small model keeps the preset's ratio of
     communication to compute."""
+    compute_time: str = "wall"
+    """The process engine's emulated runs (``engine.shape``): wall (a stage process's compute takes the wall seconds
+    it takes: where the machine has fewer cores than stage processes, they take turns) | cpu (each process counts
+    its own CPU seconds, as if it had a core to itself, and jumps over the waits its links give it instead of
+    sleeping; processes meet at every message and command: ``checkfree.transport.core_clock``). cpu computes with
+    one thread a stage process, on local processes, with failures in simulated time."""
     no_replacement: str = "wait"
     """A lost node whose replacement has not arrived (``failure.replacement``; ``checkfree.simulation.elastic``): wait (the
     pipeline stalls until it is there) | shrink (its stages run on a neighbouring host meanwhile)."""
@@ -303,6 +309,16 @@ def validate_engine(cfg: EngineConfig) -> None:
     require(not cfg.shape or cfg.name == "distributed", "engine.shape", cfg.shape,
             "shaping emulates links between stage processes; allowed with engine.name=local is false "
             "(engine=distributed runs one process per stage)")
+    require(cfg.compute_time in ("wall", "cpu"), "engine.compute_time", cfg.compute_time, "allowed is wall or cpu")
+    if cfg.compute_time == "cpu":
+        # Each process's clock is met by the others only through the times its shaped messages carry, and the
+        # supervisor's wall-clock kills would strike a time no process keeps.
+        require(cfg.name == "distributed" and cfg.launcher == "processes" and cfg.shape
+                and cfg.failure_clock == "simulated", "engine.compute_time", cfg.compute_time,
+                "cpu emulates a core a stage for the stage processes on this machine, timed by their shaped "
+                f"messages; allowed with engine.name={cfg.name!r}, engine.launcher={cfg.launcher!r}, engine.shape="
+                f"{cfg.shape} and engine.failure_clock={cfg.failure_clock!r} is wall (cpu needs engine=distributed, "
+                "its processes launcher, engine.shape=true and engine.failure_clock=simulated)")
     require(cfg.launcher in ("processes", "ray"), "engine.launcher", cfg.launcher, "allowed is processes or ray")
     require(cfg.launcher == "processes" or cfg.name == "distributed", "engine.launcher", cfg.launcher,
             f"it launches the process engine, not engine.name={cfg.name!r}; use engine=ray (engine.name=distributed)")

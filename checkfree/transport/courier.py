@@ -114,7 +114,7 @@ class Courier:
             return
         left, arrival = self.shaper.send_to(self.me, dst_rank, n_bytes)
         pending.add(Shaper.stamp(arrival, self.wire), dst_rank, tag + STAMP)
-        pending.leave_by = max(pending.leave_by, left)
+        pending.leave_by, pending.until = max(pending.leave_by, left), self.shaper.wait_until
 
     def _arrival(self, src_rank: int, tag: int) -> float | None:
         if self.shaper is None:

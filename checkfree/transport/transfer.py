@@ -18,7 +18,7 @@ run gloo and stage their CUDA tensors through host memory.
 from __future__ import annotations
 
 import math
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,8 +41,11 @@ class Pending:
     works: list = field(default_factory=list)
     buffers: list[torch.Tensor] = field(default_factory=list)
     leave_by: float = 0.0
-    """On shaped links (``checkfree.transport.shaper``): the wall time the last of these sends has left its link;
+    """On shaped links (``checkfree.transport.shaper``): the time the last of these sends has left its link;
     ``wait`` waits for it too (0: unshaped)."""
+    until: Callable[[float], None] | None = None
+    """The shaper's ``wait_until`` (its clock: the wall, or the process's own core: ``CoreClock``), set with
+    ``leave_by``."""
 
     def add(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
         self.works.append(dist.isend(tensor, dst=dst, tag=tag))
@@ -52,14 +55,15 @@ class Pending:
         self.works += other.works
         self.buffers += other.buffers
         self.leave_by = max(self.leave_by, other.leave_by)
+        self.until = self.until or other.until
 
     def wait(self) -> None:
         for work in self.works:
             work.wait()
         self.works, self.buffers = [], []
-        delay, self.leave_by = self.leave_by - time.time(), 0.0
-        if delay > 0:
-            time.sleep(delay)
+        if self.until is not None and self.leave_by > 0:
+            self.until(self.leave_by)
+        self.leave_by = 0.0
 
 
 def _sub_tag(tag: int, i: int) -> int:
