@@ -356,3 +356,25 @@ def test_a_fitted_rebuild_pays_its_pairs_on_their_links_and_its_steps_and_its_bu
     assert clock.recovery_seconds(report) == pytest.approx(30 + 8 * 67_108_864 / 1.25e6 + steps_s, rel=1e-9)
     assert clock.memory_per_node([], False, [8, 16, 16, 16, 16, 8]) == [8 * 67_108_864] + [16 * 67_108_864] * 4 + \
         [8 * 67_108_864]
+
+
+def test_a_run_on_core_clocks_profiles_its_compute_in_cpu_seconds(small_run, monkeypatch):
+    """``network.device=profiled`` under ``engine.compute_time=cpu``: the clock times its profile of the model by
+    this thread's CPU seconds (as the stage processes time their compute), not the wall's; under the wall's time, by
+    the wall. Here every pass takes 0.25 s of CPU and 1 s of wall, so the FLOP/s priced are 4x apart exactly."""
+    import itertools
+    import time
+
+    from checkfree.recovery import build_strategy
+
+    wall, cpu = itertools.count(), itertools.count()
+    monkeypatch.setattr(time, "perf_counter", lambda: next(wall) * 1.0)
+    monkeypatch.setattr(time, "thread_time", lambda: next(cpu) * 0.25)
+
+    def flops(**engine) -> float:
+        cfg = small_run(network={"name": "single_cluster", "device": "profiled"}, trainer={"clock_preset": None},
+                        engine={"name": "distributed", "shape": True, **engine})
+        model = cfg.model.with_vocab(300)
+        return Clock.of(cfg, model, build_strategy(cfg.strategy, model.n_stages)).cost.flops_per_s
+
+    assert flops(compute_time="cpu") == pytest.approx(4 * flops(compute_time="wall"), rel=1e-12)

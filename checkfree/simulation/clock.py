@@ -18,6 +18,7 @@ The trainer asks the clock and never prices anything itself.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -76,10 +77,10 @@ class Clock:
     def of(cls, run: RunConfig, model: ModelConfig, strategy: Pricing) -> Clock:
         """The clock of a whole run config (its sections, picked out)."""
         return cls(run.trainer, run.network, run.failure, run.engine.replicas, model, strategy,
-                   run.engine.replica_placement == "spread")
+                   run.engine.replica_placement == "spread", cpu_time=run.engine.compute_time == "cpu")
 
     def __init__(self, trainer: TrainerConfig, network: NetworkConfig, failure: FailureConfig, replicas: int,
-                 model: ModelConfig, strategy: Pricing, spread: bool = False) -> None:
+                 model: ModelConfig, strategy: Pricing, spread: bool = False, cpu_time: bool = False) -> None:
         priced, micro_batch_size = model, trainer.micro_batch_size
         if trainer.clock_preset is not None:
             # Price every iteration as the paper-scale model would cost, so that failure rates per hour
@@ -90,7 +91,8 @@ class Clock:
         if network.device == "profiled":  # the trained model itself, one micro-batch on this machine
             from checkfree.simulation.profiled import profile_flops
 
-            flops = profile_flops(model, trainer.micro_batch_size)
+            # Timed as the run's stage processes time their compute: the wall, or (compute_time=cpu) the CPU.
+            flops = profile_flops(model, trainer.micro_batch_size, timer=time.thread_time if cpu_time else time.perf_counter)
         self.byte_scale = [p / a for p, a in zip(stage_param_counts(priced), stage_param_counts(model))]
         """Per stage: the priced model's parameters over the trained model's. A stage's copy, shard or state is
         priced at its own stage's size (an edge stage's (de)embedding makes its scale another than a middle

@@ -14,13 +14,19 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 from checkfree.model.presets import ModelConfig
 from checkfree.simulation.cost import matmul_params
 
 
-def profile_flops(model: ModelConfig, micro_batch_size: int, repeats: int = 5, seed: int = 0) -> float:
-    """FLOP/s of one micro-batch of ``model`` through all its stages, forward and backward, on one thread."""
+def profile_flops(model: ModelConfig, micro_batch_size: int, repeats: int = 5, seed: int = 0,
+                  timer: Callable[[], float] | None = None) -> float:
+    """FLOP/s of one micro-batch of ``model`` through all its stages, forward and backward, on one thread, timed by
+    ``timer``: the wall's by default; ``time.thread_time`` for runs whose stage processes count their own CPU
+    seconds (``engine.compute_time=cpu``), so that the price and the emulation time compute alike, whatever else
+    the machine is doing while it profiles."""
+    timer = timer or time.perf_counter
     import torch
 
     from checkfree.model.llama import build_stages
@@ -36,12 +42,12 @@ def profile_flops(model: ModelConfig, micro_batch_size: int, repeats: int = 5, s
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         times = []
         for _ in range(repeats + 1):  # the first pass allocates and picks kernels: not counted
-            start = time.perf_counter()
+            start = timer()
             h = inputs
             for visit in in_order(model.n_stages):
                 h = computes[visit.stage].forward(visit.ops, h)
             causal_lm_loss(h, targets).backward()
-            times.append(time.perf_counter() - start)
+            times.append(timer() - start)
             for compute in computes:
                 compute.drop_gradients()
     finally:
