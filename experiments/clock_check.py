@@ -224,6 +224,9 @@ def report(frame: pd.DataFrame, out: Path, minutes: float | None, environment: s
         "to reach a target: this is their time). Mean over seeds. Each run profiles the FLOP/s at its start "
         "(`network.device=profiled`): strategies whose iterations the clock prices alike are ranked by that "
         "measurement's noise as much as by their own. "
+        + ("Runs on a core a stage (`engine.compute_time=cpu`): their measured seconds, and their run-minutes, are "
+           "the stage processes' core clocks' (CPU seconds, waits jumped over), not the wall's, and so is their "
+           "profile. " if "compute_time" in frame and (frame.compute_time == "cpu").any() else "")
         + (f"Wall time of this invocation {minutes:.1f} min; " if minutes is not None else "Written from the runs there; ")
         + f"{frame.wall_s.fillna(0).sum() / 60:.1f} run-minutes in all.\n" + (f"\n{environment}\n" if environment else ""))
     (out / "clock_check.md").write_text(text)
@@ -333,12 +336,14 @@ def times_of(compute_time: str, out: Path, struck: bool) -> list[str]:
     if compute_time == "cpu" and out == (ROOT / "results" / "clock_check").resolve():
         refuse("--compute-time", compute_time, "its runs need an --out of their own (results/clock_check holds the "
                                                "wall-clock runs)")
-    kept = {json.loads(p.read_text()).get("config", {}).get("engine", {}).get("compute_time", "wall")
-            for p in (out / "runs").rglob("summary.json") if '"completed"' in p.read_text()}
+    summaries = [json.loads(p.read_text()) for p in (out / "runs").rglob("summary.json")]
+    kept = {s.get("config", {}).get("engine", {}).get("compute_time", "wall") for s in summaries
+            if s.get("status") == "completed"}
     if kept - {compute_time}:
         refuse("--compute-time", compute_time, f"{out} holds runs timed by {', '.join(sorted(kept))}; allowed: that, "
                                                "or another --out")
-    return ["engine.compute_time=cpu"] if compute_time == "cpu" else []
+    # A core clock counts CPU seconds: the stages compute on the CPU, wherever a GPU is present.
+    return ["engine.compute_time=cpu", "trainer.device=cpu"] if compute_time == "cpu" else []
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -187,6 +187,11 @@ BAD_INPUTS = [
     (["engine=distributed", "engine.compute_time=cpu"], r"^engine.compute_time='cpu' is invalid: cpu emulates a core a "
                                                         r"stage .*engine.shape=False .*needs engine=distributed, its "
                                                         r"processes launcher, engine.shape=true"),
+    (["engine=distributed", "engine.shape=true", "engine.compute_time=cpu", "engine.failure_clock=wall"],
+     r"^engine.compute_time='cpu' is invalid: .*engine.failure_clock='wall' is wall"),
+    (["engine=distributed", "engine.shape=true", "engine.compute_time=cpu"],
+     r"^engine.compute_time='cpu' is invalid: a core clock counts CPU seconds, and trainer.device='auto' may compute "
+     r"on a GPU; allowed: trainer.device=cpu, or engine.compute_time=wall\.$"),
     (["network.link_scale=0"], r"^network.link_scale=0 is invalid: must be a finite number from 1e-6 to 1e6 \(1: the links as given\)\.$"),
     (["strategy.lr_scale=inf"], r"^strategy.lr_scale=inf is invalid: allowed is a finite number\.$"),
     (["network.latency_s=inf"], r"^network.latency_s=inf is invalid: allowed is a finite number\.$"),

@@ -115,3 +115,6 @@ def test_a_resumed_run_keeps_its_failures_clock():
                                           r"'simulated'"):
         check_same_config(saved, wall, "run")
     check_same_config(saved, {**saved, "engine": {**saved["engine"], "timeout_s": 5.0}}, "run")  # may change
+    # Nor the compute time: a resumed run's wall_time_s goes on in the seconds the saved one counted.
+    with pytest.raises(ConfigError, match=r"engine.compute_time='cpu': the saved run has engine.compute_time='wall'"):
+        check_same_config(saved, {**saved, "engine": {**saved["engine"], "compute_time": "cpu"}}, "run")

@@ -436,8 +436,9 @@ class StageWorker(StageHost):
             if command.in_background:
                 state = self.stage_for_background(k)
                 writer = self.writers.setdefault(k, BackgroundWriter())
-                writer.submit(lambda k=k, state=state: self._over_storage(
-                    lambda: CheckpointStore.write_shard(Path(checkpoint), k, state), written_bytes))
+                began = self.shaper.clock() if self.shaper is not None else 0.0  # handed over now, written later
+                writer.submit(lambda k=k, state=state, began=began: self._over_storage(
+                    lambda: CheckpointStore.write_shard(Path(checkpoint), k, state), written_bytes, began))
                 sizes[k] = self.staged[k]
             else:
                 sizes[k], digests[k] = self._over_storage(
@@ -445,11 +446,12 @@ class StageWorker(StageHost):
                     written_bytes)
         return msg.KeptUp(received, self.held_bytes(), sizes, digests)
 
-    def _over_storage(self, job: Any, n_bytes: Any) -> Any:
+    def _over_storage(self, job: Any, n_bytes: Any, began: float | None = None) -> Any:
         """Run ``job``, a write or read of checkpoint shards; on shaped links it lasts at least the time its bytes
-        (``n_bytes(result)``) take on this node's link to storage from when it began (the disk's own time overlaps
-        them)."""
-        began = self.shaper.clock() if self.shaper is not None else 0.0
+        (``n_bytes(result)``) take on this node's link to storage from when it began (now, or ``began``: when a
+        background flush was handed to its writer; the disk's own time overlaps them)."""
+        if began is None:
+            began = self.shaper.clock() if self.shaper is not None else 0.0
         result = job()
         if self.shaper is not None:
             self.shaper.wait_until(self.shaper.storage(n_bytes(result), began))

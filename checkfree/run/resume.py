@@ -32,9 +32,10 @@ MAY_CHANGE = ("trainer.iterations", "trainer.resume", "trainer.save_every", "tra
               "data.cache_dir", "logger.", "engine.")
 
 
-NEVER_CHANGE = ("engine.failure_clock",)
+NEVER_CHANGE = ("engine.failure_clock", "engine.compute_time")
 """Keys under MAY_CHANGE that may not change: the failures' clock decides which draws the saved state holds (the
-simulated clock's, or none while a thread of the supervisor draws them on the wall clock)."""
+simulated clock's, or none while a thread of the supervisor draws them on the wall clock); the compute time, what
+the run's ``wall_time_s`` counts (the wall's seconds, or the processes' core clocks'), which a resume goes on from."""
 
 
 def state_path(run_dir: Path | str) -> Path:

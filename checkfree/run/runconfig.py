@@ -148,6 +148,11 @@ def validate_run_config(run: RunConfig) -> None:
             f"integer >= {-run.seed}")
     validate_placement(run)
     check_vocab(run.model, run.data)
+    # A GPU computes asynchronously and its backward runs on autograd's threads: the serving thread's CPU seconds
+    # would not be its compute.
+    require(run.engine.compute_time == "wall" or run.trainer.device == "cpu", "engine.compute_time",
+            run.engine.compute_time, f"a core clock counts CPU seconds, and trainer.device={run.trainer.device!r} may "
+            "compute on a GPU; allowed: trainer.device=cpu, or engine.compute_time=wall")
     if run.engine.backend == "nccl":
         require(run.trainer.device != "cpu", "engine.backend", "nccl",
                 "NCCL runs on CUDA devices only and trainer.device='cpu'; allowed here: gloo or auto")
