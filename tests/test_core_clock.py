@@ -97,3 +97,47 @@ def test_a_run_on_core_clocks_trains_as_on_the_wall_clock_and_no_faster_than_its
     trained = [r["wall_time_s"] for r in b if "train_loss" in r]
     assert len(trained) == 5
     assert all(later - earlier >= 0.428 for earlier, later in zip(trained, trained[1:])), trained
+
+
+def test_a_command_carries_the_supervisors_time_and_its_reply_the_workers():
+    """The meeting at every command: a worker catches its clock up to the time its command carries before serving it
+    (never back), and its reply carries its own time, which the supervisor keeps the latest of."""
+    import types
+
+    from checkfree.distributed import messages as msg
+    from checkfree.distributed.pool import Supervisor
+    from checkfree.distributed.worker import serve
+
+    class Worker:  # the command loop's view of a stage worker: its clock, and a reply per command
+        def start_clock(self) -> CoreClock:
+            self.core = CoreClock()
+            return self.core
+
+        def handle(self, command):
+            return msg.Done()
+
+        def close(self) -> None:
+            pass
+
+    class Channel:
+        def __init__(self, commands: list) -> None:
+            self.commands, self.sent = list(commands), []
+
+        def recv(self):
+            if not self.commands:
+                raise EOFError  # the supervisor is gone: the loop ends
+            return self.commands.pop(0)
+
+        def send(self, reply) -> None:
+            self.sent.append(reply)
+
+    channel = Channel([msg.Timed(5.0, msg.Abort()), msg.Timed(1.0, msg.Abort())])
+    serve(channel, Worker())
+    first, second = channel.sent
+    assert isinstance(first.body, msg.Done) and isinstance(second.body, msg.Done)
+    assert 5.0 <= first.at < 5.05 and first.at <= second.at < 5.05  # the later, earlier time moved nothing back
+    supervisor = types.SimpleNamespace(core_now=2.0)
+    assert Supervisor._untimed(supervisor, msg.Timed(7.0, msg.Done())) == msg.Done() and supervisor.core_now == 7.0
+    Supervisor._untimed(supervisor, msg.Timed(3.0, msg.Done()))
+    assert supervisor.core_now == 7.0
+    assert Supervisor._untimed(supervisor, msg.Done()) == msg.Done()  # a wall-clock run's reply, untouched
