@@ -153,7 +153,9 @@ def build_engine(cfg: RunConfig, model: ModelConfig, device, schedule: str | Non
         compute_time=cfg.engine.compute_time,
     )
     wall = cfg.engine.failure_clock == "wall"  # the replacement's delay then passes for real
-    return ProcessEngine(spec, cfg.engine, respawn_delay_s=cfg.network.replacement_delay_s if wall else 0.0)
+    core = cfg.engine.compute_time == "cpu"  # or in the processes' emulated time
+    return ProcessEngine(spec, cfg.engine, respawn_delay_s=cfg.network.replacement_delay_s if wall else 0.0,
+                         core_delay_s=cfg.network.replacement_delay_s if core else 0.0)
 
 
 def stage_threads(world: int) -> int:

@@ -28,7 +28,8 @@ another set of measured links, a held-out check of the clock) and one cluster's 
 With ``--compute-time cpu --out DIR`` every stage process keeps its own core's clock (``engine.compute_time=cpu``:
 its CPU seconds, and the waits its links give it jumped over; ``checkfree/transport/core_clock.py``), so one
 cluster can be checked on a machine with fewer cores than stages; the geo network's runs beside them say whether
-the core clocks time what the wall clock does where the wall clock is right. Calm runs only.
+the core clocks time what the wall clock does where the wall clock is right. Struck, a core a stage, the losses
+come in simulated time (``CORE_LOSSES``) and the replacement's delay in the processes' time.
 
     python experiments/clock_check.py [--out results/clock_check] [--seeds 2] [--geo-scale 1] [--struck]
     python experiments/clock_check.py --table links.csv --out results/clock_check_links [--seeds 2] [--struck]
@@ -74,6 +75,10 @@ KILLS: dict[str, list[dict]] = {
 """The losses of the struck runs, in wall seconds since training began (``engine.failure_clock=wall``): two
 intermediate stages, a third and two thirds into a run of 24 iterations on each network (~30 s on the geo
 network, ~14 s on one cluster, measured without failures); the same for every strategy and seed."""
+CORE_LOSSES: list[dict] = [{"iteration": 8, "stage": 2}, {"iteration": 16, "stage": 3}]
+"""The struck runs' losses on a core a stage (``--compute-time cpu``): the same two stages, a third and two thirds
+into the run, at the start of an iteration in simulated time (a wall-clock kill falls at a time no core clock
+keeps); the engine kills the stage's process then, and the replacement's delay passes in the processes' time."""
 STRUCK = ["engine.failure_clock=wall", "network.replacement_delay_s=1"]
 """The struck runs' settings besides their trace: each replacement comes 1 s of real time after its loss."""
 STRUCK_AT = 100
@@ -147,8 +152,9 @@ def records_of(runs: list[dict]) -> pd.DataFrame:
                      "link_scale": r["config"]["network"]["link_scale"],
                      "table": r["config"]["network"].get("table"), "seed": r["seed"],
                      "compute_time": r["config"]["engine"].get("compute_time", "wall"),
-                     "struck": r["config"]["engine"]["failure_clock"] == "wall",
-                     "kills": len([k for k in r.get("wall_failures", []) if k["pid"] is not None]),
+                     "struck": r["config"]["failure"]["name"] == "trace",
+                     "kills": len([k for k in r.get("wall_failures", []) if k["pid"] is not None])
+                     if r["config"]["engine"]["failure_clock"] == "wall" else len(r.get("recoveries", [])),
                      **{f"iteration_{k}": v for k, v in plain.items()}, **{f"upkeep_{k}": v for k, v in upkeep.items()},
                      **{f"recovery_{k}": v for k, v in errors(recoveries).items()},
                      **{f"loss_{k}": v for k, v in errors(struck).items()},
@@ -208,7 +214,10 @@ def report(frame: pd.DataFrame, out: Path, minutes: float | None, environment: s
              *verdicts(calm, ": mean absolute error of the iteration's price", "iteration_error", "iteration",
                        largest=True)]
     if not struck.empty:
-        lines += ["With losses on the wall clock (each network's `KILLS`, replacements 1 s later):", "",
+        core = "compute_time" in frame and (struck.compute_time == "cpu").any()
+        lines += [("With losses in simulated time, a core a stage (`CORE_LOSSES`, replacements 1 s of the processes' "
+                   "time later):" if core else
+                   "With losses on the wall clock (each network's `KILLS`, replacements 1 s later):"), "",
                   *table(struck, STRUCK_COLUMNS, losses=True), "",
                   *verdicts(struck, ", struck: mean absolute error of the whole run's time", "total_error", "total")]
     text = "\n".join(lines) + (
@@ -325,14 +334,11 @@ def links_of(table: Path | None, out: Path) -> list[str]:
     return [f"network.table={table.resolve()}"]
 
 
-def times_of(compute_time: str, out: Path, struck: bool) -> list[str]:
+def times_of(compute_time: str, out: Path) -> list[str]:
     """Every run's override for ``--compute-time``, after refusing an ``--out`` whose runs kept the other time (or
-    the default one, the wall-clock runs') and struck runs on core clocks (their kills fall on the wall clock)."""
+    the default one, the wall-clock runs')."""
     if compute_time not in ("wall", "cpu"):
         refuse("--compute-time", compute_time, "allowed is wall or cpu (engine.compute_time)")
-    if compute_time == "cpu" and struck:
-        refuse("--struck", True, "struck runs kill stage processes at wall times, which no core clock keeps; "
-                                 "allowed with --compute-time cpu: calm runs (no --struck)")
     if compute_time == "cpu" and out == (ROOT / "results" / "clock_check").resolve():
         refuse("--compute-time", compute_time, "its runs need an --out of their own (results/clock_check holds the "
                                                "wall-clock runs)")
@@ -373,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         refuse("--strategies", args.strategies, f"a comma-separated list of {', '.join(STRATEGIES)}")
     start, out = time.perf_counter(), args.out.resolve()
     links = links_of(args.table, out) if not args.report_only else []
-    timed = times_of(args.compute_time, out, args.struck) if not args.report_only else []
+    timed = times_of(args.compute_time, out) if not args.report_only else []
     out.mkdir(parents=True, exist_ok=True)
     if args.table is not None and not args.report_only:
         (out / TABLE_MARK).write_text(json.dumps({"table": str(args.table.resolve()),
@@ -390,10 +396,15 @@ def main(argv: list[str] | None = None) -> int:
                         [*geo.get(network, []), *timed]) for network in networks]
             if args.struck:
                 for network in networks:
-                    trace = out / f"kills_{network}.json"
-                    trace.write_text(json.dumps(KILLS[network], indent=1) + "\n")
+                    if timed:  # a core a stage: the losses in simulated time, the delay in the processes' time
+                        trace, struck = out / f"losses_{network}.json", ["network.replacement_delay_s=1"]
+                        trace.write_text(json.dumps(CORE_LOSSES, indent=1) + "\n")
+                    else:
+                        trace, struck = out / f"kills_{network}.json", STRUCK
+                        trace.write_text(json.dumps(KILLS[network], indent=1) + "\n")
                     groups_.append((points(strategies, args.seeds, args.geo_scale, network, struck=True), out / "runs",
-                                    [*STRUCK, "failure=trace", f"failure.path={trace}", *geo.get(network, [])]))
+                                    [*struck, "failure=trace", f"failure.path={trace}", *geo.get(network, []),
+                                     *timed]))
             runs = [run for group in run_groups(groups_, jobs=1) for run in group]
             for r in runs:  # a run made now: its timings anew (an earlier failed attempt's may be there)
                 if r["run_dir"] in RAN or not (Path(r["run_dir"]) / TIMINGS).is_file():

@@ -64,7 +64,6 @@ def test_a_recovery_and_the_iteration_it_struck_are_compared_with_their_prices()
     (["--geo-scale", "0"], "--geo-scale=0.0 is invalid: allowed is a number from 1e-6 to 1e6"),
     (["--strategies", "checkfree,redundant"], "a comma-separated list of checkfree, checkfree_plus, checkpoint"),
     (["--compute-time", "gpu"], "--compute-time=gpu is invalid: allowed is wall or cpu"),
-    (["--compute-time", "cpu", "--struck"], "--struck=True is invalid: struck runs kill stage processes at wall times"),
 ])
 def test_bad_flags_are_one_sentence_before_any_work(tmp_path, flag, message):
     assert_refused("clock_check", tmp_path / "out", flag, message)

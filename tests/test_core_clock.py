@@ -97,6 +97,13 @@ def test_a_run_on_core_clocks_trains_as_on_the_wall_clock_and_no_faster_than_its
     trained = [r["wall_time_s"] for r in b if "train_loss" in r]
     assert len(trained) == 5
     assert all(later - earlier >= 0.428 for earlier, later in zip(trained, trained[1:])), trained
+    # The replacement's delay (the geo preset's 30 s) passes in the processes' time, not the wall's: the recovery
+    # and the iteration it began take at least that there; the wall run, whose failures are simulated, waits none.
+    delay = small_run(**sections, engine=engine).network.replacement_delay_s
+    recovered = [next(x for r in records for x in r["recoveries"]) for records in (a, b)]
+    assert delay >= 1 and recovered[1]["wall_s"] >= delay > recovered[0]["wall_s"]
+    at = {r["iteration"]: r["wall_time_s"] for r in b if "train_loss" in r}
+    assert at[2] - at[1] >= delay + 0.428, at
 
 
 def test_a_command_carries_the_supervisors_time_and_its_reply_the_workers():

@@ -53,14 +53,20 @@ REPLACE_ATTEMPTS = 5
 
 
 class ProcessEngine:
-    def __init__(self, spec: WorkerSpec, engine: EngineConfig, respawn_delay_s: float = 0.0) -> None:
+    def __init__(self, spec: WorkerSpec, engine: EngineConfig, respawn_delay_s: float = 0.0,
+                 core_delay_s: float = 0.0) -> None:
         self.spec, self.engine = spec, engine
         self.respawn_delay_s = respawn_delay_s
         """``engine.failure_clock=wall``: the real seconds a lost process's replacement takes to come
         (``network.replacement_delay_s``), waited before it is started; 0 on the simulated clock, which prices
         the delay instead."""
+        self.core_delay_s = core_delay_s
+        """``engine.compute_time=cpu``: the same delay in the processes' emulated time (``network.replacement_delay_s``):
+        every process waits for the replacement, so the supervisor's time moves on by it before the new one starts."""
         self.delayed_s = 0.0
         """The replacement delay the recovery under way waited."""
+        self.core_since: float | None = None
+        """``engine.compute_time=cpu``: the emulated time the recovery under way began at."""
         self.n_stages, self.replicas = spec.n_stages, spec.replicas
         self.lrs = [spec.lr] * self.n_stages
         self.finite = [True] * self.n_stages
@@ -342,6 +348,9 @@ class ProcessEngine:
         if missing and self.respawn_delay_s > 0:  # the replacement node comes when it comes
             time.sleep(self.respawn_delay_s)
             self.delayed_s += self.respawn_delay_s
+        if missing and self.core_delay_s > 0 and pool.core_now is not None:  # the same, in emulated time
+            pool.core_now += self.core_delay_s
+            self.delayed_s += self.core_delay_s
         respawn_s = pool.respawn(missing) if missing else 0.0
         leaving = sorted({h.stage for h in pool.handles.values()} - live)
         pool.placement = target
@@ -365,6 +374,8 @@ class ProcessEngine:
         # It began when the loss was noticed: the wait that detected it counts (a cascade's later losses are
         # noticed inside this recovery's time already).
         start = self.recovering_since = self.recovering_since or time.perf_counter() - self.detect_s
+        # compute_time=cpu: the recovery's emulated seconds, from the time its loss was met (a cascade's first).
+        self.core_since = self.core_since if self.core_since is not None else pool.core_now
         self.attempts += 1
         for k in plan.lost:  # where each stage ran when it was lost (a cascade's later attempts keep it)
             self.old_workers.setdefault(k, pool.describe(k) if pool.host_of(k) in pool.handles else {})
@@ -389,7 +400,7 @@ class ProcessEngine:
         except WorkersDied as exc:
             raise self.lost(exc) from None
         transfer_s = time.perf_counter() - t
-        wall = time.perf_counter() - start
+        wall = time.perf_counter() - start if pool.core_now is None else pool.core_now - self.core_since
         for report in reports:
             report.wall_s = wall
             report.process = {"detect_s": self.detect_s, "respawn_s": respawn_s, "rendezvous_s": rendezvous_s,
@@ -399,6 +410,7 @@ class ProcessEngine:
                               **{f"old_{k}": v for k, v in old[report.stage].items()},
                               **{f"new_{k}": v for k, v in pool.describe(report.stage).items()}}
         self.detect_s, self.recovering_since, self.attempts, self.delayed_s = 0.0, None, 0, 0.0
+        self.core_since = None
         self.dead, self.old_workers = set(), {}
         return Outcome(reports, restored)
 
