@@ -33,7 +33,7 @@ come in simulated time (``CORE_LOSSES``) and the replacement's delay in the proc
 
     python experiments/clock_check.py [--out results/clock_check] [--seeds 2] [--geo-scale 1] [--struck]
     python experiments/clock_check.py --table links.csv --out results/clock_check_links [--seeds 2] [--struck]
-    python experiments/clock_check.py --compute-time cpu --out results/clock_check_cores [--seeds 2]
+    python experiments/clock_check.py --compute-time cpu --out results/clock_check_cores [--seeds 2] [--struck]
 """
 
 from __future__ import annotations
