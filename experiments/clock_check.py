@@ -235,7 +235,8 @@ def report(frame: pd.DataFrame, out: Path, minutes: float | None, environment: s
         "measurement's noise as much as by their own. "
         + ("Runs on a core a stage (`engine.compute_time=cpu`): their measured seconds, and their run-minutes, are "
            "the stage processes' core clocks' (CPU seconds, waits jumped over), not the wall's, and so is their "
-           "profile. " if "compute_time" in frame and (frame.compute_time == "cpu").any() else "")
+           "profile; a recovery there is the replacement's delay passed in those clocks, the rendezvous and the "
+           "transfers (its detection and the new process's start are not counted). " if "compute_time" in frame and (frame.compute_time == "cpu").any() else "")
         + (f"Wall time of this invocation {minutes:.1f} min; " if minutes is not None else "Written from the runs there; ")
         + f"{frame.wall_s.fillna(0).sum() / 60:.1f} run-minutes in all.\n" + (f"\n{environment}\n" if environment else ""))
     (out / "clock_check.md").write_text(text)

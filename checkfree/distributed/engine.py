@@ -19,7 +19,9 @@ the processes over a new generation of the process group.
 
 Each report's ``process`` holds the recovery's wall-clock anatomy (``detect_s``, ``respawn_s``,
 ``rendezvous_s``, ``transfer_s`` of its last attempt; ``attempts``), the old and new PIDs and, on Ray, the
-nodes; its ``wall_s`` runs from its first attempt, so a cascade's aborted attempts count.
+nodes; its ``wall_s`` runs from its first attempt, so a cascade's aborted attempts count. Under
+``engine.compute_time=cpu`` its ``wall_s`` and ``replacement_delay_s`` are the processes' emulated seconds (the
+delay passed there, every attempt that respawns), the anatomy's other parts the wall's.
 """
 
 from __future__ import annotations
