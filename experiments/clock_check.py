@@ -214,7 +214,7 @@ def report(frame: pd.DataFrame, out: Path, minutes: float | None, environment: s
              *verdicts(calm, ": mean absolute error of the iteration's price", "iteration_error", "iteration",
                        largest=True)]
     if not struck.empty:
-        core = "compute_time" in frame and (struck.compute_time == "cpu").any()
+        core = on_cores(struck)
         lines += [("With losses in simulated time, a core a stage (`CORE_LOSSES`, replacements 1 s of the processes' "
                    "time later):" if core else
                    "With losses on the wall clock (each network's `KILLS`, replacements 1 s later):"), "",
@@ -236,7 +236,7 @@ def report(frame: pd.DataFrame, out: Path, minutes: float | None, environment: s
         + ("Runs on a core a stage (`engine.compute_time=cpu`): their measured seconds, and their run-minutes, are "
            "the stage processes' core clocks' (CPU seconds, waits jumped over), not the wall's, and so is their "
            "profile; a recovery there is the replacement's delay passed in those clocks, the rendezvous and the "
-           "transfers (its detection and the new process's start are not counted). " if "compute_time" in frame and (frame.compute_time == "cpu").any() else "")
+           "transfers (its detection and the new process's start are not counted). " if on_cores(frame) else "")
         + (f"Wall time of this invocation {minutes:.1f} min; " if minutes is not None else "Written from the runs there; ")
         + f"{frame.wall_s.fillna(0).sum() / 60:.1f} run-minutes in all.\n" + (f"\n{environment}\n" if environment else ""))
     (out / "clock_check.md").write_text(text)
@@ -251,12 +251,18 @@ def groups(frame: pd.DataFrame):
             yield network, strategy, here[here.strategy == strategy]
 
 
+def on_cores(runs: pd.DataFrame) -> bool:
+    """Whether these runs kept the stage processes' core clocks (``--compute-time cpu``; an ``--out`` holds one
+    kind only: ``times_of``)."""
+    return "compute_time" in runs and (runs.compute_time == "cpu").any()
+
+
 def scaled(runs: pd.DataFrame) -> str:
     """How the network's links were given, where not as the preset has them."""
     scale, table = runs.link_scale.iloc[0], runs.table.iloc[0] if "table" in runs else None
     notes = ([f"links from {Path(table).name}"] if isinstance(table, str) else []) + \
         ([f"links x {scale:g} slower"] if scale != 1 else []) + \
-        (["a core a stage"] if "compute_time" in runs and runs.compute_time.iloc[0] == "cpu" else [])
+        (["a core a stage"] if on_cores(runs) else [])
     return f" ({', '.join(notes)})" if notes else ""
 
 

@@ -436,7 +436,7 @@ class StageWorker(StageHost):
             if command.in_background:
                 state = self.stage_for_background(k)
                 writer = self.writers.setdefault(k, BackgroundWriter())
-                began = self.shaper.clock() if self.shaper is not None else 0.0  # handed over now, written later
+                began = self._link_time()  # handed over now, written later
                 writer.submit(lambda k=k, state=state, began=began: self._over_storage(
                     lambda: CheckpointStore.write_shard(Path(checkpoint), k, state), written_bytes, began))
                 sizes[k] = self.staged[k]
@@ -451,11 +451,15 @@ class StageWorker(StageHost):
         (``n_bytes(result)``) take on this node's link to storage from when it began (now, or ``began``: when a
         background flush was handed to its writer; the disk's own time overlaps them)."""
         if began is None:
-            began = self.shaper.clock() if self.shaper is not None else 0.0
+            began = self._link_time()
         result = job()
         if self.shaper is not None:
             self.shaper.wait_until(self.shaper.storage(n_bytes(result), began))
         return result
+
+    def _link_time(self) -> float:
+        """Now, on the clock the shaper books links by (the wall's, or this process's core's); 0 unshaped."""
+        return self.shaper.clock() if self.shaper is not None else 0.0
 
     def flushed(self, command: msg.Flushed) -> msg.Persisted:
         """The digests of the shards this process's stages persisted in the background, once written."""
