@@ -82,3 +82,22 @@ def test_only_pairs_the_seeds_can_tell_apart_are_ranked():
     # One seed each: no spread to judge the noise by, so nothing is resolved; a tie in price is never alike.
     assert check.resolved_pairs(runs.iloc[::2]) == ([], 0)
     assert check.resolved_pairs(runs.assign(predicted=2.0))[1] == 0
+
+
+def test_an_out_holds_runs_of_one_compute_time_only(tmp_path, capsys):
+    """``--compute-time`` refuses an ``--out`` whose completed runs kept the other time, and cpu the default
+    ``--out`` (the wall-clock runs'); a run that never completed does not bind it."""
+    import json
+
+    run = tmp_path / "runs" / "clock_check" / "000_checkfree"
+    run.mkdir(parents=True)
+    summary = {"status": "completed", "config": {"engine": {"compute_time": "wall"}}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert check.times_of("wall", tmp_path) == []
+    with pytest.raises(SystemExit) as refused:
+        check.times_of("cpu", tmp_path)
+    assert refused.value.code == 2 and "holds runs timed by wall" in capsys.readouterr().err
+    (run / "summary.json").write_text(json.dumps({**summary, "status": "failed"}))
+    assert check.times_of("cpu", tmp_path) == ["engine.compute_time=cpu", "trainer.device=cpu"]
+    with pytest.raises(SystemExit):
+        check.times_of("cpu", check.ROOT / "results" / "clock_check")
