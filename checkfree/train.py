@@ -150,7 +150,7 @@ def build_engine(cfg: RunConfig, model: ModelConfig, device, schedule: str | Non
         # A core clock counts the serving thread's CPU: its stage must compute there alone.
         threads=1 if cfg.engine.compute_time == "cpu" else stage_threads(world), buffer=buffer,
         network=cfg.network if cfg.engine.shape else None, spread=cfg.engine.replica_placement == "spread",
-        compute_time=cfg.engine.compute_time,
+        compute_time=cfg.engine.compute_time, shadows=cfg.engine.shadows,
     )
     wall = cfg.engine.failure_clock == "wall"  # the replacement's delay then passes for real
     core = cfg.engine.compute_time == "cpu"  # or in the processes' emulated time

@@ -8,8 +8,8 @@ iterations: the trained model itself (``trainer.clock_preset=null``), at the FLO
 (``network.device=profiled``), with the fp32 activations the processes send (``conf/sweep/clock_check.yaml``).
 Per run, iteration by iteration (the first two, torch's warm-up, and the validation's left out): the measured
 seconds between two records against the simulated seconds the clock added, split into plain iterations and
-iterations with upkeep (a checkpoint, a snapshot). For ``checkfree``, ``checkfree_plus``, ``checkpoint``, ``async_checkpoint`` and ``snapshot_restore``
-(not ``redundant``: ``STRATEGIES`` says why) on two networks (the geo-distributed table, its links ``--geo-scale`` times slower, and one
+iterations with upkeep (a checkpoint, a snapshot). For ``checkfree``, ``checkfree_plus``, ``checkpoint``, ``async_checkpoint``,
+``snapshot_restore`` and ``redundant`` (its shadows computed: ``STRATEGIES``) on two networks (the geo-distributed table, its links ``--geo-scale`` times slower, and one
 cluster), ``--seeds`` seeds. With ``--struck`` every point runs a second time struck by two losses on the wall
 clock (``engine.failure_clock=wall``: the stage's process SIGKILLed at its time, the replacement 1 s later:
 ``KILLS``), and each recovery's real seconds are compared with the clock's price of it, and each iteration that
@@ -62,11 +62,13 @@ STRATEGIES: dict[str, list[str]] = {
     "checkpoint": ["strategy=checkpoint", "strategy.every=6"],
     "async_checkpoint": ["strategy=async_checkpoint", "strategy.every=6"],
     "snapshot_restore": ["strategy=snapshot_restore", "strategy.every=6"],
+    "redundant": ["strategy=redundant", "engine.shadows=compute"],
 }
-"""Each strategy and its overrides: the copies and checkpoints every 6 iterations (3 in a run of 24). Not
-``redundant``: the engines keep its shadows identical by sending each stage's state to its shadow's holder after
-every step (the arithmetic of computing the owner's step, without the compute), so an emulated run would measure a
-copy the clock rightly does not price and miss the compute it does; it needs the shadow's step really computed."""
+"""Each strategy and its overrides: the copies and checkpoints every 6 iterations (3 in a run of 24).
+``redundant`` with its shadows computed by their keepers (``engine.shadows=compute``: Bamboo's forward and
+backward of the successor on every micro-batch, and its gradient's extra hop), what the clock prices; with the
+engines' default, copied after every step, an emulated run would measure a copy the clock does not price and
+miss the compute it does."""
 NETWORKS = ("geo_distributed", "single_cluster")
 KILLS: dict[str, list[dict]] = {
     "geo_distributed": [{"time_s": 10.0, "stage": 2}, {"time_s": 20.0, "stage": 3}],

@@ -43,7 +43,16 @@ from checkfree.distributed.pool import WorkerError, WorkerPool, WorkersDied, rai
 from checkfree.distributed.programs import replica_micro_batches
 from checkfree.distributed.worker import WorkerSpec, from_bytes, rank_of, to_bytes
 from checkfree.engine import Outcome, StagesLost
-from checkfree.plan import Held, RecoveryPlan, Traffic, Upkeep, rebuild_reports, rollback_reports, sent_into
+from checkfree.plan import (
+    RECOMPUTED,
+    Held,
+    RecoveryPlan,
+    Traffic,
+    Upkeep,
+    rebuild_reports,
+    rollback_reports,
+    sent_into,
+)
 from checkfree.run.config import EngineConfig
 from checkfree.simulation.placement import Placement
 from checkfree.stage.compute import StepResult
@@ -92,6 +101,8 @@ class ProcessEngine:
         """Lost stage -> the worker that ran it (PID, node), for the recovery's record."""
         self.steps = 0
         """Optimizer steps taken (numbering the micro-batches the stages' activation rings keep)."""
+        self.computed: set[Held] = set()
+        """``engine.shadows=compute``: the shadows made once and computed by their keepers since."""
 
     def start(self, run_dir: Path | str, fresh: bool = True) -> None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)  # workers.json lists the processes from the start
@@ -149,13 +160,18 @@ class ProcessEngine:
         """As ``LocalEngine.train_step``; with ``skip_nonfinite`` a non-finite loss or gradient norm turns the
         commit into an abort everywhere."""
         last, pool = self.n_stages - 1, self.pool
+        # The token ids go to stage 0 and the targets to stage S-1; computed shadows also need them where the
+        # shadow of stage 0 (kept by S-1) and of stage S-1 (kept by S-2) run.
+        computed = self.spec.shadows == "compute"
+        takes_inputs, takes_targets = {0, last} if computed else {0}, {last, last - 1} if computed else {last}
         messages = {}
         for rank, handle in pool.handles.items():
             mbs = replica_micro_batches(len(batches), self.replicas, handle.replica)
-            stages = pool.stages_of(handle)
+            stages = set(pool.stages_of(handle))
             messages[rank] = msg.Step(
-                inputs={m: batches[m][:, :-1].numpy() for m in mbs} if 0 in stages else {},
-                targets={m: batches[m][:, 1:].numpy() for m in mbs} if last in stages else {}, step=self.steps)
+                inputs={m: batches[m][:, :-1].numpy() for m in mbs} if stages & takes_inputs else {},
+                targets={m: batches[m][:, 1:].numpy() for m in mbs} if stages & takes_targets else {},
+                step=self.steps)
         try:
             ready = pool.request(messages, "step")
         except WorkersDied as exc:
@@ -431,14 +447,20 @@ class ProcessEngine:
 
     def upkeep(self, upkeep: Upkeep, meta: dict[str, Any]) -> Traffic:
         traffic = Traffic()
-        if not upkeep:
+        refresh = list(upkeep.refresh)
+        if self.spec.shadows == "compute":
+            # A shadow its keeper computes is current after every step: only its first copy is sent (a recovery's
+            # plan re-makes a lost keeper's, in ``execute``).
+            refresh = [h for h in refresh if h.what.kept != RECOMPUTED or h not in self.computed]
+            self.computed |= {h for h in refresh if h.what.kept == RECOMPUTED}
+        if not refresh and not upkeep.checkpoint:
             return traffic
         if upkeep.checkpoint:
             self.finish_flush()  # one flush in flight at a time
         saving = self.store.writing(meta["progress"]) if upkeep.checkpoint else contextlib.nullcontext()
         with saving as directory:
             try:
-                replies = self.pool.broadcast(msg.Upkeep(list(upkeep.refresh),
+                replies = self.pool.broadcast(msg.Upkeep(refresh,
                                                          str(directory) if directory is not None else None,
                                                          upkeep.in_background))
             except WorkersDied as exc:

@@ -44,6 +44,7 @@ from checkfree.distributed import messages as msg
 from checkfree.distributed.programs import host_program, message_tag, replica_micro_batches
 from checkfree.distributed.rendezvous import connect_store, is_loopback, join_generation
 from checkfree.distributed.rollcall import CalledOff, answer
+from checkfree.distributed.shadows import SHADOW_GRAD, Shadows, holder_of_grad
 from checkfree.model.init_from import start_from
 from checkfree.model.llama import Stage
 from checkfree.model.presets import ModelConfig
@@ -102,6 +103,9 @@ class WorkerSpec:
     """``engine.replica_placement=spread`` (where a shaped replica's links go)."""
     compute_time: str = "wall"
     """``engine.compute_time``: wall, or cpu (this process's time is its own core's: ``CoreClock``)."""
+    shadows: str = "copy"
+    """``engine.shadows``: copy (a shadow is its owner's state, sent after every step) | compute (the keeper
+    computes it: ``checkfree.distributed.shadows``)."""
     buffer: int = 0
     """Micro-batches of activations each stage buffers for its neighbours' fitted rebuilds (``strategy.fit_buffer``
     of a fitting strategy; 0: none)."""
@@ -179,6 +183,9 @@ class StageWorker(StageHost):
         """Per stage: persists its shard of an asynchronous checkpoint while training goes on."""
         self.core: CoreClock | None = None
         """``engine.compute_time=cpu``: this process's time (``start_clock``, in the thread that serves)."""
+        self.shadows = Shadows(self.n, lambda j: self._compute(Stage(spec.model, j))) \
+            if spec.shadows == "compute" else None
+        """``engine.shadows=compute``: the successor's shadow this process computes (None: shadows are copied)."""
 
     def start_clock(self) -> CoreClock | None:
         """Under ``engine.compute_time=cpu``, start this process's core clock in the calling thread (the one that
@@ -276,9 +283,13 @@ class StageWorker(StageHost):
         except Exception as exc:  # a lost peer (connection closed) or a timeout: discard the iteration
             for k in self.mine:
                 self.computes[k].drop_gradients()
+            if self.shadows is not None:
+                self.shadows.drop()
             self.leave_group()
             return msg.Aborted(f"{type(exc).__name__}: {first_line(exc)}")
         norms = {k: self.computes[k].clip() for k in self.mine}
+        if self.shadows is not None:
+            self.shadows.clip()
         return msg.Ready(loss_sum, tokens, {k: pre for k, (pre, _) in norms.items()},
                          {k: post for k, (_, post) in norms.items()})
 
@@ -286,6 +297,8 @@ class StageWorker(StageHost):
         for k in self.mine:
             self.computes[k].step()
             self.computes[k].drop_gradients()  # a stage process holds nothing between iterations it need not
+        if self.shadows is not None:
+            self.shadows.step(self.held)
         if self.ring is not None:
             self.ring.commit(command.last_seq)
         return msg.Committed(self.lrs(), {k: self.computes[k].finite() for k in self.mine},
@@ -294,6 +307,8 @@ class StageWorker(StageHost):
     def abort(self, command: msg.Abort) -> msg.Done:
         for k in self.mine:
             self.computes[k].drop_gradients()
+        if self.shadows is not None:
+            self.shadows.drop()
         return msg.Done()
 
     def _run_program(self, inputs: dict[int, np.ndarray], targets: dict[int, np.ndarray],
@@ -305,6 +320,14 @@ class StageWorker(StageHost):
         saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
         pending = Pending()
         loss_sum, tokens = 0.0, 0
+        shadows = self.shadows
+        if shadows is not None:
+            shadows.start(self.held, self.mine)
+
+        def shadow_grad(k: int, m: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            sender = (k + 2) % self.n  # the stage after the shadow's owner (in order: its visit's position)
+            return courier.recv(shape, sender, k, message_tag(m, sender, True, self.n) + SHADOW_GRAD, dtype)
+
         for p in program:
             m, v = p.micro_batch, p.visit
             compute = self.computes[v.stage]
@@ -326,6 +349,8 @@ class StageWorker(StageHost):
                     courier.send(out, v.stage, v.next, message_tag(m, v.position, False, self.n), pending)
                     self.note_sent(v, visits[v.position + 1], seq, out)
                 saved[(m, v.position)] = (leaf, out)
+                if shadows is not None:  # after the send: the next stage never waits for the shadow
+                    shadows.forward(v.stage, m, out, inputs.get(m), targets.get(m), self.device)
             else:
                 leaf, out = saved.pop((m, v.position))
                 if v.next is None:
@@ -336,6 +361,16 @@ class StageWorker(StageHost):
                     out.backward(grad)
                 if leaf is not None:
                     courier.send(leaf.grad, v.stage, v.prev, message_tag(m, v.position, True, self.n), pending)
+                    if shadows is not None:  # the same gradient for the shadow of the stage before
+                        courier.send(leaf.grad, v.stage, holder_of_grad(v.stage, self.n),
+                                     message_tag(m, v.position, True, self.n) + SHADOW_GRAD, pending)
+                if shadows is not None and v.stage != self.n - 1:  # the shadow of stage 0 waits for stage 1: below
+                    shadows.backward(v.stage, m, spec.micro_batches,
+                                     lambda shape, dtype, k=v.stage, m=m: shadow_grad(k, m, shape, dtype))
+        if shadows is not None and self.n - 1 in self.mine:
+            for m in mbs:  # ascending, as stage 0 accumulates its own
+                shadows.backward(self.n - 1, m, spec.micro_batches,
+                                 lambda shape, dtype, m=m: shadow_grad(self.n - 1, m, shape, dtype))
         pending.wait()
         return loss_sum, tokens
 

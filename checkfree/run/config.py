@@ -170,6 +170,12 @@ class EngineConfig:
     its own CPU seconds, as if it had a core to itself, and jumps over the waits its links give it instead of
     sleeping; processes meet at every message and command: ``checkfree.transport.core_clock``). cpu computes with
     one thread a stage process, on local processes, with failures in simulated time."""
+    shadows: str = "copy"
+    """How the process engine keeps redundant computation's shadows (``strategy=redundant``): copy (the owner
+    sends its state to the shadow's keeper after every step: exact, the bytes move) | compute (the keeper runs the
+    shadow's forward and backward on every micro-batch and steps it, as Bamboo does: exact, no bytes after its
+    first copy; ``checkfree.distributed.shadows``). compute runs one stage a process (engine.replicas=1,
+    engine.no_replacement=wait)."""
     no_replacement: str = "wait"
     """A lost node whose replacement has not arrived (``failure.replacement``; ``checkfree.simulation.elastic``): wait (the
     pipeline stalls until it is there) | shrink (its stages run on a neighbouring host meanwhile)."""
@@ -319,6 +325,12 @@ def validate_engine(cfg: EngineConfig) -> None:
                 f"messages; allowed with engine.name={cfg.name!r}, engine.launcher={cfg.launcher!r}, engine.shape="
                 f"{cfg.shape} and engine.failure_clock={cfg.failure_clock!r} is wall (cpu needs engine=distributed, "
                 "its processes launcher, engine.shape=true and engine.failure_clock=simulated)")
+    require(cfg.shadows in ("copy", "compute"), "engine.shadows", cfg.shadows, "allowed is copy or compute")
+    require(cfg.shadows == "copy" or (cfg.name == "distributed" and cfg.replicas == 1 and cfg.no_replacement == "wait"),
+            "engine.shadows", cfg.shadows, "compute runs each shadow in its keeper's stage process, one stage a "
+            f"process; allowed with engine.name={cfg.name!r}, engine.replicas={cfg.replicas} and "
+            f"engine.no_replacement={cfg.no_replacement!r} is copy (compute needs engine=distributed, "
+            "engine.replicas=1 and engine.no_replacement=wait)")
     require(cfg.launcher in ("processes", "ray"), "engine.launcher", cfg.launcher, "allowed is processes or ray")
     require(cfg.launcher == "processes" or cfg.name == "distributed", "engine.launcher", cfg.launcher,
             f"it launches the process engine, not engine.name={cfg.name!r}; use engine=ray (engine.name=distributed)")

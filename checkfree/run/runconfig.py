@@ -153,6 +153,9 @@ def validate_run_config(run: RunConfig) -> None:
     require(run.engine.compute_time == "wall" or run.trainer.device == "cpu", "engine.compute_time",
             run.engine.compute_time, f"a core clock counts CPU seconds, and trainer.device={run.trainer.device!r} may "
             "compute on a GPU; allowed: trainer.device=cpu, or engine.compute_time=wall")
+    require(run.engine.shadows == "copy" or strategy_class(run.strategy.name).redundant_compute, "engine.shadows",
+            run.engine.shadows, f"strategy={run.strategy.name} keeps no shadows to compute; allowed: copy (compute "
+            "is for strategy=redundant)")
     if run.engine.backend == "nccl":
         require(run.trainer.device != "cpu", "engine.backend", "nccl",
                 "NCCL runs on CUDA devices only and trainer.device='cpu'; allowed here: gloo or auto")

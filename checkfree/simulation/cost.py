@@ -24,6 +24,7 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from checkfree.model.presets import ModelConfig, edge_param_count, stage_param_counts
 from checkfree.run.config import require
@@ -93,6 +94,20 @@ def _hop_ops(a: int, b: int, seconds: float, latency_s: float = 0.0) -> list[tup
     return ops + [(None, latency_s, latency_s)] if latency_s else ops
 
 
+SIDE = "side"
+"""An op ``((SIDE, resource), forward, backward)``: work that loads ``resource`` but holds no micro-batch up (a
+shadow's passes, after its keeper's own; the shadow's gradient on its own link): in the bottleneck, not the path."""
+
+
+def _side(resource: Any) -> bool:
+    return resource is not None and resource[0] == SIDE
+
+
+def _occupies(resource: Any) -> Any:
+    """The resource an op loads (a side op's own)."""
+    return resource[1] if _side(resource) else resource
+
+
 def _pipeline(routes: list[list[tuple]], micro_batches: int, pipeline: str) -> float:
     """Makespan of one iteration; micro-batch ``m`` takes ``routes[m % len(routes)]``.
 
@@ -121,14 +136,15 @@ def _pipeline(routes: list[list[tuple]], micro_batches: int, pipeline: str) -> f
     if len(routes) > 1:
         return _program_seconds(routes, micro_batches)
     mbs = [routes[m % len(routes)] for m in range(micro_batches)]
-    path_f = sum(f for r in mbs for _, f, _ in r) / micro_batches
-    path_b = sum(b for r in mbs for _, _, b in r) / micro_batches
+    path_f = sum(f for r in mbs for res, f, _ in r if not _side(res)) / micro_batches
+    path_b = sum(b for r in mbs for res, _, b in r if not _side(res)) / micro_batches
     load_f: dict = defaultdict(float)
     load_b: dict = defaultdict(float)
     for path in mbs:
         for res, f, b in path:
             if res is None:  # a delay (a link's latency): on the path, in no resource's load
                 continue
+            res = _occupies(res)
             load_f[res] += f / micro_batches
             load_b[res] += b / micro_batches
     if pipeline == "gpipe":
@@ -177,17 +193,26 @@ def _program_seconds(routes: list[list[tuple]], micro_batches: int) -> float:
     for m in range(micro_batches):
         at = 0.0
         for resource, forward, _ in routes[m % len(routes)]:
-            at = place(resource, forward, at)
+            if _side(resource):  # after the pass before it, holding the micro-batch up nowhere
+                place(resource[1], forward, at)
+            else:
+                at = place(resource, forward, at)
         ready[m] = at
     for m in range(micro_batches):
-        at, latency = ready[m], 0.0
+        at, latency, side = ready[m], 0.0, []
         for resource, _, backward in reversed(routes[m % len(routes)]):
             if resource is None:  # the hop's latency comes after its gradient's transmission
                 latency += backward
                 continue
+            if _side(resource):  # after its stage's backward (next in this reversed walk)
+                side.append((resource[1], backward))
+                continue
             if resource[0] == "stage":  # a pass in the stage's program, even one without FLOPs (the embedding's)
                 at = place(resource, backward, at + latency)
                 latency = 0.0
+                for work in side:
+                    place(*work, at)
+                side = []
             elif backward > 0:
                 at, latency = place(resource, backward, at) + latency, 0.0
         end = max(end, at + latency)
@@ -310,21 +335,28 @@ class CostModel:
         def hop(a: int, b: int) -> list[tuple]:
             return self._hop(host[a], host[b]) if hops and host[a] != host[b] else []
 
-        def visit(k: int, params: int, shadow: bool = True) -> tuple:
-            # Bamboo: stage k also runs the forward of its shadow (k+1) mod S once per micro-batch,
-            # charged inside stage k's forward slot (an upper bound: Bamboo fills some into bubbles).
-            # To keep the shadow's weights and optimizer state *identical* (what makes its restore exact),
-            # it must also run the shadow's backward, which needs the gradient of the shadow's output from
-            # stage k+2: one more hop per micro-batch (network.redundant_backward=false drops both).
-            extra_fwd = extra_bwd = 0.0
-            if shadows and shadow:
-                successor = (k + 1) % s
-                extra_fwd = self._fwd(body[successor])
-                if self.network.redundant_backward:
-                    grad_hop = p2p_seconds(self.act_bytes, stage_link(self.network, host[(k + 2) % s], host[k]))
-                    extra_bwd = self._bwd(body[successor]) + grad_hop
-            return ("stage", host[k]), share[k] * (self._fwd(params) + extra_fwd), \
-                share[k] * (self._bwd(params) + extra_bwd)
+        def visit(k: int, params: int, shadow: bool = True) -> list[tuple]:
+            ops = [(("stage", host[k]), share[k] * self._fwd(params), share[k] * self._bwd(params))]
+            if not (shadows and shadow):
+                return ops
+            # Bamboo: stage k also runs the forward of its shadow (k+1) mod S once per micro-batch. To keep the
+            # shadow's weights and optimizer state *identical* (what makes its restore exact), it also runs the
+            # shadow's backward, on the gradient of the shadow's output that stage k+2 sends it: one more message
+            # a micro-batch (network.redundant_backward=false drops both), none for the shadow of stage S-1, whose
+            # output is the loss, taken on stage S-2 itself. The shadow's work follows its keeper's own pass and
+            # its gradient travels beside the pipeline's, so neither holds a micro-batch up: they load the stage
+            # and the link (SIDE), not the path -- as the process engine's computed shadows run
+            # (checkfree.distributed.shadows; measured there: charged on the path, they over-priced an emulated
+            # iteration by 54 % on the geo-distributed links).
+            successor = (k + 1) % s
+            backward = self.network.redundant_backward
+            ops.append(((SIDE, ("stage", host[k])), share[k] * self._fwd(body[successor]),
+                        share[k] * self._bwd(body[successor]) if backward else 0.0))
+            sender = host[(k + 2) % s]
+            if backward and successor != s - 1 and hops and sender != host[k]:
+                link = stage_link(self.network, sender, host[k])
+                ops.append(((SIDE, ("link", sender, host[k])), 0.0, self.act_bytes / link.bandwidth_Bps))
+            return ops
 
         # One priced route per distinct micro-batch path (checkfree.stage.routes): each visit's compute (the embedding
         # is a gather, no matmul FLOPs), a hop between consecutive visits, and Bamboo's shadow work on visits
@@ -337,7 +369,7 @@ class CostModel:
                 if v.prev is not None:
                     ops += hop(v.prev, v.stage)
                 params = (self.body_params[v.stage] if BODY in v.ops else 0) + (self.head_params if HEAD in v.ops else 0)
-                ops.append(visit(v.stage, params, shadow=BODY in v.ops))
+                ops += visit(v.stage, params, shadow=BODY in v.ops)
             priced.append(ops)
         return priced
 
@@ -355,7 +387,7 @@ class CostModel:
         busy: dict = defaultdict(float)
         for m in range(self.micro_batches):
             for resource, f, b in routes[m % len(routes)]:
-                busy[resource] += (f + b) / self.micro_batches
+                busy[_occupies(resource)] += (f + b) / self.micro_batches
         return max(busy.values())
 
     def replica_link(self, stage: int, spread: bool | None = None) -> Link:

@@ -1,0 +1,91 @@
+"""Redundant computation run for real (``engine.shadows=compute``): each keeper computes its successor's shadow on
+every micro-batch and steps it, and the run is bitwise the one whose shadows are copied after every step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from checkfree.distributed import messages as msg
+from checkfree.distributed.pool import Supervisor
+from checkfree.distributed.shadows import holder_of_grad, kept_by
+from checkfree.run.config import ConfigError
+from checkfree.run.runlog import deterministic_view, read_metrics
+from checkfree.train import train
+
+# An intermediate stage, then an edge stage (stage 0: its shadow is kept by the last stage, which computes it
+# from the token ids and stage 1's gradient), then the last stage (its shadow ends in the loss on stage S-2).
+EVENTS = [{"iteration": 2, "stage": 1}, {"iteration": 4, "stage": 0}, {"iteration": 6, "stage": 3}]
+
+
+def test_who_keeps_which_shadow_and_who_sends_it_its_gradient():
+    assert [kept_by(k, 4).owner for k in range(4)] == [1, 2, 3, 0]
+    # stage i's input gradient is stage i-1's output gradient, whose shadow stage i-2 keeps
+    assert [holder_of_grad(i, 4) for i in range(1, 4)] == [3, 0, 1]
+    assert [kept_by(holder_of_grad(i, 4), 4).owner for i in range(1, 4)] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("pipeline", ["gpipe", "1f1b"])
+def test_computed_shadows_train_and_restore_bitwise_as_copied_ones(pipeline, small_run, tmp_path, monkeypatch):
+    """Losses restored from the shadows (an intermediate, the first and the last stage): the metrics of the run
+    whose keepers compute the shadows are the local engine's, whose shadows are copies, bit for bit, so every
+    shadow was its owner's state to the bit when it was restored; and only the setup sent shadows by
+    ``Upkeep`` (the recoveries re-make a lost keeper's within the plan)."""
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps(EVENTS))
+    sections = {"strategy": {"name": "redundant"}, "failure": {"name": "trace", "path": str(trace)},
+                "trainer": {"iterations": 8, "eval_every": 4}, "network": {"pipeline": pipeline}}
+    local = train(small_run(**sections), tmp_path / "local")
+
+    upkeeps: list[int] = []
+    broadcast = Supervisor.broadcast
+
+    def counting(self, command, *args, **kwargs):
+        if isinstance(command, msg.Upkeep):
+            upkeeps.append(len(command.refresh))
+        return broadcast(self, command, *args, **kwargs)
+
+    monkeypatch.setattr(Supervisor, "broadcast", counting)
+    computed = train(small_run(**sections, engine={"name": "distributed", "timeout_s": 20, "shadows": "compute"}),
+                     tmp_path / "computed")
+    assert computed["status"] == local["status"] == "completed"
+    assert local["n_recoveries"] == len(EVENTS)
+    assert deterministic_view(read_metrics(tmp_path / "computed" / "metrics.jsonl")) == \
+        deterministic_view(read_metrics(tmp_path / "local" / "metrics.jsonl"))
+    for key in ("recoveries", "lost_iterations", "memory_overhead_bytes_per_node", "final_val_loss"):
+        assert computed[key] == local[key], key
+    assert upkeeps == [4]  # the setup's four shadows; none after a step
+
+
+def test_copied_shadows_are_sent_after_every_step(small_run, tmp_path, monkeypatch):
+    """The contrast: engine.shadows=copy refreshes all four shadows after each of the 3 steps, after the setup."""
+    upkeeps: list[int] = []
+    broadcast = Supervisor.broadcast
+
+    def counting(self, command, *args, **kwargs):
+        if isinstance(command, msg.Upkeep):
+            upkeeps.append(len(command.refresh))
+        return broadcast(self, command, *args, **kwargs)
+
+    monkeypatch.setattr(Supervisor, "broadcast", counting)
+    train(small_run(strategy={"name": "redundant"}, trainer={"iterations": 3, "eval_every": 3},
+                    engine={"name": "distributed", "timeout_s": 20}), tmp_path / "copied")
+    assert upkeeps == [4, 4, 4, 4]
+
+
+@pytest.mark.parametrize("sections, words", [
+    ({"strategy": {"name": "checkfree"}, "engine": {"name": "distributed", "shadows": "compute"}},
+     ["engine.shadows", "'compute'", "strategy=checkfree keeps no shadows", "allowed: copy"]),
+    ({"strategy": {"name": "redundant"}, "engine": {"name": "local", "shadows": "compute"}},
+     ["engine.shadows", "'compute'", "engine.name='local'", "engine=distributed"]),
+    ({"strategy": {"name": "redundant"}, "engine": {"name": "distributed", "shadows": "compute", "replicas": 2}},
+     ["engine.shadows", "engine.replicas=2", "engine.replicas=1"]),
+    ({"strategy": {"name": "redundant"}, "engine": {"name": "distributed", "shadows": "both"}},
+     ["engine.shadows", "'both'", "allowed is copy or compute"]),
+])
+def test_computed_shadows_are_refused_where_they_cannot_run(sections, words, small_run):
+    with pytest.raises(ConfigError) as error:
+        small_run(**sections)
+    for word in words:
+        assert word in str(error.value), (word, str(error.value))
