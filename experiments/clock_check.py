@@ -160,7 +160,8 @@ def records_of(runs: list[dict]) -> pd.DataFrame:
                      **{f"iteration_{k}": v for k, v in plain.items()}, **{f"upkeep_{k}": v for k, v in upkeep.items()},
                      **{f"recovery_{k}": v for k, v in errors(recoveries).items()},
                      **{f"loss_{k}": v for k, v in errors(struck).items()},
-                     "total_error": errors(compared + struck)["error"], "wall_s": r.get("total_wall_time_s")})
+                     "total_error": errors(compared + struck)["error"], "wall_s": r.get("total_wall_time_s"),
+                     "machine": (r.get("environment") or {}).get("machine", "not recorded")})
     return pd.DataFrame(rows)
 
 
@@ -277,13 +278,28 @@ def same_ranking(runs: pd.DataFrame, part: str) -> str:
                               for side in ("measured", "predicted")})
     else:
         runs = runs.assign(measured=runs.iteration_measured_s, predicted=runs.iteration_predicted_s)
+    runs, apart = one_machine(runs)
     measured, predicted = ranking(runs, "measured"), ranking(runs, "predicted")
     verdict = "the same ranking" if measured == predicted else "not the same ranking"
     resolved, alike = resolved_pairs(runs)
     return (f"strategies by measured time {', '.join(measured)}; by predicted {', '.join(predicted)} ({verdict}); "
             f"of the {len(resolved)} pairs of strategies whose measured means differ by more than the larger of "
             f"their spreads over 2 or more seeds, the clock orders {alike} alike"
-            + (" (the rest differ by less than the seeds do)." if len(resolved) < math.comb(len(measured), 2) else "."))
+            + (" (the rest differ by less than the seeds do)." if len(resolved) < math.comb(len(measured), 2) else ".")
+            + apart)
+
+
+def one_machine(runs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The runs a ranking may compare: measured seconds are their machine's, so only the strategies whose runs were
+    all made on the machine most runs were made on (a run made before summaries named it counts as one more
+    machine); and a sentence naming the rest, if any."""
+    if "machine" not in runs or runs.machine.nunique() < 2:
+        return runs, ""
+    common = runs.machine.value_counts().index[0]
+    elsewhere = sorted(set(runs.strategy[runs.machine != common]))
+    return runs[~runs.strategy.isin(elsewhere)], (
+        f" Not ranked: {', '.join(elsewhere)}, run on another machine than the rest ({common}), and times compare "
+        "only on one.")
 
 
 def resolved_pairs(runs: pd.DataFrame) -> tuple[list[tuple[str, str]], int]:

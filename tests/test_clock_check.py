@@ -38,7 +38,7 @@ def test_iterations_are_compared_one_by_one_leaving_out_warm_up_validations_and_
 def test_every_point_has_its_own_run_directory_number():
     grid = [p for network in check.NETWORKS for struck in (False, True)
             for p in check.points(list(check.STRATEGIES), 2, 4.0, network, struck)]
-    assert len(grid) == 2 * 2 * 2 * 5 and len({index for _, index, _ in grid}) == len(grid)
+    assert len(grid) == 2 * 2 * 2 * 6 and len({index for _, index, _ in grid}) == len(grid)
     geo = [o for _, _, o in grid if "network=geo_distributed" in o]
     assert all("network.link_scale=4" in o for o in geo)
     assert not any("network.link_scale" in o for _, _, o in grid if "network=single_cluster" in o)
@@ -62,7 +62,7 @@ def test_a_recovery_and_the_iteration_it_struck_are_compared_with_their_prices()
 @pytest.mark.parametrize("flag, message", [
     (["--seeds", "0"], "--seeds=0 is invalid: allowed is an integer >= 1"),
     (["--geo-scale", "0"], "--geo-scale=0.0 is invalid: allowed is a number from 1e-6 to 1e6"),
-    (["--strategies", "checkfree,redundant"], "a comma-separated list of checkfree, checkfree_plus, checkpoint"),
+    (["--strategies", "checkfree,bamboo"], "a comma-separated list of checkfree, checkfree_plus, checkpoint"),
     (["--compute-time", "gpu"], "--compute-time=gpu is invalid: allowed is wall or cpu"),
 ])
 def test_bad_flags_are_one_sentence_before_any_work(tmp_path, flag, message):
@@ -82,6 +82,24 @@ def test_only_pairs_the_seeds_can_tell_apart_are_ranked():
     # One seed each: no spread to judge the noise by, so nothing is resolved; a tie in price is never alike.
     assert check.resolved_pairs(runs.iloc[::2]) == ([], 0)
     assert check.resolved_pairs(runs.assign(predicted=2.0))[1] == 0
+
+
+def test_strategies_run_on_another_machine_are_not_ranked_with_the_rest():
+    import pandas as pd
+
+    # c's runs were made on a faster machine: measured seconds there do not compare with a's and b's; a run made
+    # before summaries named their machine ("not recorded") counts as a machine of its own.
+    runs = pd.DataFrame({"strategy": ["a", "a", "b", "b", "c", "c"],
+                         "machine": ["X, 2 cores"] * 4 + ["Y, 2 cores"] * 2,
+                         "measured": [1.0, 1.0, 2.0, 2.0, 0.5, 0.5], "predicted": [1.0] * 6})
+    kept, note = check.one_machine(runs)
+    assert sorted(set(kept.strategy)) == ["a", "b"]
+    assert note == (" Not ranked: c, run on another machine than the rest (X, 2 cores), and times compare only on "
+                    "one.")
+    same, none = check.one_machine(runs.assign(machine="X, 2 cores"))
+    assert none == "" and len(same) == 6
+    mixed = runs.assign(machine=["X, 2 cores", "not recorded", "X, 2 cores", "X, 2 cores", "X, 2 cores", "X, 2 cores"])
+    assert sorted(set(check.one_machine(mixed)[0].strategy)) == ["b", "c"]
 
 
 def test_an_out_holds_runs_of_one_compute_time_only(tmp_path, capsys):

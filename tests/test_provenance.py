@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 from importlib import metadata
@@ -10,7 +11,7 @@ from importlib import metadata
 import torch
 
 from checkfree.data.loading import TokenBatches
-from checkfree.run.provenance import PACKAGES, describe, environment, tokens_sha256, versions
+from checkfree.run.provenance import PACKAGES, describe, environment, machine, tokens_sha256, versions
 
 
 def test_the_training_digest_is_sha256_of_the_packed_rows_and_changes_with_one_token():
@@ -40,7 +41,10 @@ def test_a_run_summary_carries_the_environment_of_its_corpus(small_run, tmp_path
     run = build_run(small_run(trainer={"iterations": 1, "eval_every": 1}), tmp_path / "run")
     summary = run.run()
     corpus = run.trainer.corpus
-    assert summary["environment"] == {**versions(), "tokens_sha256": tokens_sha256(corpus.train.sha256(), corpus.val)}
+    assert summary["environment"] == {**versions(), "machine": machine(),
+                                      "tokens_sha256": tokens_sha256(corpus.train.sha256(), corpus.val)}
+    # the processor's model and the cores this process may use, as /proc/cpuinfo and the affinity mask say
+    assert machine().endswith(f", {len(os.sched_getaffinity(0))} cores")
     assert environment(corpus) == summary["environment"]
 
 

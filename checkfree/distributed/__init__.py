@@ -11,6 +11,7 @@ Modules, one idea each:
 * ``programs`` — which stage runs which forward / backward pass, in which order (GPipe, 1F1B)
 * ``messages`` — the typed commands and replies of the control channel
 * ``worker`` — the stage worker and the commands it serves
+* ``shadows`` — redundant computation's shadows computed by their keepers (``engine.shadows=compute``)
 * ``rendezvous`` — the store and its generations
 * ``pool`` — what the engine asks of the workers (``WorkerPool``) and the supervisor every launcher shares
 * ``cluster`` — the local launcher: starting, watching, replacing and stopping one process per stage

@@ -10,6 +10,7 @@ summary carries this record, so a report that puts runs side by side can tell wh
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 from collections import Counter
 from importlib import metadata
@@ -58,10 +59,25 @@ def tokens_sha256(train_sha256: str, val: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+def machine() -> str:
+    """The processor model and the number of cores this process may use: CPU kernels round differently from one
+    processor to another, and a run's seconds are its machine's (a report that ranks strategies by measured time
+    ranks runs of one machine only: ``experiments/clock_check.py``)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), model)
+    except OSError:  # not Linux: the platform's own name
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{model}, {cores} cores"
+
+
 def environment(corpus: Corpus) -> dict[str, str]:
     """The record a summary carries: versions (of the libraries, and of the Debian packages a corpus was read
-    from) and the digest of the corpus's tokens (train and validation)."""
-    return {**versions(), **corpus.packages, "tokens_sha256": tokens_sha256(corpus.train.sha256(), corpus.val)}
+    from), the machine, and the digest of the corpus's tokens (train and validation)."""
+    return {**versions(), **corpus.packages, "machine": machine(),
+            "tokens_sha256": tokens_sha256(corpus.train.sha256(), corpus.val)}
 
 
 def label(env: dict[str, str] | None) -> str:
