@@ -15,8 +15,10 @@ from checkfree.run.runlog import deterministic_view, read_metrics
 from checkfree.train import train
 
 # An intermediate stage, then an edge stage (stage 0: its shadow is kept by the last stage, which computes it
-# from the token ids and stage 1's gradient), then the last stage (its shadow ends in the loss on stage S-2).
-EVENTS = [{"iteration": 2, "stage": 1}, {"iteration": 4, "stage": 0}, {"iteration": 6, "stage": 3}]
+# from the token ids and stage 1's gradient), then the last stage (its shadow ends in the loss on stage S-2), then
+# stage 1 again, from the shadow stage 0's replacement was given by copy at iteration 4 and computed since.
+EVENTS = [{"iteration": 2, "stage": 1}, {"iteration": 4, "stage": 0}, {"iteration": 6, "stage": -1},
+          {"iteration": 7, "stage": 1}]
 
 
 def test_who_keeps_which_shadow_and_who_sends_it_its_gradient():
@@ -26,16 +28,20 @@ def test_who_keeps_which_shadow_and_who_sends_it_its_gradient():
     assert [kept_by(holder_of_grad(i, 4), 4).owner for i in range(1, 4)] == [0, 1, 2]
 
 
-@pytest.mark.parametrize("pipeline", ["gpipe", "1f1b"])
-def test_computed_shadows_train_and_restore_bitwise_as_copied_ones(pipeline, small_run, tmp_path, monkeypatch):
-    """Losses restored from the shadows (an intermediate, the first and the last stage): the metrics of the run
-    whose keepers compute the shadows are the local engine's, whose shadows are copies, bit for bit, so every
-    shadow was its owner's state to the bit when it was restored; and only the setup sent shadows by
-    ``Upkeep`` (the recoveries re-make a lost keeper's within the plan)."""
+@pytest.mark.parametrize("pipeline, n_stages, micro_batches", [("gpipe", 4, 2), ("1f1b", 4, 6), ("gpipe", 3, 2)])
+def test_computed_shadows_train_and_restore_bitwise_as_copied_ones(pipeline, n_stages, micro_batches, small_run,
+                                                                   tmp_path, monkeypatch):
+    """Losses restored from the shadows (an intermediate, the first and the last stage, and one from a shadow made
+    anew by a recovery): the metrics of the run whose keepers compute the shadows are the local engine's, whose
+    shadows are copies, bit for bit, so every shadow was its owner's state to the bit when it was restored; and
+    only the setup sent shadows by ``Upkeep`` (the recoveries re-make a lost keeper's within the plan). With 3
+    stages the shadow of stage 0 gets its gradient on the link stage 1's activations take to stage 2; 1F1B with 6
+    micro-batches reaches its steady state (one forward, one backward) on every stage."""
     trace = tmp_path / "trace.json"
-    trace.write_text(json.dumps(EVENTS))
+    trace.write_text(json.dumps([{**e, "stage": e["stage"] % n_stages} for e in EVENTS]))
     sections = {"strategy": {"name": "redundant"}, "failure": {"name": "trace", "path": str(trace)},
-                "trainer": {"iterations": 8, "eval_every": 4}, "network": {"pipeline": pipeline}}
+                "trainer": {"iterations": 8, "eval_every": 4, "micro_batches": micro_batches},
+                "network": {"pipeline": pipeline}, "model": {"n_stages": n_stages}}
     local = train(small_run(**sections), tmp_path / "local")
 
     upkeeps: list[int] = []
@@ -55,7 +61,7 @@ def test_computed_shadows_train_and_restore_bitwise_as_copied_ones(pipeline, sma
         deterministic_view(read_metrics(tmp_path / "local" / "metrics.jsonl"))
     for key in ("recoveries", "lost_iterations", "memory_overhead_bytes_per_node", "final_val_loss"):
         assert computed[key] == local[key], key
-    assert upkeeps == [4]  # the setup's four shadows; none after a step
+    assert upkeeps == [n_stages]  # the setup's shadows; none after a step
 
 
 def test_copied_shadows_are_sent_after_every_step(small_run, tmp_path, monkeypatch):
@@ -83,6 +89,9 @@ def test_copied_shadows_are_sent_after_every_step(small_run, tmp_path, monkeypat
      ["engine.shadows", "engine.replicas=2", "engine.replicas=1"]),
     ({"strategy": {"name": "redundant"}, "engine": {"name": "distributed", "shadows": "both"}},
      ["engine.shadows", "'both'", "allowed is copy or compute"]),
+    ({"strategy": {"name": "redundant"}, "engine": {"name": "distributed", "shadows": "compute"},
+      "model": {"n_stages": 3}, "trainer": {"device": "cuda"}},
+     ["engine.shadows", "model.n_stages=3", "NCCL", "trainer.device='cuda'", "allowed: copy"]),
 ])
 def test_computed_shadows_are_refused_where_they_cannot_run(sections, words, small_run):
     with pytest.raises(ConfigError) as error:

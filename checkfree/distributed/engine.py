@@ -452,7 +452,6 @@ class ProcessEngine:
             # A shadow its keeper computes is current after every step: only its first copy is sent (a recovery's
             # plan re-makes a lost keeper's, in ``execute``).
             refresh = [h for h in refresh if h.what.kept != RECOMPUTED or h not in self.computed]
-            self.computed |= {h for h in refresh if h.what.kept == RECOMPUTED}
         if not refresh and not upkeep.checkpoint:
             return traffic
         if upkeep.checkpoint:
@@ -465,6 +464,8 @@ class ProcessEngine:
                                                          upkeep.in_background))
             except WorkersDied as exc:
                 raise self.lost(exc) from None
+            if self.spec.shadows == "compute":  # made now: computed by their keepers from here on
+                self.computed |= {h for h in refresh if h.what.kept == RECOMPUTED}
             self._note_held(replies)
             for rank in self.first_ranks():
                 for key, n_bytes in replies[rank].received:

@@ -277,6 +277,8 @@ class StageWorker(StageHost):
             self.ring.discard()  # what an aborted or failed step noted: only a committed step keeps its notes
         for k in self.mine:
             self.computes[k].train()
+        if self.shadows is not None:  # outside the try: a shadow missing here is a fault, not a lost peer
+            self.shadows.start(self.held, self.mine)
         try:
             loss_sum, tokens = self._run_program(command.inputs, command.targets, command.step)
             self._allreduce_gradients()
@@ -321,12 +323,11 @@ class StageWorker(StageHost):
         pending = Pending()
         loss_sum, tokens = 0.0, 0
         shadows = self.shadows
-        if shadows is not None:
-            shadows.start(self.held, self.mine)
 
         def shadow_grad(k: int, m: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-            sender = (k + 2) % self.n  # the stage after the shadow's owner (in order: its visit's position)
-            return courier.recv(shape, sender, k, message_tag(m, sender, True, self.n) + SHADOW_GRAD, dtype)
+            sender = in_order(self.n)[(k + 2) % self.n]  # the visit after the shadow's owner's
+            return courier.recv(shape, sender.stage, k, message_tag(m, sender.position, True, self.n) + SHADOW_GRAD,
+                                dtype)
 
         for p in program:
             m, v = p.micro_batch, p.visit

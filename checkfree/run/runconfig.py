@@ -156,6 +156,12 @@ def validate_run_config(run: RunConfig) -> None:
     require(run.engine.shadows == "copy" or strategy_class(run.strategy.name).redundant_compute, "engine.shadows",
             run.engine.shadows, f"strategy={run.strategy.name} keeps no shadows to compute; allowed: copy (compute "
             "is for strategy=redundant)")
+    # With 3 stages stage 1 sends the shadow of stage 0 its gradient on the link its activations take to stage 2;
+    # NCCL matches a pair's messages in order, not by tag, so that gradient would be taken for an activation.
+    require(run.engine.shadows == "copy" or run.model.n_stages != 3 or run.trainer.device == "cpu", "engine.shadows",
+            run.engine.shadows, f"with model.n_stages=3 a shadow's gradient shares a link with activations, which NCCL "
+            f"cannot tell apart (trainer.device={run.trainer.device!r}); allowed: copy, or trainer.device=cpu (gloo), "
+            "or another number of stages")
     if run.engine.backend == "nccl":
         require(run.trainer.device != "cpu", "engine.backend", "nccl",
                 "NCCL runs on CUDA devices only and trainer.device='cpu'; allowed here: gloo or auto")

@@ -108,6 +108,15 @@ def _occupies(resource: Any) -> Any:
     return resource[1] if _side(resource) else resource
 
 
+def _tail(route: list[tuple]) -> float:
+    """The side work (``SIDE``) of a route's last stage in the forward pass and of its first in the backward."""
+    stages = [res for res, _, _ in route if res is not None and res[0] == "stage"]
+    if not stages:
+        return 0.0
+    return sum(f for res, f, _ in route if _side(res) and res[1] == stages[-1]) + \
+        sum(b for res, _, b in route if _side(res) and res[1] == stages[0])
+
+
 def _pipeline(routes: list[list[tuple]], micro_batches: int, pipeline: str) -> float:
     """Makespan of one iteration; micro-batch ``m`` takes ``routes[m % len(routes)]``.
 
@@ -147,12 +156,15 @@ def _pipeline(routes: list[list[tuple]], micro_batches: int, pipeline: str) -> f
             res = _occupies(res)
             load_f[res] += f / micro_batches
             load_b[res] += b / micro_batches
+    # Side work holds no micro-batch up, but two pieces of it lie on the iteration's span: the last stage's after
+    # its last forward (before its first backward) and the first stage's after its last backward.
+    tail = sum(_tail(r) for r in mbs) / micro_batches
     if pipeline == "gpipe":
-        return path_f + path_b + (micro_batches - 1) * (max(load_f.values()) + max(load_b.values()))
+        return path_f + path_b + tail + (micro_batches - 1) * (max(load_f.values()) + max(load_b.values()))
     if pipeline == "1f1b":
         in_flight = max(1, sum(1 for r in load_f if r[0] == "stage"))  # S: one micro-batch in flight a stage
         return max(path_f + path_b + (micro_batches - 1) * max(load_f[r] + load_b[r] for r in load_f),
-                   math.ceil(micro_batches / in_flight) * (path_f + path_b))
+                   math.ceil(micro_batches / in_flight) * (path_f + path_b)) + tail
     raise ValueError(f"pipeline={pipeline!r} is unknown; allowed: ['1f1b', 'gpipe'].")
 
 
@@ -194,7 +206,7 @@ def _program_seconds(routes: list[list[tuple]], micro_batches: int) -> float:
         at = 0.0
         for resource, forward, _ in routes[m % len(routes)]:
             if _side(resource):  # after the pass before it, holding the micro-batch up nowhere
-                place(resource[1], forward, at)
+                end = max(end, place(resource[1], forward, at))
             else:
                 at = place(resource, forward, at)
         ready[m] = at
@@ -211,7 +223,7 @@ def _program_seconds(routes: list[list[tuple]], micro_batches: int) -> float:
                 at = place(resource, backward, at + latency)
                 latency = 0.0
                 for work in side:
-                    place(*work, at)
+                    end = max(end, place(*work, at))
                 side = []
             elif backward > 0:
                 at, latency = place(resource, backward, at) + latency, 0.0
