@@ -297,6 +297,20 @@ def test_a_shadow_s_gradient_loads_its_own_link_and_the_last_stage_s_needs_none(
     assert cm.iteration_seconds(shadows=True) == pytest.approx(cm.iteration_seconds())
 
 
+def test_a_shadow_backward_waits_for_its_gradient_and_the_first_stage_s_comes_last():
+    """Three stages, no compute but the keeper of stage 0's shadow (stage 2): 1 s of backward, on the gradient stage
+    1 sends it over a link of 5 s latency. Hops 1 s each way. Stage 1's backward ends at 3 s (forward to stage 2 at
+    2 s, back 1 s); the gradient reaches stage 2 at 8 s, its shadow's backward runs 8-9 s, after every pass of the
+    program (stage 0 ends at 4 s). Without the message it would run right after stage 2's own backward."""
+    needs = (("stage", 1), ("link", 1, 2), 0.0, 5.0)
+    route = [(("stage", 0), 0.0, 0.0), (None, 1.0, 1.0), (("stage", 1), 0.0, 0.0), (None, 1.0, 1.0),
+             (("stage", 2), 0.0, 0.0), ((SIDE, ("stage", 2), needs), 0.0, 1.0), ((SIDE, needs[1]), 0.0, 0.0)]
+    assert _program_seconds([route], 1) == pytest.approx(9.0)
+    assert _pipeline([route], 1, "gpipe") == pytest.approx(9.0)  # a side op waiting on a message: played out
+    free = [op if op[0] is None or op[0][0] != SIDE else ((SIDE, op[0][1], None), *op[1:]) for op in route]
+    assert _program_seconds([free], 1) == pytest.approx(4.0)
+
+
 def test_side_work_loads_its_resource_and_holds_no_micro_batch_up():
     """Stage 0 (1 s forward, 2 s backward) also does 5 s of side work after each forward; stage 1 (1 s, 2 s) waits
     only for stage 0's own forward. GPipe, 3 micro-batches: forwards 2 s of path + 2 x stage 0's 6 s slot, then

@@ -95,8 +95,10 @@ def _hop_ops(a: int, b: int, seconds: float, latency_s: float = 0.0) -> list[tup
 
 
 SIDE = "side"
-"""An op ``((SIDE, resource), forward, backward)``: work that loads ``resource`` but holds no micro-batch up (a
-shadow's passes, after its keeper's own; the shadow's gradient on its own link): in the bottleneck, not the path."""
+"""An op ``((SIDE, resource[, needs]), forward, backward)``: work that loads ``resource`` but holds no micro-batch up
+(a shadow's passes, after its keeper's own; the shadow's gradient on its own link): in the bottleneck, not the
+path. ``needs`` = ``(sender's stage, link, transfer seconds, latency seconds)``: its backward waits for a message
+that the sender's backward of the same micro-batch sends over that link (``_program_seconds`` plays it out)."""
 
 
 def _side(resource: Any) -> bool:
@@ -142,8 +144,9 @@ def _pipeline(routes: list[list[tuple]], micro_batches: int, pipeline: str) -> f
     With several route types (CheckFree+) the jobs are not identical and no closed form holds: the iteration is
     the stage programs' own schedule, played out (``_program_seconds``).
     """
-    if len(routes) > 1:
-        return _program_seconds(routes, micro_batches)
+    if len(routes) > 1 or (pipeline == "gpipe" and any(len(res) > 2 for r in routes for res, _, _ in r
+                                                        if _side(res))):
+        return _program_seconds(routes, micro_batches)  # several routes, or side work waiting on a message
     mbs = [routes[m % len(routes)] for m in range(micro_batches)]
     path_f = sum(f for r in mbs for res, f, _ in r if not _side(res)) / micro_batches
     path_b = sum(b for r in mbs for res, _, b in r if not _side(res)) / micro_batches
@@ -210,6 +213,13 @@ def _program_seconds(routes: list[list[tuple]], micro_batches: int) -> float:
             else:
                 at = place(resource, forward, at)
         ready[m] = at
+    done: dict = {}  # (micro-batch, stage resource) -> when its backward pass ended
+    last: list = []  # side backwards whose message comes from a stage the walk has not reached: the program's end
+
+    def arrival(m: int, needs: tuple) -> float:
+        sender, link, transfer, latency_s = needs
+        return place(link, transfer, done[(m, sender)]) + latency_s
+
     for m in range(micro_batches):
         at, latency, side = ready[m], 0.0, []
         for resource, _, backward in reversed(routes[m % len(routes)]):
@@ -217,17 +227,24 @@ def _program_seconds(routes: list[list[tuple]], micro_batches: int) -> float:
                 latency += backward
                 continue
             if _side(resource):  # after its stage's backward (next in this reversed walk)
-                side.append((resource[1], backward))
+                needs = resource[2] if len(resource) > 2 else None
+                if needs is not None and (m, needs[0]) not in done:  # its sender comes later: after every pass
+                    last.append((m, resource[1], backward, needs))
+                elif resource[1][0] == "stage":  # (a side link's time is its message's, placed with it)
+                    side.append((resource[1], backward, arrival(m, needs) if needs is not None else 0.0))
                 continue
             if resource[0] == "stage":  # a pass in the stage's program, even one without FLOPs (the embedding's)
                 at = place(resource, backward, at + latency)
+                done[(m, resource)] = at
                 latency = 0.0
-                for work in side:
-                    end = max(end, place(*work, at))
+                for keeper, seconds, message in side:
+                    end = max(end, place(keeper, seconds, max(at, message)))
                 side = []
             elif backward > 0:
                 at, latency = place(resource, backward, at) + latency, 0.0
         end = max(end, at + latency)
+    for m, keeper, seconds, needs in last:
+        end = max(end, place(keeper, seconds, arrival(m, needs)))
     return max(end, *ready)
 
 
@@ -360,14 +377,21 @@ class CostModel:
             # and the link (SIDE), not the path -- as the process engine's computed shadows run
             # (checkfree.distributed.shadows; measured there: charged on the path, they over-priced an emulated
             # iteration by 54 % on the geo-distributed links).
+            # Played out (GPipe), the shadow's backward waits for its gradient, after its keeper's own backward --
+            # the shadow of stage 0, whose gradient stage 1 sends at the end of the backward pass, after the
+            # keeper's last pass (a slow link 1 -> S-1 then lengthens the iteration).
             successor = (k + 1) % s
             backward = self.network.redundant_backward
-            ops.append(((SIDE, ("stage", host[k])), share[k] * self._fwd(body[successor]),
-                        share[k] * self._bwd(body[successor]) if backward else 0.0))
             sender = host[(k + 2) % s]
+            needs = None
             if backward and successor != s - 1 and hops and sender != host[k]:
                 link = stage_link(self.network, sender, host[k])
-                ops.append(((SIDE, ("link", sender, host[k])), 0.0, self.act_bytes / link.bandwidth_Bps))
+                transfer = self.act_bytes / link.bandwidth_Bps
+                needs = (("stage", sender), ("link", sender, host[k]), transfer, link.latency_s)
+            ops.append(((SIDE, ("stage", host[k]), needs), share[k] * self._fwd(body[successor]),
+                        share[k] * self._bwd(body[successor]) if backward else 0.0))
+            if needs is not None:
+                ops.append(((SIDE, needs[1]), 0.0, needs[2]))
             return ops
 
         # One priced route per distinct micro-batch path (checkfree.stage.routes): each visit's compute (the embedding
