@@ -297,9 +297,10 @@ def one_machine(runs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
         return runs, ""
     common = runs.machine.value_counts().index[0]
     elsewhere = sorted(set(runs.strategy[runs.machine != common]))
+    where = "made before summaries named their machine" if common == "not recorded" else f"on {common}"
     return runs[~runs.strategy.isin(elsewhere)], (
-        f" Not ranked: {', '.join(elsewhere)}, run on another machine than the rest ({common}), and times compare "
-        "only on one.")
+        f" Not ranked: {', '.join(elsewhere)}, whose runs were made on another machine than the rest's ({where}): "
+        "times compare on one machine only.")
 
 
 def resolved_pairs(runs: pd.DataFrame) -> tuple[list[tuple[str, str]], int]:

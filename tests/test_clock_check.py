@@ -94,12 +94,16 @@ def test_strategies_run_on_another_machine_are_not_ranked_with_the_rest():
                          "measured": [1.0, 1.0, 2.0, 2.0, 0.5, 0.5], "predicted": [1.0] * 6})
     kept, note = check.one_machine(runs)
     assert sorted(set(kept.strategy)) == ["a", "b"]
-    assert note == (" Not ranked: c, run on another machine than the rest (X, 2 cores), and times compare only on "
-                    "one.")
+    assert note == (" Not ranked: c, whose runs were made on another machine than the rest's (on X, 2 cores): "
+                    "times compare on one machine only.")
     same, none = check.one_machine(runs.assign(machine="X, 2 cores"))
     assert none == "" and len(same) == 6
     mixed = runs.assign(machine=["X, 2 cores", "not recorded", "X, 2 cores", "X, 2 cores", "X, 2 cores", "X, 2 cores"])
     assert sorted(set(check.one_machine(mixed)[0].strategy)) == ["b", "c"]
+    old = runs.assign(machine=["not recorded"] * 4 + ["Y, 2 cores"] * 2)
+    assert check.one_machine(old)[1] == (" Not ranked: c, whose runs were made on another machine than the rest's "
+                                         "(made before summaries named their machine): times compare on one machine "
+                                         "only.")
 
 
 def test_an_out_holds_runs_of_one_compute_time_only(tmp_path, capsys):
