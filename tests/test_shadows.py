@@ -21,6 +21,20 @@ EVENTS = [{"iteration": 2, "stage": 1}, {"iteration": 4, "stage": 0}, {"iteratio
           {"iteration": 7, "stage": 1}]
 
 
+def held_copies_sent(monkeypatch) -> list[int]:
+    """Filled, as the supervisor sends them, with the number of held copies each ``Upkeep`` command refreshes."""
+    upkeeps: list[int] = []
+    broadcast = Supervisor.broadcast
+
+    def counting(self, command, *args, **kwargs):
+        if isinstance(command, msg.Upkeep):
+            upkeeps.append(len(command.refresh))
+        return broadcast(self, command, *args, **kwargs)
+
+    monkeypatch.setattr(Supervisor, "broadcast", counting)
+    return upkeeps
+
+
 def test_who_keeps_which_shadow_and_who_sends_it_its_gradient():
     assert [kept_by(k, 4).owner for k in range(4)] == [1, 2, 3, 0]
     # stage i's input gradient is stage i-1's output gradient, whose shadow stage i-2 keeps
@@ -44,15 +58,7 @@ def test_computed_shadows_train_and_restore_bitwise_as_copied_ones(pipeline, n_s
                 "network": {"pipeline": pipeline}, "model": {"n_stages": n_stages}}
     local = train(small_run(**sections), tmp_path / "local")
 
-    upkeeps: list[int] = []
-    broadcast = Supervisor.broadcast
-
-    def counting(self, command, *args, **kwargs):
-        if isinstance(command, msg.Upkeep):
-            upkeeps.append(len(command.refresh))
-        return broadcast(self, command, *args, **kwargs)
-
-    monkeypatch.setattr(Supervisor, "broadcast", counting)
+    upkeeps = held_copies_sent(monkeypatch)
     computed = train(small_run(**sections, engine={"name": "distributed", "timeout_s": 20, "shadows": "compute"}),
                      tmp_path / "computed")
     assert computed["status"] == local["status"] == "completed"
@@ -66,15 +72,7 @@ def test_computed_shadows_train_and_restore_bitwise_as_copied_ones(pipeline, n_s
 
 def test_copied_shadows_are_sent_after_every_step(small_run, tmp_path, monkeypatch):
     """The contrast: engine.shadows=copy refreshes all four shadows after each of the 3 steps, after the setup."""
-    upkeeps: list[int] = []
-    broadcast = Supervisor.broadcast
-
-    def counting(self, command, *args, **kwargs):
-        if isinstance(command, msg.Upkeep):
-            upkeeps.append(len(command.refresh))
-        return broadcast(self, command, *args, **kwargs)
-
-    monkeypatch.setattr(Supervisor, "broadcast", counting)
+    upkeeps = held_copies_sent(monkeypatch)
     train(small_run(strategy={"name": "redundant"}, trainer={"iterations": 3, "eval_every": 3},
                     engine={"name": "distributed", "timeout_s": 20}), tmp_path / "copied")
     assert upkeeps == [4, 4, 4, 4]
