@@ -295,7 +295,8 @@ def one_machine(runs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     machine); and a sentence naming the rest, if any."""
     if "machine" not in runs or runs.machine.nunique() < 2:
         return runs, ""
-    common = runs.machine.value_counts().index[0]
+    counts = runs.machine.value_counts()
+    common = min(counts.index, key=lambda m: (-counts[m], m))  # a tie goes to the first name, not to chance
     elsewhere = sorted(set(runs.strategy[runs.machine != common]))
     where = "made before summaries named their machine" if common == "not recorded" else f"on {common}"
     return runs[~runs.strategy.isin(elsewhere)], (
