@@ -340,18 +340,19 @@ class ProcessEngine:
         if not self.dead and placement != self.running:
             self.finish_flush()  # a stage's shard is persisted by the process that runs it
             try:
-                self._arrange(set())
+                self._arrange(set(), delayed=False)  # the node is there: its arrival was the failure model's wait
             except WorkersDied as exc:  # (the trainer recovers the stages and calls again)
                 raise self.lost(exc) from None
 
-    def _arrange(self, lost_stages: set[int]) -> tuple[float, float]:
+    def _arrange(self, lost_stages: set[int], delayed: bool = True) -> tuple[float, float]:
         """The processes for ``self.placement`` when ``lost_stages`` are being recovered: the processes of the
         node slots that ran only lost stages ended (replicas of theirs that still run, too), a new one for every
         live node slot without one, a new generation of the group, surviving stages moved to their host, and
         the processes of node slots that run nothing any more stopped. A worker found gone that ran a stage
         this recovery does not know of is a loss for the trainer to add (``WorkersDied``), before anything
         changes: it is never replaced by an empty process behind the recovery's back. Returns the seconds of
-        the respawn and of the rendezvous."""
+        the respawn and of the rendezvous. ``delayed``: a missing process's replacement comes the replacement delay
+        later (a recovery's); False where the node has come already (``place``)."""
         pool, target, before = self.pool, self.placement, self.running
         live = set(target.live) if self.replicas == 1 else set(range(self.n_stages))
         dead = {h.stage for key, h in pool.handles.items() if not pool.alive(key)}
@@ -363,10 +364,10 @@ class ProcessEngine:
         pool.drop(sorted(lost - live))  # no node for them now: the pipeline runs without them
         missing = [slot for slot in sorted(live) if any(key not in pool.handles or not pool.alive(key)
                                                         for key in pool.stage_ranks([slot]))]
-        if missing and self.respawn_delay_s > 0:  # the replacement node comes when it comes
+        if missing and delayed and self.respawn_delay_s > 0:  # the replacement node comes when it comes
             time.sleep(self.respawn_delay_s)
             self.delayed_s += self.respawn_delay_s
-        if missing and self.core_delay_s > 0 and pool.core_now is not None:  # the same, in emulated time
+        if missing and delayed and self.core_delay_s > 0 and pool.core_now is not None:  # the same, emulated
             pool.core_now += self.core_delay_s
             self.delayed_s += self.core_delay_s
         respawn_s = pool.respawn(missing) if missing else 0.0
