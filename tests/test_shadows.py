@@ -96,3 +96,31 @@ def test_computed_shadows_are_refused_where_they_cannot_run(sections, words, sma
         small_run(**sections)
     for word in words:
         assert word in str(error.value), (word, str(error.value))
+
+
+def test_a_resumed_run_computes_its_shadows_on_from_the_saved_copies(small_run, tmp_path):
+    """Interrupted at iteration 6 and resumed from its save at 4 on new stage processes, a run whose shadows are
+    computed ends as the uninterrupted run of the local engine does, bit for bit: the shadows came back with the
+    saved state, were computed from there, and stage 2 lost at iteration 8 was restored from one exactly."""
+    from checkfree.train import build_run
+    from tests.conftest import hooked_run
+
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps([{"iteration": 3, "stage": 1}, {"iteration": 8, "stage": 2}]))
+    sections = {"strategy": {"name": "redundant"}, "failure": {"name": "trace", "path": str(trace)},
+                "trainer": {"iterations": 10, "eval_every": 5, "save_every": 2}}
+    computed = {"name": "distributed", "timeout_s": 20, "shadows": "compute"}
+    build_run(small_run(**sections), tmp_path / "full").run()
+
+    def interrupt(n, engine):
+        if n == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        hooked_run(small_run(**sections, engine=computed), tmp_path / "run", train_step=interrupt).run()
+    resumed = small_run(**{**sections, "trainer": {**sections["trainer"], "resume": str(tmp_path / "run")}},
+                        engine=computed)
+    summary = train(resumed, tmp_path / "elsewhere")
+    assert summary["resumed_at_iterations"] == [4] and summary["n_recoveries"] == 2
+    assert deterministic_view(read_metrics(tmp_path / "run" / "metrics.jsonl")) == \
+        deterministic_view(read_metrics(tmp_path / "full" / "metrics.jsonl"))
