@@ -81,7 +81,9 @@ CORE_LOSSES: list[dict] = [{"iteration": 8, "stage": 2}, {"iteration": 16, "stag
 """The struck runs' losses on a core a stage (``--compute-time cpu``): the same two stages, a third and two thirds
 into the run, at the start of an iteration in simulated time (a wall-clock kill falls at a time no core clock
 keeps); the engine kills the stage's process then, and the replacement's delay passes in the processes' time."""
-STRUCK = ["engine.failure_clock=wall", "network.replacement_delay_s=1"]
+DELAY = "network.replacement_delay_s=1"
+"""Every struck run's replacement delay: 1 s (of real time on the wall clock, of the processes' time on core clocks)."""
+STRUCK = ["engine.failure_clock=wall", DELAY]
 """The struck runs' settings besides their trace: each replacement comes 1 s of real time after its loss."""
 STRUCK_AT = 100
 """Run directories of the struck runs are numbered from here (the calm runs' numbers stay as they were)."""
@@ -424,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.struck:
                 for network in networks:
                     if timed:  # a core a stage: the losses in simulated time, the delay in the processes' time
-                        trace, struck = out / f"losses_{network}.json", ["network.replacement_delay_s=1"]
+                        trace, struck = out / f"losses_{network}.json", [DELAY]
                         trace.write_text(json.dumps(CORE_LOSSES, indent=1) + "\n")
                     else:
                         trace, struck = out / f"kills_{network}.json", STRUCK

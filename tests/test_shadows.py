@@ -9,7 +9,7 @@ import pytest
 
 from checkfree.distributed import messages as msg
 from checkfree.distributed.pool import Supervisor
-from checkfree.distributed.shadows import holder_of_grad, kept_by
+from checkfree.distributed.shadows import grad_sender, holder_of_grad, kept_by
 from checkfree.run.config import ConfigError
 from checkfree.run.runlog import deterministic_view, read_metrics
 from checkfree.train import train
@@ -40,6 +40,9 @@ def test_who_keeps_which_shadow_and_who_sends_it_its_gradient():
     # stage i's input gradient is stage i-1's output gradient, whose shadow stage i-2 keeps
     assert [holder_of_grad(i, 4) for i in range(1, 4)] == [3, 0, 1]
     assert [kept_by(holder_of_grad(i, 4), 4).owner for i in range(1, 4)] == [0, 1, 2]
+    # and the keeper receives it from the stage after its shadow's owner: the same pairs, seen from the keeper
+    assert [grad_sender(k, 4) for k in range(4)] == [2, 3, 0, 1]
+    assert all(grad_sender(holder_of_grad(i, 4), 4) == i for i in range(4))
 
 
 @pytest.mark.parametrize("pipeline, n_stages, micro_batches", [("gpipe", 4, 2), ("1f1b", 4, 6), ("gpipe", 3, 2)])

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from checkfree.distributed.programs import message_tag
 from checkfree.plan import SHADOW, Held
 from checkfree.stage.compute import StageCompute, causal_lm_loss
 from checkfree.stage.routes import in_order
@@ -48,6 +49,18 @@ def holder_of_grad(i: int, n_stages: int) -> int:
     """Stage ``i``'s input gradient is the output gradient of stage ``i - 1``, whose shadow stage ``i - 2 (mod S)``
     keeps: where stage ``i`` sends it a second time."""
     return (i - 2) % n_stages
+
+
+def grad_sender(k: int, n_stages: int) -> int:
+    """The stage that sends stage ``k`` its shadow's output gradient: the one after the shadow's owner, ``k + 2
+    (mod S)`` (``holder_of_grad``'s inverse)."""
+    return (k + 2) % n_stages
+
+
+def grad_tag(micro_batch: int, position: int, n_stages: int) -> int:
+    """The tag of the gradient the visit at ``position`` sends a shadow's keeper for ``micro_batch``: its own input
+    gradient's tag, moved into a range of its own (``SHADOW_GRAD``)."""
+    return message_tag(micro_batch, position, True, n_stages) + SHADOW_GRAD
 
 
 @dataclass
@@ -136,4 +149,4 @@ class Shadows:
         self.saved.clear()
 
 
-__all__ = ["SHADOW_GRAD", "Shadows", "holder_of_grad", "kept_by"]
+__all__ = ["SHADOW_GRAD", "Shadows", "grad_sender", "grad_tag", "holder_of_grad", "kept_by"]

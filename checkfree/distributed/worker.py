@@ -44,7 +44,7 @@ from checkfree.distributed import messages as msg
 from checkfree.distributed.programs import host_program, message_tag, replica_micro_batches
 from checkfree.distributed.rendezvous import connect_store, is_loopback, join_generation
 from checkfree.distributed.rollcall import CalledOff, answer
-from checkfree.distributed.shadows import SHADOW_GRAD, Shadows, holder_of_grad
+from checkfree.distributed.shadows import Shadows, grad_sender, grad_tag, holder_of_grad
 from checkfree.model.init_from import start_from
 from checkfree.model.llama import Stage
 from checkfree.model.presets import ModelConfig
@@ -325,9 +325,8 @@ class StageWorker(StageHost):
         shadows = self.shadows
 
         def shadow_grad(k: int, m: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-            sender = in_order(self.n)[(k + 2) % self.n]  # the visit after the shadow's owner's
-            return courier.recv(shape, sender.stage, k, message_tag(m, sender.position, True, self.n) + SHADOW_GRAD,
-                                dtype)
+            sender = in_order(self.n)[grad_sender(k, self.n)]  # the visit after the shadow's owner's
+            return courier.recv(shape, sender.stage, k, grad_tag(m, sender.position, self.n), dtype)
 
         for p in program:
             m, v = p.micro_batch, p.visit
@@ -364,7 +363,7 @@ class StageWorker(StageHost):
                     courier.send(leaf.grad, v.stage, v.prev, message_tag(m, v.position, True, self.n), pending)
                     if shadows is not None:  # the same gradient for the shadow of the stage before
                         courier.send(leaf.grad, v.stage, holder_of_grad(v.stage, self.n),
-                                     message_tag(m, v.position, True, self.n) + SHADOW_GRAD, pending)
+                                     grad_tag(m, v.position, self.n), pending)
                 if shadows is not None and v.stage != self.n - 1:  # the shadow of stage 0 waits for stage 1: below
                     shadows.backward(v.stage, m, spec.micro_batches,
                                      lambda shape, dtype, k=v.stage, m=m: shadow_grad(k, m, shape, dtype))

@@ -146,7 +146,9 @@ def _pipeline(routes: list[list[tuple]], micro_batches: int, pipeline: str) -> f
     """
     if len(routes) > 1 or (pipeline == "gpipe" and any(len(res) > 2 for r in routes for res, _, _ in r
                                                         if _side(res))):
-        return _program_seconds(routes, micro_batches)  # several routes, or side work waiting on a message
+        # Several routes, or a shadow's side work (an op whose key says what it needs, even when nothing): the
+        # stages' programs played out.
+        return _program_seconds(routes, micro_batches)
     mbs = [routes[m % len(routes)] for m in range(micro_batches)]
     path_f = sum(f for r in mbs for res, f, _ in r if not _side(res)) / micro_batches
     path_b = sum(b for r in mbs for res, _, b in r if not _side(res)) / micro_batches
