@@ -47,6 +47,7 @@ from sweep import ROOT, grid, run_point  # noqa: E402  (the sibling script: one 
 
 from checkfree.recovery import strategy_class  # noqa: E402
 from checkfree.reports.table2 import T95, ci95, paper_iteration_seconds, write_report  # noqa: E402
+from checkfree.run.provenance import describe  # noqa: E402
 from checkfree.simulation.paper_table2 import PAPER_T, RATES  # noqa: E402
 from checkfree.storage.archive import archived  # noqa: E402
 
@@ -346,13 +347,14 @@ def granularity(args: argparse.Namespace) -> None:
               for b in order]
     grids = [so_far(p, out) for p, out, _ in groups] if args.report_only else run_groups(groups, args.jobs)
     records = [granularity_record(b, calibrations[b], r) for b, runs in zip(order, grids) for r in runs]
+    environment = describe([r.get("environment") for runs in grids for r in runs if r.get("status") == "completed"],
+                           [e for c in calibrations.values() for e in c.get("environments", [])])
     frame = pd.DataFrame(records)
     args.out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(args.out / "granularity.csv", index=False)
     text = granularity_report(frame, calibrations, strategies) + (
-        f"\nThis invocation {(time.perf_counter() - start) / 60:.1f} min of wall time; "
-        f"{(run_seconds([c for c in calibrations.values()]) + run_seconds(records_as_runs(records))) / 60:.1f} "
-        "run-minutes, calibration included.\n")
+        f"\n{environment}\n\nThis invocation {(time.perf_counter() - start) / 60:.1f} min of wall time; "
+        f"{study_seconds(calibrations, records) / 60:.1f} run-minutes, calibration included.\n")
     (args.out / "granularity.md").write_text(text)
     plot_granularity(frame, args.out / "granularity.png")
     print(text)
@@ -434,8 +436,10 @@ def granularity_report(frame: pd.DataFrame, calibrations: dict[int, dict], strat
         "it grows slower where smaller batches reach the target on fewer tokens.\n")
 
 
-def records_as_runs(records: list[dict]) -> list[dict]:
-    return [{"total_wall_time_s": r.get("wall_s")} for r in records]
+def study_seconds(calibrations: dict[int, dict], records: list[dict]) -> float:
+    """The study's run-seconds: each level's calibration (its calibration.json holds its runs' summed seconds,
+    not their summaries) and every run's own wall time."""
+    return sum(c.get("run_seconds", 0.0) for c in calibrations.values()) + sum(r.get("wall_s") or 0.0 for r in records)
 
 
 def so_far(points: list[tuple[str, int, list[str]]], out: Path) -> list[dict]:

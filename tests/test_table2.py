@@ -330,3 +330,12 @@ def test_a_probe_is_written_under_the_experiment_s_own_out(tmp_path):
     script = experiment("table2")
     args = script.argparse.Namespace(data="pydocs", set=["trainer.lr=0.001"], out=tmp_path / "table")
     assert script.probe_dir(args) == tmp_path / "table" / "probes" / "pydocs_trainer.lr-0.001"
+
+
+def test_the_granularity_study_counts_its_calibrations_run_seconds():
+    """A level's calibration.json holds its runs' summed seconds (``run_seconds``), not summaries: the study's
+    run-minutes add them to its runs' own wall times (a run not started counts 0)."""
+    script = experiment("table2")
+    calibrations = {8: {"T": 500, "run_seconds": 600.0}, 2: {"T": 2000, "run_seconds": 1200.0}}
+    records = [{"wall_s": 30.0}, {"wall_s": None}, {"wall_s": 12.5}]
+    assert script.study_seconds(calibrations, records) == 1842.5
