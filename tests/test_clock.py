@@ -190,15 +190,17 @@ def test_on_a_slow_link_the_paper_s_iteration_takes_as_long_as_its_activations_n
 
 # --- bytes at their own stage's size (llama_500m cut into cpu_sweep's 6 stages, 10 Mb/s) ---------------------
 
-def llama_500m_clock(small_run, strategy: str = "snapshot_restore", bandwidth: float = 1.25e6):
+def llama_500m_clock(small_run, strategy: str = "snapshot_restore", bandwidth: float = 1.25e6,
+                     storage: float | None = None):
     """The Table 2 regime's model (6 stages x 1 block, d=64, pydocs' 1,024 tokens) priced as llama_500m on a
     single-cluster network of ``bandwidth`` (10 Mb/s by default), on the paper clock with priced recoveries."""
     from checkfree.recovery import build_strategy
 
     cfg = small_run(model={"name": "cpu_sweep", "n_stages": 6, "layers_per_stage": 1, "d_model": 64, "n_heads": 4,
                            "seq_len": 64},
-                    strategy={"name": strategy, **({"every": 4} if strategy == "snapshot_restore" else {})},
-                    network={"name": "single_cluster", "bandwidth_Bps": bandwidth, "latency_s": 0.0},
+                    strategy={"name": strategy, **({"every": 4} if strategy in ("snapshot_restore", "async_checkpoint") else {})},
+                    network={"name": "single_cluster", "bandwidth_Bps": bandwidth, "latency_s": 0.0,
+                             **({} if storage is None else {"storage_bandwidth_Bps": storage})},
                     trainer={"clock": "paper_table2", "paper_T": 486, "paper_recovery": "priced"})
     model = cfg.model.with_vocab(1024)
     return Clock.of(cfg, model, build_strategy(cfg.strategy, 6)), stage_param_counts(model)
@@ -236,6 +238,24 @@ def test_a_background_copy_hides_in_its_own_node_s_free_link_time(small_run):
     assert clock.upkeep_seconds(edge_only) == pytest.approx(1_198_620_672 / 16e9, rel=1e-6)
     middle = Traffic(background={(2, 3): 12 * trained[2]}, holds={(2, 3): STATE})
     assert clock.upkeep_seconds(middle) == pytest.approx(805_404_672 / 16e9 + 805_404_672 / 1.25e6, rel=1e-6)
+
+
+def test_an_asynchronous_checkpoint_is_persisted_when_its_own_largest_shard_is(small_run):
+    """56 Mb/s to peers and to storage: each stage flushes its own shard (an edge's 1.199 GB, a middle one's
+    805 MB) with the share of its own interface the pipeline leaves it (an edge node carries half a middle one's
+    activations); the edge's flush sets it, 191 s, not a middle stage's scale at the busiest node's share (291 s)."""
+    from checkfree.plan import Traffic
+
+    clock, trained = llama_500m_clock(small_run, "async_checkpoint", bandwidth=7e6, storage=7e6)
+    busy = clock.stage_busy
+    assert busy[0] == busy[5] == pytest.approx(busy[1] / 2) and busy[1:5] == [busy[1]] * 4 and 0 < busy[1] < 1
+    shards = Traffic(shard_bytes=[12 * p for p in trained], shards_in_background=True)
+    assert clock.shard_bytes(shards) == [1_198_620_672, *[805_404_672] * 4, 1_198_632_960]
+    latency = clock.cost.network.storage_latency_s
+    edge = 1_198_632_960 / 16e9 + (latency + 1_198_632_960 / 7e6) / (1 - busy[5])
+    middle = 805_404_672 / 16e9 + (latency + 805_404_672 / 7e6) / (1 - busy[1])
+    assert clock.flush_seconds(shards) == pytest.approx(edge, rel=1e-9) and edge > middle
+    assert edge == pytest.approx(191.4, abs=0.1)
 
 
 def test_replica_refreshes_are_priced_where_no_measured_time_holds_them(small_run):
