@@ -347,7 +347,7 @@ def granularity(args: argparse.Namespace) -> None:
               for b in order]
     grids = [so_far(p, out) for p, out, _ in groups] if args.report_only else run_groups(groups, args.jobs)
     records = [granularity_record(b, calibrations[b], r) for b, runs in zip(order, grids) for r in runs]
-    environment = describe([r.get("environment") for runs in grids for r in runs if r.get("status") == "completed"],
+    environment = describe([r.get("environment") for runs in grids for r in runs if "config" in r],
                            [e for c in calibrations.values() for e in c.get("environments", [])])
     frame = pd.DataFrame(records)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -193,7 +193,8 @@ def test_on_a_slow_link_the_paper_s_iteration_takes_as_long_as_its_activations_n
 def llama_500m_clock(small_run, strategy: str = "snapshot_restore", bandwidth: float = 1.25e6,
                      storage: float | None = None):
     """The Table 2 regime's model (6 stages x 1 block, d=64, pydocs' 1,024 tokens) priced as llama_500m on a
-    single-cluster network of ``bandwidth`` (10 Mb/s by default), on the paper clock with priced recoveries."""
+    single-cluster network of ``bandwidth`` (10 Mb/s by default; ``storage``: its storage link, the network's
+    own by default), on the paper clock with priced recoveries."""
     from checkfree.recovery import build_strategy
 
     cfg = small_run(model={"name": "cpu_sweep", "n_stages": 6, "layers_per_stage": 1, "d_model": 64, "n_heads": 4,
@@ -240,7 +241,7 @@ def test_a_background_copy_hides_in_its_own_node_s_free_link_time(small_run):
     assert clock.upkeep_seconds(middle) == pytest.approx(805_404_672 / 16e9 + 805_404_672 / 1.25e6, rel=1e-6)
 
 
-def test_an_asynchronous_checkpoint_is_persisted_when_its_own_largest_shard_is(small_run):
+def test_an_asynchronous_checkpoint_is_persisted_when_its_slowest_stage_s_shard_is(small_run):
     """56 Mb/s to peers and to storage: each stage flushes its own shard (an edge's 1.199 GB, a middle one's
     805 MB) with the share of its own interface the pipeline leaves it (an edge node carries half a middle one's
     activations); the edge's flush sets it, 191 s, not a middle stage's scale at the busiest node's share (291 s)."""
