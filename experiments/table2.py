@@ -347,14 +347,15 @@ def granularity(args: argparse.Namespace) -> None:
               for b in order]
     grids = [so_far(p, out) for p, out, _ in groups] if args.report_only else run_groups(groups, args.jobs)
     records = [granularity_record(b, calibrations[b], r) for b, runs in zip(order, grids) for r in runs]
-    environment = describe([r.get("environment") for runs in grids for r in runs if "config" in r],
+    every_run = [r for runs in grids for r in runs]
+    environment = describe([r.get("environment") for r in every_run if "config" in r],
                            [e for c in calibrations.values() for e in c.get("environments", [])])
     frame = pd.DataFrame(records)
     args.out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(args.out / "granularity.csv", index=False)
     text = granularity_report(frame, calibrations, strategies) + (
         f"\n{environment}\n\nThis invocation {(time.perf_counter() - start) / 60:.1f} min of wall time; "
-        f"{study_seconds(calibrations, records) / 60:.1f} run-minutes, calibration included.\n")
+        f"{study_seconds(calibrations, every_run) / 60:.1f} run-minutes, calibration included.\n")
     (args.out / "granularity.md").write_text(text)
     plot_granularity(frame, args.out / "granularity.png")
     print(text)
@@ -436,10 +437,10 @@ def granularity_report(frame: pd.DataFrame, calibrations: dict[int, dict], strat
         "it grows slower where smaller batches reach the target on fewer tokens.\n")
 
 
-def study_seconds(calibrations: dict[int, dict], records: list[dict]) -> float:
+def study_seconds(calibrations: dict[int, dict], runs: list[dict]) -> float:
     """The study's run-seconds: each level's calibration (its calibration.json holds its runs' summed seconds,
-    not their summaries) and every run's own wall time."""
-    return sum(c.get("run_seconds", 0.0) for c in calibrations.values()) + sum(r.get("wall_s") or 0.0 for r in records)
+    not their summaries) and its runs' own (``run_seconds``)."""
+    return sum(c.get("run_seconds", 0.0) for c in calibrations.values()) + run_seconds(runs)
 
 
 def so_far(points: list[tuple[str, int, list[str]]], out: Path) -> list[dict]:

@@ -337,5 +337,5 @@ def test_the_granularity_study_counts_its_calibrations_run_seconds():
     run-minutes add them to its runs' own wall times (a run not started counts 0)."""
     script = experiment("table2")
     calibrations = {8: {"T": 500, "run_seconds": 600.0}, 2: {"T": 2000, "run_seconds": 1200.0}}
-    records = [{"wall_s": 30.0}, {"wall_s": None}, {"wall_s": 12.5}]
-    assert script.study_seconds(calibrations, records) == 1842.5
+    runs = [{"total_wall_time_s": 30.0}, {"not_started": True}, {"total_wall_time_s": 12.5}]
+    assert script.study_seconds(calibrations, runs) == 1842.5
